@@ -1,0 +1,1 @@
+"""Command line: `ascend-patch validate | plan | doctor`, and the offline vLLM runner."""

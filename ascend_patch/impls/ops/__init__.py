@@ -1,0 +1,1 @@
+"""Device ops: torch_npu kernels on Ascend, portable PyTorch elsewhere."""
