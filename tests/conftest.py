@@ -1,0 +1,60 @@
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def toy_module(tmp_path, monkeypatch):
+    """A fresh, not yet imported module with a function and a class; returns its name."""
+    name = f"toy_{uuid.uuid4().hex[:10]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent('''
+        def greet(name):
+            return "hello " + name
+
+        class Greeter:
+            def greet(self, name):
+                return "hi " + name
+
+        class Loud(Greeter):
+            pass
+
+        def greet_changed(name, loud):
+            return name
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+@pytest.fixture(autouse=True)
+def _revert_patches():
+    yield
+    from ascend_patch.core.patcher import PATCHER
+
+    PATCHER.revert()
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    def write(text: str, name: str = "config.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text).lstrip())
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny DeepseekV3-shaped MoE model directory (config + tokenizer; dummy weights)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from make_tiny_model import make_tiny_model
+    finally:
+        sys.path.pop(0)
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_deepseek_v3"), "deepseek_v3")

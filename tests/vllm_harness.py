@@ -1,0 +1,99 @@
+"""Running the real vLLM (CPU build) in a child process, bounded in time, cleaned up always."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ascend_patch.cli.offline_run import RESULT_PREFIX
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def vllm_env(*, workers: int = 1, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASCEND_PATCH_", "VLLM_"))}
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
+    if workers > 1:
+        env.update(VLLM_CPU_OMP_THREADS_BIND="|".join(str(i) for i in range(workers)),
+                   VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Run:
+    returncode: int
+    log: str
+    result: dict[str, Any] | None
+
+    def tokens(self) -> list[list[int]]:
+        assert self.result is not None, self.log[-6000:]
+        return [o["token_ids"] for o in self.result["outputs"]]
+
+
+def run_in_group(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Run cmd in its own process group; on timeout kill the whole group (vLLM's children too)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return -9, out + f"\n[harness] killed after {timeout} s"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stray workers of a run that exited
+        except ProcessLookupError:
+            pass
+    return proc.returncode, out
+
+
+def run_offline(
+    model: Path,
+    prompts: list[str],
+    tmp_path: Path,
+    *,
+    config: Path | None = None,
+    report_dir: Path | None = None,
+    max_tokens: int = 8,
+    logprobs: int = 0,
+    tensor_parallel: int = 1,
+    expert_parallel: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+) -> Run:
+    prompts_file = tmp_path / f"prompts-{len(list(tmp_path.glob('prompts-*')))}.json"
+    prompts_file.write_text(json.dumps(prompts))
+    cmd = [sys.executable, "-m", "ascend_patch.cli.offline_run", str(model),
+           "--prompts-json", str(prompts_file), "--max-tokens", str(max_tokens),
+           "--tensor-parallel-size", str(tensor_parallel), "--logprobs", str(logprobs)]
+    if expert_parallel:
+        cmd.append("--enable-expert-parallel")
+    extra = dict(env or {})
+    if config is not None:
+        extra["ASCEND_PATCH_CONFIG"] = str(config)
+    if report_dir is not None:
+        extra["ASCEND_PATCH_REPORT_DIR"] = str(report_dir)
+    code, log = run_in_group(cmd, vllm_env(workers=tensor_parallel, **extra), timeout)
+    result = None
+    for line in log.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX):])
+    return Run(code, log, result)
+
+
+def reports_by_role(report_dir: Path) -> dict[str, dict[str, Any]]:
+    from ascend_patch.core.report import read_reports
+
+    return {r["role"]: r for r in read_reports(report_dir)}
+
+
+def patch_in(report: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(p for p in report["patches"] if p["name"] == name)
