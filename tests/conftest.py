@@ -34,9 +34,9 @@ def toy_module(tmp_path, monkeypatch):
 @pytest.fixture(autouse=True)
 def _revert_patches():
     yield
-    from ascend_patch.core.patcher import PATCHER
+    from ascend_patch.core.runtime import reset
 
-    PATCHER.revert()
+    reset()
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for patch in config.patches:
         for problem in problems[patch.name]:
             failed = True
-            err.print(f"{config.path}:{patch.line}: patches.{patch.name}: {problem}", markup=False)
+            err.print(f"{patch.file}:{patch.line}: patches.{patch.name}: {problem}", markup=False)
     if failed:
         return EXIT_INVALID
     out.print(f"{config.path}: OK ({len(config.patches)} patches, sha256 {config.digest[:12]})")
@@ -52,8 +52,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ascend_patch.core.live import live_problems
     from ascend_patch.core.runtime import DISABLE_ENV, parse_disabled
 
+    from ascend_patch.core.profiles import ModelInfo, select
+
     config = _load(args.config)
     disabled = parse_disabled(os.environ.get(DISABLE_ENV), config)
+    if args.profile is not None and args.profile not in config.profiles:
+        raise ConfigError.single(config.path, None, "profiles", f"no profile named {args.profile!r} "
+                                 f"(profiles: {', '.join(config.profiles) or 'none'})")
+    profile = args.profile
+    if args.model is not None:
+        profile = select(config, ModelInfo.from_name_or_path(args.model), args.profile)
+    config = config.with_profile(profile)
     problems = live_problems(config) if args.check else {}
     rows = []
     for patch in config.patches:
@@ -73,9 +82,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "on_error": patch.on_error,
             "status": status,
         })
-    if args.json:
-        out.print_json(json.dumps({"config": config.path, "digest": config.digest, "patches": rows}))
+    if args.model is not None:
+        chosen = f"profile {profile!r}" if profile else "no profile matches: base patches"
+        how = "pinned" if args.profile else "matched"
+        headline = f"model {args.model}: {chosen}" + (f" ({how})" if profile else "")
+    elif profile:
+        headline = f"profile {profile!r} (pinned)"
     else:
+        names = ", ".join(config.profiles)
+        headline = "base patches" + (f"; profiles: {names} (chosen per model)" if names else "")
+    if args.json:
+        out.print_json(json.dumps({"config": config.path, "digest": config.digest,
+                                   "profile": profile, "patches": rows}))
+    else:
+        out.print(headline)
         table = Table(title=f"{config.path} (sha256 {config.digest[:12]})")
         for column in ("patch", "impl", "target", "options (after defaults)", "status"):
             table.add_column(column, overflow="fold")
@@ -140,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="show what a config would patch")
     plan.add_argument("config")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument("--model", help="model directory or name: show the profile chosen for it")
+    plan.add_argument("--profile", help="pin a profile, as ASCEND_PATCH_PROFILE does")
     plan.add_argument("--no-check", dest="check", action="store_false",
                       help="do not import vLLM to check targets")
     plan.set_defaults(func=cmd_plan)

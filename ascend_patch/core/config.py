@@ -1,13 +1,16 @@
-"""From a YAML file to a validated plan: schema, catalog names, options, targets.
+"""From YAML files to a validated plan: schema, `extends`, profiles, catalog names, options.
 
-Nothing here imports torch or vLLM: a config is fully checked before any patching starts.
+Nothing here imports torch or vLLM: a config is fully checked, every profile included, before
+any patching starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -16,8 +19,10 @@ from ascend_patch.core import catalog
 from ascend_patch.core.catalog import Implementation
 from ascend_patch.core.errors import ConfigError, Problem
 from ascend_patch.core.source import Document, Loc, format_loc, read_document
-from ascend_patch.core.spec import ConfigSpec, PatchSpec
+from ascend_patch.core.spec import ConfigSpec, PatchSpec, ProfileSpec
 from ascend_patch.core.targets import TargetRef, parse_target
+
+MAX_EXTENDS_DEPTH = 8
 
 
 @dataclass(frozen=True)
@@ -37,22 +42,90 @@ class PlannedPatch:
     on_error: str
     enabled: bool
     line: int | None
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    spec: ProfileSpec
+    patches: tuple[PlannedPatch, ...]
+    file: str
+    line: int | None
 
 
 @dataclass(frozen=True)
 class LoadedConfig:
     path: str
+    # sha256 over the bytes of every file of the `extends` chain, base first.
     digest: str
-    spec: ConfigSpec
+    files: tuple[str, ...]
+    vllm: str | None
+    description: str | None
     patches: tuple[PlannedPatch, ...]
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    # The profile whose patches `patches` holds (None: the base patches).
+    profile: str | None = None
 
     def patch(self, name: str) -> PlannedPatch:
         return next(p for p in self.patches if p.name == name)
 
+    def with_profile(self, name: str | None) -> LoadedConfig:
+        if name is None:
+            return self
+        return dataclasses.replace(self, patches=self.profiles[name].patches, profile=name)
+
+
+@dataclass
+class _Entry:
+    """One patch as the merge of files and profile produced it, with where each part came from."""
+
+    spec: PatchSpec
+    doc: Document
+    loc: Loc
+    allow_external: bool
+    # option key -> (document, location of the key) where its current value was written
+    option_locs: dict[str, tuple[Document, Loc]]
+
 
 def load_config(path: str | Path) -> LoadedConfig:
-    doc = read_document(path)
-    return build_config(doc, doc.data)
+    chain = _read_chain(Path(path))
+    return _build(chain)
+
+
+def _read_chain(path: Path) -> list[tuple[Document, ConfigSpec]]:
+    """The `extends` chain from the root base to `path`, each file validated on its own."""
+    chain: list[tuple[Document, ConfigSpec]] = []
+    seen: list[Path] = []
+    current: Path | None = path
+    shown = str(path)
+    while current is not None:
+        real = current.resolve()
+        doc = read_document(current if not chain else real)
+        if not chain:
+            doc.path = shown
+        if real in seen:
+            names = " -> ".join(str(p) for p in seen + [real])
+            raise doc.error(("extends",), f"extends cycle: {names}")
+        if len(seen) >= MAX_EXTENDS_DEPTH:
+            raise doc.error((), f"more than {MAX_EXTENDS_DEPTH} files in the extends chain")
+        seen.append(real)
+        if not isinstance(doc.data, dict):
+            raise doc.error((), "the top level must be a mapping with 'version' and 'patches'")
+        try:
+            spec = ConfigSpec.model_validate(doc.data)
+        except ValidationError as exc:
+            raise ConfigError(problems_from_validation(exc, lambda loc, d=doc: (d, loc))) from None
+        chain.append((doc, spec))
+        if spec.extends is None:
+            current = None
+        else:
+            base = (real.parent / spec.extends)
+            if not base.exists():
+                raise doc.error(("extends",), f"base config {base} not found")
+            current = base
+    chain.reverse()
+    return chain
 
 
 def _describe(err: dict) -> str:
@@ -63,81 +136,148 @@ def _describe(err: dict) -> str:
         return "required key is missing"
     if kind == "literal_error":
         return err["msg"].replace("Input should be", "must be")
+    if isinstance(err.get("input"), float) and math.isnan(err["input"]):
+        return "must be a number, not NaN"
     return err["msg"][0].lower() + err["msg"][1:]
 
 
-def problems_from_validation(
-    doc: Document, exc: ValidationError, prefix: Loc = ()
-) -> list[Problem]:
+Locate = Callable[[Loc], tuple[Document, Loc]]
+
+
+def problems_from_validation(exc: ValidationError, locate: Locate) -> list[Problem]:
     problems = []
     for err in exc.errors():
         # pydantic appends the union member's type name to the location; drop it.
-        loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
-        value = err.get("input")
-        message = _describe(err)
-        if isinstance(value, float) and math.isnan(value):
-            message = "must be a number, not NaN"
-        problems.append(Problem(doc.path, doc.line_of(loc), format_loc(loc), message))
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        doc, full = locate(loc)
+        problems.append(Problem(doc.path, doc.line_of(full), format_loc(full), _describe(err)))
     return problems
 
 
-def build_config(doc: Document, data: object) -> LoadedConfig:
-    if not isinstance(data, dict):
-        raise doc.error((), "the top level must be a mapping with 'version' and 'patches'")
-    try:
-        spec = ConfigSpec.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(problems_from_validation(doc, exc)) from None
-
+def _build(chain: list[tuple[Document, ConfigSpec]]) -> LoadedConfig:
     problems: list[Problem] = []
-    planned: list[PlannedPatch] = []
-    names: dict[str, int] = {}
+    entries: dict[str, _Entry] = {}
+    profiles: dict[str, tuple[ProfileSpec, Document, Loc, bool]] = {}
+    vllm = description = None
+    for doc, spec in chain:
+        names_here: dict[str, int] = {}
+        for index, patch in enumerate(spec.patches):
+            loc: Loc = ("patches", index)
+            if patch.name in names_here:
+                problems.append(_problem(doc, loc + ("name",),
+                    f"duplicate patch name {patch.name!r} (also patches[{names_here[patch.name]}])"))
+                continue
+            names_here[patch.name] = index
+            # A later file's patch of the same name replaces the base's, in the base's place.
+            entries[patch.name] = _Entry(
+                patch, doc, loc, spec.allow_external_impls,
+                {key: (doc, loc + ("options", key)) for key in patch.options},
+            )
+        for name, profile in spec.profiles.items():
+            profiles[name] = (profile, doc, ("profiles", name), spec.allow_external_impls)
+        vllm = spec.vllm if spec.vllm is not None else vllm
+        description = spec.description if spec.description is not None else description
+
+    base = _plan_all(list(entries.values()), problems)
+    planned_profiles = {}
+    for name, (profile, doc, loc, allow_external) in profiles.items():
+        merged = _apply_profile(entries, profile, doc, loc, allow_external, problems)
+        planned_profiles[name] = Profile(name, profile, tuple(_plan_all(merged, problems)),
+                                         doc.path, doc.line_of(loc))
+    if problems:
+        unique = list(dict.fromkeys(problems))
+        raise ConfigError(unique)
+    leaf = chain[-1][0]
+    digest = hashlib.sha256(b"".join(hashlib.sha256(d.raw).digest() for d, _ in chain)).hexdigest()
+    return LoadedConfig(
+        path=leaf.path, digest=digest, files=tuple(d.path for d, _ in chain), vllm=vllm,
+        description=description, patches=tuple(base), profiles=planned_profiles,
+    )
+
+
+def _problem(doc: Document, loc: Loc, message: str) -> Problem:
+    return Problem(doc.path, doc.line_of(loc), format_loc(loc), message)
+
+
+def _apply_profile(
+    entries: dict[str, _Entry], profile: ProfileSpec, doc: Document, loc: Loc,
+    allow_external: bool, problems: list[Problem],
+) -> list[_Entry]:
+    merged = dict(entries)
+    for name, override in profile.patches.items():
+        here = loc + ("patches", name)
+        base = merged.get(name)
+        if base is None:
+            problems.append(_problem(doc, here, f"no base patch named {name!r} to override"))
+            continue
+        update: dict = {"options": {**base.spec.options, **override.options}}
+        if override.enabled is not None:
+            update["enabled"] = override.enabled
+        if override.on_error is not None:
+            update["on_error"] = override.on_error
+        option_locs = dict(base.option_locs)
+        option_locs.update({key: (doc, here + ("options", key)) for key in override.options})
+        merged[name] = dataclasses.replace(base, spec=base.spec.model_copy(update=update),
+                                           option_locs=option_locs)
+    for index, patch in enumerate(profile.add):
+        here = loc + ("add", index)
+        if patch.name in merged:
+            problems.append(_problem(doc, here + ("name",),
+                f"patch {patch.name!r} exists already; override it under 'patches' instead"))
+            continue
+        merged[patch.name] = _Entry(patch, doc, here, allow_external,
+                                    {key: (doc, here + ("options", key)) for key in patch.options})
+    return list(merged.values())
+
+
+def _plan_all(entries: list[_Entry], problems: list[Problem]) -> list[PlannedPatch]:
+    planned = []
     owners_of_target: dict[TargetRef, str] = {}
-    for index, patch in enumerate(spec.patches):
-        loc: Loc = ("patches", index)
-
-        def problem(sub: Iterable[str | int], message: str, loc: Loc = loc) -> None:
-            full = loc + tuple(sub)
-            problems.append(Problem(doc.path, doc.line_of(full), format_loc(full), message))
-
-        if patch.name in names:
-            problem(["name"], f"duplicate patch name {patch.name!r} (also patches[{names[patch.name]}])")
+    for entry in entries:
+        patch = _plan_patch(entry, problems)
+        if patch is None:
             continue
-        names[patch.name] = index
-
-        impl = _find_impl(spec, patch, lambda m: problem(["impl"], m))
-        if impl is None:
-            continue
-        sites = _plan_sites(impl, patch, lambda sub, m: problem(["target", *sub], m))
-        if sites is None:
-            continue
-        try:
-            options = impl.options.model_validate(patch.options)
-        except ValidationError as exc:
-            problems.extend(problems_from_validation(doc, exc, loc + ("options",)))
-            continue
-        for site in sites:
+        for site in patch.sites:
             other = owners_of_target.get(site.target)
             if other is not None:
-                problem(["target"], f"{site.target} is already patched by {other!r}")
+                problems.append(_problem(entry.doc, entry.loc + ("target",),
+                                         f"{site.target} is already patched by {other!r}"))
             owners_of_target[site.target] = patch.name
-        planned.append(
-            PlannedPatch(
-                name=patch.name,
-                impl=impl,
-                sites=tuple(sites),
-                options=options,
-                on_error=patch.on_error,
-                enabled=patch.enabled,
-                line=doc.line_of(loc),
-            )
-        )
-    if problems:
-        raise ConfigError(problems)
-    return LoadedConfig(path=doc.path, digest=doc.digest, spec=spec, patches=tuple(planned))
+        planned.append(patch)
+    return planned
 
 
-def _find_impl(spec: ConfigSpec, patch: PatchSpec, problem) -> Implementation | None:
+def _plan_patch(entry: _Entry, problems: list[Problem]) -> PlannedPatch | None:
+    doc, loc, patch = entry.doc, entry.loc, entry.spec
+
+    def problem(sub: Iterable[str | int], message: str) -> None:
+        problems.append(_problem(doc, loc + tuple(sub), message))
+
+    impl = _find_impl(patch, entry.allow_external, lambda m: problem(["impl"], m))
+    if impl is None:
+        return None
+    sites = _plan_sites(impl, patch, lambda sub, m: problem(["target", *sub], m))
+    if sites is None:
+        return None
+    try:
+        options = impl.options.model_validate(patch.options)
+    except ValidationError as exc:
+
+        def locate(err_loc: Loc) -> tuple[Document, Loc]:
+            if err_loc and err_loc[0] in entry.option_locs:
+                where_doc, where = entry.option_locs[err_loc[0]]
+                return where_doc, where + err_loc[1:]
+            return doc, loc + ("options",) + err_loc
+
+        problems.extend(problems_from_validation(exc, locate))
+        return None
+    return PlannedPatch(
+        name=patch.name, impl=impl, sites=tuple(sites), options=options,
+        on_error=patch.on_error, enabled=patch.enabled, line=doc.line_of(loc), file=doc.path,
+    )
+
+
+def _find_impl(patch: PatchSpec, allow_external: bool, problem) -> Implementation | None:
     if ":" not in patch.impl:
         impl = catalog.lookup(patch.impl)
         if impl is None:
@@ -146,7 +286,7 @@ def _find_impl(spec: ConfigSpec, patch: PatchSpec, problem) -> Implementation | 
                 + ", ".join(catalog.builtin_names())
             )
         return impl
-    if not spec.allow_external_impls:
+    if not allow_external:
         problem(
             f"{patch.impl!r} is outside the catalog; set 'allow_external_impls: true' at the top "
             "level to allow implementations from other packages"

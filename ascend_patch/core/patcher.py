@@ -89,11 +89,12 @@ class Patcher:
     ) -> list[PatchRecord]:
         with self._lock:
             if self.config is not None:
-                if self.config.digest == config.digest:
+                if (self.config.digest, self.config.profile) == (config.digest, config.profile):
                     return list(self.records.values())
                 raise PatchError(
                     f"{config.path}: another config ({self.config.path}, sha256 "
-                    f"{self.config.digest[:12]}) is already applied in this process; revert() first"
+                    f"{self.config.digest[:12]}, profile {self.config.profile}) is already "
+                    "applied in this process; revert() first"
                 )
             vllm = installed_vllm()
             installed_before = len(self.installed)
@@ -161,7 +162,7 @@ class Patcher:
     def _handle_failure(
         self, config: LoadedConfig, patch: PlannedPatch, record: PatchRecord, exc: PatchError
     ) -> PatchRecord:
-        message = f"{config.path}:{patch.line}: patch {patch.name!r}: {exc}"
+        message = f"{patch.file}:{patch.line}: patch {patch.name!r}: {exc}"
         if patch.on_error == "fail":
             raise PatchError(message) from None
         # Remove this patch's own sites; the others stay.

@@ -41,6 +41,7 @@ def snapshot() -> dict[str, Any]:
         "torch": getattr(torch_module, "__version__", None),
         "config": config.path if config else None,
         "digest": config.digest if config else None,
+        "profile": config.profile if config else None,
         "patches": [r.as_json() for r in PATCHER.records.values()],
         "waiting_for_import": WATCHER.watched(),
         "updated_at": time.time(),

@@ -23,6 +23,15 @@ def _check_specifier(value: str | None) -> str | None:
     return value
 
 
+def _check_profile_names(profiles: dict[str, Any]) -> dict[str, Any]:
+    import re
+
+    for name in profiles:
+        if not re.fullmatch(PATCH_NAME_PATTERN, name):
+            raise ValueError(f"profile name {name!r} must match {PATCH_NAME_PATTERN}")
+    return profiles
+
+
 class PatchSpec(_Strict):
     name: str = Field(
         pattern=PATCH_NAME_PATTERN,
@@ -49,6 +58,46 @@ class PatchSpec(_Strict):
     enabled: StrictBool = Field(True, description="`false` keeps the patch in the file but off.")
 
 
+class ProfileMatch(_Strict):
+    architectures: list[str] = Field(
+        default_factory=list,
+        description="HF `architectures` this profile is for; matches when the model has any of them.",
+    )
+    model: str | None = Field(
+        None, description="Glob on the served model's name or path (or its last path component)."
+    )
+    vllm: str | None = Field(None, description="PEP 440 range of vLLM versions the profile is for.")
+
+    _check_vllm = field_validator("vllm")(classmethod(lambda cls, v: _check_specifier(v)))
+
+
+class PatchOverride(_Strict):
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options replacing the base patch's, key by key (the rest keep the base value).",
+    )
+    enabled: StrictBool | None = Field(None, description="Switch the base patch on or off.")
+    on_error: Literal["fail", "skip"] | None = Field(None, description="Replace the base `on_error`.")
+
+
+class ProfileSpec(_Strict):
+    description: str | None = Field(None, description="Free text, shown by `plan`.")
+    match: ProfileMatch | None = Field(
+        None,
+        description="Which models select this profile automatically; every given criterion must "
+        "hold. Without `match` the profile is used only when pinned by ASCEND_PATCH_PROFILE.",
+    )
+    allow_unmatched: StrictBool = Field(
+        False, description="Allow pinning this profile on a model its `match` does not fit."
+    )
+    patches: dict[str, PatchOverride] = Field(
+        default_factory=dict, description="Overrides of base patches, by patch name."
+    )
+    add: list[PatchSpec] = Field(
+        default_factory=list, description="Patches only this profile applies."
+    )
+
+
 class ConfigSpec(_Strict):
     version: Literal[1] = Field(description="Schema version; only 1 exists.")
     description: str | None = Field(None, description="Free text, shown by `plan`.")
@@ -62,6 +111,19 @@ class ConfigSpec(_Strict):
         description="Allow `impl: module:attr` outside the catalog. Off by default: a config "
         "file must not become a way to run arbitrary code.",
     )
+    extends: str | None = Field(
+        None,
+        description="A base config file, relative to this one. Its patches and profiles are "
+        "inherited; a patch or profile of the same name here replaces the base's.",
+    )
     patches: list[PatchSpec] = Field(default_factory=list, description="The patches, in order.")
+    profiles: dict[str, ProfileSpec] = Field(
+        default_factory=dict,
+        description="Named profiles (per model or per tuning), keyed by name.",
+    )
+
+    _check_profile_names = field_validator("profiles")(
+        classmethod(lambda cls, v: _check_profile_names(v))
+    )
 
     _check_vllm = field_validator("vllm")(classmethod(lambda cls, v: _check_specifier(v)))

@@ -94,3 +94,25 @@ def test_usage_errors_exit_2(argv):
     out = run_cli(*argv)
     assert out.returncode == 2
     assert "usage: ascend-patch" in out.stderr
+
+
+PROFILED = GOOD + """
+profiles:
+  ds:
+    match: {architectures: [DeepseekV3ForCausalLM]}
+    patches:
+      act: {enabled: true}
+"""
+
+
+def test_plan_for_a_model_shows_the_profile(write_config, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"architectures": ["DeepseekV3ForCausalLM"]}')
+    path = write_config(PROFILED)
+    assert main(["plan", "--json", "--model", str(model), str(path)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["profile"] == "ds"
+    assert [(p["name"], p["status"]) for p in plan["patches"]] == [("rms", "apply"), ("act", "apply")]
+    assert main(["plan", "--model", "Qwen/Qwen3-30B-A3B", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("model Qwen/Qwen3-30B-A3B: no profile matches: base patches")

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from ascend_patch.core import report
+from ascend_patch.core.config import load_config
 from ascend_patch.core.errors import ConfigError, ConsistencyError
 from ascend_patch.core.runtime import apply_from_env
 
@@ -60,9 +61,7 @@ def test_first_process_pins_path_and_digest_for_children(toy_config, monkeypatch
     monkeypatch.delenv("ASCEND_PATCH_CONFIG_DIGEST", raising=False)
     apply_from_env()
     assert os.environ["ASCEND_PATCH_CONFIG"] == str(toy_config.resolve())
-    import hashlib
-
-    assert os.environ["ASCEND_PATCH_CONFIG_DIGEST"] == hashlib.sha256(toy_config.read_bytes()).hexdigest()
+    assert os.environ["ASCEND_PATCH_CONFIG_DIGEST"] == load_config(toy_config).digest
 
 
 def test_report_file_lists_every_patch(toy_config, toy_module, tmp_path, monkeypatch):

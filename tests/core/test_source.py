@@ -77,7 +77,7 @@ def test_small_aliases_are_fine(write_config):
         description: &d shared text
         patches: []
     """)
-    assert load_config(path).spec.description == "shared text"
+    assert load_config(path).description == "shared text"
 
 
 def test_file_over_one_mib_is_refused(tmp_path):

@@ -1,9 +1,8 @@
 """The loader inside real vLLM processes (offline engine, CPU build, tiny DeepseekV3)."""
 
-import hashlib
-
 import pytest
 
+from ascend_patch.core.config import load_config
 from tests.vllm_harness import patch_in, reports_by_role, run_offline
 
 pytestmark = pytest.mark.vllm
@@ -33,7 +32,7 @@ def test_ops_patches_apply_in_every_process_and_keep_tokens(tiny_model, tmp_path
 
     reports = reports_by_role(tmp_path / "reports")
     assert set(reports) == {"MainProcess", "EngineCore", "VllmWorker-0"}
-    digest = hashlib.sha256(config.read_bytes()).hexdigest()
+    digest = load_config(config).digest
     assert {r["digest"] for r in reports.values()} == {digest}
     worker = reports["VllmWorker-0"]
     for name in ("rms", "swiglu"):
@@ -62,3 +61,23 @@ def test_lazy_signature_failure_stops_the_worker(tiny_model, tmp_path, write_con
         f"{config}:6: patch 'swiglu': target vllm.model_executor.layers.activation:SiluAndMul.forward_cpu "
         "has signature (self, x), but ops.silu_and_mul expects (x)"
     ) in run.log
+
+
+def test_profile_is_chosen_from_the_served_model(tiny_model, tmp_path, write_config):
+    config = write_config(OPS_CONFIG + """
+profiles:
+  mixtral:
+    match: {architectures: [MixtralForCausalLM]}
+  deepseek:
+    match: {architectures: [DeepseekV3ForCausalLM], model: "tiny*"}
+    patches:
+      swiglu: {enabled: false}
+""")
+    run = run_offline(tiny_model, PROMPTS, tmp_path, config=config, report_dir=tmp_path / "reports")
+    assert run.returncode == 0, run.log[-4000:]
+    reports = reports_by_role(tmp_path / "reports")
+    assert {role: r["profile"] for role, r in reports.items()} == {
+        "MainProcess": "deepseek", "EngineCore": "deepseek", "VllmWorker-0": "deepseek"}
+    worker = reports["VllmWorker-0"]
+    assert patch_in(worker, "rms")["status"] == "applied"
+    assert patch_in(worker, "swiglu")["status"] == "disabled"

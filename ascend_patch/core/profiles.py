@@ -1,0 +1,114 @@
+"""Choosing a config's profile for the model vLLM is about to serve.
+
+The model is known only once vLLM builds its `ModelConfig`, after plugins were loaded, so the
+first process watches `ModelConfig.__post_init__`, chooses there, and passes its choice to its
+children through the environment (they are started later and inherit it).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ascend_patch.core.config import LoadedConfig, Profile
+from ascend_patch.core.errors import ConfigError
+from ascend_patch.core.imports import WATCHER
+from ascend_patch.core.targets import parse_target, resolve
+from ascend_patch.core.versions import installed_vllm, version_matches
+
+MODEL_CONFIG_HOOK = parse_target("vllm.config.model:ModelConfig.__post_init__")
+# (owner, attribute, original) of the installed hook, for unwatch_model_config().
+_installed: list[tuple[object, str, object]] = []
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    architectures: tuple[str, ...]
+
+    @classmethod
+    def from_name_or_path(cls, text: str) -> ModelInfo:
+        """From a model directory (reads config.json) or a bare name (no architectures)."""
+        config = Path(text) / "config.json"
+        architectures: tuple[str, ...] = ()
+        if config.is_file():
+            architectures = tuple(json.loads(config.read_text()).get("architectures") or ())
+        return cls(text, architectures)
+
+
+def matches(profile: Profile, model: ModelInfo) -> bool:
+    match = profile.spec.match
+    if match is None:
+        return False
+    if match.architectures and not set(match.architectures) & set(model.architectures):
+        return False
+    if match.model is not None:
+        candidates = {model.name, model.name.rstrip("/").rsplit("/", 1)[-1]}
+        if not any(fnmatch.fnmatchcase(c, match.model) for c in candidates):
+            return False
+    if match.vllm is not None:
+        vllm = installed_vllm()
+        if vllm is None or not version_matches(vllm.version, match.vllm):
+            return False
+    return True
+
+
+def _describe(model: ModelInfo) -> str:
+    return f"model {model.name!r} (architectures: {', '.join(model.architectures) or 'unknown'})"
+
+
+def select(config: LoadedConfig, model: ModelInfo, pinned: str | None) -> str | None:
+    """The profile to use for `model`; None for the base patches. Raises on conflicts."""
+    if pinned is not None:
+        profile = config.profiles[pinned]
+        if profile.spec.match is not None and not profile.spec.allow_unmatched and not matches(profile, model):
+            raise ConfigError.single(
+                profile.file, profile.line, f"profiles.{pinned}",
+                f"pinned by ASCEND_PATCH_PROFILE but does not match {_describe(model)}; its match is "
+                f"{profile.spec.match.model_dump(exclude_defaults=True)}. Set 'allow_unmatched: true' "
+                "in the profile to allow this",
+            )
+        return pinned
+    chosen = [name for name, profile in config.profiles.items() if matches(profile, model)]
+    if len(chosen) > 1:
+        first = config.profiles[chosen[0]]
+        raise ConfigError.single(
+            first.file, first.line, "profiles",
+            f"{_describe(model)} matches several profiles: {', '.join(chosen)}; narrow their "
+            "'match' or pin one with ASCEND_PATCH_PROFILE",
+        )
+    return chosen[0] if chosen else None
+
+
+def watch_model_config(callback: Callable[[ModelInfo], None]) -> None:
+    """Call `callback` with the model each time vLLM finishes building a ModelConfig."""
+
+    def install(_module=None) -> None:
+        resolved = resolve(MODEL_CONFIG_HOOK, import_module=False)
+        original = resolved.function
+        if getattr(original, "__ascend_patch_model_hook__", False):
+            return
+
+        def __post_init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            callback(ModelInfo(str(self.model), tuple(self.architectures or ())))
+
+        __post_init__.__wrapped__ = original
+        __post_init__.__ascend_patch_model_hook__ = True
+        setattr(resolved.owner, resolved.attr, __post_init__)
+        _installed.append((resolved.owner, resolved.attr, resolved.raw))
+
+    if MODEL_CONFIG_HOOK.module in sys.modules:
+        install()
+    else:
+        WATCHER.watch(MODEL_CONFIG_HOOK.module, install)
+
+
+def unwatch_model_config() -> None:
+    while _installed:
+        owner, attr, original = _installed.pop()
+        setattr(owner, attr, original)
