@@ -75,6 +75,34 @@ class LoadedConfig:
             return self
         return dataclasses.replace(self, patches=self.profiles[name].patches, profile=name)
 
+    def with_option_overrides(self, doc: Document) -> LoadedConfig:
+        """Options replaced per patch name, from `{patch: {option: value}}` (ASCEND_PATCH_OVERRIDE).
+
+        Applied last, after the profile: how an A/B run varies one option of a deployed config.
+        """
+        data = doc.data
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise doc.error((), "must be a mapping {patch name: {option: value}}")
+        problems: list[Problem] = []
+        patches = []
+        by_name = {p.name: p for p in self.patches}
+        for name in data:
+            if name not in by_name:
+                problems.append(_problem(doc, (name,), f"no patch named {name!r} in {self.path}"))
+        for patch in self.patches:
+            override = data.get(patch.name)
+            if override:
+                merged = {**patch.options.model_dump(), **override}
+                try:
+                    patch = dataclasses.replace(patch, options=patch.impl.options.model_validate(merged))
+                except ValidationError as exc:
+                    problems.extend(problems_from_validation(
+                        exc, lambda loc, n=patch.name: (doc, (n,) + loc)))
+            patches.append(patch)
+        if problems:
+            raise ConfigError(problems)
+        return dataclasses.replace(self, patches=tuple(patches))
+
 
 @dataclass
 class _Entry:

@@ -11,11 +11,13 @@ from ascend_patch.core import profiles, report
 from ascend_patch.core.config import LoadedConfig, load_config
 from ascend_patch.core.errors import ConfigError, ConsistencyError
 from ascend_patch.core.patcher import PATCHER, PatchRecord
+from ascend_patch.core.source import parse_document
 
 CONFIG_ENV = "ASCEND_PATCH_CONFIG"
 DIGEST_ENV = "ASCEND_PATCH_CONFIG_DIGEST"
 DISABLE_ENV = "ASCEND_PATCH_DISABLE"
 PROFILE_ENV = "ASCEND_PATCH_PROFILE"
+OVERRIDE_ENV = "ASCEND_PATCH_OVERRIDE"
 # Set by the first process once it knows the profile; "-" means the base patches.
 RESOLVED_PROFILE_ENV = "ASCEND_PATCH_PROFILE_RESOLVED"
 LOG_LEVEL_ENV = "ASCEND_PATCH_LOG_LEVEL"
@@ -84,8 +86,14 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
     _check_profile_name(config, pinned, PROFILE_ENV)
     _check_profile_name(config, resolved, RESOLVED_PROFILE_ENV)
 
+    overrides = env.get(OVERRIDE_ENV)
+    override_doc = parse_document(overrides.encode(), f"${OVERRIDE_ENV}") if overrides else None
+
     def apply(profile: str | None) -> list[PatchRecord]:
-        records = PATCHER.apply(config.with_profile(profile), disabled=disabled)
+        effective = config.with_profile(profile)
+        if override_doc is not None:
+            effective = effective.with_option_overrides(override_doc)
+        records = PATCHER.apply(effective, disabled=disabled)
         report.log_records(records)
         report.flush()
         return records

@@ -100,3 +100,26 @@ def test_plugin_logs_and_raises_on_a_bad_config(write_config):
     expected = f"{bad}:4: patches[0].impl: unknown implementation 'nope'"
     assert expected in out.stderr.splitlines()[0]
     assert "ConfigError" in out.stderr
+
+
+def test_option_override_from_the_environment(toy_config, toy_module):
+    env = {"ASCEND_PATCH_CONFIG": str(toy_config), "ASCEND_PATCH_OVERRIDE": "{func: {prefix: armB}}"}
+    apply_from_env(env)
+    module = importlib.import_module(toy_module)
+    assert module.greet("q") == "armB:hello q"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("{nope: {prefix: x}}", "$ASCEND_PATCH_OVERRIDE:1: nope: no patch named 'nope' in {path}"),
+        ("{func: {prefix: 3}}", "$ASCEND_PATCH_OVERRIDE:1: func.prefix: input should be a valid string"),
+        ("{func: {colour: red}}", "$ASCEND_PATCH_OVERRIDE:1: func.colour: unknown key"),
+        ("[1, 2]", "$ASCEND_PATCH_OVERRIDE:1: must be a mapping {patch name: {option: value}}"),
+    ],
+)
+def test_bad_option_override(toy_config, override, message):
+    env = {"ASCEND_PATCH_CONFIG": str(toy_config), "ASCEND_PATCH_OVERRIDE": override}
+    with pytest.raises(ConfigError) as info:
+        apply_from_env(env)
+    assert str(info.value) == "invalid ascend-patch config: " + message.replace("{path}", str(toy_config))
