@@ -52,9 +52,6 @@ def write_config(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny DeepseekV3-shaped MoE model directory (config + tokenizer; dummy weights)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from make_tiny_model import make_tiny_model
-    finally:
-        sys.path.pop(0)
+    from ascend_patch.cli.tiny_model import make_tiny_model
+
     return make_tiny_model(tmp_path_factory.mktemp("tiny_deepseek_v3"), "deepseek_v3")

@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ascend_patch.cli.offline_run import RESULT_PREFIX
+from ascend_patch.cli.procs import run_in_group, vllm_env
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def vllm_env(*, workers: int = 1, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASCEND_PATCH_", "VLLM_"))}
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
-    if workers > 1:
-        env.update(VLLM_CPU_OMP_THREADS_BIND="|".join(str(i) for i in range(workers)),
-                   VLLM_CPU_NUM_OF_RESERVED_CPU="0")
-    env.update(extra)
-    return env
 
 
 @dataclass
@@ -35,24 +23,6 @@ class Run:
     def tokens(self) -> list[list[int]]:
         assert self.result is not None, self.log[-6000:]
         return [o["token_ids"] for o in self.result["outputs"]]
-
-
-def run_in_group(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
-    """Run cmd in its own process group; on timeout kill the whole group (vLLM's children too)."""
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return -9, out + f"\n[harness] killed after {timeout} s"
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stray workers of a run that exited
-        except ProcessLookupError:
-            pass
-    return proc.returncode, out
 
 
 def run_offline(
@@ -81,7 +51,7 @@ def run_offline(
         extra["ASCEND_PATCH_CONFIG"] = str(config)
     if report_dir is not None:
         extra["ASCEND_PATCH_REPORT_DIR"] = str(report_dir)
-    code, log = run_in_group(cmd, vllm_env(workers=tensor_parallel, **extra), timeout)
+    code, log = run_in_group(cmd, vllm_env(workers=tensor_parallel, **extra), timeout, cwd=REPO)
     result = None
     for line in log.splitlines():
         if line.startswith(RESULT_PREFIX):

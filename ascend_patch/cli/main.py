@@ -167,7 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
     doctor = sub.add_parser("doctor", help="what this machine can run")
     doctor.set_defaults(func=cmd_doctor)
+    tiny = sub.add_parser("tiny-model", help="write a tiny MoE model directory (dummy weights)")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--arch", choices=["deepseek_v3", "mixtral", "qwen2_moe"], default="deepseek_v3")
+    tiny.set_defaults(func=cmd_tiny_model)
+    from ascend_patch.cli import ab
+
+    ab.add_parser(sub)
     return parser
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from ascend_patch.cli.tiny_model import make_tiny_model
+
+    out.print(str(make_tiny_model(args.out_dir, args.arch)))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

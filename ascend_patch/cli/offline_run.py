@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--enable-expert-parallel", action="store_true")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--measure-prefill", action="store_true",
+                        help="time a separate prefill-only pass (max_tokens=1) after a warm-up")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -44,23 +46,33 @@ def main() -> None:
         enable_expert_parallel=args.enable_expert_parallel,
     )
     ready = time.perf_counter()
+    prefill_s = None
+    if args.measure_prefill:
+        # One generated token per prompt: the batch's prefill, timed on its own.
+        llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+        t0 = time.perf_counter()
+        llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+        prefill_s = time.perf_counter() - t0
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=0.0, seed=args.seed,
         logprobs=args.logprobs or None, ignore_eos=True,
     )
-    outputs = llm.generate(prompts, params)
-    done = time.perf_counter()
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    generate_s = time.perf_counter() - t0
     result = {
         "startup_s": ready - started,
-        "generate_s": done - ready,
+        "prefill_s": prefill_s,
+        "generate_s": generate_s,
         "outputs": [
             {
                 "prompt_tokens": len(o.prompt_token_ids or []),
                 "token_ids": list(o.outputs[0].token_ids),
-                "logprobs": [
-                    lp[tid].logprob for lp, tid in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)
-                ] if args.logprobs else None,
-                "first_token_s": (o.metrics.first_token_latency if getattr(o, "metrics", None) and hasattr(o.metrics, "first_token_latency") else None),
+                # Per generated position: {token id: logprob} of the top candidates.
+                "top_logprobs": [
+                    {str(tid): lp.logprob for tid, lp in position.items()}
+                    for position in (o.outputs[0].logprobs or [])
+                ],
             }
             for o in outputs
         ],
