@@ -1,0 +1,65 @@
+"""Catalog entry of `distributed.cpu_collectives` (pure data: imports pydantic only)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from ascend_patch.core.catalog import Implementation, Site
+
+_FACTORIES = "ascend_patch.impls.distributed.cpu_collectives"
+_CPU_COMMUNICATOR = "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
+
+
+class CpuCollectivesOptions(BaseModel):
+    """Options of `distributed.cpu_collectives`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # all_gatherv on a list of tensors (hidden states, router logits, topk ids ...): pack
+    # every tensor's rows as bytes into one [rows, bytes] tensor and run ONE collective
+    # instead of one per tensor. Needs dim 0 (what vLLM's MoE dispatch uses); other dims
+    # fall back to one collective per tensor.
+    fuse_lists: bool = True
+    # reduce_scatterv: "reduce_scatter" pads every rank's chunk to the largest and runs one
+    # reduce_scatter (each rank receives max(sizes) rows); "all_reduce" sums the whole
+    # tensor on every rank and slices (simpler, more traffic; a fallback for backends
+    # without reduce_scatter).
+    reduce_scatter_mode: Literal["reduce_scatter", "all_reduce"] = "reduce_scatter"
+
+
+IMPLEMENTATIONS = {
+    "distributed.cpu_collectives": Implementation(
+        name="distributed.cpu_collectives",
+        summary=(
+            "all_gatherv / reduce_scatterv for vLLM's CPU communicator over gloo "
+            "(pad to the largest rank, one collective, slice)."
+        ),
+        why=(
+            "vLLM 0.32's CpuCommunicator inherits DeviceCommunicatorBase.all_gatherv and "
+            "reduce_scatterv, which raise NotImplementedError (vLLM issue #57837). Data "
+            "parallel + expert parallel MoE on CPU dispatches through "
+            "AgRsAll2AllManager.dispatch_router_logits / dispatch (all_gatherv on the DP "
+            "group) and combine (reduce_scatterv), so DP>1 with --enable-expert-parallel "
+            "fails at the first MoE layer without these."
+        ),
+        vllm_versions=">=0.32,<0.33",
+        sites=(
+            Site(
+                target=f"{_CPU_COMMUNICATOR}.all_gatherv",
+                signature="(self, input_, dim=…, sizes=…)",
+                factory=f"{_FACTORIES}:make_all_gatherv",
+                role="all_gatherv",
+            ),
+            Site(
+                target=f"{_CPU_COMMUNICATOR}.reduce_scatterv",
+                signature="(self, input_, dim=…, sizes=…)",
+                factory=f"{_FACTORIES}:make_reduce_scatterv",
+                role="reduce_scatterv",
+            ),
+        ),
+        options=CpuCollectivesOptions,
+        platforms=("cpu",),
+    ),
+}

@@ -1,0 +1,1 @@
+"""Tests of `ascend_patch.impls.distributed` (real gloo process groups)."""
