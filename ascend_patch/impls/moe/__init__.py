@@ -1,0 +1,1 @@
+"""Capacity-aware fused MoE (`moe.capacity`): drop planner, options and compute backends."""

@@ -1,0 +1,78 @@
+"""Options of `moe.capacity`, validated before anything is patched."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+
+class CapacityOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    drop_token_ratio: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        allow_inf_nan=False,
+        strict=True,
+        description=(
+            "Share r of all routed (token, expert) rows that may be dropped per MoE call, "
+            "in [0, 0.5]. The per-bin capacity is the smallest one that drops at most "
+            "floor(r * rows). 0 keeps every row (the dropless path, bit for bit)."
+        ),
+    )
+    granularity: Literal["rank", "expert"] = Field(
+        "rank",
+        description=(
+            "What is capped: 'rank' caps the rows each EP rank receives (what sets the step "
+            "time); 'expert' caps every expert separately."
+        ),
+    )
+    drop_policy: Literal["probs", "position"] = Field(
+        "probs",
+        description=(
+            "Which rows of an over-capacity bin go: 'probs' drops the lowest routing weights "
+            "first; 'position' drops later top-k slots and later tokens first (the behaviour "
+            "of vllm-ascend PR #1067)."
+        ),
+    )
+    keep_top1: StrictBool = Field(
+        True,
+        description=(
+            "Never drop a token's highest-weight row, so every token keeps at least one "
+            "expert. May leave the drops below the budget."
+        ),
+    )
+    renormalize: StrictBool = Field(
+        False,
+        description=("Rescale the surviving weights of a token so they sum to its original total."),
+    )
+    min_tokens: StrictInt = Field(
+        256,
+        ge=0,
+        description=(
+            "Calls with fewer tokens than this (counted over all EP ranks) drop nothing: "
+            "small batches (decode) gain little and lose accuracy."
+        ),
+    )
+    simulate_ep_size: StrictInt | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Compute capacities as if experts were spread over this many EP ranks (to study "
+            "dropping on one device). None uses the real EP size."
+        ),
+    )
+    backend: Literal["auto", "torch", "npu"] = Field(
+        "auto",
+        description=(
+            "Expert compute: 'torch' (per-expert matmuls, any device), 'npu' (torch_npu "
+            "grouped-matmul ops), 'auto' picks 'npu' for NPU tensors and 'torch' otherwise."
+        ),
+    )
+    log_interval: StrictInt = Field(
+        0,
+        ge=0,
+        description="MoE calls between two drop-statistics log lines; 0 switches logging off.",
+    )

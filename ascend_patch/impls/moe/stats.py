@@ -1,0 +1,153 @@
+"""Per-process, per-layer drop counters of `moe.capacity`, kept in `ctx.stats`.
+
+Shape of `ctx.stats` (JSON-friendly: str keys, ints and floats only):
+
+    {
+      "calls": 12,                      # MoE calls planned in this process, all layers
+      "rows_routed": 4096,              # (token, expert) rows the router produced
+      "rows_dropped": 409,
+      "drop_fraction": 0.0999,
+      "layers_taken_over": ["model.layers.1.mlp.experts", ...],
+      "layers_not_taken_over": {"<layer>": "<reason>"},
+      "layers": {
+        "<layer name>": {
+          "calls": 6, "calls_with_drops": 3,
+          "rows_routed": 2048, "rows_dropped": 204, "drop_fraction": 0.0996,
+          "capacity_last": 180, "budget_last": 204,
+          "bins": 2,                      # EP ranks (or simulated ranks, or experts)
+          "max_bin_load_before_sum": ..., "max_bin_load_after_sum": ...,
+          "mean_bin_load_before_sum": ..., "mean_bin_load_after_sum": ...,
+          "max_over_mean_before": 1.31, "max_over_mean_after": 1.12,
+          "max_bin_load_before_peak": 400, "max_bin_load_after_peak": 300
+        }
+      }
+    }
+
+Counts are global over the EP group (what `plan_drops` reports): with TP-only EP every rank
+reports the same numbers. The sums over calls let a reader average; max_over_mean is
+sum(max bin load) / sum(mean bin load), the load-weighted imbalance that sets step time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger("ascend_patch.moe.capacity")
+
+
+class CapacityStats:
+    """Owns the counters of one patch in one process; `record` is called once per MoE call."""
+
+    def __init__(self, stats: dict[str, Any], log_interval: int, flush: Any = None):
+        self._stats = stats
+        self._log_interval = int(log_interval)
+        self._flush = flush
+        self._flush_failed = False
+        stats.setdefault("calls", 0)
+        stats.setdefault("rows_routed", 0)
+        stats.setdefault("rows_dropped", 0)
+        stats.setdefault("drop_fraction", 0.0)
+        stats.setdefault("layers_taken_over", [])
+        stats.setdefault("layers_not_taken_over", {})
+        stats.setdefault("layers", {})
+
+    # -- layer set-up -------------------------------------------------------------------
+
+    def layer_taken_over(self, layer_name: str) -> None:
+        taken = self._stats["layers_taken_over"]
+        if layer_name not in taken:
+            taken.append(layer_name)
+
+    def layer_not_taken_over(self, layer_name: str, reason: str) -> None:
+        self._stats["layers_not_taken_over"][layer_name] = reason
+
+    # -- per call -----------------------------------------------------------------------
+
+    def record(self, layer_name: str, plan: Any) -> None:
+        """Add one `DropPlan` (capacity.py) to the counters of `layer_name`."""
+        before = plan.bin_load_before
+        after = plan.bin_load_after
+        bins = int(before.numel())
+        max_before = int(before.max()) if bins else 0
+        max_after = int(after.max()) if bins else 0
+        mean_before = float(before.sum()) / bins if bins else 0.0
+        mean_after = float(after.sum()) / bins if bins else 0.0
+        routed = int(plan.routed_rows)
+        dropped = int(plan.dropped_rows)
+
+        layer = self._stats["layers"].get(layer_name)
+        if layer is None:
+            layer = self._stats["layers"][layer_name] = {
+                "calls": 0,
+                "calls_with_drops": 0,
+                "rows_routed": 0,
+                "rows_dropped": 0,
+                "drop_fraction": 0.0,
+                "capacity_last": 0,
+                "budget_last": 0,
+                "bins": bins,
+                "max_bin_load_before_sum": 0,
+                "max_bin_load_after_sum": 0,
+                "mean_bin_load_before_sum": 0.0,
+                "mean_bin_load_after_sum": 0.0,
+                "max_over_mean_before": 0.0,
+                "max_over_mean_after": 0.0,
+                "max_bin_load_before_peak": 0,
+                "max_bin_load_after_peak": 0,
+            }
+        layer["calls"] += 1
+        layer["calls_with_drops"] += int(dropped > 0)
+        layer["rows_routed"] += routed
+        layer["rows_dropped"] += dropped
+        layer["drop_fraction"] = _ratio(layer["rows_dropped"], layer["rows_routed"])
+        layer["capacity_last"] = int(plan.capacity)
+        layer["budget_last"] = int(plan.budget)
+        layer["bins"] = bins
+        layer["max_bin_load_before_sum"] += max_before
+        layer["max_bin_load_after_sum"] += max_after
+        layer["mean_bin_load_before_sum"] += mean_before
+        layer["mean_bin_load_after_sum"] += mean_after
+        layer["max_over_mean_before"] = _ratio(
+            layer["max_bin_load_before_sum"], layer["mean_bin_load_before_sum"]
+        )
+        layer["max_over_mean_after"] = _ratio(
+            layer["max_bin_load_after_sum"], layer["mean_bin_load_after_sum"]
+        )
+        layer["max_bin_load_before_peak"] = max(layer["max_bin_load_before_peak"], max_before)
+        layer["max_bin_load_after_peak"] = max(layer["max_bin_load_after_peak"], max_after)
+
+        stats = self._stats
+        stats["calls"] += 1
+        stats["rows_routed"] += routed
+        stats["rows_dropped"] += dropped
+        stats["drop_fraction"] = _ratio(stats["rows_dropped"], stats["rows_routed"])
+
+        if self._log_interval and stats["calls"] % self._log_interval == 0:
+            self.log()
+
+    def log(self) -> None:
+        stats = self._stats
+        logger.info(
+            "moe.capacity: %d calls, %d/%d rows dropped (%.4f); per layer: %s",
+            stats["calls"],
+            stats["rows_dropped"],
+            stats["rows_routed"],
+            stats["drop_fraction"],
+            ", ".join(
+                f"{name} drop={layer['drop_fraction']:.4f} C={layer['capacity_last']} "
+                f"max/mean {layer['max_over_mean_before']:.2f}->"
+                f"{layer['max_over_mean_after']:.2f}"
+                for name, layer in stats["layers"].items()
+            ),
+        )
+        if self._flush is not None and not self._flush_failed:
+            try:
+                self._flush()
+            except Exception as exc:  # noqa: BLE001 - a report failure must not break a forward
+                self._flush_failed = True
+                logger.warning("moe.capacity: could not write the process report: %s", exc)
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator) / float(denominator) if denominator else 0.0

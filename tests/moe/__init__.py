@@ -1,0 +1,1 @@
+"""Tests of moe.capacity: planner, backends, multi-rank."""
