@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from ascend_patch.core.catalog import Implementation, Site
 
@@ -17,17 +17,18 @@ class CpuCollectivesOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # all_gatherv on a list of tensors (hidden states, router logits, topk ids ...): pack
-    # every tensor's rows as bytes into one [rows, bytes] tensor and run ONE collective
-    # instead of one per tensor. Needs dim 0 (what vLLM's MoE dispatch uses); other dims
-    # fall back to one collective per tensor.
-    fuse_lists: bool = True
-    # reduce_scatterv: "reduce_scatter" pads every rank's chunk to the largest and runs one
-    # reduce_scatter (each rank receives max(sizes) rows); "all_reduce" sums the whole
-    # tensor on every rank and slices (simpler, more traffic; a fallback for backends
-    # without reduce_scatter).
-    reduce_scatter_mode: Literal["reduce_scatter", "all_reduce"] = "reduce_scatter"
-
+    fuse_lists: StrictBool = Field(
+        True,
+        description="all_gatherv of a list of tensors (hidden states, router logits, top-k ids): "
+        "pack every tensor's rows as bytes into one tensor and run one collective instead of one "
+        "per tensor. Needs dim 0, what vLLM's MoE dispatch uses; other dims run one per tensor.",
+    )
+    reduce_scatter_mode: Literal["reduce_scatter", "all_reduce"] = Field(
+        "reduce_scatter",
+        description="reduce_scatterv: `reduce_scatter` pads every rank's chunk to the largest and "
+        "runs one reduce_scatter; `all_reduce` sums the whole tensor on every rank and slices "
+        "(more traffic; for backends without reduce_scatter).",
+    )
 
 IMPLEMENTATIONS = {
     "distributed.cpu_collectives": Implementation(
