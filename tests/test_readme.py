@@ -1,0 +1,34 @@
+"""The README's promises that code can check: the two commands exist, every key is documented."""
+
+from pathlib import Path
+
+import pytest
+
+from ascend_patch.core import catalog
+from ascend_patch.core.spec import ConfigSpec, PatchOverride, PatchSpec, ProfileMatch, ProfileSpec
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
+
+
+def test_the_two_commands_and_ci_agree():
+    assert "bash scripts/demo.sh" in README and "bash scripts/test.sh" in README
+    assert "scripts/test.sh" in (REPO / ".ci" / "run").read_text()
+    for script in ("demo.sh", "test.sh", "setup.sh"):
+        assert (REPO / "scripts" / script).is_file()
+
+
+MODELS = [ConfigSpec, PatchSpec, ProfileSpec, ProfileMatch, PatchOverride] + [
+    catalog.lookup(name).options for name in catalog.builtin_names()
+]
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
+def test_every_key_is_in_the_reference(model):
+    for name in model.model_fields:
+        assert f"| `{name}` |" in README, f"{model.__name__}.{name} missing from README (run scripts/spec_reference.py)"
+
+
+def test_every_catalog_entry_is_described():
+    for name in catalog.builtin_names():
+        assert f"| `{name}` |" in README
