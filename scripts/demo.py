@@ -10,20 +10,17 @@ requests over HTTP, prints the answers and what every vLLM process reports about
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ascend_patch.cli.server import ManagedServer, ServerError
+from ascend_patch.cli.tiny_model import make_tiny_model
+from ascend_patch.core.report import read_reports
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-
-from make_tiny_model import make_tiny_model  # noqa: E402
-
-from ascend_patch.cli.server import ManagedServer, ServerError  # noqa: E402
-from ascend_patch.core.report import read_reports  # noqa: E402
 
 SETTINGS = {
     "single": {"args": [], "workers": 1},
@@ -40,9 +37,21 @@ def summarize(report_dir: Path) -> None:
         parts = []
         for patch in report["patches"]:
             text = f"{patch['name']}={patch['status']}"
-            totals = patch["stats"].get("totals") if isinstance(patch["stats"], dict) else None
-            if totals:
-                text += f" (rows routed {totals.get('rows_routed')}, dropped {totals.get('rows_dropped')})"
+            stats = patch["stats"]
+            if "rows_routed" in stats:
+                text += f" (rows routed {stats['rows_routed']}, dropped {stats['rows_dropped']}"
+                paths = sorted({p["path"] for p in stats.get("dispatch_paths", {}).values()})
+                if paths:
+                    text += f"; dispatch {'/'.join(paths)}"
+                a2a = stats.get("all_to_all")
+                if a2a:
+                    text += (f"; all-to-all rows sent {a2a['rows_sent']} (to the other ranks "
+                             f"{a2a['rows_sent_remote']}), received {a2a['rows_received']}, "
+                             f"held back as dropped {a2a['rows_not_sent_dropped']}, "
+                             f"bytes to other ranks {a2a['bytes_sent_remote']}")
+                text += ")"
+            elif any(key.endswith(".bytes") for key in stats):
+                text += " (" + ", ".join(f"{k} {v}" for k, v in sorted(stats.items())) + ")"
             parts.append(text)
         profile = f" profile={report['profile']}" if report.get("profile") else ""
         print(f"  {report['role']:<16} pid {report['pid']:<7}{profile} {', '.join(parts) or '-'}")

@@ -71,6 +71,9 @@ class ManagedServer:
             return ""
 
     def start(self) -> None:
+        if self.proc is not None:
+            # A second start would orphan the first server's process group.
+            raise ServerError(f"{self.base_url}: this server is already started")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
@@ -79,8 +82,12 @@ class ManagedServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                code = self.proc.returncode
+                # Its engine cores / workers may outlive it: kill the group. (A failing
+                # start() inside `with` never reaches __exit__.)
+                self.stop()
                 raise ServerError(
-                    f"vLLM server exited with code {self.proc.returncode} during start-up; "
+                    f"vLLM server exited with code {code} during start-up; "
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
             try:

@@ -71,6 +71,19 @@ class CapacityOptions(BaseModel):
             "grouped-matmul ops), 'auto' picks 'npu' for NPU tensors and 'torch' otherwise."
         ),
     )
+    dispatch: Literal["auto", "allgather", "all_to_all"] = Field(
+        "auto",
+        description=(
+            "How rows reach the EP rank owning their expert when ranks hold different tokens. "
+            "'allgather': vLLM's path (every token all-gathered to every rank, the full "
+            "output reduce-scattered; drops save compute only). 'all_to_all': each kept "
+            "(token, expert) row is sent only to its expert's rank and its weighted result "
+            "sent back (two uneven all-to-alls on the EP group): dropped rows are never "
+            "sent. 'auto': all_to_all when DP > 1 with expert parallelism, else vLLM's path. "
+            "Needs eager mode (enforce_eager); with PCP, EPLB or sequence-parallel MoE, "
+            "'auto' keeps vLLM's path and 'all_to_all' is refused."
+        ),
+    )
     log_interval: StrictInt = Field(
         0,
         ge=0,

@@ -25,6 +25,30 @@ What is replaced in vLLM 0.32 and why (details, with file:line, in docs/vllm-moe
   (MoonEP, TPU, out-of-tree, XPU, batched formats, biased/LoRA MoE, non-silu) keep the
   original path and are counted as not taken over.
 
+All-to-all dispatch (option `dispatch`, module all_to_all_dispatch.py). With DP > 1 and EP,
+vLLM builds `MoEPrepareAndFinalizeNaiveDPEPModular` (all2all_utils.py:209-221, 399-403): an
+all-gather of every token to every EP rank and a reduce-scatter of the full output
+(naive_dp_ep.py:181, :241), whatever was dropped. `dispatch: all_to_all` (what `auto` picks
+for DP > 1 + EP) replaces that prepare/finalize, for our layers only, by
+`CapacityAllToAllPrepareAndFinalize`: prepare sends each kept row (id >= 0) to its expert's
+rank with `all_to_all_uneven` on the EP group, finalize sends the weighted results back and
+sums them per token. Hook chosen: the `weights` site above, after the original has built the
+kernel, rebuilds it as `FusedMoEKernel(our prepare/finalize, the same CapacityExperts)`
+(modular_kernel.py:1613). No new patch site, because:
+  * only layers whose experts are CapacityExperts may get it (the combine relies on their
+    weighted, already reduced output and on expert_map-aware compute); patching
+    `maybe_make_prepare_finalize` (all2all_utils.py:182) would hand it to every MoE method of
+    the process (quantized, monolithic) and would need the EP facts at a point that does
+    not know the experts class;
+  * `maybe_make_prepare_finalize` is imported by name into oracle/*.py and quantization
+    methods, so it would need copy patching, and it is one more signature to track;
+  * the kernel is built once per layer (unquantized_fused_moe_method.py:197-205) and the
+    runner reads `method.moe_kernel` on every call, so replacing it right after the build is
+    safe. `output_is_reduced()` stays False: the runner's TP all-reduce
+    (runner/moe_runner.py:483-517) is a no-op at TP = 1 and sums the per-TP-rank token
+    slices otherwise, so no token is counted twice; shared experts stay the runner's.
+The first plan call of a process also runs `check_same_config` over the EP group.
+
 Only unquantized MoE is covered: quantized methods (Fp8MoEMethod, ...) have their own
 `apply`, and vllm-ascend's `AscendUnquantizedFusedMoEMethod` overrides `apply` too.
 """
@@ -55,7 +79,9 @@ IMPLEMENTATIONS = {
             "UnquantizedFusedMoEMethod.process_weights_after_loading (swaps the modular "
             "kernel's experts for ours so weights keep the standard layout instead of the CPU "
             "grouped-gemm prepack, and expert_map is honoured: stock CPU TP+EP segfaults). "
-            "r=0 keeps every row."
+            "r=0 keeps every row. With DP>1 and EP (dispatch: auto/all_to_all) the "
+            "modular kernel's prepare/finalize becomes an all-to-all of the kept rows only "
+            "(dropped rows are never sent), replacing vLLM's all-gather/reduce-scatter."
         ),
         vllm_versions=">=0.32,<0.33",
         sites=(

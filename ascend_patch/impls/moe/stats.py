@@ -9,6 +9,12 @@ Shape of `ctx.stats` (JSON-friendly: str keys, ints and floats only):
       "drop_fraction": 0.0999,
       "layers_taken_over": ["model.layers.1.mlp.experts", ...],
       "layers_not_taken_over": {"<layer>": "<reason>"},
+      "dispatch_paths": {"<layer>": {"path": "all_to_all" | "allgather", "why": "..."}},
+      "all_to_all": {"calls": .., "rows_sent": .., "rows_sent_remote": ..,
+                     "rows_received": .., "rows_not_sent_dropped": ..,
+                     "bytes_sent_remote": .., "dispatch_bytes_remote": ..,
+                     "combine_bytes_remote": ..},   # only when a layer uses all_to_all
+      "config_checked_over_ranks": 2,   # EP group size of the first-call config check
       "layers": {
         "<layer name>": {
           "calls": 6, "calls_with_drops": 3,
@@ -61,6 +67,34 @@ class CapacityStats:
 
     def layer_not_taken_over(self, layer_name: str, reason: str) -> None:
         self._stats["layers_not_taken_over"][layer_name] = reason
+
+    def dispatch_path(self, layer_name: str, path: str, why: str) -> None:
+        """Which dispatch a taken-over layer uses ("all_to_all" or vLLM's "allgather")."""
+        self._stats.setdefault("dispatch_paths", {})[layer_name] = {"path": path, "why": why}
+
+    def dispatch_counters(self) -> Any:
+        """The process's all-to-all traffic counters (shared by every layer)."""
+        from ascend_patch.impls.moe.all_to_all_dispatch import DispatchCounters
+
+        counters = getattr(self, "_dispatch_counters", None)
+        if counters is None:
+            counters = self._dispatch_counters = DispatchCounters()
+            self._stats["all_to_all"] = counters.as_dict()
+        return counters
+
+    def dispatch_recorded(self) -> None:
+        """Copy the traffic counters into the stats (called after every combine).
+
+        `record` flushes the report before the call's dispatch ran; flushing again here, at
+        the same log interval, writes a report whose drop and traffic counters describe the
+        same calls (every rank of a DP group runs the same number of MoE calls, so their
+        reports line up too)."""
+        self._stats["all_to_all"] = self._dispatch_counters.as_dict()
+        if self._log_interval and self._stats["calls"] % self._log_interval == 0:
+            self._flush_report()
+
+    def config_checked(self, group_size: int) -> None:
+        self._stats["config_checked_over_ranks"] = int(group_size)
 
     # -- per call -----------------------------------------------------------------------
 
@@ -141,6 +175,9 @@ class CapacityStats:
                 for name, layer in stats["layers"].items()
             ),
         )
+        self._flush_report()
+
+    def _flush_report(self) -> None:
         if self._flush is not None and not self._flush_failed:
             try:
                 self._flush()

@@ -10,16 +10,22 @@ docs/vllm-moe-internals.md):
         UnquantizedFusedMoEMethod.apply   <- make_apply: plan_drops on this rank's rows,
                                              dropped row -> id -1, weight 0, then the original
           forward_native -> FusedMoEKernel.apply        modular_kernel.py:1424
-            prepare (NoDPEP: nothing; DP: all-gather dispatch)     vLLM, unchanged
+            prepare (NoDPEP: nothing; DP: all-gather dispatch)     vLLM, unchanged, or
+                                          <- dispatch all_to_all: kept rows to their owner
             experts.apply                 <- CapacityExperts: torch/npu backend, only kept
                                              rows of local experts (expert_map honoured)
-            finalize (weight-and-reduce is a no-op; DP: reduce-scatter combine;
+            finalize (weight-and-reduce is a no-op; DP: reduce-scatter combine, or
+                      <- all_to_all: results back to the source rank, summed per token;
                       shared experts when the MK overlaps them)   vLLM, unchanged
     then the runner's routed_scaling_factor, shared + routed add, TP/EP all-reduce: vLLM
 
 `make_process_weights_after_loading` puts CapacityExperts in place of the CPU (or Triton)
 experts class before the modular kernel is built, so the CPU grouped-gemm prepack never
-runs and w13/w2 keep vLLM's standard layout.
+runs and w13/w2 keep vLLM's standard layout. With `dispatch: all_to_all` (or `auto` under
+DP > 1 + EP) it then rebuilds the layer's kernel with the all-to-all prepare/finalize of
+all_to_all_dispatch.py, so prepare sends only the kept rows to their experts' ranks and
+finalize returns them (instead of vLLM's all-gather dispatch / reduce-scatter combine).
+The first plan call of a process compares the config digest and options over the EP group.
 
 The planner and the expert compute run as the custom ops `ascend_patch::moe_capacity_plan`
 and `ascend_patch::moe_capacity_experts`: on CPU vLLM lets torch.compile trace the MoE layer,
@@ -236,6 +242,9 @@ def make_process_weights_after_loading(
 ) -> Callable[..., Any]:
     """Replacement of UnquantizedFusedMoEMethod.process_weights_after_loading(self, layer)."""
     _check_experts_interface()
+    from ascend_patch.impls.moe.all_to_all_dispatch import check_prepare_finalize_interface
+
+    check_prepare_finalize_interface()
     options = _options(ctx)
     stats = _stats_for(ctx)
     experts_cls = _make_experts_class(options.backend)
@@ -261,8 +270,102 @@ def make_process_weights_after_loading(
         _LAYERS[name] = layer
         _PLANNERS.pop(name, None)  # a new model in this process: plan for the new layer
         stats.layer_taken_over(name)
+        _install_dispatch(self, layer, options, stats)
 
     return process_weights_after_loading
+
+
+# --------------------------------------------------------------------------------------
+# dispatch: all_to_all replaces the modular kernel's prepare/finalize for our layers
+# --------------------------------------------------------------------------------------
+
+
+def _dispatch_plan(layer: Any, options: CapacityOptions) -> tuple[str, str]:
+    """("all_to_all" | "allgather", why). Raises for an explicit all_to_all that cannot run."""
+    from ascend_patch.impls.moe.all_to_all_dispatch import expert_owners
+
+    parallel = layer.moe_config.moe_parallel_config
+    if options.dispatch == "allgather":
+        return "allgather", "dispatch: allgather"
+    if not parallel.use_ep or parallel.ep_size <= 1:
+        # One EP rank holds every expert: there is nothing to send anywhere.
+        return "allgather", "no expert parallelism (vLLM's path)"
+    if options.dispatch == "auto" and parallel.dp_size <= 1:
+        return "allgather", "auto: DP = 1 (every EP rank holds the same tokens; vLLM's path)"
+    blockers = []
+    if parallel.pcp_size > 1:
+        blockers.append("prefill context parallel (tokens split over PCP are not modelled)")
+    if parallel.is_sequence_parallel:
+        blockers.append("sequence-parallel MoE (tokens split over TP are not modelled)")
+    if parallel.enable_eplb:
+        blockers.append("EPLB (redundant physical experts)")
+    if not _eager():
+        blockers.append(
+            "torch.compile (prepare/finalize hold collectives with data-dependent shapes: "
+            "use enforce_eager)"
+        )
+    expert_map = layer.expert_map
+    if expert_map is not None and not blockers:
+        placement = getattr(layer, "expert_placement_strategy", "linear")
+        owners = expert_owners(layer.global_num_experts, parallel.ep_size, placement)
+        mine = (expert_map.to("cpu") >= 0)
+        if not torch.equal(mine, owners == parallel.ep_rank):
+            blockers.append(f"expert_map does not match the {placement} placement")
+    if blockers:
+        if options.dispatch == "all_to_all":
+            raise ValueError(
+                f"moe.capacity: dispatch: all_to_all cannot run for {layer.layer_name}: "
+                + "; ".join(blockers) + " (use dispatch: auto or allgather)"
+            )
+        return "allgather", "auto: " + "; ".join(blockers)
+    return "all_to_all", f"{options.dispatch}: DP={parallel.dp_size}, EP={parallel.ep_size}"
+
+
+def _eager() -> bool:
+    try:
+        from vllm.config import CompilationMode
+        from vllm.config.vllm import get_current_vllm_config_or_none
+    except ImportError:  # pragma: no cover - other vLLM layouts are refused by the spec
+        return True
+    config = get_current_vllm_config_or_none()
+    if config is None:
+        return True
+    return config.compilation_config.mode == CompilationMode.NONE
+
+
+def _install_dispatch(method: Any, layer: Any, options: CapacityOptions, stats: CapacityStats) -> None:
+    """Rebuild the layer's modular kernel with the all-to-all prepare/finalize when the
+    `dispatch` option asks for it; record the choice in the stats either way."""
+    path, why = _dispatch_plan(layer, options)
+    stats.dispatch_path(layer.layer_name, path, why)
+    if path != "all_to_all":
+        return
+    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+    from vllm.distributed import get_ep_group
+
+    from ascend_patch.impls.moe.all_to_all_dispatch import (
+        expert_owners,
+        make_prepare_finalize_class,
+    )
+
+    parallel = layer.moe_config.moe_parallel_config
+    # The ranks of one DP rank (its TP ranks) hold the same tokens: they split them.
+    num_sharers = parallel.ep_size // (parallel.dp_size * parallel.pcp_size)
+    sharer = parallel.ep_rank - parallel.dp_rank * num_sharers
+    placement = getattr(layer, "expert_placement_strategy", "linear")
+    prepare_finalize = make_prepare_finalize_class()(
+        group_fn=get_ep_group,
+        owners=expert_owners(layer.global_num_experts, parallel.ep_size, placement),
+        ep_size=parallel.ep_size,
+        sharer=sharer,
+        num_sharers=num_sharers,
+        counters=stats.dispatch_counters(),
+        on_call=stats.dispatch_recorded,
+    )
+    # Same experts object (CapacityExperts, built by the original from self.experts_cls),
+    # new prepare/finalize. Nothing else holds the old kernel: the runner reads
+    # moe_kernel through the method on every forward (fused_moe_method_base.py:35-47).
+    method.moe_kernel = mk.FusedMoEKernel(prepare_finalize, method.moe_kernel.fused_experts)
 
 
 def _check_divisible(layer: Any, options: CapacityOptions) -> None:
@@ -286,9 +389,10 @@ def make_apply(original: Callable[..., Any], ctx: PatchContext) -> Callable[...,
     options = _options(ctx)
     stats = _stats_for(ctx)
     _ops()  # register the custom ops now: never while Dynamo traces a forward
-    global _APPLY_STATE
+    global _APPLY_STATE, _CONFIG_CHECKED
     _APPLY_STATE = (options, stats)
     _PLANNERS.clear()  # planners capture the options
+    _CONFIG_CHECKED = False
 
     def apply(
         self: Any,
@@ -403,8 +507,44 @@ def _plan_impl(
         if _APPLY_STATE is None or layer_name not in _LAYERS:
             raise RuntimeError(f"moe.capacity: no drop planner for MoE layer {layer_name!r}")
         options, stats = _APPLY_STATE
+        if not _CONFIG_CHECKED:
+            _check_config_across_ranks(_LAYERS[layer_name], options, stats)
         planner = _PLANNERS[layer_name] = _make_planner(_LAYERS[layer_name], options, stats)
     return planner(topk_weights, topk_ids)
+
+
+# Set once this process has compared its config with the rest of its EP group.
+_CONFIG_CHECKED = False
+
+
+def _check_config_across_ranks(layer: Any, options: CapacityOptions, stats: CapacityStats) -> None:
+    """At the first MoE call of this process, compare config digest + options over the EP
+    group. Every rank reaches this point in the same collective order: the first MoE layer's
+    first forward (under DP idle ranks run dummy batches through every MoE layer), before
+    any other MoE collective of that call. A mismatch raises ConfigMismatchError on every
+    rank; without the check a rank with another drop ratio would plan different capacities
+    (silently wrong outputs) or send rows its peers do not expect (a hang)."""
+    global _CONFIG_CHECKED
+    _CONFIG_CHECKED = True
+    if layer.moe_config.moe_parallel_config.ep_size <= 1:
+        return
+    from vllm.distributed import get_ep_group
+
+    group = get_ep_group()
+    check_config_over_group(options, group)
+    stats.config_checked(group.world_size)
+
+
+def check_config_over_group(options: CapacityOptions, group: Any, digest: str | None = None) -> None:
+    """check_same_config with this process's config digest and the patch's options."""
+    import os
+
+    from ascend_patch.core.runtime import DIGEST_ENV
+    from ascend_patch.impls.distributed.consistency import check_same_config
+
+    if digest is None:
+        digest = os.environ.get(DIGEST_ENV, "")
+    check_same_config(digest, options.model_dump(mode="json"), group)
 
 
 def _experts_impl(

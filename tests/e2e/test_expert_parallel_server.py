@@ -1,0 +1,224 @@
+"""Expert parallelism on CPU through the real OpenAI API server with the shipped configs.
+
+Stock vLLM 0.32 (CPU build) cannot serve either setting: TP=2 + EP segfaults in the CPU
+fused-MoE kernel, DP=2 + EP raises NotImplementedError in all_gatherv. Each test starts
+`python -m vllm.entrypoints.openai.api_server` (ManagedServer: own process group, bounded
+start-up with the log in the error, group killed on exit even when the test fails) with
+ASCEND_PATCH_CONFIG and ASCEND_PATCH_REPORT_DIR, sends HTTP completions and checks what every
+vLLM process reports. Reports are flushed every `log_interval` (8) MoE calls, and vLLM's
+multiprocessing workers exit without running atexit, so the checks use counts that every
+flushed report has (drops happen in the prefill, the first calls).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from ascend_patch.cli.procs import vllm_env
+from ascend_patch.cli.server import ManagedServer, ServerError
+from ascend_patch.core.config import load_config
+from ascend_patch.core.report import read_reports
+from tests.vllm_harness import patch_in
+
+pytestmark = pytest.mark.vllm
+
+REPO = Path(__file__).resolve().parents[2]
+MOE_LAYER = "model.layers.1.mlp.experts"  # the tiny DeepseekV3's one MoE layer
+MAX_TOKENS = 8
+# Start-up takes 45-80 s on the 2-core box (two workers); a server that is not up by then
+# is broken, and the test fails with its log instead of waiting for pytest's timeout.
+STARTUP_TIMEOUT_S = 150
+
+
+def long_prompt(seed: int, words: int = 300) -> str:
+    """~300 tokens (one WordLevel token per word): above min_tokens (128) of both configs."""
+    return " ".join(f"w{(7 * seed + j) % 500}" for j in range(words))
+
+
+def serve(tiny_model: Path, tmp_path: Path, config: Path, args: list[str]) -> ManagedServer:
+    env = vllm_env(
+        workers=2,
+        ASCEND_PATCH_CONFIG=str(config),
+        ASCEND_PATCH_REPORT_DIR=str(tmp_path / "reports"),
+    )
+    return ManagedServer(
+        tiny_model, args=args, env=env, log_path=tmp_path / "server.log",
+        startup_timeout=STARTUP_TIMEOUT_S,
+    )
+
+
+@contextmanager
+def running(server: ManagedServer):
+    """The server as a context manager (its process group is killed on the way out, pass or
+    fail). A server that dies or misses the start-up deadline, or answers an HTTP error,
+    fails the test with its log."""
+    try:
+        with server:
+            try:
+                yield server
+            except ServerError as exc:
+                pytest.fail(f"{exc}\nlog {server.log_path}:\n{server.log_tail()}", pytrace=False)
+    except ServerError as exc:  # from start(), which has killed the group already
+        pytest.fail(str(exc), pytrace=False)
+
+
+def live_members(pgid: int) -> list[int]:
+    """Pids of the group that are not zombies (killed children reparented to init may stay
+    <defunct> until init reaps them: they hold no CPU, memory or port)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def assert_group_gone(pgid: int) -> None:
+    """No live process of the server's group (API server, engine cores, workers) is left."""
+    deadline = time.monotonic() + 10  # SIGKILLed processes take a moment to die
+    while live_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert live_members(pgid) == []
+
+
+def check_answer(answer: dict) -> None:
+    assert answer["usage"]["completion_tokens"] == MAX_TOKENS, answer
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "length", answer
+    assert len(choice["text"].split()) == MAX_TOKENS, answer  # one word per token
+
+
+def worker_reports(report_dir: Path, expected_roles: set[str]) -> tuple[list[dict], list[dict]]:
+    reports = read_reports(report_dir)
+    assert {r["role"] for r in reports} == expected_roles, [r["role"] for r in reports]
+    workers = [r for r in reports if r["role"].startswith("VllmWorker")]
+    return reports, workers
+
+
+def test_tp2_expert_parallel_serves_with_cpu_ep_config(tiny_model, tmp_path):
+    config = REPO / "configs" / "cpu-ep.yaml"
+    server = serve(tiny_model, tmp_path, config,
+                   ["--tensor-parallel-size", "2", "--enable-expert-parallel"])
+    began = time.monotonic()
+    with running(server):
+        ready = time.monotonic() - began
+        pgid = server.proc.pid
+        long_answer = server.complete(long_prompt(0), max_tokens=MAX_TOKENS)
+        short_answer = server.complete("w1 w2 w3", max_tokens=MAX_TOKENS)
+    assert_group_gone(pgid)
+    check_answer(long_answer)
+    check_answer(short_answer)
+    assert long_answer["usage"]["prompt_tokens"] >= 300
+
+    reports, workers = worker_reports(
+        tmp_path / "reports", {"MainProcess", "EngineCore", "VllmWorker-0", "VllmWorker-1"})
+    assert {r["digest"] for r in reports} == {load_config(config).digest}
+    stats = []
+    for worker in workers:
+        moe = patch_in(worker, "moe-capacity")
+        assert moe["status"] == "applied", moe
+        s = moe["stats"]
+        assert s["layers_taken_over"] == [MOE_LAYER]
+        assert s["layers_not_taken_over"] == {}
+        # TP-only EP: every rank holds the same tokens, so vLLM's path (local experts +
+        # TP all-reduce) stays; no all-to-all counters.
+        assert s["dispatch_paths"][MOE_LAYER]["path"] == "allgather"
+        assert "all_to_all" not in s
+        assert s["config_checked_over_ranks"] == 2
+        stats.append(s)
+    # Counts are global over the EP group, and both TP ranks planned the same tokens.
+    assert stats[0]["rows_routed"] == stats[1]["rows_routed"] > 0
+    assert stats[0]["rows_dropped"] == stats[1]["rows_dropped"] > 0
+    # The long prompt's prefill is the only call at or above min_tokens: what it may drop
+    # is bounded by the ratio of its own rows.
+    assert stats[0]["rows_dropped"] <= 0.1 * 2 * long_answer["usage"]["prompt_tokens"]
+    print(f"\n[tp2-ep] ready after {ready:.0f} s; tokens {long_answer['choices'][0]['text']!r}; "
+          f"rows routed {stats[0]['rows_routed']}, dropped {stats[0]['rows_dropped']}")
+
+
+def test_dp2_expert_parallel_serves_with_all_to_all_dispatch(tiny_model, tmp_path):
+    config = REPO / "configs" / "cpu-dp-ep.yaml"
+    server = serve(tiny_model, tmp_path, config,
+                   ["--data-parallel-size", "2", "--enable-expert-parallel"])
+    began = time.monotonic()
+    with running(server):
+        ready = time.monotonic() - began
+        pgid = server.proc.pid
+        # Concurrent requests: the API server spreads them over both DP engines.
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(
+                lambda i: server.complete(long_prompt(i), max_tokens=MAX_TOKENS), range(4)))
+    assert_group_gone(pgid)
+    for answer in answers:
+        check_answer(answer)
+
+    reports, workers = worker_reports(
+        tmp_path / "reports",
+        {"MainProcess", "EngineCore_DP0", "EngineCore_DP1", "VllmWorker-0"})
+    assert len(workers) == 2, "one worker per DP rank"
+    assert {r["digest"] for r in reports} == {load_config(config).digest}
+    moe_stats = []
+    for worker in workers:
+        collectives = patch_in(worker, "cpu-collectives")
+        assert collectives["status"] == "applied", collectives
+        # The all-to-all replaced vLLM's all-gather dispatch / reduce-scatter combine.
+        assert "all_gatherv.calls" not in collectives["stats"], collectives["stats"]
+        assert "reduce_scatterv.calls" not in collectives["stats"], collectives["stats"]
+        moe = patch_in(worker, "moe-capacity")
+        assert moe["status"] == "applied", moe
+        s = moe["stats"]
+        assert s["layers_taken_over"] == [MOE_LAYER]
+        assert s["dispatch_paths"][MOE_LAYER] == {
+            "path": "all_to_all", "why": "all_to_all: DP=2, EP=2"}
+        assert s["config_checked_over_ranks"] == 2
+        a2a = s["all_to_all"]
+        # The report is flushed right after a combine: one dispatch per planned call.
+        assert a2a["calls"] == s["calls"] > 0
+        # Both DP ranks had real work: at least one 300-token prompt's rows each.
+        assert a2a["rows_sent"] + a2a["rows_not_sent_dropped"] >= 2 * 300, a2a
+        moe_stats.append(s)
+    first, second = moe_stats
+    # Drop counts are global over the EP group: both ranks agree, and they are exactly the
+    # rows the two ranks held back before sending.
+    assert first["rows_dropped"] == second["rows_dropped"] > 0
+    assert first["rows_dropped"] == sum(s["all_to_all"]["rows_not_sent_dropped"] for s in moe_stats)
+    # Every row one rank sent to the other arrived there.
+    sent_remote = [s["all_to_all"]["rows_sent_remote"] for s in moe_stats]
+    received = [s["all_to_all"]["rows_received"] for s in moe_stats]
+    self_rows = [s["all_to_all"]["rows_sent"] - r for s, r in zip(moe_stats, sent_remote)]
+    assert received == [self_rows[0] + sent_remote[1], self_rows[1] + sent_remote[0]]
+    assert sum(sent_remote) > 0
+    total_bytes = sum(s["all_to_all"]["bytes_sent_remote"] for s in moe_stats)
+    assert total_bytes > 0
+    print(f"\n[dp2-ep] ready after {ready:.0f} s; tokens "
+          f"{[a['choices'][0]['text'] for a in answers]}; rows routed {first['rows_routed']}, "
+          f"dropped {first['rows_dropped']}; all-to-all per rank "
+          f"{[s['all_to_all'] for s in moe_stats]}")
+
+
+def test_server_that_cannot_start_fails_fast_with_its_log(tiny_model, tmp_path):
+    """The failure path every test above relies on: a config the loader rejects stops the
+    API server at start-up; the test fails within the deadline, with the loader's message
+    from the server log, and leaves no process behind."""
+    config = tmp_path / "bad.yaml"
+    config.write_text((REPO / "configs" / "cpu-dp-ep.yaml").read_text().replace(
+        "dispatch: all_to_all", "dispatch: alltoall"))
+    server = serve(tiny_model, tmp_path, config,
+                   ["--data-parallel-size", "2", "--enable-expert-parallel"])
+    began = time.monotonic()
+    # A server that starts anyway makes pytest.raises fail ("DID NOT RAISE").
+    with pytest.raises(pytest.fail.Exception) as failure, running(server):
+        pass
+    assert time.monotonic() - began < STARTUP_TIMEOUT_S
+    message = str(failure.value)
+    assert "vLLM server exited with code" in message
+    assert "patches[1].options.dispatch: must be 'auto', 'allgather' or 'all_to_all'" in message
+    assert server.proc is None  # stopped by start() itself
