@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from ascend_patch import __version__
 log = logging.getLogger("ascend_patch")
 
 REPORT_DIR_ENV = "ASCEND_PATCH_REPORT_DIR"
-_atexit_registered = False
+REPORT_INTERVAL_ENV = "ASCEND_PATCH_REPORT_INTERVAL"
+# The process whose writer thread runs (a forked child has none and starts its own).
+_writer_pid: int | None = None
 
 
 def process_role() -> str:
@@ -54,20 +57,50 @@ def report_path(directory: str | Path) -> Path:
 
 def flush() -> Path | None:
     """Write this process's report atomically, if ASCEND_PATCH_REPORT_DIR is set."""
-    global _atexit_registered
     directory = os.environ.get(REPORT_DIR_ENV)
     if not directory:
         return None
-    if not _atexit_registered:
-        atexit.register(flush)
-        _atexit_registered = True
+    _start_background_writer()
     target = report_path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps(snapshot(), indent=2, default=str)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as handle:
-        json.dump(snapshot(), handle, indent=2, default=str)
+        handle.write(body)
     os.replace(tmp, target)
     return target
+
+
+def _start_background_writer() -> None:
+    """Rewrite the report every ASCEND_PATCH_REPORT_INTERVAL seconds, and at exit.
+
+    vLLM stops its workers with signals, and atexit does not always run then: without the
+    periodic write a report could miss a worker's last counters.
+    """
+    global _writer_pid
+    if _writer_pid == os.getpid():
+        return
+    _writer_pid = os.getpid()
+    atexit.register(_flush_quietly)
+    interval = float(os.environ.get(REPORT_INTERVAL_ENV, "1"))
+    if interval <= 0:
+        return
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval)
+            _flush_quietly()
+
+    threading.Thread(target=loop, name="ascend-patch-report", daemon=True).start()
+
+
+def _flush_quietly() -> None:
+    try:
+        flush()
+    except (RuntimeError, OSError, ValueError):
+        # A counter dict changed while being serialised, or the directory went away: the
+        # next write catches up. A report must never break the process that writes it.
+        pass
 
 
 def read_reports(directory: str | Path) -> list[dict[str, Any]]:

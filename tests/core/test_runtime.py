@@ -123,3 +123,26 @@ def test_bad_option_override(toy_config, override, message):
     with pytest.raises(ConfigError) as info:
         apply_from_env(env)
     assert str(info.value) == "invalid ascend-patch config: " + message.replace("{path}", str(toy_config))
+
+
+def test_report_is_rewritten_in_the_background(toy_config, toy_module, tmp_path):
+    code = f"""
+import importlib, json, os, sys, time
+sys.path.insert(0, {str(toy_config.parent)!r})
+from ascend_patch.core.runtime import apply_from_env
+apply_from_env()
+module = importlib.import_module({toy_module!r})
+for _ in range(3):
+    module.greet("x")
+time.sleep(1.0)
+(path,) = os.listdir(os.environ["ASCEND_PATCH_REPORT_DIR"])
+report = json.load(open(os.path.join(os.environ["ASCEND_PATCH_REPORT_DIR"], path)))
+print(report["patches"][0]["stats"]["calls"])
+os._exit(0)  # no atexit: only the background writer can have written the 3 calls
+"""
+    env = {**os.environ, "ASCEND_PATCH_CONFIG": str(toy_config),
+           "ASCEND_PATCH_REPORT_DIR": str(tmp_path / "reports"), "ASCEND_PATCH_REPORT_INTERVAL": "0.2",
+           "PYTHONPATH": os.pathsep.join([str(toy_config.parent), *sys.path])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "3"
