@@ -261,6 +261,23 @@ def add_parser(sub) -> None:
     ab.add_argument("--timeout", type=float, default=600.0, help="seconds per arm")
     ab.add_argument("--out", default="ab-out", help="directory for ab.json, ab.png and logs")
     ab.add_argument("--layer", action="store_true", help="MoE layer alone on synthetic routing")
+    g = ab.add_argument_group("--layer (MoE layer alone on synthetic DeepSeek-V3 routing)")
+    g.add_argument("--skews", default="balanced,moderate,r1",
+                   help="target per-rank max/mean at --ep-size: names (balanced=1.0, "
+                        "moderate=1.5, r1=2.5) or numbers, comma separated")
+    g.add_argument("--tokens", type=int, default=4096)
+    g.add_argument("--experts", type=int, default=256)
+    g.add_argument("--top-k", type=int, default=8)
+    g.add_argument("--ep-size", type=int, default=16, help="simulated EP size")
+    g.add_argument("--hidden", type=int, default=1024, help="hidden size (DeepSeek-V3: 7168)")
+    g.add_argument("--intermediate", type=int, default=256,
+                   help="expert intermediate size (DeepSeek-V3: 2048)")
+    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    g.add_argument("--policies", default="probs,position,seed")
+    g.add_argument("--reps", type=int, default=9, help="timing repetitions (medians)")
+    g.add_argument("--threads", type=int, default=1, help="torch threads while timing")
+    g.add_argument("--no-keep-top1", action="store_true")
+    g.add_argument("--no-timing", action="store_true", help="skip the bottleneck-rank timing")
     ab.set_defaults(func=_dispatch)
 
 

@@ -27,9 +27,11 @@ class AnalyticLimit:
     budget: int
     max_load: int
     level: int  # water level without protection
-    level_protected: int  # water level with keep_top1's protected rows
+    level_protected: int  # water level (capacity) with keep_top1's protected rows
     ideal_speedup: float  # max_load / level
-    ideal_speedup_protected: float  # max_load / level_protected
+    # max_load / max_b min(load_b, max(level_protected, protected_b)): the bottleneck a
+    # keep_top1 planner reaches at best
+    ideal_speedup_protected: float
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -46,8 +48,13 @@ def analytic_limit(
     level = water_level(load, torch.zeros_like(load), budget)
     if protected is None:
         level_protected = level
+        bottleneck_protected = min(level, max_load)
     else:
-        level_protected = water_level(load, protected.to("cpu", torch.int64).reshape(-1), budget)
+        protected = protected.to("cpu", torch.int64).reshape(-1).minimum(load)
+        level_protected = water_level(load, protected, budget)
+        # A bin cannot go below its protected rows, so the slowest bin after the cap may sit
+        # above the capacity itself.
+        bottleneck_protected = int(load.minimum(protected.clamp(min=level_protected)).max())
     return AnalyticLimit(
         ratio=ratio,
         rows=rows,
@@ -56,7 +63,8 @@ def analytic_limit(
         level=level,
         level_protected=level_protected,
         ideal_speedup=max_load / level if level else float("inf"),
-        ideal_speedup_protected=max_load / level_protected if level_protected else float("inf"),
+        ideal_speedup_protected=(max_load / bottleneck_protected if bottleneck_protected
+                                 else float("inf")),
     )
 
 

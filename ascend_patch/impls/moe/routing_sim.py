@@ -134,7 +134,7 @@ def calibrate_skew(
     natural, nearly balanced load). Otherwise bisect the bias scale; the achieved value is
     reported, and a ValueError is raised if the tolerance cannot be met.
     """
-    kwargs = dict(num_experts=num_experts, top_k=top_k, ep_size=ep_size, seed=seed)
+    kwargs = {"num_experts": num_experts, "top_k": top_k, "ep_size": ep_size, "seed": seed}
     num_groups = NUM_GROUPS if num_experts % NUM_GROUPS == 0 else 1
     kwargs["num_groups"] = num_groups
     kwargs["topk_groups"] = min(TOPK_GROUPS, num_groups)
@@ -232,7 +232,7 @@ def seed_fixed_capacity_keep(
     rows = torch.arange(num_tokens * top_k)
     position = (rows % top_k) * num_tokens + torch.div(rows, top_k, rounding_mode="floor")
     key = pair * (num_tokens * top_k) + position
-    sorted_key, order = torch.sort(key)
+    order = torch.sort(key).indices
     sorted_pair = pair[order]
     start = torch.cumsum(pair_load, 0) - pair_load
     rank_in_pair = torch.arange(rows.numel()) - start[sorted_pair]

@@ -1,13 +1,19 @@
 """Fused MoE in plain torch: per-expert matmuls on contiguous row blocks, any device.
 
 Only rows that are kept and whose expert is local are gathered, so dropped rows cost
-nothing. The rows are sorted by expert once; each non-empty expert then runs one
-gate_up matmul and one down matmul in the weights' dtype (bf16 stays bf16), and the
-weighted results are accumulated per token in float32.
+nothing. The rows are sorted by expert once and gathered once; each non-empty expert then
+runs one gate_up matmul and one down matmul in the weights' dtype (bf16 stays bf16) into
+re-used buffers, and the weighted results are accumulated per token in float32.
+
+On CPU the scratch buffers persist between calls (per thread): a fresh multi-megabyte
+tensor costs page faults on every call, a measurable share of a prefill MoE layer on this
+machine (see scripts/bench_vs_native.py). Other devices have caching allocators and
+allocate per call.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +54,6 @@ class _ExpertRows:
     """The computed rows of one call, sorted by local expert."""
 
     tokens: torch.Tensor  # [rows] source token of each row
-    flat: torch.Tensor  # [rows] token-major row index token * top_k + slot
-    top_k: int
     experts: torch.Tensor  # [rows] local expert, non-decreasing
     block_sizes: torch.Tensor  # [E_local] rows per expert
     sizes: list[int]  # the same, on the host
@@ -115,8 +119,6 @@ def moe_forward(
         )
     sorted_rows = _ExpertRows(
         tokens=torch.div(rows, top_k, rounding_mode="floor"),
-        flat=rows,
-        top_k=top_k,
         experts=row_experts,
         block_sizes=block_sizes,
         sizes=sizes,
@@ -196,20 +198,25 @@ def _looped_experts(out, x, w13, w2, rows: _ExpertRows, act) -> None:
         start += size
 
 
-# Re-used scratch buffers of the looped path, one per (name, dtype, device), grown on demand.
-_SCRATCH: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
-_SCRATCH_MAX_ELEMENTS = 1 << 28  # larger requests are allocated per call, not kept
+# Re-used CPU scratch buffers, per thread and per (name, dtype), grown on demand. Requests
+# over _SCRATCH_MAX_ELEMENTS are allocated per call and not kept, which bounds what stays
+# allocated between calls (a few buffers of at most 128 MiB in bf16).
+_SCRATCH = threading.local()
+_SCRATCH_MAX_ELEMENTS = 1 << 26
 
 
 def _scratch(name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
-    """A 1-D buffer of at least numel elements of like's dtype and device (contents undefined)."""
-    if numel > _SCRATCH_MAX_ELEMENTS:
+    """A 1-D buffer of numel elements of like's dtype and device (contents undefined)."""
+    if like.device.type != "cpu" or numel > _SCRATCH_MAX_ELEMENTS:
         return like.new_empty(numel)
-    key = (name, like.dtype, like.device)
-    buffer = _SCRATCH.get(key)
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    key = (name, like.dtype)
+    buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = like.new_empty(numel)
-        _SCRATCH[key] = buffer
+        buffers[key] = buffer
     return buffer[:numel]
 
 

@@ -1,0 +1,155 @@
+"""Tiny runs of the benchmarks: structure and honesty of the numbers, not speed."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ascend_patch.cli.ab_layer import LayerSetup, check_cells, layer_ab, targets
+from ascend_patch.impls.moe.analytic import analytic_limit
+from ascend_patch.impls.moe.capacity import drop_budget
+from ascend_patch.impls.moe.routing_sim import (
+    deepseek_routing,
+    rank_loads,
+    seed_fixed_capacity_keep,
+)
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = {"tokens": 512, "experts": 64, "hidden": 64, "intermediate": 32, "ep_size": 16,
+        "reps": 1, "ratios": (0.0, 0.02, 0.1), "skews": ("balanced", "r1")}
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["keep_top1", "no_keep_top1"])
+def layer_result(request):
+    setup = LayerSetup(**TINY, keep_top1=request.param)
+    return setup, layer_ab(setup)
+
+
+def test_layer_ab_numbers_are_honest(layer_result):
+    setup, result = layer_result
+    assert check_cells(result, setup.keep_top1) == []
+    cells = result["cells"]
+    assert {c["policy"] for c in cells} == {"probs", "position", "seed"}
+    assert {c["ratio"] for c in cells} == {0.0, 0.02, 0.1}
+    for c in cells:
+        assert c["budget"] == drop_budget(c["ratio"], c["rows"])
+        if c["ratio"] == 0:
+            assert c["rows_dropped"] == 0 and c["rel_error"] == 0
+            assert c["load_ratio"] == 1 and c["time_ratio"] == 1
+            continue
+        assert c["rows_dropped"] <= c["budget"]
+        if c["policy"] == "seed":
+            assert c["rows_dropped"] == next(  # sized to the planner's own drop count
+                d["rows_dropped"] for d in cells
+                if (d["skew"], d["ratio"], d["policy"]) == (c["skew"], c["ratio"], "probs"))
+        elif not setup.keep_top1:
+            # one integer cap for every rank: short of the budget by less than the number of
+            # ranks at the cap (drops(C - 1) would exceed it)
+            at_cap = c["extra"]["drops_at_capacity"]
+            assert c["rows_dropped"] == at_cap
+            assert c["budget"] - c["rows_dropped"] < setup.ep_size
+        assert c["load_ratio"] <= c["ideal"] + 1e-12  # nobody beats the water level
+        assert c["ideal_protected"] <= c["ideal"] + 1e-12  # protection can only cost
+        assert c["time_ratio"] > 0 and c["time_before_s"] > 0
+        assert 0 < c["rel_error"] < 1
+    # probs drops the lightest rows: never a larger error than position on this seed
+    by_key = {(c["skew"], c["ratio"], c["policy"]): c["rel_error"] for c in cells}
+    for (skew, ratio, policy), err in by_key.items():
+        if policy == "probs" and ratio > 0:
+            assert err <= by_key[(skew, ratio, "position")]
+    # the probs and position planners cap the same bins at the same level
+    for c in cells:
+        if c["policy"] == "position":
+            twin = next(d for d in cells if (d["skew"], d["ratio"], d["policy"]) ==
+                        (c["skew"], c["ratio"], "probs"))
+            assert twin["load_ratio"] == c["load_ratio"]
+    assert set(targets(result)) == {"achieved_fraction_ge_0.9_for_r_ge_0.02_skewed",
+                                    "probs_error_le_half_position"}
+
+
+@pytest.mark.parametrize("target", [1.5, 2.5])
+def test_skew_is_calibrated_and_deterministic(target):
+    a = deepseek_routing(1024, target, ep_size=16, seed=3)
+    b = deepseek_routing(1024, target, ep_size=16, seed=3)
+    assert abs(a.max_over_mean - target) <= 0.05
+    assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_weights, b.topk_weights)
+    load = rank_loads(a.topk_ids, 256, 16).double()
+    assert math.isclose(float(load.max() / load.mean()), a.max_over_mean)
+    torch.testing.assert_close(a.topk_weights.sum(1), torch.ones(1024))
+    # 8 distinct experts from at most 4 of the 8 groups
+    assert all(len(set(row)) == 8 for row in a.topk_ids.tolist())
+    assert int((a.topk_ids // 32).sort(dim=1).values.diff(dim=1).ne(0).sum(dim=1).max()) <= 3
+
+
+def test_seed_fixed_capacity_drops_exactly_and_by_position():
+    r = deepseek_routing(512, "r1", ep_size=16, seed=1)
+    for drops in (0, 1, 57, 400):
+        keep, _ = seed_fixed_capacity_keep(r.topk_ids, num_experts=256, ep_size=16,
+                                                  num_drops=drops)
+        assert int((~keep).sum()) == drops
+    # within a (source, destination) pair a later slot never survives an earlier one's drop
+    keep, _ = seed_fixed_capacity_keep(r.topk_ids, num_experts=256, ep_size=16, num_drops=400)
+    dest = r.topk_ids // 16
+    src = torch.arange(512) * 16 // 512
+    for s in range(16):
+        for d in range(16):
+            rows = [(slot, t) for t in range(512) for slot in range(8)
+                    if src[t] == s and dest[t, slot] == d]
+            kept = [bool(keep[t, slot]) for slot, t in sorted(rows)]
+            assert kept == sorted(kept, reverse=True)
+
+
+def test_analytic_limit_small_example():
+    load = torch.tensor([10, 4, 3, 3])  # 20 rows
+    limit = analytic_limit(load, 0.2)  # budget 4: cap at 6
+    assert (limit.budget, limit.level, limit.ideal_speedup) == (4, 6, 10 / 6)
+    protected = torch.tensor([8, 0, 0, 0])
+    limited = analytic_limit(load, 0.2, protected)
+    # rank 0 can only go down to its 8 protected rows; the rest of the budget caps the others
+    assert (limited.level_protected, limited.ideal_speedup_protected) == (3, 10 / 8)
+
+
+def test_vs_native_core_tiny():
+    bench = load_script("bench_vs_native")
+    result = bench.bench(tokens=256, hidden=64, intermediate=32, reps=1, threads=1)
+    for entry in result["whole_layer"].values():
+        assert entry["ours_s"] > 0 and entry["native_s"] > 0
+        assert entry["rel_diff"] < 2e-2  # same weights and routing: bf16 rounding only
+    arms = result["bottleneck_rank"]["arms"]
+    assert arms["native"]["rows"] == arms["ours r=0"]["rows"] > arms["ours r=0.05"]["rows"] \
+        > arms["ours r=0.1"]["rows"]
+    assert result["bottleneck_rank"]["max_abs_diff_r0"] < 0.1
+
+
+def test_dispatch_core_tiny():
+    bench = load_script("bench_dispatch")
+    result = bench.run_dispatch(tokens=256, skew=1.5, ratios=(0.1,), reps=1, hidden=64,
+                                intermediate=32, timeout=240)
+    arms = result["arms"]
+    assert set(arms) == {"a2a", "ag-rs", "a2a-drop r=0.1"}
+    assert arms["a2a"]["rel_error"] == 0
+    assert arms["ag-rs"]["rel_error"] < 1e-2  # the same sums, reduced in another order
+    drop = arms["a2a-drop r=0.1"]
+    assert 0 < drop["rows_dropped_global"] <= drop["budget"]
+    assert sum(drop["rows_computed_per_rank"]) == \
+        sum(arms["a2a"]["rows_computed_per_rank"]) - drop["rows_dropped_global"]
+    assert max(drop["load_after"]) < max(result["setup"]["rank_loads"])
+    assert all(b > 0 for b in arms["a2a"]["bytes_sent_per_rank"])
+
+
+def test_plugin_unset_imports_nothing_else():
+    bench = load_script("bench_overhead")
+    assert bench.unset_modules() == ["ascend_patch", "ascend_patch.plugin"]
