@@ -144,7 +144,7 @@ class Patcher:
             return record
         problems = version_problems(config, patch, vllm)
         if problems:
-            return self._handle_failure(config, patch, record, PatchError("; ".join(problems)))
+            return self._handle_failure(patch, record, PatchError("; ".join(problems)))
         record.context = PatchContext(patch.name, patch.impl.name, patch.options)
         try:
             for site in patch.sites:
@@ -154,14 +154,12 @@ class Patcher:
                 record.status = "applied"
             for site in patch.sites:
                 if site.role not in record.applied_roles:
-                    WATCHER.watch(site.target.module, self._on_import(config, patch, site, record))
+                    WATCHER.watch(site.target.module, self._on_import(patch, site, record))
         except PatchError as exc:
-            return self._handle_failure(config, patch, record, exc)
+            return self._handle_failure(patch, record, exc)
         return record
 
-    def _handle_failure(
-        self, config: LoadedConfig, patch: PlannedPatch, record: PatchRecord, exc: PatchError
-    ) -> PatchRecord:
+    def _handle_failure(self, patch: PlannedPatch, record: PatchRecord, exc: PatchError) -> PatchRecord:
         message = f"{patch.file}:{patch.line}: patch {patch.name!r}: {exc}"
         if patch.on_error == "fail":
             raise PatchError(message) from None
@@ -175,7 +173,7 @@ class Patcher:
         return record
 
 
-    def _on_import(self, config: LoadedConfig, patch: PlannedPatch, site: PlannedSite, record: PatchRecord):
+    def _on_import(self, patch: PlannedPatch, site: PlannedSite, record: PatchRecord):
         def callback(module: ModuleType) -> None:
             with self._lock:
                 if self.records.get(patch.name) is not record or record.status == "skipped":
@@ -183,8 +181,9 @@ class Patcher:
                 try:
                     self._install(patch, site, record)
                 except PatchError as exc:
-                    self._handle_failure(config, patch, record, exc)
-                    log.warning("ascend-patch: %s skipped: %s", patch.name, record.reason)
+                    self._handle_failure(patch, record, exc)
+                    log.warning("ascend-patch [%s pid %d]: %s (%s) skipped: %s", report.process_role(),
+                                os.getpid(), patch.name, patch.impl.name, record.reason)
                     return
                 if len(record.applied_roles) == len(patch.sites):
                     record.status = "applied"

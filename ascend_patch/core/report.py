@@ -105,7 +105,9 @@ def _flush_quietly() -> None:
 
 def read_reports(directory: str | Path) -> list[dict[str, Any]]:
     """All reports in a directory (what tests and tools use)."""
-    return [json.loads(p.read_text()) for p in sorted(Path(directory).glob("*.json"))]
+    # Skip the temporary files of a write in progress (".tmp-*.json", renamed when complete).
+    paths = sorted(p for p in Path(directory).glob("*.json") if not p.name.startswith("."))
+    return [json.loads(p.read_text()) for p in paths]
 
 
 def log_records(records) -> None:

@@ -134,10 +134,14 @@ apply_from_env()
 module = importlib.import_module({toy_module!r})
 for _ in range(3):
     module.greet("x")
-time.sleep(1.0)
-(path,) = os.listdir(os.environ["ASCEND_PATCH_REPORT_DIR"])
-report = json.load(open(os.path.join(os.environ["ASCEND_PATCH_REPORT_DIR"], path)))
-print(report["patches"][0]["stats"]["calls"])
+directory = os.environ["ASCEND_PATCH_REPORT_DIR"]
+deadline = time.monotonic() + 20
+calls = None
+while calls != 3 and time.monotonic() < deadline:
+    time.sleep(0.1)
+    (path,) = [p for p in os.listdir(directory) if p.endswith(".json") and not p.startswith(".")]
+    calls = json.load(open(os.path.join(directory, path)))["patches"][0]["stats"]["calls"]
+print(calls)
 os._exit(0)  # no atexit: only the background writer can have written the 3 calls
 """
     env = {**os.environ, "ASCEND_PATCH_CONFIG": str(toy_config),
