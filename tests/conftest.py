@@ -1,3 +1,4 @@
+import os
 import sys
 import textwrap
 import uuid
@@ -33,7 +34,13 @@ def toy_module(tmp_path, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _revert_patches():
+    # apply_from_env pins path, digest and profile in os.environ for child processes:
+    # restore them so that no test sees another's.
+    saved = {k: v for k, v in os.environ.items() if k.startswith("ASCEND_PATCH_")}
     yield
+    for key in [k for k in os.environ if k.startswith("ASCEND_PATCH_")]:
+        del os.environ[key]
+    os.environ.update(saved)
     from ascend_patch.core.runtime import reset
 
     reset()
