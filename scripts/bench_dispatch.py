@@ -1,24 +1,29 @@
 """Issue item 3: expert-parallel dispatch across 2 gloo processes under skewed routing.
 
-    .venv/bin/python scripts/bench_dispatch.py [--tokens 2048] [--skew 1.5] [--reps 7]
+    .venv/bin/python scripts/bench_dispatch.py [--tokens 2048] [--skew 1.5] [--reps 21]
 
 Two CPU processes (gloo, one torch thread each) form an EP2 group; each holds half of the
 tokens and half of the 256 experts (DeepSeek-V3 routing shape from routing_sim, calibrated
 to the given per-rank max/mean at EP2, where 2.0 is the most possible). Per step, timed from
 a barrier to the end of the combine, the slowest rank's time (max over ranks):
 
-* a2a:       all-to-all dispatch of each token once to every rank holding one of its experts
-             (hidden rows + its routing), expert compute (torch backend, expert_map), all-to-all
-             of the results back, weighted sum per token: dropless;
-* a2a-drop:  the same after `plan_drops` (granularity rank, ratio r, the EP group's counts
-             all-gathered) removed rows: a token is sent to a rank only if a kept row is there;
+* a2a:       the product's dispatch, `ascend_patch.impls.moe.all_to_all_dispatch.dispatch`
+             (each (token, expert) row packed as [hidden | f32 weight | i32 expert id],
+             all_to_all_uneven to the expert's owner), expert compute on the received rows
+             (torch backend, expert_map, as CapacityExperts calls it), then the product's
+             `combine` (rows back with the mirrored splits, f32 sum per token): dropless;
+* a2a-drop:  `plan_drops` (granularity rank, ratio r, the EP group's counts all-gathered;
+             inside the timed step, as in the product) writes id -1 into the dropped rows,
+             then the same dispatch / compute / combine: dropped rows are never sent;
 * ag-rs:     vLLM's naive path: all-gather every rank's tokens and routing, each rank computes
              its experts on all tokens, reduce-scatter of the partial outputs.
 
-Reports the step-time ratios against the dropless a2a, the bytes each rank sends per step,
-and the output agreement. The all-to-all is `ascend_patch.impls.distributed.all_to_all.
-all_to_all_uneven` when it imports and passes a self-check, else torch's
-all_to_all_single (the JSON says which).
+Reports the step-time ratios against the dropless a2a, the bytes each rank sends to the
+other per step (a2a arms: the product's DispatchCounters, dispatch + combine; ag-rs: counted
+from the tensor sizes), the rows each rank computes, the output agreement with the dropless
+a2a, and, for the a2a arms, what a token-once dispatch (each token's hidden state sent once
+per destination rank, its rows there pre-summed before the combine, as DeepEP does) would send
+on the same rows: a model, not a measurement.
 """
 
 from __future__ import annotations
@@ -77,36 +82,41 @@ def run_dispatch(tokens=2048, skew=1.5, ratios=(0.05, 0.1), reps=21, hidden=1024
 # ------------------------------------------------------------------ worker side
 
 
-def _a2a_impl():
-    """(function, name): the project's all_to_all_uneven if usable, else all_to_all_single."""
+A2A_NAME = ("ascend_patch.impls.moe.all_to_all_dispatch.dispatch/combine "
+            "(all_to_all_uneven, gloo all_to_all_single)")
+# Per-row metadata a token-once dispatch would still send: f32 weight, i32 expert id and
+# i32 index of the row's token among the hidden states sent to that rank.
+TOKEN_ONCE_ROW_META_BYTES = 12
+
+
+def token_once_pairs(ids_kept, owners, world: int) -> dict:
+    """Per destination rank d: the (token, d) pairs with a kept row on d, and those rows."""
     import torch
-    import torch.distributed as dist
 
-    try:
-        from ascend_patch.impls.distributed.all_to_all import all_to_all_uneven
+    kept = ids_kept >= 0
+    dest = torch.where(kept, owners[ids_kept.clamp(min=0).long()],
+                       torch.full_like(ids_kept, -1, dtype=torch.long))
+    return {"pairs_to": [int((dest == d).any(dim=1).sum()) for d in range(world)],
+            "rows_to": [int((dest == d).sum()) for d in range(world)]}
 
-        # Self-check on a tiny uneven exchange: rank r sends [0, 3 + r) split [1, 2 + r].
-        rank = dist.get_rank()
-        send = torch.arange(3 + rank, dtype=torch.float32).unsqueeze(1)
-        recv, recv_splits = all_to_all_uneven(send, [1, 2 + rank])
-        expected = ([1, 1], [0.0, 0.0]) if rank == 0 else ([2, 3], [1.0, 2.0, 0.0, 1.0, 2.0])
-        if [int(v) for v in recv_splits] == expected[0] and recv.squeeze(1).tolist() == expected[1]:
-            return all_to_all_uneven, "ascend_patch.impls.distributed.all_to_all.all_to_all_uneven"
-        print(f"all_to_all_uneven self-check failed on rank {rank}: {recv_splits} "
-              f"{recv.squeeze(1).tolist()}", file=sys.stderr)
-    except Exception as exc:  # noqa: BLE001 - fall back below, and say why
-        print(f"all_to_all_uneven unusable: {type(exc).__name__}: {exc}", file=sys.stderr)
 
-    def fallback(send, send_splits, group=None):
-        counts = torch.tensor(send_splits, dtype=torch.int64)
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts)
-        recv_splits = recv_counts.tolist()
-        recv = send.new_empty((sum(recv_splits),) + tuple(send.shape[1:]))
-        dist.all_to_all_single(recv, send.contiguous(), recv_splits, list(send_splits))
-        return recv, recv_splits
-
-    return fallback, "torch.distributed.all_to_all_single"
+def token_once_model(per_rank: list[dict], hidden_bytes: int) -> list[dict]:
+    """Bytes each rank would send to the other ranks if a token's hidden state went once per
+    destination rank (its kept rows there as 12-byte metadata) and the receiver summed a
+    token's rows before sending one hidden row per (token, rank) back: a model, counted the
+    way DispatchCounters counts (dispatch of this rank's tokens + combine of received ones)."""
+    out = []
+    for r, mine in enumerate(per_rank):
+        others = [d for d in range(len(per_rank)) if d != r]
+        pairs = sum(mine["pairs_to"][d] for d in others)
+        rows = sum(mine["rows_to"][d] for d in others)
+        pairs_in = sum(per_rank[s]["pairs_to"][r] for s in others)
+        dispatch_b = pairs * hidden_bytes + rows * TOKEN_ONCE_ROW_META_BYTES
+        combine_b = pairs_in * hidden_bytes
+        out.append({"token_rank_pairs_remote": pairs, "rows_remote": rows,
+                    "dispatch_bytes": dispatch_b, "combine_bytes": combine_b,
+                    "bytes": dispatch_b + combine_b})
+    return out
 
 
 def worker(rank: int, a) -> None:
@@ -119,13 +129,18 @@ def worker(rank: int, a) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(a.port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     world = 2
-    from ascend_patch.cli.ab_layer import LayerSetup, make_layer, relative_error
+    from ascend_patch.cli.ab_layer import LayerSetup, make_layer
+    from ascend_patch.impls.moe.all_to_all_dispatch import (
+        DispatchCounters,
+        combine,
+        dispatch,
+        expert_owners,
+    )
     from ascend_patch.impls.moe.backends.torch_backend import moe_forward
     from ascend_patch.impls.moe.capacity import plan_drops
     from ascend_patch.impls.moe.options import CapacityOptions
     from ascend_patch.impls.moe.routing_sim import calibrate_skew, rank_loads
 
-    a2a, a2a_name = _a2a_impl()
     experts = 256
     epr = experts // world
     setup = LayerSetup(tokens=a.tokens, hidden=a.hidden, intermediate=a.intermediate, seed=a.seed)
@@ -134,7 +149,9 @@ def worker(rank: int, a) -> None:
     w_all, ids_all = routing.topk_weights, routing.topk_ids
     local_tokens = slice(rank * a.tokens // world, (rank + 1) * a.tokens // world)
     x, w, ids = x_all[local_tokens].contiguous(), w_all[local_tokens].contiguous(), ids_all[local_tokens].contiguous()
-    local = slice(rank * epr, (rank + 1) * epr)
+    owners = expert_owners(experts, world)  # linear: rank r holds [r*E/R, (r+1)*E/R)
+    local = (owners == rank).nonzero().squeeze(1)
+    assert local.tolist() == list(range(rank * epr, (rank + 1) * epr))
     w13_l, w2_l = w13[local].contiguous(), w2[local].contiguous()
     expert_map = torch.full((experts,), -1, dtype=torch.long)
     expert_map[local] = torch.arange(epr)
@@ -146,51 +163,48 @@ def worker(rank: int, a) -> None:
         dist.all_gather(out, counts)
         return torch.stack(out)
 
-    def a2a_step(keep, weights, stats):
-        dest = torch.div(ids, epr, rounding_mode="floor")
-        send_tok, send_ids, send_w, splits = [], [], [], []
-        for d in range(world):
-            on_d = (dest == d) & keep
-            tok = torch.nonzero(on_d.any(dim=1)).squeeze(1)
-            send_tok.append(tok)
-            send_ids.append(torch.where(on_d[tok], ids[tok], torch.full_like(ids[tok], -1)))
-            send_w.append(torch.where(on_d[tok], weights[tok], torch.zeros_like(weights[tok])))
-            splits.append(int(tok.numel()))
-        tok_cat = torch.cat(send_tok)
+    def a2a_step(weights, ids_kept, stats):
+        """The product's path: dispatch -> experts on the received rows -> combine."""
+        counters = DispatchCounters()
         t0 = time.perf_counter()
-        x_recv, recv_splits = a2a(x.index_select(0, tok_cat), splits)
-        meta = torch.cat([torch.cat(send_ids).float(), torch.cat(send_w)], dim=1)  # [n, 2k]
-        meta_recv, _ = a2a(meta, splits)
-        k = ids.shape[1]
-        ids_recv = meta_recv[:, :k].long()
-        w_recv = meta_recv[:, k:]
-        keep_recv = ids_recv >= 0
+        recv_x, recv_w, recv_ids, state = dispatch(x, weights, ids_kept, group=None,
+                                                   owners=owners, counters=counters)
         t1 = time.perf_counter()
-        y = moe_forward(x_recv, w13_l, w2_l, w_recv, ids_recv.clamp(min=0), keep=keep_recv,
-                        expert_map=expert_map)
+        # As CapacityExperts (vllm_glue._experts_impl) runs the received rows.
+        keep = recv_ids >= 0
+        y = moe_forward(recv_x, w13_l, w2_l, recv_w, recv_ids.clamp(min=0), keep,
+                        expert_map)
         t2 = time.perf_counter()
-        y_back, _ = a2a(y, recv_splits)
-        out = torch.zeros(x.shape[0], hidden, dtype=torch.float32)
-        out.index_add_(0, tok_cat, y_back.float())
-        sent_rows = sum(s for d, s in enumerate(splits) if d != rank)
-        back_rows = sum(s for i, s in enumerate(recv_splits) if i != rank)
-        stats["bytes_sent"] = (sent_rows * (hidden * element + meta.shape[1] * 4)
-                               + back_rows * hidden * element)
-        stats["rows_computed"] = int(keep_recv.sum())
-        stats.setdefault("compute_s", []).append(t2 - t1)
+        out = torch.empty_like(x)
+        combine(y, state, group=None, output=out, counters=counters)
+        t3 = time.perf_counter()
+        c = counters.as_dict()
+        stats["bytes_sent"] = c["bytes_sent_remote"]
+        stats["counters"] = c
+        stats["rows_computed"] = int(keep.sum())
         stats.setdefault("dispatch_s", []).append(t1 - t0)
-        return out.to(x.dtype)
+        stats.setdefault("compute_s", []).append(t2 - t1)
+        stats.setdefault("combine_s", []).append(t3 - t2)
+        if "token_once" not in stats:  # same rows every rep
+            stats["token_once"] = token_once_pairs(ids_kept, owners, world)
+        return out
 
     def a2a_drop_step(ratio, stats):
+        t0 = time.perf_counter()
         plan = plan_drops(w, ids, num_experts=experts, ep_size=world, options=CapacityOptions(
             drop_token_ratio=ratio, min_tokens=0), all_gather_counts=gather_counts, rank=rank,
             num_tokens_global=a.tokens)
+        # What the glue's planner hands to prepare(): dropped rows as id -1.
+        weights = plan.weights.to(w.dtype)
+        ids_kept = ids.masked_fill(~plan.keep, -1)
+        stats.setdefault("plan_s", []).append(time.perf_counter() - t0)
         stats["rows_dropped_global"] = plan.dropped_rows
         stats["budget"] = plan.budget
         stats["load_after"] = plan.bin_load_after.tolist()
-        return a2a_step(plan.keep, plan.weights, stats)
+        return a2a_step(weights, ids_kept, stats)
 
     def ag_rs_step(stats):
+        t0 = time.perf_counter()
         xs = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(xs, x)
         meta = torch.cat([ids.float(), w], dim=1)
@@ -202,16 +216,19 @@ def worker(rank: int, a) -> None:
         t1 = time.perf_counter()
         y = moe_forward(x_g, w13_l, w2_l, meta_g[:, k:], meta_g[:, :k].long(),
                         expert_map=expert_map)
-        stats.setdefault("compute_s", []).append(time.perf_counter() - t1)
+        t2 = time.perf_counter()
         out = torch.empty_like(x)
         dist.reduce_scatter(out, list(y.chunk(world)))
+        t3 = time.perf_counter()
+        stats.setdefault("dispatch_s", []).append(t1 - t0)
+        stats.setdefault("compute_s", []).append(t2 - t1)
+        stats.setdefault("combine_s", []).append(t3 - t2)
         stats["bytes_sent"] = (x.numel() * element + meta.numel() * 4) * (world - 1) + \
             (y.numel() // world) * element * (world - 1)
         stats["rows_computed"] = int((expert_map[meta_g[:, :k].long()] >= 0).sum())
         return out
 
-    arms = {"a2a": lambda s: a2a_step(torch.ones_like(ids, dtype=torch.bool), w, s),
-            "ag-rs": ag_rs_step}
+    arms = {"a2a": lambda s: a2a_step(w, ids, s), "ag-rs": ag_rs_step}
     for ratio in a.ratios:
         arms[f"a2a-drop r={ratio:g}"] = lambda s, r=ratio: a2a_drop_step(r, s)
     stats = {name: {} for name in arms}
@@ -236,9 +253,8 @@ def worker(rank: int, a) -> None:
         dist.all_reduce(m, op=dist.ReduceOp.MAX)
         errors[name] = {"rel_error": float((d[0] / d[1]).sqrt()) if d[1] > 0 else 0.0,
                         "max_abs_diff": float(m)}
-    del relative_error
-    for st in stats.values():  # per-rank median compute time over the timed reps
-        for key in ("compute_s", "dispatch_s"):
+    for st in stats.values():  # per-rank median phase times over the timed reps
+        for key in ("plan_s", "dispatch_s", "compute_s", "combine_s"):
             if key in st:
                 st[key] = statistics.median(st[key][1:])  # [0] is the warm-up
     per_rank_stats = [None] * world
@@ -246,20 +262,32 @@ def worker(rank: int, a) -> None:
     if rank == 0:
         med = {n: statistics.median(t) for n, t in times.items()}
         base = med["a2a"]
+
+        def per_rank(n, key):
+            return [s[n].get(key) for s in per_rank_stats]
+
         result = {
             "setup": {"tokens": a.tokens, "experts": experts, "top_k": 8, "hidden": hidden,
                       "intermediate": a.intermediate, "world": world, "reps": a.reps,
                       "threads_per_rank": 1, "skew_target": a.skew,
                       "skew_achieved": routing.max_over_mean,
                       "rank_loads": rank_loads(ids_all, experts, world).tolist()},
-            "all_to_all": a2a_name,
+            "all_to_all": A2A_NAME,
             "reduce_scatter": "torch.distributed.reduce_scatter (gloo)",
+            "bytes_source": {"a2a": "DispatchCounters.bytes_sent_remote (dispatch + combine)",
+                             "ag-rs": "tensor sizes (all-gather x + routing, reduce-scatter)"},
             "arms": {n: {"median_step_s": med[n], "min_step_s": min(times[n]),
                          "speedup_vs_a2a": base / med[n],
-                         "bytes_sent_per_rank": [s[n].get("bytes_sent") for s in per_rank_stats],
-                         "rows_computed_per_rank": [s[n].get("rows_computed") for s in per_rank_stats],
-                         "compute_s_per_rank": [s[n].get("compute_s") for s in per_rank_stats],
-                         "dispatch_s_per_rank": [s[n].get("dispatch_s") for s in per_rank_stats],
+                         "bytes_sent_per_rank": per_rank(n, "bytes_sent"),
+                         "rows_computed_per_rank": per_rank(n, "rows_computed"),
+                         "plan_s_per_rank": per_rank(n, "plan_s"),
+                         "dispatch_s_per_rank": per_rank(n, "dispatch_s"),
+                         "compute_s_per_rank": per_rank(n, "compute_s"),
+                         "combine_s_per_rank": per_rank(n, "combine_s"),
+                         **({"counters_per_rank": per_rank(n, "counters"),
+                             "token_once_model_per_rank": token_once_model(
+                                 per_rank(n, "token_once"), hidden * element)}
+                            if n != "ag-rs" else {}),
                          **{k: v for k, v in per_rank_stats[0][n].items()
                             if k in ("rows_dropped_global", "budget", "load_after")},
                          **errors[n]}
@@ -277,21 +305,32 @@ def print_table(result: dict) -> None:
     s = result["setup"]
     t = Table(title=f"EP2 dispatch, 2 gloo processes x 1 thread: T={s['tokens']} E=256 top-8 "
                     f"H={s['hidden']} I={s['intermediate']} bf16, skew {s['skew_achieved']:.2f} "
-                    f"(rank loads {s['rank_loads']}), {s['reps']} reps; a2a = {result['all_to_all']}")
-    for col in ("path", "step ms (median)", "speed-up vs a2a", "compute ms / rank",
-                "hot-rank compute speed-up", "MB sent / rank", "rows computed / rank",
+                    f"(rank loads {s['rank_loads']}), {s['reps']} reps; a2a arms = the product's "
+                    "all_to_all_dispatch.dispatch/combine")
+    for col in ("path", "step ms (median)", "speed-up vs a2a", "dispatch ms / rank",
+                "compute ms / rank", "combine ms / rank", "hot-rank compute speed-up",
+                "MB sent / rank", "MB if token-once / rank (model)", "rows computed / rank",
                 "rows dropped", "rel err vs a2a"):
         t.add_column(col, justify="right")
     base = result["arms"]["a2a"]
     hot = max(range(len(base["rows_computed_per_rank"])), key=lambda i: base["rows_computed_per_rank"][i])
+
+    def ms(values):
+        return " / ".join("-" if v is None else f"{1e3 * v:.1f}" for v in values)
+
     for name, arm in result["arms"].items():
         comp = arm["compute_s_per_rank"]
+        once = arm.get("token_once_model_per_rank")
         t.add_row(name, f"{1e3 * arm['median_step_s']:.1f}", f"{arm['speedup_vs_a2a']:.3f}",
-                  " / ".join(f"{1e3 * c:.1f}" for c in comp),
+                  ms(arm["dispatch_s_per_rank"]), ms(comp), ms(arm["combine_s_per_rank"]),
                   f"{base['compute_s_per_rank'][hot] / comp[hot]:.3f}",
                   " / ".join(f"{b / 1e6:.2f}" for b in arm["bytes_sent_per_rank"]),
+                  "-" if once is None else " / ".join(f"{o['bytes'] / 1e6:.2f}" for o in once),
                   " / ".join(str(r) for r in arm["rows_computed_per_rank"]),
                   str(arm.get("rows_dropped_global", 0)), f"{arm['rel_error']:.4f}")
+    t.caption = ("MB sent: a2a arms from the product's DispatchCounters (dispatch + combine, to "
+                 "the other rank); ag-rs from tensor sizes. dispatch ms of a2a-drop excludes "
+                 "plan_drops (plan_s_per_rank in the JSON); ag-rs: all-gather / reduce-scatter.")
     Console(highlight=False, width=200).print(t)
 
 

@@ -148,6 +148,18 @@ def test_dispatch_core_tiny():
         sum(arms["a2a"]["rows_computed_per_rank"]) - drop["rows_dropped_global"]
     assert max(drop["load_after"]) < max(result["setup"]["rank_loads"])
     assert all(b > 0 for b in arms["a2a"]["bytes_sent_per_rank"])
+    # The a2a arms run the product's dispatch/combine; their bytes are its counters.
+    assert "all_to_all_dispatch" in result["all_to_all"]
+    row_bytes = 64 * 2 + 8  # bf16 hidden + f32 weight + i32 expert id
+    for name in ("a2a", "a2a-drop r=0.1"):
+        counters = arms[name]["counters_per_rank"]
+        assert arms[name]["bytes_sent_per_rank"] == [c["bytes_sent_remote"] for c in counters]
+        assert all(c["dispatch_bytes_remote"] == c["rows_sent_remote"] * row_bytes
+                   for c in counters)
+        assert [c["rows_received"] for c in counters] == arms[name]["rows_computed_per_rank"]
+    assert sum(drop["bytes_sent_per_rank"]) < sum(arms["a2a"]["bytes_sent_per_rank"])
+    assert sum(c["rows_not_sent_dropped"] for c in drop["counters_per_rank"]) == \
+        drop["rows_dropped_global"]
 
 
 def test_plugin_unset_imports_nothing_else():
