@@ -10,10 +10,7 @@ reference output of the whole group on its own, without communication.
 from __future__ import annotations
 
 import inspect
-import multiprocessing as mp
 import os
-import queue
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +20,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.gloo_harness import run_ranks
+
 JOIN_TIMEOUT_S = 120.0
+# A collective left waiting by a failed peer errors out instead of hanging.
+GLOO_TIMEOUT_S = 30
 
 # (all_gatherv / reduce_scatterv) size patterns per world size, zero-size ranks included.
 SIZES = {
@@ -43,12 +44,6 @@ DTYPES = ["float32", "bfloat16", "int64"]
 
 
 # ----------------------------------------------------------------------------- workers
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tensor(seed: int, shape, dtype_name: str):
@@ -256,22 +251,12 @@ _KINDS = {
 }
 
 
-def _worker(rank: int, ws: int, port: int, results) -> None:
+def _worker(rank: int, ws: int, send) -> None:
     verdicts: dict[str, str] = {}
     try:
-        import torch
         import torch.distributed as dist
 
-        torch.set_num_threads(1)
-        # A collective left waiting by a failed peer errors out instead of hanging.
-        timeout = timedelta(seconds=30)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=ws,
-            timeout=timeout,
-        )
+        timeout = timedelta(seconds=GLOO_TIMEOUT_S)
         group = dist.new_group(list(range(ws)), backend="gloo", timeout=timeout)
         failed = False
         for name, kind, args in _cases(ws):
@@ -288,49 +273,16 @@ def _worker(rank: int, ws: int, port: int, results) -> None:
             dist.destroy_process_group()
     except Exception:  # noqa: BLE001
         verdicts["<setup>"] = traceback.format_exc()
-    results.put((rank, verdicts))
-
-
-def _run_group(ws: int) -> tuple[dict[int, dict[str, str]], float]:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, ws, port, results)) for r in range(ws)]
-    t0 = time.monotonic()
-    for p in procs:
-        p.start()
-    got: dict[int, dict[str, str]] = {}
-    deadline = t0 + JOIN_TIMEOUT_S
-    try:
-        while len(got) < ws:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                rank, verdicts = results.get(timeout=min(left, 1.0))
-                got[rank] = verdicts
-            except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    break
-        for p in procs:
-            p.join(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    elapsed = time.monotonic() - t0
-    missing = [r for r in range(ws) if r not in got]
-    if missing:
-        codes = {r: procs[r].exitcode for r in range(ws)}
-        pytest.fail(f"ranks {missing} gave no result within {JOIN_TIMEOUT_S}s (exit codes {codes})")
-    return got, elapsed
+    send("verdicts", verdicts)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda ws: f"world{ws}")
 def group_results(request):
-    got, elapsed = _run_group(request.param)
-    print(f"world {request.param}: {elapsed:.1f}s")
+    t0 = time.monotonic()
+    got = run_ranks(
+        _worker, request.param, timeout_s=JOIN_TIMEOUT_S, gloo_timeout_s=GLOO_TIMEOUT_S
+    )["verdicts"]
+    print(f"world {request.param}: {time.monotonic() - t0:.1f}s")
     return request.param, got
 
 

@@ -8,22 +8,18 @@ collective that hangs (a rank skipping it) fails the test instead of blocking th
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ascend_patch.impls.moe.capacity import plan_drops
 from ascend_patch.impls.moe.options import CapacityOptions
+from tests.gloo_harness import run_ranks
 
 # Every process is one EP rank holding its own tokens (DP = EP = world size).
 NUM_EXPERTS, TOP_K = 8, 2
 JOIN_TIMEOUT_S = 120
+GLOO_TIMEOUT_S = 60
 
 # name -> (options, how a rank's tokens are made)
 SCENARIOS = {
@@ -67,72 +63,27 @@ def _all_gather_counts(counts: torch.Tensor) -> torch.Tensor:
     return torch.stack(gathered)
 
 
-def _worker(rank: int, world_size: int, port: int, results) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
+def _worker(rank: int, world_size: int, send) -> None:
+    for name, (options, kind) in SCENARIOS.items():
+        weights, ids = rank_tokens(kind, rank)
+        plan = plan_drops(
+            weights,
+            ids,
+            num_experts=NUM_EXPERTS,
+            ep_size=world_size,
+            options=options,
+            all_gather_counts=_all_gather_counts,
             rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=60),
         )
-        for name, (options, kind) in SCENARIOS.items():
-            weights, ids = rank_tokens(kind, rank)
-            plan = plan_drops(
-                weights,
-                ids,
-                num_experts=NUM_EXPERTS,
-                ep_size=world_size,
-                options=options,
-                all_gather_counts=_all_gather_counts,
-                rank=rank,
-            )
-            results.put((rank, name, plan.capacity, plan.dropped_rows, plan.keep.tolist()))
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - any failure goes to the parent, never a hang
-        results.put((rank, "error", traceback.format_exc()))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_ranks(world_size: int) -> dict[str, dict[int, tuple]]:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, results), daemon=True)
-        for rank in range(world_size)
-    ]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    for proc in procs:
-        proc.start()
-    collected: dict[str, dict[int, tuple]] = {}
-    expected = world_size * len(SCENARIOS)
-    try:
-        for _ in range(expected):
-            rank, name, *payload = results.get(timeout=JOIN_TIMEOUT_S)
-            if name == "error":
-                pytest.fail(f"rank {rank} failed:\n{payload[0]}")
-            collected.setdefault(name, {})[rank] = tuple(payload)
-        for proc in procs:
-            proc.join(timeout=JOIN_TIMEOUT_S)
-            assert proc.exitcode == 0, f"a rank exited with {proc.exitcode}"
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    return collected
+        send(name, (plan.capacity, plan.dropped_rows, plan.keep.tolist()))
+    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ranks_agree_with_the_single_process_plan(world_size):
-    collected = run_ranks(world_size)
+    collected = run_ranks(
+        _worker, world_size, timeout_s=JOIN_TIMEOUT_S, gloo_timeout_s=GLOO_TIMEOUT_S
+    )
     for name, (options, kind) in SCENARIOS.items():
         parts = [rank_tokens(kind, rank) for rank in range(world_size)]
         whole = plan_drops(
@@ -143,6 +94,7 @@ def test_ranks_agree_with_the_single_process_plan(world_size):
             options=options,
         )
         by_rank = collected[name]
+        assert sorted(by_rank) == list(range(world_size)), name  # every rank planned it
         capacities = {capacity for capacity, _, _ in by_rank.values()}
         assert capacities == {whole.capacity}, name
         assert {dropped for _, dropped, _ in by_rank.values()} == {whole.dropped_rows}, name
