@@ -8,10 +8,12 @@ to the given per-rank max/mean at EP2, where 2.0 is the most possible). Per step
 a barrier to the end of the combine, the slowest rank's time (max over ranks):
 
 * a2a:       the product's dispatch, `ascend_patch.impls.moe.all_to_all_dispatch.dispatch`
-             (each (token, expert) row packed as [hidden | f32 weight | i32 expert id],
-             all_to_all_uneven to the expert's owner), expert compute on the received rows
-             (torch backend, expert_map, as CapacityExperts calls it), then the product's
-             `combine` (rows back with the mirrored splits, f32 sum per token): dropless;
+             (token-once: each token's hidden state once per rank owning one of its kept
+             rows, plus a 12-byte record per row: f32 weight, i32 expert id, i32 index of
+             the hidden row; all_to_all_uneven of bytes), expert compute on the received
+             rows (torch backend, expert_map, as CapacityExperts calls it; each (token,
+             rank) pair's rows summed in f32), then the product's `combine` (one row per
+             pair back with the mirrored splits, f32 sum per token): dropless;
 * a2a-drop:  `plan_drops` (granularity rank, ratio r, the EP group's counts all-gathered;
              inside the timed step, as in the product) writes id -1 into the dropped rows,
              then the same dispatch / compute / combine: dropped rows are never sent;
@@ -21,9 +23,8 @@ a barrier to the end of the combine, the slowest rank's time (max over ranks):
 Reports the step-time ratios against the dropless a2a, the bytes each rank sends to the
 other per step (a2a arms: the product's DispatchCounters, dispatch + combine; ag-rs: counted
 from the tensor sizes), the rows each rank computes, the output agreement with the dropless
-a2a, and, for the a2a arms, what a token-once dispatch (each token's hidden state sent once
-per destination rank, its rows there pre-summed before the combine, as DeepEP does) would send
-on the same rows: a model, not a measurement.
+a2a, and, for the a2a arms, the token-once bytes counted from the routing alone (pairs and
+rows per destination: an independent check of the counters, which it must equal).
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def run_dispatch(tokens=2048, skew=1.5, ratios=(0.05, 0.1), reps=21, hidden=1024
 
 A2A_NAME = ("ascend_patch.impls.moe.all_to_all_dispatch.dispatch/combine "
             "(all_to_all_uneven, gloo all_to_all_single)")
-# Per-row metadata a token-once dispatch would still send: f32 weight, i32 expert id and
-# i32 index of the row's token among the hidden states sent to that rank.
+# Per-row metadata of the token-once dispatch: f32 weight, i32 expert id and i32 index of
+# the row's token among the hidden states sent to that rank.
 TOKEN_ONCE_ROW_META_BYTES = 12
 
 
@@ -101,10 +102,10 @@ def token_once_pairs(ids_kept, owners, world: int) -> dict:
 
 
 def token_once_model(per_rank: list[dict], hidden_bytes: int) -> list[dict]:
-    """Bytes each rank would send to the other ranks if a token's hidden state went once per
-    destination rank (its kept rows there as 12-byte metadata) and the receiver summed a
-    token's rows before sending one hidden row per (token, rank) back: a model, counted the
-    way DispatchCounters counts (dispatch of this rank's tokens + combine of received ones)."""
+    """Bytes each rank sends to the other ranks with the token-once format (a token's hidden
+    state once per destination rank, its kept rows there as 12-byte records, one summed
+    hidden row per (token, rank) back), counted from the routing alone, the way
+    DispatchCounters counts (dispatch of this rank's tokens + combine of received ones)."""
     out = []
     for r, mine in enumerate(per_rank):
         others = [d for d in range(len(per_rank)) if d != r]
@@ -309,7 +310,7 @@ def print_table(result: dict) -> None:
                     "all_to_all_dispatch.dispatch/combine")
     for col in ("path", "step ms (median)", "speed-up vs a2a", "dispatch ms / rank",
                 "compute ms / rank", "combine ms / rank", "hot-rank compute speed-up",
-                "MB sent / rank", "MB if token-once / rank (model)", "rows computed / rank",
+                "MB sent / rank", "MB token-once from routing / rank", "rows computed / rank",
                 "rows dropped", "rel err vs a2a"):
         t.add_column(col, justify="right")
     base = result["arms"]["a2a"]

@@ -150,12 +150,20 @@ def test_dispatch_core_tiny():
     assert all(b > 0 for b in arms["a2a"]["bytes_sent_per_rank"])
     # The a2a arms run the product's dispatch/combine; their bytes are its counters.
     assert "all_to_all_dispatch" in result["all_to_all"]
-    row_bytes = 64 * 2 + 8  # bf16 hidden + f32 weight + i32 expert id
+    # Token-once: a bf16 hidden row per (token, other rank) pair + a 12-byte record (f32
+    # weight, i32 expert id, i32 hidden-row index) per kept row out, a hidden row per pair back.
+    hidden_bytes, meta_bytes = 64 * 2, 12
     for name in ("a2a", "a2a-drop r=0.1"):
         counters = arms[name]["counters_per_rank"]
         assert arms[name]["bytes_sent_per_rank"] == [c["bytes_sent_remote"] for c in counters]
-        assert all(c["dispatch_bytes_remote"] == c["rows_sent_remote"] * row_bytes
+        assert all(c["dispatch_bytes_remote"] == c["hidden_rows_sent_remote"] * hidden_bytes
+                   + c["rows_sent_remote"] * meta_bytes for c in counters)
+        assert all(c["combine_bytes_remote"] == c["hidden_rows_returned_remote"] * hidden_bytes
                    for c in counters)
+        # The pairs counted from the routing alone give the same bytes.
+        assert [m["bytes"] for m in arms[name]["token_once_model_per_rank"]] == \
+            arms[name]["bytes_sent_per_rank"]
+        assert all(c["hidden_rows_sent_remote"] < c["rows_sent_remote"] for c in counters)
         assert [c["rows_received"] for c in counters] == arms[name]["rows_computed_per_rank"]
     assert sum(drop["bytes_sent_per_rank"]) < sum(arms["a2a"]["bytes_sent_per_rank"])
     assert sum(c["rows_not_sent_dropped"] for c in drop["counters_per_rank"]) == \

@@ -14,27 +14,28 @@ raises the same ConfigMismatchError), through the glue function the first MoE ca
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ascend_patch.impls.moe.all_to_all_dispatch import expert_owners, token_slice
 from ascend_patch.impls.moe.backends.torch_backend import moe_forward
 from ascend_patch.impls.moe.options import CapacityOptions
+from tests import gloo_harness
 
 NUM_EXPERTS, TOP_K, HIDDEN, INTER = 8, 2, 32, 16
 JOIN_TIMEOUT_S = 180
-# Packed bytes per dispatched row: hidden states + float32 weight + int32 expert id.
+GLOO_TIMEOUT_S = 60
+# Token-once wire format: one hidden row per (token, destination rank) pair with a kept
+# row there, plus a 12-byte record per kept row (f32 weight, i32 expert id, i32 index of
+# the token's hidden row in the message); the combine returns one hidden row per pair.
+ROW_META_BYTES = 12
 
 
-def row_bytes(dtype: torch.dtype) -> int:
-    return HIDDEN * torch.empty(0, dtype=dtype).element_size() + 8
+def hidden_bytes(dtype: torch.dtype) -> int:
+    return HIDDEN * torch.empty(0, dtype=dtype).element_size()
 
 
 # name -> (options, token kind, dtype, number of ranks sharing each token set)
@@ -137,7 +138,13 @@ def _run_scenario(rank: int, ws: int, name: str, use_vllm_class: bool):
             x, plan_weights, ids_kept, NUM_EXPERTS, expert_map, False, None, True
         )
         assert scale is None and meta is None
-        expert_out = moe_forward(recv_x, w13, w2, recv_w, recv_ids, None, expert_map)
+        assert recv_ids.shape == recv_w.shape == (recv_x.shape[0], TOP_K)
+        # What CapacityExperts runs (unused slots: id -1, skipped).
+        from ascend_patch.impls.moe.vllm_glue import _experts_impl
+
+        expert_out = _experts_impl(
+            recv_x, w13, w2, recv_w, recv_ids, expert_map, "silu", "torch", False
+        )
         assert pf.output_is_reduced() is False
         pf.finalize(out, expert_out, recv_w, recv_ids, False, TopKWeightAndReduceNoOP())
     else:
@@ -145,9 +152,17 @@ def _run_scenario(rank: int, ws: int, name: str, use_vllm_class: bool):
             x, plan_weights, ids_kept, group=None, owners=owners, sharer=sharer,
             num_sharers=sharers, counters=counters,
         )
-        # Every received row belongs to an expert of this rank.
-        assert bool((owners[recv_ids.long()] == rank).all()), "row sent to the wrong rank"
-        expert_out = moe_forward(recv_x, w13, w2, recv_w, recv_ids, None, expert_map)
+        # One hidden row per received (token, rank) pair, its rows in the first slots;
+        # every received row belongs to an expert of this rank.
+        keep = recv_ids >= 0
+        assert recv_ids.shape == recv_w.shape == (recv_x.shape[0], TOP_K)
+        assert bool(keep[:, 0].all()), "a hidden row was sent without a row"
+        assert bool((keep[:, :-1] | ~keep[:, 1:]).all()), "rows not in the first slots"
+        assert bool((owners[recv_ids[keep].long()] == rank).all()), "row sent to the wrong rank"
+        assert bool((recv_w[~keep] == 0).all())
+        expert_out = moe_forward(
+            recv_x, w13, w2, recv_w, recv_ids.clamp(min=0), keep, expert_map
+        )
         combine(expert_out, state, group=None, output=out, counters=counters)
     return out, plan.keep, plan_weights, counters.as_dict()
 
@@ -209,68 +224,27 @@ def _first_moe_call_case(rank: int, ws: int):
     return outcomes
 
 
-def _worker(rank: int, ws: int, port: int, use_vllm_class: bool, results) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=ws,
-            timeout=datetime.timedelta(seconds=60),
-        )
-        for name in SCENARIOS:
-            if SCENARIOS[name][3] > 1 and ws < 4:
-                continue
-            out, keep, weights, counters = _run_scenario(rank, ws, name, use_vllm_class)
-            results.put((rank, name, (out, keep, weights, counters)))
-        results.put((rank, "config", _check_config_case(rank, ws)))
-        if use_vllm_class:
-            results.put((rank, "first_call", _first_moe_call_case(rank, ws)))
-        dist.destroy_process_group()
-        results.put((rank, "done", None))
-    except BaseException:  # noqa: BLE001 - every failure goes to the parent, never a hang
-        results.put((rank, "error", traceback.format_exc()))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _worker(rank: int, ws: int, send, use_vllm_class: bool) -> None:
+    for name in SCENARIOS:
+        if SCENARIOS[name][3] > 1 and ws < 4:
+            continue
+        out, keep, weights, counters = _run_scenario(rank, ws, name, use_vllm_class)
+        send(name, (out, keep, weights, counters))
+    send("config", _check_config_case(rank, ws))
+    if use_vllm_class:
+        send("first_call", _first_moe_call_case(rank, ws))
+    dist.destroy_process_group()
 
 
 def run_ranks(ws: int, use_vllm_class: bool = False) -> dict[str, dict[int, tuple]]:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    procs = [
-        ctx.Process(target=_worker, args=(r, ws, port, use_vllm_class, results), daemon=True)
-        for r in range(ws)
-    ]
-    for proc in procs:
-        proc.start()
-    collected: dict[str, dict[int, tuple]] = {}
-    done = 0
-    try:
-        while done < ws:
-            rank, name, payload = results.get(timeout=JOIN_TIMEOUT_S)
-            if name == "error":
-                pytest.fail(f"rank {rank} failed:\n{payload}")
-            if name == "done":
-                done += 1
-                continue
-            collected.setdefault(name, {})[rank] = payload
-        for proc in procs:
-            proc.join(timeout=JOIN_TIMEOUT_S)
-            assert proc.exitcode == 0, f"a rank exited with {proc.exitcode}"
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    return collected
+    return gloo_harness.run_ranks(
+        _worker, ws, use_vllm_class, timeout_s=JOIN_TIMEOUT_S, gloo_timeout_s=GLOO_TIMEOUT_S
+    )
 
 
 def _check_against_reference(collected, ws: int) -> None:
     checked = 0
+    pairs_and_rows = []
     for name, (options, kind, dtype_name, sharers) in SCENARIOS.items():
         if sharers > 1 and ws < 4:
             continue
@@ -281,6 +255,7 @@ def _check_against_reference(collected, ws: int) -> None:
         w13, w2 = expert_weights(dtype)
         owners = expert_owners(NUM_EXPERTS, ws)
         remote_rows = 0
+        remote_pairs = 0
         dropped = 0
         for s in range(sources):
             x, _, ids = source_tokens(kind, s, dtype)
@@ -306,17 +281,122 @@ def _check_against_reference(collected, ws: int) -> None:
                 dest = owners[mine[mine >= 0].long()]
                 remote_rows += int((dest != r).sum())
                 dropped += int((mine < 0).sum())
+                # (token, other rank) pairs with at least one kept row there.
+                dest_all = torch.where(mine >= 0, owners[mine.clamp(min=0).long()], -1)
+                remote_pairs += sum(
+                    int((dest_all == d).any(dim=1).sum()) for d in range(ws) if d != r
+                )
         counters = [by_rank[r][3] for r in range(ws)]
-        # Exactly the kept rows for other ranks crossed the wire, each once each way.
+        # Exactly the kept rows for other ranks crossed the wire as 12-byte records, each
+        # token's hidden state once per other rank holding one of its rows, and one summed
+        # hidden row per such pair came back.
+        hb = hidden_bytes(dtype)
         assert sum(c["rows_sent_remote"] for c in counters) == remote_rows, name
-        assert sum(c["dispatch_bytes_remote"] for c in counters) == remote_rows * row_bytes(dtype)
+        assert sum(c["hidden_rows_sent_remote"] for c in counters) == remote_pairs, name
+        assert sum(c["hidden_rows_returned_remote"] for c in counters) == remote_pairs, name
+        assert sum(c["dispatch_bytes_remote"] for c in counters) == (
+            remote_pairs * hb + remote_rows * ROW_META_BYTES), name
+        assert sum(c["combine_bytes_remote"] for c in counters) == remote_pairs * hb, name
+        for c in counters:
+            assert c["bytes_sent_remote"] == c["dispatch_bytes_remote"] + c["combine_bytes_remote"]
         assert sum(c["rows_not_sent_dropped"] for c in counters) == dropped, name
+        assert sum(c["rows_received"] for c in counters) == sum(c["rows_sent"] for c in counters)
+        assert sum(c["hidden_rows_received"] for c in counters) == sum(
+            c["hidden_rows_sent"] for c in counters)
+        pairs_and_rows.append((remote_pairs, remote_rows))
         if name in ("distinct", "zero_token_rank", "all_rows_one_expert", "bf16", "shared_tokens"):
             assert dropped > 0, f"{name} must really drop"
         if name == "zero_token_rank":
             assert by_rank[1][0].shape == (0, HIDDEN)
             assert counters[1]["rows_sent"] == 0
     assert checked == len([s for s in SCENARIOS.values() if s[3] == 1 or ws >= 4])
+    # Some token had several kept rows on one other rank: its hidden state went once.
+    pairs, rows = map(sum, zip(*pairs_and_rows))
+    assert 0 < pairs < rows, pairs_and_rows
+
+
+def _hand_routed_tokens(rank: int, ws: int):
+    """Five tokens per rank, top-2, routed by hand (-1 = dropped); `peer` is the next rank:
+
+        t0 [a, b]    both rows on the peer        -> ONE hidden row to the peer, 2 records
+        t1 [c, -1]   its peer row dropped          -> nothing to the peer, one row to self
+        t2 [-1, -1]  every row dropped             -> nothing sent anywhere, output zero
+        t3 [b, c]    one row on the peer, one here -> one hidden row to each
+        t4 [d, c]    both rows here                -> ONE hidden row to self
+    """
+    owners = expert_owners(NUM_EXPERTS, ws)
+    a, b = (owners == (rank + 1) % ws).nonzero().squeeze(1)[:2].tolist()
+    c, d = (owners == rank).nonzero().squeeze(1)[:2].tolist()
+    ids = torch.tensor([[a, b], [c, -1], [-1, -1], [b, c], [d, c]], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(5, HIDDEN, generator=gen)
+    weights = torch.rand(5, TOP_K, generator=gen).masked_fill(ids < 0, 0.0)
+    return x, weights, ids
+
+
+def _token_once_worker(rank: int, ws: int, send) -> None:
+    from ascend_patch.impls.moe.all_to_all_dispatch import DispatchCounters, combine, dispatch
+
+    x, weights, ids = _hand_routed_tokens(rank, ws)
+    w13_all, w2_all = expert_weights(torch.float32)
+    owners = expert_owners(NUM_EXPERTS, ws)
+    local = (owners == rank).nonzero().squeeze(1)
+    expert_map = torch.full((NUM_EXPERTS,), -1, dtype=torch.int32)
+    expert_map[local] = torch.arange(local.numel(), dtype=torch.int32)
+    counters = DispatchCounters()
+    recv_x, recv_w, recv_ids, state = dispatch(
+        x, weights, ids, group=None, owners=owners, counters=counters
+    )
+    keep = recv_ids >= 0
+    expert_out = moe_forward(
+        recv_x, w13_all[local], w2_all[local], recv_w, recv_ids.clamp(min=0), keep, expert_map
+    )
+    out = torch.full_like(x, float("nan"))
+    combine(expert_out, state, group=None, output=out, counters=counters)
+    send("token_once", (out, recv_x, recv_ids, counters.as_dict()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_token_sent_once_per_rank_and_never_for_dropped_rows(world_size):
+    collected = gloo_harness.run_ranks(
+        _token_once_worker, world_size, timeout_s=JOIN_TIMEOUT_S, gloo_timeout_s=GLOO_TIMEOUT_S
+    )["token_once"]
+    w13, w2 = expert_weights(torch.float32)
+    hb = hidden_bytes(torch.float32)
+    for rank in range(world_size):
+        out, recv_x, recv_ids, c = collected[rank]
+        x, weights, ids = _hand_routed_tokens(rank, world_size)
+        want = moe_forward(x, w13, w2, weights, ids.clamp(min=0), ids >= 0, None)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out[2], torch.zeros(HIDDEN))  # every row dropped: zero, written
+        # Sent: t0 once for its 2 rows and t3 to the peer; t1, t2 nothing to the peer; to
+        # self t1, t3, t4 (t4 once for 2 rows). 7 kept rows, 3 of them for the peer.
+        assert (c["rows_sent"], c["rows_sent_remote"], c["rows_not_sent_dropped"]) == (7, 3, 3)
+        assert (c["hidden_rows_sent"], c["hidden_rows_sent_remote"]) == (5, 2)
+        assert c["dispatch_bytes_remote"] == 2 * hb + 3 * ROW_META_BYTES
+        # Received the predecessor's t0 and t3 (3 rows) and its own 3 pairs (4 rows); the
+        # combine returns one summed row per pair received from the predecessor.
+        assert (c["rows_received"], c["hidden_rows_received"]) == (7, 5)
+        assert c["hidden_rows_returned_remote"] == 2
+        assert c["combine_bytes_remote"] == 2 * hb
+        assert c["bytes_sent_remote"] == 4 * hb + 3 * ROW_META_BYTES
+        # One packed row per (token, expert) row would have sent 3 * (hb + 8) out and
+        # 3 * hb back for the same 3 remote rows.
+        assert c["bytes_sent_remote"] < 6 * hb + 3 * 8
+        # The predecessor's tokens, found by content: t0 and t3 once each, with their rows
+        # for this rank in the first slots; nothing of t1 and t2.
+        pred = (rank - 1) % world_size
+        px, _, pids = _hand_routed_tokens(pred, world_size)
+        for token in (0, 3):
+            match = [i for i in range(recv_x.shape[0]) if torch.equal(recv_x[i], px[token])]
+            assert len(match) == 1, f"token {token} of rank {pred} arrived {len(match)} times"
+            got_ids = recv_ids[match[0]].tolist()
+            want_ids = [e for e in pids[token].tolist() if e >= 0
+                        and int(expert_owners(NUM_EXPERTS, world_size)[e]) == rank]
+            assert got_ids == want_ids + [-1] * (TOP_K - len(want_ids))
+        for token in (1, 2):
+            assert not any(torch.equal(recv_x[i], px[token]) for i in range(recv_x.shape[0]))
 
 
 def _check_bytes_saved(collected, ws: int) -> None:

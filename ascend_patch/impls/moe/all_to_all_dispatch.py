@@ -5,18 +5,30 @@ naive_dp_ep.py:136-243, through `AgRsAll2AllManager`) all-gathers every token of
 rank to every EP rank and reduce-scatters the full [all tokens, hidden] output back: the
 traffic does not depend on routing, so a dropped row saves compute but not one byte.
 
-Here each kept (token, expert) row travels once, to the EP rank owning its expert:
+Here each token's hidden state travels ONCE to every EP rank that owns at least one of its
+kept (token, expert) rows (token-once dispatch, as DeepEP does), with one small metadata
+record per kept row:
 
     dispatch  rows with id >= 0 (plan_drops already wrote id -1 into dropped rows), sorted
-              by destination rank, packed as bytes [hidden | weight f32 | expert id i32]
-              -> all_to_all_uneven on the EP group (split sizes exchanged first, so every
-              rank agrees on them) -> the receiver sees [rows, hidden] with top-k = 1
-    experts   the receiver computes its local experts on the received rows (weighted)
-    combine   the weighted [rows, hidden] go back with the mirrored splits (no second
-              size exchange) -> summed per source token in float32
+              by destination rank (stable: within a rank grouped by token, slot order).
+              Message to rank d, bytes:
+                  [ P_d hidden rows, H * itemsize each      (one per token with a row on d)
+                  | R_d records of 12 bytes: weight f32, global expert id i32,
+                                             index i32 of the token's hidden row (0..P_d-1) ]
+              The (P_d, R_d) counts are exchanged first (one small all-to-all, so every rank
+              agrees on the splits), then the messages (one all_to_all_uneven of bytes).
+              A dropped row is never sent; a token with no kept row on d sends nothing to d.
+    experts   the receiver sees [P, H] hidden rows (P = its (source token, rank) pairs) with
+              [P, top_k] ids/weights: the pair's rows in its first slots, id -1 / weight 0
+              in the rest. CapacityExperts (or moe_forward) computes the local experts on
+              the rows and sums each pair's weighted outputs in float32: ONE row per pair.
+    combine   the [P, H] rows go back with the mirrored pair splits (no size exchange)
+              -> summed per source token in float32.
 
-Every rank calls both all-to-alls on every MoE call, with zero tokens or zero rows too, so
-a rank never waits for a peer that skipped a collective.
+Bytes to other ranks per call: dispatch sum_{d != r} (P_d * H * itemsize + 12 * R_d),
+combine (pairs received from other ranks) * H * itemsize. Every rank calls the three
+all-to-alls on every MoE call, with zero tokens or zero rows too, so a rank never waits for a
+peer that skipped a collective.
 
 Tokens shared by several ranks of the EP group (the TP ranks of one DP rank hold the same
 batch) are split between those ranks: rank t of the `token_sharers` sends only the rows of
@@ -40,8 +52,9 @@ import torch
 
 from ascend_patch.impls.distributed.all_to_all import all_to_all_uneven, resolve_group
 
-# Bytes of the per-row metadata sent with the hidden state: float32 weight + int32 expert id.
-_META_BYTES = 8
+# Bytes of the per-row metadata record: float32 weight + int32 global expert id + int32
+# index of the row's token among the hidden rows of the same message.
+ROW_META_BYTES = 12
 
 
 def expert_owners(
@@ -71,24 +84,35 @@ class DispatchState:
     """What combine needs from dispatch (one MoE call; prepare and finalize run in order)."""
 
     num_tokens: int
-    token_of_row: torch.Tensor  # int64 [rows sent], source token of each sent row, send order
-    send_splits: list[int]
-    recv_splits: list[int]
+    token_of_pair: torch.Tensor  # int64 [hidden rows sent]: source token, in send order
+    send_splits: list[int]  # hidden rows (token, rank pairs) sent to each rank
+    recv_splits: list[int]  # hidden rows received from each rank (= rows combine returns)
     rank: int
+    row_send_splits: list[int] = field(default_factory=list)  # metadata rows per rank
+    row_recv_splits: list[int] = field(default_factory=list)
 
 
 @dataclass
 class DispatchCounters:
-    """Per-process traffic counters (JSON-friendly), kept in the patch's stats."""
+    """Per-process traffic counters (JSON-friendly), kept in the patch's stats.
+
+    "rows" are kept (token, expert) rows (one 12-byte record each on the wire), "hidden
+    rows" the hidden states sent (one per (token, destination rank) pair with a kept row
+    there) and returned by the combine (one per pair received)."""
 
     calls: int = 0
     rows_sent: int = 0  # kept rows handed to the dispatch all-to-all (self included)
     rows_sent_remote: int = 0  # ... of them to other ranks
-    rows_received: int = 0
+    rows_received: int = 0  # rows this rank's experts computed (self included)
     rows_not_sent_dropped: int = 0  # rows of this rank's slice dropped before sending
+    hidden_rows_sent: int = 0  # (token, rank) hidden rows dispatched (self included)
+    hidden_rows_sent_remote: int = 0  # ... of them to other ranks
+    hidden_rows_received: int = 0  # pairs received (self included) = rows combine returns
+    hidden_rows_returned_remote: int = 0  # combine rows sent back to other ranks
     bytes_sent_remote: int = 0  # dispatch + combine payload to other ranks
+    # hidden_rows_sent_remote * H * itemsize + 12 * rows_sent_remote:
     dispatch_bytes_remote: int = 0
-    combine_bytes_remote: int = 0
+    combine_bytes_remote: int = 0  # hidden_rows_returned_remote * H * itemsize
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -97,27 +121,71 @@ class DispatchCounters:
         return data
 
 
-def _pack(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """[n, H] hidden + [n] weights + [n] ids -> uint8 [n, H*itemsize + 8], ONE collective."""
-    n = x.shape[0]
-    # Explicit widths: reshape(n, -1) is ambiguous for n = 0 (a rank with no rows).
-    parts = [
-        x.contiguous().view(torch.uint8).reshape(n, x.shape[1] * x.element_size()),
-        weights.to(torch.float32).contiguous().view(torch.uint8).reshape(n, 4),
-        ids.to(torch.int32).contiguous().view(torch.uint8).reshape(n, 4),
+def _as_bytes(t: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    """[n, ...] -> uint8 [n, width]. Explicit widths: reshape(n, -1) is ambiguous for n = 0."""
+    return t.contiguous().view(torch.uint8).reshape(n, width)
+
+
+def _pack(
+    hidden: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    index: torch.Tensor,
+    pair_splits: list[int],
+    row_splits: list[int],
+) -> tuple[torch.Tensor, list[int]]:
+    """uint8 [total bytes] holding, per destination rank in rank order, its hidden rows
+    then its metadata records; and the byte splits. ONE payload collective."""
+    p, r = hidden.shape[0], ids.shape[0]
+    hidden_bytes = hidden.shape[1] * hidden.element_size()
+    h = _as_bytes(hidden, p, hidden_bytes)
+    meta = torch.cat(
+        [
+            _as_bytes(weights.to(torch.float32), r, 4),
+            _as_bytes(ids.to(torch.int32), r, 4),
+            _as_bytes(index.to(torch.int32), r, 4),
+        ],
+        dim=1,
+    )
+    parts = []
+    for hd, md in zip(h.split(pair_splits), meta.split(row_splits)):
+        parts += [hd.reshape(-1), md.reshape(-1)]
+    byte_splits = [
+        p_d * hidden_bytes + r_d * ROW_META_BYTES for p_d, r_d in zip(pair_splits, row_splits)
     ]
-    return torch.cat(parts, dim=1)
+    return torch.cat(parts), byte_splits
 
 
 def _unpack(
-    packed: torch.Tensor, hidden: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n = packed.shape[0]
+    recv: torch.Tensor,
+    pair_splits: list[int],
+    row_splits: list[int],
+    hidden: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> hidden [P, H], weights f32 [R], global ids int32 [R], pair index int64 [R] (into
+    the P received hidden rows, sources in rank order)."""
     hidden_bytes = hidden * torch.empty(0, dtype=dtype).element_size()
-    x = packed[:, :hidden_bytes].contiguous().view(dtype).reshape(n, hidden)
-    weights = packed[:, hidden_bytes : hidden_bytes + 4].contiguous().view(torch.float32)
-    ids = packed[:, hidden_bytes + 4 : hidden_bytes + 8].contiguous().view(torch.int32)
-    return x, weights.reshape(n, 1), ids.reshape(n, 1)
+    h_parts, m_parts = [], []
+    offset = 0
+    for p_d, r_d in zip(pair_splits, row_splits):
+        h_parts.append(recv[offset : offset + p_d * hidden_bytes])
+        offset += p_d * hidden_bytes
+        m_parts.append(recv[offset : offset + r_d * ROW_META_BYTES])
+        offset += r_d * ROW_META_BYTES
+    p, r = sum(pair_splits), sum(row_splits)
+    x = torch.cat(h_parts).view(dtype).reshape(p, hidden)
+    meta = torch.cat(m_parts).reshape(r, ROW_META_BYTES)
+    weights = meta[:, 0:4].contiguous().view(torch.float32).reshape(r)
+    ids = meta[:, 4:8].contiguous().view(torch.int32).reshape(r)
+    index = meta[:, 8:12].contiguous().view(torch.int32).reshape(r).long()
+    # Indices are per message: shift each source's by the hidden rows of earlier sources.
+    starts = torch.tensor([sum(pair_splits[:i]) for i in range(len(pair_splits))],
+                          dtype=torch.int64, device=recv.device)
+    index += torch.repeat_interleave(
+        starts, torch.tensor(row_splits, dtype=torch.int64, device=recv.device), output_size=r
+    )
+    return x, weights, ids, index
 
 
 def _remote(splits: list[int], rank: int) -> int:
@@ -135,11 +203,13 @@ def dispatch(
     num_sharers: int = 1,
     counters: DispatchCounters | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchState]:
-    """Send each kept row of this rank's token slice to its expert's owner.
+    """Send each token of this rank's slice once to every rank owning one of its kept rows.
 
-    x [T, H]; topk_weights/topk_ids [T, k] with id -1 for dropped rows. Returns the rows
-    this rank received (hidden [R, H], weights f32 [R, 1], global expert ids int32 [R, 1]),
-    in source-rank order, and the state combine needs. Collective over `group`.
+    x [T, H]; topk_weights/topk_ids [T, k] with id -1 for dropped rows. Returns what this
+    rank received: hidden [P, H] (one row per (source token, this rank) pair, source ranks
+    in order), weights f32 [P, k] and global expert ids int32 [P, k] (a pair's rows in its
+    first slots, weight 0 / id -1 after them), and the state combine needs. Collective
+    over `group`.
     """
     import torch.distributed as dist
 
@@ -148,35 +218,80 @@ def dispatch(
     if owners.numel() and int(owners.max()) >= world:
         raise ValueError(f"experts are owned by {int(owners.max()) + 1} ranks, group has {world}")
     num_tokens, top_k = topk_ids.shape
+    device = topk_ids.device
     lo, hi = token_slice(num_tokens, sharer, num_sharers)
     ids = topk_ids[lo:hi].reshape(-1).long()
     kept = torch.nonzero(ids >= 0).squeeze(1)
     kept_ids = ids[kept]
-    dest = owners.to(kept_ids.device)[kept_ids]
-    # Stable: rows for one rank keep their (token, slot) order, which makes the result
-    # independent of the sort implementation.
+    dest = owners.to(device)[kept_ids]
+    # Stable: the rows for one rank keep their (token, slot) order, so a token's rows there
+    # are contiguous and the result does not depend on the sort implementation.
     dest_sorted, order = torch.sort(dest, stable=True)
     rows = kept[order]
     token_of_row = torch.div(rows, top_k, rounding_mode="floor") + lo
-    send_splits = torch.bincount(dest_sorted, minlength=world).tolist()
-    payload = _pack(
-        x.index_select(0, token_of_row),
+    n = rows.numel()
+    first = torch.ones(n, dtype=torch.bool, device=device)
+    if n > 1:
+        first[1:] = (dest_sorted[1:] != dest_sorted[:-1]) | (token_of_row[1:] != token_of_row[:-1])
+    pair_of_row = torch.cumsum(first, 0) - 1
+    pair_first_row = torch.nonzero(first).squeeze(1)
+    token_of_pair = token_of_row[pair_first_row]
+    pair_splits_t = torch.bincount(dest_sorted[pair_first_row], minlength=world)
+    row_splits_t = torch.bincount(dest_sorted, minlength=world)
+    # Index of each row's hidden row within its destination's message.
+    pair_starts = torch.cumsum(pair_splits_t, 0) - pair_splits_t
+    index = pair_of_row - pair_starts[dest_sorted]
+    counts = torch.stack([pair_splits_t, row_splits_t], dim=1).cpu()  # [world, 2]
+    pair_splits, row_splits = counts[:, 0].tolist(), counts[:, 1].tolist()
+    # Both counts per peer in one small all-to-all: every rank agrees on every split.
+    recv_counts, _ = all_to_all_uneven(counts.to(device), [1] * world, pg, recv_splits=[1] * world)
+    recv_counts = recv_counts.cpu()
+    recv_pair_splits, recv_row_splits = recv_counts[:, 0].tolist(), recv_counts[:, 1].tolist()
+    payload, byte_splits = _pack(
+        x.index_select(0, token_of_pair),
         topk_weights[lo:hi].reshape(-1)[rows],
         kept_ids[order],
+        index,
+        pair_splits,
+        row_splits,
     )
-    recv, recv_splits = all_to_all_uneven(payload, send_splits, pg)
-    recv_x, recv_w, recv_ids = _unpack(recv, x.shape[1], x.dtype)
+    hidden_bytes = x.shape[1] * x.element_size()
+    recv_byte_splits = [
+        p * hidden_bytes + r * ROW_META_BYTES for p, r in zip(recv_pair_splits, recv_row_splits)
+    ]
+    recv, _ = all_to_all_uneven(payload, byte_splits, pg, recv_splits=recv_byte_splits)
+    recv_x, recv_w, recv_ids, recv_pair = _unpack(
+        recv, recv_pair_splits, recv_row_splits, x.shape[1], x.dtype
+    )
+    # Rows of one pair arrive contiguous, in slot order: slot = position within the pair.
+    num_pairs, num_rows = recv_x.shape[0], recv_ids.shape[0]
+    per_pair = torch.bincount(recv_pair, minlength=num_pairs)
+    first_row_of_pair = torch.cumsum(per_pair, 0) - per_pair
+    slot = torch.arange(num_rows, device=recv.device) - first_row_of_pair[recv_pair]
+    if num_rows and bool(((slot < 0) | (slot >= top_k)).any()):
+        raise ValueError(f"received a token with more than top_k = {top_k} rows for this rank")
+    out_ids = torch.full((num_pairs, top_k), -1, dtype=torch.int32, device=recv.device)
+    out_w = torch.zeros(num_pairs, top_k, dtype=torch.float32, device=recv.device)
+    out_ids[recv_pair, slot] = recv_ids
+    out_w[recv_pair, slot] = recv_w
     if counters is not None:
-        remote = _remote(send_splits, rank)
+        remote_rows = _remote(row_splits, rank)
+        remote_pairs = _remote(pair_splits, rank)
+        nbytes = _remote(byte_splits, rank)
         counters.calls += 1
-        counters.rows_sent += len(rows)
-        counters.rows_sent_remote += remote
-        counters.rows_received += recv.shape[0]
+        counters.rows_sent += n
+        counters.rows_sent_remote += remote_rows
+        counters.rows_received += num_rows
         counters.rows_not_sent_dropped += int((ids < 0).sum())
-        counters.dispatch_bytes_remote += remote * payload.shape[1]
-        counters.bytes_sent_remote += remote * payload.shape[1]
-    state = DispatchState(num_tokens, token_of_row, send_splits, recv_splits, rank)
-    return recv_x, recv_w, recv_ids, state
+        counters.hidden_rows_sent += len(pair_first_row)
+        counters.hidden_rows_sent_remote += remote_pairs
+        counters.hidden_rows_received += num_pairs
+        counters.dispatch_bytes_remote += nbytes
+        counters.bytes_sent_remote += nbytes
+    state = DispatchState(
+        num_tokens, token_of_pair, pair_splits, recv_pair_splits, rank, row_splits, recv_row_splits
+    )
+    return recv_x, out_w, out_ids, state
 
 
 def combine(
@@ -187,10 +302,12 @@ def combine(
     output: torch.Tensor,
     counters: DispatchCounters | None = None,
 ) -> torch.Tensor:
-    """Return each received row's weighted result to its source rank and sum per token.
+    """Return each received pair's summed, weighted result to its source rank and sum the
+    returned rows per token.
 
-    expert_out [R, H] in the order dispatch delivered the rows. `output` [T, H] is written
-    (zeros for tokens outside this rank's slice or with every row dropped). Collective.
+    expert_out [P, H] in the order dispatch delivered the hidden rows. `output` [T, H] is
+    written (zeros for tokens outside this rank's slice or with every row dropped).
+    Collective.
     """
     hidden = output.shape[1]
     if expert_out.shape[0] != sum(state.recv_splits):
@@ -205,10 +322,12 @@ def combine(
     # Read everything from `back` before writing `output`: vLLM may hand us an output
     # buffer that aliases the experts' output when their shapes match.
     acc = torch.zeros(state.num_tokens, hidden, dtype=torch.float32, device=output.device)
-    acc.index_add_(0, state.token_of_row.to(output.device), back.float())
+    acc.index_add_(0, state.token_of_pair.to(output.device), back.float())
     output.copy_(acc.to(output.dtype))
     if counters is not None:
-        nbytes = _remote(state.recv_splits, state.rank) * hidden * expert_out.element_size()
+        returned = _remote(state.recv_splits, state.rank)
+        nbytes = returned * hidden * expert_out.element_size()
+        counters.hidden_rows_returned_remote += returned
         counters.combine_bytes_remote += nbytes
         counters.bytes_sent_remote += nbytes
     return output
@@ -259,11 +378,12 @@ def make_prepare_finalize_class() -> type:
     )
 
     class CapacityAllToAllPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
-        """prepare = dispatch of the kept rows, finalize = combine (see module docstring).
+        """prepare = token-once dispatch, finalize = combine (see module docstring).
 
-        Pairs only with CapacityExperts (vllm_glue.py): Standard activation format, rows
-        of any expert id (they map global ids through expert_map) and a weighted,
-        already reduced output (TopKWeightAndReduceNoOP), which is what combine sums.
+        Pairs only with CapacityExperts (vllm_glue.py): Standard activation format, the
+        received [P, H] hidden rows with [P, top_k] global ids (-1 in unused slots, which
+        they skip; global ids map through expert_map) and a weighted output already
+        reduced per hidden row (TopKWeightAndReduceNoOP), which is what combine returns.
         """
 
         def __init__(

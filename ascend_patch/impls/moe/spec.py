@@ -30,9 +30,10 @@ vLLM builds `MoEPrepareAndFinalizeNaiveDPEPModular` (all2all_utils.py:209-221, 3
 all-gather of every token to every EP rank and a reduce-scatter of the full output
 (naive_dp_ep.py:181, :241), whatever was dropped. `dispatch: all_to_all` (what `auto` picks
 for DP > 1 + EP) replaces that prepare/finalize, for our layers only, by
-`CapacityAllToAllPrepareAndFinalize`: prepare sends each kept row (id >= 0) to its expert's
-rank with `all_to_all_uneven` on the EP group, finalize sends the weighted results back and
-sums them per token. Hook chosen: the `weights` site above, after the original has built the
+`CapacityAllToAllPrepareAndFinalize`: prepare sends each token's hidden state once to every
+EP rank owning one of its kept rows (id >= 0), with a 12-byte record per row, by
+`all_to_all_uneven` on the EP group; finalize sends one weighted, summed row per (token, rank)
+back and sums them per token. Hook chosen: the `weights` site above, after the original has built the
 kernel, rebuilds it as `FusedMoEKernel(our prepare/finalize, the same CapacityExperts)`
 (modular_kernel.py:1613). No new patch site, because:
   * only layers whose experts are CapacityExperts may get it (the combine relies on their

@@ -12,8 +12,12 @@ Shape of `ctx.stats` (JSON-friendly: str keys, ints and floats only):
       "dispatch_paths": {"<layer>": {"path": "all_to_all" | "allgather", "why": "..."}},
       "all_to_all": {"calls": .., "rows_sent": .., "rows_sent_remote": ..,
                      "rows_received": .., "rows_not_sent_dropped": ..,
+                     "hidden_rows_sent": .., "hidden_rows_sent_remote": ..,
+                     "hidden_rows_received": .., "hidden_rows_returned_remote": ..,
                      "bytes_sent_remote": .., "dispatch_bytes_remote": ..,
                      "combine_bytes_remote": ..},   # only when a layer uses all_to_all
+                                        # (rows: (token, expert) rows; hidden rows: one
+                                        # per (token, rank) pair; see DispatchCounters)
       "config_checked_over_ranks": 2,   # EP group size of the first-call config check
       "layers": {
         "<layer name>": {
