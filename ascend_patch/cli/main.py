@@ -50,9 +50,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import os
 
     from ascend_patch.core.live import live_problems
-    from ascend_patch.core.runtime import DISABLE_ENV, parse_disabled
-
     from ascend_patch.core.profiles import ModelInfo, select
+    from ascend_patch.core.runtime import DISABLE_ENV, parse_disabled
 
     config = _load(args.config)
     disabled = parse_disabled(os.environ.get(DISABLE_ENV), config)
@@ -123,7 +122,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     vllm = installed_vllm()
     facts["vllm"] = str(vllm) if vllm else "not installed"
     try:
-        import torch_npu  # noqa: F401
+        import torch_npu
 
         facts["torch_npu"] = f"importable ({torch_npu.__version__})"
         npu = True

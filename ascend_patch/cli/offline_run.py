@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 RESULT_PREFIX = "ASCEND_PATCH_RESULT "
 
@@ -32,7 +33,7 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    prompts = json.loads(open(args.prompts_json).read())
+    prompts = json.loads(Path(args.prompts_json).read_text())
     started = time.perf_counter()
     llm = LLM(
         model=args.model,

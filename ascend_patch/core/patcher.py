@@ -214,7 +214,7 @@ class Patcher:
             replacement = factory(current, record.context)
         except PatchError:
             raise
-        except Exception as exc:  # noqa: BLE001 - reported with the patch's name
+        except Exception as exc:
             raise PatchError(f"{site.factory} failed: {type(exc).__name__}: {exc}") from exc
         try:
             replacement.__wrapped__ = current

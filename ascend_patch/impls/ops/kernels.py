@@ -13,7 +13,7 @@ import torch
 
 
 def torch_npu_module() -> ModuleType:
-    import torch_npu  # noqa: PLC0415 - only importable on Ascend hosts with CANN
+    import torch_npu
 
     return torch_npu
 
