@@ -71,6 +71,18 @@ def flush() -> Path | None:
     return target
 
 
+def report_interval() -> float:
+    """Seconds between background rewrites (ASCEND_PATCH_REPORT_INTERVAL); raises if invalid."""
+    raw = os.environ.get(REPORT_INTERVAL_ENV, "1")
+    try:
+        return float(raw)
+    except ValueError:
+        from ascend_patch.core.errors import ConfigError
+
+        raise ConfigError.single(f"${REPORT_INTERVAL_ENV}", None, "",
+                                 f"{raw!r} is not a number of seconds") from None
+
+
 def _start_background_writer() -> None:
     """Rewrite the report every ASCEND_PATCH_REPORT_INTERVAL seconds, and at exit.
 
@@ -82,7 +94,7 @@ def _start_background_writer() -> None:
         return
     _writer_pid = os.getpid()
     atexit.register(_flush_quietly)
-    interval = float(os.environ.get(REPORT_INTERVAL_ENV, "1"))
+    interval = report_interval()
     if interval <= 0:
         return
 

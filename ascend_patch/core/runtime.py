@@ -70,6 +70,7 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
     if not path:
         return None
     _configure_logging()
+    report.report_interval()  # refuse a bad setting before anything is patched
     config = load_config(path)
     expected = env.get(DIGEST_ENV)
     if expected and expected != config.digest:

@@ -150,3 +150,18 @@ os._exit(0)  # no atexit: only the background writer can have written the 3 call
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "3"
+
+
+def test_bad_report_interval_is_a_clear_error(toy_config, tmp_path, monkeypatch):
+    import ascend_patch.core.report as report_module
+
+    monkeypatch.setattr(report_module, "_writer_pid", None)
+    monkeypatch.setenv("ASCEND_PATCH_REPORT_DIR", str(tmp_path / "reports"))
+    monkeypatch.setenv("ASCEND_PATCH_REPORT_INTERVAL", "often")
+    with pytest.raises(ConfigError) as info:
+        apply_from_env({"ASCEND_PATCH_CONFIG": str(toy_config)})
+    assert str(info.value) == (
+        "invalid ascend-patch config: $ASCEND_PATCH_REPORT_INTERVAL: 'often' is not a number of seconds")
+    from ascend_patch.core.patcher import PATCHER
+
+    assert PATCHER.config is None and PATCHER.installed == []
