@@ -45,6 +45,9 @@ def serve(tiny_model: Path, tmp_path: Path, config: Path, args: list[str]) -> Ma
         workers=2,
         ASCEND_PATCH_CONFIG=str(config),
         ASCEND_PATCH_REPORT_DIR=str(tmp_path / "reports"),
+        # Cross-rank checks need every rank's report written after the same MoE call: only
+        # the log_interval flushes (which DP ranks reach in lockstep), not wall-clock rewrites.
+        ASCEND_PATCH_REPORT_INTERVAL="0",
     )
     return ManagedServer(
         tiny_model, args=args, env=env, log_path=tmp_path / "server.log",
