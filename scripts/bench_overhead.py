@@ -62,7 +62,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def startup(runs: int, work: Path, timeout: float = 300.0) -> dict:
-    from ascend_patch.cli.offline_run import RESULT_PREFIX
+    from ascend_patch.cli import offline_run
     from ascend_patch.cli.procs import run_in_group, vllm_env
     from ascend_patch.cli.tiny_model import make_tiny_model
 
@@ -71,8 +71,7 @@ def startup(runs: int, work: Path, timeout: float = 300.0) -> dict:
     config.write_text(CONFIG)
     prompts = work / "prompts.json"
     prompts.write_text(json.dumps(["w1 w2 w3 w4 w5 w6 w7 w8"]))
-    cmd = [sys.executable, "-m", "ascend_patch.cli.offline_run", str(model), "--prompts-json",
-           str(prompts), "--max-tokens", "2"]
+    cmd = offline_run.command(model, prompts, max_tokens=2)
     samples: dict[str, dict[str, list[float]]] = {
         arm: {"startup_s": [], "process_s": []} for arm in ("unset", "config")}
     for i in range(runs):
@@ -81,10 +80,9 @@ def startup(runs: int, work: Path, timeout: float = 300.0) -> dict:
             t0 = time.perf_counter()
             code, log = run_in_group(cmd, vllm_env(**extra), timeout, cwd=REPO)
             wall = time.perf_counter() - t0
-            lines = [l for l in log.splitlines() if l.startswith(RESULT_PREFIX)]
-            if code != 0 or not lines:
+            result = offline_run.parse_result(log)
+            if code != 0 or result is None:
                 raise RuntimeError(f"offline run ({arm}) failed, exit {code}:\n{log[-3000:]}")
-            result = json.loads(lines[-1][len(RESULT_PREFIX):])
             samples[arm]["startup_s"].append(result["startup_s"])
             samples[arm]["process_s"].append(wall)
     med = {arm: {k: statistics.median(v) for k, v in s.items()} for arm, s in samples.items()}

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ascend_patch.cli.offline_run import RESULT_PREFIX
+from ascend_patch.cli import offline_run
 from ascend_patch.cli.procs import run_in_group, vllm_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,22 +40,15 @@ def run_offline(
 ) -> Run:
     prompts_file = tmp_path / f"prompts-{len(list(tmp_path.glob('prompts-*')))}.json"
     prompts_file.write_text(json.dumps(prompts))
-    cmd = [sys.executable, "-m", "ascend_patch.cli.offline_run", str(model),
-           "--prompts-json", str(prompts_file), "--max-tokens", str(max_tokens),
-           "--tensor-parallel-size", str(tensor_parallel), "--logprobs", str(logprobs)]
-    if expert_parallel:
-        cmd.append("--enable-expert-parallel")
+    cmd = offline_run.command(model, prompts_file, max_tokens=max_tokens, logprobs=logprobs,
+                              tensor_parallel=tensor_parallel, expert_parallel=expert_parallel)
     extra = dict(env or {})
     if config is not None:
         extra["ASCEND_PATCH_CONFIG"] = str(config)
     if report_dir is not None:
         extra["ASCEND_PATCH_REPORT_DIR"] = str(report_dir)
     code, log = run_in_group(cmd, vllm_env(workers=tensor_parallel, **extra), timeout, cwd=REPO)
-    result = None
-    for line in log.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX):])
-    return Run(code, log, result)
+    return Run(code, log, offline_run.parse_result(log))
 
 
 def reports_by_role(report_dir: Path) -> dict[str, dict[str, Any]]:

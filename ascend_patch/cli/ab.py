@@ -8,13 +8,12 @@ the first arm is the reference for agreement, so make it the dropless one.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ascend_patch.cli.offline_run import RESULT_PREFIX
+from ascend_patch.cli import offline_run
 from ascend_patch.cli.procs import run_in_group, vllm_env
 from ascend_patch.core.report import read_reports
 
@@ -75,19 +74,16 @@ def run_arm(arm: Arm, model: Path, prompts_file: Path, work: Path, *, max_tokens
     env = {"ASCEND_PATCH_CONFIG": str(arm.config), "ASCEND_PATCH_REPORT_DIR": str(report_dir)}
     if arm.override:
         env["ASCEND_PATCH_OVERRIDE"] = json.dumps(arm.override)
-    cmd = [sys.executable, "-m", "ascend_patch.cli.offline_run", str(model), "--prompts-json",
-           str(prompts_file), "--max-tokens", str(max_tokens), "--logprobs", str(logprobs),
-           "--tensor-parallel-size", str(tensor_parallel), "--measure-prefill",
-           "--max-num-batched-tokens", "8192"]
-    if expert_parallel:
-        cmd.append("--enable-expert-parallel")
+    cmd = offline_run.command(
+        model, prompts_file, max_tokens=max_tokens, logprobs=logprobs,
+        tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
+        extra=("--measure-prefill", "--max-num-batched-tokens", "8192"))
     code, log = run_in_group(cmd, vllm_env(workers=tensor_parallel, **env), timeout)
     log_path = work / f"arm-{arm.label}.log"
     log_path.write_text(log)
-    lines = [line for line in log.splitlines() if line.startswith(RESULT_PREFIX)]
-    if code != 0 or not lines:
+    result = offline_run.parse_result(log)
+    if code != 0 or result is None:
         raise ArmFailed(f"arm {arm.label} failed (exit {code}); log {log_path}:\n{log[-3000:]}")
-    result = json.loads(lines[-1][len(RESULT_PREFIX):])
     return ArmResult(arm, result, _moe_stats(report_dir), log_path)
 
 

@@ -10,10 +10,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 RESULT_PREFIX = "ASCEND_PATCH_RESULT "
+
+
+def command(model, prompts_file, *, max_tokens: int, logprobs: int = 0, tensor_parallel: int = 1,
+            expert_parallel: bool = False, extra: tuple[str, ...] = ()) -> list[str]:
+    """The command line that runs this module on `model` with the prompts in `prompts_file`."""
+    cmd = [sys.executable, "-m", "ascend_patch.cli.offline_run", str(model), "--prompts-json",
+           str(prompts_file), "--max-tokens", str(max_tokens), "--logprobs", str(logprobs),
+           "--tensor-parallel-size", str(tensor_parallel), *extra]
+    if expert_parallel:
+        cmd.append("--enable-expert-parallel")
+    return cmd
+
+
+def parse_result(log: str) -> dict | None:
+    """The result a run printed (its last result line), or None if it printed none."""
+    lines = [line for line in log.splitlines() if line.startswith(RESULT_PREFIX)]
+    return json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else None
 
 
 def main() -> None:

@@ -84,23 +84,8 @@ def moe_forward(
     else:
         scales = weights.to(x.dtype)
 
-    gate_up = ops.npu_grouped_matmul(
-        [expanded_x],
-        [w13.transpose(1, 2)],
-        group_list=group_list,
-        split_item=2,
-        group_type=0,
-        group_list_type=0,
-    )[0]
-    hidden_act = ops.npu_swiglu(gate_up, dim=-1)
-    down = ops.npu_grouped_matmul(
-        [hidden_act],
-        [w2.transpose(1, 2)],
-        group_list=group_list,
-        split_item=2,
-        group_type=0,
-        group_list_type=0,
-    )[0]
+    gate_up = _grouped_matmul(ops, expanded_x, w13, group_list)
+    down = _grouped_matmul(ops, ops.npu_swiglu(gate_up, dim=-1), w2, group_list)
     # Rows past the last group are not computed: their content is unspecified and a zero
     # scale times garbage can still be NaN, so clear them (no host sync needed).
     computed = torch.arange(down.shape[0], device=x.device) < group_list[-1]
@@ -117,3 +102,11 @@ def moe_forward(
         # Only used to index `bias`, which is None; vllm-ascend passes the global ids too.
         export_for_source_row=topk_ids.to(torch.int32),
     )
+
+
+def _grouped_matmul(ops: Any, rows: torch.Tensor, weight: torch.Tensor, group_list: torch.Tensor):
+    """rows of group g times weight[g]^T; group_list holds cumulative row counts (type 0)."""
+    return ops.npu_grouped_matmul(
+        [rows], [weight.transpose(1, 2)], group_list=group_list, split_item=2, group_type=0,
+        group_list_type=0,
+    )[0]
