@@ -1,6 +1,6 @@
 """Issue item 3: expert-parallel dispatch across 2 gloo processes under skewed routing.
 
-    .venv/bin/python scripts/bench_dispatch.py [--tokens 2048] [--skew 1.5] [--reps 21]
+    .venvs/vllm-0.32/bin/python scripts/bench_dispatch.py [--tokens 2048] [--skew 1.5] [--reps 21]
 
 Two CPU processes (gloo, one torch thread each) form an EP2 group; each holds half of the
 tokens and half of the 256 experts (DeepSeek-V3 routing shape from routing_sim, calibrated

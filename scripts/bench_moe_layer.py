@@ -1,6 +1,6 @@
 """Issue item 1: the MoE layer alone, DeepSeek-V3 routing shape, simulated EP16.
 
-    .venv/bin/python scripts/bench_moe_layer.py [--tokens 8192] [--reps 9] [--out bench-results]
+    .venvs/vllm-0.32/bin/python scripts/bench_moe_layer.py [--tokens 8192] [--reps 9] [--out bench-results]
 
 8192 tokens per call by default: the seed PR's setting (batch 8 x 3.5K-token prompts over
 AttnDP=2) gives ~14K prefill tokens per MoE call; fewer tokens leave each expert's fixed cost

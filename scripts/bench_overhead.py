@@ -1,6 +1,6 @@
 """Issue item 4: what the patcher costs.
 
-    .venv/bin/python scripts/bench_overhead.py [--runs 3] [--loader-runs 7]
+    .venvs/vllm-0.32/bin/python scripts/bench_overhead.py [--runs 3] [--loader-runs 7]
 
 1. vLLM offline start-up (`LLM(...)` construction, tiny DeepseekV3 from
    `ascend_patch.cli.tiny_model`, dummy weights) without and with ASCEND_PATCH_CONFIG, runs

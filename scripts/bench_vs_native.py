@@ -1,6 +1,6 @@
 """Issue item 2: our torch backend against vLLM's own CPU fused MoE, same weights and routing.
 
-    .venv/bin/python scripts/bench_vs_native.py [--tokens 4096] [--reps 7] [--threads 1]
+    .venvs/vllm-0.32/bin/python scripts/bench_vs_native.py [--tokens 4096] [--reps 7] [--threads 1]
 
 Native = `vllm._custom_ops.cpu_fused_moe` on weights prepacked by `cpu_prepack_moe_weight`
 (isa "amx" where the CPU has AMX, else "vec"), exactly what CPUUnquantizedExperts

@@ -24,17 +24,65 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _load(path: str):
+def _stack(args: argparse.Namespace):
+    """The stack to plan for: this machine's, or the one --vllm-line / --platform name."""
+    from ascend_patch.core.versions import Stack, detect_platform, detect_stack
+
+    line, platform = getattr(args, "vllm_line", None), getattr(args, "platform", None)
+    if line is None and platform is None:
+        return detect_stack()
+    if line is None:
+        line = detect_stack().line
+        if line is None:
+            raise ConfigError.single("--platform", None, "", "no vLLM is installed here: "
+                                     "name the line with --vllm-line too")
+    return Stack.for_line(line, platform or detect_platform()[0])
+
+
+def _load(path: str, stack=None):
     from ascend_patch.core.config import load_config
 
-    return load_config(path)
+    return load_config(path, stack)
+
+
+def _checker(args: argparse.Namespace, stack):
+    """Import what is installed when it is the planned stack; read --source trees otherwise."""
+    from ascend_patch.core.live import Checker
+    from ascend_patch.core.versions import detect_platform, installed_vllm, line_of
+
+    sources = None
+    if getattr(args, "source", None):
+        from ascend_patch.core.static_targets import SourceRoots
+
+        # vllm-ascend picks code paths with vllm_version_is("X.Y.Z"): read the planned line's.
+        hints = {f'vllm_version_is("{v}")': v.startswith(f"{stack.line}.") for v in
+                 ("0.23.0", "0.27.1", "0.32.0")}
+        sources = SourceRoots(dict(args.source), branch_hints=hints)
+    vllm = installed_vllm()
+    here = line_of(vllm.version) if vllm else None
+    importable = here is not None and here.name == stack.line and (
+        stack.platform == detect_platform()[0])
+    return Checker(sources, importable=importable)
+
+
+def _source_arg(text: str) -> tuple[str, object]:
+    from pathlib import Path
+
+    package, sep, directory = text.partition("=")
+    if not sep or not package.isidentifier() or not directory:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PACKAGE=DIR, e.g. vllm_ascend=src/")
+    if not Path(directory).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {directory} is not a directory")
+    return package, Path(directory)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from ascend_patch.core.live import live_problems
 
-    config = _load(args.config)
-    problems = live_problems(config)
+    stack = _stack(args)
+    config = _load(args.config, stack)
+    checker = _checker(args, stack)
+    problems = live_problems(config, checker if (args.source or not checker.importable) else None)
     failed = False
     for patch in config.patches:
         for problem in problems[patch.name]:
@@ -42,7 +90,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             err.print(f"{patch.file}:{patch.line}: patches.{patch.name}: {problem}", markup=False)
     if failed:
         return EXIT_INVALID
-    out.print(f"{config.path}: OK ({len(config.patches)} patches, sha256 {config.digest[:12]})")
+    checked = sum(len(p.sites) + len(p.relies_on) for p in config.patches)
+    out.print(f"{config.path}: OK for {config.stack.describe()} ({len(config.patches)} patches, "
+              f"{checked} targets and interfaces checked, sha256 {config.digest[:12]})")
     return EXIT_OK
 
 
@@ -53,7 +103,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ascend_patch.core.profiles import ModelInfo, select
     from ascend_patch.core.runtime import DISABLE_ENV, parse_disabled
 
-    config = _load(args.config)
+    stack = _stack(args)
+    config = _load(args.config, stack)
     disabled = parse_disabled(os.environ.get(DISABLE_ENV), config)
     if args.profile is not None and args.profile not in config.profiles:
         raise ConfigError.single(config.path, None, "profiles", f"no profile named {args.profile!r} "
@@ -62,17 +113,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.model is not None:
         profile = select(config, ModelInfo.from_name_or_path(args.model), args.profile)
     config = config.with_profile(profile)
-    problems = live_problems(config) if args.check else {}
+    checker = _checker(args, stack)
+    check = args.check and checker.importable
+    problems = live_problems(config) if check else {}
     rows = []
     for patch in config.patches:
         if not patch.enabled:
             status = "off (enabled: false)"
         elif patch.name in disabled or "*" in disabled:
             status = f"off ({DISABLE_ENV})"
+        elif patch.provided:
+            status = f"nothing to patch: {patch.provided}"
+        elif patch.unsupported and not check:
+            status = ("SKIP: " if patch.on_error == "skip" else "FAIL: ") + patch.unsupported
         elif problems.get(patch.name):
             status = ("SKIP: " if patch.on_error == "skip" else "FAIL: ") + "; ".join(problems[patch.name])
         else:
-            status = "apply" if args.check else "apply (targets not checked)"
+            status = "apply" if check else "apply (targets not checked)"
         rows.append({
             "name": patch.name,
             "impl": patch.impl.name,
@@ -92,9 +149,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         headline = "base patches" + (f"; profiles: {names} (chosen per model)" if names else "")
     if args.json:
         out.print_json(json.dumps({"config": config.path, "digest": config.digest,
+                                   "vllm_line": stack.line, "platform": stack.platform,
                                    "profile": profile, "patches": rows}))
     else:
-        out.print(headline)
+        out.print(f"{config.stack.describe()}: {headline}")
         table = Table(title=f"{config.path} (sha256 {config.digest[:12]})")
         for column in ("patch", "impl", "target", "options (after defaults)", "status"):
             table.add_column(column, overflow="fold")
@@ -109,7 +167,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from ascend_patch.core import catalog
-    from ascend_patch.core.versions import installed_vllm, version_matches
+    from ascend_patch.core.versions import (
+        LINES,
+        UnsupportedVllmError,
+        detect_platform,
+        detect_stack,
+        installed_vllm,
+    )
 
     facts: dict[str, str] = {"python": sys.version.split()[0], "machine": platform.machine()}
     try:
@@ -122,30 +186,48 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     vllm = installed_vllm()
     facts["vllm"] = str(vllm) if vllm else "not installed"
     try:
+        stack = detect_stack()
+        facts["vllm line"] = stack.line or "-"
+    except UnsupportedVllmError as exc:
+        stack = None
+        facts["vllm line"] = f"UNSUPPORTED: {exc}"
+    platform_name, why = detect_platform()
+    facts["platform"] = f"{platform_name} ({why})"
+    try:
         import torch_npu
 
         facts["torch_npu"] = f"importable ({torch_npu.__version__})"
-        npu = True
     except Exception as exc:  # noqa: BLE001 - torch_npu fails in many ways without CANN
         facts["torch_npu"] = f"not importable: {type(exc).__name__}: {exc}"
-        npu = False
-    device = "npu" if npu else ("cuda" if facts.get("cuda") == "available" else "cpu")
-    facts["platform"] = device
+    if facts.get("cuda") == "available":
+        facts["cuda note"] = ("moe.capacity on CUDA is UNVERIFIED: it has never run on a GPU "
+                              "(dropped rows are masked for vLLM's own Triton experts)")
     table = Table(title="ascend-patch doctor", show_header=False)
     for key, value in facts.items():
         table.add_row(key, value)
     out.print(table)
-    entries = Table(title="catalog")
-    for column in ("implementation", "vLLM versions", "platforms", "runs here"):
-        entries.add_column(column)
+    entries = Table(title="catalog: what each implementation does per vLLM line and platform")
+    entries.add_column("implementation")
+    for line in LINES:
+        for plat in ("vllm", "ascend"):
+            entries.add_column(f"{line.name} {plat}", overflow="fold")
+    entries.add_column("here")
     for name in catalog.builtin_names():
         impl = catalog.lookup(name)
-        reasons = []
-        if vllm is None or not version_matches(vllm.version, impl.vllm_versions):
-            reasons.append(f"needs vLLM {impl.vllm_versions}")
-        if device not in impl.platforms:
-            reasons.append(f"not for {device}")
-        entries.add_row(name, impl.vllm_versions, ", ".join(impl.platforms), "yes" if not reasons else "no: " + "; ".join(reasons))
+        cells = []
+        for line in LINES:
+            for plat in ("vllm", "ascend"):
+                site_set = impl.site_set(line.name, plat)
+                cells.append("-" if site_set is None else "patch" if site_set.sites
+                             else "provided" if site_set.provided else "unsupported")
+        if stack is None or stack.line is None:
+            here = "no (no supported vLLM)"
+        else:
+            site_set = impl.site_set(stack.line, stack.platform)
+            here = ("no: nothing declared" if site_set is None else "patches" if site_set.sites
+                    else f"nothing to do: {site_set.provided}" if site_set.provided
+                    else f"no: {site_set.unsupported}")
+        entries.add_row(name, *cells, here)
     out.print(entries)
     return EXIT_OK
 
@@ -155,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     validate = sub.add_parser("validate", help="check a config: schema, catalog, options, live targets")
     validate.add_argument("config")
+    _stack_arguments(validate)
+    validate.add_argument("--source", action="append", type=_source_arg, default=[],
+                          metavar="PACKAGE=DIR",
+                          help="check targets under PACKAGE by reading DIR, without importing it "
+                          "(e.g. vllm_ascend=vllm-ascend-0.23.0.post1/)")
     validate.set_defaults(func=cmd_validate)
     plan = sub.add_parser("plan", help="show what a config would patch")
     plan.add_argument("config")
@@ -163,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--profile", help="pin a profile, as ASCEND_PATCH_PROFILE does")
     plan.add_argument("--no-check", dest="check", action="store_false",
                       help="do not import vLLM to check targets")
+    _stack_arguments(plan)
     plan.set_defaults(func=cmd_plan)
     doctor = sub.add_parser("doctor", help="what this machine can run")
     doctor.set_defaults(func=cmd_doctor)
@@ -174,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ab.add_parser(sub)
     return parser
+
+
+def _stack_arguments(parser: argparse.ArgumentParser) -> None:
+    from ascend_patch.core.versions import LINE_NAMES, PLATFORM_ALIASES
+
+    parser.add_argument("--vllm-line", choices=LINE_NAMES,
+                        help="plan for this vLLM line instead of the installed one")
+    parser.add_argument("--platform", choices=sorted(PLATFORM_ALIASES),
+                        help="plan for this platform (cpu/cuda: vLLM's own layers; ascend: "
+                        "vllm-ascend's) instead of the detected one")
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:

@@ -41,19 +41,62 @@ class Site:
 
 
 @dataclass(frozen=True)
+class Interface:
+    """An upstream symbol an implementation relies on without patching it (called, subclassed
+    or read). Declared so that `validate` and the loader see upstream drift before users do."""
+
+    target: str
+    signature: str | None
+    why: str
+
+
+@dataclass(frozen=True)
+class SiteSet:
+    """What an implementation does on some vLLM lines of one platform.
+
+    Exactly one of three: patch `sites` (relying on `relies_on`), or `provided` (the platform
+    already does this: nothing to patch, one log line), or `unsupported` (it cannot work
+    there; the patch fails or is skipped per its on_error, with this reason).
+    """
+
+    lines: tuple[str, ...]
+    platform: str = "vllm"
+    sites: tuple[Site, ...] = ()
+    relies_on: tuple[Interface, ...] = ()
+    provided: str = ""
+    unsupported: str = ""
+
+    def __post_init__(self) -> None:
+        kinds = [bool(self.sites), bool(self.provided), bool(self.unsupported)]
+        if sum(kinds) != 1:
+            raise ValueError("a SiteSet has sites, or `provided`, or `unsupported`: exactly one")
+
+
+@dataclass(frozen=True)
 class Implementation:
     name: str
     summary: str
     why: str
-    vllm_versions: str
-    sites: tuple[Site, ...]
+    site_sets: tuple[SiteSet, ...]
     options: type[BaseModel] = NoOptions
-    # Platforms the implementation can run on ("cpu", "cuda", "npu"); `doctor` reports them.
-    platforms: tuple[str, ...] = ("cpu", "cuda", "npu")
+
+    def site_set(self, line: str | None, platform: str) -> SiteSet | None:
+        """The set for this line and platform; None when the catalog declares none."""
+        return next(
+            (s for s in self.site_sets
+             if s.platform == platform and line is not None and line in s.lines),
+            None,
+        )
 
     @property
-    def default_targets(self) -> tuple[str, ...]:
-        return tuple(site.target for site in self.sites)
+    def roles(self) -> tuple[str, ...]:
+        """Every site role on any line or platform (what a config's `target:` may name)."""
+        return tuple(dict.fromkeys(site.role for s in self.site_sets for site in s.sites))
+
+    def lines(self, platform: str) -> tuple[str, ...]:
+        """Lines where this implementation patches something on `platform`."""
+        return tuple(line for s in self.site_sets if s.platform == platform and s.sites
+                     for line in s.lines)
 
 
 # Module that defines each built-in implementation as `IMPLEMENTATION` (imported lazily).

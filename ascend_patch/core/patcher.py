@@ -21,7 +21,7 @@ from ascend_patch.core.config import LoadedConfig, PlannedPatch, PlannedSite
 from ascend_patch.core.context import PatchContext
 from ascend_patch.core.errors import PatchError
 from ascend_patch.core.imports import WATCHER
-from ascend_patch.core.live import signature_problem, version_problems
+from ascend_patch.core.live import interface_problem, signature_problem, version_problems
 from ascend_patch.core.targets import Resolved, render_signature, resolve
 from ascend_patch.core.versions import InstalledVllm, installed_vllm
 
@@ -54,13 +54,17 @@ class InstalledSite:
 class PatchRecord:
     name: str
     impl: str
-    status: str  # applied | pending | skipped | disabled | failed
+    status: str  # applied | pending | provided | skipped | disabled | failed
     reason: str = ""
     targets: dict[str, str] = field(default_factory=dict)  # role -> target
     applied_roles: list[str] = field(default_factory=list)
     copies: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     context: PatchContext | None = None
+    # Relied-on interfaces checked against the running vLLM, and those whose module was not
+    # loaded when the patch was installed (`validate` checks every one).
+    interfaces_checked: list[str] = field(default_factory=list)
+    interfaces_unchecked: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -72,6 +76,8 @@ class PatchRecord:
             "applied_roles": self.applied_roles,
             "copies_patched": self.copies,
             "options": self.options,
+            "interfaces_checked": self.interfaces_checked,
+            "interfaces_unchecked": self.interfaces_unchecked,
             "stats": self.context.stats if self.context else {},
         }
 
@@ -105,6 +111,7 @@ class Patcher:
             except BaseException:
                 self._rollback(installed_before)
                 WATCHER.clear()
+                self._close_contexts(records.values())
                 raise
             self.config = config
             self.records = records
@@ -114,8 +121,15 @@ class Patcher:
         with self._lock:
             self._rollback(0)
             WATCHER.clear()
+            self._close_contexts(self.records.values())
             self.config = None
             self.records = {}
+
+    @staticmethod
+    def _close_contexts(records) -> None:
+        for record in records:
+            if record.context is not None:
+                record.context.close()
 
     # -- internals ------------------------------------------------------------------------
     def _rollback(self, keep: int) -> None:
@@ -142,10 +156,18 @@ class Patcher:
         if patch.name in disabled or "*" in disabled:
             record.status, record.reason = "disabled", "ASCEND_PATCH_DISABLE"
             return record
-        problems = version_problems(config, patch, vllm)
+        problems = version_problems(config, vllm)
+        if patch.unsupported:
+            problems.append(patch.unsupported)
         if problems:
             return self._handle_failure(patch, record, PatchError("; ".join(problems)))
-        record.context = PatchContext(patch.name, patch.impl.name, patch.options)
+        if patch.provided:
+            record.status, record.reason = "provided", patch.provided
+            return record
+        record.context = PatchContext(
+            patch.name, patch.impl.name, patch.options, where=patch.where, stack=config.stack,
+            flush=report.flush,
+        )
         try:
             for site in patch.sites:
                 if site.target.module in sys.modules:
@@ -168,6 +190,8 @@ class Patcher:
         for site in reversed(mine):
             site.uninstall()
         self.installed = [s for s in self.installed if s.patch != patch.name]
+        if record.context is not None:
+            record.context.close()
         record.status, record.reason = "skipped", f"on_error: skip: {exc}"
         record.applied_roles.clear()
         return record
@@ -208,6 +232,7 @@ class Patcher:
         problem = signature_problem(patch, site, render_signature(current))
         if problem:
             raise PatchError(problem)
+        self._check_interfaces(patch, record)
         try:
             factory = catalog.load_callable(site.factory)
             assert record.context is not None
@@ -232,6 +257,26 @@ class Patcher:
         if isinstance(resolved.owner, ModuleType):
             self._patch_copies(installed, record)
         record.applied_roles.append(site.role)
+
+    @staticmethod
+    def _check_interfaces(patch: PlannedPatch, record: PatchRecord) -> None:
+        """Check the relied-on interfaces whose module is loaded (once per patch).
+
+        Importing the others here could run a module that is half-initialised higher up the
+        import that triggered this install; `validate` imports and checks every one.
+        """
+        if record.interfaces_checked or record.interfaces_unchecked:
+            return
+        for interface in patch.relies_on:
+            if interface.target.module not in sys.modules:
+                record.interfaces_unchecked.append(str(interface.target))
+                continue
+            problem = interface_problem(patch, interface, import_module=False)
+            if problem:
+                record.interfaces_checked.clear()
+                record.interfaces_unchecked.clear()
+                raise PatchError(problem)
+            record.interfaces_checked.append(str(interface.target))
 
     @staticmethod
     def _patch_copies(installed: InstalledSite, record: PatchRecord) -> None:

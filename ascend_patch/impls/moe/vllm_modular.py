@@ -1,35 +1,33 @@
-"""vLLM 0.32 glue of `moe.capacity`: the two replacement factories of spec.py.
+"""`moe.capacity` in vLLM's modular MoE kernel: the adapter both vLLM lines share.
 
-How one unquantized MoE forward runs once patched (file:line of vLLM 0.32 in
-docs/vllm-moe-internals.md):
+vLLM 0.23 and 0.32 build unquantized MoE the same way where it matters here (the interfaces
+below are declared in spec.py and checked by the loader): the method's `apply(layer, x,
+topk_weights, topk_ids, ...)` runs after the router, and the modular kernel
+(`FusedMoEKernel(prepare_finalize, experts)`) dispatches, computes and combines. How one
+forward runs once patched (0.32 file:line in docs/vllm-moe-internals.md):
 
     MoERunner._apply_quant_method                       runner/moe_runner.py:598
       shared experts (NO_OVERLAP order)                 vLLM, unchanged
       router.select_experts -> topk_weights, topk_ids   vLLM, unchanged
-      RoutedExperts.forward_modular
-        UnquantizedFusedMoEMethod.apply   <- make_apply: plan_drops on this rank's rows,
-                                             dropped row -> id -1, weight 0, then the original
+        UnquantizedFusedMoEMethod.apply   <- make_apply: the drop step (drop_step.py) on this
+                                             rank's rows, dropped row -> id -1, then the original
           forward_native -> FusedMoEKernel.apply        modular_kernel.py:1424
             prepare (NoDPEP: nothing; DP: all-gather dispatch)     vLLM, unchanged, or
                                           <- dispatch all_to_all: kept rows to their owner
             experts.apply                 <- CapacityExperts: torch/npu backend, only kept
                                              rows of local experts (expert_map honoured)
             finalize (weight-and-reduce is a no-op; DP: reduce-scatter combine, or
-                      <- all_to_all: results back to the source rank, summed per token;
-                      shared experts when the MK overlaps them)   vLLM, unchanged
+                      <- all_to_all: results back to the source rank, summed per token)
     then the runner's routed_scaling_factor, shared + routed add, TP/EP all-reduce: vLLM
 
-`make_process_weights_after_loading` puts CapacityExperts in place of the CPU (or Triton)
-experts class before the modular kernel is built, so the CPU grouped-gemm prepack never
-runs and w13/w2 keep vLLM's standard layout. With `dispatch: all_to_all` (or `auto` under
-DP > 1 + EP) it then rebuilds the layer's kernel with the all-to-all prepare/finalize of
-all_to_all_dispatch.py, so prepare sends only the kept rows to their experts' ranks and
-finalize returns them (instead of vLLM's all-gather dispatch / reduce-scatter combine).
-The first plan call of a process compares the config digest and options over the EP group.
-
-The planner and the expert compute run as the custom ops `ascend_patch::moe_capacity_plan`
-and `ascend_patch::moe_capacity_experts`: on CPU vLLM lets torch.compile trace the MoE layer,
-and neither is traceable (host syncs, data-dependent shapes, collectives).
+`make_process_weights_after_loading` puts CapacityExperts in place of the Triton (or 0.32's
+modular CPU) experts class before the modular kernel is built, so weights keep vLLM's
+standard layout. vLLM 0.23's CPU backend has no modular kernel at all (a monolithic kernel
+that routes by itself): vllm_0_23_cpu.py builds one for it and routes in `apply_monolithic`,
+then the rest is this module's. With `dispatch: all_to_all` (or `auto` under DP > 1 + EP)
+the layer's kernel is rebuilt with the all-to-all prepare/finalize of all_to_all_dispatch.py.
+The first drop step of a process compares the config digest and options over the EP group.
+The drop plan and the expert compute run as custom ops (custom_ops.py).
 """
 
 from __future__ import annotations
@@ -41,60 +39,33 @@ from typing import Any
 import torch
 
 from ascend_patch.core.context import PatchContext
-from ascend_patch.impls.moe.backends import select_backend
-from ascend_patch.impls.moe.capacity import plan_drops
-from ascend_patch.impls.moe.options import CapacityOptions
-from ascend_patch.impls.moe.stats import CapacityStats
+from ascend_patch.impls.moe import custom_ops
+from ascend_patch.impls.moe.drop_step import DropStep
+from ascend_patch.impls.moe.state import CapacityState
 
 logger = logging.getLogger("ascend_patch.moe.capacity")
 
-# Attribute set on an UnquantizedFusedMoEMethod instance whose experts we own.
-_TAKEN_OVER = "_ascend_patch_moe_capacity"
-
-# vLLM calls our experts through this abstract method (modular_kernel.py:904); it is not a
-# patch site, so the factories check it themselves and refuse a vLLM where it changed.
-_EXPERTS_APPLY_SIGNATURE = (
-    "(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, "
-    "global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2, "
-    "expert_tokens_meta, apply_router_weight_on_input)"
-)
+# Attribute set on each UnquantizedFusedMoEMethod instance: EXPERTS (our experts compute
+# only kept rows), MASK (vLLM's experts stay; dropped rows get weight 0) or False (untouched).
+TAKEN_OVER = "_ascend_patch_moe_capacity"
+EXPERTS = "experts"
+MASK = "mask"
 
 # Activations the backends compute (torch: silu, gelu; npu: silu).
 _ACTIVATIONS = ("silu", "gelu")
 
-# One CapacityStats per ctx.stats dict (the two sites may share one context or not).
-_STATS: dict[int, CapacityStats] = {}
+
+def taken_over(method: Any) -> bool:
+    return bool(getattr(method, TAKEN_OVER, False))
 
 
-def _stats_for(ctx: PatchContext) -> CapacityStats:
-    key = id(ctx.stats)
-    stats = _STATS.get(key)
-    if stats is None:
-        options = _options(ctx)
-        stats = _STATS[key] = CapacityStats(ctx.stats, options.log_interval, ctx.flush)
-    return stats
-
-
-def _options(ctx: PatchContext) -> CapacityOptions:
-    options = ctx.options
-    if not isinstance(options, CapacityOptions):
-        options = CapacityOptions.model_validate(
-            options.model_dump() if hasattr(options, "model_dump") else dict(options)
-        )
-    return options
-
-
-def _check_experts_interface() -> None:
-    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
-
-    from ascend_patch.core.targets import render_signature
-
-    live = render_signature(mk.FusedMoEExpertsModular.apply)
-    if live != _EXPERTS_APPLY_SIGNATURE:
-        raise RuntimeError(
-            "moe.capacity: vLLM's FusedMoEExpertsModular.apply changed: expected "
-            f"{_EXPERTS_APPLY_SIGNATURE}, found {live}"
-        )
+def state_of(ctx: PatchContext) -> CapacityState:
+    """The patch's state, with this adapter's drop-step maker."""
+    state = ctx.state(CapacityState)
+    if state.make_step is None:
+        state.make_step = make_step
+        state.experts_cls = _make_experts_class(state.options.backend)
+    return state
 
 
 # --------------------------------------------------------------------------------------
@@ -114,6 +85,8 @@ def _make_experts_class(backend_name: str) -> type:
         make_apply) and rows of experts another EP rank owns are not computed."""
 
         backend = backend_name
+        # Marks our class (a second load of the same layer finds it in method.experts_cls).
+        ascend_patch_capacity = True
 
         @property
         def expects_unquantized_inputs(self) -> bool:
@@ -193,7 +166,7 @@ def _make_experts_class(backend_name: str) -> type:
         ) -> None:
             # An opaque custom op: on CPU vLLM lets Dynamo trace the MoE layer (no
             # moe_forward custom op there), and the backends are not traceable.
-            out = _ops().experts(
+            out = custom_ops.experts(
                 hidden_states,
                 w1,
                 w2,
@@ -241,38 +214,151 @@ def make_process_weights_after_loading(
     original: Callable[..., Any], ctx: PatchContext
 ) -> Callable[..., Any]:
     """Replacement of UnquantizedFusedMoEMethod.process_weights_after_loading(self, layer)."""
-    _check_experts_interface()
-    from ascend_patch.impls.moe.all_to_all_dispatch import check_prepare_finalize_interface
+    state = state_of(ctx)
+    return process_weights_factory(original, state, build_kernel=None)
 
-    check_prepare_finalize_interface()
-    options = _options(ctx)
-    stats = _stats_for(ctx)
-    experts_cls = _make_experts_class(options.backend)
-    _ops()
+
+def process_weights_factory(
+    original: Callable[..., Any],
+    state: CapacityState,
+    build_kernel: Callable[[Any, Any, type], bool] | None,
+) -> Callable[..., Any]:
+    """The replacement, given how a line builds our kernel for a backend the original
+    cannot build it for: `build_kernel(method, layer, experts_cls)` returns True when it
+    built one (vLLM 0.23's CPU backend), False to let the original build it."""
+    experts_cls = state.experts_cls
 
     def process_weights_after_loading(self: Any, layer: Any) -> None:
         name = getattr(layer, "layer_name", type(layer).__name__)
-        if not isinstance(getattr(self, "experts_cls", None), type) or not issubclass(
-            self.experts_cls, experts_cls
-        ):
-            reason = _not_supported_reason(self, layer)
-            if reason is not None:
-                setattr(self, _TAKEN_OVER, False)
-                stats.layer_not_taken_over(name, reason)
-                logger.warning("moe.capacity: %s keeps vLLM's experts: %s", name, reason)
-                return original(self, layer)
-            _check_divisible(layer, options)
-            # _init_moe_kernel (called by the original) builds the modular kernel from
-            # self.experts_cls: ours never prepacks, so the layout stays standard.
+        reason = _not_supported_reason(self, layer)
+        if reason is not None:
+            setattr(self, TAKEN_OVER, False)
+            state.stats.layer_not_taken_over(name, reason)
+            logger.warning("moe.capacity: %s keeps vLLM's experts: %s", name, reason)
+            return original(self, layer)
+        if _is_triton(self):
+            # CUDA: vLLM's Triton experts stay (one fused kernel, not a per-expert loop);
+            # dropped rows are masked to weight 0 in `apply`. UNVERIFIED: never ran on a GPU.
+            original(self, layer)
+            setattr(self, TAKEN_OVER, MASK)
+            state.add_layer(name, layer)
+            state.stats.dispatch_path(name, "vllm", "CUDA: vLLM's Triton experts, dropped "
+                                      "rows masked to weight 0 (unverified on GPU)")
+            return
+        if build_kernel is None or not build_kernel(self, layer, experts_cls):
+            # The original builds the modular kernel from self.experts_cls: ours never
+            # prepacks, so the layout stays standard.
             self.experts_cls = experts_cls
-        original(self, layer)
-        setattr(self, _TAKEN_OVER, True)
-        _LAYERS[name] = layer
-        _PLANNERS.pop(name, None)  # a new model in this process: plan for the new layer
-        stats.layer_taken_over(name)
-        _install_dispatch(self, layer, options, stats)
+            original(self, layer)
+        setattr(self, TAKEN_OVER, EXPERTS)
+        state.add_layer(name, layer)
+        _install_dispatch(self, layer, state)
 
     return process_weights_after_loading
+
+
+def _is_triton(method: Any) -> bool:
+    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
+
+    return getattr(method, "unquantized_backend", None) == UnquantizedMoeBackend.TRITON
+
+
+def _not_supported_reason(method: Any, layer: Any) -> str | None:
+    """Why this layer keeps vLLM's own experts (None: we can take it over)."""
+    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
+
+    moe = method.moe
+    backend = getattr(method, "unquantized_backend", None)
+    if backend not in (UnquantizedMoeBackend.CPU, UnquantizedMoeBackend.TRITON):
+        name = getattr(backend, "value", backend)
+        return f"backend {name} keeps its own weight layout (CPU and TRITON are supported)"
+    if moe.moe_parallel_config.use_batched_activation_format:
+        return "batched activation format (DeepEP LL / NIXL EP)"
+    if moe.has_bias:
+        return "experts with bias"
+    if moe.is_lora_enabled:
+        return "MoE LoRA"
+    if not moe.is_act_and_mul:
+        return "non-gated activation"
+    activation = getattr(layer.activation, "value", layer.activation)
+    if activation not in _ACTIVATIONS:
+        return f"activation {activation}"
+    if any(
+        getattr(layer, name, None) is not None
+        for name in ("swiglu_limit", "swiglu_alpha", "swiglu_beta")
+    ):
+        return "clamped/scaled SwiGLU"
+    return None
+
+
+def make_process_weights_after_loading(
+    original: Callable[..., Any], ctx: PatchContext
+) -> Callable[..., Any]:
+    """Replacement of UnquantizedFusedMoEMethod.process_weights_after_loading(self, layer)."""
+    state = state_of(ctx)
+    return process_weights_factory(original, state, build_kernel=None)
+
+
+def process_weights_factory(
+    original: Callable[..., Any],
+    state: CapacityState,
+    build_kernel: Callable[[Any, Any, type], bool] | None,
+) -> Callable[..., Any]:
+    """The replacement, given how a line builds our kernel for a backend the original
+    cannot build it for: `build_kernel(method, layer, experts_cls)` returns True when it
+    built one (vLLM 0.23's CPU backend), False to let the original build it."""
+    experts_cls = state.experts_cls
+
+    def process_weights_after_loading(self: Any, layer: Any) -> None:
+        name = getattr(layer, "layer_name", type(layer).__name__)
+        reason = _not_supported_reason(self, layer)
+        if reason is not None:
+            setattr(self, TAKEN_OVER, False)
+            state.stats.layer_not_taken_over(name, reason)
+            logger.warning("moe.capacity: %s keeps vLLM's experts: %s", name, reason)
+            return original(self, layer)
+        if build_kernel is None or not build_kernel(self, layer, experts_cls):
+            # The original builds the modular kernel from self.experts_cls: ours never
+            # prepacks, so the layout stays standard.
+            self.experts_cls = experts_cls
+            original(self, layer)
+        setattr(self, TAKEN_OVER, True)
+        state.add_layer(name, layer)
+        _install_dispatch(self, layer, state)
+
+    return process_weights_after_loading
+
+
+def _not_supported_reason(method: Any, layer: Any) -> str | None:
+    """Why this layer keeps vLLM's own experts (None: we can take it over)."""
+    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
+
+    if isinstance(getattr(method, "experts_cls", None), type) and getattr(
+        method.experts_cls, "ascend_patch_capacity", False
+    ):
+        return None  # ours already (a second load of the same layer)
+    moe = method.moe
+    backend = getattr(method, "unquantized_backend", None)
+    if backend not in (UnquantizedMoeBackend.CPU, UnquantizedMoeBackend.TRITON):
+        name = getattr(backend, "value", backend)
+        return f"backend {name} keeps its own weight layout (CPU and TRITON are supported)"
+    if moe.moe_parallel_config.use_batched_activation_format:
+        return "batched activation format (DeepEP LL / NIXL EP)"
+    if moe.has_bias:
+        return "experts with bias"
+    if getattr(moe, "is_lora_enabled", False):
+        return "MoE LoRA"
+    if not moe.is_act_and_mul:
+        return "non-gated activation"
+    activation = getattr(layer.activation, "value", layer.activation)
+    if activation not in _ACTIVATIONS:
+        return f"activation {activation}"
+    if any(
+        getattr(layer, name, None) is not None
+        for name in ("swiglu_limit", "swiglu_alpha", "swiglu_beta")
+    ):
+        return "clamped/scaled SwiGLU"
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -280,7 +366,7 @@ def make_process_weights_after_loading(
 # --------------------------------------------------------------------------------------
 
 
-def _dispatch_plan(layer: Any, options: CapacityOptions) -> tuple[str, str]:
+def _dispatch_plan(layer: Any, options: Any) -> tuple[str, str]:
     """("all_to_all" | "allgather", why). Raises for an explicit all_to_all that cannot run."""
     from ascend_patch.impls.moe.all_to_all_dispatch import expert_owners
 
@@ -314,7 +400,7 @@ def _dispatch_plan(layer: Any, options: CapacityOptions) -> tuple[str, str]:
     if blockers:
         if options.dispatch == "all_to_all":
             raise ValueError(
-                f"moe.capacity: dispatch: all_to_all cannot run for {layer.layer_name}: "
+                f"dispatch: all_to_all cannot run for {layer.layer_name}: "
                 + "; ".join(blockers) + " (use dispatch: auto or allgather)"
             )
         return "allgather", "auto: " + "; ".join(blockers)
@@ -333,10 +419,14 @@ def _eager() -> bool:
     return config.compilation_config.mode == CompilationMode.NONE
 
 
-def _install_dispatch(method: Any, layer: Any, options: CapacityOptions, stats: CapacityStats) -> None:
+def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
     """Rebuild the layer's modular kernel with the all-to-all prepare/finalize when the
     `dispatch` option asks for it; record the choice in the stats either way."""
-    path, why = _dispatch_plan(layer, options)
+    stats = state.stats
+    try:
+        path, why = _dispatch_plan(layer, state.options)
+    except ValueError as exc:
+        raise state.error(str(exc)) from None
     stats.dispatch_path(layer.layer_name, path, why)
     if path != "all_to_all":
         return
@@ -368,31 +458,15 @@ def _install_dispatch(method: Any, layer: Any, options: CapacityOptions, stats: 
     method.moe_kernel = mk.FusedMoEKernel(prepare_finalize, method.moe_kernel.fused_experts)
 
 
-def _check_divisible(layer: Any, options: CapacityOptions) -> None:
-    ranks = options.simulate_ep_size or layer.moe_config.moe_parallel_config.ep_size
-    if layer.global_num_experts % ranks:
-        raise ValueError(
-            f"moe.capacity: {layer.global_num_experts} experts of {layer.layer_name} cannot "
-            f"be split over {ranks} (simulated) EP ranks"
-        )
-
-
 # --------------------------------------------------------------------------------------
-# apply: plan the drops on vLLM's router output, then run the original
+# apply: the drop step on vLLM's router output, then the original
 # --------------------------------------------------------------------------------------
 
 
 def make_apply(original: Callable[..., Any], ctx: PatchContext) -> Callable[..., Any]:
     """Replacement of UnquantizedFusedMoEMethod.apply(self, layer, x, topk_weights, topk_ids,
     shared_experts, shared_experts_input)."""
-    _check_experts_interface()
-    options = _options(ctx)
-    stats = _stats_for(ctx)
-    _ops()  # register the custom ops now: never while Dynamo traces a forward
-    global _APPLY_STATE, _CONFIG_CHECKED
-    _APPLY_STATE = (options, stats)
-    _PLANNERS.clear()  # planners capture the options
-    _CONFIG_CHECKED = False
+    state_of(ctx)
 
     def apply(
         self: Any,
@@ -403,12 +477,14 @@ def make_apply(original: Callable[..., Any], ctx: PatchContext) -> Callable[...,
         shared_experts: Any,
         shared_experts_input: torch.Tensor | None,
     ) -> Any:
-        if not getattr(self, _TAKEN_OVER, False):
-            return original(
-                self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input
-            )
-        # Opaque to Dynamo for the same reason as the experts (host syncs, collectives).
-        topk_weights, topk_ids = _ops().plan(topk_weights, topk_ids, layer.layer_name)
+        mode = getattr(self, TAKEN_OVER, False)
+        if mode:
+            weights, ids = custom_ops.plan(topk_weights, topk_ids, layer.layer_name)
+            if mode == EXPERTS:
+                topk_ids = ids
+            # MASK keeps every id for vLLM's kernels (weight 0 where dropped): what they do
+            # with id -1 is not verified.
+            topk_weights = weights
         return original(
             self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input
         )
@@ -416,126 +492,37 @@ def make_apply(original: Callable[..., Any], ctx: PatchContext) -> Callable[...,
     return apply
 
 
-def _make_planner(
-    layer: Any, options: CapacityOptions, stats: CapacityStats
-) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """The per-layer body of the plan op: (topk_weights, topk_ids) -> the same with dropped
-    rows as (weight from the plan, id -1). Fresh tensors (a custom op may not alias)."""
-    parallel = layer.moe_config.moe_parallel_config
-    gather, rank = _token_sources(parallel)
-    num_experts = layer.global_num_experts
-    ep_size = parallel.ep_size
-    name = layer.layer_name
+def make_step(layer: Any, state: CapacityState) -> DropStep:
+    """The drop step of a taken-over layer (built at its first call, in the plan op).
 
-    def planner(
-        topk_weights: torch.Tensor, topk_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        plan = plan_drops(
-            topk_weights,
-            _linear_placement_ids(layer, topk_ids, ep_size, options),
-            num_experts=num_experts,
-            ep_size=ep_size,
-            options=options,
-            all_gather_counts=gather,
-            rank=rank,
-        )
-        stats.record(name, plan)
-        if not plan.dropped_rows:
-            return topk_weights.clone(), topk_ids.clone()
-        return plan.weights.to(topk_weights.dtype).clone(), topk_ids.masked_fill(~plan.keep, -1)
-
-    return planner
-
-
-# --------------------------------------------------------------------------------------
-# Custom ops (registered once per process, on first use)
-# --------------------------------------------------------------------------------------
-
-# Taken-over layers by name (filled at load), their planners (built on the first call, in
-# the op, outside any tracing) and the (options, stats) of the `apply` site of this process.
-_LAYERS: dict[str, Any] = {}
-_PLANNERS: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = {}
-_APPLY_STATE: tuple[CapacityOptions, CapacityStats] | None = None
-
-
-class _Ops:
-    def __init__(self) -> None:
-        ns = "ascend_patch"
-        plan_name, experts_name = f"{ns}::moe_capacity_plan", f"{ns}::moe_capacity_experts"
-        if not hasattr(torch.ops.ascend_patch, "moe_capacity_plan"):
-            plan = torch.library.custom_op(
-                plan_name,
-                mutates_args=(),
-                schema="(Tensor topk_weights, Tensor topk_ids, str layer_name) -> (Tensor, Tensor)",
-            )(_plan_impl)
-            plan.register_fake(
-                lambda topk_weights, topk_ids, layer_name: (
-                    torch.empty_like(topk_weights),
-                    torch.empty_like(topk_ids),
-                )
-            )
-        if not hasattr(torch.ops.ascend_patch, "moe_capacity_experts"):
-            experts = torch.library.custom_op(
-                experts_name,
-                mutates_args=(),
-                schema=(
-                    "(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, "
-                    "Tensor topk_ids, Tensor? expert_map, str activation, str backend, "
-                    "bool weights_on_input) -> Tensor"
-                ),
-            )(_experts_impl)
-            experts.register_fake(lambda hidden_states, *args: torch.empty_like(hidden_states))
-        self.plan = torch.ops.ascend_patch.moe_capacity_plan
-        self.experts = torch.ops.ascend_patch.moe_capacity_experts
-
-
-_OPS: _Ops | None = None
-
-
-def _ops() -> _Ops:
-    global _OPS
-    if _OPS is None:
-        _OPS = _Ops()
-    return _OPS
-
-
-def _plan_impl(
-    topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    planner = _PLANNERS.get(layer_name)
-    if planner is None:
-        if _APPLY_STATE is None or layer_name not in _LAYERS:
-            raise RuntimeError(f"moe.capacity: no drop planner for MoE layer {layer_name!r}")
-        options, stats = _APPLY_STATE
-        if not _CONFIG_CHECKED:
-            _check_config_across_ranks(_LAYERS[layer_name], options, stats)
-        planner = _PLANNERS[layer_name] = _make_planner(_LAYERS[layer_name], options, stats)
-    return planner(topk_weights, topk_ids)
-
-
-# Set once this process has compared its config with the rest of its EP group.
-_CONFIG_CHECKED = False
-
-
-def _check_config_across_ranks(layer: Any, options: CapacityOptions, stats: CapacityStats) -> None:
-    """At the first MoE call of this process, compare config digest + options over the EP
-    group. Every rank reaches this point in the same collective order: the first MoE layer's
-    first forward (under DP idle ranks run dummy batches through every MoE layer), before
-    any other MoE collective of that call. A mismatch raises ConfigMismatchError on every
-    rank; without the check a rank with another drop ratio would plan different capacities
+    The first step of a process also compares config digest and options over the EP group:
+    every rank reaches this point in the same collective order (the first MoE layer's first
+    forward; under DP idle ranks run dummy batches through every MoE layer), before any
+    other MoE collective of that call. A mismatch raises ConsistencyError on every rank;
+    without the check a rank with another drop ratio would plan different capacities
     (silently wrong outputs) or send rows its peers do not expect (a hang)."""
-    global _CONFIG_CHECKED
-    _CONFIG_CHECKED = True
-    if layer.moe_config.moe_parallel_config.ep_size <= 1:
-        return
-    from vllm.distributed import get_ep_group
+    parallel = layer.moe_config.moe_parallel_config
+    if not state.config_checked:
+        state.config_checked = True
+        if parallel.ep_size > 1:
+            from vllm.distributed import get_ep_group
 
-    group = get_ep_group()
-    check_config_over_group(options, group)
-    stats.config_checked(group.world_size)
+            group = get_ep_group()
+            check_config_over_group(state.options, group)
+            state.stats.config_checked(group.world_size)
+    gather, rank = token_sources(parallel)
+    return DropStep(
+        num_experts=layer.global_num_experts,
+        ep_size=parallel.ep_size,
+        options=state.options,
+        gather=gather,
+        rank=rank,
+        owners=_owners(layer, parallel.ep_size, state),
+        on_plan=lambda plan, name=layer.layer_name: state.stats.record(name, plan),
+    )
 
 
-def check_config_over_group(options: CapacityOptions, group: Any, digest: str | None = None) -> None:
+def check_config_over_group(options: Any, group: Any, digest: str | None = None) -> None:
     """check_same_config with this process's config digest and the patch's options."""
     import os
 
@@ -547,39 +534,8 @@ def check_config_over_group(options: CapacityOptions, group: Any, digest: str | 
     check_same_config(digest, options.model_dump(mode="json"), group)
 
 
-def _experts_impl(
-    hidden_states: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    expert_map: torch.Tensor | None,
-    activation: str,
-    backend: str,
-    weights_on_input: bool,
-) -> torch.Tensor:
-    keep = topk_ids >= 0
-    ids = topk_ids.clamp(min=0)  # -1 must not index expert_map from the end
-    weights = topk_weights
-    if weights_on_input:
-        # The modular kernel's prepare() already scaled the input by the (top-1) weight.
-        weights = keep.to(torch.float32)
-    forward = select_backend(backend, hidden_states.device)
-    return forward(
-        hidden_states,
-        w13,
-        w2,
-        weights,
-        ids,
-        keep,
-        expert_map,
-        activation=activation,
-        apply_router_weight_on_input=False,
-    )
-
-
-def _token_sources(parallel: Any) -> tuple[Any, int]:
-    """(all_gather_counts, rank) for plan_drops.
+def token_sources(parallel: Any) -> tuple[Any, int]:
+    """(all_gather_counts, rank) for the drop step.
 
     The ranks of an EP group hold the same tokens unless DP > 1 (TP-only EP: every TP rank
     has the whole batch; DP + TP + EP: the TP ranks of one DP rank share its batch), so the
@@ -598,14 +554,12 @@ def _token_sources(parallel: Any) -> tuple[Any, int]:
     return all_gather_counts, group.rank_in_group
 
 
-def _linear_placement_ids(
-    layer: Any, topk_ids: torch.Tensor, ep_size: int, options: CapacityOptions
-) -> torch.Tensor:
-    """plan_drops bins expert e on rank e // (E / R) (linear placement). With vLLM's
-    round_robin placement (expert e on rank e % R) renumber so the bins are the real ranks."""
-    if options.simulate_ep_size or ep_size <= 1:
-        return topk_ids
-    if getattr(layer, "expert_placement_strategy", "linear") != "round_robin":
-        return topk_ids
-    per_rank = layer.global_num_experts // ep_size
-    return (topk_ids % ep_size) * per_rank + torch.div(topk_ids, ep_size, rounding_mode="floor")
+def _owners(layer: Any, ep_size: int, state: CapacityState) -> torch.Tensor | None:
+    """The EP rank of each global expert (None: the planner's linear placement, also what
+    `simulate_ep_size` models)."""
+    if state.options.simulate_ep_size or ep_size <= 1:
+        return None
+    from ascend_patch.impls.moe.all_to_all_dispatch import expert_owners
+
+    placement = getattr(layer, "expert_placement_strategy", "linear")
+    return expert_owners(layer.global_num_experts, ep_size, placement)

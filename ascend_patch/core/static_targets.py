@@ -1,0 +1,1002 @@
+"""Checking patch targets against a source tree that cannot be imported here.
+
+vllm-ascend imports torch_npu and CANN at module level, so on a machine without an NPU the
+live checks of `ascend_patch.core.live` cannot even start. This module answers the same
+question ("does `module:Qual.name` exist, and with which parameters?") by reading the source
+with `ast`: nothing from the tree is imported or executed.
+
+What is understood, and why it is enough for the targets a patch names:
+
+- classes, functions and assignments at module level and in class bodies, including those
+  under `if`/`else`, `try`/`except` and `with` (vllm-ascend picks definitions with
+  `if vllm_version_is("0.23.0"): ... else: ...`). Bodies of `for`/`while`/`match` and of
+  functions are not read: code that binds public names there is rare and not statically
+  knowable anyway.
+- names imported into a module (`from .m import X`, `from pkg.m import X as Y`,
+  `import pkg.m as z`), `X = Y` aliases and `from m import *`, followed into the module that
+  defines them while that module is inside the given roots.
+- inherited attributes, along a C3 MRO of the bases that resolve within the roots. A base
+  from outside the roots is opaque: an attribute that would have to come from it is reported,
+  never guessed.
+
+A name with several candidate definitions (one per branch) resolves only when every
+candidate has the same kind and signature; otherwise the caller gets every candidate and the
+condition that selects it, and may pass `branch_hints` to decide those conditions.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ascend_patch.core.targets import TargetRef
+
+MAX_FILE_BYTES = 2 << 20
+MAX_IMPORT_HOPS = 32
+# Product of per-base candidates (classes defined in several branches) we are willing to
+# explore for one class; far above anything real, low enough to stop a pathological tree.
+MAX_MRO_VARIANTS = 16
+
+# Hints every resolver starts with: `if TYPE_CHECKING:` blocks never run, and treating them as
+# a possible branch would make every typing-only import look like a second definition.
+DEFAULT_BRANCH_HINTS: Mapping[str, bool] = {"TYPE_CHECKING": False, "typing.TYPE_CHECKING": False}
+
+# Bases from outside the roots that define nothing a patch could target: looking past them
+# instead of stopping lets "no such attribute" be reported for the common ABC/Generic classes.
+_TRANSPARENT_BASES = frozenset({
+    ("builtins", "object"),
+    ("abc", "ABC"),
+    ("typing", "Generic"),
+    ("typing", "Protocol"),
+    ("typing_extensions", "Generic"),
+    ("typing_extensions", "Protocol"),
+})
+_STATIC_DECORATORS = frozenset({"staticmethod", "builtins.staticmethod"})
+_CLASS_DECORATORS = frozenset({"classmethod", "builtins.classmethod"})
+_PROPERTY_DECORATORS = frozenset({
+    "property",
+    "builtins.property",
+    "cached_property",
+    "functools.cached_property",
+    "abstractproperty",
+    "abc.abstractproperty",
+})
+_ACCESSOR_DECORATORS = frozenset({"setter", "getter", "deleter"})
+
+
+@dataclass(frozen=True)
+class StaticResolved:
+    """Where a target is defined in the source tree, and the parameters it takes there."""
+
+    file: str  # path of the .py file where the attribute is defined
+    line: int  # 1-based line of its def / assignment
+    # Rendered like `ascend_patch.core.targets.render_signature`; None for non-functions
+    # (classes, properties, class attributes, assignments).
+    signature: str | None
+    # "function" | "method" | "staticmethod" | "classmethod" | "property" | "class" | "attribute"
+    kind: str
+    owner: str  # "module" or "module:Class" that actually defines it
+
+
+def render_ast_signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    """The `render_signature` text of the function `node` defines, without creating it.
+
+    Parameters are rendered as written, so a method keeps `self`/`cls` exactly as
+    `render_signature(raw.__func__)` would, and a staticmethod has none.
+    """
+    args = node.args
+    positional = [*args.posonlyargs, *args.args]
+    first_default = len(positional) - len(args.defaults)
+    parts: list[str] = []
+    for index, arg in enumerate(positional):
+        parts.append(arg.arg + ("=…" if index >= first_default else ""))
+        if index + 1 == len(args.posonlyargs):
+            parts.append("/")
+    if args.vararg is not None:
+        parts.append(f"*{args.vararg.arg}")
+    elif args.kwonlyargs:
+        parts.append("*")
+    for arg, default in zip(args.kwonlyargs, args.kw_defaults):
+        parts.append(arg.arg + ("=…" if default is not None else ""))
+    if args.kwarg is not None:
+        parts.append(f"**{args.kwarg.arg}")
+    return "(" + ", ".join(parts) + ")"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a statement binds a name to (a "site"), and what a name may be bound to at the end of a
+# body (a "name state"). `when` is the chain of undecided conditions leading to the site; it
+# only feeds error messages, so that an ambiguity says which hint would settle it.
+
+
+@dataclass(frozen=True)
+class _Def:
+    node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
+    when: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Assign:
+    node: ast.Assign | ast.AnnAssign
+    value: ast.expr | None  # set only for a plain `name = expr`, the one shape we follow
+    when: tuple[str, ...]
+    # What the head name of `value` was bound to in this same body when the assignment ran
+    # (None: not bound here yet, so it comes from globals). Needed for `f = f` in a class body,
+    # where the final state of the body only holds the assignment itself.
+    head: tuple[_Site, ...] | None = None
+
+
+@dataclass(frozen=True)
+class _Import:
+    module: str | None  # absolute; None when a relative import climbs above the top package
+    attr: str | None  # None: the name is bound to the module itself
+    line: int
+    when: tuple[str, ...]
+
+
+_Site = _Def | _Assign | _Import
+
+
+@dataclass(frozen=True)
+class _NameState:
+    sites: tuple[_Site, ...]
+    maybe_unbound: bool
+
+
+_State = dict[str, _NameState]
+
+
+@dataclass
+class _Scope:
+    names: _State
+    stars: list[_Import]
+
+
+@dataclass(eq=False)
+class _Module:
+    """A parsed file; compared by identity, since each module is loaded once per resolver."""
+
+    name: str
+    file: Path
+    source: str
+    tree: ast.Module
+    is_package: bool
+    scopes: dict[int, _Scope] = field(default_factory=dict)
+
+    @property
+    def package(self) -> str:
+        return self.name if self.is_package else self.name.rpartition(".")[0]
+
+
+# Values a name can resolve to.
+
+
+@dataclass(frozen=True)
+class _ModuleValue:
+    module: _Module
+
+
+@dataclass(frozen=True)
+class _ClassValue:
+    module: _Module
+    node: ast.ClassDef
+    qualname: str  # within its module
+
+    @property
+    def label(self) -> str:
+        return f"{self.module.name}:{self.qualname}"
+
+
+@dataclass(frozen=True)
+class _External:
+    """Something defined outside the roots: known by name only."""
+
+    module: str
+    name: str  # dotted path inside `module`; "" for the module itself
+
+    @property
+    def label(self) -> str:
+        return f"{self.module}.{self.name}" if self.name else self.module
+
+    @property
+    def source_hint(self) -> str:
+        return f"add --source {self.module.split('.')[0]}=DIR"
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    resolved: StaticResolved
+
+
+@dataclass(frozen=True)
+class _Failure:
+    reason: str
+
+
+_Value = _ModuleValue | _ClassValue | _External | _Leaf | _Failure
+
+
+def _conjoin(outer: tuple[str, ...], inner: tuple[str, ...]) -> tuple[str, ...]:
+    """Both sets of conditions, each once (an alias and its target often share an `if`)."""
+    return tuple(dict.fromkeys((*outer, *inner)))
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    value: _Value
+    when: tuple[str, ...] = ()
+
+    def under(self, when: tuple[str, ...]) -> _Outcome:
+        return _Outcome(self.value, _conjoin(when, self.when)) if when else self
+
+
+@dataclass(frozen=True)
+class _Mro:
+    """One possible method resolution order, and the conditions under which it holds."""
+
+    entries: tuple[_Value, ...]
+    when: tuple[str, ...] = ()
+
+    def under(self, when: tuple[str, ...]) -> _Mro:
+        return _Mro(self.entries, _conjoin(when, self.when)) if when else self
+
+
+@dataclass(frozen=True)
+class _Hops:
+    """How far an import chain has gone; bounds the work and breaks cycles."""
+
+    chain: tuple[str, ...] = ()
+
+    def step(self, module: str, name: str) -> _Hops | _Failure:
+        here = f"{module}.{name}" if name else module
+        if here in self.chain:
+            cycle = self.chain[self.chain.index(here):]
+            return _Failure(f"import cycle: {' -> '.join((*cycle, here))}")
+        if len(self.chain) >= MAX_IMPORT_HOPS:
+            return _Failure(f"gave up on {here}: more than {MAX_IMPORT_HOPS} import hops")
+        return _Hops((*self.chain, here))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a body into name states.
+
+
+def normalise_condition(text: str) -> str:
+    """One spelling per condition, so that hints match whatever quotes or spaces were used."""
+    try:
+        return ast.unparse(ast.parse(text.strip(), mode="eval").body)
+    except SyntaxError as exc:
+        raise ValueError(f"branch hint {text!r} is not a Python expression: {exc.msg}") from None
+
+
+def _dotted(expr: ast.expr) -> str | None:
+    if isinstance(expr, ast.Name):
+        return expr.id
+    if isinstance(expr, ast.Attribute):
+        head = _dotted(expr.value)
+        return None if head is None else f"{head}.{expr.attr}"
+    return None
+
+
+def _decorator_name(expr: ast.expr) -> str | None:
+    return _dotted(expr.func if isinstance(expr, ast.Call) else expr)
+
+
+def _target_names(target: ast.expr) -> Iterable[str]:
+    if isinstance(target, ast.Name):
+        yield target.id
+    elif isinstance(target, (ast.Tuple, ast.List)):
+        for element in target.elts:
+            yield from _target_names(element)
+    elif isinstance(target, ast.Starred):
+        yield from _target_names(target.value)
+
+
+def _is_accessor(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """`@name.setter` and friends: they extend the property `name`, not replace it."""
+    return any(
+        isinstance(d, ast.Attribute)
+        and d.attr in _ACCESSOR_DECORATORS
+        and isinstance(d.value, ast.Name)
+        and d.value.id == node.name
+        for d in node.decorator_list
+    )
+
+
+def _merge(states: list[_State]) -> _State:
+    """Every binding any of the paths may leave; a name missing on some path may be unbound."""
+    merged: _State = {}
+    for name in dict.fromkeys(name for state in states for name in state):
+        sites: list[_Site] = []
+        maybe_unbound = False
+        for state in states:
+            entry = state.get(name)
+            if entry is None:
+                maybe_unbound = True
+                continue
+            sites.extend(s for s in entry.sites if s not in sites)
+            maybe_unbound = maybe_unbound or entry.maybe_unbound
+        merged[name] = _NameState(tuple(sites), maybe_unbound)
+    return merged
+
+
+def _site_key(site: _Site) -> object:
+    """Identity of a binding statement, whatever conditions have been attached to it since."""
+    if isinstance(site, _Import):
+        return (site.module, site.attr, site.line)
+    return id(site.node)
+
+
+def _qualify(branch: _State, other: _State, before: _State, condition: str) -> _State:
+    """Mark bindings made before an `if` that reach the end of one branch with its condition.
+
+    A definition made before an `if` and replaced in the other branch only survives when this
+    branch runs; saying so lets an ambiguity name the hint that settles it.
+    """
+    qualified = dict(branch)
+    for name, entry in branch.items():
+        if other.get(name) == entry or name not in before:
+            continue  # untouched on both paths, or new in this branch (already conditional)
+        earlier = {_site_key(site) for site in before[name].sites}
+        qualified[name] = _NameState(
+            tuple(
+                replace(site, when=(*site.when, condition)) if _site_key(site) in earlier else site
+                for site in entry.sites
+            ),
+            entry.maybe_unbound,
+        )
+    return qualified
+
+
+class _BodyReader:
+    """Walks a module or class body in execution order, as far as it can be known."""
+
+    def __init__(self, module: _Module, hints: Mapping[str, bool], in_class: bool):
+        self._module = module
+        self._hints = hints
+        self._in_class = in_class
+        self.stars: list[_Import] = []
+
+    def body(self, statements: list[ast.stmt], state: _State, when: tuple[str, ...]) -> _State:
+        for statement in statements:
+            state = self._statement(statement, state, when)
+        return state
+
+    def _statement(self, node: ast.stmt, state: _State, when: tuple[str, ...]) -> _State:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if self._in_class and _is_accessor(node) and node.name in state:
+                return state
+            return self._bind(state, [node.name], _Def(node, when))
+        if isinstance(node, ast.ClassDef):
+            return self._bind(state, [node.name], _Def(node, when))
+        if isinstance(node, ast.Assign):
+            names = [n for target in node.targets for n in _target_names(target)]
+            plain = all(isinstance(t, ast.Name) for t in node.targets)
+            return self._bind(state, names, self._assign(node, plain, state, when))
+        if isinstance(node, ast.AnnAssign):
+            # A bare annotation (`x: int`) creates no attribute at run time.
+            if node.value is None or not isinstance(node.target, ast.Name):
+                return state
+            return self._bind(state, [node.target.id], self._assign(node, True, state, when))
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            return self._imports(node, state, when)
+        if isinstance(node, ast.Delete):
+            gone = {n for target in node.targets for n in _target_names(target)}
+            return {k: v for k, v in state.items() if k not in gone}
+        if isinstance(node, ast.If):
+            return self._if(node, state, when)
+        if isinstance(node, (ast.Try, ast.TryStar)):
+            return self._try(node, state, when)
+        if isinstance(node, (ast.With, ast.AsyncWith)):
+            return self.body(node.body, state, when)
+        return state
+
+    @staticmethod
+    def _assign(
+        node: ast.Assign | ast.AnnAssign, plain: bool, state: _State, when: tuple[str, ...]
+    ) -> _Assign:
+        value = node.value if plain else None
+        dotted = _dotted(value) if value is not None else None
+        if dotted is None:
+            return _Assign(node, None, when)
+        entry = state.get(dotted.split(".")[0])
+        return _Assign(node, value, when, entry.sites if entry else None)
+
+    @staticmethod
+    def _bind(state: _State, names: list[str], site: _Site) -> _State:
+        state = dict(state)
+        for name in names:
+            state[name] = _NameState((site,), False)
+        return state
+
+    def _imports(
+        self, node: ast.Import | ast.ImportFrom, state: _State, when: tuple[str, ...]
+    ) -> _State:
+        for alias in node.names:
+            if isinstance(node, ast.Import):
+                # `import a.b` binds `a`; `import a.b as z` binds `z` to `a.b`.
+                bound = alias.name if alias.asname else alias.name.split(".")[0]
+                site = _Import(bound, None, node.lineno, when)
+                state = self._bind(state, [alias.asname or bound], site)
+                continue
+            site = _Import(self._absolute(node), alias.name, node.lineno, when)
+            if alias.name == "*":
+                self.stars.append(site)
+            else:
+                state = self._bind(state, [alias.asname or alias.name], site)
+        return state
+
+    def _absolute(self, node: ast.ImportFrom) -> str | None:
+        if not node.level:
+            return node.module
+        package = self._module.package.split(".")
+        if node.level - 1 >= len(package):
+            return None
+        base = package[: len(package) - (node.level - 1)]
+        return ".".join([*base, *([node.module] if node.module else [])])
+
+    def _if(self, node: ast.If, state: _State, when: tuple[str, ...]) -> _State:
+        text = ast.get_source_segment(self._module.source, node.test) or ast.unparse(node.test)
+        decided = self._hinted(node.test)
+        if decided is not None:
+            return self.body(node.body if decided else node.orelse, state, when)
+        taken = self.body(node.body, state, (*when, text))
+        skipped = self.body(node.orelse, state, (*when, f"not {text}"))
+        return _merge([
+            _qualify(taken, skipped, state, text),
+            _qualify(skipped, taken, state, f"not {text}"),
+        ])
+
+    def _hinted(self, test: ast.expr) -> bool | None:
+        """The value a branch hint gives `test` (also through `not`); None when unknown."""
+        key = ast.unparse(test)
+        if key in self._hints:
+            return self._hints[key]
+        if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+            inner = self._hinted(test.operand)
+            return None if inner is None else not inner
+        return None
+
+    def _try(self, node: ast.Try | ast.TryStar, state: _State, when: tuple[str, ...]) -> _State:
+        # Each handler is a possible path, entered (approximately) with the state before `try`.
+        label = f"try at line {node.lineno}"
+        paths = [self.body([*node.body, *node.orelse], state, (*when, label))]
+        for handler in node.handlers:
+            caught = ast.unparse(handler.type) if handler.type is not None else "anything"
+            label = f"except {caught} at line {handler.lineno}"
+            paths.append(self.body(handler.body, state, (*when, label)))
+        return self.body(node.finalbody, _merge(paths), when)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class SourceRoots:
+    """Resolves targets against source directories, one per top-level package.
+
+    `roots` maps a top-level package name to the directory that contains it (a directory that
+    is the package itself is accepted too). `branch_hints` maps the source text of an `if`
+    condition (e.g. 'vllm_version_is("0.23.0")') to the value it has on the deployment; other
+    conditions leave both branches as candidates.
+
+    Decorators other than staticmethod/classmethod/property (e.g. @torch.compile,
+    @functools.wraps-style wrappers) are not evaluated: the kind stays method/function and the
+    signature is the def's, which is also what `render_signature` reports for wrappers that set
+    `__wrapped__`. Class decorators are not evaluated either: methods a decorator generates
+    (@dataclass's __init__) are not found, and one it replaces (vLLM's @support_torch_compile
+    wraps __init__) keeps the def's signature, where the live check would see the wrapper's.
+
+    Inherited attributes follow Python's C3 linearisation of the bases; a class whose bases
+    differ between branches gets one linearisation per combination.
+    """
+
+    def __init__(self, roots: Mapping[str, Path], branch_hints: Mapping[str, bool] | None = None):
+        self._roots = {name: _normalise_root(name, Path(path)) for name, path in roots.items()}
+        hints = {**DEFAULT_BRANCH_HINTS, **(branch_hints or {})}
+        self._hints = {normalise_condition(text): bool(value) for text, value in hints.items()}
+        self._modules: dict[str, _Module | str] = {}
+        self._mro_cache: dict[tuple[int, int], list[_Mro]] = {}
+
+    def covers(self, module: str) -> bool:
+        return module.split(".")[0] in self._roots
+
+    def resolve(self, ref: TargetRef) -> StaticResolved:
+        """Where `ref` is defined; raises LookupError with a readable reason."""
+        module = self._load(ref.module)
+        outcomes = [_Outcome(_ModuleValue(module))]
+        for index, part in enumerate(ref.qualname.split(".")):
+            outcomes = [
+                found.under(outcome.when)
+                for outcome in outcomes
+                for found in self._attribute(outcome.value, part, _Hops())
+            ]
+            if index < len(ref.owner_path):
+                outcomes = [_as_namespace(o, part) for o in outcomes]
+        return _decide(ref, [_as_result(ref, o) for o in outcomes])
+
+    # Loading --------------------------------------------------------------------------------
+
+    def _load(self, name: str) -> _Module:
+        """The parsed module `name`; each file is read once, and so is each failure to."""
+        cached = self._modules.get(name)
+        if cached is None:
+            try:
+                cached = self._parse(name)
+            except LookupError as exc:
+                cached = str(exc)
+            self._modules[name] = cached
+        if isinstance(cached, _Module):
+            return cached
+        raise LookupError(cached)
+
+    def _parse(self, name: str) -> _Module:
+        parts = name.split(".")
+        if not all(part.isidentifier() for part in parts):
+            raise LookupError(f"{name!r} is not a module name")
+        root = self._roots.get(parts[0])
+        if root is None:
+            raise LookupError(
+                f"module {name} is outside the given sources (add --source {parts[0]}=DIR)"
+            )
+        package_init = root.joinpath(*parts, "__init__.py")
+        module_file = root.joinpath(*parts[:-1], parts[-1] + ".py")
+        for path, is_package in ((package_init, True), (module_file, False)):
+            if path.is_file():
+                source, tree = _read(path)
+                return _Module(name, path, source, tree, is_package)
+        raise LookupError(f"module {name} not found in {root}")
+
+    def _scope(self, module: _Module, node: ast.Module | ast.ClassDef) -> _Scope:
+        scope = module.scopes.get(id(node))
+        if scope is None:
+            reader = _BodyReader(module, self._hints, in_class=isinstance(node, ast.ClassDef))
+            names = reader.body(node.body, {}, ())
+            scope = _Scope(names, reader.stars)
+            module.scopes[id(node)] = scope
+        return scope
+
+    def _submodule(self, module: _Module, name: str) -> _Module | None:
+        if not module.is_package:
+            return None
+        try:
+            return self._load(f"{module.name}.{name}")
+        except LookupError:
+            return None
+
+    # Attribute lookup -----------------------------------------------------------------------
+
+    def _attribute(self, value: _Value, name: str, hops: _Hops) -> list[_Outcome]:
+        """What `value.name` may be: one outcome per candidate definition."""
+        if isinstance(value, _ModuleValue):
+            return self._module_attribute(value.module, name, hops)
+        if isinstance(value, _ClassValue):
+            return self._class_attribute(value, name, hops)
+        if isinstance(value, _External):
+            dotted = f"{value.name}.{name}" if value.name else name
+            return [_Outcome(_External(value.module, dotted))]
+        if isinstance(value, _Leaf):
+            leaf = value.resolved
+            return [_Outcome(_Failure(
+                f"cannot look up {name!r} on the {leaf.kind} at {leaf.file}:{leaf.line}"
+            ))]
+        return [_Outcome(value)]
+
+    def _module_attribute(self, module: _Module, name: str, hops: _Hops) -> list[_Outcome]:
+        state = self._scope(module, module.tree).names.get(name)
+        outcomes: list[_Outcome] = []
+        if state is not None:
+            for site in state.sites:
+                outcomes += self._follow(site, module, None, name, hops)
+            if not state.maybe_unbound:
+                return outcomes
+        submodule = self._submodule(module, name)
+        if submodule is not None:
+            fallback = [_Outcome(_ModuleValue(submodule))]
+        else:
+            fallback = self._star(module, name, hops)
+        if fallback:
+            return outcomes + fallback
+        if state is not None:
+            where = "; ".join(" and ".join(s.when) or "always" for s in state.sites)
+            return outcomes + [_Outcome(_Failure(
+                f"{module.name}.{name} may be unbound: it is bound only when {where}"
+            ))]
+        return [_Outcome(_Failure(self._missing(module, name)))]
+
+    def _star(self, module: _Module, name: str, hops: _Hops) -> list[_Outcome]:
+        """What a `from m import *` (m inside the roots) provides for `name`, if any.
+
+        Only consulted when the module binds the name nowhere itself; `__all__` is not read.
+        """
+        for star in self._scope(module, module.tree).stars:
+            if star.module is None or not self.covers(star.module) or name.startswith("_"):
+                continue
+            try:
+                source = self._load(star.module)
+            except LookupError:
+                continue
+            if name in self._scope(source, source.tree).names:
+                site = _Import(star.module, name, star.line, star.when)
+                return self._follow(site, module, None, name, hops)
+        return []
+
+    def _missing(self, module: _Module, name: str) -> str:
+        outside = [
+            s.module for s in self._scope(module, module.tree).stars
+            if s.module is not None and not self.covers(s.module)
+        ]
+        reason = f"module {module.name} has no attribute {name!r}"
+        if outside:
+            reason += f" (unless it comes from `from {outside[0]} import *`, outside the sources)"
+        return reason
+
+    def _class_attribute(self, cls: _ClassValue, name: str, hops: _Hops) -> list[_Outcome]:
+        outcomes: list[_Outcome] = []
+        for mro in self._mros(cls, hops):
+            for found in self._along_mro(cls, mro.entries, name, hops):
+                found = found.under(mro.when)
+                if found not in outcomes:
+                    outcomes.append(found)
+        return outcomes
+
+    def _along_mro(
+        self, cls: _ClassValue, mro: tuple[_Value, ...], name: str, hops: _Hops
+    ) -> list[_Outcome]:
+        outcomes: list[_Outcome] = []
+        for entry in mro:
+            if isinstance(entry, _External):
+                if (entry.module, entry.name) in _TRANSPARENT_BASES:
+                    continue
+                return outcomes + [_Outcome(_Failure(
+                    f"class {cls.label} does not define {name!r} within the given sources; it "
+                    f"would be inherited from {entry.label}, outside them ({entry.source_hint})"
+                ))]
+            if not isinstance(entry, _ClassValue):
+                return outcomes + [_Outcome(entry)]
+            state = self._scope(entry.module, entry.node).names.get(name)
+            if state is None:
+                continue
+            for site in state.sites:
+                outcomes += self._follow(site, entry.module, entry, name, hops)
+            if not state.maybe_unbound:
+                return outcomes
+        if outcomes:
+            return outcomes + [_Outcome(_Failure(
+                f"class {cls.label} may lack {name!r}: it is defined only under some conditions"
+            ))]
+        return [_Outcome(_Failure(_absent(cls, mro, name)))]
+
+    # Following a binding to what it binds ---------------------------------------------------
+
+    def _follow(
+        self, site: _Site, module: _Module, cls: _ClassValue | None, name: str, hops: _Hops
+    ) -> list[_Outcome]:
+        if isinstance(site, _Def):
+            return [_Outcome(self._definition(site.node, module, cls), site.when)]
+        if isinstance(site, _Import):
+            return [o.under(site.when) for o in self._imported(site, module, hops)]
+        return [o.under(site.when) for o in self._assigned(site, module, cls, name, hops)]
+
+    def _definition(
+        self,
+        node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef,
+        module: _Module,
+        cls: _ClassValue | None,
+    ) -> _Value:
+        if isinstance(node, ast.ClassDef):
+            qualname = f"{cls.qualname}.{node.name}" if cls else node.name
+            return _ClassValue(module, node, qualname)
+        owner = cls.label if cls else module.name
+        kind = _function_kind(node) if cls else "function"
+        signature = None if kind == "property" else render_ast_signature(node)
+        return _Leaf(StaticResolved(str(module.file), node.lineno, signature, kind, owner))
+
+    def _imported(self, site: _Import, module: _Module, hops: _Hops) -> list[_Outcome]:
+        if site.module is None:
+            return [_Outcome(_Failure(
+                f"{module.file}:{site.line}: relative import beyond the top-level package"
+            ))]
+        if not self.covers(site.module):
+            return [_Outcome(_External(site.module, site.attr or ""))]
+        step = hops.step(site.module, site.attr or "")
+        if isinstance(step, _Failure):
+            return [_Outcome(step)]
+        try:
+            source = self._load(site.module)
+        except LookupError as exc:
+            return [_Outcome(_Failure(f"{module.file}:{site.line}: {exc}"))]
+        if site.attr is None:
+            return [_Outcome(_ModuleValue(source))]
+        if source is module:
+            # `from . import sub` in a package's own __init__: the name is not bound there yet,
+            # so Python imports the submodule.
+            submodule = self._submodule(source, site.attr)
+            if submodule is not None:
+                return [_Outcome(_ModuleValue(submodule))]
+        return self._module_attribute(source, site.attr, step)
+
+    def _assigned(
+        self, site: _Assign, module: _Module, cls: _ClassValue | None, name: str, hops: _Hops
+    ) -> list[_Outcome]:
+        owner = cls.label if cls else module.name
+        here = _Leaf(StaticResolved(str(module.file), site.node.lineno, None, "attribute", owner))
+        dotted = _dotted(site.value) if site.value is not None else None
+        if dotted is None:
+            return [_Outcome(here)]
+        # Keyed apart from an import of the same name, which may legitimately lead here.
+        step = hops.step(owner, f"{name} (line {site.node.lineno})")
+        if isinstance(step, _Failure):
+            return [_Outcome(step)]
+        head, *path = dotted.split(".")
+        if site.head is not None:  # bound earlier in the same body
+            values = [o for s in site.head for o in self._follow(s, module, cls, head, step)]
+        elif cls is not None:  # a class body falls back to the module's globals
+            values = self._name(head, module, None, step)
+        else:
+            values = self._star(module, head, step) or [_Outcome(_External("builtins", head))]
+        for attr in path:
+            values = [
+                found.under(outer.when)
+                for outer in values
+                for found in self._attribute(outer.value, attr, step)
+            ]
+        outcomes = []
+        for outcome in values:
+            value = outcome.value
+            if isinstance(value, _External) and value.module == "builtins":
+                value = here  # `X = int`: an attribute, not something to look for elsewhere
+            elif cls is not None and isinstance(value, _Leaf) and value.resolved.kind == "function":
+                # A module function stored in a class body is a method of that class.
+                leaf = value.resolved
+                value = _Leaf(StaticResolved(leaf.file, leaf.line, leaf.signature, "method",
+                                             cls.label))
+            outcomes.append(_Outcome(value, outcome.when))
+        return outcomes
+
+    def _expression(
+        self,
+        expr: ast.expr,
+        module: _Module,
+        cls: _ClassValue | None,
+        hops: _Hops,
+    ) -> list[_Outcome]:
+        """Values of a base-class expression (`Name`, `a.b.c`, `Base[T]`) in the body `cls`
+        (None: the module) holding the class statement."""
+        if isinstance(expr, ast.Subscript):  # `Generic[T]`, `Base[Meta]`: the class is the value
+            return self._expression(expr.value, module, cls, hops)
+        if isinstance(expr, ast.Attribute):
+            return [
+                found.under(outer.when)
+                for outer in self._expression(expr.value, module, cls, hops)
+                for found in self._attribute(outer.value, expr.attr, hops)
+            ]
+        if not isinstance(expr, ast.Name):
+            return [_Outcome(_Failure(
+                f"{module.file}:{expr.lineno}: `{ast.unparse(expr)}` cannot be resolved statically"
+            ))]
+        return self._name(expr.id, module, cls, hops)
+
+    def _name(
+        self, name: str, module: _Module, cls: _ClassValue | None, hops: _Hops
+    ) -> list[_Outcome]:
+        """Python's lookup for a name in a class body: the body, then globals, then builtins.
+
+        The bodies' final states stand in for their states when the name is evaluated; for
+        base classes and module globals that is what vllm-ascend-style code needs.
+        """
+        scopes: list[tuple[ast.Module | ast.ClassDef, _ClassValue | None]] = [(module.tree, None)]
+        if cls is not None:
+            scopes.insert(0, (cls.node, cls))
+        for node, owner in scopes:
+            state = self._scope(module, node).names.get(name)
+            if state is not None and state.sites:
+                return [o for s in state.sites for o in self._follow(s, module, owner, name, hops)]
+        return self._star(module, name, hops) or [_Outcome(_External("builtins", name))]
+
+    # Inheritance ----------------------------------------------------------------------------
+
+    def _mros(
+        self, cls: _ClassValue, hops: _Hops, visiting: frozenset[tuple[int, int]] = frozenset()
+    ) -> list[_Mro]:
+        """Every MRO the class may have: one per combination of candidate bases."""
+        key = (id(cls.module), id(cls.node))
+        if key in self._mro_cache:
+            return self._mro_cache[key]
+        if key in visiting:
+            return [_Mro((cls, _Failure(f"class {cls.label} inherits from itself")))]
+        visiting = visiting | {key}
+        scope_cls = self._enclosing_class(cls)
+        per_base: list[list[_Outcome]] = []
+        for base in cls.node.bases:
+            found: list[_Outcome] = []
+            for outcome in self._expression(base, cls.module, scope_cls, hops):
+                if all(outcome.value != seen.value for seen in found):
+                    found.append(outcome)
+            per_base.append(found)
+        mros: list[_Mro] = []
+        for chosen in itertools.product(*per_base):
+            when = tuple(c for outcome in chosen for c in outcome.when)
+            bases = [outcome.value for outcome in chosen]
+            mros.extend(m.under(when) for m in self._linearise(cls, bases, hops, visiting))
+            if len(mros) > MAX_MRO_VARIANTS:
+                reason = f"class {cls.label} has too many possible base combinations"
+                mros = [_Mro((cls, _Failure(reason)))]
+                break
+        self._mro_cache[key] = mros
+        return mros
+
+    def _linearise(
+        self,
+        cls: _ClassValue,
+        bases: list[_Value],
+        hops: _Hops,
+        visiting: frozenset[tuple[int, int]],
+    ) -> list[_Mro]:
+        base_mros: list[list[_Mro]] = []
+        for index, base in enumerate(bases):
+            if isinstance(base, _ClassValue):
+                base_mros.append(self._mros(base, hops, visiting))
+                continue
+            if not isinstance(base, (_External, _Failure)):
+                base = bases[index] = _Failure(f"a base of {cls.label} is not a class")
+            base_mros.append([_Mro((base,))])
+        result: list[_Mro] = []
+        for chosen in itertools.islice(itertools.product(*base_mros), MAX_MRO_VARIANTS + 1):
+            merged = _c3([list(m.entries) for m in chosen] + [list(bases)])
+            if merged is None:
+                merged = [_Failure(f"class {cls.label}: no consistent method resolution order")]
+            when = tuple(dict.fromkeys(c for m in chosen for c in m.when))
+            result.append(_Mro((cls, *merged), when))
+        return result
+
+    def _enclosing_class(self, cls: _ClassValue) -> _ClassValue | None:
+        """The class whose body holds `cls` (its bases are evaluated there), if any."""
+        outer, _, _ = cls.qualname.rpartition(".")
+        if not outer:
+            return None
+        node: ast.Module | ast.ClassDef = cls.module.tree
+        qualname: list[str] = []
+        for part in outer.split("."):
+            state = self._scope(cls.module, node).names.get(part)
+            defs = [s.node for s in state.sites if isinstance(s, _Def)] if state else []
+            if not defs or not isinstance(defs[0], ast.ClassDef):
+                return None
+            node = defs[0]
+            qualname.append(part)
+        assert isinstance(node, ast.ClassDef)
+        return _ClassValue(cls.module, node, ".".join(qualname))
+
+
+def _c3(sequences: list[list[_Value]]) -> list[_Value] | None:
+    """C3 merge of the base MROs and the base list; None when no consistent order exists."""
+    result: list[_Value] = []
+    sequences = [s for s in sequences if s]
+    while sequences:
+        for sequence in sequences:
+            head = sequence[0]
+            if not any(head in other[1:] for other in sequences):
+                break
+        else:
+            return None
+        result.append(head)
+        sequences = [s[1:] if s[0] == head else s for s in sequences]
+        sequences = [s for s in sequences if s]
+    return result
+
+
+def _absent(cls: _ClassValue, mro: tuple[_Value, ...], name: str) -> str:
+    """Why `name` is not found on `cls`, with what a static reading cannot rule out."""
+    reason = f"class {cls.label} has no attribute {name!r}"
+    if name in vars(object):
+        reason += f" other than object.{name}"
+    decorators = [
+        ast.unparse(d) for entry in mro if isinstance(entry, _ClassValue)
+        for d in entry.node.decorator_list
+    ]
+    if decorators:
+        # @dataclass writes __init__/__eq__; others (e.g. vLLM's @support_torch_compile) may
+        # add or replace methods: only running them would tell.
+        reason += f" (unless the class decorator @{decorators[0]} adds it)"
+    return reason
+
+
+def _function_kind(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    names = {_decorator_name(d) for d in node.decorator_list}
+    if names & _STATIC_DECORATORS:
+        return "staticmethod"
+    if names & _CLASS_DECORATORS:
+        return "classmethod"
+    if names & _PROPERTY_DECORATORS or _is_accessor(node):
+        return "property"
+    return "method"
+
+
+def _normalise_root(name: str, path: Path) -> Path:
+    """The directory that contains package `name`, given it or the package directory itself."""
+    if not name.isidentifier():
+        raise ValueError(f"--source {name}=...: {name!r} is not a top-level package name")
+    if (path / name).is_dir() or (path / f"{name}.py").is_file():
+        return path
+    if path.name == name and path.is_dir():
+        return path.parent
+    raise ValueError(f"--source {name}={path}: neither the package {name} nor a directory "
+                     f"containing it")
+
+
+def _read(path: Path) -> tuple[str, ast.Module]:
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise LookupError(f"refusing to parse {path}: {size} bytes is over the 2 MiB limit")
+    data = path.read_bytes()
+    try:
+        tree = ast.parse(data, filename=str(path))
+    except SyntaxError as exc:
+        raise LookupError(f"cannot parse {path}: {exc.msg} (line {exc.lineno})") from None
+    except (ValueError, RecursionError, MemoryError) as exc:
+        raise LookupError(f"cannot parse {path}: {type(exc).__name__}") from None
+    return data.decode("utf-8", errors="replace"), tree
+
+
+def _as_namespace(outcome: _Outcome, part: str) -> _Outcome:
+    """Only modules, classes and failures can hold the next part of a qualname."""
+    value = outcome.value
+    if isinstance(value, _Leaf):
+        resolved = value.resolved
+        reason = (f"{part} is a {resolved.kind} ({resolved.file}:{resolved.line}), "
+                  f"not a class or module")
+        return _Outcome(_Failure(reason), outcome.when)
+    return outcome
+
+
+def _as_result(ref: TargetRef, outcome: _Outcome) -> _Outcome:
+    """Turn a final value into a StaticResolved leaf or a failure explaining why it is not."""
+    value = outcome.value
+    if isinstance(value, _ClassValue):
+        outer, _, _ = value.qualname.rpartition(".")
+        owner = f"{value.module.name}:{outer}" if outer else value.module.name
+        resolved = StaticResolved(str(value.module.file), value.node.lineno, None, "class", owner)
+        value = _Leaf(resolved)
+    elif isinstance(value, _ModuleValue):
+        value = _Failure(f"{ref} is the module {value.module.name}, not an attribute")
+    elif isinstance(value, _External):
+        value = _Failure(
+            f"{ref} resolves to {value.label}, outside the given sources ({value.source_hint})"
+        )
+    return _Outcome(value, outcome.when)
+
+
+def _decide(ref: TargetRef, outcomes: list[_Outcome]) -> StaticResolved:
+    """One answer when all candidates agree; otherwise every candidate, with its conditions."""
+    unique: list[_Outcome] = []
+    for outcome in outcomes:
+        if all(outcome.value != seen.value for seen in unique):
+            unique.append(outcome)
+    leaves = [o.value.resolved for o in unique if isinstance(o.value, _Leaf)]
+    failures = [o.value for o in unique if isinstance(o.value, _Failure)]
+    if not failures and len({(r.kind, r.signature) for r in leaves}) == 1:
+        return leaves[0]
+    if not unique:
+        raise LookupError(f"{ref}: nothing found")
+    if len(unique) == 1 and failures:
+        raise LookupError(failures[0].reason)
+    if leaves:
+        header = (f"{ref} is ambiguous: its definition depends on conditions this check "
+                  "cannot decide (give a branch hint for them):")
+    else:
+        header = f"{ref} cannot be resolved on any path:"
+    lines = [header]
+    for outcome in unique:
+        condition = " and ".join(outcome.when) or "otherwise"
+        lines.append(f"  when {condition}: {_describe(outcome.value)}")
+    raise LookupError("\n".join(lines))
+
+
+def _describe(value: _Value) -> str:
+    if isinstance(value, _Leaf):
+        r = value.resolved
+        return f"{r.file}:{r.line}: {r.kind}" + (f" {r.signature}" if r.signature else "")
+    assert isinstance(value, _Failure)
+    return value.reason

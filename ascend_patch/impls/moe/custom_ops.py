@@ -1,0 +1,115 @@
+"""The torch custom ops of `moe.capacity`: the drop plan and the expert compute.
+
+vLLM lets torch.compile trace the MoE layer on CPU (there is no moe_forward custom op
+there), and neither the planner (host syncs, collectives) nor the experts (data-dependent
+shapes) is traceable: as custom ops they are opaque to Dynamo. Ops are process-global, so
+the plan op finds the applied patch's state through `bind`, which the state calls when it
+is made and undoes on revert.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ascend_patch.impls.moe.backends import select_backend
+
+_NS = "ascend_patch"
+
+
+class _Binding:
+    """The one applied moe.capacity state of this process (one patch per target)."""
+
+    def __init__(self) -> None:
+        self.state: Any = None
+
+
+_BINDING = _Binding()
+
+
+def bind(state: Any) -> None:
+    register()
+    _BINDING.state = state
+
+
+def unbind(state: Any) -> None:
+    if _BINDING.state is state:
+        _BINDING.state = None
+
+
+def register() -> None:
+    """Register both ops once per process: before any forward, never while Dynamo traces."""
+    if not hasattr(torch.ops.ascend_patch, "moe_capacity_plan"):
+        plan = torch.library.custom_op(
+            f"{_NS}::moe_capacity_plan",
+            mutates_args=(),
+            schema="(Tensor topk_weights, Tensor topk_ids, str layer_name) -> (Tensor, Tensor)",
+        )(_plan_impl)
+        plan.register_fake(
+            lambda topk_weights, topk_ids, layer_name: (
+                torch.empty_like(topk_weights),
+                torch.empty_like(topk_ids),
+            )
+        )
+    if not hasattr(torch.ops.ascend_patch, "moe_capacity_experts"):
+        experts = torch.library.custom_op(
+            f"{_NS}::moe_capacity_experts",
+            mutates_args=(),
+            schema=(
+                "(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, "
+                "Tensor topk_ids, Tensor? expert_map, str activation, str backend, "
+                "bool weights_on_input) -> Tensor"
+            ),
+        )(experts_impl)
+        experts.register_fake(lambda hidden_states, *args: torch.empty_like(hidden_states))
+
+
+def plan(topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str):
+    return torch.ops.ascend_patch.moe_capacity_plan(topk_weights, topk_ids, layer_name)
+
+
+def experts(*args: Any) -> torch.Tensor:
+    return torch.ops.ascend_patch.moe_capacity_experts(*args)
+
+
+def _plan_impl(
+    topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    state = _BINDING.state
+    if state is None:
+        raise RuntimeError(f"moe.capacity: no applied patch plans MoE layer {layer_name!r}")
+    return state.step(layer_name)(topk_weights, topk_ids)
+
+
+def experts_impl(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    activation: str,
+    backend: str,
+    weights_on_input: bool,
+) -> torch.Tensor:
+    """Weighted, top-k-reduced expert output of the rows with id >= 0 whose expert is local
+    (expert_map honoured); rows with id -1 (dropped, or unused slots) are not computed."""
+    keep = topk_ids >= 0
+    ids = topk_ids.clamp(min=0)  # -1 must not index expert_map from the end
+    weights = topk_weights
+    if weights_on_input:
+        # The modular kernel's prepare() already scaled the input by the (top-1) weight.
+        weights = keep.to(torch.float32)
+    forward = select_backend(backend, hidden_states.device)
+    return forward(
+        hidden_states,
+        w13,
+        w2,
+        weights,
+        ids,
+        keep,
+        expert_map,
+        activation=activation,
+        apply_router_weight_on_input=False,
+    )

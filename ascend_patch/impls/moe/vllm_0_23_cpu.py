@@ -1,0 +1,109 @@
+"""`moe.capacity` on vLLM 0.23's CPU backend, which has no modular kernel.
+
+On 0.23 `select_unquantized_moe_backend` gives the CPU backend no experts class
+(oracle/unquantized.py:161-163), `is_monolithic` is True for it (unquantized_fused_moe_method.py
+:59-64), `process_weights_after_loading` prepacks the weights into `CPUFusedMOE` (:224-255) and
+the runner calls `apply_monolithic(layer, x, router_logits)` (runner/moe_runner.py:516), where
+`CPUFusedMOE` routes by itself (cpu_fused_moe.py:262) and ignores `expert_map` (:276-284: TP
+or DP with expert parallel computes the wrong experts, or crashes).
+
+So for a CPU layer we take over:
+* `process_weights_after_loading` does not run the original (no prepack: the weights keep
+  vLLM's standard layout) and builds a modular kernel with vLLM's own
+  `make_unquantized_moe_kernel` and our CapacityExperts, as the Triton backend would. A
+  kernel makes `supports_internal_mk` true, so the runner no longer all-gathers tokens
+  itself (moe_runner.py:683-686): the kernel's prepare/finalize dispatches, as on 0.32, and
+  `dispatch: all_to_all` can replace it. 0.23 kernels take their buffers from the workspace
+  manager (modular_kernel.py:1085), which only the GPU/XPU workers set up: it is set up here.
+* `apply_monolithic` routes with the CPU backend's own `select_experts` (the same function
+  and arguments as the original, so r = 0 routes exactly like stock), runs the drop step and
+  calls the kernel. The runner keeps shared experts, the routed scaling and the all-reduce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ascend_patch.core.context import PatchContext
+from ascend_patch.impls.moe import custom_ops
+from ascend_patch.impls.moe.vllm_modular import process_weights_factory, state_of, taken_over
+
+
+def make_process_weights_after_loading(
+    original: Callable[..., Any], ctx: PatchContext
+) -> Callable[..., Any]:
+    """Replacement of UnquantizedFusedMoEMethod.process_weights_after_loading (0.23)."""
+    return process_weights_factory(original, state_of(ctx), build_kernel=_build_cpu_kernel)
+
+
+def _build_cpu_kernel(method: Any, layer: Any, experts_cls: type) -> bool:
+    from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
+        UnquantizedMoeBackend,
+        make_unquantized_moe_kernel,
+    )
+    from vllm.v1.worker.workspace import init_workspace_manager, is_workspace_manager_initialized
+
+    if method.unquantized_backend != UnquantizedMoeBackend.CPU:
+        return False  # Triton: the original builds the kernel from experts_cls
+    if not is_workspace_manager_initialized():
+        init_workspace_manager(torch.device("cpu"))
+    method.experts_cls = experts_cls
+    method.moe_quant_config = method.get_fused_moe_quant_config(layer)
+    method.moe_kernel = make_unquantized_moe_kernel(
+        quant_config=method.moe_quant_config,
+        moe_config=method.moe,
+        backend=method.unquantized_backend,
+        experts_cls=experts_cls,
+        routing_tables=layer._expert_routing_tables(),
+    )
+    return True
+
+
+def make_apply_monolithic(
+    original: Callable[..., Any], ctx: PatchContext
+) -> Callable[..., Any]:
+    """Replacement of UnquantizedFusedMoEMethod.apply_monolithic(self, layer, x,
+    router_logits, input_ids=None) (0.23): the CPU backend's entry point."""
+    state_of(ctx)
+
+    def apply_monolithic(
+        self: Any,
+        layer: Any,
+        x: torch.Tensor,
+        router_logits: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not taken_over(self):
+            return original(self, layer, x, router_logits, input_ids)
+        from vllm.model_executor.layers.fused_moe.cpu_fused_moe import select_experts
+
+        topk_weights, topk_ids = select_experts(
+            hidden_states=x,
+            router_logits=router_logits,
+            top_k=layer.top_k,
+            use_grouped_topk=layer.use_grouped_topk,
+            renormalize=layer.renormalize,
+            topk_group=layer.topk_group,
+            num_expert_group=layer.num_expert_group,
+            custom_routing_function=layer.custom_routing_function,
+            scoring_func=layer.scoring_func,
+            routed_scaling_factor=layer.routed_scaling_factor,
+            e_score_correction_bias=layer.e_score_correction_bias,
+        )
+        topk_weights, topk_ids = custom_ops.plan(topk_weights, topk_ids, layer.layer_name)
+        return self.moe_kernel.apply(
+            hidden_states=x,
+            w1=layer.w13_weight,
+            w2=layer.w2_weight,
+            topk_weights=topk_weights,
+            topk_ids=topk_ids,
+            activation=layer.activation,
+            global_num_experts=layer.global_num_experts,
+            expert_map=layer.expert_map,
+            apply_router_weight_on_input=layer.apply_router_weight_on_input,
+        )
+
+    return apply_monolithic
