@@ -128,7 +128,10 @@ def _read_chain(path: Path) -> list[tuple[Document, ConfigSpec]]:
     current: Path | None = path
     shown = str(path)
     while current is not None:
-        real = current.resolve()
+        try:
+            real = current.resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop
+            raise ConfigError.single(str(current), None, "", f"cannot read file: {exc}") from None
         doc = read_document(current if not chain else real)
         if not chain:
             doc.path = shown
@@ -149,8 +152,13 @@ def _read_chain(path: Path) -> list[tuple[Document, ConfigSpec]]:
             current = None
         else:
             base = (real.parent / spec.extends)
-            if not base.exists():
-                raise doc.error(("extends",), f"base config {base} not found")
+            try:
+                base.stat()
+            except FileNotFoundError:
+                raise doc.error(("extends",), f"base config {base} not found") from None
+            except (OSError, ValueError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise doc.error(("extends",), f"base config {base}: {reason}") from None
             current = base
     chain.reverse()
     return chain
@@ -166,6 +174,9 @@ def _describe(err: dict) -> str:
         return err["msg"].replace("Input should be", "must be")
     if isinstance(err.get("input"), float) and math.isnan(err["input"]):
         return "must be a number, not NaN"
+    if kind == "bool_type" and isinstance(err.get("input"), str):
+        # YAML 1.1 read yes/no/on/off as booleans; we read YAML 1.2, where they are strings.
+        return f"must be true or false, not the string {err['input']!r}"
     return err["msg"][0].lower() + err["msg"][1:]
 
 

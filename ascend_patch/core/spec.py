@@ -127,3 +127,11 @@ class ConfigSpec(_Strict):
     )
 
     _check_vllm = field_validator("vllm")(classmethod(lambda cls, v: _check_specifier(v)))
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_is_an_integer(cls, value: Any) -> Any:
+        # `true` and `1.0` equal 1 in Python; a schema version is written as the integer 1.
+        if type(value) is not int:
+            raise ValueError(f"must be the integer 1, not {value!r}")
+        return value

@@ -46,7 +46,7 @@ def test_unknown_patch_key_and_wrong_type_are_both_reported(write_config):
     """)
     assert problems_of(path) == [
         f"{path}:5: patches[0].taget: unknown key",
-        f"{path}:6: patches[0].enabled: input should be a valid boolean",
+        f"{path}:6: patches[0].enabled: must be true or false, not the string 'yes'",
     ]
 
 
