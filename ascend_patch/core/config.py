@@ -20,7 +20,7 @@ from ascend_patch.core.catalog import Implementation
 from ascend_patch.core.errors import ConfigError, Problem
 from ascend_patch.core.source import Document, Loc, format_loc, read_document
 from ascend_patch.core.spec import ConfigSpec, PatchSpec, ProfileSpec
-from ascend_patch.core.targets import TargetRef, parse_target
+from ascend_patch.core.targets import TargetRef, allowed_roots, parse_target, within_roots
 
 MAX_EXTENDS_DEPTH = 8
 
@@ -272,11 +272,16 @@ def _apply_profile(
 def _plan_all(entries: list[_Entry], problems: list[Problem]) -> list[PlannedPatch]:
     planned = []
     owners_of_target: dict[TargetRef, str] = {}
+    roots = allowed_roots()
     for entry in entries:
         patch = _plan_patch(entry, problems)
         if patch is None:
             continue
         for site in patch.sites:
+            if not _allows_external_targets(entry.doc) and not within_roots(site.target.module, roots):
+                problems.append(_problem(entry.doc, entry.loc + ("target",),
+                    f"{site.target} lies outside {', '.join(roots)}; set 'allow_external_targets: "
+                    "true' at the top level to patch other packages"))
             other = owners_of_target.get(site.target)
             if other is not None:
                 problems.append(_problem(entry.doc, entry.loc + ("target",),
@@ -284,6 +289,11 @@ def _plan_all(entries: list[_Entry], problems: list[Problem]) -> list[PlannedPat
             owners_of_target[site.target] = patch.name
         planned.append(patch)
     return planned
+
+
+def _allows_external_targets(doc: Document) -> bool:
+    # The flag of the file that declares the patch (validated as a strict bool by the schema).
+    return isinstance(doc.data, dict) and doc.data.get("allow_external_targets") is True
 
 
 def _plan_patch(entry: _Entry, problems: list[Problem]) -> PlannedPatch | None:

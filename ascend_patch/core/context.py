@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
+
+
+def _no_flush() -> None:
+    pass
 
 
 @dataclass
@@ -15,9 +20,6 @@ class PatchContext:
     options: BaseModel
     # Free-form counters of this patch in this process, copied into the process report.
     stats: dict[str, Any] = field(default_factory=dict)
-
-    def flush(self) -> None:
-        """Write the process report now (implementations call this at their log interval)."""
-        from ascend_patch.core import report
-
-        report.flush()
+    # Rewrites the process report; the patcher injects it (implementations call it at their
+    # log interval). It never raises.
+    flush: Callable[[], object] = _no_flush

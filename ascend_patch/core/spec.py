@@ -111,6 +111,12 @@ class ConfigSpec(_Strict):
         description="Allow `impl: module:attr` outside the catalog. Off by default: a config "
         "file must not become a way to run arbitrary code.",
     )
+    allow_external_targets: StrictBool = Field(
+        False,
+        description="Allow targets outside `vllm` and the vLLM platform plugin packages "
+        "(`vllm_ascend`). Off by default: a config must not patch, nor make `validate` import, "
+        "any other module.",
+    )
     extends: str | None = Field(
         None,
         description="A base config file, relative to this one. Its patches and profiles are "

@@ -167,6 +167,7 @@ def test_external_impl_must_be_an_implementation(write_config):
 def test_target_override_forms(write_config, target, expected):
     path = write_config(f"""
         version: 1
+        allow_external_targets: true
         patches:
           - name: rms
             impl: ops.rms_norm
