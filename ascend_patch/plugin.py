@@ -11,6 +11,8 @@ import os
 
 def register() -> None:
     if not os.environ.get("ASCEND_PATCH_CONFIG"):
+        if any(key.startswith("ASCEND_PATCH_") for key in os.environ):
+            _warn_unknown()  # e.g. a misspelt ASCEND_PATCH_CONFIG: say so, patch nothing
         return
     from ascend_patch.core.errors import AscendPatchError
     from ascend_patch.core.runtime import apply_from_env, log
@@ -23,3 +25,10 @@ def register() -> None:
     except AscendPatchError as exc:
         log.error("%s", exc)
         raise
+
+
+def _warn_unknown() -> None:
+    from ascend_patch.core.runtime import _configure_logging, warn_unknown_variables
+
+    _configure_logging()
+    warn_unknown_variables(os.environ)

@@ -38,12 +38,12 @@ def _revert_patches():
     # restore them so that no test sees another's.
     saved = {k: v for k, v in os.environ.items() if k.startswith("ASCEND_PATCH_")}
     yield
+    from ascend_patch.core.runtime import reset
+
+    reset()  # first: it puts back what the loader replaced, which the lines below then drop
     for key in [k for k in os.environ if k.startswith("ASCEND_PATCH_")]:
         del os.environ[key]
     os.environ.update(saved)
-    from ascend_patch.core.runtime import reset
-
-    reset()
 
 
 @pytest.fixture
@@ -62,3 +62,16 @@ def tiny_model(tmp_path_factory):
     from ascend_patch.cli.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_deepseek_v3"), "deepseek_v3")
+
+
+@pytest.fixture
+def ascend_logs(caplog, monkeypatch):
+    """caplog for the `ascend_patch` logger, which keeps its own handler and does not
+    propagate once the loader configured it: let it propagate for the test."""
+    import logging
+
+    from ascend_patch.core.runtime import _configure_logging
+
+    _configure_logging()
+    monkeypatch.setattr(logging.getLogger("ascend_patch"), "propagate", True)
+    return caplog

@@ -37,11 +37,13 @@ def run_offline(
     expert_parallel: bool = False,
     env: dict[str, str] | None = None,
     timeout: float = 240,
+    extra: tuple[str, ...] = (),
 ) -> Run:
     prompts_file = tmp_path / f"prompts-{len(list(tmp_path.glob('prompts-*')))}.json"
     prompts_file.write_text(json.dumps(prompts))
     cmd = offline_run.command(model, prompts_file, max_tokens=max_tokens, logprobs=logprobs,
-                              tensor_parallel=tensor_parallel, expert_parallel=expert_parallel)
+                              tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
+                              extra=extra)
     extra = dict(env or {})
     if config is not None:
         extra["ASCEND_PATCH_CONFIG"] = str(config)

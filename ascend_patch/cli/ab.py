@@ -7,7 +7,9 @@ the first arm is the reference for agreement, so make it the dropless one.
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,29 +50,74 @@ def make_prompts(count: int, length: int, seed: int, vocab: int = 500) -> list[s
 
 
 def arms_from_ratios(config: Path, patch_name: str, ratios: list[float]) -> list[Arm]:
-    return [
+    return unique_labels([
         Arm(f"r={ratio:g}", config, {patch_name: {"drop_token_ratio": ratio}}, ratio)
         for ratio in ratios
-    ]
+    ])
+
+
+def unique_labels(arms: list[Arm]) -> list[Arm]:
+    """Arms labelled apart ('r=0', 'r=0#2'): labels name logs and rows; folders use indexes."""
+    seen: dict[str, int] = {}
+    for arm in arms:
+        count = seen[arm.label] = seen.get(arm.label, 0) + 1
+        if count > 1:
+            arm.label = f"{arm.label}#{count}"
+    return arms
 
 
 def capacity_patch_name(config_path: Path, wanted: str | None) -> str:
     from ascend_patch.core.config import load_config
+    from ascend_patch.core.errors import ConfigError
 
     config = load_config(config_path)
-    names = [p.name for p in config.patches if p.impl.name == "moe.capacity"]
+    names = set()
+    for variant in [None, *config.profiles]:
+        names |= {p.name for p in config.with_profile(variant).patches
+                  if p.impl.name == "moe.capacity"}
+    ordered = [p.name for p in config.patches if p.name in names] + sorted(
+        names - {p.name for p in config.patches})
     if wanted is not None:
         if wanted not in names:
-            raise SystemExit(f"{config_path}: no moe.capacity patch named {wanted!r} (have: {names})")
+            raise ConfigError.single("--patch", None, "", f"{config_path} has no moe.capacity "
+                                     f"patch named {wanted!r} (have: {', '.join(ordered) or 'none'})")
         return wanted
-    if not names:
-        raise SystemExit(f"{config_path}: has no moe.capacity patch to vary the drop ratio of")
-    return names[0]
+    if not ordered:
+        raise ConfigError.single("CONFIG", None, "", f"{config_path} has no moe.capacity patch "
+                                 "to vary the drop ratio of")
+    return ordered[0]
+
+
+def check_arms(arms: list[Arm]) -> None:
+    """Everything an arm needs, checked before any engine starts: its config loads, its
+    override validates (for the base patches and every profile), and its environment is
+    accepted by the loader. Raises ConfigError naming the arm."""
+    from ascend_patch.core import runtime
+    from ascend_patch.core.config import load_config
+    from ascend_patch.core.errors import ConfigError
+    from ascend_patch.core.settings import Settings
+
+    problems = []
+    for arm in arms:
+        try:
+            config = load_config(arm.config)
+            env = {runtime.CONFIG_ENV: str(arm.config)}
+            if arm.override:
+                env[runtime.OVERRIDE_ENV] = json.dumps(arm.override)
+            values = Settings.from_environ(env)
+            if values.override is not None:
+                runtime._check_override(config, values.override)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
 
 
 def run_arm(arm: Arm, model: Path, prompts_file: Path, work: Path, *, max_tokens: int,
-            logprobs: int, tensor_parallel: int, expert_parallel: bool, timeout: float) -> ArmResult:
-    report_dir = work / f"reports-{arm.label}"
+            logprobs: int, tensor_parallel: int, expert_parallel: bool, timeout: float,
+            index: int = 0) -> ArmResult:
+    # One folder per arm, by position: two arms never read each other's reports.
+    report_dir = work / f"arm{index}-reports"
     env = {"ASCEND_PATCH_CONFIG": str(arm.config), "ASCEND_PATCH_REPORT_DIR": str(report_dir)}
     if arm.override:
         env["ASCEND_PATCH_OVERRIDE"] = json.dumps(arm.override)
@@ -79,7 +126,7 @@ def run_arm(arm: Arm, model: Path, prompts_file: Path, work: Path, *, max_tokens
         tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
         extra=("--measure-prefill", "--max-num-batched-tokens", "8192"))
     code, log = run_in_group(cmd, vllm_env(workers=tensor_parallel, **env), timeout)
-    log_path = work / f"arm-{arm.label}.log"
+    log_path = work / f"arm{index}.log"
     log_path.write_text(log)
     result = offline_run.parse_result(log)
     if code != 0 or result is None:
@@ -188,29 +235,29 @@ def run_ab(args) -> int:
     from ascend_patch.cli.tiny_model import make_tiny_model
 
     console = Console(highlight=False, soft_wrap=True)
+    if args.arms:
+        arms = unique_labels([Arm(Path(p).stem, Path(p).resolve()) for p in args.arms])
+    else:
+        config = Path(args.config).resolve()
+        arms = arms_from_ratios(config, capacity_patch_name(config, args.patch), args.ratios)
+    check_arms(arms)  # before any engine starts (and before anything is written)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ab-", dir=out_dir))
     model = Path(args.model) if args.model else make_tiny_model(work / "tiny-deepseek-v3")
-    if args.arms:
-        arms = [Arm(Path(p).stem, Path(p).resolve()) for p in args.arms]
-    else:
-        config = Path(args.config).resolve()
-        ratios = [float(r) for r in args.ratios.split(",")]
-        arms = arms_from_ratios(config, capacity_patch_name(config, args.patch), ratios)
     prompts_file = work / "prompts.json"
     prompts_file.write_text(json.dumps(make_prompts(args.prompts, args.prompt_len, args.seed)))
 
     results: list[ArmResult] = []
     with Progress(console=console, transient=False) as progress:
         task = progress.add_task("A/B arms", total=len(arms))
-        for arm in arms:
+        for index, arm in enumerate(arms):
             progress.update(task, description=f"arm {arm.label}")
             try:
                 results.append(run_arm(
                     arm, model, prompts_file, work, max_tokens=args.max_tokens, logprobs=5,
                     tensor_parallel=args.tensor_parallel_size, expert_parallel=args.enable_expert_parallel,
-                    timeout=args.timeout))
+                    timeout=args.timeout, index=index))
             except ArmFailed as exc:
                 console.print(str(exc), markup=False)
                 return 1
@@ -239,49 +286,167 @@ def run_ab(args) -> int:
     return 0
 
 
+# Bounds of the numeric arguments: beyond them a run would exhaust memory or never end.
+_LIMITS = {
+    "prompts": (1, 10_000), "prompt_len": (1, 100_000), "max_tokens": (1, 100_000),
+    "first_tokens": (0, 100_000), "seed": (0, 2**32 - 1), "tensor_parallel_size": (1, 64),
+    "tokens": (1, 1 << 20), "experts": (1, 4096), "top_k": (1, 64), "ep_size": (1, 1024),
+    "hidden": (1, 65536), "intermediate": (1, 65536), "reps": (1, 1000), "threads": (1, 256),
+}
+MAX_RATIO = 0.5  # moe.capacity's drop_token_ratio range is [0, 0.5]
+
+
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range ({low} to {high})")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and 0 < value <= 7 * 86400):
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range (more than 0, at most a week)")
+    return value
+
+
+def _ratios(text: str) -> list[float]:
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"{text!r}: give drop ratios separated by commas, "
+                                         "e.g. 0,0.02,0.05")
+    ratios = []
+    for item in items:
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a number") from None
+        if not (math.isfinite(value) and 0 <= value <= MAX_RATIO):
+            raise argparse.ArgumentTypeError(f"{item!r} is out of range (drop_token_ratio is in "
+                                             f"[0, {MAX_RATIO}])")
+        ratios.append(value)
+    return ratios
+
+
+def _skews(text: str) -> list[float | str]:
+    from ascend_patch.impls.moe.routing_sim import SKEWS
+
+    skews: list[float | str] = []
+    for item in (t.strip() for t in text.split(",")):
+        if item in SKEWS:
+            skews.append(item)
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is neither a number nor one of {', '.join(SKEWS)}") from None
+        if not (math.isfinite(value) and value >= 1.0):
+            raise argparse.ArgumentTypeError(f"{item!r}: a max/mean load is a number >= 1")
+        skews.append(value)
+    return skews
+
+
+def _policies(text: str) -> list[str]:
+    from ascend_patch.cli.ab_layer import POLICIES
+
+    policies = [t.strip() for t in text.split(",")]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not policies:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))}: policies are "
+                                         f"{', '.join(POLICIES)}")
+    return policies
+
+
 def add_parser(sub) -> None:
     ab = sub.add_parser("ab", help="A/B drop ratios or configs through the real vLLM engine "
                                    "(or, with --layer, on the MoE layer alone)")
+    n = {name: _int_in(*bounds) for name, bounds in _LIMITS.items()}
     ab.add_argument("config", nargs="?", help="config whose moe.capacity patch is varied by --ratios")
     ab.add_argument("--arms", nargs="+", help="config files, one arm each (instead of --ratios)")
-    ab.add_argument("--ratios", default="0,0.05,0.1", help="drop ratios, comma separated; first is the reference")
+    ab.add_argument("--ratios", type=_ratios, default=_ratios("0,0.05,0.1"),
+                    help="drop ratios, comma separated; first is the reference")
     ab.add_argument("--patch", help="name of the moe.capacity patch to vary (default: the first)")
     ab.add_argument("--model", help="model directory (default: a generated tiny DeepseekV3)")
-    ab.add_argument("--prompts", type=int, default=8)
-    ab.add_argument("--prompt-len", type=int, default=200, help="words per prompt")
-    ab.add_argument("--max-tokens", type=int, default=16)
-    ab.add_argument("--first-tokens", type=int, default=4, help="positions compared by logprob")
-    ab.add_argument("--seed", type=int, default=0)
-    ab.add_argument("--tensor-parallel-size", type=int, default=1)
+    ab.add_argument("--prompts", type=n["prompts"], default=8)
+    ab.add_argument("--prompt-len", type=n["prompt_len"], default=200, help="words per prompt")
+    ab.add_argument("--max-tokens", type=n["max_tokens"], default=16)
+    ab.add_argument("--first-tokens", type=n["first_tokens"], default=4,
+                    help="positions compared by logprob")
+    ab.add_argument("--seed", type=n["seed"], default=0)
+    ab.add_argument("--tensor-parallel-size", type=n["tensor_parallel_size"], default=1)
     ab.add_argument("--enable-expert-parallel", action="store_true")
-    ab.add_argument("--timeout", type=float, default=600.0, help="seconds per arm")
+    ab.add_argument("--timeout", type=_seconds, default=600.0, help="seconds per arm")
     ab.add_argument("--out", default="ab-out", help="directory for ab.json, ab.png and logs")
     ab.add_argument("--layer", action="store_true", help="MoE layer alone on synthetic routing")
     g = ab.add_argument_group("--layer (MoE layer alone on synthetic DeepSeek-V3 routing)")
-    g.add_argument("--skews", default="balanced,moderate,r1",
+    g.add_argument("--skews", type=_skews, default=_skews("balanced,moderate,r1"),
                    help="target per-rank max/mean at --ep-size: names (balanced=1.0, "
                         "moderate=1.5, r1=2.5) or numbers, comma separated")
-    g.add_argument("--tokens", type=int, default=4096)
-    g.add_argument("--experts", type=int, default=256)
-    g.add_argument("--top-k", type=int, default=8)
-    g.add_argument("--ep-size", type=int, default=16, help="simulated EP size")
-    g.add_argument("--hidden", type=int, default=1024, help="hidden size (DeepSeek-V3: 7168)")
-    g.add_argument("--intermediate", type=int, default=256,
+    g.add_argument("--tokens", type=n["tokens"], default=4096)
+    g.add_argument("--experts", type=n["experts"], default=256)
+    g.add_argument("--top-k", type=n["top_k"], default=8)
+    g.add_argument("--ep-size", type=n["ep_size"], default=16, help="simulated EP size")
+    g.add_argument("--hidden", type=n["hidden"], default=1024, help="hidden size (DeepSeek-V3: 7168)")
+    g.add_argument("--intermediate", type=n["intermediate"], default=256,
                    help="expert intermediate size (DeepSeek-V3: 2048)")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    g.add_argument("--policies", default="probs,position,seed")
-    g.add_argument("--reps", type=int, default=9, help="timing repetitions (medians)")
-    g.add_argument("--threads", type=int, default=1, help="torch threads while timing")
+    g.add_argument("--policies", type=_policies, default=_policies("probs,position,seed"))
+    g.add_argument("--reps", type=n["reps"], default=9, help="timing repetitions (medians)")
+    g.add_argument("--threads", type=n["threads"], default=1, help="torch threads while timing")
     g.add_argument("--no-keep-top1", action="store_true")
     g.add_argument("--no-timing", action="store_true", help="skip the bottleneck-rank timing")
-    ab.set_defaults(func=_dispatch)
+    ab.set_defaults(func=_dispatch, ab_parser=ab)
+
+
+def check_args(args) -> str | None:
+    """What is wrong with a combination of arguments (each alone was checked by its type)."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"argument --out: {args.out} exists and is not a folder"
+    if args.layer:
+        from ascend_patch.impls.moe.routing_sim import NUM_GROUPS, TOPK_GROUPS
+
+        if args.experts % args.ep_size:
+            return (f"argument --experts: {args.experts} experts do not split evenly over "
+                    f"--ep-size {args.ep_size}")
+        groups = NUM_GROUPS if args.experts % NUM_GROUPS == 0 else 1
+        reachable = min(TOPK_GROUPS, groups) * (args.experts // groups)
+        if args.top_k > reachable:
+            return (f"argument --top-k: {args.top_k} is more than the {reachable} experts the "
+                    f"grouped router can choose among {args.experts}")
+        for skew in args.skews:
+            if not isinstance(skew, str) and skew > args.ep_size:
+                return (f"argument --skews: {skew:g} is above {args.ep_size}, the largest "
+                        f"max/mean load over --ep-size {args.ep_size} ranks")
+        return None
+    if args.arms and args.config:
+        return "give a CONFIG (with --ratios) or --arms FILE ..., not both"
+    if not args.arms and not args.config:
+        return "give a CONFIG (with --ratios) or --arms FILE ..."
+    for path in [*(args.arms or ()), *([args.config] if args.config else [])]:
+        if not Path(path).is_file():
+            which = "--arms" if args.arms else "CONFIG"
+            return f"argument {which}: {path} is not a file"
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        return f"argument --model: {args.model} is not a model directory (no config.json)"
+    return None
 
 
 def _dispatch(args) -> int:
+    problem = check_args(args)
+    if problem:
+        args.ab_parser.error(problem)
     if args.layer:
         from ascend_patch.cli.ab_layer import run_layer_ab
 
         return run_layer_ab(args)
-    if not args.arms and not args.config:
-        raise SystemExit("ascend-patch ab: give a CONFIG (with --ratios) or --arms FILE ...")
     return run_ab(args)

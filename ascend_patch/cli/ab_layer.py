@@ -427,17 +427,12 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
 
 def setup_from_args(args) -> LayerSetup:
-    skews: list[float | str] = []
-    for s in str(getattr(args, "skews", "balanced,moderate,r1")).split(","):
-        s = s.strip()
-        skews.append(s if s in ("balanced", "moderate", "r1") else float(s))
+    # `ascend-patch ab` parses and checks --skews, --ratios and --policies (cli/ab.py).
     return LayerSetup(
         tokens=args.tokens, experts=args.experts, top_k=args.top_k, ep_size=args.ep_size,
         hidden=args.hidden, intermediate=args.intermediate, dtype=args.dtype, seed=args.seed,
-        reps=args.reps, threads=args.threads, keep_top1=not args.no_keep_top1, skews=skews,
-        ratios=[float(r) for r in args.ratios.split(",")],
-        policies=[p.strip() for p in args.policies.split(",")],
-        time_ranks=not args.no_timing)
+        reps=args.reps, threads=args.threads, keep_top1=not args.no_keep_top1, skews=args.skews,
+        ratios=args.ratios, policies=args.policies, time_ranks=not args.no_timing)
 
 
 def run_layer_ab(args) -> int:
@@ -447,7 +442,11 @@ def run_layer_ab(args) -> int:
     setup = setup_from_args(args)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = layer_ab(setup, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    try:
+        result = layer_ab(setup, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    except ValueError as exc:  # a skew the simulated router cannot reach
+        console.print(f"ascend-patch ab --layer: error: argument --skews: {exc}", markup=False)
+        return 2
     result["checks"] = check_cells(result, setup.keep_top1)
     result["targets"] = targets(result)
     print_table(result, console)

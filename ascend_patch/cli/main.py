@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-model", help="write a tiny MoE model directory (dummy weights)")
     tiny.add_argument("out_dir")
     tiny.add_argument("--arch", choices=["deepseek_v3", "mixtral", "qwen2_moe"], default="deepseek_v3")
+    tiny.add_argument("--force", action="store_true",
+                      help="write into OUT_DIR even if it is not empty (replacing the model files)")
     tiny.set_defaults(func=cmd_tiny_model)
     from ascend_patch.cli import ab
 
@@ -275,8 +277,12 @@ def _stack_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from ascend_patch.cli.tiny_model import make_tiny_model
+    from ascend_patch.cli.tiny_model import check_out_dir, make_tiny_model
 
+    problem = check_out_dir(args.out_dir, args.force)
+    if problem:
+        err.print(f"ascend-patch tiny-model: error: argument OUT_DIR: {problem}", markup=False)
+        return EXIT_INVALID
     out.print(str(make_tiny_model(args.out_dir, args.arch)))
     return EXIT_OK
 

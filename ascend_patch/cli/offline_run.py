@@ -45,6 +45,9 @@ def main() -> None:
     parser.add_argument("--enable-expert-parallel", action="store_true")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--speculative-config", type=json.loads, default=None,
+                        help="vLLM's speculative_config as JSON, e.g. '{\"method\": \"mtp\", "
+                        "\"num_speculative_tokens\": 1}'")
     parser.add_argument("--measure-prefill", action="store_true",
                         help="time a separate prefill-only pass (max_tokens=1) after a warm-up")
     args = parser.parse_args()
@@ -63,6 +66,7 @@ def main() -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
+        speculative_config=args.speculative_config,
     )
     ready = time.perf_counter()
     prefill_s = None

@@ -119,6 +119,22 @@ def _write_tokenizer(out: Path) -> None:
     )
 
 
+def check_out_dir(out_dir: str | Path, force: bool) -> str | None:
+    """Why `out_dir` must not be written (None: it may): an existing file is never replaced,
+    and a folder with files in it only with `force`."""
+    path = Path(out_dir)
+    try:
+        if path.is_symlink() and not path.exists():
+            return f"{path} is a broken symbolic link"
+        if path.exists() and not path.is_dir():
+            return f"{path} exists and is not a folder"
+        if path.is_dir() and any(path.iterdir()) and not force:
+            return f"{path} is not empty; pass --force to write the model files into it"
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    return None
+
+
 def make_tiny_model(out_dir: str | Path, arch: str = "deepseek_v3") -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +148,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--arch", choices=sorted(CONFIGS), default="deepseek_v3")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
     args = parser.parse_args()
+    problem = check_out_dir(args.out_dir, args.force)
+    if problem:
+        parser.error(f"argument out_dir: {problem}")
     print(make_tiny_model(args.out_dir, args.arch))
 
 

@@ -20,7 +20,7 @@ from ascend_patch.core.catalog import Implementation, SiteSet
 from ascend_patch.core.errors import ConfigError, Problem
 from ascend_patch.core.source import Document, Loc, format_loc, read_document
 from ascend_patch.core.spec import ConfigSpec, PatchSpec, ProfileSpec
-from ascend_patch.core.targets import TargetRef, parse_target
+from ascend_patch.core.targets import TargetRef, allowed_roots, parse_target, within_roots
 from ascend_patch.core.versions import Stack, detect_stack, lines_admitted, supported_lines_text
 
 MAX_EXTENDS_DEPTH = 8
@@ -150,7 +150,10 @@ def _read_chain(path: Path) -> list[tuple[Document, ConfigSpec]]:
     current: Path | None = path
     shown = str(path)
     while current is not None:
-        real = current.resolve()
+        try:
+            real = current.resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop
+            raise ConfigError.single(str(current), None, "", f"cannot read file: {exc}") from None
         doc = read_document(current if not chain else real)
         if not chain:
             doc.path = shown
@@ -171,8 +174,13 @@ def _read_chain(path: Path) -> list[tuple[Document, ConfigSpec]]:
             current = None
         else:
             base = (real.parent / spec.extends)
-            if not base.exists():
-                raise doc.error(("extends",), f"base config {base} not found")
+            try:
+                base.stat()
+            except FileNotFoundError:
+                raise doc.error(("extends",), f"base config {base} not found") from None
+            except (OSError, ValueError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise doc.error(("extends",), f"base config {base}: {reason}") from None
             current = base
     chain.reverse()
     return chain
@@ -188,6 +196,9 @@ def _describe(err: dict) -> str:
         return err["msg"].replace("Input should be", "must be")
     if isinstance(err.get("input"), float) and math.isnan(err["input"]):
         return "must be a number, not NaN"
+    if kind == "bool_type" and isinstance(err.get("input"), str):
+        # YAML 1.1 read yes/no/on/off as booleans; we read YAML 1.2, where they are strings.
+        return f"must be true or false, not the string {err['input']!r}"
     return err["msg"][0].lower() + err["msg"][1:]
 
 
@@ -293,11 +304,16 @@ def _apply_profile(
 def _plan_all(entries: list[_Entry], stack: Stack, problems: list[Problem]) -> list[PlannedPatch]:
     planned = []
     owners_of_target: dict[TargetRef, str] = {}
+    roots = allowed_roots()
     for entry in entries:
         patch = _plan_patch(entry, stack, problems)
         if patch is None:
             continue
         for site in patch.sites:
+            if not _allows_external_targets(entry.doc) and not within_roots(site.target.module, roots):
+                problems.append(_problem(entry.doc, entry.loc + ("target",),
+                    f"{site.target} lies outside {', '.join(roots)}; set 'allow_external_targets: "
+                    "true' at the top level to patch other packages"))
             other = owners_of_target.get(site.target)
             if other is not None:
                 problems.append(_problem(entry.doc, entry.loc + ("target",),
@@ -305,6 +321,11 @@ def _plan_all(entries: list[_Entry], stack: Stack, problems: list[Problem]) -> l
             owners_of_target[site.target] = patch.name
         planned.append(patch)
     return planned
+
+
+def _allows_external_targets(doc: Document) -> bool:
+    # The flag of the file that declares the patch (validated as a strict bool by the schema).
+    return isinstance(doc.data, dict) and doc.data.get("allow_external_targets") is True
 
 
 def _plan_patch(entry: _Entry, stack: Stack, problems: list[Problem]) -> PlannedPatch | None:

@@ -31,8 +31,8 @@ class PatchContext:
     # The vLLM line and platform the patch was planned for (a versions.Stack).
     stack: Any = None
     # Rewrites the process report; the patcher injects it (implementations call it at their
-    # log interval).
-    flush: Callable[[], None] = _no_flush
+    # log interval). It never raises.
+    flush: Callable[[], object] = _no_flush
     _state: Any = field(default=None, repr=False)
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 

@@ -44,5 +44,9 @@ class PatchError(AscendPatchError):
     """A patch that could not be applied to the running vLLM (target, signature, version)."""
 
 
+class TargetConflict(PatchError):
+    """Two patches of one config on one function (aliases, re-exports, inherited attributes)."""
+
+
 class ConsistencyError(AscendPatchError):
     """Processes of one deployment would run different configs."""

@@ -4,7 +4,9 @@ A patch whose target module is not imported yet must not import it (the API serv
 never builds a model, so it should never import the fused MoE layer). The watcher sits first on
 `sys.meta_path`, lets the real finders find the module, and wraps the loader so that the
 callbacks run when the module body has run, before any importer sees the module. An exception
-in a callback makes that import fail with the callback's message.
+in a callback makes that import fail with the callback's message. When an import fails (in
+the module body or in a callback), the module is discarded, so its callbacks are watched
+again: the next import of the module runs them on the new module object.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ Callback = Callable[[ModuleType], None]
 
 
 class _HookedLoader(importlib.abc.Loader):
-    def __init__(self, loader: Any, callbacks: list[Callback]):
+    def __init__(self, loader: Any, callbacks: list[Callback], watcher: ImportWatcher):
         self._loader = loader
         self._callbacks = callbacks
+        self._watcher = watcher
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)
@@ -36,9 +39,13 @@ class _HookedLoader(importlib.abc.Loader):
         module.__loader__ = self._loader
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader
-        self._loader.exec_module(module)
-        for callback in self._callbacks:
-            callback(module)
+        try:
+            self._loader.exec_module(module)
+            for callback in self._callbacks:
+                callback(module)
+        except BaseException:
+            self._watcher.rewatch(module.__name__, self._callbacks)
+            raise
 
 
 class ImportWatcher(importlib.abc.MetaPathFinder):
@@ -49,6 +56,13 @@ class ImportWatcher(importlib.abc.MetaPathFinder):
     def watch(self, module_name: str, callback: Callback) -> None:
         with self._lock:
             self._callbacks.setdefault(module_name, []).append(callback)
+            if self not in sys.meta_path:
+                sys.meta_path.insert(0, self)
+
+    def rewatch(self, module_name: str, callbacks: list[Callback]) -> None:
+        """Watch again for callbacks whose import failed (ahead of any added since)."""
+        with self._lock:
+            self._callbacks[module_name] = callbacks + self._callbacks.get(module_name, [])
             if self not in sys.meta_path:
                 sys.meta_path.insert(0, self)
 
@@ -77,7 +91,7 @@ class ImportWatcher(importlib.abc.MetaPathFinder):
             with self._lock:
                 self._callbacks[fullname] = callbacks
             return spec
-        spec.loader = _HookedLoader(spec.loader, callbacks)
+        spec.loader = _HookedLoader(spec.loader, callbacks, self)
         return spec
 
 

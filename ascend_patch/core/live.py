@@ -2,7 +2,8 @@
 
 The runtime applies lazily; `ascend-patch validate` runs these so a target or a relied-on
 interface that moved or changed shape upstream is found before deployment, not at the first
-request.
+request. A target module is located before it is imported: a missing one is reported
+without importing anything.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ascend_patch.core import catalog
 from ascend_patch.core.config import LoadedConfig, PlannedInterface, PlannedPatch, PlannedSite
-from ascend_patch.core.targets import TargetRef, render_signature, resolve
+from ascend_patch.core.targets import TargetRef, find_module, render_signature, resolve
 from ascend_patch.core.versions import InstalledVllm, installed_vllm, version_matches
 
 if TYPE_CHECKING:
@@ -51,6 +52,9 @@ class Checker:
                 f"not checkable here: the installed packages are not the planned stack; "
                 f"give --source {package}=DIR"
             )
+        exists, where = find_module(ref.module)  # a missing module: found without importing
+        if not exists:
+            raise LookupError(f"module {ref.module!r} does not exist here ({where})")
         return render_signature(resolve(ref).function)
 
     def site_problem(self, patch: PlannedPatch, site: PlannedSite) -> str | None:
@@ -124,4 +128,36 @@ def patch_problems(
 
 def live_problems(config: LoadedConfig, checker: Checker | None = None) -> dict[str, list[str]]:
     """Problems per patch name (empty list: the patch would apply here)."""
-    return {patch.name: patch_problems(config, patch, checker) for patch in config.patches}
+    out = {patch.name: patch_problems(config, patch, checker) for patch in config.patches}
+    if checker is None or checker.importable:
+        for name, problems in same_function_problems(config).items():
+            out[name].extend(problems)
+    return out
+
+
+def same_function_problems(config: LoadedConfig) -> dict[str, list[str]]:
+    """Targets of enabled patches that resolve to one function (an alias, a re-export, an
+    attribute a subclass inherits), or to one another patch of ours already replaced,
+    reported on the later patch. Only modules that are importable and within the config's
+    roots get here (load_config checked the roots)."""
+    out: dict[str, list[str]] = {}
+    owners: dict[int, tuple[str, str]] = {}  # id(function) -> (patch, target)
+    for patch in config.patches:
+        if not patch.enabled:
+            continue
+        for site in patch.sites:
+            try:
+                function = resolve(site.target, import_module=False).function
+            except (LookupError, KeyError):
+                continue  # not imported (reported above), or no such attribute
+            marker = getattr(function, "__ascend_patch__", None)  # patcher.MARKER
+            owner = owners.setdefault(id(function), (patch.name, str(site.target)))
+            if marker is not None and marker != patch.name:
+                out.setdefault(patch.name, []).append(
+                    f"target {site.target} is already patched by {marker!r} in this process; "
+                    "one patch per function")
+            elif owner[0] != patch.name:
+                out.setdefault(patch.name, []).append(
+                    f"target {site.target} is the same function as {owner[1]}, patched by "
+                    f"{owner[0]!r}; one patch per function")
+    return out

@@ -3,11 +3,18 @@
 Each site is installed with the original reachable as `__wrapped__`. Sites whose module is
 loaded are applied at once; the others wait for the module's first import (see imports.py).
 Eager application is all-or-nothing: a failing `on_error: fail` patch rolls back every site
-this call applied. A lazy site that fails later makes the import that triggered it fail.
+this call applied. A lazy site that fails later makes the import that triggered it fail, and
+every later import of that module too (the patch is reported failed).
+
+One patch per function: a target whose function another patch of ours already replaced (its
+marker attribute), or that resolves to the same function as another installed site (an alias,
+a re-export, a subclass attribute inherited from the base), is refused whatever `on_error`
+says: that is a contradiction in the config, not a property of the machine.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -19,15 +26,16 @@ from typing import Any
 from ascend_patch.core import catalog, report
 from ascend_patch.core.config import LoadedConfig, PlannedPatch, PlannedSite
 from ascend_patch.core.context import PatchContext
-from ascend_patch.core.errors import PatchError
+from ascend_patch.core.errors import PatchError, TargetConflict
 from ascend_patch.core.imports import WATCHER
 from ascend_patch.core.live import interface_problem, signature_problem, version_problems
-from ascend_patch.core.targets import Resolved, render_signature, resolve
+from ascend_patch.core.targets import Resolved, find_module, render_signature, resolve
 from ascend_patch.core.versions import InstalledVllm, installed_vllm
 
 log = logging.getLogger("ascend_patch")
 
 MARKER = "__ascend_patch__"
+_MISSING = object()
 
 
 @dataclass
@@ -39,15 +47,31 @@ class InstalledSite:
     # (module, global name) pairs that held the original through `from x import f`.
     copies: list[tuple[ModuleType, str]] = field(default_factory=list)
 
-    def uninstall(self) -> None:
+    def uninstall(self) -> str | None:
+        """Put the original back, unless something else replaced ours since: then leave that
+        in place (it may wrap ours) and return why."""
         owner, attr = self.resolved.owner, self.resolved.attr
-        if self.resolved.own:
+        current = vars(owner).get(attr, _MISSING)
+        left = None
+        if current is not self.new_raw:
+            what = "removed" if current is _MISSING else f"replaced by {_describe(current)}"
+            left = (f"{self.site.target} ({self.patch}): left as it is, {what} after "
+                    "ascend-patch installed its replacement")
+        elif self.resolved.own:
             setattr(owner, attr, self.resolved.raw)
-        elif attr in vars(owner):
+        else:
             delattr(owner, attr)
         for module, name in self.copies:
             if vars(module).get(name) is self.new_raw:
                 setattr(module, name, self.resolved.raw)
+        return left
+
+
+def _describe(value: Any) -> str:
+    func = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+    name = getattr(func, "__qualname__", None) or type(func).__name__
+    module = getattr(func, "__module__", None)
+    return f"{module}.{name}" if module else name
 
 
 @dataclass
@@ -87,6 +111,9 @@ class Patcher:
         self.config: LoadedConfig | None = None
         self.records: dict[str, PatchRecord] = {}
         self.installed: list[InstalledSite] = []
+        self.disabled: frozenset[str] = frozenset()
+        # What revert() left in place because another tool replaced it after us.
+        self.left_in_place: list[str] = []
         self._lock = threading.RLock()
 
     # -- public ---------------------------------------------------------------------------
@@ -95,12 +122,13 @@ class Patcher:
     ) -> list[PatchRecord]:
         with self._lock:
             if self.config is not None:
-                if (self.config.digest, self.config.profile) == (config.digest, config.profile):
+                differs = _differences(self.config, self.disabled, config, disabled)
+                if not differs:
                     return list(self.records.values())
                 raise PatchError(
                     f"{config.path}: another config ({self.config.path}, sha256 "
                     f"{self.config.digest[:12]}, profile {self.config.profile}) is already "
-                    "applied in this process; revert() first"
+                    f"applied in this process ({differs}); revert() first"
                 )
             vllm = installed_vllm()
             installed_before = len(self.installed)
@@ -114,6 +142,7 @@ class Patcher:
                 self._close_contexts(records.values())
                 raise
             self.config = config
+            self.disabled = disabled
             self.records = records
             return list(records.values())
 
@@ -123,6 +152,7 @@ class Patcher:
             WATCHER.clear()
             self._close_contexts(self.records.values())
             self.config = None
+            self.disabled = frozenset()
             self.records = {}
 
     @staticmethod
@@ -134,7 +164,14 @@ class Patcher:
     # -- internals ------------------------------------------------------------------------
     def _rollback(self, keep: int) -> None:
         while len(self.installed) > keep:
-            self.installed.pop().uninstall()
+            self._uninstall(self.installed.pop())
+
+    def _uninstall(self, site: InstalledSite) -> None:
+        left = site.uninstall()
+        if left is not None:
+            self.left_in_place.append(left)
+            log.warning("ascend-patch [%s pid %d]: revert: %s", report.process_role(),
+                        os.getpid(), left)
 
     def _apply_patch(
         self,
@@ -174,22 +211,24 @@ class Patcher:
                     self._install(patch, site, record)
             if len(record.applied_roles) == len(patch.sites):
                 record.status = "applied"
-            for site in patch.sites:
-                if site.role not in record.applied_roles:
-                    WATCHER.watch(site.target.module, self._on_import(patch, site, record))
+            waiting = [s for s in patch.sites if s.role not in record.applied_roles]
+            for site in waiting:
+                # Waiting for a module that is not there would wait forever, unpatched.
+                exists, where = find_module(site.target.module)
+                if not exists:
+                    raise PatchError(f"target {site.target}: module {site.target.module!r} does "
+                                     f"not exist here ({where})")
+            for site in waiting:
+                WATCHER.watch(site.target.module, self._on_import(patch, site, record))
         except PatchError as exc:
             return self._handle_failure(patch, record, exc)
         return record
 
     def _handle_failure(self, patch: PlannedPatch, record: PatchRecord, exc: PatchError) -> PatchRecord:
         message = f"{patch.file}:{patch.line}: patch {patch.name!r}: {exc}"
-        if patch.on_error == "fail":
+        if patch.on_error == "fail" or isinstance(exc, TargetConflict):
             raise PatchError(message) from None
-        # Remove this patch's own sites; the others stay.
-        mine = [s for s in self.installed if s.patch == patch.name]
-        for site in reversed(mine):
-            site.uninstall()
-        self.installed = [s for s in self.installed if s.patch != patch.name]
+        self._remove_sites_of(patch.name)
         if record.context is not None:
             record.context.close()
         record.status, record.reason = "skipped", f"on_error: skip: {exc}"
@@ -197,17 +236,45 @@ class Patcher:
         return record
 
 
+    def _remove_sites_of(self, name: str) -> None:
+        """Uninstall one patch's own sites; the others stay."""
+        mine = [s for s in self.installed if s.patch == name]
+        for site in reversed(mine):
+            self._uninstall(site)
+        self.installed = [s for s in self.installed if s.patch != name]
+
     def _on_import(self, patch: PlannedPatch, site: PlannedSite, record: PatchRecord):
         def callback(module: ModuleType) -> None:
             with self._lock:
                 if self.records.get(patch.name) is not record or record.status == "skipped":
                     return  # reverted, or skipped meanwhile
+                if record.status == "failed":
+                    # The watcher runs this again at every import of the module after a failed
+                    # one (see imports.py): the module stays unimportable.
+                    raise PatchError(record.reason)
+                if site.role in record.applied_roles:
+                    # An earlier import of this module failed after we patched it; that module
+                    # object is gone, patch its new one.
+                    record.applied_roles.remove(site.role)
+                    self.installed = [s for s in self.installed
+                                      if (s.patch, s.site.role) != (patch.name, site.role)]
                 try:
                     self._install(patch, site, record)
                 except PatchError as exc:
-                    self._handle_failure(patch, record, exc)
+                    try:
+                        self._handle_failure(patch, record, exc)
+                    except PatchError as fatal:
+                        self._remove_sites_of(patch.name)
+                        record.applied_roles.clear()
+                        record.status, record.reason = "failed", str(fatal)
+                        log.error("ascend-patch [%s pid %d]: %s (%s) failed on import of %s: %s",
+                                  report.process_role(), os.getpid(), patch.name,
+                                  patch.impl.name, module.__name__, fatal)
+                        report.flush()
+                        raise
                     log.warning("ascend-patch [%s pid %d]: %s (%s) skipped: %s", report.process_role(),
                                 os.getpid(), patch.name, patch.impl.name, record.reason)
+                    report.flush()
                     return
                 if len(record.applied_roles) == len(patch.sites):
                     record.status = "applied"
@@ -226,9 +293,18 @@ class Patcher:
         except LookupError as exc:
             raise PatchError(f"target {site.target}: {exc}") from None
         current = resolved.function
-        if getattr(current, MARKER, None) == patch.name:
+        owner = getattr(current, MARKER, None)
+        if owner == patch.name:
             record.applied_roles.append(site.role)  # already ours: applying twice is a no-op
             return
+        if owner is not None:
+            raise TargetConflict(f"target {site.target} is already patched by {owner!r}; one "
+                                 "patch per function")
+        for other in self.installed:
+            if other.resolved.function is current and other.patch != patch.name:
+                raise TargetConflict(
+                    f"target {site.target} is the same function as {other.site.target}, "
+                    f"already patched by {other.patch!r}; one patch per function")
         problem = signature_problem(patch, site, render_signature(current))
         if problem:
             raise PatchError(problem)
@@ -280,7 +356,20 @@ class Patcher:
 
     @staticmethod
     def _patch_copies(installed: InstalledSite, record: PatchRecord) -> None:
+        """Rebind module-level names that hold the original function (`from m import f`,
+        `from m import f as g`) in every loaded module.
+
+        Only a plain Python function defined in the target module is followed: an object
+        re-exported from elsewhere (a torch function, a builtin, a constant such as True)
+        is bound under that name in modules that never meant ours. Nothing else is
+        rewritten: class attributes, containers, closures, default arguments keep the
+        original.
+        """
         original = installed.resolved.raw
+        if not inspect.isfunction(original) or getattr(original, "__module__", None) != (
+            installed.site.target.module
+        ):
+            return
         for module in list(sys.modules.values()):
             if module is installed.resolved.owner or not isinstance(module, ModuleType):
                 continue
@@ -292,6 +381,21 @@ class Patcher:
                     setattr(module, name, installed.new_raw)
                     installed.copies.append((module, name))
                     record.copies.append(f"{module.__name__}.{name}")
+
+
+def _differences(old: LoadedConfig, old_disabled: frozenset[str], new: LoadedConfig,
+                 new_disabled: frozenset[str]) -> str:
+    """What differs between what is applied and what is asked for ('' when nothing does)."""
+    if (old.digest, old.profile) != (new.digest, new.profile):
+        return f"asked for {new.path}, sha256 {new.digest[:12]}, profile {new.profile}"
+    if old_disabled != new_disabled:
+        return (f"disabled patches {sorted(old_disabled)} applied, {sorted(new_disabled)} "
+                "asked for")
+    old_options = {p.name: p.options for p in old.patches}
+    changed = sorted(p.name for p in new.patches if old_options.get(p.name) != p.options)
+    if changed:
+        return f"other options for {', '.join(changed)}"
+    return ""
 
 
 PATCHER = Patcher()

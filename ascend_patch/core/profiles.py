@@ -1,8 +1,15 @@
 """Choosing a config's profile for the model vLLM is about to serve.
 
-The model is known only once vLLM builds its `ModelConfig`, after plugins were loaded, so the
-first process watches `ModelConfig.__post_init__`, chooses there, and passes its choice to its
-children through the environment (they are started later and inherit it).
+The model is known only once vLLM builds its configuration, after plugins were loaded, so the
+first process watches `VllmConfig.__post_init__`, chooses there from the served model, and
+passes its choice to its children through the environment (they are started later and
+inherit it).
+
+Not every `ModelConfig` is a served model: speculative decoding builds one for its draft
+(`SpeculativeConfig` passes `runner="draft"`; DeepSeek MTP's has architecture
+`DeepSeekMTPModel`), and `VllmConfig.with_hf_config` makes sub-model views. Watching
+`VllmConfig` (what vLLM builds a model from) and reading its `model_config` sees only the
+served one; drafts live in `speculative_config` and views are marked `is_submodel_config`.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from ascend_patch.core.imports import WATCHER
 from ascend_patch.core.targets import parse_target, resolve
 from ascend_patch.core.versions import installed_vllm, version_matches
 
-MODEL_CONFIG_HOOK = parse_target("vllm.config.model:ModelConfig.__post_init__")
+MODEL_CONFIG_HOOK = parse_target("vllm.config.vllm:VllmConfig.__post_init__")
 # (owner, attribute, original) of the installed hook, for unwatch_model_config().
 _installed: list[tuple[object, str, object]] = []
 
@@ -31,13 +38,47 @@ class ModelInfo:
     architectures: tuple[str, ...]
 
     @classmethod
-    def from_name_or_path(cls, text: str) -> ModelInfo:
-        """From a model directory (reads config.json) or a bare name (no architectures)."""
+    def from_name_or_path(cls, text: str, shown: str = "--model") -> ModelInfo:
+        """From a model directory (reads config.json) or a bare name (no architectures).
+
+        A config.json that cannot be read or has no usable `architectures` is a ConfigError
+        naming `shown` (the argument it came from) and the file.
+        """
         config = Path(text) / "config.json"
         architectures: tuple[str, ...] = ()
         if config.is_file():
-            architectures = tuple(json.loads(config.read_text()).get("architectures") or ())
+            where = f"{shown} {text}: {config}"
+            try:
+                data = json.loads(config.read_bytes()[: 16 << 20])
+            except OSError as exc:
+                raise ConfigError.single(where, None, "", f"cannot read: {exc.strerror}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError.single(where, None, "", f"not UTF-8 text ({exc.reason})") from None
+            except json.JSONDecodeError as exc:
+                raise ConfigError.single(where, exc.lineno, "", f"invalid JSON: {exc.msg}") from None
+            except RecursionError:
+                raise ConfigError.single(where, None, "", "invalid JSON: nested too deeply") from None
+            found = data.get("architectures") if isinstance(data, dict) else None
+            if not isinstance(data, dict):
+                raise ConfigError.single(where, None, "", "must be a JSON object")
+            if found is not None and not (
+                isinstance(found, list) and all(isinstance(a, str) for a in found)
+            ):
+                raise ConfigError.single(where, None, "architectures",
+                                         f"must be a list of names, not {found!r:.80}")
+            architectures = tuple(found or ())
         return cls(text, architectures)
+
+
+def served_model(vllm_config) -> ModelInfo | None:
+    """The model a VllmConfig serves; None when it serves none of its own: no model config,
+    a sub-model view (`with_hf_config`), or a speculative-decoding draft."""
+    model_config = getattr(vllm_config, "model_config", None)
+    if model_config is None or getattr(model_config, "is_submodel_config", False):
+        return None
+    if "draft" in (getattr(model_config, "runner", None), getattr(model_config, "runner_type", None)):
+        return None
+    return ModelInfo(str(model_config.model), tuple(model_config.architectures or ()))
 
 
 def matches(profile: Profile, model: ModelInfo) -> bool:
@@ -85,7 +126,8 @@ def select(config: LoadedConfig, model: ModelInfo, pinned: str | None) -> str | 
 
 
 def watch_model_config(callback: Callable[[ModelInfo], None]) -> None:
-    """Call `callback` with the model each time vLLM finishes building a ModelConfig."""
+    """Call `callback` with the served model each time vLLM builds a VllmConfig, before the
+    rest of it is set up (and so before any model is built from it)."""
 
     def install(_module=None) -> None:
         resolved = resolve(MODEL_CONFIG_HOOK, import_module=False)
@@ -94,8 +136,10 @@ def watch_model_config(callback: Callable[[ModelInfo], None]) -> None:
             return
 
         def __post_init__(self, *args, **kwargs):
+            model = served_model(self)
+            if model is not None:
+                callback(model)
             original(self, *args, **kwargs)
-            callback(ModelInfo(str(self.model), tuple(self.architectures or ())))
 
         __post_init__.__wrapped__ = original
         __post_init__.__ascend_patch_model_hook__ = True

@@ -1,4 +1,10 @@
-"""Per-process report: one log line per patch, and a JSON file when ASCEND_PATCH_REPORT_DIR is set."""
+"""Per-process report: one log line per patch, and a JSON file when ASCEND_PATCH_REPORT_DIR is set.
+
+The report is a side channel: a directory that cannot be written (a file in its place, no
+permission, removed, disk full) costs one warning, never a failed patch, import or request.
+What goes into it comes from a snapshot provider that the runtime registers, so this module
+imports nothing of the patcher.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,10 @@ import json
 import logging
 import multiprocessing
 import os
-import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +24,16 @@ from ascend_patch import __version__
 
 log = logging.getLogger("ascend_patch")
 
-REPORT_DIR_ENV = "ASCEND_PATCH_REPORT_DIR"
-REPORT_INTERVAL_ENV = "ASCEND_PATCH_REPORT_INTERVAL"
+# Where and how often this process writes its report (runtime.apply_from_env sets them from
+# the validated settings); None: no report.
+_directory: Path | None = None
+_interval: float = 1.0
+_provider: Callable[[], dict[str, Any]] | None = None
 # The process whose writer thread runs (a forked child has none and starts its own).
 _writer_pid: int | None = None
+# Whether the last write failed and was reported: one warning until a write succeeds again.
+_warned = False
+_lock = threading.Lock()
 
 
 def process_role() -> str:
@@ -29,28 +41,83 @@ def process_role() -> str:
     return multiprocessing.current_process().name
 
 
+def set_snapshot_provider(provider: Callable[[], dict[str, Any]] | None) -> None:
+    """Register what the report holds besides pid, role and versions (config, patches)."""
+    global _provider
+    _provider = provider
+
+
+def configure(directory: str | Path | None, interval: float = 1.0) -> str | None:
+    """Write reports to `directory` (None: no reports), rewritten every `interval` seconds.
+
+    Checks the directory at once (creates it, writes and removes a probe file) so that a bad
+    one is found before anything is patched; returns the warning it logged, if any. Reports
+    stay on either way: the directory may become usable later.
+    """
+    global _directory, _interval, _warned
+    _directory = Path(directory) if directory else None
+    _interval = interval
+    _warned = False
+    if _directory is None:
+        return None
+    problem = _probe(_directory)
+    if problem is not None:
+        _warn(problem)
+    return problem
+
+
+def directory() -> Path | None:
+    return _directory
+
+
+def _probe(where: Path) -> str | None:
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=where, prefix=".probe-", suffix=".json")
+        os.close(fd)
+        os.unlink(tmp)
+    except FileExistsError:
+        return f"cannot write reports to {where}: it exists and is not a directory"
+    except (OSError, ValueError) as exc:
+        return f"cannot write reports to {where}: {_reason(exc)}"
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return str(exc)
+
+
+def _warn(problem: str) -> None:
+    global _warned
+    _warned = True
+    log.warning("ascend-patch [%s pid %d]: %s ($ASCEND_PATCH_REPORT_DIR); patching and serving "
+                "go on without the report (warned once)", process_role(), os.getpid(), problem)
+
+
 def snapshot() -> dict[str, Any]:
-    from ascend_patch.core.imports import WATCHER
-    from ascend_patch.core.patcher import PATCHER
+    import sys
+
     from ascend_patch.core.versions import installed_vllm
 
-    config = PATCHER.config
     torch_module = sys.modules.get("torch")
-    return {
+    data: dict[str, Any] = {
         "pid": os.getpid(),
         "role": process_role(),
         "ascend_patch": __version__,
         "vllm": str(installed_vllm()),
         "torch": getattr(torch_module, "__version__", None),
-        "config": config.path if config else None,
-        "digest": config.digest if config else None,
-        "profile": config.profile if config else None,
-        "vllm_line": config.stack.line if config else None,
-        "platform": config.stack.platform if config else None,
-        "patches": [r.as_json() for r in PATCHER.records.values()],
-        "waiting_for_import": WATCHER.watched(),
-        "updated_at": time.time(),
+        "config": None,
+        "digest": None,
+        "profile": None,
+        "patches": [],
+        "waiting_for_import": [],
     }
+    if _provider is not None:
+        data.update(_provider())
+    data["updated_at"] = time.time()
+    return data
 
 
 def report_path(directory: str | Path) -> Path:
@@ -58,31 +125,48 @@ def report_path(directory: str | Path) -> Path:
 
 
 def flush() -> Path | None:
-    """Write this process's report atomically, if ASCEND_PATCH_REPORT_DIR is set."""
-    directory = os.environ.get(REPORT_DIR_ENV)
-    if not directory:
+    """Write this process's report atomically, if reports are on; never raises.
+
+    A failed write logs one warning (until a write succeeds again) and is retried at the
+    next flush: the directory may be back by then (a removed one is created again).
+    """
+    global _warned
+    where = _directory
+    if where is None:
         return None
     _start_background_writer()
-    target = report_path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    body = json.dumps(snapshot(), indent=2, default=str)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(body)
-    os.replace(tmp, target)
+    try:
+        with _lock:
+            target = _write(where)
+    except (OSError, ValueError) as exc:
+        if not _warned:
+            _warn(f"cannot write reports to {where}: {_reason(exc)}")
+        return None
+    except Exception:  # noqa: BLE001 - e.g. a counter dict changed while being serialised
+        return None  # the next write catches up
+    if _warned:
+        _warned = False
+        log.info("ascend-patch [%s pid %d]: report written to %s again", process_role(),
+                 os.getpid(), target)
     return target
 
 
-def report_interval() -> float:
-    """Seconds between background rewrites (ASCEND_PATCH_REPORT_INTERVAL); raises if invalid."""
-    raw = os.environ.get(REPORT_INTERVAL_ENV, "1")
+def _write(where: Path) -> Path:
+    target = report_path(where)
+    body = json.dumps(snapshot(), indent=2, default=str)
+    where.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=where, prefix=".tmp-", suffix=".json")
     try:
-        return float(raw)
-    except ValueError:
-        from ascend_patch.core.errors import ConfigError
-
-        raise ConfigError.single(f"${REPORT_INTERVAL_ENV}", None, "",
-                                 f"{raw!r} is not a number of seconds") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(body)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return target
 
 
 def _start_background_writer() -> None:
@@ -95,26 +179,17 @@ def _start_background_writer() -> None:
     if _writer_pid == os.getpid():
         return
     _writer_pid = os.getpid()
-    atexit.register(_flush_quietly)
-    interval = report_interval()
+    atexit.register(flush)
+    interval = _interval
     if interval <= 0:
         return
 
     def loop() -> None:
         while True:
             time.sleep(interval)
-            _flush_quietly()
+            flush()
 
     threading.Thread(target=loop, name="ascend-patch-report", daemon=True).start()
-
-
-def _flush_quietly() -> None:
-    try:
-        flush()
-    except (RuntimeError, OSError, ValueError):
-        # A counter dict changed while being serialised, or the directory went away: the
-        # next write catches up. A report must never break the process that writes it.
-        pass
 
 
 def read_reports(directory: str | Path) -> list[dict[str, Any]]:

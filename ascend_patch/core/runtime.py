@@ -1,43 +1,112 @@
-"""What every process does at start-up: read the config named by the environment and apply it."""
+"""What every process does at start-up: read the config named by the environment and apply it.
+
+Every ASCEND_PATCH_* variable is read once, through `settings.Settings`, and validated before
+anything is patched or written back. The variables this module sets for child processes
+(the absolute config path, its digest, the chosen profile) are restored by `reset()`.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import MutableMapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ascend_patch.core import profiles, report
+from ascend_patch.core import profiles, report, settings
 from ascend_patch.core.config import LoadedConfig, load_config
-from ascend_patch.core.errors import ConfigError, ConsistencyError
+from ascend_patch.core.errors import ConfigError, ConsistencyError, PatchError
+from ascend_patch.core.imports import WATCHER
 from ascend_patch.core.patcher import PATCHER, PatchRecord
-from ascend_patch.core.source import parse_document
+from ascend_patch.core.settings import Settings
+from ascend_patch.core.source import Document
 
-CONFIG_ENV = "ASCEND_PATCH_CONFIG"
-DIGEST_ENV = "ASCEND_PATCH_CONFIG_DIGEST"
-DISABLE_ENV = "ASCEND_PATCH_DISABLE"
-PROFILE_ENV = "ASCEND_PATCH_PROFILE"
-OVERRIDE_ENV = "ASCEND_PATCH_OVERRIDE"
+CONFIG_ENV = settings.CONFIG
+DIGEST_ENV = settings.CONFIG_DIGEST
+DISABLE_ENV = settings.DISABLE
+PROFILE_ENV = settings.PROFILE
+OVERRIDE_ENV = settings.OVERRIDE
 # Set by the first process once it knows the profile; "-" means the base patches.
-RESOLVED_PROFILE_ENV = "ASCEND_PATCH_PROFILE_RESOLVED"
-LOG_LEVEL_ENV = "ASCEND_PATCH_LOG_LEVEL"
-BASE = "-"
+RESOLVED_PROFILE_ENV = settings.PROFILE_RESOLVED
+LOG_LEVEL_ENV = settings.LOG_LEVEL
+BASE = settings.BASE
 
 log = logging.getLogger("ascend_patch")
 
 
-def _configure_logging() -> None:
+@dataclass
+class _State:
+    """What this process applied (or waits to apply) and what it wrote to the environment."""
+
+    env: MutableMapping[str, str] | None = None
+    # Previous value (None: unset) of each variable this module set, to restore on reset().
+    saved: dict[str, str | None] = field(default_factory=dict)
+    # (config path, digest, pinned profile, ASCEND_PATCH_OVERRIDE, ASCEND_PATCH_DISABLE)
+    applied: tuple[str, str, str | None, str, str] | None = None
+    warned_unknown: set[str] = field(default_factory=set)
+
+    def set(self, env: MutableMapping[str, str], key: str, value: str) -> None:
+        if self.env is not env:
+            self.restore()
+            self.env = env
+        if key not in self.saved:
+            self.saved[key] = env.get(key)
+        env[key] = value
+
+    def restore(self) -> None:
+        if self.env is not None:
+            for key, value in self.saved.items():
+                if value is None:
+                    self.env.pop(key, None)
+                else:
+                    self.env[key] = value
+        self.env, self.saved = None, {}
+
+
+_state = _State()
+
+
+def _snapshot() -> dict[str, Any]:
+    """The report's view of this process's patches (registered with report.py)."""
+    config = PATCHER.config
+    return {
+        "config": config.path if config else None,
+        "digest": config.digest if config else None,
+        "profile": config.profile if config else None,
+        "vllm_line": config.stack.line if config else None,
+        "platform": config.stack.platform if config else None,
+        "patches": [r.as_json() for r in list(PATCHER.records.values())],
+        "waiting_for_import": WATCHER.watched(),
+    }
+
+
+report.set_snapshot_provider(_snapshot)
+
+
+def _configure_logging(level: str = "INFO") -> None:
     # vLLM configures only its own logger; without a handler our INFO lines would vanish.
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(message)s", "%m-%d %H:%M:%S"))
         log.addHandler(handler)
         log.propagate = False
-    log.setLevel(os.environ.get(LOG_LEVEL_ENV, "INFO").upper())
+    log.setLevel(level)
 
 
-def parse_disabled(value: str | None, config: LoadedConfig) -> frozenset[str]:
-    names = frozenset(n.strip() for n in (value or "").split(",") if n.strip())
+def warn_unknown_variables(environ) -> None:
+    """One warning per ASCEND_PATCH_* variable that is not ours (a typo), per process."""
+    for line in settings.unknown_variables(environ):
+        if line not in _state.warned_unknown:
+            _state.warned_unknown.add(line)
+            log.warning("ascend-patch [%s pid %d]: %s", report.process_role(), os.getpid(), line)
+
+
+def parse_disabled(value: str | frozenset[str] | None, config: LoadedConfig) -> frozenset[str]:
+    if isinstance(value, frozenset):
+        names = value
+    else:
+        names = Settings.from_environ({DISABLE_ENV: value or ""}).disable
     known = {p.name for p in config.patches}
     for profile in config.profiles.values():
         known |= {p.name for p in profile.patches}
@@ -58,57 +127,120 @@ def _check_profile_name(config: LoadedConfig, name: str | None, source: str) -> 
         )
 
 
+def _check_override(config: LoadedConfig, doc: Document) -> None:
+    """Check ASCEND_PATCH_OVERRIDE against the base patches and every profile's now, before
+    the model (and so the profile) is known: a patch it names must exist in one of them, and
+    its options must be valid wherever the patch is."""
+    data = doc.data
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise doc.error((), "must be a mapping {patch name: {option: value}}")
+    problems = []
+    for name in [None, *config.profiles]:
+        try:
+            _with_override(config.with_profile(name), doc)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    known = {p.name for p in config.patches}
+    for profile in config.profiles.values():
+        known |= {p.name for p in profile.patches}
+    for name in data:
+        if name not in known:
+            problems.append(doc.error((name,), f"no patch named {name!r} in {config.path}").problems[0])
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))
+
+
+def _with_override(variant: LoadedConfig, doc: Document) -> LoadedConfig:
+    """`variant` with the override's options for the patches it has (a patch may exist only
+    in some profiles; _check_override made sure each name exists in one)."""
+    present = {p.name for p in variant.patches}
+    part = Document(doc.path, {k: v for k, v in doc.data.items() if k in present}, doc.raw,
+                    doc.lines)
+    return variant.with_option_overrides(part)
+
+
+def _check_same_as_applied(key: tuple[str, str, str | None, str, str]) -> None:
+    """A second apply in one process must ask for exactly what the first applied."""
+    if _state.applied is None or _state.applied == key:
+        return
+    names = ("config", "sha256", f"${PROFILE_ENV}", f"${OVERRIDE_ENV}", f"${DISABLE_ENV}")
+    diffs = [f"{name} {new!r} (applied: {old!r})"
+             for name, old, new in zip(names, _state.applied, key) if old != new]
+    raise PatchError(
+        "ascend-patch is already applied in this process with other settings: "
+        + "; ".join(diffs) + ". One process applies one config: start a new process, or "
+        "call ascend_patch.core.runtime.reset() first"
+    )
+
+
 def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[PatchRecord] | None:
     """Apply the config in ASCEND_PATCH_CONFIG; None when it is unset.
 
     The first process pins the absolute path, the files' digest and (once the model is known)
     the chosen profile in the environment, which vLLM's child processes inherit: a child that
-    reads different bytes refuses to start.
+    reads different bytes refuses to start. Everything is validated before anything is
+    patched or written to the environment.
     """
     env = os.environ if environ is None else environ
-    path = env.get(CONFIG_ENV)
-    if not path:
+    if not env.get(CONFIG_ENV):
         return None
-    _configure_logging()
-    report.report_interval()  # refuse a bad setting before anything is patched
+    values = Settings.from_environ(env)
+    _configure_logging(values.log_level)
+    warn_unknown_variables(env)
+    path = values.config
+    assert path is not None
     config = load_config(path)
-    expected = env.get(DIGEST_ENV)
+    expected = values.config_digest
     if expected and expected != config.digest:
         raise ConsistencyError(
             f"{path}: the file changed after the first process read it (sha256 {config.digest[:12]} "
             f"here, {expected[:12]} in the parent); all processes of one deployment must apply "
             "the same config: restart the deployment"
         )
-    env[CONFIG_ENV] = str(Path(path).resolve())
-    env[DIGEST_ENV] = config.digest
-    disabled = parse_disabled(env.get(DISABLE_ENV), config)
-    pinned = env.get(PROFILE_ENV) or None
-    resolved = env.get(RESOLVED_PROFILE_ENV) or None
+    disabled = parse_disabled(values.disable, config)
+    pinned = values.profile
+    resolved = values.profile_resolved
     _check_profile_name(config, pinned, PROFILE_ENV)
     _check_profile_name(config, resolved, RESOLVED_PROFILE_ENV)
-
-    overrides = env.get(OVERRIDE_ENV)
-    override_doc = parse_document(overrides.encode(), f"${OVERRIDE_ENV}") if overrides else None
+    override_doc = values.override
+    if override_doc is not None:
+        _check_override(config, override_doc)
+    key = (str(Path(path).resolve()), config.digest, pinned, values.override_text,
+           ",".join(sorted(disabled)))
+    _check_same_as_applied(key)
+    first_call = _state.applied is None
 
     def apply(profile: str | None) -> list[PatchRecord]:
         effective = config.with_profile(profile)
         if override_doc is not None:
-            effective = effective.with_option_overrides(override_doc)
+            effective = _with_override(effective, override_doc)
         records = PATCHER.apply(effective, disabled=disabled)
         report.log_records(records)
         report.flush()
         return records
 
-    if resolved is not None:  # a child: the first process chose already
-        return apply(None if resolved == BASE else resolved)
-    if not config.profiles:
-        env[RESOLVED_PROFILE_ENV] = BASE
-        return apply(None)
-    if pinned is not None:
-        env[RESOLVED_PROFILE_ENV] = pinned
-        records = apply(pinned)
-        profiles.watch_model_config(lambda model: profiles.select(config, model, pinned))
-        return records
+    if first_call:
+        # Checked before anything is patched: a bad directory is one warning, not a failure
+        # (the report is a side channel; serving goes on without it).
+        report.configure(values.report_dir, values.report_interval)
+    try:
+        _state.set(env, CONFIG_ENV, key[0])
+        _state.set(env, DIGEST_ENV, config.digest)
+        _state.applied = key
+        if resolved is not None:  # a child: the first process chose already
+            return apply(None if resolved == BASE else resolved)
+        if not config.profiles:
+            _state.set(env, RESOLVED_PROFILE_ENV, BASE)
+            return apply(None)
+        if pinned is not None:
+            _state.set(env, RESOLVED_PROFILE_ENV, pinned)
+            records = apply(pinned)
+            profiles.watch_model_config(lambda model: profiles.select(config, model, pinned))
+            return records
+    except BaseException:
+        if first_call:
+            _undo()
+        raise
 
     def on_model(model: profiles.ModelInfo) -> None:
         choice = profiles.select(config, model, None)
@@ -119,18 +251,29 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
                 f"{config.path}: this process serves two models needing different profiles "
                 f"({previous} and {chosen}); run them as separate deployments"
             )
-        env[RESOLVED_PROFILE_ENV] = chosen
+        if previous == chosen and PATCHER.config is not None:
+            return  # the same model again (vLLM copies its VllmConfig)
+        _state.set(env, RESOLVED_PROFILE_ENV, chosen)
         log.info("ascend-patch [%s pid %d]: profile %s chosen for %s", report.process_role(),
                  os.getpid(), choice or "(none: base patches)", model.name)
         apply(choice)
 
-    profiles.watch_model_config(on_model)
-    log.info("ascend-patch [%s pid %d]: %s has profiles; choosing when vLLM builds the model",
-             report.process_role(), os.getpid(), config.path)
+    if first_call:
+        profiles.watch_model_config(on_model)
+        log.info("ascend-patch [%s pid %d]: %s has profiles; choosing when vLLM builds the model",
+                 report.process_role(), os.getpid(), config.path)
     return []
 
 
-def reset() -> None:
-    """Undo everything this process applied (tests, A/B runs in one process)."""
+def _undo() -> None:
     PATCHER.revert()
     profiles.unwatch_model_config()
+    _state.restore()
+    _state.applied = None
+    report.configure(None)
+
+
+def reset() -> None:
+    """Undo everything this process applied (tests, A/B runs in one process): the patches,
+    the model hook, the report settings, and the variables set for child processes."""
+    _undo()

@@ -111,6 +111,12 @@ class ConfigSpec(_Strict):
         description="Allow `impl: module:attr` outside the catalog. Off by default: a config "
         "file must not become a way to run arbitrary code.",
     )
+    allow_external_targets: StrictBool = Field(
+        False,
+        description="Allow targets outside `vllm` and the vLLM platform plugin packages "
+        "(`vllm_ascend`). Off by default: a config must not patch, nor make `validate` import, "
+        "any other module.",
+    )
     extends: str | None = Field(
         None,
         description="A base config file, relative to this one. Its patches and profiles are "
@@ -127,3 +133,11 @@ class ConfigSpec(_Strict):
     )
 
     _check_vllm = field_validator("vllm")(classmethod(lambda cls, v: _check_specifier(v)))
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_is_an_integer(cls, value: Any) -> Any:
+        # `true` and `1.0` equal 1 in Python; a schema version is written as the integer 1.
+        if type(value) is not int:
+            raise ValueError(f"must be the integer 1, not {value!r}")
+        return value

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import inspect
+import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
+
+from ascend_patch.core.imports import ImportWatcher
+
+# Where a config may point its targets without `allow_external_targets: true`: vLLM itself and
+# the platform plugin that runs it on Ascend (plus any other installed vLLM platform plugin).
+CORE_ROOTS = ("vllm", "vllm_ascend")
+PLATFORM_PLUGIN_GROUP = "vllm.platform_plugins"
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,63 @@ class Resolved:
 
 def module_loaded(ref: TargetRef) -> bool:
     return ref.module in sys.modules
+
+
+def allowed_roots(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """Top-level packages targets may lie in: `vllm`, `vllm_ascend`, and the packages of the
+    installed vLLM platform plugins (entry points, read from package metadata: nothing is
+    imported); VLLM_PLUGINS, when set, limits the plugins as vLLM does."""
+    env = os.environ if environ is None else environ
+    wanted = env.get("VLLM_PLUGINS")
+    names = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
+    roots = list(CORE_ROOTS)
+    try:
+        plugins = metadata.entry_points(group=PLATFORM_PLUGIN_GROUP)
+    except Exception:  # noqa: BLE001 - broken metadata of some other package: use the core roots
+        plugins = ()
+    for plugin in plugins:
+        if names is None or plugin.name in names:
+            root = plugin.value.split(":")[0].split(".")[0].strip()
+            if root.isidentifier() and root not in roots:
+                roots.append(root)
+    return tuple(roots)
+
+
+def within_roots(module: str, roots: tuple[str, ...]) -> bool:
+    return any(module == root or module.startswith(root + ".") for root in roots)
+
+
+def find_module(name: str) -> tuple[bool, str]:
+    """Whether module `name` exists, found without executing it or any parent package that is
+    not imported yet (each level is looked up on its parent's search path); and, when it
+    does not, where it was looked for."""
+    parts = name.split(".")
+    path: list[str] | None = None
+    for index in range(len(parts)):
+        prefix = ".".join(parts[: index + 1])
+        loaded = sys.modules.get(prefix)
+        if loaded is not None:
+            locations = getattr(loaded, "__path__", None)
+        else:
+            spec = None
+            for finder in sys.meta_path:
+                if isinstance(finder, ImportWatcher) or not hasattr(finder, "find_spec"):
+                    continue
+                try:
+                    spec = finder.find_spec(prefix, path)
+                except (ImportError, ValueError, OSError):
+                    spec = None
+                if spec is not None:
+                    break
+            if spec is None:
+                where = f"in {', '.join(path)}" if path else "on sys.path"
+                return False, f"no module {prefix!r} {where}"
+            locations = spec.submodule_search_locations
+        if index + 1 < len(parts):
+            if locations is None:
+                return False, f"{prefix!r} is a module, not a package"
+            path = list(locations)
+    return True, ""
 
 
 def resolve(ref: TargetRef, *, import_module: bool = True) -> Resolved:

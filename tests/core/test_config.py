@@ -46,7 +46,7 @@ def test_unknown_patch_key_and_wrong_type_are_both_reported(write_config):
     """)
     assert problems_of(path) == [
         f"{path}:5: patches[0].taget: unknown key",
-        f"{path}:6: patches[0].enabled: input should be a valid boolean",
+        f"{path}:6: patches[0].enabled: must be true or false, not the string 'yes'",
     ]
 
 
@@ -167,6 +167,7 @@ def test_external_impl_must_be_an_implementation(write_config):
 def test_target_override_forms(write_config, target, expected):
     path = write_config(f"""
         version: 1
+        allow_external_targets: true
         patches:
           - name: rms
             impl: ops.rms_norm

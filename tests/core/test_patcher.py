@@ -11,9 +11,14 @@ from ascend_patch.core.patcher import PATCHER
 from tests.stack import LINE, OTHER_RANGE, STACK
 
 
+# The toy implementations and the throw-away modules they patch are outside the catalog and
+# outside vllm: both opt-ins are needed.
+TOY_HEADER = "version: 1\nallow_external_impls: true\nallow_external_targets: true\n"
+
+
 def config_for(write_config, *patches: str, name: str = "config.yaml"):
     body = "".join(patches)
-    return load_config(write_config("version: 1\nallow_external_impls: true\npatches:\n" + body, name))
+    return load_config(write_config(TOY_HEADER + "patches:\n" + body, name))
 
 
 def patch(name: str, impl: str, target: str, options: str = "{}", on_error: str = "fail") -> str:
@@ -67,7 +72,7 @@ def test_failure_rolls_back_every_earlier_patch(write_config, toy_module):
     with pytest.raises(PatchError) as info:
         PATCHER.apply(config)
     assert str(info.value) == (
-        f"{config.path}:9: patch 'second': tests.fixtures.toy_impls:make_prefixer failed: "
+        f"{config.path}:10: patch 'second': tests.fixtures.toy_impls:make_prefixer failed: "
         "RuntimeError: factory asked to fail"
     )
     assert module.greet is original_greet
@@ -97,7 +102,7 @@ def test_signature_mismatch_shows_both(write_config, toy_module):
     with pytest.raises(PatchError) as info:
         PATCHER.apply(config)
     assert str(info.value) == (
-        f"{config.path}:4: patch 'f': target {toy_module}:greet_changed has signature (name, loud), "
+        f"{config.path}:5: patch 'f': target {toy_module}:greet_changed has signature (name, loud), "
         "but toy.function expects (name); the installed vLLM changed it, so the patch is refused"
     )
 
@@ -115,7 +120,8 @@ def test_vllm_version_outside_range_is_refused(write_config, toy_module):
 def test_config_level_vllm_range(write_config, toy_module):
     importlib.import_module(toy_module)
     path = write_config(
-        f"version: 1\nvllm: '{OTHER_RANGE}'\nallow_external_impls: true\npatches:\n"
+        f"version: 1\nvllm: '{OTHER_RANGE}'\nallow_external_impls: true\n"
+        "allow_external_targets: true\npatches:\n"
         + patch("f", "FUNCTION", f"{toy_module}:greet", on_error="skip")
     )
     (record,) = PATCHER.apply(load_config(path))
@@ -188,7 +194,7 @@ def test_from_import_copies_are_patched_and_restored(write_config, toy_module, t
 def test_multi_site_patch_applies_both(write_config, toy_module):
     module = importlib.import_module(toy_module)
     path = write_config(
-        "version: 1\nallow_external_impls: true\npatches:\n"
+        TOY_HEADER + "patches:\n"
         "  - name: both\n    impl: tests.fixtures.toy_impls:TWO_SITES\n"
         f"    target: {{function: '{toy_module}:greet', method: '{toy_module}:Greeter.greet'}}\n"
     )

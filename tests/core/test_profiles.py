@@ -12,6 +12,7 @@ from ascend_patch.core.runtime import apply_from_env
 BASE = """
 version: 1
 allow_external_impls: true
+allow_external_targets: true
 patches:
   - name: greet
     impl: tests.fixtures.toy_impls:FUNCTION
@@ -132,7 +133,7 @@ def test_pinned_profile_on_a_model_it_does_not_match(base_config):
     with pytest.raises(ConfigError) as info:
         select(config, ModelInfo("Qwen/Qwen3", ("Qwen3MoeForCausalLM",)), "deepseek")
     assert str(info.value) == (
-        f"invalid ascend-patch config: {base_config}:9: profiles.deepseek: pinned by "
+        f"invalid ascend-patch config: {base_config}:10: profiles.deepseek: pinned by "
         "ASCEND_PATCH_PROFILE but does not match model 'Qwen/Qwen3' (architectures: "
         "Qwen3MoeForCausalLM); its match is {'architectures': ['DeepseekV3ForCausalLM']}. "
         "Set 'allow_unmatched: true' in the profile to allow this"

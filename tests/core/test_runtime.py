@@ -15,13 +15,13 @@ from ascend_patch.core.config import load_config
 from ascend_patch.core.errors import ConfigError, ConsistencyError
 from ascend_patch.core.runtime import apply_from_env
 
-from .test_patcher import patch
+from .test_patcher import TOY_HEADER, patch
 
 
 @pytest.fixture
 def toy_config(write_config, toy_module):
     return write_config(
-        "version: 1\nallow_external_impls: true\npatches:\n"
+        TOY_HEADER + "patches:\n"
         + patch("func", "FUNCTION", f"{toy_module}:greet")
         + patch("meth", "METHOD", f"{toy_module}:Greeter.greet")
     )
@@ -155,16 +155,17 @@ os._exit(0)  # no atexit: only the background writer can have written the 3 call
     assert out.stdout.strip() == "3"
 
 
-def test_bad_report_interval_is_a_clear_error(toy_config, tmp_path, monkeypatch):
-    import ascend_patch.core.report as report_module
-
-    monkeypatch.setattr(report_module, "_writer_pid", None)
-    monkeypatch.setenv("ASCEND_PATCH_REPORT_DIR", str(tmp_path / "reports"))
-    monkeypatch.setenv("ASCEND_PATCH_REPORT_INTERVAL", "often")
+def test_bad_report_interval_is_a_clear_error(toy_config, tmp_path):
+    env = {"ASCEND_PATCH_CONFIG": str(toy_config), "ASCEND_PATCH_REPORT_DIR": str(tmp_path / "r"),
+           "ASCEND_PATCH_REPORT_INTERVAL": "often"}
     with pytest.raises(ConfigError) as info:
-        apply_from_env({"ASCEND_PATCH_CONFIG": str(toy_config)})
+        apply_from_env(env)
     assert str(info.value) == (
-        "invalid ascend-patch config: $ASCEND_PATCH_REPORT_INTERVAL: 'often' is not a number of seconds")
+        "invalid ascend-patch config: $ASCEND_PATCH_REPORT_INTERVAL: 'often' is not a number of "
+        "seconds: 0 (no periodic rewrite) or 0.05 to 86400")
     from ascend_patch.core.patcher import PATCHER
 
     assert PATCHER.config is None and PATCHER.installed == []
+    assert env == {"ASCEND_PATCH_CONFIG": str(toy_config), "ASCEND_PATCH_REPORT_DIR": str(tmp_path / "r"),
+                   "ASCEND_PATCH_REPORT_INTERVAL": "often"}
+    assert not (tmp_path / "r").exists()

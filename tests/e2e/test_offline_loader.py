@@ -86,3 +86,29 @@ profiles:
     worker = reports["VllmWorker-0"]
     assert patch_in(worker, "rms")["status"] == "applied"
     assert patch_in(worker, "swiglu")["status"] == "disabled"
+
+
+def test_deepseek_v3_with_mtp_starts_under_prod_yaml(tmp_path):
+    """Speculative decoding builds a second ModelConfig for the MTP draft (architecture
+    DeepSeekMTPModel, which matches no profile); the profile still follows the served model."""
+    import json
+    from pathlib import Path
+
+    from ascend_patch.cli.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny-mtp")
+    data = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**data, "num_nextn_predict_layers": 1}))
+    prod = Path(__file__).resolve().parents[2] / "configs" / "prod.yaml"
+    run = run_offline(model, PROMPTS, tmp_path, config=prod, report_dir=tmp_path / "reports",
+                      extra=("--speculative-config",
+                             json.dumps({"method": "mtp", "num_speculative_tokens": 1})),
+                      timeout=420)
+    assert run.returncode == 0, run.log[-4000:]
+    assert [len(t) for t in run.tokens()] == [8, 8]
+    reports = reports_by_role(tmp_path / "reports")
+    assert {role: r["profile"] for role, r in reports.items()} == {
+        "MainProcess": "deepseek-v3-ep16-prefill", "EngineCore": "deepseek-v3-ep16-prefill",
+        "VllmWorker-0": "deepseek-v3-ep16-prefill"}
+    moe = patch_in(reports["VllmWorker-0"], "moe")
+    assert moe["status"] == "applied" and moe["options"]["drop_token_ratio"] == 0.02
