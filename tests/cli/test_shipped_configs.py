@@ -8,6 +8,10 @@ import pytest
 from ascend_patch.cli.main import main
 from ascend_patch.core.config import load_config
 from ascend_patch.core.profiles import ModelInfo, select
+from tests.stack import LINE
+
+# vLLM 0.23 is vllm-ascend's line: DeepSeek-V3 gets the Ascend EP16 profile there.
+DEEPSEEK = {"0.32": "deepseek-v3-ep16-prefill", "0.23": "deepseek-v3-ascend-ep16-prefill"}[LINE]
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -20,7 +24,7 @@ def test_shipped_config_validates(path, capsys):
 @pytest.mark.parametrize(
     ("architecture", "profile", "ratio"),
     [
-        ("DeepseekV3ForCausalLM", "deepseek-v3-ep16-prefill", 0.02),
+        ("DeepseekV3ForCausalLM", DEEPSEEK, 0.02),
         ("Qwen3MoeForCausalLM", "qwen3-moe", 0.01),
         ("MixtralForCausalLM", "mixtral", 0.0),
         ("LlamaForCausalLM", None, 0.0),

@@ -302,6 +302,25 @@ IMPLEMENTATIONS = {
                         "topk_weights and lora_context",
                     ),
                     Interface(
+                        "vllm_ascend.ops.fused_moe.moe_stage_contracts:MoETokenDispatchInput",
+                        None,
+                        "what build_token_dispatch_input returns: the dispatchers read the "
+                        "(dropped) topk_ids and topk_weights from it",
+                    ),
+                    Interface(
+                        "vllm_ascend.device.device_op:BaseDeviceAdaptor.npu_moe_init_routing",
+                        "(hidden_states, topk_ids, *, scale=…, active_num, expert_num, "
+                        "expert_tokens_num_type=…, expert_tokens_num_flag=…, "
+                        "active_expert_range=…, quant_mode=…, act_quant_type=…)",
+                        "all-gather routing on A2/A3: ids outside active_expert_range (-1) are "
+                        "neither gathered nor counted",
+                    ),
+                    Interface(
+                        "vllm_ascend.device.device_op:BaseDeviceAdaptor.npu_moe_token_unpermute",
+                        "(permuted_tokens, sorted_indices, probs)",
+                        "all-gather combine: row |index| times the row's (zeroed) weight",
+                    ),
+                    Interface(
                         "vllm_ascend.ops.fused_moe.moe_stage_contracts:"
                         "MoEAllToAllCombineMetadata",
                         None,
@@ -352,8 +371,9 @@ IMPLEMENTATIONS = {
                     Interface(
                         "vllm_ascend.ops.fused_moe.fused_moe_0_23_0:AscendFusedMoE.__init__",
                         "(self, *args, **kwargs)",
-                        "sets global_num_experts / local_num_experts (physical ids, redundant "
-                        "experts included) that the owners of expert ids come from",
+                        "sets global_num_experts and local_num_experts = global // ep_size "
+                        "(physical ids, redundant experts included; ep_size inherited from "
+                        "vLLM's FusedMoE): the EP rank of each physical id",
                     ),
                     Interface(
                         "vllm_ascend.ascend_config:get_ascend_config", "()",
@@ -365,12 +385,24 @@ IMPLEMENTATIONS = {
                     ),
                     Interface("vllm_ascend.utils:AscendDeviceType", None, "A3"),
                     Interface(
-                        "vllm.distributed:get_ep_group", "()",
-                        "EP rank, device group (counts) and gloo group (config check)",
+                        "vllm_ascend.ops.fused_moe.moe_comm_method:MoECommMethod.__init__",
+                        "(self, moe_config)",
+                        "sets token_dispatcher, whose EP group the counts are gathered over",
                     ),
                     Interface(
-                        f"{_FM}.layer:FusedMoE.ep_size", None,
-                        "the EP size AscendFusedMoE inherits",
+                        "vllm_ascend.ops.fused_moe.token_dispatcher:MoETokenDispatcher.ep_group",
+                        None,
+                        "EP device group: count all-gather and first-call config check",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.token_dispatcher:MoETokenDispatcher.ep_rank",
+                        None,
+                        "this rank's row among the gathered counts",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.token_dispatcher:MoETokenDispatcher.ep_size",
+                        None,
+                        "size of the group the config check ran over",
                     ),
                 ),
             ),

@@ -1,0 +1,483 @@
+"""`moe.capacity` inside vllm-ascend 0.23.0.post1's own fused MoE (Ascend NPU, vLLM 0.23).
+
+vllm-ascend swaps vLLM's MoE layer, method and runner for its own (AscendFusedMoE,
+AscendUnquantizedFusedMoEMethod, AscendMoERunner), so the vLLM-platform sites of this
+implementation never run there. Paths below are relative to vllm_ascend/: F23 =
+ops/fused_moe/fused_moe_0_23_0.py, FM = ops/fused_moe/fused_moe.py, CM =
+ops/fused_moe/moe_comm_method.py, TD = ops/fused_moe/token_dispatcher.py, PF =
+ops/fused_moe/prepare_finalize.py, AFC = ascend_forward_context.py.
+
+One MoE forward, patched:
+
+    AscendFusedMoE.forward_impl (F23:420)     <- make_forward_impl: takes the layer over (once)
+                                                 and records which comm method runs this step
+      comm method prepare (A2A: TP slice PF:132-177; all-gather: DP/EP gather PF:343-493)
+      AscendUnquantizedFusedMoEMethod.apply (FM:141): select_experts, then
+      MoECommMethod.fused_experts (CM:122)
+        ids = log2phy[ids] (CM:140-142): EPLB's logical -> physical expert ids
+        build_token_dispatch_input (CM:144)   <- make_build_token_dispatch_input: the drop step
+                                                 on the physical ids; a dropped row gets weight
+                                                 0 and the id its dispatcher skips
+        token_dispatch -> unified_apply_mlp -> token_combine, with on the all-to-all path:
+          TokenDispatcherWithAll2AllV._preprocess (TD:592)           <- num_out_tokens = rows sent
+          TokenDispatcherWithAll2AllV._dispatch_preprocess (TD:563)  <- permuted rows = rows sent
+          TokenDispatcherWithAll2AllV._combine_postprocess (TD:696)  <- zero rows for the unsent
+      finalize, EPLB load, shared experts: vllm-ascend, unchanged
+
+Why `build_token_dispatch_input` (moe_runtime_args.py:201): it is the only call between
+log2phy and the dispatcher, and it receives the physical ids as an argument, so the drop step
+bins each row by the rank that really owns its expert without redoing log2phy. Patching
+`MoECommMethod.fused_experts` instead would mean applying log2phy ourselves and handing the
+MLP (which reads fused_experts_input.topk_ids, for LoRA) ids it does not expect. The function
+is imported by name into CM:32; the patcher rewrites that copy. It does not know its layer,
+hence the forward_impl site, which also sees every MoE layer (quantized ones included) so
+that those kept whole are reported.
+
+All-to-all (TokenDispatcherWithAll2AllV): a dropped row gets id E + 1. `_preprocess`
+histograms ids over [0, E] (TD:593), so input splits, the EP all-gather of per-expert
+counts (TD:605-607), output splits and per-expert group sizes all leave it out. Its permute
+sorts ids ascending and keeps the first `num_out_tokens` rows (CANN aclnnMoeTokenPermute:
+"numOutTokens: 0 keeps every row, otherwise the sorted rows past it are dropped"; ids must be
+>= 0, hence not -1): `num_out_tokens` becomes the rows sent, so dropped rows are never
+copied, sent or computed. When a rank sends nothing, 0 would mean "all": `_dispatch_preprocess`
+then cuts the permuted rows to the split sum itself. The combine's unpermute reads one row per
+routed row (its sorted_indices is the full [N * k] inverse permutation, TD:702-707):
+`_combine_postprocess` appends zero rows for the unsent ones, whose weight is zero too.
+
+All-gather (TokenDispatcherWithAllGather): a dropped row keeps id -1 and weight 0. The routing
+op gathers only ids in [rank * E_local, (rank + 1) * E_local) (TD:391-409; vllm-ascend's golden
+for npu_moe_init_routing_custom sends ids below the range to the end with row index -1), so
+the row is neither gathered nor computed; `expert_map[-1]` (TD:393) is a valid read and the
+combine reads row |-1| = 1 (device_op.py:1101-1104) times weight 0.
+
+Token sources and the cap. On the all-to-all path each EP rank holds different tokens (its TP
+slice), so the drop step all-gathers its [2, E] per-expert counts over the EP device group
+with vllm-ascend's own `gather_from_sequence_parallel_region` (the collective behind the
+dispatcher's (ep, E) histogram): every rank gets the same [S, 2, E] and computes the same
+capacity and per-(rank, bin) quotas (capacity.py). The dispatcher's own gather cannot be
+reused: it runs inside `_preprocess` on the ids the drop produced, after the decision it
+would have to feed. So the cost is one all-gather of 2 x E int64 per layer call. On the
+all-gather path ids are already global over the EP group (PF:343-493: every rank routes the
+same gathered tokens), so every rank plans the same rows with no collective. The first planned
+call of a process compares config digest and options over the same EP group. Group and rank
+come from the step's dispatcher (TD:72-83), the EP size and expert counts from the layer as
+vllm-ascend sets them (F23:233-235), so what is relied on can be checked in vllm-ascend's
+source alone (`validate --platform ascend --source vllm_ascend=DIR`).
+
+MC2 and FUSED_MC2: rows are kept whole, never forced onto the all-to-all path.
+  * They cannot express a per-row drop: `npu_moe_distribute_dispatch[_v2]` takes all k expert
+    ids of a token, its only mask (`x_active_mask`, TD:182-183) is per token and only passed
+    when global_bs == 0; the per-expert counts come out of the op (TD:236-244), so nothing
+    can be planned before it; FUSED_MC2's dispatch_ffn_combine / dispatch_gmm_combine_decode
+    (CM:286-346) likewise. A zero weight would still be sent and computed.
+  * Forcing ALLTOALL through `select_moe_comm_method` (AFC:303) is not safe: MC2 is what the
+    captured ACL graphs run (the MC2 capacity is derived from the largest capture size,
+    AFC:208-209), while the all-to-all dispatcher synchronises with the host (TD:598-603,
+    614-616, 627) and cannot be captured; the selector is also asked outside any step, by
+    profile_run to reserve MC2's HCCL buffers (worker/model_runner_v1.py:3684-3689) and by
+    should_skip_allreduce_across_dp_group (utils.py:1230-1275), whose answer decides whether
+    DP ranks even agree on token counts; and on A2 vllm-ascend never selects ALLTOALL
+    (AFC:240-252).
+  * MC2 only runs up to the MC2 capacity, min(ceil(T / tp), 512) * tp tokens per DP rank
+    (AFC:202-217, 250, 265): decode and short prefills, where vllm-ascend picks it for latency.
+    The large prefill batches dropping is for run on ALLTOALL (A3) or ALLGATHER (A2).
+  So MC2 and FUSED_MC2 steps are counted in `stats["ascend"]["kept_whole"]` and logged once.
+  One setting makes every step FUSED_MC2: `enable_fused_mc2: 1` on A3 (AFC:264-282, EP <= 32):
+  with a drop ratio > 0 the patch refuses it (nothing could ever be dropped).
+
+Also kept whole: steps being captured into an ACL graph (the planner synchronises with the
+host), layers with a MoE LoRA adapter (its MLP pairs the undropped ids with the dispatcher's
+rows, moe_mlp.py:398-419). Not taken over: quantized MoE methods. W8A8 reaches the same
+fused_experts (quantization/methods/w8a8_dynamic.py:326) and its all-to-all dispatch
+quantises the permuted rows, so it would take the same drops, but its quantised dispatch
+and MLP are not emulated here, so drops are verified for the unquantized method only.
+
+Side effects: dynamic EPLB's load counters (F23:521-539) see post-drop counts; routed-experts
+capture (FM:201-204) sees pre-drop ids.
+
+Verified on CPU only (tests/ascend: vllm-ascend's own forward_impl, dispatchers and MLP with
+emulated torch_npu ops, two gloo ranks); nothing here has run on an NPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ascend_patch.core.context import PatchContext
+from ascend_patch.impls.moe import ascend_dispatch
+from ascend_patch.impls.moe.capacity import AllGatherCounts
+from ascend_patch.impls.moe.drop_step import DropStep
+from ascend_patch.impls.moe.state import CapacityState
+
+logger = logging.getLogger("ascend_patch.moe.capacity")
+
+ALL_TO_ALL = "all_to_all"
+ALL_GATHER = "allgather"
+MC2 = "MC2"
+FUSED_MC2 = "FUSED_MC2"
+_DROPPING_PATHS = (ALL_TO_ALL, ALL_GATHER)
+
+# Tuple lengths of the TokenDispatcherWithAll2AllV helpers whose results are edited (TD:629-
+# 635 and TD:581-590): a different length means the layout moved and the index is wrong.
+_PREPROCESS_LEN = 5
+_DISPATCH_PREPROCESS_LEN = 8
+
+_KEPT_WHOLE_WHY = {
+    MC2: "MC2 dispatch takes whole tokens (per-token mask only)",
+    FUSED_MC2: "FUSED_MC2 dispatch takes whole tokens (per-token mask only)",
+    "graph capture": "the drop planner synchronises with the host, which a captured graph "
+    "cannot",
+    "MoE LoRA": "the LoRA MLP pairs the router's ids with the dispatched rows",
+}
+
+
+@dataclass(frozen=True)
+class _LayerCall:
+    """The taken-over layer whose forward is running, and its step's comm method."""
+
+    name: str
+    layer: Any
+    path: str
+    method: Any  # the step's MoECommMethod
+
+
+class AscendCapacityState(CapacityState):
+    """CapacityState plus what the vllm-ascend sites share within a process."""
+
+    def __init__(self, ctx: PatchContext) -> None:
+        super().__init__(ctx)
+        self.current: _LayerCall | None = None
+        # Layer name -> (the layer object judged, taken over?): a new model in the process
+        # brings new objects under the same names, and is judged again.
+        self.admitted: dict[str, tuple[Any, bool]] = {}
+        # One drop step per (layer, comm path): the token sources differ per path.
+        self.path_steps: dict[tuple[str, str], DropStep] = {}
+        self.warned: set[str] = set()
+        self.counters = ctx.stats.setdefault("ascend", {"calls_by_path": {}, "kept_whole": {}})
+
+    def count(self, kind: str, key: str) -> None:
+        table = self.counters[kind]
+        table[key] = table.get(key, 0) + 1
+
+    def keep_whole(self, reason: str) -> None:
+        self.count("kept_whole", reason)
+        if reason not in self.warned:
+            self.warned.add(reason)
+            why = _KEPT_WHOLE_WHY.get(reason, "no drop step for this comm method")
+            logger.warning("moe.capacity: %s steps keep every row: %s", reason, why)
+
+    def add_layer(self, name: str, layer: Any) -> None:
+        super().add_layer(name, layer)
+        for key in [k for k in self.path_steps if k[0] == name]:
+            del self.path_steps[key]
+
+
+def state_of(ctx: PatchContext) -> AscendCapacityState:
+    state = ctx.state(AscendCapacityState)
+    if not isinstance(state, AscendCapacityState):
+        raise ctx.error("the vllm-ascend sites cannot share a patch with vLLM-platform sites")
+    return state
+
+
+# --------------------------------------------------------------------------------------
+# AscendFusedMoE.forward_impl: which layer, which comm method
+# --------------------------------------------------------------------------------------
+
+
+def make_forward_impl(original: Callable[..., Any], ctx: PatchContext) -> Callable[..., Any]:
+    """Replacement of AscendFusedMoE.forward_impl(self, hidden_states, router_logits,
+    return_with_event=False)."""
+    state = state_of(ctx)
+
+    def forward_impl(
+        self: Any,
+        hidden_states: torch.Tensor,
+        router_logits: torch.Tensor,
+        return_with_event: bool = False,
+    ) -> Any:
+        call = _layer_call(state, self)
+        outer, state.current = state.current, call
+        try:
+            return original(
+                self, hidden_states, router_logits, return_with_event=return_with_event
+            )
+        finally:
+            state.current = outer
+
+    return forward_impl
+
+
+def _layer_call(state: AscendCapacityState, layer: Any) -> _LayerCall | None:
+    """The call record for the drop hook; None when this call keeps every row."""
+    name = str(getattr(layer, "layer_name", None) or f"moe@{id(layer):x}")
+    if not _admitted(state, name, layer):
+        return None
+    method = _comm_method()
+    path = _comm_path(method)
+    state.count("calls_by_path", path)
+    if path not in _DROPPING_PATHS:
+        state.keep_whole(path)
+        return None
+    if _capturing():
+        state.keep_whole("graph capture")
+        return None
+    return _LayerCall(name, layer, path, method)
+
+
+def _admitted(state: AscendCapacityState, name: str, layer: Any) -> bool:
+    known = state.admitted.get(name)
+    if known is None or known[0] is not layer:
+        known = state.admitted[name] = (layer, _admit(state, name, layer))
+    return known[1]
+
+
+def _admit(state: AscendCapacityState, name: str, layer: Any) -> bool:
+    reason = _not_supported_reason(layer)
+    if reason is not None:
+        state.stats.layer_not_taken_over(name, reason)
+        logger.warning("moe.capacity: %s keeps every row: %s", name, reason)
+        return False
+    _refuse_fused_mc2(state)
+    state.add_layer(name, layer)
+    return True
+
+
+def _not_supported_reason(layer: Any) -> str | None:
+    from vllm_ascend.ops.fused_moe.fused_moe import AscendUnquantizedFusedMoEMethod
+
+    method = getattr(layer, "quant_method", None)
+    if not isinstance(method, AscendUnquantizedFusedMoEMethod):
+        return (
+            f"quantized MoE method {type(method).__name__}: drops are verified for "
+            "vllm-ascend's unquantized MoE method only"
+        )
+    experts, ep_size, local = layer.global_num_experts, layer.ep_size, layer.local_num_experts
+    if ep_size > 1 and experts != ep_size * local:
+        return f"{experts} physical experts are not {ep_size} EP ranks x {local} local experts"
+    return None
+
+
+def _refuse_fused_mc2(state: AscendCapacityState) -> None:
+    if state.options.drop_token_ratio <= 0:
+        return
+    from vllm_ascend.ascend_config import get_ascend_config
+    from vllm_ascend.utils import AscendDeviceType, get_ascend_device_type
+
+    if get_ascend_config().enable_fused_mc2 == 1 and (
+        get_ascend_device_type() == AscendDeviceType.A3
+    ):
+        raise state.error(
+            "drop_token_ratio > 0 with vllm-ascend's enable_fused_mc2: 1 on A3: every step of "
+            "an EP <= 32 deployment then runs the FUSED_MC2 comm method (dispatch_ffn_combine, "
+            "ascend_forward_context.py:264-282), which takes whole tokens only, so no row "
+            "could be dropped; unset enable_fused_mc2 or set drop_token_ratio: 0"
+        )
+
+
+def _comm_method() -> Any:
+    from vllm_ascend.ascend_forward_context import _EXTRA_CTX
+
+    return _EXTRA_CTX.moe_comm_method
+
+
+def _comm_path(method: Any) -> str:
+    from vllm_ascend.ops.fused_moe import moe_comm_method as cm
+
+    for cls, path in (
+        (cm.AlltoAllCommImpl, ALL_TO_ALL),
+        (cm.AllGatherCommImpl, ALL_GATHER),
+        (cm.MC2CommImpl, MC2),
+        (cm.FusedMC2CommImpl, FUSED_MC2),
+    ):
+        if isinstance(method, cls):
+            return path
+    return type(method).__name__
+
+
+def _capturing() -> bool:
+    npu = getattr(torch, "npu", None)
+    is_capturing = getattr(npu, "is_current_stream_capturing", None)
+    return bool(is_capturing()) if is_capturing is not None else False
+
+
+# --------------------------------------------------------------------------------------
+# build_token_dispatch_input: the drop step on the physical ids
+# --------------------------------------------------------------------------------------
+
+
+def make_build_token_dispatch_input(
+    original: Callable[..., Any], ctx: PatchContext
+) -> Callable[..., Any]:
+    """Replacement of moe_runtime_args.build_token_dispatch_input(*, fused_experts_input,
+    topk_ids=None)."""
+    state = state_of(ctx)
+
+    def build_token_dispatch_input(
+        *, fused_experts_input: Any, topk_ids: torch.Tensor | None = None
+    ) -> Any:
+        call = state.current
+        if call is not None:
+            dropped = _drop(state, call, fused_experts_input, topk_ids)
+            if dropped is not None:
+                fused_experts_input, topk_ids = dropped
+        return original(fused_experts_input=fused_experts_input, topk_ids=topk_ids)
+
+    return build_token_dispatch_input
+
+
+def _drop(
+    state: AscendCapacityState, call: _LayerCall, inputs: Any, topk_ids: torch.Tensor | None
+) -> tuple[Any, torch.Tensor] | None:
+    """(inputs with the kept weights, ids in the dispatcher's form); None: keep every row."""
+    if inputs.lora_context is not None:
+        state.keep_whole("MoE LoRA")
+        return None
+    ids = inputs.topk_ids if topk_ids is None else topk_ids
+    weights, ids = _step(state, call)(inputs.topk_weights, ids)
+    if call.path == ALL_TO_ALL:
+        ids = ascend_dispatch.mark_unsent(ids, call.layer.global_num_experts)
+    return dataclasses.replace(inputs, topk_weights=weights), ids
+
+
+def _step(state: AscendCapacityState, call: _LayerCall) -> DropStep:
+    key = (call.name, call.path)
+    step = state.path_steps.get(key)
+    if step is None:
+        _check_config_once(state, call)
+        step = state.path_steps[key] = _make_step(state, call)
+    return step
+
+
+def _make_step(state: AscendCapacityState, call: _LayerCall) -> DropStep:
+    layer = call.layer
+    ep_size = max(int(layer.ep_size), 1)
+    gather, rank = _token_sources(call)
+    owners = None
+    if not state.options.simulate_ep_size:
+        owners = ascend_dispatch.contiguous_owners(
+            layer.global_num_experts, ep_size, layer.local_num_experts
+        )
+    return DropStep(
+        num_experts=layer.global_num_experts,
+        ep_size=ep_size,
+        options=state.options,
+        gather=gather,
+        rank=rank,
+        owners=owners,
+        on_plan=lambda plan, name=call.name: state.stats.record(name, plan),
+    )
+
+
+def _token_sources(call: _LayerCall) -> tuple[AllGatherCounts | None, int]:
+    """(all-gather of per-expert counts, this rank's index among the sources): on the
+    all-to-all path, over its dispatcher's EP device group, as its own count exchange."""
+    if call.path != ALL_TO_ALL:
+        return None, 0
+    from vllm_ascend.ops.fused_moe.comm_utils import gather_from_sequence_parallel_region
+
+    dispatcher = call.method.token_dispatcher
+    group = dispatcher.ep_group
+
+    def all_gather_counts(counts: torch.Tensor) -> torch.Tensor:
+        return gather_from_sequence_parallel_region(counts, group=group)
+
+    return all_gather_counts, dispatcher.ep_rank
+
+
+def _check_config_once(state: AscendCapacityState, call: _LayerCall) -> None:
+    """Every EP rank reaches its first planned call in the same layer call (the comm method
+    is chosen from DP-wide token counts), so this collective lines up."""
+    if state.config_checked:
+        return
+    state.config_checked = True
+    if int(call.layer.ep_size) <= 1:
+        return
+    from ascend_patch.core.runtime import DIGEST_ENV
+    from ascend_patch.impls.distributed.consistency import check_same_config
+
+    dispatcher = call.method.token_dispatcher
+    digest = os.environ.get(DIGEST_ENV, "")
+    check_same_config(digest, state.options.model_dump(mode="json"), dispatcher.ep_group)
+    state.stats.config_checked(dispatcher.ep_size)
+
+
+# --------------------------------------------------------------------------------------
+# TokenDispatcherWithAll2AllV: dropped rows out of the permute, back as zeros in combine
+# --------------------------------------------------------------------------------------
+
+
+def make_all_to_all_preprocess(
+    original: Callable[..., Any], ctx: PatchContext
+) -> Callable[..., Any]:
+    """Replacement of TokenDispatcherWithAll2AllV._preprocess(self, topk_ids).
+
+    Stateless: without dropped rows every id is in [0, E), the splits add up to
+    topk_ids.numel() and nothing changes. The input splits are the host numpy array the
+    dispatcher itself hands to the all-to-all as sizes right after (TD:598-603, 508), so
+    reading them here is exactly as safe as its own use."""
+
+    def _preprocess(self: Any, topk_ids: torch.Tensor) -> tuple[Any, ...]:
+        result = _checked(ctx, original(self, topk_ids), _PREPROCESS_LEN, "_preprocess")
+        sent = ascend_dispatch.rows_sent(result[1])
+        if 0 < sent < result[4]:
+            result = (*result[:4], sent)
+        return result
+
+    return _preprocess
+
+
+def make_all_to_all_dispatch_preprocess(
+    original: Callable[..., Any], ctx: PatchContext
+) -> Callable[..., Any]:
+    """Replacement of TokenDispatcherWithAll2AllV._dispatch_preprocess(self, hidden_states,
+    topk_ids): when a rank sends no row, num_out_tokens 0 makes the permute keep them all, and
+    the all-to-all would be handed more rows than its input splits add up to."""
+
+    def _dispatch_preprocess(
+        self: Any, hidden_states: torch.Tensor, topk_ids: torch.Tensor
+    ) -> tuple[Any, ...]:
+        result = _checked(
+            ctx,
+            original(self, hidden_states, topk_ids),
+            _DISPATCH_PREPROCESS_LEN,
+            "_dispatch_preprocess",
+        )
+        sent = ascend_dispatch.rows_sent(result[3])
+        if result[0].shape[0] > sent:
+            result = (result[0][:sent], *result[1:])
+        return result
+
+    return _dispatch_preprocess
+
+
+def make_all_to_all_combine_postprocess(
+    original: Callable[..., Any], ctx: PatchContext
+) -> Callable[..., Any]:
+    """Replacement of TokenDispatcherWithAll2AllV._combine_postprocess(self,
+    permutated_local_input_tokens, combine_metadata)."""
+
+    def _combine_postprocess(
+        self: Any, permutated_local_input_tokens: torch.Tensor, combine_metadata: Any
+    ) -> torch.Tensor:
+        rows = combine_metadata.reversed_local_input_permutation_mapping.numel()
+        tokens = ascend_dispatch.pad_rows(permutated_local_input_tokens, rows)
+        return original(self, tokens, combine_metadata)
+
+    return _combine_postprocess
+
+
+def _checked(ctx: PatchContext, result: Any, length: int, name: str) -> tuple[Any, ...]:
+    if not isinstance(result, tuple) or len(result) != length:
+        got = len(result) if isinstance(result, tuple) else type(result).__name__
+        raise ctx.error(
+            f"TokenDispatcherWithAll2AllV.{name} returned {got} values, expected {length}: "
+            "vllm-ascend changed its layout, the dropped rows cannot be kept out"
+        )
+    return result

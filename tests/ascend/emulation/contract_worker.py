@@ -1,0 +1,544 @@
+"""One rank of the vllm-ascend MoE contract run (test only; started by tests/ascend).
+
+    python contract_worker.py SOURCE RANK WORLD PORT OUT_DIR
+
+Boots the emulated NPU stack (boot.py), joins real vLLM groups on gloo (TP = EP = WORLD, so
+each rank's all-to-all slice is its own tokens, as on a deployment), applies the ascend site
+set of `moe.capacity` with the real Patcher, then runs vllm-ascend's own
+AscendFusedMoE.forward_impl (prepare, AscendUnquantizedFusedMoEMethod.apply with its
+select_experts, MoECommMethod.fused_experts, dispatcher, unified_apply_mlp, combine, finalize)
+on a small layer object holding exactly what forward_impl reads. Everything this rank saw is
+saved to OUT_DIR/rank{RANK}.pt; tests/ascend/test_contract.py checks it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+import types
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+HIDDEN, INTER, EXPERTS, TOP_K, TOKENS = 16, 8, 8, 2, 64
+# EPLB's logical -> physical map: the hot logical experts below all land on rank 1's
+# physical slots (4..7), so binning by logical id would blame rank 0 instead.
+LOG2PHY = [5, 0, 7, 1, 2, 6, 3, 4]
+HOT_LOGICAL = (0, 2, 5, 7)
+CONFIG_FILE, CONFIG_LINE = "ascend-contract.yaml", 7
+DROP_OPTIONS = {"drop_token_ratio": 0.2, "min_tokens": 0, "drop_policy": "probs"}
+COLLECTIVE_TIMEOUT_S = 60
+
+
+def main(source: str, rank: int, world: int, port: int, out_dir: str) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import boot
+
+    boot.install(Path(source), device_type="A3")
+    run = Run(rank, world, port)
+    results: dict = {}
+    try:
+        run.scenarios(results)
+    except BaseException:
+        results["error"] = traceback.format_exc()
+    import torch
+
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+class Run:
+    def __init__(self, rank: int, world: int, port: int) -> None:
+        import torch
+
+        self.rank, self.world = rank, world
+        self.vllm_config = _init_groups(rank, world, port)
+        self.mods = _import_vllm_ascend()
+        self.weights = _expert_weights(torch.Generator().manual_seed(7))
+        self.hidden, self.logits = _inputs(torch.Generator().manual_seed(11))
+        self.a2a = self._comm("AlltoAllCommImpl")
+        self.allgather = self._comm("AllGatherCommImpl")
+        self.spy = Spy(self.mods)
+        self.patcher = None
+
+    # -- scenarios ----------------------------------------------------------------------
+
+    def scenarios(self, results: dict) -> None:
+        import torch
+
+        results["unpatched"] = {p: self.forward(p) for p in ("all_to_all", "allgather")}
+        record = self.apply(DROP_OPTIONS)
+        results["record"] = _record_facts(record)
+        results["all_to_all"] = self.observed_forward("all_to_all")
+        results["allgather"] = self.observed_forward("allgather")
+        results["dropless_with_kept_weights"] = self.dropless_with_kept_weights(
+            results["all_to_all"]
+        )
+        results["combine_pad_needed"] = self.without_combine_pad()
+        results["nothing_sent"] = self.rank_sends_nothing()
+        results["kept_whole"] = self.kept_whole_cases(record)
+        results["fused_mc2"] = self.fused_mc2_refused()
+        results["stats"] = _plain(record.context.stats)
+        self.patcher.revert()
+        record = self.apply({"drop_token_ratio": 0.0, "min_tokens": 0})
+        results["ratio0"] = {p: self.forward(p) for p in ("all_to_all", "allgather")}
+        results["ratio0_stats"] = _plain(record.context.stats)
+        self.patcher.revert()
+        torch.distributed.barrier()
+
+    def observed_forward(self, path: str) -> dict:
+        self.spy.reset()
+        out = self.forward(path)
+        seen = self.spy.take()
+        seen["out"] = out
+        return seen
+
+    def dropless_with_kept_weights(self, seen: dict) -> dict:
+        """vllm-ascend's own dropless path (no layer call is current, so every site passes
+        through) on this rank's slice, with the original ids and weight 0 on dropped rows."""
+        import torch
+
+        keep = seen["dispatch_in"]["ids"] < EXPERTS
+        inputs = self._fused_input(
+            seen["dispatch_in"]["hidden"], seen["fused_in"]["weights"] * keep,
+            seen["fused_in"]["ids"], self.a2a,
+        )
+        with self.forward_context(self.a2a):
+            routed = self.a2a.fused_experts(fused_experts_input=inputs).routed_out
+        return {"routed": routed, "drop_routed": seen["routed"], "keep": keep.to(torch.int8)}
+
+    def without_combine_pad(self) -> str:
+        """The same forward with vllm-ascend's own _combine_postprocess: must fail."""
+        td = self.mods.td.TokenDispatcherWithAll2AllV
+        patched = td.__dict__["_combine_postprocess"]
+        td._combine_postprocess = patched.__wrapped__
+        try:
+            self.forward("all_to_all")
+        except AssertionError as exc:
+            return f"failed: {exc}"
+        finally:
+            td._combine_postprocess = patched
+        return "ran"
+
+    def rank_sends_nothing(self) -> dict:
+        """Rank 0 drops every row (ids marked unsent): the dispatcher must send nothing from
+        it, compute nothing for it, and give it zeros back; rank 1 is unaffected."""
+        import torch
+
+        contracts = self.mods.contracts
+        hidden, weights, ids = self._slice_routing()
+        if self.rank == 0:
+            ids = torch.full_like(ids, EXPERTS + 1)
+            weights = torch.zeros_like(weights)
+        inputs = self._fused_input(hidden, weights, ids, self.a2a)
+        dispatch_in = contracts.MoETokenDispatchInput(
+            hidden_states=hidden, topk_weights=weights, topk_ids=ids,
+            routing=inputs.routing, quant=inputs.quant,
+        )
+        self.spy.reset()
+        with self.forward_context(self.a2a):
+            out = self._dispatch_mlp_combine(self.a2a, dispatch_in, inputs)
+        seen = self.spy.take()
+        return {"out": out, "hidden": hidden, "weights": weights, "ids": ids,
+                "a2a": seen["a2a"], "permute": seen["permute"]}
+
+    def kept_whole_cases(self, record) -> dict:
+        import torch
+
+
+        ctx = record.context
+        out = {}
+        for case, comm in (("MC2", self._bare("MC2CommImpl")),
+                           ("FUSED_MC2", self._bare("FusedMC2CommImpl")),
+                           ("graph capture", self.allgather)):
+            torch.npu.capture.active = case == "graph capture"
+            try:
+                out[case] = self._through_hook(ctx, comm, lora=None)
+            finally:
+                torch.npu.capture.active = False
+        out["MoE LoRA"] = self._through_hook(ctx, self.allgather, lora=object())
+        quantized = self.layer(name="model.layers.9.mlp.experts", quantized=True)
+        out["quantized_current"] = self._current_during(ctx, quantized, self.allgather)
+        return out
+
+    def fused_mc2_refused(self) -> str:
+        from vllm_ascend.ascend_config import get_ascend_config
+
+        config = get_ascend_config()
+        saved, config.enable_fused_mc2 = config.enable_fused_mc2, 1
+        try:
+            self.forward("allgather", layer=self.layer(name="model.layers.5.mlp.experts"))
+        except Exception as exc:  # noqa: BLE001 - the message is what is checked
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            config.enable_fused_mc2 = saved
+        return "ran"
+
+    # -- building blocks ----------------------------------------------------------------
+
+    def apply(self, options: dict):
+        from ascend_patch.core.patcher import Patcher
+
+        self.patcher = Patcher()
+        (record,) = self.patcher.apply(_loaded_config(options))
+        assert record.status == "applied", (record.status, record.reason)
+        return record
+
+    def forward(self, path: str, layer=None):
+        """AscendFusedMoE.forward_impl (patched or not) on every token; the routed output
+        summed over the EP ranks where vllm-ascend leaves that to the runner."""
+        import torch
+
+        comm = self.a2a if path == "all_to_all" else self.allgather
+        layer = layer or self.layer()
+        with self.forward_context(comm):
+            out = self.mods.f23.AscendFusedMoE.forward_impl(
+                layer, self.hidden.clone(), self.logits.clone()
+            )
+        if path == "allgather":  # AscendMoERunner all-reduces the partial outputs
+            torch.distributed.all_reduce(out)
+        return out
+
+    def layer(self, name: str = "model.layers.3.mlp.experts", quantized: bool = False):
+        import torch
+
+        mods = self.mods
+        method = types.SimpleNamespace()
+        if not quantized:
+            method = mods.fm.AscendUnquantizedFusedMoEMethod.__new__(
+                mods.fm.AscendUnquantizedFusedMoEMethod
+            )
+            method.dynamic_eplb, method.tid2eid = False, None
+            method.moe = types.SimpleNamespace(has_bias=False)
+        local = EXPERTS // self.world
+        mine = slice(self.rank * local, (self.rank + 1) * local)
+        expert_map = torch.full((EXPERTS,), -1, dtype=torch.int32)
+        expert_map[mine] = torch.arange(local, dtype=torch.int32)
+        return types.SimpleNamespace(
+            layer_name=name, quant_method=method, quant_type=mods.QuantType.NONE,
+            enable_npugraph_ex_static_kernel=False, multistream_overlap_gate=False,
+            enable_shared_expert_dp=False, top_k=TOP_K, renormalize=False,
+            use_grouped_topk=False, topk_group=None, num_expert_group=None,
+            custom_routing_function=_route, scoring_func="softmax",
+            _original_routed_scaling_factor=1.0, e_score_correction_bias=None,
+            activation=mods.MoEActivation.SILU, apply_router_weight_on_input=False,
+            log2phy=torch.tensor(LOG2PHY, dtype=torch.int32), global_redundant_expert_num=0,
+            moe_config=types.SimpleNamespace(num_experts=EXPERTS), _expert_map=expert_map,
+            dynamic_eplb=False, w13_weight=self.weights[0][mine], w2_weight=self.weights[1][mine],
+            swiglu_limit=0.0, global_num_experts=EXPERTS, local_num_experts=local,
+            ep_size=self.world,
+            vllm_config=types.SimpleNamespace(
+                model_config=types.SimpleNamespace(enable_return_routed_experts=False)
+            ),
+        )
+
+    @contextmanager
+    def forward_context(self, comm):
+        from vllm.forward_context import get_forward_context, set_forward_context
+
+        with set_forward_context(None, self.vllm_config, num_tokens=TOKENS):
+            context = get_forward_context()
+            context.moe_comm_method = comm
+            context.moe_comm_type = None
+            context.flash_comm_v1_enabled = False
+            context.in_profile_run = False
+            context.max_tokens_across_dp = TOKENS
+            yield context
+
+    def _comm(self, name: str):
+        from vllm.distributed import get_dp_group, get_tp_group
+
+        config = types.SimpleNamespace(
+            experts_per_token=TOP_K, num_experts=EXPERTS, num_local_experts=EXPERTS // self.world,
+            ep_size=self.world, dp_size=1, pcp_size=1, tp_group=get_tp_group(),
+            dp_group=get_dp_group(),
+        )
+        return getattr(self.mods.cm, name)(config)
+
+    def _bare(self, name: str):
+        """A comm method object of that class whose constructor (HCCL MC2 group) never ran."""
+        cls = getattr(self.mods.cm, name)
+        return cls.__new__(cls)
+
+    def _slice_routing(self):
+        """This rank's TP slice and its physical routing, as the all-to-all path sees it."""
+        import torch
+
+        hidden = torch.tensor_split(self.hidden, self.world)[self.rank]
+        logits = torch.tensor_split(self.logits, self.world)[self.rank]
+        weights, logical = _route(hidden, logits, TOP_K, False)
+        return hidden, weights, torch.tensor(LOG2PHY, dtype=torch.int32)[logical.long()]
+
+    def _fused_input(self, hidden, weights, ids, comm, lora=None):
+        layer = self.layer()
+        return self.mods.args.build_fused_experts_input(
+            hidden_states=hidden, topk_weights=weights, topk_ids=ids, w1=layer.w13_weight,
+            w2=layer.w2_weight, quant_type=self.mods.QuantType.NONE, dynamic_eplb=False,
+            expert_map=layer._expert_map, activation=self.mods.MoEActivation.SILU,
+            lora_context=lora,
+        )
+
+    def _dispatch_mlp_combine(self, comm, dispatch_in, inputs):
+        args = self.mods.args
+        dispatcher = comm.token_dispatcher
+        output = dispatcher.token_dispatch(token_dispatch_input=dispatch_in)
+        mlp_in = args.build_mlp_compute_input(
+            fused_experts_input=inputs, token_dispatch_output=output, use_fusion_ops=False
+        )
+        mlp_out, _ = self.mods.mlp.unified_apply_mlp(mlp_compute_input=mlp_in)
+        return dispatcher.token_combine(
+            hidden_states=mlp_out, combine_metadata=output.combine_metadata
+        )
+
+    def _through_hook(self, ctx, comm, lora) -> dict:
+        """The patched build_token_dispatch_input called from inside a forward_impl made by
+        the patch's own factory (original replaced by a stub: these comm methods cannot
+        run here): what the dispatcher would receive."""
+        from ascend_patch.impls.moe import ascend_0_23
+
+        hidden, weights, ids = self._slice_routing()
+        inputs = self._fused_input(hidden, weights, ids, comm, lora=lora)
+        build = self.mods.cm.build_token_dispatch_input
+
+        def stub(layer, hidden_states, router_logits, return_with_event=False):
+            return build(fused_experts_input=inputs, topk_ids=ids)
+
+        forward_impl = ascend_0_23.make_forward_impl(stub, ctx)
+        with self.forward_context(comm):
+            built = forward_impl(self.layer(), hidden, hidden)
+        return {"same_ids": bool(built.topk_ids.equal(ids)),
+                "same_weights": bool(built.topk_weights.equal(weights))}
+
+    def _current_during(self, ctx, layer, comm) -> bool:
+        from ascend_patch.impls.moe import ascend_0_23
+
+        state = ascend_0_23.state_of(ctx)
+        seen = []
+        forward_impl = ascend_0_23.make_forward_impl(
+            lambda *a, **k: seen.append(state.current), ctx
+        )
+        with self.forward_context(comm):
+            forward_impl(layer, self.hidden, self.logits)
+        return seen == [None]
+
+
+class Spy:
+    """Records what crosses vllm-ascend's boundaries during one forward."""
+
+    def __init__(self, mods) -> None:
+        import torch
+        import torch_npu
+
+        self.records: dict = {}
+        self._wrap(torch_npu, "npu_moe_token_permute", self._permute)
+        self._wrap(torch.distributed, "all_to_all_single", self._all_to_all)
+        self._wrap(mods.comm_utils, "gather_from_sequence_parallel_region", self._gather)
+        self._wrap(mods.cm.MoECommMethod, "fused_experts", self._fused)
+        for dispatcher in ("TokenDispatcherWithAll2AllV", "TokenDispatcherWithAllGather"):
+            self._wrap(getattr(mods.td, dispatcher), "token_dispatch", self._dispatched)
+        routing = mods.td.DeviceOperator.npu_moe_init_routing
+        spied = functools.wraps(routing)(self._routing(routing))
+        mods.td.DeviceOperator.npu_moe_init_routing = staticmethod(spied)
+        self._wrap(mods.cm.MoECommMethod, "finalize", self._finalize)
+
+    def reset(self) -> None:
+        self.records = {"permute": [], "a2a": [], "gathers": 0, "routing": []}
+
+    def take(self) -> dict:
+        records, self.records = self.records, {}
+        return records
+
+    def _wrap(self, owner, name, make) -> None:
+        original = getattr(owner, name)
+        # wraps: the patcher's signature checks see through a spy to what it wraps.
+        setattr(owner, name, functools.wraps(original)(make(original)))
+
+    def _permute(self, original):
+        def permute(tokens, indices, num_out_tokens=None, padded_mode=False):
+            out = original(tokens, indices, num_out_tokens, padded_mode)
+            if self.records and indices.dim() == 2:
+                self.records["permute"].append(
+                    {"num_out_tokens": num_out_tokens, "rows": out[0].shape[0],
+                     "indices": indices.clone()}
+                )
+            return out
+
+        return permute
+
+    def _all_to_all(self, original):
+        def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None,
+                              group=None, async_op=False):
+            if self.records:
+                self.records["a2a"].append(
+                    {"rows_in": input.shape[0], "rows_out": output.shape[0],
+                     "in_splits": [int(s) for s in input_split_sizes],
+                     "out_splits": [int(s) for s in output_split_sizes]}
+                )
+            return original(output, input, output_split_sizes=output_split_sizes,
+                            input_split_sizes=input_split_sizes, group=group, async_op=async_op)
+
+        return all_to_all_single
+
+    def _fused(self, original):
+        def fused_experts(comm, fused_experts_input):
+            if self.records:
+                ids = fused_experts_input.topk_ids
+                log2phy = fused_experts_input.routing.log2phy
+                self.records["fused_in"] = {
+                    "weights": fused_experts_input.topk_weights.clone(),
+                    "ids": (log2phy[ids] if log2phy is not None else ids).clone(),
+                }
+            return original(comm, fused_experts_input=fused_experts_input)
+
+        return fused_experts
+
+    def _dispatched(self, original):
+        def token_dispatch(dispatcher, token_dispatch_input):
+            if self.records:
+                self.records["dispatch_in"] = {
+                    "hidden": token_dispatch_input.hidden_states.clone(),
+                    "weights": token_dispatch_input.topk_weights.clone(),
+                    "ids": token_dispatch_input.topk_ids.clone(),
+                }
+            return original(dispatcher, token_dispatch_input=token_dispatch_input)
+
+        return token_dispatch
+
+    def _finalize(self, original):
+        def finalize(comm, hidden_states, reduce_results, padded_hidden_states_shape=None):
+            if self.records:
+                self.records["routed"] = hidden_states.clone()
+            return original(comm, hidden_states, reduce_results, padded_hidden_states_shape)
+
+        return finalize
+
+    def _gather(self, original):
+        def gather(input_, group, output_split_sizes=None):
+            if self.records:
+                self.records["gathers"] += 1
+            return original(input_, group, output_split_sizes)
+
+        return gather
+
+    def _routing(self, original):
+        def npu_moe_init_routing(hidden_states, topk_ids, **kwargs):
+            out = original(hidden_states, topk_ids, **kwargs)
+            if self.records:
+                self.records["routing"].append({"expert_tokens": out[2].clone()})
+            return out
+
+        return npu_moe_init_routing
+
+
+# -- process set-up ---------------------------------------------------------------------
+
+
+def _init_groups(rank: int, world: int, port: int):
+    os.environ["VLLM_DIST_IDENT"] = f"ascend-contract-{port}"
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed.parallel_state import (
+        init_distributed_environment,
+        initialize_model_parallel,
+    )
+
+    config = VllmConfig()
+    with set_current_vllm_config(config):
+        init_distributed_environment(
+            world_size=world, rank=rank, local_rank=rank, backend="gloo",
+            distributed_init_method=f"tcp://127.0.0.1:{port}",
+            # A rank that failed leaves its peer in a collective: fail fast, not in 30 min.
+            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
+        initialize_model_parallel(tensor_model_parallel_size=world, backend="gloo")
+    from vllm_ascend.ascend_config import init_ascend_config
+
+    init_ascend_config(config)
+    return config
+
+
+def _import_vllm_ascend():
+    # fused_moe.py first: fused_moe_0_23_0 imports from it, and it re-exports
+    # fused_moe_0_23_0 at its end (importing fused_moe_0_23_0 first is circular).
+    import vllm_ascend.ops.fused_moe.fused_moe as fm
+    import vllm_ascend.ops.fused_moe.fused_moe_0_23_0 as f23
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm_ascend.ops.fused_moe import comm_utils, moe_mlp
+    from vllm_ascend.ops.fused_moe import moe_comm_method as cm
+    from vllm_ascend.ops.fused_moe import moe_runtime_args as args
+    from vllm_ascend.ops.fused_moe import moe_stage_contracts as contracts
+    from vllm_ascend.ops.fused_moe import token_dispatcher as td
+    from vllm_ascend.quantization.quant_type import QuantType
+
+    return types.SimpleNamespace(
+        fm=fm, f23=f23, cm=cm, td=td, args=args, contracts=contracts, mlp=moe_mlp,
+        comm_utils=comm_utils, MoEActivation=MoEActivation, QuantType=QuantType,
+    )
+
+
+def _loaded_config(options: dict):
+    from ascend_patch.core.catalog import lookup
+    from ascend_patch.core.config import LoadedConfig, PlannedInterface, PlannedPatch, PlannedSite
+    from ascend_patch.core.targets import parse_target
+    from ascend_patch.core.versions import Stack
+    from ascend_patch.impls.moe.options import CapacityOptions
+
+    impl = lookup("moe.capacity")
+    site_set = impl.site_set("0.23", "ascend")
+    patch = PlannedPatch(
+        name="capacity", impl=impl, options=CapacityOptions(**options), on_error="fail",
+        enabled=True, line=CONFIG_LINE, file=CONFIG_FILE,
+        sites=tuple(PlannedSite(s.role, parse_target(s.target), s.signature, s.factory)
+                    for s in site_set.sites),
+        relies_on=tuple(PlannedInterface(parse_target(i.target), i.signature, i.why)
+                        for i in site_set.relies_on),
+    )
+    return LoadedConfig(path=CONFIG_FILE, digest="contract", files=(CONFIG_FILE,), vllm=None,
+                        description=None, patches=(patch,), stack=Stack("0.23", "ascend"))
+
+
+def _record_facts(record) -> dict:
+    return {"status": record.status, "roles": list(record.applied_roles),
+            "copies": list(record.copies), "checked": list(record.interfaces_checked),
+            "unchecked": list(record.interfaces_unchecked)}
+
+
+def _plain(value):
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+# -- the model ----------------------------------------------------------------------------
+
+
+def _expert_weights(gen):
+    """Physical-slot weights in vllm-ascend's post-load layout: w13 [E, H, 2I], w2 [E, I, H]."""
+    import torch
+
+    w13 = torch.randn(EXPERTS, HIDDEN, 2 * INTER, generator=gen) / HIDDEN**0.5
+    w2 = torch.randn(EXPERTS, INTER, HIDDEN, generator=gen) / INTER**0.5
+    return w13, w2
+
+
+def _inputs(gen):
+    """Hidden states and router logits that load the hot logical experts heavily."""
+    import torch
+
+    hidden = torch.randn(TOKENS, HIDDEN, generator=gen)
+    logits = torch.randn(TOKENS, EXPERTS, generator=gen)
+    logits[:, list(HOT_LOGICAL)] += 1.5
+    return hidden, logits
+
+
+def _route(hidden_states, gating_output, topk, renormalize):
+    """The layer's custom routing function (softmax top-k over logical experts): it makes
+    vllm-ascend's select_experts take its native path, which runs on CPU."""
+    import torch
+
+    weights, ids = gating_output.softmax(dim=-1).topk(topk, dim=-1)
+    return weights.to(hidden_states.dtype), ids.to(torch.int32)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

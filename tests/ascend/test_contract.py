@@ -1,0 +1,263 @@
+"""moe.capacity inside vllm-ascend 0.23.0.post1's real MoE code, on CPU, over two gloo ranks.
+
+One run of tests/ascend/emulation/contract_worker.py per module (two processes, about 30 s):
+each rank applies the ascend site set with the real Patcher and runs vllm-ascend's own
+AscendFusedMoE.forward_impl -> select_experts -> MoECommMethod.fused_experts -> dispatcher ->
+unified_apply_mlp -> combine -> finalize, with torch_npu's ops emulated (emulation/npu_ops.py)
+and real all_to_all_single / all_gather over gloo. TP = EP = 2: on the all-to-all path each
+rank's rows are its own half of the tokens. The tests below check what the ranks recorded.
+Nothing here runs on an NPU: op semantics come from CANN's documentation and vllm-ascend's
+own golden (see npu_ops.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ascend_patch.core.catalog import lookup
+from ascend_patch.impls.moe.capacity import plan_drops
+from ascend_patch.impls.moe.options import CapacityOptions
+from tests.ascend import harness
+from tests.ascend.emulation import contract_worker as worker
+
+E, K, LOCAL = worker.EXPERTS, worker.TOP_K, worker.EXPERTS // 2
+UNSENT = E + 1
+OWNER = torch.arange(E) // LOCAL  # physical expert id -> EP rank
+LAYER = "model.layers.3.mlp.experts"
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    harness.require_vllm_0_23()
+    source = harness.require_source()
+    return harness.run_ranks(source, tmp_path_factory.mktemp("ascend-contract"))
+
+
+def moe_reference(hidden, ids, weights):
+    """Plain torch MoE over physical expert ids, one process: rows with a weight of 0 or an id
+    outside [0, E) contribute nothing."""
+    w13, w2 = worker._expert_weights(torch.Generator().manual_seed(7))
+    out = torch.zeros_like(hidden, dtype=torch.float32)
+    for t in range(hidden.shape[0]):
+        for j in range(ids.shape[1]):
+            e, w = int(ids[t, j]), float(weights[t, j])
+            if 0 <= e < E and w != 0.0:
+                gate_up = hidden[t].float() @ w13[e]
+                out[t] += w * ((F.silu(gate_up[:worker.INTER]) * gate_up[worker.INTER:]) @ w2[e])
+    return out
+
+
+def kept(ids):
+    return (ids >= 0) & (ids < E)
+
+
+def owner_of(ids):
+    """EP rank of each row's physical expert; -1 for a row not sent anywhere."""
+    return torch.where(kept(ids), OWNER[ids.clamp(0, E - 1).long()], -1)
+
+
+def dispatched(ranks, path):
+    """Every token's rows as its dispatcher received them, in token order (rank 0's slice
+    first on the all-to-all path, where TP rank r holds the r-th half)."""
+    seen = [r[path]["dispatch_in"] for r in ranks]
+    if path == "allgather":  # every rank holds every token
+        return seen[0]["hidden"], seen[0]["ids"], seen[0]["weights"]
+    return tuple(torch.cat([s[key] for s in seen]) for key in ("hidden", "ids", "weights"))
+
+
+def routed(ranks, path):
+    """The router's physical ids and weights before any drop, in token order."""
+    seen = [r[path]["fused_in"] for r in ranks]
+    if path == "allgather":
+        return seen[0]["ids"], seen[0]["weights"]
+    return torch.cat([s["ids"] for s in seen]), torch.cat([s["weights"] for s in seen])
+
+
+# -- installation -------------------------------------------------------------------------
+
+
+def test_every_site_installs_and_every_interface_is_checked_live(ranks):
+    site_set = lookup("moe.capacity").site_set("0.23", "ascend")
+    for result in ranks:
+        record = result["record"]
+        assert record["status"] == "applied"
+        assert sorted(record["roles"]) == sorted(s.role for s in site_set.sites)
+        # The `from moe_runtime_args import build_token_dispatch_input` copy the comm
+        # method calls is the one rewritten.
+        assert record["copies"] == [
+            "vllm_ascend.ops.fused_moe.moe_comm_method.build_token_dispatch_input"
+        ]
+        assert record["unchecked"] == []
+        assert sorted(record["checked"]) == sorted(i.target for i in site_set.relies_on)
+
+
+# -- all-to-all path ------------------------------------------------------------------------
+
+
+def test_all_to_all_drops_rows_and_caps_every_rank_alike(ranks):
+    stats = [r["stats"]["layers"][LAYER] for r in ranks]
+    assert stats[0] == stats[1]  # same capacity, same global counts on both ranks
+    assert stats[0]["rows_dropped"] > 0
+    _, ids, _ = dispatched(ranks, "all_to_all")
+    dropped = int((ids == UNSENT).sum())
+    assert 0 < dropped <= CapacityOptions(**worker.DROP_OPTIONS).drop_token_ratio * ids.numel()
+
+
+def test_all_to_all_plan_equals_a_single_process_plan(ranks):
+    """The two ranks each planned their own half after exchanging counts; one process with
+    both halves' counts in hand decides the same rows and the same capacity."""
+    options = CapacityOptions(**worker.DROP_OPTIONS)
+    halves = [(r["all_to_all"]["fused_in"]["weights"], r["all_to_all"]["fused_in"]["ids"])
+              for r in ranks]
+    counts = []
+    for weights, ids in halves:
+        plan_drops(weights, ids, num_experts=E, ep_size=2, options=options, expert_owner=OWNER,
+                   all_gather_counts=lambda c: counts.append(c) or c.unsqueeze(0))
+    both = torch.stack(counts)
+    for rank, (weights, ids) in enumerate(halves):
+        plan = plan_drops(weights, ids, num_experts=E, ep_size=2, options=options,
+                          expert_owner=OWNER, all_gather_counts=lambda c: both, rank=rank)
+        sent = ranks[rank]["all_to_all"]["dispatch_in"]["ids"]
+        assert torch.equal(plan.keep, sent != UNSENT)
+        assert plan.capacity == ranks[rank]["stats"]["layers"][LAYER]["capacity_last"]
+
+
+def test_all_to_all_bins_physical_ids_by_their_owner(ranks):
+    """The hot logical experts all map (log2phy) to rank 1's slots: the load the planner saw
+    is the physical one, and every dropped row was headed for rank 1."""
+    ids, _ = routed(ranks, "all_to_all")
+    physical_peak = int(torch.bincount(OWNER[ids.long()].view(-1), minlength=2).max())
+    stats = ranks[0]["stats"]["layers"][LAYER]
+    assert stats["max_bin_load_before_peak"] == physical_peak
+    sent = dispatched(ranks, "all_to_all")[1]
+    assert set(OWNER[ids[sent == UNSENT].long()].tolist()) == {1}
+
+
+def test_all_to_all_dropped_rows_are_neither_sent_nor_computed(ranks):
+    for result in ranks:
+        seen = result["all_to_all"]
+        sent = seen["dispatch_in"]["ids"]
+        keep = sent != UNSENT
+        (permute,) = seen["permute"]
+        assert permute["num_out_tokens"] == permute["rows"] == int(keep.sum())
+        dispatch, combine = seen["a2a"]
+        # Split sizes per destination rank count exactly the kept rows it owns.
+        per_owner = torch.bincount(owner_of(sent[keep]), minlength=2).tolist()
+        assert dispatch["in_splits"] == per_owner and dispatch["rows_in"] == int(keep.sum())
+        assert combine["out_splits"] == dispatch["in_splits"]
+    # What each rank received, and so computed, is what the capacity allows.
+    capacity = ranks[0]["stats"]["layers"][LAYER]["capacity_last"]
+    _, all_sent, _ = dispatched(ranks, "all_to_all")
+    for rank, result in enumerate(ranks):
+        received = sum(result["all_to_all"]["a2a"][0]["out_splits"])
+        assert received == int((owner_of(all_sent) == rank).sum()) <= capacity
+
+
+def test_all_to_all_output_is_the_dropless_output_of_the_kept_rows(ranks):
+    """vllm-ascend's own dropless path with weight 0 on the dropped rows gives the same
+    routed output as the drop path (which never sent them)."""
+    for result in ranks:
+        seen = result["dropless_with_kept_weights"]
+        assert int((1 - seen["keep"]).sum()) > 0
+        torch.testing.assert_close(seen["drop_routed"], seen["routed"], rtol=1e-6, atol=1e-6)
+
+
+def test_all_to_all_matches_a_single_process_reference(ranks):
+    hidden, ids, weights = dispatched(ranks, "all_to_all")
+    routed_ids, routed_weights = routed(ranks, "all_to_all")
+    keep = ids != UNSENT
+    assert torch.equal(ids[keep], routed_ids[keep])
+    assert torch.equal(weights[keep], routed_weights[keep]) and not weights[~keep].any()
+    expected = moe_reference(hidden, routed_ids, routed_weights * keep)
+    for result in ranks:  # finalize all-gathers the TP halves: every rank has every token
+        torch.testing.assert_close(result["all_to_all"]["out"], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected, ranks[0]["unpatched"]["all_to_all"], atol=1e-3)
+
+
+def test_combine_without_the_zero_rows_reads_past_the_received_rows(ranks):
+    """Planted bug: vllm-ascend's own _combine_postprocess on the shortened permutation."""
+    for result in ranks:
+        assert result["combine_pad_needed"].startswith("failed: sorted_indices reach row")
+
+
+def test_a_rank_that_sends_nothing_gets_zeros_and_the_other_is_unaffected(ranks):
+    zero, other = ranks[0]["nothing_sent"], ranks[1]["nothing_sent"]
+    assert zero["a2a"][0]["in_splits"] == [0, 0] and zero["a2a"][0]["rows_in"] == 0
+    assert not zero["out"].any()
+    expected = moe_reference(other["hidden"], other["ids"], other["weights"])
+    torch.testing.assert_close(other["out"], expected, rtol=1e-5, atol=1e-5)
+
+
+# -- all-gather path ------------------------------------------------------------------------
+
+
+def test_allgather_marks_dropped_rows_minus_one_with_weight_zero(ranks):
+    assert torch.equal(ranks[0]["allgather"]["dispatch_in"]["ids"],
+                       ranks[1]["allgather"]["dispatch_in"]["ids"])  # no exchange needed
+    hidden, ids, weights = dispatched(ranks, "allgather")
+    routed_ids, routed_weights = routed(ranks, "allgather")
+    dropped = ids == -1
+    assert dropped.any() and not weights[dropped].any()
+    assert torch.equal(ids[~dropped], routed_ids[~dropped])
+    assert torch.equal(weights[~dropped], routed_weights[~dropped])
+    for result in ranks:
+        assert result["allgather"]["gathers"] == 0
+
+
+def test_allgather_computes_only_kept_local_rows(ranks):
+    for rank, result in enumerate(ranks):
+        ids = result["allgather"]["dispatch_in"]["ids"]
+        (routing,) = result["allgather"]["routing"]
+        local = ids[owner_of(ids) == rank] - rank * LOCAL
+        assert routing["expert_tokens"].tolist() == torch.bincount(local.long(),
+                                                                    minlength=LOCAL).tolist()
+
+
+def test_allgather_matches_a_single_process_reference(ranks):
+    hidden, ids, _ = dispatched(ranks, "allgather")
+    routed_ids, routed_weights = routed(ranks, "allgather")
+    expected = moe_reference(hidden, routed_ids, routed_weights * kept(ids))
+    for result in ranks:  # partial outputs summed over the EP ranks, as AscendMoERunner does
+        torch.testing.assert_close(result["allgather"]["out"], expected, rtol=1e-5, atol=1e-5)
+
+
+# -- r = 0, kept-whole steps, refusals ----------------------------------------------------
+
+
+def test_ratio_zero_is_bit_identical_to_vllm_ascend(ranks):
+    for result in ranks:
+        for path in ("all_to_all", "allgather"):
+            assert torch.equal(result["ratio0"][path], result["unpatched"][path])
+        layer = result["ratio0_stats"]["layers"][LAYER]
+        assert layer["calls"] == 2 and layer["rows_dropped"] == 0
+
+
+def test_mc2_fused_mc2_capture_and_lora_steps_keep_every_row(ranks):
+    for result in ranks:
+        cases = result["kept_whole"]
+        for case in ("MC2", "FUSED_MC2", "graph capture", "MoE LoRA"):
+            assert cases[case] == {"same_ids": True, "same_weights": True}, case
+        assert result["stats"]["ascend"]["kept_whole"] == {
+            "MC2": 1, "FUSED_MC2": 1, "graph capture": 1, "MoE LoRA": 1
+        }
+
+
+def test_quantized_layers_are_reported_not_taken_over(ranks):
+    for result in ranks:
+        assert result["kept_whole"]["quantized_current"]
+        reason = result["stats"]["layers_not_taken_over"]["model.layers.9.mlp.experts"]
+        assert reason.startswith("quantized MoE method")
+
+
+def test_enable_fused_mc2_with_drops_is_refused_naming_the_config_line(ranks):
+    for result in ranks:
+        message = result["fused_mc2"]
+        assert message.startswith("PatchError: ascend-contract.yaml:7: patch 'capacity'")
+        assert "enable_fused_mc2" in message and "FUSED_MC2" in message
+
+
+def test_config_is_checked_over_the_ep_group_once(ranks):
+    for result in ranks:
+        assert result["stats"]["config_checked_over_ranks"] == 2

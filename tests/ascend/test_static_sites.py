@@ -1,0 +1,109 @@
+"""The ascend site set of moe.capacity against vllm-ascend 0.23.0.post1's source, read only.
+
+Nothing from vllm-ascend is imported here (it needs torch_npu): every site and relied-on
+interface is resolved with ascend_patch.core.static_targets, as `ascend-patch validate
+--platform ascend --source vllm_ascend=DIR` does, and must have the declared signature.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+from ascend_patch.core import catalog
+from ascend_patch.core.targets import parse_target
+from tests.ascend import harness
+
+REPO = Path(__file__).resolve().parents[2]
+static_targets = pytest.importorskip(
+    "ascend_patch.core.static_targets", reason="static target resolution not available yet"
+)
+
+# What validate decides for the 0.23 line (ascend_patch/cli/main.py): vllm-ascend picks
+# definitions with vllm_version_is("X.Y.Z").
+HINTS_0_23 = {'vllm_version_is("0.23.0")': True, 'vllm_version_is("0.27.1")': False,
+              'vllm_version_is("0.32.0")': False}
+
+
+def ascend_entries():
+    site_set = catalog.lookup("moe.capacity").site_set("0.23", "ascend")
+    assert site_set is not None and site_set.sites, "moe.capacity declares no ascend site set"
+    return list(site_set.sites) + list(site_set.relies_on)
+
+
+ENTRIES = ascend_entries()
+
+
+@pytest.fixture(scope="module")
+def roots():
+    source = harness.require_source()
+    return static_targets.SourceRoots({"vllm_ascend": source}, branch_hints=HINTS_0_23)
+
+
+def test_everything_the_ascend_site_set_names_is_vllm_ascend_source():
+    """So that validate needs no other source tree than vllm-ascend's."""
+    assert {parse_target(e.target).module.split(".")[0] for e in ENTRIES} == {"vllm_ascend"}
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e.target.split(":")[1] for e in ENTRIES])
+def test_resolves_with_the_declared_signature(roots, entry):
+    found = roots.resolve(parse_target(entry.target))
+    if entry.signature is not None:
+        assert found.signature == entry.signature, f"{entry.target} at {found.file}:{found.line}"
+
+
+def npu_modules() -> set[str]:
+    return {m for m in sys.modules if m.split(".")[0] in ("vllm_ascend", "torch_npu")}
+
+
+def test_factories_load_without_vllm_ascend():
+    """validate imports every factory: that must not need torch_npu or vllm-ascend."""
+    before = npu_modules()
+    site_set = catalog.lookup("moe.capacity").site_set("0.23", "ascend")
+    for site in site_set.sites:
+        assert callable(catalog.load_callable(site.factory))
+    assert npu_modules() == before
+
+
+def test_validate_prod_config_for_ascend_reads_only_the_source(capsys):
+    source = harness.require_source()
+    from ascend_patch.cli.main import main
+
+    before = npu_modules()
+    code = main(["validate", str(REPO / "configs" / "prod.yaml"), "--platform", "ascend",
+                 "--vllm-line", "0.23", "--source", f"vllm_ascend={source}"])
+    assert code == 0, capsys.readouterr().err
+    assert npu_modules() == before
+
+
+def dispatch_kwarg_names(source: Path) -> set[str]:
+    """Every keyword TokenDispatcherWithMC2.get_dispatch_mc2_kwargs can hand to
+    npu_moe_distribute_dispatch[_v2]: dict-literal keys and `kwargs[...] =` subscripts."""
+    path = source / "vllm_ascend" / "ops" / "fused_moe" / "token_dispatcher.py"
+    tree = ast.parse(path.read_text())
+    (function,) = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                   and node.name == "get_dispatch_mc2_kwargs"]
+    names = set()
+    for node in ast.walk(function):
+        if isinstance(node, ast.Dict):
+            names |= {k.value for k in node.keys if isinstance(k, ast.Constant)}
+        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store):
+            if isinstance(node.slice, ast.Constant):
+                names.add(node.slice.value)
+    return names
+
+
+def test_mc2_dispatch_has_no_per_row_mask():
+    """The evidence for keeping MC2 steps whole (ascend_0_23.py): the dispatch op gets every
+    token's k expert ids and one per-token mask, nothing that could switch off one row. A
+    new keyword here means that decision must be read again."""
+    names = dispatch_kwarg_names(harness.require_source())
+    assert names == {
+        "x", "expert_ids", "expert_shard_type", "shared_expert_rank_num", "moe_expert_num",
+        "global_bs", "expert_token_nums_type", "x_active_mask", "scales", "quant_mode",
+        "group_ep", "ep_world_size", "ep_rank_id", "group_tp", "tp_world_size", "tp_rank_id",
+        "y_dtype", "expert_scales", "comm_alg",
+    }
