@@ -106,7 +106,7 @@ class Patcher:
         self.records: dict[str, PatchRecord] = {}
         self.installed: list[InstalledSite] = []
         self.disabled: frozenset[str] = frozenset()
-        # What revert() left in place because another tool replaced it after us.
+        # What the last revert() left in place because another tool replaced it after us.
         self.left_in_place: list[str] = []
         self._lock = threading.RLock()
 
@@ -141,6 +141,7 @@ class Patcher:
 
     def revert(self) -> None:
         with self._lock:
+            self.left_in_place = []
             self._rollback(0)
             WATCHER.clear()
             self.config = None

@@ -76,6 +76,8 @@ def _snapshot() -> dict[str, Any]:
         "profile": config.profile if config else None,
         "patches": [r.as_json() for r in list(PATCHER.records.values())],
         "waiting_for_import": WATCHER.watched(),
+        # Attributes revert() left alone because another tool replaced them after us.
+        "left_in_place": list(PATCHER.left_in_place),
     }
 
 
@@ -143,7 +145,8 @@ def _check_override(config: LoadedConfig, doc: Document) -> None:
         known |= {p.name for p in profile.patches}
     for name in data:
         if name not in known:
-            problems.append(doc.error((name,), f"no patch named {name!r} in {config.path}").problems[0])
+            message = f"no patch named {name!r} in {config.path}"
+            problems.extend(doc.error((name,), message).problems)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
 
