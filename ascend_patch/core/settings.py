@@ -82,9 +82,8 @@ class Settings(BaseModel):
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
         raw = {name: environ[name] for name in KNOWN if environ.get(name)}
         try:
-            return cls.model_validate(
-                {**raw, "disable_text": raw.get(DISABLE, ""), "override_text": raw.get(OVERRIDE, "")}
-            )
+            texts = {"disable_text": raw.get(DISABLE, ""), "override_text": raw.get(OVERRIDE, "")}
+            return cls.model_validate({**raw, **texts})
         except ValidationError as exc:
             problems: list[Problem] = []
             for err in exc.errors():

@@ -9,7 +9,6 @@ from ascend_patch.core.config import load_config
 from ascend_patch.core.errors import PatchError
 from ascend_patch.core.patcher import PATCHER
 
-
 # The toy implementations and the throw-away modules they patch are outside the catalog and
 # outside vllm: both opt-ins are needed.
 TOY_HEADER = "version: 1\nallow_external_impls: true\nallow_external_targets: true\n"
