@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ascend_patch.core.config import LoadedConfig, Profile
-from ascend_patch.core.errors import ConfigError
+from ascend_patch.core.errors import ConfigError, PatchError
 from ascend_patch.core.imports import WATCHER
 from ascend_patch.core.targets import parse_target, resolve
 from ascend_patch.core.versions import installed_vllm, version_matches
@@ -134,7 +134,11 @@ def watch_model_config(callback: Callable[[ModelInfo], None]) -> None:
     rest of it is set up (and so before any model is built from it)."""
 
     def install(_module=None) -> None:
-        resolved = resolve(MODEL_CONFIG_HOOK, import_module=False)
+        try:
+            resolved = resolve(MODEL_CONFIG_HOOK, import_module=False)
+        except LookupError as exc:  # a vLLM without VllmConfig.__post_init__
+            raise PatchError(f"cannot choose a profile per model: {MODEL_CONFIG_HOOK}: {exc}; "
+                             "pin one with ASCEND_PATCH_PROFILE") from None
         original = resolved.function
         if getattr(original, "__ascend_patch_model_hook__", False):
             return

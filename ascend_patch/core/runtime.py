@@ -220,6 +220,22 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
         report.flush()
         return records
 
+    def on_model(model: profiles.ModelInfo) -> None:
+        choice = profiles.select(config, model, None)
+        previous = env.get(RESOLVED_PROFILE_ENV)
+        chosen = choice or BASE
+        if previous is not None and previous != chosen:
+            raise ConsistencyError(
+                f"{config.path}: this process serves two models needing different profiles "
+                f"({previous} and {chosen}); run them as separate deployments"
+            )
+        if previous == chosen and PATCHER.config is not None:
+            return  # the same model again (vLLM copies its VllmConfig)
+        _state.set(env, RESOLVED_PROFILE_ENV, chosen)
+        log.info("ascend-patch [%s pid %d]: profile %s chosen for %s", report.process_role(),
+                 os.getpid(), choice or "(none: base patches)", model.name)
+        apply(choice)
+
     if first_call:
         # Checked before anything is patched: a bad directory is one warning, not a failure
         # (the report is a side channel; serving goes on without it).
@@ -238,32 +254,15 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
             records = apply(pinned)
             profiles.watch_model_config(lambda model: profiles.select(config, model, pinned))
             return records
+        if first_call:
+            profiles.watch_model_config(on_model)
+            log.info("ascend-patch [%s pid %d]: %s has profiles; choosing when vLLM builds the "
+                     "model", report.process_role(), os.getpid(), config.path)
+        return []
     except BaseException:
         if first_call:
             _undo()
         raise
-
-    def on_model(model: profiles.ModelInfo) -> None:
-        choice = profiles.select(config, model, None)
-        previous = env.get(RESOLVED_PROFILE_ENV)
-        chosen = choice or BASE
-        if previous is not None and previous != chosen:
-            raise ConsistencyError(
-                f"{config.path}: this process serves two models needing different profiles "
-                f"({previous} and {chosen}); run them as separate deployments"
-            )
-        if previous == chosen and PATCHER.config is not None:
-            return  # the same model again (vLLM copies its VllmConfig)
-        _state.set(env, RESOLVED_PROFILE_ENV, chosen)
-        log.info("ascend-patch [%s pid %d]: profile %s chosen for %s", report.process_role(),
-                 os.getpid(), choice or "(none: base patches)", model.name)
-        apply(choice)
-
-    if first_call:
-        profiles.watch_model_config(on_model)
-        log.info("ascend-patch [%s pid %d]: %s has profiles; choosing when vLLM builds the model",
-                 report.process_role(), os.getpid(), config.path)
-    return []
 
 
 def _undo() -> None:
