@@ -79,8 +79,9 @@ def capacity_patch_name(config_path: Path, wanted: str | None) -> str:
         names - {p.name for p in config.patches})
     if wanted is not None:
         if wanted not in names:
+            have = ", ".join(ordered) or "none"
             raise ConfigError.single("--patch", None, "", f"{config_path} has no moe.capacity "
-                                     f"patch named {wanted!r} (have: {', '.join(ordered) or 'none'})")
+                                     f"patch named {wanted!r} (have: {have})")
         return wanted
     if not ordered:
         raise ConfigError.single("CONFIG", None, "", f"{config_path} has no moe.capacity patch "
@@ -396,7 +397,8 @@ def add_parser(sub) -> None:
     g.add_argument("--experts", type=n["experts"], default=256)
     g.add_argument("--top-k", type=n["top_k"], default=8)
     g.add_argument("--ep-size", type=n["ep_size"], default=16, help="simulated EP size")
-    g.add_argument("--hidden", type=n["hidden"], default=1024, help="hidden size (DeepSeek-V3: 7168)")
+    g.add_argument("--hidden", type=n["hidden"], default=1024,
+                   help="hidden size (DeepSeek-V3: 7168)")
     g.add_argument("--intermediate", type=n["intermediate"], default=256,
                    help="expert intermediate size (DeepSeek-V3: 2048)")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

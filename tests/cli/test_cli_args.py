@@ -37,8 +37,8 @@ def usage_error(capsys, argv) -> str:
     (["--ratios", "abc"], "argument --ratios: 'abc' is not a number"),
     (["--ratios", "0,0.7"], "argument --ratios: '0.7' is out of range (drop_token_ratio is in [0, 0.5])"),
     (["--ratios", "0,nan"], "argument --ratios: 'nan' is out of range (drop_token_ratio is in [0, 0.5])"),
-    (["--ratios", "0,,0.1"], "argument --ratios: '0,,0.1': give drop ratios separated by commas, "
-                             "e.g. 0,0.02,0.05"),
+    (["--ratios", "0,,0.1"], ("argument --ratios: '0,,0.1': give drop ratios separated by commas, "
+                             "e.g. 0,0.02,0.05")),
     (["--prompts", "0"], "argument --prompts: 0 is out of range (1 to 10000)"),
     (["--prompt-len", "x"], "argument --prompt-len: 'x' is not an integer"),
     (["--max-tokens", "-3"], "argument --max-tokens: -3 is out of range (1 to 100000)"),
@@ -58,16 +58,16 @@ def test_bad_ab_numbers(capsys, no_engine, tmp_path, args, message):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--tokens", "0"], "argument --tokens: 0 is out of range (1 to 1048576)"),
-    (["--experts", "10", "--ep-size", "3"], "argument --experts: 10 experts do not split evenly "
-                                            "over --ep-size 3"),
+    (["--experts", "10", "--ep-size", "3"], ("argument --experts: 10 experts do not split evenly "
+                                            "over --ep-size 3")),
     (["--experts", "16", "--ep-size", "4", "--top-k", "9"],
      "argument --top-k: 9 is more than the 8 experts the grouped router can choose among 16"),
     (["--top-k", "65"], "argument --top-k: 65 is out of range (1 to 64)"),
     (["--skews", "0.5"], "argument --skews: '0.5': a max/mean load is a number >= 1"),
-    (["--skews", "hot"], "argument --skews: 'hot' is neither a number nor one of balanced, "
-                         "moderate, r1"),
-    (["--skews", "20"], "argument --skews: 20 is above 16, the largest max/mean load over "
-                        "--ep-size 16 ranks"),
+    (["--skews", "hot"], ("argument --skews: 'hot' is neither a number nor one of balanced, "
+                         "moderate, r1")),
+    (["--skews", "20"], ("argument --skews: 20 is above 16, the largest max/mean load over "
+                        "--ep-size 16 ranks")),
     (["--policies", "probs,magic"], "argument --policies: 'magic': policies are probs, position, seed"),
     (["--reps", "0"], "argument --reps: 0 is out of range (1 to 1000)"),
     (["--hidden", "1e9"], "argument --hidden: '1e9' is not an integer"),
@@ -178,11 +178,11 @@ def test_tiny_model_refuses_a_file_or_a_non_empty_folder(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    ('{"architectures": ["DeepseekV3ForCausalLM"],', ":2: invalid JSON: Expecting property name "
-                                                     "enclosed in double quotes"),
+    ('{"architectures": ["DeepseekV3ForCausalLM"],', (":2: invalid JSON: Expecting property name "
+                                                     "enclosed in double quotes")),
     ("[1, 2]", ": must be a JSON object"),
-    ('{"architectures": "DeepseekV3ForCausalLM"}', ": architectures: must be a list of names, "
-                                                   "not 'DeepseekV3ForCausalLM'"),
+    ('{"architectures": "DeepseekV3ForCausalLM"}', (": architectures: must be a list of names, "
+                                                   "not 'DeepseekV3ForCausalLM'")),
     (b'{"name": "caf\xe9"}', ": not UTF-8 text (invalid continuation byte)"),
 ])
 def test_plan_model_with_a_broken_config_json(capsys, tmp_path, write_config, content, message):
