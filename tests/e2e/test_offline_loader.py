@@ -90,10 +90,10 @@ profiles:
 
 @pytest.mark.skipif(
     LINE == "0.23",
-    reason="vLLM 0.23's CPU build cannot run speculative decoding: its rejection sampler "
-    "fails (_sample_recovered_tokens_kernel_impl() got an unexpected keyword argument "
-    "'USE_FP64_GUMBEL') inside vLLM's sampler, no patched symbol; the draft-config profile choice is "
-    "tested through vLLM's own config path in tests/core/test_speculative.py",
+    reason="vLLM 0.23's CPU build cannot run speculative decoding: its rejection sampler fails "
+    "(_sample_recovered_tokens_kernel_impl() got an unexpected keyword argument "
+    "'USE_FP64_GUMBEL') inside vLLM's sampler, in no patched symbol; the draft-config "
+    "profile choice is tested through vLLM's own config path in tests/core/test_speculative.py",
 )
 def test_deepseek_v3_with_mtp_starts_under_prod_yaml(tmp_path):
     """Speculative decoding builds a second ModelConfig for the MTP draft (architecture
