@@ -9,7 +9,7 @@ each policy:
 
 it reports the rows dropped against the budget floor(r * rows), the bottleneck-rank load
 ratio (max rank load before / after) against the analytic limit max_load / water level
-(REFERENCE.md section 4), the measured compute time of the most loaded simulated rank
+(the least cap C with sum over ranks of max(0, load - C) <= the budget), the measured compute time of the most loaded simulated rank
 before / after (torch backend on the rows that rank receives; interleaved repetitions,
 medians), and the relative error ||y_r - y_0|| / ||y_0|| of the routed-expert output of the
 whole layer. Every time ratio is measured in one run against the r = 0 arm of the same run.
@@ -298,8 +298,8 @@ def layer_ab(setup: LayerSetup, progress: Callable[[str], None] | None = None) -
             "wall_s": time.perf_counter() - started,
             "load_average": load_average(),
             "notes": (
-                "ideal = max_load / water_level(load, 0, floor(r*rows)) (REFERENCE.md sec. 4, no "
-                "protection); ideal_protected uses keep_top1's protected rows. time_ratio = median "
+                "ideal = max_load / water_level(load, 0, floor(r*rows)) (the least cap C with "
+                "sum(max(0, load - C)) <= floor(r*rows), no protection); ideal_protected uses keep_top1's protected rows. time_ratio = median "
                 "time of the hottest rank at r=0 / median time of the hottest rank after dropping "
                 "(torch backend, interleaved reps). achieved_fraction = time_ratio / ideal; "
                 "gain_fraction = (time_ratio - 1) / (ideal - 1)."),

@@ -2,8 +2,8 @@
 
 Under expert parallelism the most loaded EP rank sets the step time. Given a drop ratio r,
 the planner finds the smallest per-bin capacity C that drops at most floor(r * rows) rows
-(the water level of REFERENCE.md section 4), then picks the rows to drop in each
-over-capacity bin by policy. Bins are EP ranks or experts.
+(the water level: the least C with sum over bins of max(0, load_b - C) <= floor(r * rows)),
+then picks the rows to drop in each over-capacity bin by policy. Bins are EP ranks or experts.
 
 Pure torch, vectorised over rows (sorts, scatters, cumsums); only the tiny per-bin
 arithmetic runs on the CPU. Works on any device and in any process layout: with data
