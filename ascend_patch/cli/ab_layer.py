@@ -386,12 +386,13 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def plot(result: dict[str, Any], path: Path) -> Path:
-    import matplotlib
+def plot(result: dict[str, Any], path: Path) -> Path | None:
+    """The speed-up and error charts; None without matplotlib (an optional extra)."""
+    from ascend_patch.cli.ab import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return None
     cells = result["cells"]
     skews = list(dict.fromkeys(c["skew"] for c in cells))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -438,6 +439,8 @@ def setup_from_args(args) -> LayerSetup:
 def run_layer_ab(args) -> int:
     from rich.console import Console
 
+    from ascend_patch.cli.ab import plot_skipped_line
+
     console = Console(highlight=False, soft_wrap=True, width=200)
     setup = setup_from_args(args)
     out_dir = Path(args.out)
@@ -458,5 +461,7 @@ def run_layer_ab(args) -> int:
                       f"({t['cells']} cells){'; ' + '; '.join(t['failures']) if t['failures'] else ''}")
     if result["checks"]:
         console.print("honesty checks FAILED:\n  " + "\n  ".join(result["checks"]))
-    console.print(f"wrote {json_path} and {png}")
+    console.print(f"wrote {json_path}" + (f" and {png}" if png else ""), markup=False)
+    if png is None:
+        console.print(plot_skipped_line("ab-layer.png"), markup=False)
     return 1 if result["checks"] else 0
