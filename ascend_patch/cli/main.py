@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
     doctor = sub.add_parser("doctor", help="what this machine can run")
     doctor.set_defaults(func=cmd_doctor)
+    schema = sub.add_parser("schema", help="print the JSON Schema of the config file (for "
+                            "editors: yaml-language-server's $schema modeline)")
+    schema.set_defaults(func=cmd_schema)
     tiny = sub.add_parser("tiny-model", help="write a tiny MoE model directory (dummy weights)")
     tiny.add_argument("out_dir")
     tiny.add_argument("--arch", choices=["deepseek_v3", "mixtral", "qwen2_moe"], default="deepseek_v3")
@@ -316,6 +319,14 @@ def _stack_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--platform", choices=sorted(PLATFORM_ALIASES),
                         help="plan for this platform (cpu/cuda: vLLM's own layers; ascend: "
                         "vllm-ascend's) instead of the detected one")
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from ascend_patch.core.schema import schema_text
+
+    # Plain stdout: rich would wrap or colour what is meant to be redirected into a file.
+    sys.stdout.write(schema_text())
+    return EXIT_OK
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
