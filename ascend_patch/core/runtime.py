@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ascend_patch.core import profiles, report, settings
+from ascend_patch.core import metrics, profiles, report, settings
 from ascend_patch.core.config import LoadedConfig, load_config
 from ascend_patch.core.errors import ConfigError, ConsistencyError, PatchError
 from ascend_patch.core.imports import WATCHER
@@ -78,6 +78,7 @@ def _snapshot() -> dict[str, Any]:
         "platform": config.stack.platform if config else None,
         "patches": [r.as_json() for r in list(PATCHER.records.values())],
         "waiting_for_import": WATCHER.watched(),
+        "metrics": metrics.describe(),
     }
 
 
@@ -221,8 +222,9 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
 
     if first_call:
         # Checked before anything is patched: a bad directory is one warning, not a failure
-        # (the report is a side channel; serving goes on without it).
+        # (the report and the metrics are side channels; serving goes on without them).
         report.configure(values.report_dir, values.report_interval)
+        metrics.configure(env, lambda key, value: _state.set(env, key, value))
     try:
         _state.set(env, CONFIG_ENV, key[0])
         _state.set(env, DIGEST_ENV, config.digest)
@@ -271,6 +273,7 @@ def _undo() -> None:
     _state.restore()
     _state.applied = None
     report.configure(None)
+    metrics.reset()
 
 
 def reset() -> None:
