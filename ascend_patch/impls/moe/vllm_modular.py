@@ -182,34 +182,6 @@ def _make_experts_class(backend_name: str) -> type:
     return CapacityExperts
 
 
-def _not_supported_reason(method: Any, layer: Any) -> str | None:
-    """Why this layer keeps vLLM's own experts (None: we can take it over)."""
-    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
-
-    moe = method.moe
-    backend = getattr(method, "unquantized_backend", None)
-    if backend not in (UnquantizedMoeBackend.CPU, UnquantizedMoeBackend.TRITON):
-        name = getattr(backend, "value", backend)
-        return f"backend {name} keeps its own weight layout (CPU and TRITON are supported)"
-    if moe.moe_parallel_config.use_batched_activation_format:
-        return "batched activation format (DeepEP LL / NIXL EP)"
-    if moe.has_bias:
-        return "experts with bias"
-    if moe.is_lora_enabled:
-        return "MoE LoRA"
-    if not moe.is_act_and_mul:
-        return "non-gated activation"
-    activation = getattr(layer.activation, "value", layer.activation)
-    if activation not in _ACTIVATIONS:
-        return f"activation {activation}"
-    if any(
-        getattr(layer, name, None) is not None
-        for name in ("swiglu_limit", "swiglu_alpha", "swiglu_beta")
-    ):
-        return "clamped/scaled SwiGLU"
-    return None
-
-
 def make_process_weights_after_loading(
     original: Callable[..., Any], ctx: PatchContext
 ) -> Callable[..., Any]:
@@ -261,72 +233,6 @@ def _is_triton(method: Any) -> bool:
     from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
 
     return getattr(method, "unquantized_backend", None) == UnquantizedMoeBackend.TRITON
-
-
-def _not_supported_reason(method: Any, layer: Any) -> str | None:
-    """Why this layer keeps vLLM's own experts (None: we can take it over)."""
-    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
-
-    moe = method.moe
-    backend = getattr(method, "unquantized_backend", None)
-    if backend not in (UnquantizedMoeBackend.CPU, UnquantizedMoeBackend.TRITON):
-        name = getattr(backend, "value", backend)
-        return f"backend {name} keeps its own weight layout (CPU and TRITON are supported)"
-    if moe.moe_parallel_config.use_batched_activation_format:
-        return "batched activation format (DeepEP LL / NIXL EP)"
-    if moe.has_bias:
-        return "experts with bias"
-    if moe.is_lora_enabled:
-        return "MoE LoRA"
-    if not moe.is_act_and_mul:
-        return "non-gated activation"
-    activation = getattr(layer.activation, "value", layer.activation)
-    if activation not in _ACTIVATIONS:
-        return f"activation {activation}"
-    if any(
-        getattr(layer, name, None) is not None
-        for name in ("swiglu_limit", "swiglu_alpha", "swiglu_beta")
-    ):
-        return "clamped/scaled SwiGLU"
-    return None
-
-
-def make_process_weights_after_loading(
-    original: Callable[..., Any], ctx: PatchContext
-) -> Callable[..., Any]:
-    """Replacement of UnquantizedFusedMoEMethod.process_weights_after_loading(self, layer)."""
-    state = state_of(ctx)
-    return process_weights_factory(original, state, build_kernel=None)
-
-
-def process_weights_factory(
-    original: Callable[..., Any],
-    state: CapacityState,
-    build_kernel: Callable[[Any, Any, type], bool] | None,
-) -> Callable[..., Any]:
-    """The replacement, given how a line builds our kernel for a backend the original
-    cannot build it for: `build_kernel(method, layer, experts_cls)` returns True when it
-    built one (vLLM 0.23's CPU backend), False to let the original build it."""
-    experts_cls = state.experts_cls
-
-    def process_weights_after_loading(self: Any, layer: Any) -> None:
-        name = getattr(layer, "layer_name", type(layer).__name__)
-        reason = _not_supported_reason(self, layer)
-        if reason is not None:
-            setattr(self, TAKEN_OVER, False)
-            state.stats.layer_not_taken_over(name, reason)
-            logger.warning("moe.capacity: %s keeps vLLM's experts: %s", name, reason)
-            return original(self, layer)
-        if build_kernel is None or not build_kernel(self, layer, experts_cls):
-            # The original builds the modular kernel from self.experts_cls: ours never
-            # prepacks, so the layout stays standard.
-            self.experts_cls = experts_cls
-            original(self, layer)
-        setattr(self, TAKEN_OVER, True)
-        state.add_layer(name, layer)
-        _install_dispatch(self, layer, state)
-
-    return process_weights_after_loading
 
 
 def _not_supported_reason(method: Any, layer: Any) -> str | None:
