@@ -202,15 +202,33 @@ def arm_metrics(arm: ArmResult, reference: ArmResult, first_tokens: int) -> dict
     return metrics
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    points = [r for r in rows if r["drop_token_ratio"] is not None]
-    if len(points) < 2:
-        return None
-    import matplotlib
+# matplotlib is an optional extra: the JSON and the table are the results, the PNG a view.
+PLOT_HINT = "pip install 'ascend-patch[tools]'"
 
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_skipped_line(name: str) -> str:
+    return f"{name} skipped: matplotlib is not installed (to get it: {PLOT_HINT})"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """The speed-up / agreement chart; None when there is nothing to draw (fewer than two
+    ratio arms) or no matplotlib."""
+    points = [r for r in rows if r["drop_token_ratio"] is not None]
+    plt = pyplot() if len(points) >= 2 else None
+    if plt is None:
+        return None
     ratios = [r["drop_token_ratio"] for r in points]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ratios, [r["speedup_vs_reference"] for r in points], "o-", label="prefill speed-up")
@@ -231,7 +249,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def run_ab(args) -> int:
     from rich.console import Console
     from rich.progress import Progress
-    from rich.table import Table
 
     from ascend_patch.cli.tiny_model import make_tiny_model
 
@@ -265,8 +282,21 @@ def run_ab(args) -> int:
             progress.advance(task)
 
     rows = [arm_metrics(r, results[0], args.first_tokens) for r in results]
-    table = Table(title=f"A/B on {model.name}: {args.prompts} prompts x {args.prompt_len} words, "
-                        f"{args.max_tokens} new tokens (reference: {rows[0]['label']})")
+    summary = {"model": str(model), "prompts": args.prompts, "prompt_len": args.prompt_len,
+               "max_tokens": args.max_tokens, "seed": args.seed, "arms": rows}
+    write_results(summary, out_dir, console)
+    return 0
+
+
+def write_results(summary: dict[str, Any], out_dir: Path, console: Any) -> None:
+    """The table, ab.json, and ab.png when matplotlib is there (one line saying how to get it
+    when it is not)."""
+    from rich.table import Table
+
+    rows = summary["arms"]
+    table = Table(title=f"A/B on {Path(summary['model']).name}: {summary['prompts']} prompts x "
+                        f"{summary['prompt_len']} words, {summary['max_tokens']} new tokens "
+                        f"(reference: {rows[0]['label']})")
     for column in ("arm", "tokens/s", "prefill s", "speed-up", "rows dropped %", "max/mean before->after",
                    "exact match", "token agree", "|dlogprob| first"):
         table.add_column(column, justify="right")
@@ -278,13 +308,12 @@ def run_ab(args) -> int:
                       f"{100 * row['exact_match_rate']:.0f}%", f"{100 * row['token_agreement']:.1f}%",
                       f"{row['first_logprob_mean_abs_diff']:.4f}")
     console.print(table)
-    summary = {"model": str(model), "prompts": args.prompts, "prompt_len": args.prompt_len,
-               "max_tokens": args.max_tokens, "seed": args.seed, "arms": rows}
     json_path = out_dir / "ab.json"
     json_path.write_text(json.dumps(summary, indent=2))
     png = plot(rows, out_dir / "ab.png")
-    console.print(f"wrote {json_path}" + (f" and {png}" if png else ""))
-    return 0
+    console.print(f"wrote {json_path}" + (f" and {png}" if png else ""), markup=False)
+    if png is None and pyplot() is None:
+        console.print(plot_skipped_line("ab.png"), markup=False)
 
 
 # Bounds of the numeric arguments: beyond them a run would exhaust memory or never end.

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ascend_patch.core import profiles, report, settings
+from ascend_patch.core import metrics, profiles, report, settings
 from ascend_patch.core.config import LoadedConfig, load_config
 from ascend_patch.core.errors import ConfigError, ConsistencyError, PatchError
 from ascend_patch.core.imports import WATCHER
@@ -80,6 +80,7 @@ def _snapshot() -> dict[str, Any]:
         "waiting_for_import": WATCHER.watched(),
         # Attributes revert() left alone because another tool replaced them after us.
         "left_in_place": list(PATCHER.left_in_place),
+        "metrics": metrics.describe(),
     }
 
 
@@ -240,8 +241,9 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
 
     if first_call:
         # Checked before anything is patched: a bad directory is one warning, not a failure
-        # (the report is a side channel; serving goes on without it).
+        # (the report and the metrics are side channels; serving goes on without them).
         report.configure(values.report_dir, values.report_interval)
+        metrics.configure(env, lambda key, value: _state.set(env, key, value))
     try:
         _state.set(env, CONFIG_ENV, key[0])
         _state.set(env, DIGEST_ENV, config.digest)
@@ -273,6 +275,7 @@ def _undo() -> None:
     _state.restore()
     _state.applied = None
     report.configure(None)
+    metrics.reset()
 
 
 def reset() -> None:

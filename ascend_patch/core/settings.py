@@ -30,8 +30,9 @@ OVERRIDE = "ASCEND_PATCH_OVERRIDE"
 REPORT_DIR = "ASCEND_PATCH_REPORT_DIR"
 REPORT_INTERVAL = "ASCEND_PATCH_REPORT_INTERVAL"
 LOG_LEVEL = "ASCEND_PATCH_LOG_LEVEL"
+METRICS_DIR = "ASCEND_PATCH_METRICS_DIR"
 KNOWN = (CONFIG, CONFIG_DIGEST, DISABLE, PROFILE, PROFILE_RESOLVED, OVERRIDE, REPORT_DIR,
-         REPORT_INTERVAL, LOG_LEVEL)
+         REPORT_INTERVAL, LOG_LEVEL, METRICS_DIR)
 
 # "-" in ASCEND_PATCH_PROFILE_RESOLVED: the first process chose the base patches.
 BASE = "-"
@@ -73,6 +74,7 @@ class Settings(BaseModel):
     report_dir: str | None = Field(None, alias=REPORT_DIR)
     report_interval: float = Field(1.0, alias=REPORT_INTERVAL)
     log_level: str = Field("INFO", alias=LOG_LEVEL)
+    metrics_dir: str | None = Field(None, alias=METRICS_DIR)
     # The override as written (a second apply in the process must ask for the same one).
     override_text: str = ""
 
@@ -157,6 +159,14 @@ class Settings(BaseModel):
         ):
             raise ValueError(f"{_shown(str(value))} is out of range; give a number of {allowed}")
         return seconds
+
+    @field_validator("metrics_dir", mode="before")
+    @classmethod
+    def _metrics_dir(cls, value: str) -> str:
+        # Child processes may start in another working directory than the first.
+        if not value.startswith("/"):
+            raise ValueError(f"{_shown(value)} is not an absolute path")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

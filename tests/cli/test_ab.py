@@ -75,3 +75,68 @@ def test_ab_over_drop_ratios_with_the_real_engine(tmp_path, write_config):
     for layer in dropped["layers"].values():
         assert layer["max_over_mean_after"] <= layer["max_over_mean_before"]
     assert (tmp_path / "ab" / "ab.png").stat().st_size > 0
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """matplotlib as if not installed: `import matplotlib` raises ImportError."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_ab_layer_without_matplotlib_writes_json_and_table_and_says_how_to_get_the_png(
+        tmp_path, capsys, no_matplotlib):
+    from ascend_patch.cli.main import main
+
+    out = tmp_path / "layer"
+    code = main(["ab", "--layer", "--skews", "1.5", "--ratios", "0,0.1", "--tokens", "256",
+                 "--experts", "16", "--top-k", "2", "--ep-size", "4", "--hidden", "32",
+                 "--intermediate", "32", "--dtype", "float32", "--no-timing", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert sorted(p.name for p in out.iterdir()) == ["ab-layer.json"]
+    assert [c["ratio"] for c in json.loads((out / "ab-layer.json").read_text())["cells"]
+            if c["policy"] == "probs"] == [0.0, 0.1]
+    lines = printed.splitlines()
+    assert f"wrote {out / 'ab-layer.json'}" in lines
+    assert ("ab-layer.png skipped: matplotlib is not installed (to get it: pip install "
+            "'ascend-patch[tools]')") in lines
+
+
+def _two_arms():
+    row = {"label": "r=0", "drop_token_ratio": 0.0, "tokens_per_s": 10.0, "prefill_s": 0.5,
+           "speedup_vs_reference": 1.0, "rows_dropped_pct": 0.0, "exact_match_rate": 1.0,
+           "token_agreement": 1.0, "first_logprob_mean_abs_diff": 0.0,
+           "layers": {"l1": {"max_over_mean_before": 1.5, "max_over_mean_after": 1.2}}}
+    summary = {"model": "/m/tiny", "prompts": 2, "prompt_len": 8, "max_tokens": 4, "seed": 0,
+               "arms": [row, {**row, "label": "r=0.1", "drop_token_ratio": 0.1}]}
+    return summary
+
+
+def test_ab_results_with_matplotlib_include_the_png(tmp_path, capsys):
+    from rich.console import Console
+
+    from ascend_patch.cli.ab import write_results
+
+    write_results(_two_arms(), tmp_path, Console(width=200, soft_wrap=True))
+    assert (tmp_path / "ab.png").stat().st_size > 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"wrote {tmp_path / 'ab.json'} and {tmp_path / 'ab.png'}")
+
+
+def test_ab_results_without_matplotlib(tmp_path, capsys, no_matplotlib):
+    from rich.console import Console
+
+    from ascend_patch.cli.ab import write_results
+
+    summary = _two_arms()
+    write_results(summary, tmp_path, Console(width=200, soft_wrap=True))
+    printed = capsys.readouterr().out
+    assert json.loads((tmp_path / "ab.json").read_text()) == summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ab.json"]
+    assert "1.50->1.20" in printed  # the table
+    assert printed.splitlines()[-2:] == [
+        f"wrote {tmp_path / 'ab.json'}",
+        "ab.png skipped: matplotlib is not installed (to get it: pip install "
+        "'ascend-patch[tools]')"]

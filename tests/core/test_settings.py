@@ -45,6 +45,7 @@ def refusal(env) -> str:
     ("REPORT_INTERVAL", "1e-9", f"'1e-9' is out of range; give a number of {RANGE}"),
     ("REPORT_INTERVAL", "1e9", f"'1e9' is out of range; give a number of {RANGE}"),
     ("REPORT_INTERVAL", "soon", f"'soon' is not a number of {RANGE}"),
+    ("METRICS_DIR", "metrics", "'metrics' is not an absolute path"),
     ("OVERRIDE", "a: &a [*a]", None),
     ("OVERRIDE", "{func: !!python/object/apply:os.system [ls]}", None),
     ("OVERRIDE", "x" * (MAX_OVERRIDE_BYTES + 1), (f"the value is {MAX_OVERRIDE_BYTES + 1} bytes; an "
@@ -112,7 +113,7 @@ def test_an_unknown_variable_gets_one_warning_naming_the_close_match(toy_config,
         "variable and is ignored (known: ASCEND_PATCH_CONFIG, ASCEND_PATCH_CONFIG_DIGEST, "
         "ASCEND_PATCH_DISABLE, ASCEND_PATCH_PROFILE, ASCEND_PATCH_PROFILE_RESOLVED, "
         "ASCEND_PATCH_OVERRIDE, ASCEND_PATCH_REPORT_DIR, ASCEND_PATCH_REPORT_INTERVAL, "
-        "ASCEND_PATCH_LOG_LEVEL)"),
+        "ASCEND_PATCH_LOG_LEVEL, ASCEND_PATCH_METRICS_DIR)",
     ]
 
 

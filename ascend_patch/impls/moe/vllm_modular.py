@@ -354,7 +354,7 @@ def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
         sharer=sharer,
         num_sharers=num_sharers,
         counters=stats.dispatch_counters(),
-        on_call=stats.dispatch_recorded,
+        on_call=lambda nbytes, name=layer.layer_name: stats.dispatch_recorded(name, nbytes),
     )
     # Same experts object (CapacityExperts, built by the original from self.experts_cls),
     # new prepare/finalize. Nothing else holds the old kernel: the runner reads
@@ -415,6 +415,7 @@ def make_step(layer: Any, state: CapacityState) -> DropStep:
             check_config_over_group(state.options, group)
             state.stats.config_checked(group.world_size)
     gather, rank = token_sources(parallel)
+    export_layer_metrics(state, layer.layer_name, parallel)
     return DropStep(
         num_experts=layer.global_num_experts,
         ep_size=parallel.ep_size,
@@ -424,6 +425,28 @@ def make_step(layer: Any, state: CapacityState) -> DropStep:
         owners=_owners(layer, parallel.ep_size, state),
         on_plan=lambda plan, name=layer.layer_name: state.stats.record(name, plan),
     )
+
+
+def rank_within_dp(parallel: Any) -> int:
+    """This rank's index among the ranks holding its DP rank's tokens (its TP and PCP
+    ranks). vLLM flattens the MoE ranks DP-major (FusedMoEParallelConfig.make): ep_rank
+    (with EP) or tp_rank (without) = dp_rank * (ranks per DP rank) + index."""
+    flat, size = ((parallel.ep_rank, parallel.ep_size) if parallel.use_ep
+                  else (parallel.tp_rank, parallel.tp_size))
+    return flat - parallel.dp_rank * max(size // max(parallel.dp_size, 1), 1)
+
+
+def export_layer_metrics(state: CapacityState, layer_name: str, parallel: Any) -> None:
+    """Put the layer's counters on /metrics (core/metrics.py), if metrics are on here: per
+    DP rank, rows written by the first of the ranks that share its tokens."""
+    from ascend_patch.core import metrics as process_metrics
+    from ascend_patch.impls.moe.metrics import layer_series
+
+    writer = process_metrics.writer()
+    if writer is not None:
+        state.stats.export_layer(layer_name, layer_series(
+            writer, state.ctx.patch_name, layer_name, parallel.dp_rank,
+            planned=rank_within_dp(parallel) == 0))
 
 
 def check_config_over_group(options: Any, group: Any, digest: str | None = None) -> None:
