@@ -19,6 +19,7 @@ import json
 import math
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ STOCK = "stock"
 # side, an arm that just ran would take CPU from the next one: wait that second out.
 TP_SETTLE_S = 1.2
 DEFAULT_REPEATS = 9
+# How often an arm's processes rewrite their reports: ab reads them while the engines are up
+# (vLLM's workers are killed, not asked, at the end, so a report written at exit may be lost).
+REPORT_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -134,6 +138,7 @@ def arm_env(arm: Arm, report_dir: Path | None, workers: int) -> dict[str, str]:
         env["ASCEND_PATCH_CONFIG"] = str(arm.config)
         if report_dir is not None:
             env["ASCEND_PATCH_REPORT_DIR"] = str(report_dir)
+            env["ASCEND_PATCH_REPORT_INTERVAL"] = str(REPORT_INTERVAL_S)
         if arm.override:
             env["ASCEND_PATCH_OVERRIDE"] = json.dumps(arm.override)
     return vllm_env(workers=workers, **env)
@@ -324,11 +329,14 @@ def run_offline(args, arms: list[Arm], model: Path, prompts: list[str], work: Pa
                     # Prompt logprobs are optional for the comparison: say why they are missing.
                     run.perplexity = {"error": str(exc).splitlines()[0]}
                 progress.advance(task)
+            # Every process rewrites its report each REPORT_INTERVAL_S: wait for one
+            # rewrite after the last call, then read them while the engines are still up.
+            time.sleep(REPORT_INTERVAL_S + 0.5)
+            for run in runs:
+                run.summary = summarize_reports(run.report_dir if run.arm.config else None)
     finally:
         for run in runs:
             run.engine.stop()
-    for run in runs:
-        run.summary = summarize_reports(run.report_dir if run.arm.config else None)
     return runs
 
 
@@ -797,10 +805,33 @@ def _dispatch(args) -> int:
         from ascend_patch.cli.ab_layer import run_layer_ab
 
         return run_layer_ab(args)
-    if args.servers or args.launch:
-        from ascend_patch.cli.ab_server import run_server_ab
+    with _sigterm_as_exit():
+        if args.servers or args.launch:
+            from ascend_patch.cli.ab_server import run_server_ab
 
-        check_arms([Arm(Path(c).stem, None if c == STOCK else Path(c)) for c in args.launch or ()])
-        args.served_model = args.model if args.servers else None
-        return run_server_ab(args)
-    return run_ab(args)
+            check_arms([Arm(Path(c).stem, None if c == STOCK else Path(c))
+                        for c in args.launch or ()])
+            args.served_model = args.model if args.servers else None
+            return run_server_ab(args)
+        return run_ab(args)
+
+
+@contextmanager
+def _sigterm_as_exit():
+    """SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the `finally` blocks stop every
+    engine and server this run started instead of leaving them behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

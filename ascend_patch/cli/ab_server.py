@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from ascend_patch.cli import ab_output, ab_stats
-from ascend_patch.cli.ab import STOCK, compare, describe_patches, summarize_reports
+from ascend_patch.cli.ab import (
+    REPORT_INTERVAL_S,
+    STOCK,
+    compare,
+    describe_patches,
+    summarize_reports,
+)
 
 
 class ServerFailed(RuntimeError):
@@ -361,7 +367,8 @@ def launched_servers(args, work: Path) -> list[Server]:
         if name != STOCK:
             config = Path(name).resolve()
             report_dir = work / f"server{index}-reports"
-            env = {"ASCEND_PATCH_CONFIG": str(config), "ASCEND_PATCH_REPORT_DIR": str(report_dir)}
+            env = {"ASCEND_PATCH_CONFIG": str(config), "ASCEND_PATCH_REPORT_DIR": str(report_dir),
+                   "ASCEND_PATCH_REPORT_INTERVAL": str(REPORT_INTERVAL_S)}
         server_args = ["--tensor-parallel-size", str(args.tensor_parallel_size),
                        "--no-enable-prefix-caching", "--seed", str(args.seed)]
         if args.enable_expert_parallel:
@@ -372,8 +379,10 @@ def launched_servers(args, work: Path) -> list[Server]:
             load_format=args.load_format)
         what = ("vLLM with no patch (ASCEND_PATCH_CONFIG unset)" if config is None
                 else f"ASCEND_PATCH_CONFIG={config}")
-        servers.append(Server(label, managed.base_url, info={
-            "kind": "launched", "what": what, "args": managed.cmd[1:]},
+        info = {"kind": "launched", "what": what, "args": managed.cmd[1:]}
+        if config is None:
+            info["runs"] = "nothing (no config, so ascend-patch stays out: no report)"
+        servers.append(Server(label, managed.base_url, info=info,
             managed=managed, report_dir=report_dir, config=config))
     return servers
 
@@ -396,15 +405,20 @@ def _start(server: Server, args) -> None:
     except ServerError as exc:
         raise ServerFailed(f"server {server.label}: {exc}") from None
     server.base_url = server.managed.base_url
+    server.info["pgid"] = server.managed.proc.pid  # its own session: group id = its pid
 
 
 def _stop(server: Server) -> None:
-    if server.managed is not None:
-        server.managed.stop()
-        if server.report_dir is not None:
-            summary = summarize_reports(server.report_dir)
-            server.info["report"] = summary
-            server.info["runs"] = describe_patches(summary)
+    if server.managed is None or server.managed.proc is None:
+        return
+    if server.report_dir is not None:
+        # Read while the server is up: its processes rewrite their reports every
+        # REPORT_INTERVAL_S, and a worker killed at stop may not write one at exit.
+        time.sleep(REPORT_INTERVAL_S + 0.5)
+        summary = summarize_reports(server.report_dir)
+        server.info["report"] = summary
+        server.info["runs"] = describe_patches(summary)
+    server.managed.stop(grace=10.0)
 
 
 # ---------------------------------------------------------------- the A/B

@@ -132,6 +132,24 @@ def drive(llm, prompts: list[str], args, commands=None) -> None:
         _status(DONE_PREFIX, {"id": command.get("id")})
 
 
+def _exit_with_parent(parent: int) -> None:
+    """End this process group when the parent is gone (killed, even with SIGKILL).
+
+    The driver leads its own process group (ab starts it in a new session) and vLLM's engine
+    core and workers belong to it: without this an A/B killed mid-run would leave engines
+    loading models until they next read stdin."""
+    import os
+    import signal
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="ab-driver-parent-watch", daemon=True).start()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -153,6 +171,11 @@ def main() -> None:
     parser.add_argument("--driver", action="store_true",
                         help="keep the engine up and run the workload on each stdin command")
     args = parser.parse_args()
+    if args.driver:
+        import os
+
+        if os.getpgid(0) == os.getpid():  # only a group leader may end the whole group
+            _exit_with_parent(os.getppid())
 
     from vllm import LLM, SamplingParams
 
