@@ -255,12 +255,27 @@ def offline_order(arms: int, repeats: int, warmup: int, seed: int) -> list[list[
     return ab_stats.block_order(arms, warmup + repeats, seed)
 
 
+def _cpus() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _sample(result: dict[str, Any], block: int, position: int) -> dict[str, Any]:
     outputs = result["outputs"]
     tokens = sum(o["prompt_tokens"] + len(o["token_ids"]) for o in outputs)
+    wall = result["prefill_s"] + result["generate_s"]
+    cpu = [result.get("prefill_cpu_s"), result.get("generate_cpu_s")]
     return {"block": block, "position": position, "prefill_s": result["prefill_s"],
             "generate_s": result["generate_s"], "tokens": tokens,
             "tokens_per_s": tokens / result["generate_s"],
+            "prefill_cpu_s": cpu[0], "generate_cpu_s": cpu[1],
+            # How much of the machine the engine had during the repeat: far below 1, other
+            # work took the CPUs and the repeat measured the machine, not the arm.
+            "cpu_share": None if None in cpu else sum(cpu) / (wall * _cpus()),
             "outputs_digest": outputs_digest(outputs)}
 
 
@@ -362,6 +377,8 @@ def offline_metrics(runs: list[ArmRun], first_tokens: int) -> list[dict[str, Any
             "stock": run.arm.config is None,
             "drop_token_ratio": run.arm.ratio,
             "startup_s": run.startup_s,
+            "cpu_share": (ab_stats.estimate(shares) if (shares := [
+                s["cpu_share"] for s in run.samples if s["cpu_share"] is not None]) else None),
             "prefill_s": ab_stats.estimate(prefill),
             "tokens_per_s": ab_stats.estimate(tps),
             # Reference over arm for a time, arm over reference for a rate: > 1 is better.
@@ -401,9 +418,10 @@ def print_offline(console, rows: list[dict[str, Any]], heading: str) -> None:
     ab_output.say(console, heading, "")
     per_arm = ab_output.table(
         "Per arm: median [95% interval] over the repeats",
-        ["arm", "prefill ms", "tokens/s", "drop %", "ppl"],
+        ["arm", "prefill ms", "tokens/s", "CPU %", "drop %", "ppl"],
         [[label, ab_output.fmt(r["prefill_s"], 1000, d_ms),
           ab_output.fmt(r["tokens_per_s"], 1, d_tps),
+          "-" if r["cpu_share"] is None else f"{100 * r['cpu_share'].median:.0f}",
           "-" if r["rows_dropped_pct"] is None else f"{r['rows_dropped_pct']:.2f}",
           "-" if r["perplexity"] is None else f"{r['perplexity']:.4g}"]
          for label, r in zip(labels, rows)])
@@ -441,7 +459,9 @@ def print_offline(console, rows: list[dict[str, Any]], heading: str) -> None:
         "arm/reference rate per repeat pair (>1: arm faster); brackets = exact "
         "order-statistic 95% interval of the median (none below 6 repeats); agree = greedy "
         "tokens equal to the reference's, by position; |dlogp| = mean "
-        "abs logprob difference of the reference's tokens over the first positions; drop % = "
+        "abs logprob difference of the reference's tokens over the first positions; CPU % = "
+        "median CPU time of the arm's engine processes / (wall time x CPUs) per repeat (far "
+        "below 100: other work had the machine); drop % = "
         "routed rows dropped (moe.capacity report); ppl = perplexity of the prompts from "
         "prompt logprobs.", "")
 
@@ -470,6 +490,7 @@ def run_ab(args) -> int:
     args.load_format = resolve_load_format(args.load_format, model)
     prompts = args.prompts if args.prompts is not None else make_prompts(
         args.num_prompts, args.prompt_len, args.seed)
+    load_before = _load_average()
     try:
         runs = run_offline(args, arms, model, prompts, work, console)
     except EngineFailed as exc:
@@ -481,7 +502,8 @@ def run_ab(args) -> int:
     heading = (f"A/B on {model.name} ({args.load_format} weights): {source}, {args.max_tokens} "
                f"new tokens, {args.repeats} repeats after {args.warmup} warm-up block(s), "
                f"randomised blocks (seed {args.seed}); one engine per arm, started in "
-               + ", ".join(f"{r['startup_s']:.0f} s" for r in rows) + ".")
+               + ", ".join(f"{r['startup_s']:.0f} s" for r in rows)
+               + f". {_describe_load(load_before, _load_average())}")
     print_offline(console, rows, heading)
     summary = {
         "mode": "offline", "model": str(model), "load_format": args.load_format,
@@ -492,8 +514,8 @@ def run_ab(args) -> int:
         "order": [[rows[i]["label"] for i in block] for block in
                   offline_order(len(arms), args.repeats, args.warmup, args.seed)],
         "interval": "exact order-statistic (binomial) 95% interval of the median",
-        "load_average": _load_average(), "work_dir": str(work),
-        "arms": ab_output.as_json(rows),
+        "load_average_before": load_before, "load_average_after": _load_average(),
+        "cpus": _cpus(), "work_dir": str(work), "arms": ab_output.as_json(rows),
     }
     json_path = out_dir / "ab.json"
     json_path.write_text(json.dumps(summary, indent=2))
@@ -527,6 +549,13 @@ def resolve_load_format(choice: str, model: Path) -> str:
         return choice
     weights = any(model.glob("*.safetensors")) or any(model.glob("*.bin"))
     return "auto" if weights else "dummy"
+
+
+def _describe_load(before: list[float] | None, after: list[float] | None) -> str:
+    if before is None or after is None:
+        return ""
+    return (f"Load average (1 min) {before[0]:.1f} before, {after[0]:.1f} after, on {_cpus()} "
+            "CPUs.")
 
 
 def _load_average() -> list[float] | None:

@@ -331,9 +331,10 @@ def memory_available() -> int | None:
     return None
 
 
-# Resident memory of one tiny-model CPU server with VLLM_CPU_KVCACHE_SPACE=1 (API server,
-# engine core, one worker per TP rank), rounded up from what ps showed here.
-SERVER_BASE_BYTES = 2 << 30
+# Resident memory of a CPU server with VLLM_CPU_KVCACHE_SPACE=1 without its weights: a TP=1
+# tiny-model server's process group (API server, engine core, worker) held 2.97-3.02 GiB here
+# (ps, summed over the group), rounded up to 1.5 GiB + 2 GiB per worker.
+SERVER_BASE_BYTES = 3 << 29
 WORKER_BYTES = 2 << 30
 
 
@@ -428,7 +429,7 @@ def run_server_ab(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ascend_patch.cli.ab import _load_average, resolve_load_format
+    from ascend_patch.cli.ab import _describe_load, _load_average, resolve_load_format
 
     console = Console(highlight=False)
     out_dir = Path(args.out)
@@ -449,6 +450,7 @@ def run_server_ab(args) -> int:
                 server.info.update(report=summary, report_dir=reports,
                                    runs=describe_patches(summary))
         together, placement = True, "already running, interleaved"
+    load_before = _load_average()
     blocks = ab_stats.block_order(len(servers), args.warmup + args.repeats, args.seed)
     if not together:
         # One server up at a time: all of its rounds, then the next server. Not interleaved,
@@ -511,7 +513,8 @@ def run_server_ab(args) -> int:
     heading = (f"Live A/B: {args.requests} requests per round ({source}, "
                f"{max(1, args.max_tokens // 4)}-{args.max_tokens} output tokens, concurrency "
                f"{args.concurrency}), {args.repeats} rounds per server after {args.warmup} "
-               f"warm-up round(s); servers {placement}.")
+               f"warm-up round(s); servers {placement}. "
+               f"{_describe_load(load_before, _load_average())}")
     if args.prompts is not None and len(args.prompts) < (args.warmup + args.repeats) * args.requests:
         heading += (" The prompts file has fewer prompts than rounds x requests: later rounds "
                     "repeat prompts, which a server with prefix caching serves from its cache.")
@@ -523,7 +526,8 @@ def run_server_ab(args) -> int:
                "workloads": [[{"prompt": r.prompt, "max_tokens": r.max_tokens} for r in w]
                              for w in workloads],
                "interval": "exact order-statistic (binomial) 95% interval of the median",
-               "load_average": _load_average(), "work_dir": str(work),
+               "load_average_before": load_before, "load_average_after": _load_average(),
+               "work_dir": str(work),
                "servers": ab_output.as_json(rows)}
     json_path = out_dir / "ab.json"
     json_path.write_text(json.dumps(summary, indent=2))

@@ -65,21 +65,49 @@ def _outputs(outputs) -> list[dict]:
     ]
 
 
+def group_cpu_s() -> float | None:
+    """CPU seconds used so far by the live processes of this process group (the engine core
+    and workers vLLM started): against the wall time of a pass it shows how much of the
+    machine the engine had, i.e. whether other work slowed a repeat down."""
+    import os
+
+    try:
+        group = os.getpgid(0)
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[2]) == group:
+            total += int(fields[11]) + int(fields[12])  # utime + stime, in ticks
+    return total / tick
+
+
+def _timed(fn):
+    cpu0, t0 = group_cpu_s(), time.perf_counter()
+    result = fn()
+    wall, cpu1 = time.perf_counter() - t0, group_cpu_s()
+    return result, wall, (cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None)
+
+
 def run_workload(llm, prompts: list[str], args) -> dict:
     """One repeat: a timed prefill-only pass, then the timed greedy generation."""
     from vllm import SamplingParams
 
     # One generated token per prompt: the batch's prefill, timed on its own. Prefix caching
     # is off in the driver, so a repeat computes the prefill again instead of reading it back.
-    t0 = time.perf_counter()
-    llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
-    prefill_s = time.perf_counter() - t0
+    _, prefill_s, prefill_cpu_s = _timed(lambda: llm.generate(
+        prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, seed=args.seed,
                             logprobs=args.logprobs or None, ignore_eos=True)
-    t0 = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    generate_s = time.perf_counter() - t0
-    return {"prefill_s": prefill_s, "generate_s": generate_s, "outputs": _outputs(outputs)}
+    outputs, generate_s, generate_cpu_s = _timed(
+        lambda: llm.generate(prompts, params, use_tqdm=False))
+    return {"prefill_s": prefill_s, "generate_s": generate_s, "prefill_cpu_s": prefill_cpu_s,
+            "generate_cpu_s": generate_cpu_s, "outputs": _outputs(outputs)}
 
 
 def prompt_logprob_sum(llm, texts: list[str]) -> dict:

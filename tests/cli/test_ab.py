@@ -105,7 +105,7 @@ def test_blocks_are_seeded_permutations_in_an_exact_order():
 def arm_run(label, prefill, tps, tokens=((1, 2),), ratio=None, config=Path("c.yaml")):
     run = ArmRun(Arm(label, config, ratio=ratio), engine=None, report_dir=Path("-"))
     run.samples = [{"block": i + 1, "position": 0, "prefill_s": p, "generate_s": 1.0,
-                    "tokens": t, "tokens_per_s": t, "outputs_digest": "same"}
+                    "tokens": t, "tokens_per_s": t, "cpu_share": 0.9, "outputs_digest": "same"}
                    for i, (p, t) in enumerate(zip(prefill, tps))]
     run.outputs = outputs([list(t) for t in tokens], [[{str(x): -0.5} for x in t] for t in tokens])
     run.startup_s = 30.0
@@ -147,7 +147,7 @@ def test_offline_table_fits_80_columns_with_a_legend_for_long_labels():
     rows = offline_metrics([ref, long], first_tokens=2)
     text = render(ab.print_offline, rows, "heading")
     assert max(len(line) for line in text.splitlines()) <= 80, text
-    assert " A     110 [100, 120]   12345 [12345, 12345]        -   7.389" in text, text
+    assert " A     110 [100, 120]   12345 [12345, 12345]      90        -   7.389" in text, text
     assert " B     0.990 [0.990, 0.990]   0.972 [0.972, 0.972]   100.0%    0.0000" in text, text
     assert ("B vs A: prefill worse (0.990 [0.990, 0.990]); tokens/s worse (0.972 [0.972,\n"
             "  0.972]); greedy outputs identical for 100% of the prompts.") in text, text
