@@ -7,6 +7,7 @@ import pytest
 
 from ascend_patch.cli import ab
 from ascend_patch.cli.main import main
+from ascend_patch.cli.server import ManagedServer
 
 MOE = """
 version: 1
@@ -23,7 +24,8 @@ def no_engine(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an engine was started")
 
-    monkeypatch.setattr(ab, "run_in_group", refuse)
+    monkeypatch.setattr(ab.EngineProcess, "start", refuse)
+    monkeypatch.setattr(ManagedServer, "start", refuse)
 
 
 def usage_error(capsys, argv) -> str:
@@ -37,9 +39,12 @@ def usage_error(capsys, argv) -> str:
     (["--ratios", "abc"], "argument --ratios: 'abc' is not a number"),
     (["--ratios", "0,0.7"], "argument --ratios: '0.7' is out of range (drop_token_ratio is in [0, 0.5])"),
     (["--ratios", "0,nan"], "argument --ratios: 'nan' is out of range (drop_token_ratio is in [0, 0.5])"),
-    (["--ratios", "0,,0.1"], ("argument --ratios: '0,,0.1': give drop ratios separated by commas, "
-                             "e.g. 0,0.02,0.05")),
-    (["--prompts", "0"], "argument --prompts: 0 is out of range (1 to 10000)"),
+    (["--ratios", "0,,0.1"], "argument --ratios: '0,,0.1': give drop ratios separated by commas, "
+                             "e.g. 0,0.02,0.05"),
+    (["--num-prompts", "0"], "argument --num-prompts: 0 is out of range (1 to 10000)"),
+    (["--repeats", "0"], "argument --repeats: 0 is out of range (1 to 1000)"),
+    (["--repeats", "many"], "argument --repeats: 'many' is not an integer"),
+    (["--warmup", "-1"], "argument --warmup: -1 is out of range (0 to 100)"),
     (["--prompt-len", "x"], "argument --prompt-len: 'x' is not an integer"),
     (["--max-tokens", "-3"], "argument --max-tokens: -3 is out of range (1 to 100000)"),
     (["--tensor-parallel-size", "0"], "argument --tensor-parallel-size: 0 is out of range (1 to 64)"),
@@ -58,16 +63,16 @@ def test_bad_ab_numbers(capsys, no_engine, tmp_path, args, message):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--tokens", "0"], "argument --tokens: 0 is out of range (1 to 1048576)"),
-    (["--experts", "10", "--ep-size", "3"], ("argument --experts: 10 experts do not split evenly "
-                                            "over --ep-size 3")),
+    (["--experts", "10", "--ep-size", "3"], "argument --experts: 10 experts do not split evenly "
+                                            "over --ep-size 3"),
     (["--experts", "16", "--ep-size", "4", "--top-k", "9"],
      "argument --top-k: 9 is more than the 8 experts the grouped router can choose among 16"),
     (["--top-k", "65"], "argument --top-k: 65 is out of range (1 to 64)"),
     (["--skews", "0.5"], "argument --skews: '0.5': a max/mean load is a number >= 1"),
-    (["--skews", "hot"], ("argument --skews: 'hot' is neither a number nor one of balanced, "
-                         "moderate, r1")),
-    (["--skews", "20"], ("argument --skews: 20 is above 16, the largest max/mean load over "
-                        "--ep-size 16 ranks")),
+    (["--skews", "hot"], "argument --skews: 'hot' is neither a number nor one of balanced, "
+                         "moderate, r1"),
+    (["--skews", "20"], "argument --skews: 20 is above 16, the largest max/mean load over "
+                        "--ep-size 16 ranks"),
     (["--policies", "probs,magic"], "argument --policies: 'magic': policies are probs, position, seed"),
     (["--reps", "0"], "argument --reps: 0 is out of range (1 to 1000)"),
     (["--hidden", "1e9"], "argument --hidden: '1e9' is not an integer"),
@@ -90,11 +95,19 @@ def test_ab_needs_a_config_or_arms_not_both(capsys, no_engine, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(MOE)
     assert usage_error(capsys, ["ab"]) == (
-        "ascend-patch ab: error: give a CONFIG (with --ratios) or --arms FILE ...")
+        "ascend-patch ab: error: give a CONFIG (with --ratios), --arms FILE ..., --servers URL ... "
+        "or --launch CONFIG ...")
     assert usage_error(capsys, ["ab", str(config), "--arms", str(config)]) == (
-        "ascend-patch ab: error: give a CONFIG (with --ratios) or --arms FILE ..., not both")
+        "ascend-patch ab: error: give one of CONFIG (with --ratios), --arms, --servers or --launch, "
+        "not CONFIG and --arms")
     assert usage_error(capsys, ["ab", "--arms", str(tmp_path / "nope.yaml")]) == (
         f"ascend-patch ab: error: argument --arms: {tmp_path / 'nope.yaml'} is not a file")
+    assert usage_error(capsys, ["ab", "--arms", str(config)]) == (
+        "ascend-patch ab: error: argument --arms: give at least two arms to compare (or --stock "
+        "and one)")
+    assert usage_error(capsys, ["ab", str(config), "--ratios", "0.1"]) == (
+        "ascend-patch ab: error: argument --ratios: give at least two arms to compare (or --stock "
+        "and one)")
     assert usage_error(capsys, ["ab", str(config), "--model", str(tmp_path)]) == (
         f"ascend-patch ab: error: argument --model: {tmp_path} is not a model directory (no config.json)")
     (tmp_path / "file").write_text("")
@@ -127,28 +140,6 @@ def test_ab_ratios_need_a_capacity_patch(capsys, no_engine, tmp_path, write_conf
     assert not (tmp_path / "o").exists()
 
 
-def test_ab_arms_never_share_a_report_folder(monkeypatch, tmp_path, write_config, tiny_model, capsys):
-    from ascend_patch.cli.offline_run import RESULT_PREFIX
-
-    seen = []
-
-    def fake_run(cmd, env, timeout, cwd=None):
-        seen.append(env["ASCEND_PATCH_REPORT_DIR"])
-        result = {"prefill_s": 1.0, "generate_s": 1.0, "startup_s": 0.0,
-                  "outputs": [{"prompt_tokens": 2, "token_ids": [1], "top_logprobs": [{"1": -0.1}]}]}
-        return 0, RESULT_PREFIX + json.dumps(result) + "\n"
-
-    monkeypatch.setattr(ab, "run_in_group", fake_run)
-    config = write_config(MOE)
-    out = tmp_path / "out"
-    assert main(["ab", str(config), "--ratios", "0,0,0.1", "--model", str(tiny_model),
-                 "--prompts", "1", "--out", str(out)]) == 0
-    assert len(set(seen)) == 3 and [p.rsplit("/", 1)[1] for p in seen] == [
-        "arm0-reports", "arm1-reports", "arm2-reports"]
-    summary = json.loads((out / "ab.json").read_text())
-    assert [a["label"] for a in summary["arms"]] == ["r=0", "r=0#2", "r=0.1"]
-
-
 def test_unique_labels_for_arms_of_the_same_file_name(tmp_path):
     arms = ab.unique_labels([ab.Arm("a", tmp_path / "x" / "a.yaml"), ab.Arm("a", tmp_path / "y" / "a.yaml")])
     assert [a.label for a in arms] == ["a", "a#2"]
@@ -178,11 +169,11 @@ def test_tiny_model_refuses_a_file_or_a_non_empty_folder(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    ('{"architectures": ["DeepseekV3ForCausalLM"],', (":2: invalid JSON: Expecting property name "
-                                                     "enclosed in double quotes")),
+    ('{"architectures": ["DeepseekV3ForCausalLM"],', ":2: invalid JSON: Expecting property name "
+                                                     "enclosed in double quotes"),
     ("[1, 2]", ": must be a JSON object"),
-    ('{"architectures": "DeepseekV3ForCausalLM"}', (": architectures: must be a list of names, "
-                                                   "not 'DeepseekV3ForCausalLM'")),
+    ('{"architectures": "DeepseekV3ForCausalLM"}', ": architectures: must be a list of names, "
+                                                   "not 'DeepseekV3ForCausalLM'"),
     (b'{"name": "caf\xe9"}', ": not UTF-8 text (invalid continuation byte)"),
 ])
 def test_plan_model_with_a_broken_config_json(capsys, tmp_path, write_config, content, message):
