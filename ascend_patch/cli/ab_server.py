@@ -370,8 +370,11 @@ def launched_servers(args, work: Path) -> list[Server]:
             report_dir = work / f"server{index}-reports"
             env = {"ASCEND_PATCH_CONFIG": str(config), "ASCEND_PATCH_REPORT_DIR": str(report_dir),
                    "ASCEND_PATCH_REPORT_INTERVAL": str(REPORT_INTERVAL_S)}
+        # Prefix caching off: a round that repeats an earlier prompt must compute its prefill
+        # (and make its drops) again, as the offline arms do.
         server_args = ["--tensor-parallel-size", str(args.tensor_parallel_size),
-                       "--no-enable-prefix-caching", "--seed", str(args.seed)]
+                       "--no-enable-prefix-caching", "--seed", str(args.seed),
+                       "--max-model-len", str(args.max_model_len)]
         if args.enable_expert_parallel:
             server_args.append("--enable-expert-parallel")
         managed = ManagedServer(
