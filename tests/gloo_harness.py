@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -37,7 +38,10 @@ def free_port() -> int:
 
 def _rank_main(target, rank, world_size, port, gloo_timeout_s, args, results) -> None:
     def send(name: str, payload: Any) -> None:
-        results.put((rank, name, payload))
+        # Plain pickle bytes: through the queue's own pickler torch shares a tensor's storage
+        # by file descriptor, which the parent can no longer fetch once this rank has exited
+        # ("FileNotFoundError" in resource_sharer, seen under load).
+        results.put((rank, name, pickle.dumps(payload)))
 
     try:
         import torch
@@ -90,6 +94,7 @@ def run_ranks(
                 if any(proc.exitcode not in (None, 0) for proc in procs):
                     break  # a rank died without a word: its peers may wait forever
                 continue
+            payload = pickle.loads(payload)
             if name == "error":
                 pytest.fail(f"rank {rank} failed:\n{payload}")
             if name == "done":

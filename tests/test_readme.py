@@ -32,3 +32,18 @@ def test_every_key_is_in_the_reference(model):
 def test_every_catalog_entry_is_described():
     for name in catalog.builtin_names():
         assert f"| `{name}` |" in README
+
+
+def test_no_file_cites_documents_users_do_not_have():
+    """Users get the package, the docs and the scripts; the working notes they were written from
+    are not shipped, so nothing may send a reader to them."""
+    cited = []
+    for folder in ("ascend_patch", "docs", "scripts", "tests", "configs"):
+        for path in (REPO / folder).rglob("*"):
+            if path.is_file() and path.suffix in (".py", ".md", ".yaml", ".sh", ".txt", ".json"):
+                cited += [f"{path.relative_to(REPO)}:{n}" for n, line in
+                          enumerate(path.read_text(errors="replace").splitlines(), 1)
+                          if "REFERENCE" + ".md" in line or "../" + "shared" in line]
+    cited += [f"README.md:{n}" for n, line in enumerate(README.splitlines(), 1)
+              if "REFERENCE" + ".md" in line]
+    assert cited == []

@@ -9,7 +9,7 @@ each policy:
 
 it reports the rows dropped against the budget floor(r * rows), the bottleneck-rank load
 ratio (max rank load before / after) against the analytic limit max_load / water level
-(REFERENCE.md section 4), the measured compute time of the most loaded simulated rank
+(the least cap C with sum over ranks of max(0, load - C) <= the budget), the measured compute time of the most loaded simulated rank
 before / after (torch backend on the rows that rank receives; interleaved repetitions,
 medians), and the relative error ||y_r - y_0|| / ||y_0|| of the routed-expert output of the
 whole layer. Every time ratio is measured in one run against the r = 0 arm of the same run.
@@ -298,8 +298,8 @@ def layer_ab(setup: LayerSetup, progress: Callable[[str], None] | None = None) -
             "wall_s": time.perf_counter() - started,
             "load_average": load_average(),
             "notes": (
-                "ideal = max_load / water_level(load, 0, floor(r*rows)) (REFERENCE.md sec. 4, no "
-                "protection); ideal_protected uses keep_top1's protected rows. time_ratio = median "
+                "ideal = max_load / water_level(load, 0, floor(r*rows)) (the least cap C with "
+                "sum(max(0, load - C)) <= floor(r*rows), no protection); ideal_protected uses keep_top1's protected rows. time_ratio = median "
                 "time of the hottest rank at r=0 / median time of the hottest rank after dropping "
                 "(torch backend, interleaved reps). achieved_fraction = time_ratio / ideal; "
                 "gain_fraction = (time_ratio - 1) / (ideal - 1)."),
@@ -386,12 +386,13 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def plot(result: dict[str, Any], path: Path) -> Path:
-    import matplotlib
+def plot(result: dict[str, Any], path: Path) -> Path | None:
+    """The speed-up and error charts; None without matplotlib (an optional extra)."""
+    from ascend_patch.cli.ab_output import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return None
     cells = result["cells"]
     skews = list(dict.fromkeys(c["skew"] for c in cells))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -438,6 +439,8 @@ def setup_from_args(args) -> LayerSetup:
 def run_layer_ab(args) -> int:
     from rich.console import Console
 
+    from ascend_patch.cli.ab_output import plot_skipped_line
+
     console = Console(highlight=False, soft_wrap=True, width=200)
     setup = setup_from_args(args)
     out_dir = Path(args.out)
@@ -458,5 +461,7 @@ def run_layer_ab(args) -> int:
                       f"({t['cells']} cells){'; ' + '; '.join(t['failures']) if t['failures'] else ''}")
     if result["checks"]:
         console.print("honesty checks FAILED:\n  " + "\n  ".join(result["checks"]))
-    console.print(f"wrote {json_path} and {png}")
+    console.print(f"wrote {json_path}" + (f" and {png}" if png else ""), markup=False)
+    if png is None:
+        console.print(plot_skipped_line("ab-layer.png"), markup=False)
     return 1 if result["checks"] else 0

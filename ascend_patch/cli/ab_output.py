@@ -84,6 +84,23 @@ def percent(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{100 * value:.{digits}f}%"
 
 
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None: matplotlib is an optional extra (the JSON
+    and the table are the results, a PNG is a view)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_skipped_line(name: str) -> str:
+    return f"{name} skipped: matplotlib is not installed (pip install 'ascend-patch[tools]')"
+
+
 def plot(path: Path, title: str, labels: Sequence[str], ratios: dict[str, list[Estimate | None]],
          agreement: dict[str, list[float | None]], xlabel: str = "arm",
          per: str = "repeat") -> tuple[Path | None, str]:
@@ -91,13 +108,9 @@ def plot(path: Path, title: str, labels: Sequence[str], ratios: dict[str, list[E
 
     Returns (path, message); path is None when the plot was skipped (the message says why).
     """
-    try:
-        import matplotlib
-    except ImportError:
-        return None, ("ab.png skipped: matplotlib is not installed "
-                      "(pip install 'ascend-patch[tools]')")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return None, plot_skipped_line(path.name)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     xs = list(range(len(labels)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -97,8 +98,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import os
-
     from ascend_patch.core.live import live_problems
     from ascend_patch.core.profiles import ModelInfo, select
     from ascend_patch.core.runtime import DISABLE_ENV, parse_disabled
@@ -206,6 +205,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for key, value in facts.items():
         table.add_row(key, value)
     out.print(table)
+    for warning in plugin_filter_warnings(os.environ, installed_plugins()):
+        out.print(f"WARNING: {warning}", markup=False)
     entries = Table(title="catalog: what each implementation does per vLLM line and platform")
     entries.add_column("implementation")
     for line in LINES:
@@ -232,6 +233,47 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# The entry points whose loading VLLM_PLUGINS decides: this package's general plugin, and the
+# platform plugin of vllm-ascend (without it vLLM does not see the NPUs at all).
+OUR_PLUGIN = ("vllm.general_plugins", "ascend_patch")
+PLATFORM_PLUGINS = {("vllm.platform_plugins", "ascend"): "vllm-ascend's platform plugin"}
+
+
+def installed_plugins() -> set[tuple[str, str]]:
+    """(group, name) of every installed vLLM general and platform plugin entry point."""
+    from importlib.metadata import entry_points
+
+    return {(group, ep.name) for group in ("vllm.general_plugins", "vllm.platform_plugins")
+            for ep in entry_points(group=group)}
+
+
+def plugin_filter_warnings(environ, installed: set[tuple[str, str]]) -> list[str]:
+    """What VLLM_PLUGINS would keep vLLM from loading among the plugins this package needs.
+
+    vLLM splits VLLM_PLUGINS on commas without trimming and loads, in every group, only the
+    entry points named exactly (vllm/plugins/__init__.py, load_plugins_by_group); unset loads
+    all. Our plugin is checked whether or not it is installed (a missing entry point is its own
+    problem, and doctor runs from the package); platform plugins only when installed."""
+    value = environ.get("VLLM_PLUGINS")
+    if value is None:
+        return []
+    allowed = value.split(",")
+    wanted = {OUR_PLUGIN: "this plugin (ASCEND_PATCH_CONFIG would be ignored: nothing is "
+                          "patched)"}
+    wanted.update({key: f"{what} (vLLM would run without the NPUs)"
+                   for key, what in PLATFORM_PLUGINS.items() if key in installed})
+    warnings = []
+    for (group, name), what in wanted.items():
+        if name in allowed:
+            continue
+        near = [a for a in allowed if a.strip() == name]
+        hint = (f"{near[0]!r} has spaces around it, which vLLM does not strip" if near
+                else f"add {name} to the list")
+        warnings.append(f"VLLM_PLUGINS={value!r} filters out the {group} entry point {name!r}: "
+                        f"vLLM will not load {what}; {hint}")
+    return warnings
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ascend-patch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -254,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
     doctor = sub.add_parser("doctor", help="what this machine can run")
     doctor.set_defaults(func=cmd_doctor)
+    schema = sub.add_parser("schema", help="print the JSON Schema of the config file (for "
+                            "editors: yaml-language-server's $schema modeline)")
+    schema.set_defaults(func=cmd_schema)
     tiny = sub.add_parser("tiny-model", help="write a tiny MoE model directory (dummy weights)")
     tiny.add_argument("out_dir")
     tiny.add_argument("--arch", choices=["deepseek_v3", "mixtral", "qwen2_moe"], default="deepseek_v3")
@@ -274,6 +319,14 @@ def _stack_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--platform", choices=sorted(PLATFORM_ALIASES),
                         help="plan for this platform (cpu/cuda: vLLM's own layers; ascend: "
                         "vllm-ascend's) instead of the detected one")
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from ascend_patch.core.schema import schema_text
+
+    # Plain stdout: rich would wrap or colour what is meant to be redirected into a file.
+    sys.stdout.write(schema_text())
+    return EXIT_OK
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:

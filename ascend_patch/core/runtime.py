@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ascend_patch.core import profiles, report, settings
+from ascend_patch.core import metrics, profiles, report, settings
 from ascend_patch.core.config import LoadedConfig, load_config
 from ascend_patch.core.errors import ConfigError, ConsistencyError, PatchError
 from ascend_patch.core.imports import WATCHER
@@ -78,6 +78,9 @@ def _snapshot() -> dict[str, Any]:
         "platform": config.stack.platform if config else None,
         "patches": [r.as_json() for r in list(PATCHER.records.values())],
         "waiting_for_import": WATCHER.watched(),
+        # Attributes revert() left alone because another tool replaced them after us.
+        "left_in_place": list(PATCHER.left_in_place),
+        "metrics": metrics.describe(),
     }
 
 
@@ -145,7 +148,8 @@ def _check_override(config: LoadedConfig, doc: Document) -> None:
         known |= {p.name for p in profile.patches}
     for name in data:
         if name not in known:
-            problems.append(doc.error((name,), f"no patch named {name!r} in {config.path}").problems[0])
+            message = f"no patch named {name!r} in {config.path}"
+            problems.extend(doc.error((name,), message).problems)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
 
@@ -219,29 +223,6 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
         report.flush()
         return records
 
-    if first_call:
-        # Checked before anything is patched: a bad directory is one warning, not a failure
-        # (the report is a side channel; serving goes on without it).
-        report.configure(values.report_dir, values.report_interval)
-    try:
-        _state.set(env, CONFIG_ENV, key[0])
-        _state.set(env, DIGEST_ENV, config.digest)
-        _state.applied = key
-        if resolved is not None:  # a child: the first process chose already
-            return apply(None if resolved == BASE else resolved)
-        if not config.profiles:
-            _state.set(env, RESOLVED_PROFILE_ENV, BASE)
-            return apply(None)
-        if pinned is not None:
-            _state.set(env, RESOLVED_PROFILE_ENV, pinned)
-            records = apply(pinned)
-            profiles.watch_model_config(lambda model: profiles.select(config, model, pinned))
-            return records
-    except BaseException:
-        if first_call:
-            _undo()
-        raise
-
     def on_model(model: profiles.ModelInfo) -> None:
         choice = profiles.select(config, model, None)
         previous = env.get(RESOLVED_PROFILE_ENV)
@@ -259,10 +240,33 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
         apply(choice)
 
     if first_call:
-        profiles.watch_model_config(on_model)
-        log.info("ascend-patch [%s pid %d]: %s has profiles; choosing when vLLM builds the model",
-                 report.process_role(), os.getpid(), config.path)
-    return []
+        # Checked before anything is patched: a bad directory is one warning, not a failure
+        # (the report and the metrics are side channels; serving goes on without them).
+        report.configure(values.report_dir, values.report_interval)
+        metrics.configure(env, lambda key, value: _state.set(env, key, value))
+    try:
+        _state.set(env, CONFIG_ENV, key[0])
+        _state.set(env, DIGEST_ENV, config.digest)
+        _state.applied = key
+        if resolved is not None:  # a child: the first process chose already
+            return apply(None if resolved == BASE else resolved)
+        if not config.profiles:
+            _state.set(env, RESOLVED_PROFILE_ENV, BASE)
+            return apply(None)
+        if pinned is not None:
+            _state.set(env, RESOLVED_PROFILE_ENV, pinned)
+            records = apply(pinned)
+            profiles.watch_model_config(lambda model: profiles.select(config, model, pinned))
+            return records
+        if first_call:
+            profiles.watch_model_config(on_model)
+            log.info("ascend-patch [%s pid %d]: %s has profiles; choosing when vLLM builds the "
+                     "model", report.process_role(), os.getpid(), config.path)
+        return []
+    except BaseException:
+        if first_call:
+            _undo()
+        raise
 
 
 def _undo() -> None:
@@ -271,6 +275,7 @@ def _undo() -> None:
     _state.restore()
     _state.applied = None
     report.configure(None)
+    metrics.reset()
 
 
 def reset() -> None:

@@ -9,7 +9,6 @@ empty value means unset. Variables with the prefix that are not ours (typos) are
 from __future__ import annotations
 
 import difflib
-import logging
 import math
 import re
 from collections.abc import Mapping
@@ -31,8 +30,9 @@ OVERRIDE = "ASCEND_PATCH_OVERRIDE"
 REPORT_DIR = "ASCEND_PATCH_REPORT_DIR"
 REPORT_INTERVAL = "ASCEND_PATCH_REPORT_INTERVAL"
 LOG_LEVEL = "ASCEND_PATCH_LOG_LEVEL"
+METRICS_DIR = "ASCEND_PATCH_METRICS_DIR"
 KNOWN = (CONFIG, CONFIG_DIGEST, DISABLE, PROFILE, PROFILE_RESOLVED, OVERRIDE, REPORT_DIR,
-         REPORT_INTERVAL, LOG_LEVEL)
+         REPORT_INTERVAL, LOG_LEVEL, METRICS_DIR)
 
 # "-" in ASCEND_PATCH_PROFILE_RESOLVED: the first process chose the base patches.
 BASE = "-"
@@ -74,17 +74,15 @@ class Settings(BaseModel):
     report_dir: str | None = Field(None, alias=REPORT_DIR)
     report_interval: float = Field(1.0, alias=REPORT_INTERVAL)
     log_level: str = Field("INFO", alias=LOG_LEVEL)
-    # The raw texts of the switches that change what is applied (compared between calls).
-    disable_text: str = ""
+    metrics_dir: str | None = Field(None, alias=METRICS_DIR)
+    # The override as written (a second apply in the process must ask for the same one).
     override_text: str = ""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
         raw = {name: environ[name] for name in KNOWN if environ.get(name)}
         try:
-            return cls.model_validate(
-                {**raw, "disable_text": raw.get(DISABLE, ""), "override_text": raw.get(OVERRIDE, "")}
-            )
+            return cls.model_validate({**raw, "override_text": raw.get(OVERRIDE, "")})
         except ValidationError as exc:
             problems: list[Problem] = []
             for err in exc.errors():
@@ -162,6 +160,14 @@ class Settings(BaseModel):
             raise ValueError(f"{_shown(str(value))} is out of range; give a number of {allowed}")
         return seconds
 
+    @field_validator("metrics_dir", mode="before")
+    @classmethod
+    def _metrics_dir(cls, value: str) -> str:
+        # Child processes may start in another working directory than the first.
+        if not value.startswith("/"):
+            raise ValueError(f"{_shown(value)} is not an absolute path")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _log_level(cls, value: str) -> str:
@@ -170,10 +176,6 @@ class Settings(BaseModel):
         if level not in LOG_LEVELS:
             raise ValueError(f"unknown level {_shown(value)} (levels: {', '.join(LOG_LEVELS)})")
         return level
-
-    @property
-    def log_level_number(self) -> int:
-        return logging.getLevelName(self.log_level)
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

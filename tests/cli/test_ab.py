@@ -367,3 +367,30 @@ def test_driver_ends_its_group_when_ab_is_killed(tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail(f"driver {driver} still running 15 s after its parent died")
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """matplotlib as if not installed: `import matplotlib` raises ImportError."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_ab_layer_without_matplotlib_writes_json_and_table_and_says_how_to_get_the_png(
+        tmp_path, capsys, no_matplotlib):
+    from ascend_patch.cli.main import main
+
+    out = tmp_path / "layer"
+    code = main(["ab", "--layer", "--skews", "1.5", "--ratios", "0,0.1", "--tokens", "256",
+                 "--experts", "16", "--top-k", "2", "--ep-size", "4", "--hidden", "32",
+                 "--intermediate", "32", "--dtype", "float32", "--no-timing", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert sorted(p.name for p in out.iterdir()) == ["ab-layer.json"]
+    assert [c["ratio"] for c in json.loads((out / "ab-layer.json").read_text())["cells"]
+            if c["policy"] == "probs"] == [0.0, 0.1]
+    lines = printed.splitlines()
+    assert f"wrote {out / 'ab-layer.json'}" in lines
+    assert ("ab-layer.png skipped: matplotlib is not installed (pip install "
+            "'ascend-patch[tools]')") in lines

@@ -92,6 +92,50 @@ def test_doctor_reports_this_machine():
     assert str(STACK.vllm) in out.stdout
     assert re.search(rf"vllm line\s*│\s*{re.escape(STACK.line)}\s", out.stdout), out.stdout
     assert "No module named 'torch_npu'" in out.stdout
+    assert "WARNING" not in out.stdout
+
+
+def test_doctor_warns_when_vllm_plugins_filters_this_plugin_out():
+    import os
+
+    env = {**os.environ, "VLLM_PLUGINS": "lora_filesystem_resolver, ascend_patch"}
+    out = subprocess.run([sys.executable, "-m", "ascend_patch", "doctor"], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 0
+    warnings = [line for line in out.stdout.splitlines() if line.startswith("WARNING")]
+    assert warnings == [
+        "WARNING: VLLM_PLUGINS='lora_filesystem_resolver, ascend_patch' filters out the "
+        "vllm.general_plugins entry point 'ascend_patch': vLLM will not load this plugin "
+        "(ASCEND_PATCH_CONFIG would be ignored: nothing is patched); ' ascend_patch' has spaces "
+        "around it, which vLLM does not strip"]
+
+
+GENERAL, PLATFORM = ("vllm.general_plugins", "ascend_patch"), ("vllm.platform_plugins", "ascend")
+
+
+@pytest.mark.parametrize("value, installed, expected", [
+    (None, {GENERAL, PLATFORM}, []),
+    ("ascend_patch,ascend", {GENERAL, PLATFORM}, []),
+    # vllm-ascend not installed: its plugin cannot be filtered out.
+    ("ascend_patch", {GENERAL}, []),
+    ("ascend_patch", {GENERAL, PLATFORM}, [
+        "VLLM_PLUGINS='ascend_patch' filters out the vllm.platform_plugins entry point 'ascend': "
+        "vLLM will not load vllm-ascend's platform plugin (vLLM would run without the NPUs); add "
+        "ascend to the list"]),
+    # Set but empty: vLLM loads nothing at all.
+    ("", {GENERAL, PLATFORM}, [
+        "VLLM_PLUGINS='' filters out the vllm.general_plugins entry point 'ascend_patch': vLLM "
+        "will not load this plugin (ASCEND_PATCH_CONFIG would be ignored: nothing is patched); "
+        "add ascend_patch to the list",
+        "VLLM_PLUGINS='' filters out the vllm.platform_plugins entry point 'ascend': vLLM will "
+        "not load vllm-ascend's platform plugin (vLLM would run without the NPUs); add ascend to "
+        "the list"]),
+])
+def test_plugin_filter_warnings(value, installed, expected):
+    from ascend_patch.cli.main import plugin_filter_warnings
+
+    environ = {} if value is None else {"VLLM_PLUGINS": value}
+    assert plugin_filter_warnings(environ, installed) == expected
 
 
 @pytest.mark.parametrize("argv", [[], ["frobnicate"]])

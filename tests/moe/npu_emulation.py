@@ -1,7 +1,8 @@
 """CPU reference emulation of the torch_npu MoE ops used by the npu backend (test only).
 
 Each function follows the documented semantics of the op of the same name (torch_npu API
-docs, REFERENCE.md section 7) and checks the argument contracts the docs state (dtypes,
+reference, e.g. https://www.hiascend.com/document/detail/zh/Pytorch/60RC3/apiref/apilist/
+ptaoplist_000780.html for npu_moe_init_routing) and checks the argument contracts the docs state (dtypes,
 shapes, monotone group_list), so a backend that would be rejected on an NPU fails here
 too. Where the docs leave an output unspecified (grouped_matmul rows past the last group)
 the emulation writes NaN, so a caller that relies on those rows is caught.

@@ -75,7 +75,8 @@ def _worker(rank: int, world_size: int, send) -> None:
             all_gather_counts=_all_gather_counts,
             rank=rank,
         )
-        send(name, (plan.capacity, plan.dropped_rows, plan.keep.tolist()))
+        send(name, (plan.capacity, plan.dropped_rows, plan.keep.tolist(),
+                    plan.local_routed_rows, plan.local_dropped_rows))
     dist.destroy_process_group()
 
 
@@ -95,11 +96,17 @@ def test_ranks_agree_with_the_single_process_plan(world_size):
         )
         by_rank = collected[name]
         assert sorted(by_rank) == list(range(world_size)), name  # every rank planned it
-        capacities = {capacity for capacity, _, _ in by_rank.values()}
+        capacities = {capacity for capacity, *_ in by_rank.values()}
         assert capacities == {whole.capacity}, name
-        assert {dropped for _, dropped, _ in by_rank.values()} == {whole.dropped_rows}, name
-        local_drops = [sum(row.count(False) for row in keep) for _, _, keep in by_rank.values()]
+        assert {dropped for _, dropped, *_ in by_rank.values()} == {whole.dropped_rows}, name
+        local_drops = [sum(row.count(False) for row in keep) for _, _, keep, *_ in
+                       by_rank.values()]
         assert sum(local_drops) == whole.dropped_rows <= whole.budget, name
+        # Each rank's own rows, as the planner reports them (what /metrics exports per DP
+        # rank): its tokens times top-k, and exactly the rows its keep mask drops.
+        assert [(r[3], r[4]) for _, r in sorted(by_rank.items())] == [
+            (parts[rank][1].numel(), sum(row.count(False) for row in by_rank[rank][2]))
+            for rank in sorted(by_rank)], name
         if name in ("ratio_zero", "below_min_tokens"):
             assert whole.dropped_rows == 0
         else:

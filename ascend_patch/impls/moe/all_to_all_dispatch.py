@@ -359,7 +359,7 @@ def make_prepare_finalize_class() -> type:
     class CapacityAllToAllPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         """prepare = token-once dispatch, finalize = combine (see module docstring).
 
-        Pairs only with CapacityExperts (vllm_glue.py): Standard activation format, the
+        Pairs only with CapacityExperts (vllm_modular.py): Standard activation format, the
         received [P, H] hidden rows with [P, top_k] global ids (-1 in unused slots, which
         they skip; global ids map through expert_map) and a weighted output already
         reduced per hidden row (TopKWeightAndReduceNoOP), which is what combine returns.
@@ -373,7 +373,7 @@ def make_prepare_finalize_class() -> type:
             sharer: int,
             num_sharers: int,
             counters: DispatchCounters,
-            on_call: Callable[[], None] | None = None,
+            on_call: Callable[[int], None] | None = None,
         ) -> None:
             super().__init__()
             self._group_fn = group_fn
@@ -382,8 +382,10 @@ def make_prepare_finalize_class() -> type:
             self._sharer = sharer
             self._num_sharers = num_sharers
             self._counters = counters
+            # Called after each combine with the bytes this call sent to other ranks.
             self._on_call = on_call
             self._state: DispatchState | None = None
+            self._bytes_before = 0
 
         @property
         def activation_format(self) -> mk.FusedMoEActivationFormat:
@@ -420,6 +422,7 @@ def make_prepare_finalize_class() -> type:
                 if topk_ids.size(1) != 1:
                     raise ValueError("apply_router_weight_on_input needs top-k = 1")
                 a1 = a1 * topk_weights.to(a1.dtype)
+            self._bytes_before = self._counters.bytes_sent_remote
             recv_x, recv_w, recv_ids, self._state = dispatch(
                 a1,
                 topk_weights,
@@ -456,7 +459,7 @@ def make_prepare_finalize_class() -> type:
                 counters=self._counters,
             )
             if self._on_call is not None:
-                self._on_call()
+                self._on_call(self._counters.bytes_sent_remote - self._bytes_before)
 
     _CLASS = CapacityAllToAllPrepareAndFinalize
     return _CLASS

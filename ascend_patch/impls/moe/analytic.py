@@ -1,4 +1,4 @@
-"""The analytic limit of dropping (REFERENCE.md section 4).
+"""The analytic limit of dropping: the water level a drop budget can reach.
 
 One MoE layer under EP costs about T_fixed + c * max_rank_load. Dropping a budget of
 B = floor(r * rows) routed rows can at best cap every rank at the water level C(B), the least

@@ -2,8 +2,8 @@
 
 Under expert parallelism the most loaded EP rank sets the step time. Given a drop ratio r,
 the planner finds the smallest per-bin capacity C that drops at most floor(r * rows) rows
-(the water level of REFERENCE.md section 4), then picks the rows to drop in each
-over-capacity bin by policy. Bins are EP ranks or experts.
+(the water level: the least C with sum over bins of max(0, load_b - C) <= floor(r * rows)),
+then picks the rows to drop in each over-capacity bin by policy. Bins are EP ranks or experts.
 
 Pure torch, vectorised over rows (sorts, scatters, cumsums); only the tiny per-bin
 arithmetic runs on the CPU. Works on any device and in any process layout: with data
@@ -38,6 +38,9 @@ class DropPlan:
     budget: int  # B
     bin_load_before: torch.Tensor  # int64 [bins], global
     bin_load_after: torch.Tensor  # int64 [bins], global
+    # This rank's own rows (its tokens; equal to the global counts with one token source).
+    local_routed_rows: int = 0
+    local_dropped_rows: int = 0
 
 
 def drop_budget(ratio: float, routed_rows: int) -> int:
@@ -159,8 +162,11 @@ def plan_drops(
     budget = drop_budget(options.drop_token_ratio, routed_rows)
     tokens = num_tokens_global if num_tokens_global is not None else routed_rows // max(top_k, 1)
 
+    local_routed = int(rows_by_source[rank].sum())
     if budget == 0 or tokens < options.min_tokens:
-        return _plan_without_drops(topk_weights, masked, load_before, routed_rows, budget)
+        plan = _plan_without_drops(topk_weights, masked, load_before, routed_rows, budget)
+        plan.local_routed_rows = local_routed
+        return plan
 
     capacity = water_level(load_before, protected_load, budget)
     load_after = load_before.minimum(protected_load.clamp(min=capacity))
@@ -185,6 +191,8 @@ def plan_drops(
         budget=budget,
         bin_load_before=load_before,
         bin_load_after=load_after,
+        local_routed_rows=local_routed,
+        local_dropped_rows=local_routed - int(quota.sum()),
     )
 
 

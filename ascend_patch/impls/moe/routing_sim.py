@@ -1,11 +1,14 @@
 """Synthetic DeepSeek-V3-shaped routing for benchmarks and the layer A/B.
 
-`deepseek_routing` reproduces the router of DeepSeek-V3 (REFERENCE.md section 1): sigmoid
+`deepseek_routing` reproduces the router of DeepSeek-V3 (arXiv 2412.19437, section 2.1.2, and
+the model's config.json: n_group 8, topk_group 4, num_experts_per_tok 8): sigmoid
 scores, noaux_tc bias-corrected grouped top-k (8 groups, the best 4 kept by the sum of their
 top-2 corrected scores), top-8 experts among the kept groups, and the chosen experts'
 uncorrected sigmoid scores normalised to sum to 1 (norm_topk_prob).
 
-Real routers are not balanced: REFERENCE.md section 3 reports a per-rank max/mean load of
+Real routers are not balanced: NVIDIA's TensorRT-LLM tech blog 4 ("Scaling Expert Parallelism
+in TensorRT-LLM, Part 1", https://nvidia.github.io/TensorRT-LLM/blogs/tech_blog/
+blog4_Scaling_Expert_Parallelism_in_TensorRT-LLM.html) reports a per-rank max/mean load of
 about 2.5 for DeepSeek-R1 at EP32 without a balancer. The `skew` knob adds a per-expert
 logit bias `scale * hotness`, where `hotness` makes a few EP ranks' experts hot (plus a
 little per-expert spread), and `calibrate_skew` bisects `scale` until the achieved per-rank
@@ -13,7 +16,7 @@ max/mean at the given EP size is within a tolerance of the target. Everything is
 deterministic by seed.
 
 `seed_fixed_capacity_keep` is the drop policy that vllm-ascend PR #1067 shipped
-(REFERENCE.md section 1): one fixed capacity per (source rank, destination rank) pair,
+(https://github.com/vllm-project/vllm-ascend/pull/1067): one fixed capacity per (source rank, destination rank) pair,
 rows over it dropped by position (later k-slots, then later tokens first), weights not
 renormalised. For a fair comparison it is sized to drop the same number of rows as the
 ratio-based planner.

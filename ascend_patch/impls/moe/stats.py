@@ -54,6 +54,8 @@ class CapacityStats:
         self._log_interval = int(log_interval)
         self._flush = flush
         self._flush_failed = False
+        # Layer -> metrics.LayerSeries of the layers exported to /metrics.
+        self._series: dict[str, Any] = {}
         stats.setdefault("calls", 0)
         stats.setdefault("rows_routed", 0)
         stats.setdefault("rows_dropped", 0)
@@ -86,14 +88,22 @@ class CapacityStats:
             self._stats["all_to_all"] = counters.as_dict()
         return counters
 
-    def dispatch_recorded(self) -> None:
-        """Copy the traffic counters into the stats (called after every combine).
+    def export_layer(self, layer_name: str, series: Any) -> None:
+        """Feed `layer_name`'s counters to /metrics too (a metrics.LayerSeries)."""
+        self._series[layer_name] = series
+
+    def dispatch_recorded(self, layer_name: str | None = None, nbytes: int = 0) -> None:
+        """Copy the traffic counters into the stats (called after every combine, with the
+        layer and the bytes the call sent to other ranks).
 
         `record` flushes the report before the call's dispatch ran; flushing again here, at
         the same log interval, writes a report whose drop and traffic counters describe the
         same calls (every rank of a DP group runs the same number of MoE calls, so their
         reports line up too)."""
         self._stats["all_to_all"] = self._dispatch_counters.as_dict()
+        series = self._series.get(layer_name) if layer_name is not None else None
+        if series is not None:
+            series.add_bytes(nbytes)
         if self._log_interval and self._stats["calls"] % self._log_interval == 0:
             self._flush_report()
 
@@ -154,6 +164,13 @@ class CapacityStats:
         )
         layer["max_bin_load_before_peak"] = max(layer["max_bin_load_before_peak"], max_before)
         layer["max_bin_load_after_peak"] = max(layer["max_bin_load_after_peak"], max_after)
+
+        series = self._series.get(layer_name)
+        if series is not None:
+            series.record(routed=int(plan.local_routed_rows),
+                          dropped=int(plan.local_dropped_rows), capacity=int(plan.capacity),
+                          max_before=max_before, max_after=max_after, mean_before=mean_before,
+                          mean_after=mean_after)
 
         stats = self._stats
         stats["calls"] += 1

@@ -186,6 +186,8 @@ def _not_supported_reason(method: Any, layer: Any) -> str | None:
     """Why this layer keeps vLLM's own experts (None: we can take it over)."""
     from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
 
+    if getattr(getattr(method, "experts_cls", None), "ascend_patch_capacity", False):
+        return None  # ours already (a second load of the same layer)
     moe = method.moe
     backend = getattr(method, "unquantized_backend", None)
     if backend not in (UnquantizedMoeBackend.CPU, UnquantizedMoeBackend.TRITON):
@@ -195,7 +197,7 @@ def _not_supported_reason(method: Any, layer: Any) -> str | None:
         return "batched activation format (DeepEP LL / NIXL EP)"
     if moe.has_bias:
         return "experts with bias"
-    if moe.is_lora_enabled:
+    if getattr(moe, "is_lora_enabled", False):
         return "MoE LoRA"
     if not moe.is_act_and_mul:
         return "non-gated activation"
@@ -261,104 +263,6 @@ def _is_triton(method: Any) -> bool:
     from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
 
     return getattr(method, "unquantized_backend", None) == UnquantizedMoeBackend.TRITON
-
-
-def _not_supported_reason(method: Any, layer: Any) -> str | None:
-    """Why this layer keeps vLLM's own experts (None: we can take it over)."""
-    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
-
-    moe = method.moe
-    backend = getattr(method, "unquantized_backend", None)
-    if backend not in (UnquantizedMoeBackend.CPU, UnquantizedMoeBackend.TRITON):
-        name = getattr(backend, "value", backend)
-        return f"backend {name} keeps its own weight layout (CPU and TRITON are supported)"
-    if moe.moe_parallel_config.use_batched_activation_format:
-        return "batched activation format (DeepEP LL / NIXL EP)"
-    if moe.has_bias:
-        return "experts with bias"
-    if moe.is_lora_enabled:
-        return "MoE LoRA"
-    if not moe.is_act_and_mul:
-        return "non-gated activation"
-    activation = getattr(layer.activation, "value", layer.activation)
-    if activation not in _ACTIVATIONS:
-        return f"activation {activation}"
-    if any(
-        getattr(layer, name, None) is not None
-        for name in ("swiglu_limit", "swiglu_alpha", "swiglu_beta")
-    ):
-        return "clamped/scaled SwiGLU"
-    return None
-
-
-def make_process_weights_after_loading(
-    original: Callable[..., Any], ctx: PatchContext
-) -> Callable[..., Any]:
-    """Replacement of UnquantizedFusedMoEMethod.process_weights_after_loading(self, layer)."""
-    state = state_of(ctx)
-    return process_weights_factory(original, state, build_kernel=None)
-
-
-def process_weights_factory(
-    original: Callable[..., Any],
-    state: CapacityState,
-    build_kernel: Callable[[Any, Any, type], bool] | None,
-) -> Callable[..., Any]:
-    """The replacement, given how a line builds our kernel for a backend the original
-    cannot build it for: `build_kernel(method, layer, experts_cls)` returns True when it
-    built one (vLLM 0.23's CPU backend), False to let the original build it."""
-    experts_cls = state.experts_cls
-
-    def process_weights_after_loading(self: Any, layer: Any) -> None:
-        name = getattr(layer, "layer_name", type(layer).__name__)
-        reason = _not_supported_reason(self, layer)
-        if reason is not None:
-            setattr(self, TAKEN_OVER, False)
-            state.stats.layer_not_taken_over(name, reason)
-            logger.warning("moe.capacity: %s keeps vLLM's experts: %s", name, reason)
-            return original(self, layer)
-        if build_kernel is None or not build_kernel(self, layer, experts_cls):
-            # The original builds the modular kernel from self.experts_cls: ours never
-            # prepacks, so the layout stays standard.
-            self.experts_cls = experts_cls
-            original(self, layer)
-        setattr(self, TAKEN_OVER, True)
-        state.add_layer(name, layer)
-        _install_dispatch(self, layer, state)
-
-    return process_weights_after_loading
-
-
-def _not_supported_reason(method: Any, layer: Any) -> str | None:
-    """Why this layer keeps vLLM's own experts (None: we can take it over)."""
-    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
-
-    if isinstance(getattr(method, "experts_cls", None), type) and getattr(
-        method.experts_cls, "ascend_patch_capacity", False
-    ):
-        return None  # ours already (a second load of the same layer)
-    moe = method.moe
-    backend = getattr(method, "unquantized_backend", None)
-    if backend not in (UnquantizedMoeBackend.CPU, UnquantizedMoeBackend.TRITON):
-        name = getattr(backend, "value", backend)
-        return f"backend {name} keeps its own weight layout (CPU and TRITON are supported)"
-    if moe.moe_parallel_config.use_batched_activation_format:
-        return "batched activation format (DeepEP LL / NIXL EP)"
-    if moe.has_bias:
-        return "experts with bias"
-    if getattr(moe, "is_lora_enabled", False):
-        return "MoE LoRA"
-    if not moe.is_act_and_mul:
-        return "non-gated activation"
-    activation = getattr(layer.activation, "value", layer.activation)
-    if activation not in _ACTIVATIONS:
-        return f"activation {activation}"
-    if any(
-        getattr(layer, name, None) is not None
-        for name in ("swiglu_limit", "swiglu_alpha", "swiglu_beta")
-    ):
-        return "clamped/scaled SwiGLU"
-    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -450,7 +354,7 @@ def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
         sharer=sharer,
         num_sharers=num_sharers,
         counters=stats.dispatch_counters(),
-        on_call=stats.dispatch_recorded,
+        on_call=lambda nbytes, name=layer.layer_name: stats.dispatch_recorded(name, nbytes),
     )
     # Same experts object (CapacityExperts, built by the original from self.experts_cls),
     # new prepare/finalize. Nothing else holds the old kernel: the runner reads
@@ -511,6 +415,7 @@ def make_step(layer: Any, state: CapacityState) -> DropStep:
             check_config_over_group(state.options, group)
             state.stats.config_checked(group.world_size)
     gather, rank = token_sources(parallel)
+    export_layer_metrics(state, layer.layer_name, parallel)
     return DropStep(
         num_experts=layer.global_num_experts,
         ep_size=parallel.ep_size,
@@ -520,6 +425,28 @@ def make_step(layer: Any, state: CapacityState) -> DropStep:
         owners=_owners(layer, parallel.ep_size, state),
         on_plan=lambda plan, name=layer.layer_name: state.stats.record(name, plan),
     )
+
+
+def rank_within_dp(parallel: Any) -> int:
+    """This rank's index among the ranks holding its DP rank's tokens (its TP and PCP
+    ranks). vLLM flattens the MoE ranks DP-major (FusedMoEParallelConfig.make): ep_rank
+    (with EP) or tp_rank (without) = dp_rank * (ranks per DP rank) + index."""
+    flat, size = ((parallel.ep_rank, parallel.ep_size) if parallel.use_ep
+                  else (parallel.tp_rank, parallel.tp_size))
+    return flat - parallel.dp_rank * max(size // max(parallel.dp_size, 1), 1)
+
+
+def export_layer_metrics(state: CapacityState, layer_name: str, parallel: Any) -> None:
+    """Put the layer's counters on /metrics (core/metrics.py), if metrics are on here: per
+    DP rank, rows written by the first of the ranks that share its tokens."""
+    from ascend_patch.core import metrics as process_metrics
+    from ascend_patch.impls.moe.metrics import layer_series
+
+    writer = process_metrics.writer()
+    if writer is not None:
+        state.stats.export_layer(layer_name, layer_series(
+            writer, state.ctx.patch_name, layer_name, parallel.dp_rank,
+            planned=rank_within_dp(parallel) == 0))
 
 
 def check_config_over_group(options: Any, group: Any, digest: str | None = None) -> None:

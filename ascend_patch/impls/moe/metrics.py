@@ -1,0 +1,104 @@
+"""`moe.capacity`'s series on vLLM's /metrics (written through core/metrics.py).
+
+Labels: `patch` (the config's patch name), `layer` (vLLM's layer name), `dp_rank`. Per
+layer and DP rank:
+
+    ascend_patch_moe_calls_total                      MoE calls planned
+    ascend_patch_moe_calls_with_drops_total           ... of which dropped at least one row
+    ascend_patch_moe_rows_routed_total                (token, expert) rows of this DP rank's
+    ascend_patch_moe_rows_dropped_total               tokens: routed / dropped
+    ascend_patch_moe_bin_load_{max,mean}_{before,after}_rows_total
+                                                      sums over calls of the max / mean bin
+                                                      load over the whole EP group (their
+                                                      rates' ratio is the load-weighted
+                                                      max/mean imbalance, as in the report)
+    ascend_patch_moe_capacity_rows                    gauge: the cap C of the last call
+    ascend_patch_moe_last_bin_load_{max,mean}_{before,after}_rows
+                                                      gauges: the last call's bin loads
+    ascend_patch_moe_all_to_all_bytes_total           bytes this DP rank's processes sent to
+                                                      other EP ranks (dispatch + combine)
+
+Rows are this DP rank's own, so `sum by (layer)` over dp_rank is the EP group's total (the
+report's rows_routed / rows_dropped, which are global). Bin loads, the cap and the calls are
+the same on every DP rank (one plan for the whole group). The ranks that share a DP rank's
+tokens (its TP ranks) plan identically: only the first of them writes these, or a counter
+summed over processes would count them twice; every process writes its own all-to-all bytes,
+which are summed. Gauges use multiprocess_mode "mostrecent": one process writes each labelled
+gauge, and if it is replaced the newest value wins instead of a stale one per pid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+GAUGE_MODE = "mostrecent"
+
+_COUNTERS = {
+    "calls": "MoE calls planned by moe.capacity",
+    "calls_with_drops": "MoE calls that dropped at least one (token, expert) row",
+    "rows_routed": "(token, expert) rows routed from this DP rank's tokens",
+    "rows_dropped": "(token, expert) rows dropped from this DP rank's tokens",
+    "bin_load_max_before_rows": "sum over calls of the most loaded bin's rows before dropping "
+                                "(EP group)",
+    "bin_load_max_after_rows": "sum over calls of the most loaded bin's rows after dropping "
+                               "(EP group)",
+    "bin_load_mean_before_rows": "sum over calls of the mean bin load before dropping "
+                                 "(EP group)",
+    "bin_load_mean_after_rows": "sum over calls of the mean bin load after dropping (EP group)",
+}
+_GAUGES = {
+    "capacity_rows": "per-bin capacity C of the last MoE call (EP group)",
+    "last_bin_load_max_before_rows": "most loaded bin's rows before dropping, last MoE call",
+    "last_bin_load_max_after_rows": "most loaded bin's rows after dropping, last MoE call",
+    "last_bin_load_mean_before_rows": "mean bin load before dropping, last MoE call",
+    "last_bin_load_mean_after_rows": "mean bin load after dropping, last MoE call",
+}
+BYTES = "all_to_all_bytes"
+_BYTES_HELP = "bytes sent to other EP ranks by the all-to-all dispatch and combine"
+
+
+def name(short: str) -> str:
+    return "ascend_patch_moe_" + short
+
+
+@dataclass
+class LayerSeries:
+    """The series of one (patch, layer, DP rank) in this process. `planned` is False on the
+    ranks that share a DP rank's tokens with an earlier one: they only add bytes."""
+
+    counters: dict[str, Any]
+    gauges: dict[str, Any]
+    bytes_sent: Any
+    planned: bool
+
+    def record(self, *, routed: int, dropped: int, capacity: int, max_before: int,
+               max_after: int, mean_before: float, mean_after: float) -> None:
+        if not self.planned:
+            return
+        c, g = self.counters, self.gauges
+        c["calls"].inc(1)
+        if dropped:
+            c["calls_with_drops"].inc(1)
+        c["rows_routed"].inc(routed)
+        c["rows_dropped"].inc(dropped)
+        for key, value in (("max_before", max_before), ("max_after", max_after),
+                           ("mean_before", mean_before), ("mean_after", mean_after)):
+            c[f"bin_load_{key}_rows"].inc(value)
+            g[f"last_bin_load_{key}_rows"].set(value)
+        g["capacity_rows"].set(capacity)
+
+    def add_bytes(self, nbytes: int) -> None:
+        if nbytes:
+            self.bytes_sent.inc(nbytes)
+
+
+def layer_series(writer: Any, patch: str, layer: str, dp_rank: int,
+                 planned: bool) -> LayerSeries:
+    labels = {"patch": patch, "layer": layer, "dp_rank": str(dp_rank)}
+    counters, gauges = {}, {}
+    if planned:
+        counters = {k: writer.counter(name(k), doc, labels) for k, doc in _COUNTERS.items()}
+        gauges = {k: writer.gauge(name(k), doc, labels, GAUGE_MODE) for k, doc in _GAUGES.items()}
+    return LayerSeries(counters, gauges, writer.counter(name(BYTES), _BYTES_HELP, labels),
+                       planned)
