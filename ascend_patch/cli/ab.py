@@ -412,9 +412,8 @@ def offline_metrics(runs: list[ArmRun], first_tokens: int) -> list[dict[str, Any
 
 def print_offline(console, rows: list[dict[str, Any]], heading: str) -> None:
     labels = ab_output.short_labels([r["label"] for r in rows])
-    ms = [r["prefill_s"].median * 1000 for r in rows]
-    tps = [r["tokens_per_s"].median for r in rows]
-    d_ms, d_tps = ab_output.digits_for(ms), ab_output.digits_for(tps)
+    d_ms = ab_output.digits_for([r["prefill_s"] for r in rows], 1000)
+    d_tps = ab_output.digits_for([r["tokens_per_s"] for r in rows])
     ab_output.say(console, heading, "")
     per_arm = ab_output.table(
         "Per arm: median [95% interval] over the repeats",

@@ -280,10 +280,9 @@ def print_servers(console, rows: list[dict[str, Any]], heading: str) -> None:
 
     labels = ab_output.short_labels([r["label"] for r in rows])
     ab_output.say(console, heading, "")
-    ttft = [r["ttft_s"].median * 1000 for r in rows]
-    tpot = [r["tpot_s"].median * 1000 for r in rows if r["tpot_s"]]
-    rps = [r["requests_per_s"].median for r in rows]
-    d1, d2, d3 = (ab_output.digits_for(v) for v in (ttft, tpot, rps))
+    d1 = ab_output.digits_for([r["ttft_s"] for r in rows], 1000)
+    d2 = ab_output.digits_for([r["tpot_s"] for r in rows], 1000)
+    d3 = ab_output.digits_for([r["requests_per_s"] for r in rows])
     console.print(ab_output.table(
         "Per server: median [95% interval]",
         ["server", "TTFT ms", "TPOT ms", "req/s", "agree"],
