@@ -715,8 +715,8 @@ def add_parser(sub) -> None:
                          "below 6 there is no 95%% interval. A repeat of the default workload "
                          "takes about 1 s per arm here, once the engine is up")
     ab.add_argument("--warmup", type=n["warmup"], default=1,
-                    help="uncounted blocks first (a fresh engine's first generation took 49 s "
-                         "here against 0.4 s later)")
+                    help="uncounted blocks first (a fresh engine's first generation took "
+                         "3.2-5.7 s here, later ones 0.24-0.37 s)")
     ab.add_argument("--seed", type=n["seed"], default=0,
                     help="prompts, sampling seed and the order of the arms in each block")
     ab.add_argument("--tensor-parallel-size", type=n["tensor_parallel_size"], default=1)
