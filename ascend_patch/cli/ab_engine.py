@@ -1,7 +1,7 @@
 """One vLLM engine per A/B arm, kept up across the repeats (offline_run.py --driver).
 
-Starting the tiny model's engine took 60-100 s on the 2-core machine while one repeat of the
-default workload took under a second once warm, so a new engine per repeat would spend
+Starting the tiny model's engine took 20-142 s on the loaded 2-core machine while one repeat
+of the default workload took 0.4-1.4 s once warm, so a new engine per repeat would spend
 nearly all of an A/B run starting engines, and would measure each engine's first, cold pass.
 
 Every wait is bounded: start-up and each command have a deadline, an engine that exits

@@ -15,7 +15,8 @@ from ascend_patch.cli.ab_stats import Estimate
 
 WIDTH = 80
 # Labels longer than this become letters (A, B, ...) in the tables; the legend says which.
-MAX_LABEL = 10
+# 8 keeps the widest table (three ratio columns of '1.234 [1.234, 1.234]') within 80 columns.
+MAX_LABEL = 8
 
 
 def short_labels(labels: Sequence[str]) -> list[str]:
@@ -47,9 +48,12 @@ def fmt(est: Estimate | None, scale: float = 1.0, digits: int = 0) -> str:
     return f"{median} [{_number(est.lo * scale, digits)}, {_number(est.hi * scale, digits)}]"
 
 
-def digits_for(values: Sequence[float]) -> int:
-    """Enough decimals that the figures of a column differ where they differ (at most 3)."""
-    top = max((abs(v) for v in values), default=0.0)
+def digits_for(estimates: Sequence[Estimate | None], scale: float = 1.0) -> int:
+    """Decimals for a column: about three significant figures of its largest value (interval
+    ends included), so that '93 [83, 130]' keeps the column narrow enough for 80 columns."""
+    values = [abs(v) * scale for e in estimates if e is not None
+              for v in (e.median, e.lo, e.hi) if v is not None]
+    top = max(values, default=0.0)
     return 0 if top >= 100 else 1 if top >= 10 else 2 if top >= 1 else 3
 
 

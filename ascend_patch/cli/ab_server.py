@@ -280,10 +280,9 @@ def print_servers(console, rows: list[dict[str, Any]], heading: str) -> None:
 
     labels = ab_output.short_labels([r["label"] for r in rows])
     ab_output.say(console, heading, "")
-    ttft = [r["ttft_s"].median * 1000 for r in rows]
-    tpot = [r["tpot_s"].median * 1000 for r in rows if r["tpot_s"]]
-    rps = [r["requests_per_s"].median for r in rows]
-    d1, d2, d3 = (ab_output.digits_for(v) for v in (ttft, tpot, rps))
+    d1 = ab_output.digits_for([r["ttft_s"] for r in rows], 1000)
+    d2 = ab_output.digits_for([r["tpot_s"] for r in rows], 1000)
+    d3 = ab_output.digits_for([r["requests_per_s"] for r in rows])
     console.print(ab_output.table(
         "Per server: median [95% interval]",
         ["server", "TTFT ms", "TPOT ms", "req/s", "agree"],
@@ -370,8 +369,11 @@ def launched_servers(args, work: Path) -> list[Server]:
             report_dir = work / f"server{index}-reports"
             env = {"ASCEND_PATCH_CONFIG": str(config), "ASCEND_PATCH_REPORT_DIR": str(report_dir),
                    "ASCEND_PATCH_REPORT_INTERVAL": str(REPORT_INTERVAL_S)}
+        # Prefix caching off: a round that repeats an earlier prompt must compute its prefill
+        # (and make its drops) again, as the offline arms do.
         server_args = ["--tensor-parallel-size", str(args.tensor_parallel_size),
-                       "--no-enable-prefix-caching", "--seed", str(args.seed)]
+                       "--no-enable-prefix-caching", "--seed", str(args.seed),
+                       "--max-model-len", str(args.max_model_len)]
         if args.enable_expert_parallel:
             server_args.append("--enable-expert-parallel")
         managed = ManagedServer(

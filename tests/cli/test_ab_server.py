@@ -232,3 +232,14 @@ def test_server_table_fits_80_columns():
     text = buffer.getvalue()
     assert max(len(line) for line in text.splitlines()) <= 80, text
     assert " A        123 [123, 123]   12.3 [12.3, 12.3]   12.5 [12.5, 12.5]   87.5%" in text, text
+    # The widest figures a slow server gives, with the longest label kept as it is.
+    wide = dict(row, label="8-chars-", ttft_s=est([1.2345, 0.9876, 9.9999, 2.5, 3, 4]),
+                tpot_s=est([0.0912, 0.0834, 0.1302, 0.1, 0.09, 0.095]),
+                requests_per_s=est([7.34, 5.42, 11.99, 8, 9, 10]))
+    buffer = io.StringIO()
+    ab_server.print_servers(Console(file=buffer, width=80, color_system=None),
+                            [wide, dict(wide, label="8-chars+")], "heading")
+    text = buffer.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    assert " 8-chars-   2750 [988, 10000]   93 [83, 130]   8.5 [5.4, 12.0]   87.5%" in text, text
+    assert " 8-chars+   1.234 [1.234, 1.234]   0.987 [0.987, 0.987]   1.010 [1.010, 1.010]" in text
