@@ -179,7 +179,8 @@ def test_streaming_client_measures_ttft_and_time_per_token():
     assert got["output_tokens"] == 5 and got["token_ids"] == [" w1"] * 5
     assert got["top_logprobs"] == [{" w1": -0.25}] * 5
     assert 0.1 <= got["ttft_s"] < 1.0
-    assert 0.05 <= got["tpot_s"] < 0.5
+    # The fake sleeps 0.05 s per token; chunks can arrive a little early (socket buffering).
+    assert 0.04 <= got["tpot_s"] < 0.5
     assert fake.paths == ["/v1/completions"]
 
 
