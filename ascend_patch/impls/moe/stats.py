@@ -179,9 +179,12 @@ class CapacityStats:
         stats["drop_fraction"] = _ratio(stats["rows_dropped"], stats["rows_routed"])
 
         if self._log_interval and stats["calls"] % self._log_interval == 0:
-            self.log()
+            # With the all-to-all, dispatch_recorded writes the report after this call's
+            # combine: a report written here too would hold drop counters one call ahead of
+            # the traffic counters if the process stopped in between.
+            self.log(flush=getattr(self, "_dispatch_counters", None) is None)
 
-    def log(self) -> None:
+    def log(self, flush: bool = True) -> None:
         stats = self._stats
         logger.info(
             "moe.capacity: %d calls, %d/%d rows dropped (%.4f); per layer: %s",
@@ -196,7 +199,8 @@ class CapacityStats:
                 for name, layer in stats["layers"].items()
             ),
         )
-        self._flush_report()
+        if flush:
+            self._flush_report()
 
     def _flush_report(self) -> None:
         if self._flush is not None and not self._flush_failed:
