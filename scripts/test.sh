@@ -13,8 +13,8 @@ if [[ ${1:-} == --line ]]; then
 fi
 bash scripts/setup.sh "${lines[@]}"
 # The real vllm-ascend source, read (never imported) by the static checks and contract tests.
-ASCEND_PATCH_VLLM_ASCEND_SRC=$(bash scripts/fetch_vllm_ascend.sh)
-export ASCEND_PATCH_VLLM_ASCEND_SRC
+TEST_VLLM_ASCEND_SRC=$(bash scripts/fetch_vllm_ascend.sh)
+export TEST_VLLM_ASCEND_SRC
 
 results=$(mktemp -d)
 trap 'rm -rf "$results"' EXIT
