@@ -436,7 +436,8 @@ def print_offline(console, rows: list[dict[str, Any]], heading: str) -> None:
     console.print(against)
     for label, row in list(zip(labels, rows))[1:]:
         ab_output.say(console,
-            f"{label} vs {reference}: prefill {_say(row['prefill_speedup'], row['prefill_verdict'])}"
+            f"{label} vs {reference}: prefill "
+            f"{_say(row['prefill_speedup'], row['prefill_verdict'])}"
             f"; tokens/s {_say(row['tokens_per_s_ratio'], row['tokens_per_s_verdict'])}; "
             f"greedy outputs identical for {ab_output.percent(row['exact_match_rate'])} of the "
             "prompts.")
@@ -785,16 +786,19 @@ def check_args(args) -> str | None:
                                       ("--servers", args.servers), ("--launch", args.launch))
              if given]
     if len(modes) > 1:
-        return f"give one of CONFIG (with --ratios), --arms, --servers or --launch, not {' and '.join(modes)}"
+        return ("give one of CONFIG (with --ratios), --arms, --servers or --launch, not "
+                + " and ".join(modes))
     if not modes:
-        return "give a CONFIG (with --ratios), --arms FILE ..., --servers URL ... or --launch CONFIG ..."
+        return ("give a CONFIG (with --ratios), --arms FILE ..., --servers URL ... or --launch "
+                "CONFIG ...")
     if args.server_reports and not args.servers:
         return "argument --server-reports: goes with --servers"
     if args.one_at_a_time and not args.launch:
         return "argument --one-at-a-time: goes with --launch"
     if args.servers or args.launch:
         if args.stock:
-            return "argument --stock: with --launch name 'stock' as a config; with --servers start it yourself"
+            return ("argument --stock: with --launch name 'stock' as a config; with --servers "
+                    "start it yourself")
         given = args.servers or args.launch
         which = "--servers" if args.servers else "--launch"
         if len(given) < 2:
@@ -819,7 +823,8 @@ def check_args(args) -> str | None:
         if len(args.arms or args.ratios) + args.stock < 2:
             which = "--arms" if args.arms else "--ratios"
             return f"argument {which}: give at least two arms to compare (or --stock and one)"
-    if args.model is not None and not args.servers and not (Path(args.model) / "config.json").is_file():
+    if (args.model is not None and not args.servers
+            and not (Path(args.model) / "config.json").is_file()):
         return f"argument --model: {args.model} is not a model directory (no config.json)"
     return None
 

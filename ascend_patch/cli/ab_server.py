@@ -517,7 +517,8 @@ def run_server_ab(args) -> int:
                f"{args.concurrency}), {args.repeats} rounds per server after {args.warmup} "
                f"warm-up round(s); servers {placement}. "
                f"{_describe_load(load_before, _load_average())}")
-    if args.prompts is not None and len(args.prompts) < (args.warmup + args.repeats) * args.requests:
+    rounds = args.warmup + args.repeats
+    if args.prompts is not None and len(args.prompts) < rounds * args.requests:
         heading += (" The prompts file has fewer prompts than rounds x requests: later rounds "
                     "repeat prompts, which a server with prefix caching serves from its cache.")
     print_servers(console, rows, heading)

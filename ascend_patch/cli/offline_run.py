@@ -155,7 +155,8 @@ def drive(llm, prompts: list[str], args, commands=None) -> None:
                 raise ValueError(f"unknown op {command['op']!r}")
             _write_json(command["out"], data)
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
-            _status(FAILED_PREFIX, {"id": command.get("id"), "error": f"{type(exc).__name__}: {exc}"})
+            _status(FAILED_PREFIX, {"id": command.get("id"),
+                                    "error": f"{type(exc).__name__}: {exc}"})
             continue
         _status(DONE_PREFIX, {"id": command.get("id")})
 

@@ -120,7 +120,8 @@ REF_PREFILL = [0.10, 0.12, 0.11, 0.10, 0.13, 0.10, 0.11, 0.12, 0.10]
 def test_offline_metrics_pair_each_repeat_with_the_reference_repeat():
     ref = arm_run("stock", REF_PREFILL, [100.0] * 9, config=None)
     same = arm_run("r=0", REF_PREFILL[::-1], [100.0] * 9, ratio=0.0)
-    faster = arm_run("r=0.1", [p / 2 for p in REF_PREFILL], [150.0] * 9, tokens=((1, 3),), ratio=0.1)
+    faster = arm_run("r=0.1", [p / 2 for p in REF_PREFILL], [150.0] * 9, tokens=((1, 3),),
+                     ratio=0.1)
     rows = offline_metrics([ref, same, faster], first_tokens=2)
     assert rows[0]["stock"] and rows[0]["arm"] == "vLLM with no patch (ASCEND_PATCH_CONFIG unset)"
     assert rows[0]["prefill_speedup"] == Estimate(1.0, 1.0, 1.0, 0.9609375, 9)
@@ -221,7 +222,8 @@ def test_offline_ab_keeps_one_engine_per_arm_and_interleaves(monkeypatch, tmp_pa
     assert [len(a["samples"]) for a in arms] == [6, 6, 6, 6]
     assert [len(a["warmup_samples"]) for a in arms] == [1, 1, 1, 1]
     assert arms[3]["prefill_verdict"] == "worse" and arms[3]["tokens_per_s_ratio"]["median"] == 0.5
-    assert arms[1]["exact_match_rate"] == 1.0 and arms[1]["perplexity"] == pytest.approx(2.718281828)
+    assert arms[1]["exact_match_rate"] == 1.0
+    assert arms[1]["perplexity"] == pytest.approx(2.718281828)
     assert (out / "ab.png").stat().st_size > 0
 
 
@@ -229,7 +231,8 @@ def test_plot_is_skipped_in_one_line_without_matplotlib(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     path, message = ab_output.plot(tmp_path / "ab.png", "t", ["a"], {"x": [None]}, {"y": [1.0]})
     assert path is None and not (tmp_path / "ab.png").exists()
-    assert message == "ab.png skipped: matplotlib is not installed (pip install 'ascend-patch[tools]')"
+    assert message == ("ab.png skipped: matplotlib is not installed "
+                       "(pip install 'ascend-patch[tools]')")
 
 
 class FakeLLM:
@@ -274,7 +277,8 @@ def child(tmp_path, body: str) -> list[str]:
 def test_engine_that_never_gets_ready_is_killed_with_its_group(tmp_path):
     # The child starts a grandchild in its group and then stays silent.
     cmd = child(tmp_path, "import subprocess, sys, time\n"
-                          "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+                          "p = subprocess.Popen([sys.executable, '-c', "
+                          "'import time; time.sleep(600)'])\n"
                           "print('grandchild', p.pid, flush=True)\n"
                           "time.sleep(600)\n")
     engine = EngineProcess("slow", cmd, {"PATH": "/usr/bin:/bin"}, tmp_path / "slow.log")
@@ -295,8 +299,10 @@ def test_engine_that_never_gets_ready_is_killed_with_its_group(tmp_path):
 
 
 def test_engine_that_dies_fails_at_once_with_its_log(tmp_path):
-    cmd = child(tmp_path, "import sys\nprint('ASCEND_PATCH_READY {\"startup_s\": 1.5}', flush=True)\n"
-                          "sys.stdin.readline()\nprint('Segmentation fault', flush=True)\nsys.exit(139)\n")
+    cmd = child(tmp_path, "import sys\n"
+                          "print('ASCEND_PATCH_READY {\"startup_s\": 1.5}', flush=True)\n"
+                          "sys.stdin.readline()\nprint('Segmentation fault', flush=True)\n"
+                          "sys.exit(139)\n")
     engine = EngineProcess("crash", cmd, {"PATH": "/usr/bin:/bin"}, tmp_path / "crash.log")
     engine.start()
     assert engine.wait_ready(timeout=30) == 1.5
@@ -310,6 +316,8 @@ def test_engine_that_dies_fails_at_once_with_its_log(tmp_path):
 
 @pytest.mark.vllm
 def test_stock_arm_agrees_with_dropless_arm_in_the_real_engine(tmp_path, write_config, tiny_model):
+    # Two engines only (each start is most of the cost on the 2-core CI machine): drops in a
+    # real engine, and their report, are checked by tests/e2e/test_ab_servers.py.
     config = write_config("""
         version: 1
         patches:
@@ -318,28 +326,27 @@ def test_stock_arm_agrees_with_dropless_arm_in_the_real_engine(tmp_path, write_c
             options: {min_tokens: 0}
     """)
     out = subprocess.run(
-        [sys.executable, "-m", "ascend_patch", "ab", str(config), "--stock", "--ratios", "0,0.1",
+        [sys.executable, "-m", "ascend_patch", "ab", str(config), "--stock", "--ratios", "0",
          "--model", str(tiny_model), "--num-prompts", "4", "--prompt-len", "64", "--max-tokens",
          "4", "--repeats", "2", "--out", str(tmp_path / "ab")],
         capture_output=True, text=True, timeout=560,  # inside pytest's 600 s: the log is shown
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((tmp_path / "ab" / "ab.json").read_text())
-    stock, dropless, dropped = summary["arms"]
-    assert [a["label"] for a in summary["arms"]] == ["stock", "r=0", "r=0.1"]
-    assert [len(a["samples"]) for a in summary["arms"]] == [2, 2, 2]
+    stock, dropless = summary["arms"]
+    assert [a["label"] for a in summary["arms"]] == ["stock", "r=0"]
+    assert [len(a["samples"]) for a in summary["arms"]] == [2, 2]
+    assert [len(a["warmup_samples"]) for a in summary["arms"]] == [1, 1]
     # Unpatched vLLM and moe.capacity at r=0 give the same greedy tokens on every prompt.
     assert (dropless["exact_match_rate"], dropless["token_agreement"]) == (1.0, 1.0)
+    assert dropless["repeats_identical"] and stock["repeats_identical"]
     assert stock["report"] == {} and stock["rows_dropped"] is None
     assert dropless["rows_dropped"] == 0 and dropless["rows_routed"] > 0
     moe = dropless["report"]["patches"]["moe"]
-    assert moe["status"]["VllmWorker-0"] == "applied" and moe["options"]["drop_token_ratio"] == 0.0
-    # Drops happen, and never more than the budget (each call drops at most floor(0.1 * rows)).
-    assert 0 < dropped["rows_dropped"] <= int(0.1 * dropped["rows_routed"])
-    for layer in dropped["layers"].values():
-        assert layer["max_over_mean_after"] <= layer["max_over_mean_before"]
-    # Perplexity of the prompts from prompt logprobs, for every arm.
+    assert "applied" in moe["status"].values() and moe["options"]["drop_token_ratio"] == 0.0
+    # Perplexity of the prompts from prompt logprobs, for both arms.
     assert all(a["perplexity"] > 1 and a["perplexity_tokens"] == 4 * 63 for a in summary["arms"])
+    assert all(0 < s["cpu_share"] for a in summary["arms"] for s in a["samples"])
     assert "too few repeats for a 95% interval (n=2, need 6)" in out.stdout
     assert (tmp_path / "ab" / "ab.png").stat().st_size > 0
 
@@ -351,12 +358,13 @@ def test_driver_ends_its_group_when_ab_is_killed(tmp_path):
     fifo = tmp_path / "prompts.fifo"
     os.mkfifo(fifo)
     parent = child(tmp_path, "import os, subprocess, sys, time\n"
-                             "p = subprocess.Popen([sys.executable, '-m', 'ascend_patch.cli.offline_run', "
+                             "p = subprocess.Popen([sys.executable, '-m', "
+                             "'ascend_patch.cli.offline_run', "
                              f"'no-model', '--prompts-json', {str(fifo)!r}, '--driver'], "
                              "start_new_session=True, stdin=subprocess.PIPE)\n"
                              "print(p.pid, flush=True)\ntime.sleep(0.5)\nos._exit(0)\n")
-    out = subprocess.run(parent, capture_output=True, text=True, timeout=60,
-                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(ab.__file__).parents[2])})
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(ab.__file__).parents[2])}
+    out = subprocess.run(parent, capture_output=True, text=True, timeout=60, env=env)
     driver = int(out.stdout.split()[0])
     # run() returned once the driver closed the inherited pipes: killed, not failed.
     assert "Traceback" not in out.stderr, out.stderr[-2000:]

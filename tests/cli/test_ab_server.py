@@ -88,14 +88,17 @@ def test_bad_live_arguments_exit_2_naming_the_argument(capsys, no_server, tmp_pa
          "argument --requests: 0 is out of range (1 to 10000)"),
         (["--servers", url, url, "--concurrency", "0"],
          "argument --concurrency: 0 is out of range (1 to 1024)"),
-        (["--servers", url, url, "--repeats", "0"], "argument --repeats: 0 is out of range (1 to 1000)"),
-        (["--servers", url, url, "--prompts", str(empty)], f"argument --prompts: {empty}: no prompts in it"),
+        (["--servers", url, url, "--repeats", "0"],
+         "argument --repeats: 0 is out of range (1 to 1000)"),
+        (["--servers", url, url, "--prompts", str(empty)],
+         f"argument --prompts: {empty}: no prompts in it"),
         (["--servers", url, url, "--prompts", str(numbers)],
          f"argument --prompts: {numbers}: a JSON prompts file must be a list of non-empty strings"),
         (["--servers", url, url, "--prompts", str(tmp_path / "none.txt")],
          f"argument --prompts: cannot read {tmp_path / 'none.txt'}: [Errno 2] No such file or "
          f"directory: '{tmp_path / 'none.txt'}'"),
-        (["--one-at-a-time", "--servers", url, url], "argument --one-at-a-time: goes with --launch"),
+        (["--one-at-a-time", "--servers", url, url],
+         "argument --one-at-a-time: goes with --launch"),
     ]
     for args, message in cases:
         assert usage_error(capsys, ["ab", *args, "--out", str(out)]) == (
