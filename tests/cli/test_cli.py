@@ -42,13 +42,17 @@ def test_validate_bad_config_exits_2_with_file_line_key(write_config, capsys):
         f"invalid ascend-patch config: {path}:6: patches[0].options.eps: unknown key")
 
 
+# SiluAndMul.forward_cpu as each line declares it (0.23 forwards through *args).
+FORWARD_CPU_SIGNATURE = {"0.23": "(self, *args, **kwargs)", "0.32": "(self, x)"}
+
+
 def test_validate_checks_live_signatures(write_config, capsys):
     path = write_config(GOOD.replace("impl: ops.silu_and_mul", "impl: ops.silu_and_mul\n    target: "
                                      "vllm.model_executor.layers.activation:SiluAndMul.forward_cpu"))
     assert main(["validate", str(path)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"{path}:6: patches.act: target vllm.model_executor.layers.activation:SiluAndMul.forward_cpu "
-        "has signature (self, x), but ops.silu_and_mul expects (x); "
+        f"has signature {FORWARD_CPU_SIGNATURE[STACK.line]}, but ops.silu_and_mul expects (x); "
         "the installed vLLM changed it, so the patch is refused"
     )
 

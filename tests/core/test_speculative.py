@@ -11,7 +11,12 @@ from ascend_patch.core.errors import ConsistencyError
 from ascend_patch.core.profiles import ModelInfo, served_model
 from ascend_patch.core.runtime import apply_from_env
 
+from tests.stack import LINE
+
 PROD = Path(__file__).resolve().parents[2] / "configs" / "prod.yaml"
+# prod.yaml gives DeepSeek-V3 one profile per vLLM line (0.23 is vllm-ascend's).
+DEEPSEEK_PROFILE = {"0.23": "deepseek-v3-ascend-ep16-prefill",
+                    "0.32": "deepseek-v3-ep16-prefill"}[LINE]
 
 
 def model_config(model="m", architectures=("DeepseekV3ForCausalLM",), **extra):
@@ -76,10 +81,10 @@ def test_speculative_decoding_keeps_the_served_models_profile(tiny_mtp, tiny_mix
     draft = vllm_config.speculative_config.draft_model_config
     assert (draft.architectures, draft.runner_type) == (
         ["DeepSeekMTPModel" if method == "mtp" else "MixtralForCausalLM"], "draft")
-    assert env["ASCEND_PATCH_PROFILE_RESOLVED"] == "deepseek-v3-ep16-prefill"
+    assert env["ASCEND_PATCH_PROFILE_RESOLVED"] == DEEPSEEK_PROFILE
     from ascend_patch.core.patcher import PATCHER
 
-    assert PATCHER.config.profile == "deepseek-v3-ep16-prefill"
+    assert PATCHER.config.profile == DEEPSEEK_PROFILE
     assert PATCHER.config.patch("moe").options.drop_token_ratio == 0.02
 
 
@@ -88,7 +93,7 @@ def test_a_second_served_model_is_still_a_conflict(tiny_mtp, tiny_mixtral):
     apply_from_env(env)
     _engine_config(tiny_mtp)
     with pytest.raises(ConsistencyError, match=r"this process serves two models needing "
-                                               r"different profiles \(deepseek-v3-ep16-prefill "
+                                               rf"different profiles \({DEEPSEEK_PROFILE} "
                                                r"and mixtral\)"):
         _engine_config(tiny_mixtral)
 

@@ -251,6 +251,25 @@ _KINDS = {
 }
 
 
+UNSUPPORTED = "unsupported: this torch's gloo has no list all_to_all"
+
+
+def _gloo_has_list_all_to_all(group) -> bool:
+    """torch 2.11's gloo refuses dist.all_to_all (the list form) before any communication, on
+    every rank alike; torch 2.13's has it. all_to_all_single is in both."""
+    import torch
+    import torch.distributed as dist
+
+    ws = dist.get_world_size(group)
+    try:
+        dist.all_to_all(list(torch.zeros(ws).split(1)), list(torch.zeros(ws).split(1)), group=group)
+    except RuntimeError as exc:
+        if "does not support alltoall" in str(exc):
+            return False
+        raise
+    return True
+
+
 def _worker(rank: int, ws: int, send) -> None:
     verdicts: dict[str, str] = {}
     try:
@@ -258,10 +277,14 @@ def _worker(rank: int, ws: int, send) -> None:
 
         timeout = timedelta(seconds=GLOO_TIMEOUT_S)
         group = dist.new_group(list(range(ws)), backend="gloo", timeout=timeout)
+        list_form = _gloo_has_list_all_to_all(group)
         failed = False
         for name, kind, args in _cases(ws):
             if failed:  # the ranks may be out of step now: stop, exit, unblock the peers
                 verdicts[name] = "not run (an earlier case failed on this rank)"
+                continue
+            if kind == "a2a" and args[-1] == "all_to_all" and not list_form:
+                verdicts[name] = UNSUPPORTED
                 continue
             try:
                 _KINDS[kind](rank, ws, group, *args)
@@ -286,7 +309,7 @@ def group_results(request):
     return request.param, got
 
 
-def _assert_kind(group_results, prefix: str) -> None:
+def _assert_kind(group_results, prefix: str, allowed: tuple[str, ...] = ()) -> None:
     ws, got = group_results
     failures = []
     names = [n for n, _, _ in _cases(ws) if n.startswith(prefix)]
@@ -295,7 +318,7 @@ def _assert_kind(group_results, prefix: str) -> None:
         assert "<setup>" not in got[rank], got[rank]["<setup>"]
         for name in names:
             verdict = got[rank].get(name, "missing")
-            if verdict != "ok":
+            if verdict != "ok" and verdict not in allowed:
                 failures.append(f"rank {rank} {name}: {verdict}")
     assert not failures, "\n".join(failures[:10])
 
@@ -317,7 +340,14 @@ def test_replacements_as_communicator_methods(group_results):
 
 
 def test_all_to_all_uneven_round_trip(group_results):
-    _assert_kind(group_results, "a2a-")
+    from tests.stack import LINE
+
+    ws, got = group_results
+    list_form = [n for n, _, _ in _cases(ws) if n.endswith("-all_to_all")]
+    # The list form runs where gloo has it: the 0.32 line's pinned torch 2.13, on every rank.
+    unsupported = {got[r].get(n) == UNSUPPORTED for r in range(ws) for n in list_form}
+    assert unsupported == {LINE == "0.23"}, unsupported
+    _assert_kind(group_results, "a2a-", allowed=(UNSUPPORTED,))
 
 
 def test_check_same_config_raises_on_every_rank(group_results):
