@@ -291,10 +291,12 @@ def _dispatch_plan(layer: Any, options: Any) -> tuple[str, str]:
         blockers.append("sequence-parallel MoE (tokens split over TP are not modelled)")
     if parallel.enable_eplb:
         blockers.append("EPLB (redundant physical experts)")
-    if not _eager():
+    graphs = _graph_capture()
+    if graphs is not None:
         blockers.append(
-            "torch.compile (prepare/finalize hold collectives with data-dependent shapes: "
-            "use enforce_eager)"
+            f"CUDA graphs (cudagraph_mode {graphs}: the dispatch sizes its messages on the "
+            "host, which a captured graph cannot replay; use enforce_eager or "
+            "-cc.cudagraph_mode=NONE)"
         )
     expert_map = layer.expert_map
     if expert_map is not None and not blockers:
@@ -313,16 +315,23 @@ def _dispatch_plan(layer: Any, options: Any) -> tuple[str, str]:
     return "all_to_all", f"{options.dispatch}: DP={parallel.dp_size}, EP={parallel.ep_size}"
 
 
-def _eager() -> bool:
+def _graph_capture() -> str | None:
+    """vLLM's CUDA-graph mode when it captures graphs, else None. torch.compile itself is
+    fine: the all-to-all kernel is one opaque custom op (all_to_all_dispatch.py). The CPU
+    platform never captures (vllm/platforms/cpu.py empties the capture sizes)."""
     try:
-        from vllm.config import CompilationMode
+        from vllm.config import CUDAGraphMode
         from vllm.config.vllm import get_current_vllm_config_or_none
+        from vllm.platforms import current_platform
     except ImportError:  # pragma: no cover - other vLLM layouts are refused by the spec
-        return True
+        return None
     config = get_current_vllm_config_or_none()
-    if config is None:
-        return True
-    return config.compilation_config.mode == CompilationMode.NONE
+    if config is None or current_platform.is_cpu():
+        return None
+    mode = config.compilation_config.cudagraph_mode
+    if mode is None or mode == CUDAGraphMode.NONE:
+        return None
+    return str(getattr(mode, "name", mode))
 
 
 def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
@@ -336,11 +345,11 @@ def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
     stats.dispatch_path(layer.layer_name, path, why)
     if path != "all_to_all":
         return
-    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
     from vllm.distributed import get_ep_group
 
     from ascend_patch.impls.moe.all_to_all_dispatch import (
         expert_owners,
+        make_kernel_class,
         make_prepare_finalize_class,
     )
 
@@ -359,9 +368,11 @@ def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
         on_call=lambda nbytes, name=layer.layer_name: stats.dispatch_recorded(name, nbytes),
     )
     # Same experts object (CapacityExperts, built by the original from self.experts_cls),
-    # new prepare/finalize. Nothing else holds the old kernel: the runner reads
-    # moe_kernel through the method on every forward (fused_moe_method_base.py:35-47).
-    method.moe_kernel = mk.FusedMoEKernel(prepare_finalize, method.moe_kernel.fused_experts)
+    # new prepare/finalize, the whole kernel behind one custom op (torch.compile). Nothing
+    # else holds the old kernel: the runner reads moe_kernel through the method on every
+    # forward (fused_moe_method_base.py:35-47).
+    kernel = make_kernel_class()(prepare_finalize, method.moe_kernel.fused_experts, layer)
+    method.moe_kernel = state.kernels[layer.layer_name] = kernel
 
 
 # --------------------------------------------------------------------------------------
