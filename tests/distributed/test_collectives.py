@@ -418,3 +418,21 @@ def test_check_same_config_bounds_its_wait_for_a_rank_that_never_comes():
         "this patch (ASCEND_PATCH_CONFIG unset or the patch disabled there). Stopping instead "
         "of hanging (Operation timed out!)")
     assert 3 <= waited < 10
+
+
+def test_a_process_whose_check_failed_exits_unless_cancelled(tmp_path):
+    code = (
+        "import time\n"
+        "from ascend_patch.impls.distributed.consistency import exit_later, cancel_exits\n"
+        "exit_later('cancelled one', delay_s=0.5); cancel_exits()\n"
+        "exit_later('config differs', delay_s=1.0)\n"
+        "time.sleep(30)\n"
+        "print('still alive')\n"
+    )
+    began = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout) == (1, "")
+    assert time.monotonic() - began < 20
+    assert "exiting: config differs (vLLM did not stop this process within 1 s of the error)" \
+        in out.stderr
+    assert "cancelled one" not in out.stderr

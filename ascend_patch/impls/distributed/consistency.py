@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -26,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+log = logging.getLogger("ascend_patch")
 
 
 # Ranks reach the first MoE call within the same forward (vLLM synchronises DP ranks before
@@ -43,6 +47,44 @@ class ConfigMismatchError(RuntimeError):
 
 class ConfigCheckTimeout(RuntimeError):
     """Not every rank of the group reached the config check in time."""
+
+
+# How long a process whose check failed waits for vLLM to stop it before it exits itself.
+EXIT_AFTER_FAILED_CHECK_S = 30.0
+
+
+def exit_later(reason: str, delay_s: float = EXIT_AFTER_FAILED_CHECK_S) -> threading.Event:
+    """Exit this process (code 1) in `delay_s` seconds unless `cancel_exits()` is called.
+
+    A rank whose check failed raises, and vLLM reports the error; but when that happens while
+    an engine starts (its first forward) with a data-parallel peer in another launch, vLLM
+    0.32 leaves the engine core waiting on its workers (seen: the head's API server never
+    became ready nor exited, while the headless node shut down). A process that may not
+    serve must not outlive its error: after `delay_s` it exits, its engine notices the dead
+    worker and shuts down. Returns the event that cancels it (a caller that handles the
+    error itself, e.g. a test)."""
+    cancelled = threading.Event()
+    _pending_exits.append(cancelled)
+
+    def stop() -> None:
+        if cancelled.wait(delay_s):
+            return
+        log.error("ascend-patch [pid %d]: exiting: %s (vLLM did not stop this process within "
+                  "%.0f s of the error)", os.getpid(), reason, delay_s)
+        logging.shutdown()
+        os._exit(1)
+
+    threading.Thread(target=stop, name="ascend-patch-exit-after-check", daemon=True).start()
+    return cancelled
+
+
+_pending_exits: list[threading.Event] = []
+
+
+def cancel_exits() -> None:
+    """Cancel every pending `exit_later` of this process."""
+    while _pending_exits:
+        _pending_exits.pop().set()
 
 
 def canonical(digest: str, moe_options: dict[str, Any] | None) -> str:

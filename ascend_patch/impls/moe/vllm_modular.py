@@ -287,8 +287,6 @@ def _dispatch_plan(layer: Any, options: Any) -> tuple[str, str]:
     blockers = []
     if parallel.pcp_size > 1:
         blockers.append("prefill context parallel (tokens split over PCP are not modelled)")
-    if parallel.is_sequence_parallel:
-        blockers.append("sequence-parallel MoE (tokens split over TP are not modelled)")
     if parallel.enable_eplb:
         blockers.append("EPLB (redundant physical experts)")
     graphs = _graph_capture()
@@ -354,9 +352,14 @@ def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
     )
 
     parallel = layer.moe_config.moe_parallel_config
-    # The ranks of one DP rank (its TP ranks) hold the same tokens: they split them.
-    num_sharers = parallel.ep_size // (parallel.dp_size * parallel.pcp_size)
-    sharer = parallel.ep_rank - parallel.dp_rank * num_sharers
+    if parallel.is_sequence_parallel:
+        # Sequence-parallel MoE (vLLM's choice for DP > 1 with TP > 1 and EP): the model
+        # already split each DP rank's tokens over its TP ranks; each sends its own chunk.
+        num_sharers, sharer = 1, 0
+    else:
+        # The ranks of one DP rank (its TP ranks) hold the same tokens: they split them.
+        num_sharers = parallel.ep_size // (parallel.dp_size * parallel.pcp_size)
+        sharer = parallel.ep_rank - parallel.dp_rank * num_sharers
     placement = getattr(layer, "expert_placement_strategy", "linear")
     prepare_finalize = make_prepare_finalize_class()(
         group_fn=get_ep_group,
@@ -424,8 +427,18 @@ def make_step(layer: Any, state: CapacityState) -> DropStep:
         if parallel.ep_size > 1:
             from vllm.distributed import get_ep_group
 
+            from ascend_patch.impls.distributed.consistency import (
+                ConfigCheckTimeout,
+                ConfigMismatchError,
+                exit_later,
+            )
+
             group = get_ep_group()
-            check_config_over_group(state.options, group)
+            try:
+                check_config_over_group(state.options, group)
+            except (ConfigMismatchError, ConfigCheckTimeout) as exc:
+                exit_later(str(exc))  # this process may not serve: never let it linger
+                raise
             state.stats.config_checked(group.world_size)
     gather, rank = token_sources(parallel)
     export_layer_metrics(state, layer.layer_name, parallel)
@@ -457,9 +470,10 @@ def export_layer_metrics(state: CapacityState, layer_name: str, parallel: Any) -
 
     writer = process_metrics.writer()
     if writer is not None:
+        # Under sequence-parallel MoE every rank holds its own tokens and writes its rows.
+        planned = bool(parallel.is_sequence_parallel) or rank_within_dp(parallel) == 0
         state.stats.export_layer(layer_name, layer_series(
-            writer, state.ctx.patch_name, layer_name, parallel.dp_rank,
-            planned=rank_within_dp(parallel) == 0))
+            writer, state.ctx.patch_name, layer_name, parallel.dp_rank, planned=planned))
 
 
 def check_config_over_group(options: Any, group: Any, digest: str | None = None) -> None:
@@ -479,14 +493,16 @@ def token_sources(parallel: Any) -> tuple[Any, int]:
 
     The ranks of an EP group hold the same tokens unless DP > 1 (TP-only EP: every TP rank
     has the whole batch; DP + TP + EP: the TP ranks of one DP rank share its batch), so the
-    token sources are the DP ranks: counts are all-gathered over the DP group. Sequence
-    parallel MoE (tokens split over TP too) is not modelled: its counts would be partial.
+    token sources are the DP ranks: counts are all-gathered over the DP group. Under
+    sequence-parallel MoE (DP > 1 with TP > 1 and EP) the model splits each DP rank's
+    tokens over its TP ranks before the MoE: every EP rank is a source, counts are
+    all-gathered over the EP group.
     """
     if parallel.dp_size <= 1:
         return None, 0
-    from vllm.distributed import get_dp_group
+    from vllm.distributed import get_dp_group, get_ep_group
 
-    group = get_dp_group()
+    group = get_ep_group() if parallel.is_sequence_parallel else get_dp_group()
 
     def all_gather_counts(counts: torch.Tensor) -> torch.Tensor:
         return group.all_gather(counts.unsqueeze(0).contiguous(), dim=0)
