@@ -152,8 +152,9 @@ def test_different_drop_ratios_on_two_launches_fail_both_without_a_hang(tiny_mod
 
 
 def test_dp2_tp2_expert_parallel_four_workers(tiny_model, tmp_path):
-    """DP=2 x TP=2 with EP in one launch: EP group of 4, each DP rank's two TP ranks split
-    its tokens for the all-to-all and the runner's TP all-reduce adds the halves."""
+    """DP=2 x TP=2 with EP in one launch: EP group of 4. vLLM runs the MoE sequence-parallel
+    here (each DP rank's tokens split over its TP ranks before the MoE): every worker is a
+    token source of its own for the plan and the all-to-all."""
     env = vllm_env(workers=4, ASCEND_PATCH_CONFIG=str(CONFIG),
                    ASCEND_PATCH_REPORT_DIR=str(tmp_path / "reports"),
                    ASCEND_PATCH_REPORT_INTERVAL="0")
@@ -181,13 +182,15 @@ def test_dp2_tp2_expert_parallel_four_workers(tiny_model, tmp_path):
         assert s["dispatch_paths"][MOE_LAYER] == {
             "path": "all_to_all", "why": "all_to_all: DP=2, EP=4"}
         assert s["config_checked_over_ranks"] == 4
-    # Every rank planned the same global drops; per DP rank, one of its two TP ranks writes
-    # the rows to /metrics, and both send (each its half of the tokens).
+    # Every rank planned the same global drops, held back its own share, and writes its own
+    # rows to /metrics (summed per DP rank there).
     assert len({s["rows_dropped"] for s in stats}) == 1 and stats[0]["rows_dropped"] > 0
+    assert sum(s["all_to_all"]["rows_not_sent_dropped"] for s in stats) == stats[0]["rows_dropped"]
     assert sorted((s["metrics"][MOE_LAYER]["dp_rank"], s["metrics"][MOE_LAYER]["writes_rows"])
-                  for s in stats) == [(0, False), (0, True), (1, False), (1, True)]
-    assert all(s["all_to_all"]["rows_sent"] > 0 for s in stats)
+                  for s in stats) == [(0, True), (0, True), (1, True), (1, True)]
     dropped = metric_values(exposition, "ascend_patch_moe_rows_dropped_total")
-    assert sum(dropped.values()) == stats[0]["rows_dropped"]
+    held_back = {str(r): float(sum(s["all_to_all"]["rows_not_sent_dropped"] for s in stats
+                                   if s["metrics"][MOE_LAYER]["dp_rank"] == r)) for r in (0, 1)}
+    assert {dict(k)["dp_rank"]: v for k, v in dropped.items()} == held_back
     print(f"\n[dp2 x tp2 + ep] ready after {ready:.0f} s; dropped {stats[0]['rows_dropped']} "
           f"of {stats[0]['rows_routed']} rows")
