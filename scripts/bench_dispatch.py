@@ -171,7 +171,7 @@ def worker(rank: int, a) -> None:
         recv_x, recv_w, recv_ids, state = dispatch(x, weights, ids_kept, group=None,
                                                    owners=owners, counters=counters)
         t1 = time.perf_counter()
-        # As CapacityExperts (vllm_glue._experts_impl) runs the received rows.
+        # As CapacityExperts (custom_ops.experts_impl) runs the received rows.
         keep = recv_ids >= 0
         y = moe_forward(recv_x, w13_l, w2_l, recv_w, recv_ids.clamp(min=0), keep,
                         expert_map)

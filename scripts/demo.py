@@ -10,12 +10,12 @@ requests over HTTP, prints the answers and what every vLLM process reports about
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ascend_patch.cli.procs import vllm_env
 from ascend_patch.cli.server import ManagedServer, ServerError
 from ascend_patch.cli.tiny_model import make_tiny_model
 from ascend_patch.core.report import read_reports
@@ -67,11 +67,10 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="ascend-patch-demo-"))
     model = make_tiny_model(work / "tiny-deepseek-v3", "deepseek_v3")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ASCEND_PATCH_")}
-    env.update(ASCEND_PATCH_CONFIG=str(Path(args.config).resolve()),
-               ASCEND_PATCH_REPORT_DIR=str(work / "reports"), VLLM_CPU_KVCACHE_SPACE="1")
-    if setting["workers"] > 1:
-        env.update(VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+    # The CPU settings of the installed vLLM line (threads per worker, MLA off on 0.23, ...).
+    env = vllm_env(workers=setting["workers"],
+                   ASCEND_PATCH_CONFIG=str(Path(args.config).resolve()),
+                   ASCEND_PATCH_REPORT_DIR=str(work / "reports"))
     print(f"config  {args.config}\nsetting {args.setting}: {' '.join(setting['args']) or '(one process)'}")
     print(f"model   {model} (tiny DeepseekV3, random weights)\nlog     {work / 'server.log'}")
     try:

@@ -5,14 +5,14 @@
 #
 #   scripts/fetch_vllm_ascend.sh      prints the unpacked directory (the one to pass as DIR)
 #
-# The cache lives outside the repository: $ASCEND_PATCH_CACHE, default ~/.cache/ascend-patch.
+# The cache lives outside the repository: $VLLM_ASCEND_CACHE_DIR, default ~/.cache/ascend-patch.
 # Nothing is downloaded when the source is already unpacked there, or the verified sdist is.
 set -euo pipefail
 
 VERSION=0.23.0.post1
 SHA256=a3b9f4a5dd7aa50c37e03d1f35937c4ae5aeacc49b734cac74d59ce5757738e1
 NAME=vllm_ascend-$VERSION
-CACHE=${ASCEND_PATCH_CACHE:-$HOME/.cache/ascend-patch}
+CACHE=${VLLM_ASCEND_CACHE_DIR:-$HOME/.cache/ascend-patch}
 SDIST=$CACHE/$NAME.tar.gz
 DEST=$CACHE/$NAME
 PYTHON=${PYTHON:-python3}

@@ -13,16 +13,21 @@ if [[ ${1:-} == --line ]]; then
 fi
 bash scripts/setup.sh "${lines[@]}"
 # The real vllm-ascend source, read (never imported) by the static checks and contract tests.
-ASCEND_PATCH_VLLM_ASCEND_SRC=$(bash scripts/fetch_vllm_ascend.sh)
-export ASCEND_PATCH_VLLM_ASCEND_SRC
+TEST_VLLM_ASCEND_SRC=$(bash scripts/fetch_vllm_ascend.sh)
+export TEST_VLLM_ASCEND_SRC
 
 results=$(mktemp -d)
 trap 'rm -rf "$results"' EXIT
 status=0
+first=1
 for line in "${lines[@]}"; do
   echo "=== vLLM $line line (.venvs/vllm-$line) ==="
+  # Tests that do not depend on the vLLM line run once, on the first line.
+  extra=()
+  [[ $first -eq 1 ]] || extra=(--skip-line-free)
+  first=0
   set +e
-  ".venvs/vllm-$line/bin/python" -m pytest --junitxml="$results/$line.xml" "$@"
+  ".venvs/vllm-$line/bin/python" -m pytest --junitxml="$results/$line.xml" "${extra[@]}" "$@"
   code=$?
   set -e
   # pytest exits 5 when it collected no test (e.g. a -k that matches nothing): not a failure.

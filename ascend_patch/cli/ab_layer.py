@@ -388,7 +388,7 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
     """The speed-up and error charts; None without matplotlib (an optional extra)."""
-    from ascend_patch.cli.ab import pyplot
+    from ascend_patch.cli.ab_output import pyplot
 
     plt = pyplot()
     if plt is None:
@@ -439,7 +439,7 @@ def setup_from_args(args) -> LayerSetup:
 def run_layer_ab(args) -> int:
     from rich.console import Console
 
-    from ascend_patch.cli.ab import plot_skipped_line
+    from ascend_patch.cli.ab_output import plot_skipped_line
 
     console = Console(highlight=False, soft_wrap=True, width=200)
     setup = setup_from_args(args)

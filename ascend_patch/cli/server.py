@@ -41,6 +41,7 @@ class ManagedServer:
         log_path: str | Path,
         startup_timeout: float = 300.0,
         python: str = sys.executable,
+        load_format: str = "dummy",
         enforce_eager: bool = False,
         headless: bool = False,
     ):
@@ -51,7 +52,7 @@ class ManagedServer:
         self.startup_timeout = startup_timeout
         self.headless = headless
         common = [
-            "--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "1024",
+            "--load-format", load_format, "--dtype", "bfloat16", "--max-model-len", "1024",
             # vLLM's default is its compiled mode (torch.compile; on CPU no graph capture):
             # slower to start, what deployments run.
             *(["--enforce-eager"] if enforce_eager else []), *args,

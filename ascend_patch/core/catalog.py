@@ -72,6 +72,17 @@ class SiteSet:
             raise ValueError("a SiteSet has sites, or `provided`, or `unsupported`: exactly one")
 
 
+def no_ascend_release(*lines: str) -> SiteSet:
+    """The ascend site set of lines no vllm-ascend release runs on (0.23.0.post1, the newest,
+    pairs with vLLM 0.23.0): there is no vllm-ascend code to patch or rely on."""
+    return SiteSet(
+        lines=lines,
+        platform="ascend",
+        unsupported=f"no vllm-ascend release runs on vLLM {', '.join(lines)} yet "
+        "(vllm-ascend 0.23.0.post1 pairs with vLLM 0.23.0)",
+    )
+
+
 @dataclass(frozen=True)
 class Implementation:
     name: str

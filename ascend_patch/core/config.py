@@ -310,7 +310,8 @@ def _plan_all(entries: list[_Entry], stack: Stack, problems: list[Problem]) -> l
         if patch is None:
             continue
         for site in patch.sites:
-            if not _allows_external_targets(entry.doc) and not within_roots(site.target.module, roots):
+            outside = not within_roots(site.target.module, roots)
+            if outside and not _allows_external_targets(entry.doc):
                 problems.append(_problem(entry.doc, entry.loc + ("target",),
                     f"{site.target} lies outside {', '.join(roots)}; set 'allow_external_targets: "
                     "true' at the top level to patch other packages"))

@@ -112,7 +112,7 @@ class Patcher:
         self.records: dict[str, PatchRecord] = {}
         self.installed: list[InstalledSite] = []
         self.disabled: frozenset[str] = frozenset()
-        # What revert() left in place because another tool replaced it after us.
+        # What the last revert() left in place because another tool replaced it after us.
         self.left_in_place: list[str] = []
         self._lock = threading.RLock()
 
@@ -148,6 +148,7 @@ class Patcher:
 
     def revert(self) -> None:
         with self._lock:
+            self.left_in_place = []
             self._rollback(0)
             WATCHER.clear()
             self._close_contexts(self.records.values())

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ascend_patch.core.config import LoadedConfig, Profile
-from ascend_patch.core.errors import ConfigError
+from ascend_patch.core.errors import ConfigError, PatchError
 from ascend_patch.core.imports import WATCHER
 from ascend_patch.core.targets import parse_target, resolve
 from ascend_patch.core.versions import installed_vllm, version_matches
@@ -48,24 +48,27 @@ class ModelInfo:
         architectures: tuple[str, ...] = ()
         if config.is_file():
             where = f"{shown} {text}: {config}"
+
+            def bad(line: int | None, message: str, key: str = "") -> ConfigError:
+                return ConfigError.single(where, line, key, message)
+
             try:
                 data = json.loads(config.read_bytes()[: 16 << 20])
             except OSError as exc:
-                raise ConfigError.single(where, None, "", f"cannot read: {exc.strerror}") from None
+                raise bad(None, f"cannot read: {exc.strerror}") from None
             except UnicodeDecodeError as exc:
-                raise ConfigError.single(where, None, "", f"not UTF-8 text ({exc.reason})") from None
+                raise bad(None, f"not UTF-8 text ({exc.reason})") from None
             except json.JSONDecodeError as exc:
-                raise ConfigError.single(where, exc.lineno, "", f"invalid JSON: {exc.msg}") from None
+                raise bad(exc.lineno, f"invalid JSON: {exc.msg}") from None
             except RecursionError:
-                raise ConfigError.single(where, None, "", "invalid JSON: nested too deeply") from None
-            found = data.get("architectures") if isinstance(data, dict) else None
+                raise bad(None, "invalid JSON: nested too deeply") from None
             if not isinstance(data, dict):
-                raise ConfigError.single(where, None, "", "must be a JSON object")
+                raise bad(None, "must be a JSON object")
+            found = data.get("architectures")
             if found is not None and not (
                 isinstance(found, list) and all(isinstance(a, str) for a in found)
             ):
-                raise ConfigError.single(where, None, "architectures",
-                                         f"must be a list of names, not {found!r:.80}")
+                raise bad(None, f"must be a list of names, not {found!r:.80}", "architectures")
             architectures = tuple(found or ())
         return cls(text, architectures)
 
@@ -76,7 +79,8 @@ def served_model(vllm_config) -> ModelInfo | None:
     model_config = getattr(vllm_config, "model_config", None)
     if model_config is None or getattr(model_config, "is_submodel_config", False):
         return None
-    if "draft" in (getattr(model_config, "runner", None), getattr(model_config, "runner_type", None)):
+    runner = (getattr(model_config, "runner", None), getattr(model_config, "runner_type", None))
+    if "draft" in runner:
         return None
     return ModelInfo(str(model_config.model), tuple(model_config.architectures or ()))
 
@@ -132,7 +136,11 @@ def watch_model_config(callback: Callable[[ModelInfo], None] | None,
     the VllmConfig itself."""
 
     def install(_module=None) -> None:
-        resolved = resolve(MODEL_CONFIG_HOOK, import_module=False)
+        try:
+            resolved = resolve(MODEL_CONFIG_HOOK, import_module=False)
+        except LookupError as exc:  # a vLLM without VllmConfig.__post_init__
+            raise PatchError(f"cannot choose a profile per model: {MODEL_CONFIG_HOOK}: {exc}; "
+                             "pin one with ASCEND_PATCH_PROFILE") from None
         original = resolved.function
         if getattr(original, "__ascend_patch_model_hook__", False):
             return

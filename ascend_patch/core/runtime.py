@@ -78,6 +78,8 @@ def _snapshot() -> dict[str, Any]:
         "platform": config.stack.platform if config else None,
         "patches": [r.as_json() for r in list(PATCHER.records.values())],
         "waiting_for_import": WATCHER.watched(),
+        # Attributes revert() left alone because another tool replaced them after us.
+        "left_in_place": list(PATCHER.left_in_place),
         "metrics": metrics.describe(),
     }
 
@@ -146,7 +148,8 @@ def _check_override(config: LoadedConfig, doc: Document) -> None:
         known |= {p.name for p in profile.patches}
     for name in data:
         if name not in known:
-            problems.append(doc.error((name,), f"no patch named {name!r} in {config.path}").problems[0])
+            message = f"no patch named {name!r} in {config.path}"
+            problems.extend(doc.error((name,), message).problems)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
 
@@ -220,6 +223,22 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
         report.flush()
         return records
 
+    def on_model(model: profiles.ModelInfo) -> None:
+        choice = profiles.select(config, model, None)
+        previous = env.get(RESOLVED_PROFILE_ENV)
+        chosen = choice or BASE
+        if previous is not None and previous != chosen:
+            raise ConsistencyError(
+                f"{config.path}: this process serves two models needing different profiles "
+                f"({previous} and {chosen}); run them as separate deployments"
+            )
+        if previous == chosen and PATCHER.config is not None:
+            return  # the same model again (vLLM copies its VllmConfig)
+        _state.set(env, RESOLVED_PROFILE_ENV, chosen)
+        log.info("ascend-patch [%s pid %d]: profile %s chosen for %s", report.process_role(),
+                 os.getpid(), choice or "(none: base patches)", model.name)
+        apply(choice)
+
     if first_call:
         # Checked before anything is patched: a bad directory is one warning, not a failure
         # (the report and the metrics are side channels; serving goes on without them).
@@ -242,32 +261,15 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
             profiles.watch_model_config(lambda model: profiles.select(config, model, pinned),
                                         on_config=mark_compile_cache)
             return records
+        if first_call:
+            profiles.watch_model_config(on_model, on_config=mark_compile_cache)
+            log.info("ascend-patch [%s pid %d]: %s has profiles; choosing when vLLM builds the "
+                     "model", report.process_role(), os.getpid(), config.path)
+        return []
     except BaseException:
         if first_call:
             _undo()
         raise
-
-    def on_model(model: profiles.ModelInfo) -> None:
-        choice = profiles.select(config, model, None)
-        previous = env.get(RESOLVED_PROFILE_ENV)
-        chosen = choice or BASE
-        if previous is not None and previous != chosen:
-            raise ConsistencyError(
-                f"{config.path}: this process serves two models needing different profiles "
-                f"({previous} and {chosen}); run them as separate deployments"
-            )
-        if previous == chosen and PATCHER.config is not None:
-            return  # the same model again (vLLM copies its VllmConfig)
-        _state.set(env, RESOLVED_PROFILE_ENV, chosen)
-        log.info("ascend-patch [%s pid %d]: profile %s chosen for %s", report.process_role(),
-                 os.getpid(), choice or "(none: base patches)", model.name)
-        apply(choice)
-
-    if first_call:
-        profiles.watch_model_config(on_model, on_config=mark_compile_cache)
-        log.info("ascend-patch [%s pid %d]: %s has profiles; choosing when vLLM builds the model",
-                 report.process_role(), os.getpid(), config.path)
-    return []
 
 
 COMPILE_KEY = "ascend_patch"

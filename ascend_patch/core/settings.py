@@ -9,7 +9,6 @@ empty value means unset. Variables with the prefix that are not ours (typos) are
 from __future__ import annotations
 
 import difflib
-import logging
 import math
 import re
 from collections.abc import Mapping
@@ -76,17 +75,14 @@ class Settings(BaseModel):
     report_interval: float = Field(1.0, alias=REPORT_INTERVAL)
     log_level: str = Field("INFO", alias=LOG_LEVEL)
     metrics_dir: str | None = Field(None, alias=METRICS_DIR)
-    # The raw texts of the switches that change what is applied (compared between calls).
-    disable_text: str = ""
+    # The override as written (a second apply in the process must ask for the same one).
     override_text: str = ""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
         raw = {name: environ[name] for name in KNOWN if environ.get(name)}
         try:
-            return cls.model_validate(
-                {**raw, "disable_text": raw.get(DISABLE, ""), "override_text": raw.get(OVERRIDE, "")}
-            )
+            return cls.model_validate({**raw, "override_text": raw.get(OVERRIDE, "")})
         except ValidationError as exc:
             problems: list[Problem] = []
             for err in exc.errors():
@@ -180,10 +176,6 @@ class Settings(BaseModel):
         if level not in LOG_LEVELS:
             raise ValueError(f"unknown level {_shown(value)} (levels: {', '.join(LOG_LEVELS)})")
         return level
-
-    @property
-    def log_level_number(self) -> int:
-        return logging.getLevelName(self.log_level)
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

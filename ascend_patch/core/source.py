@@ -381,9 +381,9 @@ def _detail(exc: ValueError) -> str:
 
 def _parse_int(text: str) -> int:
     if _INT8.fullmatch(text):
-        return int(text[2:], 8)
+        return int(text, 0)
     if _INT16.fullmatch(text):
-        return int(text[2:], 16)
+        return int(text, 0)
     if _INT10.fullmatch(text):
         digits = len(text.lstrip("+-"))
         if digits > MAX_INT_DIGITS:
@@ -412,7 +412,7 @@ def _parse_bool(text: str) -> bool:
 
 def _parse_null(text: str) -> None:
     if _NULL.fullmatch(text):
-        return None
+        return
     raise ValueError("")
 
 

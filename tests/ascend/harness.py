@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-SOURCE_ENV = "ASCEND_PATCH_VLLM_ASCEND_SRC"
-# Where scripts/fetch_vllm_ascend.sh unpacks it (ASCEND_PATCH_CACHE moves the cache).
+SOURCE_ENV = "TEST_VLLM_ASCEND_SRC"
+# Where scripts/fetch_vllm_ascend.sh unpacks it (VLLM_ASCEND_CACHE_DIR moves the cache).
 DEFAULT_SOURCE = (
-    Path(os.environ.get("ASCEND_PATCH_CACHE") or Path.home() / ".cache/ascend-patch")
+    Path(os.environ.get("VLLM_ASCEND_CACHE_DIR") or Path.home() / ".cache/ascend-patch")
     / "vllm_ascend-0.23.0.post1"
 )
 WORKER = Path(__file__).resolve().parent / "emulation" / "contract_worker.py"

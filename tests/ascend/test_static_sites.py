@@ -107,3 +107,46 @@ def test_mc2_dispatch_has_no_per_row_mask():
         "group_ep", "ep_world_size", "ep_rank_id", "group_tp", "tp_world_size", "tp_rank_id",
         "y_dtype", "expert_scales", "comm_alg",
     }
+
+
+@pytest.fixture
+def mutable_source(tmp_path):
+    """A copy of vllm-ascend's Python sources that a test may change."""
+    import shutil
+
+    source = harness.require_source()
+    copy = tmp_path / "vllm-ascend"
+    shutil.copytree(source / "vllm_ascend", copy / "vllm_ascend",
+                    ignore=shutil.ignore_patterns("*.so", "*.cpp", "*.h", "__pycache__"))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new", "message"),
+    [
+        # A patched site whose signature changed upstream.
+        ("ops/fused_moe/moe_runtime_args.py",
+         "    topk_ids: torch.Tensor | None = None,\n) -> MoETokenDispatchInput:",
+         "    topk_ids: torch.Tensor | None = None,\n    scale=None,\n) -> MoETokenDispatchInput:",
+         "target vllm_ascend.ops.fused_moe.moe_runtime_args:build_token_dispatch_input has "
+         "signature (*, fused_experts_input, topk_ids=…, scale=…), but moe.capacity expects "
+         "(*, fused_experts_input, topk_ids=…)"),
+        # A relied-on interface renamed upstream.
+        ("ascend_forward_context.py", "def select_moe_comm_method(",
+         "def choose_moe_comm_method(",
+         "relies on vllm_ascend.ascend_forward_context:select_moe_comm_method"),
+    ],
+    ids=["changed-signature", "renamed-interface"],
+)
+def test_validate_fails_on_a_mutated_copy(mutable_source, capsys, path, old, new, message):
+    from ascend_patch.cli.main import main
+
+    file = mutable_source / "vllm_ascend" / path
+    text = file.read_text()
+    assert old in text, f"the real source changed: {old!r} not in {path}"
+    file.write_text(text.replace(old, new, 1))
+    code = main(["validate", str(REPO / "configs" / "prod.yaml"), "--platform", "ascend",
+                 "--vllm-line", "0.23", "--source", f"vllm_ascend={mutable_source}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err, err

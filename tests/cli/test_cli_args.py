@@ -7,6 +7,7 @@ import pytest
 
 from ascend_patch.cli import ab
 from ascend_patch.cli.main import main
+from ascend_patch.cli.server import ManagedServer
 
 MOE = """
 version: 1
@@ -23,7 +24,8 @@ def no_engine(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an engine was started")
 
-    monkeypatch.setattr(ab, "run_in_group", refuse)
+    monkeypatch.setattr(ab.EngineProcess, "start", refuse)
+    monkeypatch.setattr(ManagedServer, "start", refuse)
 
 
 def usage_error(capsys, argv) -> str:
@@ -39,7 +41,10 @@ def usage_error(capsys, argv) -> str:
     (["--ratios", "0,nan"], "argument --ratios: 'nan' is out of range (drop_token_ratio is in [0, 0.5])"),
     (["--ratios", "0,,0.1"], "argument --ratios: '0,,0.1': give drop ratios separated by commas, "
                              "e.g. 0,0.02,0.05"),
-    (["--prompts", "0"], "argument --prompts: 0 is out of range (1 to 10000)"),
+    (["--num-prompts", "0"], "argument --num-prompts: 0 is out of range (1 to 10000)"),
+    (["--repeats", "0"], "argument --repeats: 0 is out of range (1 to 1000)"),
+    (["--repeats", "many"], "argument --repeats: 'many' is not an integer"),
+    (["--warmup", "-1"], "argument --warmup: -1 is out of range (0 to 100)"),
     (["--prompt-len", "x"], "argument --prompt-len: 'x' is not an integer"),
     (["--max-tokens", "-3"], "argument --max-tokens: -3 is out of range (1 to 100000)"),
     (["--tensor-parallel-size", "0"], "argument --tensor-parallel-size: 0 is out of range (1 to 64)"),
@@ -90,11 +95,19 @@ def test_ab_needs_a_config_or_arms_not_both(capsys, no_engine, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(MOE)
     assert usage_error(capsys, ["ab"]) == (
-        "ascend-patch ab: error: give a CONFIG (with --ratios) or --arms FILE ...")
+        "ascend-patch ab: error: give a CONFIG (with --ratios), --arms FILE ..., --servers URL ... "
+        "or --launch CONFIG ...")
     assert usage_error(capsys, ["ab", str(config), "--arms", str(config)]) == (
-        "ascend-patch ab: error: give a CONFIG (with --ratios) or --arms FILE ..., not both")
+        "ascend-patch ab: error: give one of CONFIG (with --ratios), --arms, --servers or --launch, "
+        "not CONFIG and --arms")
     assert usage_error(capsys, ["ab", "--arms", str(tmp_path / "nope.yaml")]) == (
         f"ascend-patch ab: error: argument --arms: {tmp_path / 'nope.yaml'} is not a file")
+    assert usage_error(capsys, ["ab", "--arms", str(config)]) == (
+        "ascend-patch ab: error: argument --arms: give at least two arms to compare (or --stock "
+        "and one)")
+    assert usage_error(capsys, ["ab", str(config), "--ratios", "0.1"]) == (
+        "ascend-patch ab: error: argument --ratios: give at least two arms to compare (or --stock "
+        "and one)")
     assert usage_error(capsys, ["ab", str(config), "--model", str(tmp_path)]) == (
         f"ascend-patch ab: error: argument --model: {tmp_path} is not a model directory (no config.json)")
     (tmp_path / "file").write_text("")
@@ -125,28 +138,6 @@ def test_ab_ratios_need_a_capacity_patch(capsys, no_engine, tmp_path, write_conf
         f"invalid ascend-patch config: --patch: {config} has no moe.capacity patch named 'nope' "
         "(have: moe)")
     assert not (tmp_path / "o").exists()
-
-
-def test_ab_arms_never_share_a_report_folder(monkeypatch, tmp_path, write_config, tiny_model, capsys):
-    from ascend_patch.cli.offline_run import RESULT_PREFIX
-
-    seen = []
-
-    def fake_run(cmd, env, timeout, cwd=None):
-        seen.append(env["ASCEND_PATCH_REPORT_DIR"])
-        result = {"prefill_s": 1.0, "generate_s": 1.0, "startup_s": 0.0,
-                  "outputs": [{"prompt_tokens": 2, "token_ids": [1], "top_logprobs": [{"1": -0.1}]}]}
-        return 0, RESULT_PREFIX + json.dumps(result) + "\n"
-
-    monkeypatch.setattr(ab, "run_in_group", fake_run)
-    config = write_config(MOE)
-    out = tmp_path / "out"
-    assert main(["ab", str(config), "--ratios", "0,0,0.1", "--model", str(tiny_model),
-                 "--prompts", "1", "--out", str(out)]) == 0
-    assert len(set(seen)) == 3 and [p.rsplit("/", 1)[1] for p in seen] == [
-        "arm0-reports", "arm1-reports", "arm2-reports"]
-    summary = json.loads((out / "ab.json").read_text())
-    assert [a["label"] for a in summary["arms"]] == ["r=0", "r=0#2", "r=0.1"]
 
 
 def test_unique_labels_for_arms_of_the_same_file_name(tmp_path):

@@ -10,7 +10,6 @@ from ascend_patch.core.errors import ConfigError, PatchError
 from ascend_patch.core.patcher import PATCHER
 from tests.stack import LINE, OTHER_RANGE, STACK
 
-
 # The toy implementations and the throw-away modules they patch are outside the catalog and
 # outside vllm: both opt-ins are needed.
 TOY_HEADER = "version: 1\nallow_external_impls: true\nallow_external_targets: true\n"

@@ -196,6 +196,7 @@ def test_revert_leaves_a_later_patch_by_another_tool(write_config, toy_module, a
             f"tests.core.test_patcher_hardening.test_revert_leaves_a_later_patch_by_another_tool."
             "<locals>.theirs after ascend-patch installed its replacement")
     assert PATCHER.left_in_place == [left]
+    assert report.snapshot()["left_in_place"] == [left]
     assert [r.getMessage() for r in ascend_logs.records] == [
         f"ascend-patch [MainProcess pid {__import__('os').getpid()}]: revert: {left}"]
 

@@ -55,8 +55,8 @@ def test_a_file_where_a_parent_folder_should_be(toy_config, tmp_path, ascend_log
     (tmp_path / "file").write_text("")
     start(toy_config, tmp_path / "file" / "reports", ascend_logs)
     assert warnings_of(ascend_logs) == [
-        f"cannot write reports to {tmp_path / 'file' / 'reports'}: Not a directory: "
-        f"{tmp_path / 'file' / 'reports'} {TAIL}"]
+        (f"cannot write reports to {tmp_path / 'file' / 'reports'}: Not a directory: "
+        f"{tmp_path / 'file' / 'reports'} {TAIL}")]
 
 
 def test_an_unwritable_directory(toy_config, toy_module, tmp_path, ascend_logs, monkeypatch):
@@ -67,8 +67,8 @@ def test_an_unwritable_directory(toy_config, toy_module, tmp_path, ascend_logs, 
     monkeypatch.setattr(report.tempfile, "mkstemp", deny)
     record = start(toy_config, tmp_path / "reports", ascend_logs)
     assert warnings_of(ascend_logs) == [
-        f"cannot write reports to {tmp_path / 'reports'}: Permission denied: "
-        f"{tmp_path / 'reports'} {TAIL}"]
+        (f"cannot write reports to {tmp_path / 'reports'}: Permission denied: "
+        f"{tmp_path / 'reports'} {TAIL}")]
     importlib.import_module(toy_module)
     assert record.status == "applied" and len(warnings_of(ascend_logs)) == 1
 

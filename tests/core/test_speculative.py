@@ -91,3 +91,23 @@ def test_a_second_served_model_is_still_a_conflict(tiny_mtp, tiny_mixtral):
                                                r"different profiles \(deepseek-v3-ep16-prefill "
                                                r"and mixtral\)"):
         _engine_config(tiny_mixtral)
+
+
+def test_a_vllm_without_the_hook_is_a_clear_error(monkeypatch, write_config):
+    import vllm.config.vllm as module
+
+    from ascend_patch.core.errors import PatchError
+
+    class Bare:  # no __post_init__ anywhere in its MRO
+        pass
+
+    monkeypatch.setattr(module, "VllmConfig", Bare)
+    config = write_config("version: 1\nprofiles:\n  p: {match: {architectures: [X]}}\n")
+    env = {"ASCEND_PATCH_CONFIG": str(config)}
+    with pytest.raises(PatchError) as info:
+        apply_from_env(env)
+    assert env == {"ASCEND_PATCH_CONFIG": str(config)}  # nothing half-applied
+    assert str(info.value) == (
+        "cannot choose a profile per model: vllm.config.vllm:VllmConfig.__post_init__: class "
+        "vllm.config.vllm.VllmConfig has no attribute '__post_init__'; pin one with "
+        "ASCEND_PATCH_PROFILE")

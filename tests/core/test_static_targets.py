@@ -32,11 +32,11 @@ V023 = 'vllm_version_is("0.23.0")'
 
 def vllm_ascend_source() -> Path | None:
     """The unpacked vllm-ascend 0.23.0.post1 source, if this machine has it."""
-    explicit = os.environ.get("ASCEND_PATCH_VLLM_ASCEND_SRC")
+    explicit = os.environ.get("TEST_VLLM_ASCEND_SRC")
     if explicit:
         candidate = Path(explicit)
     else:
-        cache = os.environ.get("ASCEND_PATCH_CACHE", str(Path.home() / ".cache/ascend-patch"))
+        cache = os.environ.get("VLLM_ASCEND_CACHE_DIR", str(Path.home() / ".cache/ascend-patch"))
         candidate = Path(cache) / VLLM_ASCEND_RELEASE
     return candidate if (candidate / "vllm_ascend" / "__init__.py").is_file() else None
 

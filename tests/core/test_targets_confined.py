@@ -166,9 +166,9 @@ def test_an_existing_module_still_waits_for_its_import(write_config, toy_package
 def test_a_missing_target_module_with_on_error_skip(write_config, toy_package):
     (record,) = PATCHER.apply(toy_config(write_config, f"{toy_package}.mod.deeper:greet", "skip"))
     assert (record.status, record.reason) == (
-        "skipped", f"on_error: skip: target {toy_package}.mod.deeper:greet: module "
+        "skipped", (f"on_error: skip: target {toy_package}.mod.deeper:greet: module "
         f"'{toy_package}.mod.deeper' does not exist here ('{toy_package}.mod' is a module, not a "
-        "package)")
+        "package)"))
 
 
 def test_a_missing_top_level_package(write_config):

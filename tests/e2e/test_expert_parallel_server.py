@@ -31,11 +31,12 @@ pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[2]
 MOE_LAYER = "model.layers.1.mlp.experts"  # the tiny DeepseekV3's one MoE layer
 MAX_TOKENS = 8
-# Start-up takes 45-80 s on the 2-core box (two workers); a server that is not up by then
-# is broken, and the test fails with its log instead of waiting for pytest's timeout.
-STARTUP_TIMEOUT_S = 150
+# Start-up takes 45-80 s on the idle 2-core box (two workers), up to ~3 minutes under load
+# (vLLM 0.23 starts slower); a server that is not up by then is broken, and the test fails
+# with its log instead of waiting for pytest's timeout.
+STARTUP_TIMEOUT_S = 300
 # vLLM's default mode compiles the model in every worker first (Dynamo + inductor's C++).
-COMPILED_STARTUP_TIMEOUT_S = 420
+COMPILED_STARTUP_TIMEOUT_S = 480
 
 
 def long_prompt(seed: int, words: int = 300) -> str:
@@ -151,9 +152,10 @@ def test_tp2_expert_parallel_serves_with_cpu_ep_config(tiny_model, tmp_path):
     # Counts are global over the EP group, and both TP ranks planned the same tokens.
     assert stats[0]["rows_routed"] == stats[1]["rows_routed"] > 0
     assert stats[0]["rows_dropped"] == stats[1]["rows_dropped"] > 0
-    # The long prompt's prefill is the only call at or above min_tokens: what it may drop
-    # is bounded by the ratio of its own rows.
-    assert stats[0]["rows_dropped"] <= 0.1 * 2 * long_answer["usage"]["prompt_tokens"]
+    # Every call drops at most floor(r * its rows). (vLLM 0.23's CPU worker also runs a
+    # dummy profiling batch through the MoE at start-up, which drops and is counted.)
+    layer = stats[0]["layers"][MOE_LAYER]
+    assert layer["rows_dropped"] <= 0.1 * layer["rows_routed"]
     print(f"\n[tp2-ep] ready after {ready:.0f} s; tokens {long_answer['choices'][0]['text']!r}; "
           f"rows routed {stats[0]['rows_routed']}, dropped {stats[0]['rows_dropped']}")
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from ascend_patch.core.catalog import Implementation, Site, SiteSet
+from ascend_patch.core.catalog import Implementation, Site, SiteSet, no_ascend_release
 
 _FACTORIES = "ascend_patch.impls.distributed.cpu_collectives"
 _CPU_COMMUNICATOR = "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
@@ -69,6 +69,7 @@ IMPLEMENTATIONS = {
                 unsupported="the CPU communicator is vLLM's CPU platform's; vllm-ascend "
                 "communicates over HCCL with its own communicator",
             ),
+            no_ascend_release("0.32"),
         ),
         options=CpuCollectivesOptions,
     ),

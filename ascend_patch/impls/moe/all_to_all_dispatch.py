@@ -359,7 +359,7 @@ def make_prepare_finalize_class() -> type:
     class CapacityAllToAllPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         """prepare = token-once dispatch, finalize = combine (see module docstring).
 
-        Pairs only with CapacityExperts (vllm_glue.py): Standard activation format, the
+        Pairs only with CapacityExperts (vllm_modular.py): Standard activation format, the
         received [P, H] hidden rows with [P, top_k] global ids (-1 in unused slots, which
         they skip; global ids map through expert_map) and a weighted output already
         reduced per hidden row (TopKWeightAndReduceNoOP), which is what combine returns.

@@ -61,7 +61,7 @@ Only unquantized MoE is covered: quantized methods (Fp8MoEMethod, ...) have thei
 
 from __future__ import annotations
 
-from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet
+from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet, no_ascend_release
 from ascend_patch.impls.moe.options import CapacityOptions
 
 _FM = "vllm.model_executor.layers.fused_moe"
@@ -406,6 +406,7 @@ IMPLEMENTATIONS = {
                     ),
                 ),
             ),
+            no_ascend_release("0.32"),
         ),
         options=CapacityOptions,
     ),

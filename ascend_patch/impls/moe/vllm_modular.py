@@ -182,6 +182,36 @@ def _make_experts_class(backend_name: str) -> type:
     return CapacityExperts
 
 
+def _not_supported_reason(method: Any, layer: Any) -> str | None:
+    """Why this layer keeps vLLM's own experts (None: we can take it over)."""
+    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
+
+    if getattr(getattr(method, "experts_cls", None), "ascend_patch_capacity", False):
+        return None  # ours already (a second load of the same layer)
+    moe = method.moe
+    backend = getattr(method, "unquantized_backend", None)
+    if backend not in (UnquantizedMoeBackend.CPU, UnquantizedMoeBackend.TRITON):
+        name = getattr(backend, "value", backend)
+        return f"backend {name} keeps its own weight layout (CPU and TRITON are supported)"
+    if moe.moe_parallel_config.use_batched_activation_format:
+        return "batched activation format (DeepEP LL / NIXL EP)"
+    if moe.has_bias:
+        return "experts with bias"
+    if getattr(moe, "is_lora_enabled", False):
+        return "MoE LoRA"
+    if not moe.is_act_and_mul:
+        return "non-gated activation"
+    activation = getattr(layer.activation, "value", layer.activation)
+    if activation not in _ACTIVATIONS:
+        return f"activation {activation}"
+    if any(
+        getattr(layer, name, None) is not None
+        for name in ("swiglu_limit", "swiglu_alpha", "swiglu_beta")
+    ):
+        return "clamped/scaled SwiGLU"
+    return None
+
+
 def make_process_weights_after_loading(
     original: Callable[..., Any], ctx: PatchContext
 ) -> Callable[..., Any]:
@@ -233,38 +263,6 @@ def _is_triton(method: Any) -> bool:
     from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
 
     return getattr(method, "unquantized_backend", None) == UnquantizedMoeBackend.TRITON
-
-
-def _not_supported_reason(method: Any, layer: Any) -> str | None:
-    """Why this layer keeps vLLM's own experts (None: we can take it over)."""
-    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
-
-    if isinstance(getattr(method, "experts_cls", None), type) and getattr(
-        method.experts_cls, "ascend_patch_capacity", False
-    ):
-        return None  # ours already (a second load of the same layer)
-    moe = method.moe
-    backend = getattr(method, "unquantized_backend", None)
-    if backend not in (UnquantizedMoeBackend.CPU, UnquantizedMoeBackend.TRITON):
-        name = getattr(backend, "value", backend)
-        return f"backend {name} keeps its own weight layout (CPU and TRITON are supported)"
-    if moe.moe_parallel_config.use_batched_activation_format:
-        return "batched activation format (DeepEP LL / NIXL EP)"
-    if moe.has_bias:
-        return "experts with bias"
-    if getattr(moe, "is_lora_enabled", False):
-        return "MoE LoRA"
-    if not moe.is_act_and_mul:
-        return "non-gated activation"
-    activation = getattr(layer.activation, "value", layer.activation)
-    if activation not in _ACTIVATIONS:
-        return f"activation {activation}"
-    if any(
-        getattr(layer, name, None) is not None
-        for name in ("swiglu_limit", "swiglu_alpha", "swiglu_beta")
-    ):
-        return "clamped/scaled SwiGLU"
-    return None
 
 
 # --------------------------------------------------------------------------------------

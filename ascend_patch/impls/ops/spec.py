@@ -10,7 +10,7 @@ vllm-ascend's forward_oot would replace its fused-bias and weight-prefetch paths
 So on Ascend the entry reports "provided by vllm-ascend" and patches nothing.
 """
 
-from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet
+from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet, no_ascend_release
 
 _VLLM_LINES = ("0.23", "0.32")
 _ASCEND_LINES = ("0.23",)
@@ -49,6 +49,7 @@ IMPLEMENTATIONS = {
             ),
             _provided("vllm_ascend.ops.layernorm:AscendRMSNorm.forward_oot",
                       "(self, x, residual=…)", "torch_npu.npu_rms_norm / npu_add_rms_norm"),
+            no_ascend_release("0.32"),
         ),
     ),
     "ops.silu_and_mul": Implementation(
@@ -69,6 +70,7 @@ IMPLEMENTATIONS = {
             ),
             _provided("vllm_ascend.ops.activation:AscendSiluAndMul.forward_oot",
                       "(self, x)", "torch_npu.npu_swiglu"),
+            no_ascend_release("0.32"),
         ),
     ),
 }

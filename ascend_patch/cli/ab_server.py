@@ -1,0 +1,557 @@
+"""`ascend-patch ab --servers URL ... | --launch CONFIG ...`: A/B of live OpenAI servers.
+
+One workload (a prompts file or a generated mix of prompt and output lengths) is replayed
+against every server in rounds: the servers take turns in randomised blocks (as offline
+arms do), one round of `--requests` streaming completions at most `--concurrency` at a time
+per turn, after an uncounted warm-up round. Round r sends the same requests to every server,
+and a fresh set each round (generated with seed + r, or the next slice of the prompts file),
+so that no round is served from a prefix cache that an earlier round filled.
+
+Only the given servers are contacted, at /v1/models, /version (vLLM's; a 404 is fine),
+/v1/completions and, for launched servers, /health; redirects are refused and proxy
+variables are ignored, so a request never goes anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ascend_patch.cli import ab_output, ab_stats
+from ascend_patch.cli.ab import (
+    REPORT_INTERVAL_S,
+    STOCK,
+    compare,
+    describe_patches,
+    summarize_reports,
+)
+
+
+class ServerFailed(RuntimeError):
+    pass
+
+
+def parse_url(text: str) -> str:
+    """An http(s) base URL, without a trailing '/' or '/v1' (both are accepted)."""
+    import argparse
+
+    try:
+        parts = urllib.parse.urlsplit(text.strip())
+        port = parts.port  # raises ValueError for a port out of range
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)")
+    if parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the server's base URL, without "
+                                         "?query or #fragment")
+    del port
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[:-3]
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} refused "
+                                     "(ab contacts only the given servers)", headers, fp)
+
+
+# No ProxyHandler from the environment: a proxy would be another host to contact.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+
+
+def get_json(url: str, timeout: float) -> Any:
+    with _OPENER.open(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+@dataclass
+class Request:
+    prompt: str
+    max_tokens: int
+
+
+def make_workload(count: int, prompt_len: int, max_tokens: int, seed: int,
+                  prompts: list[str] | None = None, offset: int = 0) -> list[Request]:
+    """`count` requests: prompt and output lengths drawn uniformly from [len/4, len] (a mix
+    of short and long), or the prompts file's lines from `offset` on, cycling."""
+    rng = random.Random(seed)
+    requests = []
+    for i in range(count):
+        out = rng.randint(max(1, max_tokens // 4), max_tokens)
+        if prompts:
+            text = prompts[(offset + i) % len(prompts)]
+        else:
+            words = rng.randint(max(1, prompt_len // 4), prompt_len)
+            text = " ".join(f"w{rng.randrange(500)}" for _ in range(words))
+        requests.append(Request(text, out))
+    return requests
+
+
+def stream_completion(base_url: str, model: str, request: Request, seed: int,
+                      timeout: float) -> dict[str, Any]:
+    """One streaming completion: time to first token, per-token times, tokens and logprobs."""
+    body = {"model": model, "prompt": request.prompt, "max_tokens": request.max_tokens,
+            "temperature": 0.0, "seed": seed, "stream": True, "logprobs": 1,
+            "stream_options": {"include_usage": True},
+            # vLLM's extension: every request yields exactly max_tokens tokens, so a server
+            # that happens to sample end-of-text does not look faster.
+            "ignore_eos": True}
+    http = urllib.request.Request(base_url + "/v1/completions", data=json.dumps(body).encode(),
+                                  headers={"Content-Type": "application/json"})
+    started = time.perf_counter()
+    deadline = started + timeout
+    first = last = None
+    text: list[str] = []
+    tokens: list[str] = []
+    logprobs: list[dict[str, float]] = []
+    usage = None
+    try:
+        with _OPENER.open(http, timeout=timeout) as response:
+            for raw in response:
+                if time.perf_counter() > deadline:
+                    raise ServerFailed(f"{base_url}: request still streaming after {timeout:.0f} s")
+                line = raw.decode("utf-8", "replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    piece = choice.get("text") or ""
+                    lp = choice.get("logprobs") or {}
+                    new_tokens = lp.get("tokens") or []
+                    if piece or new_tokens:
+                        now = time.perf_counter()
+                        first = now if first is None else first
+                        last = now
+                    text.append(piece)
+                    for token, logprob in zip(new_tokens, lp.get("token_logprobs") or []):
+                        tokens.append(token)
+                        logprobs.append({token: logprob})
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:500] if exc.fp else exc.reason
+        raise ServerFailed(f"{base_url}: HTTP {exc.code}: {detail}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ServerFailed(f"{base_url}: {type(exc).__name__}: {exc}") from None
+    ended = time.perf_counter()
+    if first is None:
+        raise ServerFailed(f"{base_url}: the stream carried no token")
+    count = (usage or {}).get("completion_tokens") or len(tokens)
+    return {"ttft_s": first - started, "e2e_s": ended - started, "output_tokens": count,
+            "tpot_s": (last - first) / (count - 1) if count > 1 else None,
+            "prompt_tokens": (usage or {}).get("prompt_tokens"), "text": "".join(text),
+            "token_ids": tokens, "top_logprobs": logprobs}
+
+
+def run_round(base_url: str, model: str, requests: list[Request], concurrency: int, seed: int,
+              timeout: float) -> dict[str, Any]:
+    """Every request of the round, at most `concurrency` in flight; wall time of the round."""
+    pool = ThreadPoolExecutor(concurrency)
+    started = time.perf_counter()
+    futures = [pool.submit(stream_completion, base_url, model, r, seed, timeout)
+               for r in requests]
+    # Each request is bounded by `timeout`; queued ones start as others finish.
+    done, pending = wait(futures, timeout=timeout * (len(requests) / concurrency + 1))
+    wall = time.perf_counter() - started
+    for future in pending:
+        future.cancel()
+    pool.shutdown(wait=False, cancel_futures=True)
+    if pending:
+        raise ServerFailed(f"{base_url}: {len(pending)} requests unanswered after {wall:.0f} s")
+    results = [f.result() for f in futures]  # raises the first failure
+    return {"wall_s": wall, "requests": results,
+            "requests_per_s": len(results) / wall,
+            "output_tokens_per_s": sum(r["output_tokens"] for r in results) / wall}
+
+
+# ---------------------------------------------------------------- servers
+
+
+@dataclass
+class Server:
+    label: str
+    base_url: str
+    model: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    warmup: list[dict[str, Any]] = field(default_factory=list)
+    managed: Any = None  # ManagedServer for --launch
+    report_dir: Path | None = None
+    config: Path | None = None
+
+
+def probe(server: Server, wanted_model: str | None, timeout: float) -> None:
+    """The served model (from /v1/models) and what the server says about itself."""
+    try:
+        models = [m["id"] for m in get_json(server.base_url + "/v1/models", timeout)["data"]]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise ServerFailed(f"{server.base_url}/v1/models: {type(exc).__name__}: {exc}") from None
+    if wanted_model is not None and wanted_model not in models:
+        raise ServerFailed(f"{server.base_url} serves {', '.join(models) or 'no model'}, not "
+                           f"{wanted_model}")
+    if not models:
+        raise ServerFailed(f"{server.base_url}/v1/models lists no model")
+    server.model = wanted_model or models[0]
+    server.info["models"] = models
+    try:
+        server.info["vllm"] = get_json(server.base_url + "/version", timeout).get("version")
+    except (urllib.error.URLError, OSError, ValueError, AttributeError):
+        server.info["vllm"] = None  # not vLLM, or an older one: unknown
+
+
+def describe(server: Server) -> str:
+    info = server.info
+    head = f"{server.base_url}, model {server.model}" + (
+        f", vLLM {info['vllm']}" if info.get("vllm") else "")
+    if info.get("kind") == "launched":
+        runs = info.get("runs") or "no report"
+        return f"{head}; launched by ab: {info['what']}; reported: {runs}"
+    if info.get("report"):
+        return f"{head}; from its reports in {info['report_dir']}: {info['runs']}"
+    return (f"{head}; external: its patches are unknown (a server does not report them over "
+            "HTTP; give --server-reports with its ASCEND_PATCH_REPORT_DIR to show them), and "
+            "so are its prefix caching and batching settings")
+
+
+def server_metrics(servers: list[Server], first_tokens: int) -> list[dict[str, Any]]:
+    reference = servers[0]
+
+    def round_medians(server: Server, key: str) -> list[float]:
+        out = []
+        for rnd in server.rounds:
+            values = [r[key] for r in rnd["requests"] if r[key] is not None]
+            out.append(statistics.median(values) if values else float("nan"))
+        return out
+
+    ref_ttft = round_medians(reference, "ttft_s")
+    ref_tpot = round_medians(reference, "tpot_s")
+    ref_rps = [r["requests_per_s"] for r in reference.rounds]
+    ref_outs = [req for rnd in reference.rounds for req in rnd["requests"]]
+    rows = []
+    for server in servers:
+        requests = [req for rnd in server.rounds for req in rnd["requests"]]
+        ttft = [r["ttft_s"] for r in requests]
+        tpot = [r["tpot_s"] for r in requests if r["tpot_s"] is not None]
+        rps = [r["requests_per_s"] for r in server.rounds]
+        row: dict[str, Any] = {
+            "label": server.label, "base_url": server.base_url, "model": server.model,
+            "info": server.info, "described": describe(server),
+            "ttft_s": ab_stats.estimate(ttft),
+            "tpot_s": ab_stats.estimate(tpot) if tpot else None,
+            "requests_per_s": ab_stats.estimate(rps),
+            "output_tokens_per_s": ab_stats.estimate(
+                [r["output_tokens_per_s"] for r in server.rounds]),
+            # Per round: reference over server for times, server over reference for rates.
+            "ttft_speedup": ab_stats.estimate(
+                ab_stats.paired_ratios(ref_ttft, round_medians(server, "ttft_s"))),
+            "tpot_speedup": ab_stats.estimate(
+                ab_stats.paired_ratios(ref_tpot, round_medians(server, "tpot_s"))),
+            "requests_per_s_ratio": ab_stats.estimate(ab_stats.paired_ratios(rps, ref_rps)),
+            "rounds": server.rounds, "warmup_rounds": server.warmup,
+        }
+        for key in ("ttft_speedup", "tpot_speedup", "requests_per_s_ratio"):
+            row[key.replace("speedup", "verdict").replace("ratio", "verdict")] = (
+                ab_stats.verdict(row[key]))
+        row.update(compare(ref_outs, requests, first_tokens))
+        row["text_exact_match_rate"] = (sum(a["text"] == b["text"] for a, b in
+                                            zip(ref_outs, requests)) / len(requests))
+        rows.append(row)
+    return rows
+
+
+def print_servers(console, rows: list[dict[str, Any]], heading: str) -> None:
+    from ascend_patch.cli.ab import _say
+
+    labels = ab_output.short_labels([r["label"] for r in rows])
+    ab_output.say(console, heading, "")
+    d1 = ab_output.digits_for([r["ttft_s"] for r in rows], 1000)
+    d2 = ab_output.digits_for([r["tpot_s"] for r in rows], 1000)
+    d3 = ab_output.digits_for([r["requests_per_s"] for r in rows])
+    console.print(ab_output.table(
+        "Per server: median [95% interval]",
+        ["server", "TTFT ms", "TPOT ms", "req/s", "agree"],
+        [[label, ab_output.fmt(r["ttft_s"], 1000, d1), ab_output.fmt(r["tpot_s"], 1000, d2),
+          ab_output.fmt(r["requests_per_s"], 1, d3), ab_output.percent(r["token_agreement"], 1)]
+         for label, r in zip(labels, rows)]))
+    reference = labels[0]
+    console.print(ab_output.table(
+        f"Against the reference {reference}: median of per-round ratios [95% interval]",
+        ["server", "TTFT x", "TPOT x", "req/s x"],
+        [[label, ab_output.fmt(r["ttft_speedup"], 1, 3), ab_output.fmt(r["tpot_speedup"], 1, 3),
+          ab_output.fmt(r["requests_per_s_ratio"], 1, 3)]
+         for label, r in list(zip(labels, rows))[1:]]))
+    for label, row in list(zip(labels, rows))[1:]:
+        ab_output.say(console,
+            f"{label} vs {reference}: TTFT {_say(row['ttft_speedup'], row['ttft_verdict'])}; "
+            f"TPOT {_say(row['tpot_speedup'], row['tpot_verdict'])}; requests/s "
+            f"{_say(row['requests_per_s_ratio'], row['requests_per_s_verdict'])}; outputs: "
+            f"{ab_output.percent(row['exact_match_rate'])} identical, "
+            f"{ab_output.percent(row['token_agreement'], 1)} of tokens, |dlogp| "
+            f"{ab_output.dlogp(row)}.")
+    console.print("What was compared:", markup=False)
+    for label, row in zip(labels, rows):
+        named = label != row["label"] and row["label"] not in row["described"]
+        prefix = f"{label}{' = ' + row['label'] if named else ''}: "
+        ab_output.say(console, "  " + prefix + row["described"], "    ")
+    ab_output.say(console,
+        "Legend: TTFT = time to the first streamed token; TPOT = time per output token after "
+        "the first; req/s = requests of a round / its wall time; agree = output tokens equal "
+        "to the reference's, by position; x = reference/server time or server/reference rate "
+        "per round (>1: server faster); brackets = exact order-statistic 95% interval of the "
+        "median (none below 6 samples).", "")
+
+
+# ---------------------------------------------------------------- launching
+
+
+def memory_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# Resident memory of a CPU server with VLLM_CPU_KVCACHE_SPACE=1 without its weights: a TP=1
+# tiny-model server's process group (API server, engine core, worker) held 2.97-3.02 GiB here
+# (ps, summed over the group), rounded up to 1.5 GiB + 2 GiB per worker.
+SERVER_BASE_BYTES = 3 << 29
+WORKER_BYTES = 2 << 30
+
+
+def side_by_side(count: int, tensor_parallel: int, model: Path, forced_sequential: bool
+                 ) -> tuple[bool, str]:
+    """Whether every launched server can be up at once, and why."""
+    if forced_sequential:
+        return False, "one at a time (--one-at-a-time)"
+    weights = sum(p.stat().st_size for p in model.glob("*.safetensors")) + sum(
+        p.stat().st_size for p in model.glob("*.bin"))
+    need = count * (SERVER_BASE_BYTES + tensor_parallel * WORKER_BYTES + weights)
+    available = memory_available()
+    if available is None or available < need:
+        have = "unknown" if available is None else f"{available / 2**30:.1f} GiB"
+        return False, (f"one at a time: {count} servers need about {need / 2**30:.1f} GiB, "
+                       f"available {have}")
+    return True, (f"side by side, interleaved: {count} servers need about "
+                  f"{need / 2**30:.1f} GiB of {available / 2**30:.1f} GiB available")
+
+
+def launched_servers(args, work: Path) -> list[Server]:
+    from ascend_patch.cli.procs import vllm_env
+    from ascend_patch.cli.server import ManagedServer
+
+    servers = []
+    labels = _labels_for(args.launch)
+    for index, (name, label) in enumerate(zip(args.launch, labels)):
+        report_dir = None
+        env: dict[str, str] = {}
+        config = None
+        if name != STOCK:
+            config = Path(name).resolve()
+            report_dir = work / f"server{index}-reports"
+            env = {"ASCEND_PATCH_CONFIG": str(config), "ASCEND_PATCH_REPORT_DIR": str(report_dir),
+                   "ASCEND_PATCH_REPORT_INTERVAL": str(REPORT_INTERVAL_S)}
+        # Prefix caching off: a round that repeats an earlier prompt must compute its prefill
+        # (and make its drops) again, as the offline arms do.
+        server_args = ["--tensor-parallel-size", str(args.tensor_parallel_size),
+                       "--no-enable-prefix-caching", "--seed", str(args.seed),
+                       "--max-model-len", str(args.max_model_len)]
+        if args.enable_expert_parallel:
+            server_args.append("--enable-expert-parallel")
+        managed = ManagedServer(
+            args.model, args=server_args, env=vllm_env(workers=args.tensor_parallel_size, **env),
+            log_path=work / f"server{index}.log", startup_timeout=args.timeout,
+            # Eager, as the offline arms run (offline_run.py): arms compare patches, and
+            # compiling every arm's server would double each arm's start-up.
+            load_format=args.load_format, enforce_eager=True)
+        what = ("vLLM with no patch (ASCEND_PATCH_CONFIG unset)" if config is None
+                else f"ASCEND_PATCH_CONFIG={config}")
+        info = {"kind": "launched", "what": what, "args": managed.cmd[1:]}
+        if config is None:
+            info["runs"] = "nothing (no config, so ascend-patch stays out: no report)"
+        servers.append(Server(label, managed.base_url, info=info,
+            managed=managed, report_dir=report_dir, config=config))
+    return servers
+
+
+def _labels_for(names: list[str]) -> list[str]:
+    labels = [STOCK if n == STOCK else Path(n).stem for n in names]
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return out
+
+
+def _start(server: Server, args) -> None:
+    from ascend_patch.cli.server import ServerError
+
+    try:
+        server.managed.start()
+    except ServerError as exc:
+        raise ServerFailed(f"server {server.label}: {exc}") from None
+    server.base_url = server.managed.base_url
+    server.info["pgid"] = server.managed.proc.pid  # its own session: group id = its pid
+
+
+def _stop(server: Server) -> None:
+    if server.managed is None or server.managed.proc is None:
+        return
+    if server.report_dir is not None:
+        # Read while the server is up: its processes rewrite their reports every
+        # REPORT_INTERVAL_S, and a worker killed at stop may not write one at exit.
+        time.sleep(REPORT_INTERVAL_S + 0.5)
+        summary = summarize_reports(server.report_dir)
+        server.info["report"] = summary
+        server.info["runs"] = describe_patches(summary)
+    server.managed.stop(grace=10.0)
+
+
+# ---------------------------------------------------------------- the A/B
+
+
+def run_server_ab(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ascend_patch.cli.ab import _describe_load, _load_average, resolve_load_format
+
+    console = Console(highlight=False)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ab-servers-", dir=out_dir))
+    if args.launch:
+        args.load_format = resolve_load_format(args.load_format, Path(args.model))
+        servers = launched_servers(args, work)
+        together, placement = side_by_side(len(servers), args.tensor_parallel_size,
+                                           Path(args.model), args.one_at_a_time)
+    else:
+        servers = [Server(label, url) for label, url in zip(_url_labels(args.servers),
+                                                             args.servers)]
+        for server, reports in zip(servers, args.server_reports or [None] * len(servers)):
+            server.info["kind"] = "external"
+            if reports not in (None, "-"):
+                summary = summarize_reports(Path(reports))
+                server.info.update(report=summary, report_dir=reports,
+                                   runs=describe_patches(summary))
+        together, placement = True, "already running, interleaved"
+    load_before = _load_average()
+    blocks = ab_stats.block_order(len(servers), args.warmup + args.repeats, args.seed)
+    if not together:
+        # One server up at a time: all of its rounds, then the next server. Not interleaved,
+        # so drift of the machine between servers is not cancelled (the heading says so).
+        blocks = [[i] for i in range(len(servers)) for _ in range(args.warmup + args.repeats)]
+    workloads = [make_workload(args.requests, args.prompt_len, args.max_tokens, args.seed + b,
+                               args.prompts, b * args.requests)
+                 for b in range(args.warmup + args.repeats)]
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+               "{task.total}"), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("A/B servers", total=len(servers) * (
+                1 + args.warmup + args.repeats))
+            started: set[int] = set()
+
+            def ensure_up(index: int) -> None:
+                server = servers[index]
+                if index in started:
+                    return
+                if not together:
+                    for other in list(started):
+                        _stop(servers[other])
+                        started.discard(other)
+                if server.managed is not None:
+                    progress.update(task, description=f"start {server.label}")
+                    _start(server, args)
+                probe(server, args.served_model, min(args.timeout, 60.0))
+                started.add(index)
+                progress.advance(task)
+
+            if together:
+                for index in range(len(servers)):
+                    ensure_up(index)
+            per_server_round = [0] * len(servers)
+            for members in blocks:
+                for index in members:
+                    ensure_up(index)
+                    server = servers[index]
+                    round_index = per_server_round[index]
+                    per_server_round[index] += 1
+                    counted = round_index >= args.warmup
+                    what = (f"round {round_index - args.warmup + 1}/{args.repeats}" if counted
+                            else f"warm-up {round_index + 1}/{args.warmup}")
+                    progress.update(task, description=f"{what}: {server.label}")
+                    result = run_round(server.base_url, server.model, workloads[round_index],
+                                       args.concurrency, args.seed, args.timeout)
+                    result["round"] = round_index
+                    (server.rounds if counted else server.warmup).append(result)
+                    progress.advance(task)
+    except ServerFailed as exc:
+        console.print(str(exc), markup=False)
+        return 1
+    finally:
+        for server in servers:
+            _stop(server)
+    rows = server_metrics(servers, args.first_tokens)
+    source = (f"prompts from {args.prompts_file}" if args.prompts is not None
+              else f"generated prompts of {max(1, args.prompt_len // 4)}-{args.prompt_len} words")
+    heading = (f"Live A/B: {args.requests} requests per round ({source}, "
+               f"{max(1, args.max_tokens // 4)}-{args.max_tokens} output tokens, concurrency "
+               f"{args.concurrency}), {args.repeats} rounds per server after {args.warmup} "
+               f"warm-up round(s); servers {placement}. "
+               f"{_describe_load(load_before, _load_average())}")
+    rounds = args.warmup + args.repeats
+    if args.prompts is not None and len(args.prompts) < rounds * args.requests:
+        heading += (" The prompts file has fewer prompts than rounds x requests: later rounds "
+                    "repeat prompts, which a server with prefix caching serves from its cache.")
+    print_servers(console, rows, heading)
+    summary = {"mode": "servers", "requests": args.requests, "concurrency": args.concurrency,
+               "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
+               "placement": placement,
+               "order": [[rows[i]["label"] for i in block] for block in blocks],
+               "workloads": [[{"prompt": r.prompt, "max_tokens": r.max_tokens} for r in w]
+                             for w in workloads],
+               "interval": "exact order-statistic (binomial) 95% interval of the median",
+               "load_average_before": load_before, "load_average_after": _load_average(),
+               "work_dir": str(work),
+               "servers": ab_output.as_json(rows)}
+    json_path = out_dir / "ab.json"
+    json_path.write_text(json.dumps(summary, indent=2))
+    labels = ab_output.short_labels([r["label"] for r in rows])
+    png, message = ab_output.plot(
+        out_dir / "ab.png", f"Live A/B: against {labels[0]}", labels[1:],
+        {"TTFT speed-up": [r["ttft_speedup"] for r in rows[1:]],
+         "TPOT speed-up": [r["tpot_speedup"] for r in rows[1:]],
+         "requests/s ratio": [r["requests_per_s_ratio"] for r in rows[1:]]},
+        {"exact match": [r["exact_match_rate"] for r in rows[1:]],
+         "token agreement": [r["token_agreement"] for r in rows[1:]]}, xlabel="server",
+        per="round")
+    console.print(f"wrote {json_path}", markup=False)
+    console.print(message, markup=False)
+    return 0
+
+
+def _url_labels(urls: list[str]) -> list[str]:
+    """host:port where that tells the servers apart, else the whole URL."""
+    short = [urllib.parse.urlsplit(u).netloc + urllib.parse.urlsplit(u).path for u in urls]
+    return short if len(set(short)) == len(short) else list(urls)
+
