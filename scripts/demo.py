@@ -1,6 +1,7 @@
 """Serve a tiny MoE model under a shipped config and answer real requests.
 
     python scripts/demo.py [--config configs/cpu-dp-ep.yaml] [--setting dp-ep|tp-ep|single]
+                           [--enforce-eager]
 
 Starts vLLM's OpenAI-compatible server (CPU build) with ASCEND_PATCH_CONFIG, sends completion
 requests over HTTP, prints the answers and what every vLLM process reports about the patches
@@ -62,6 +63,8 @@ def main() -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / "cpu-dp-ep.yaml"))
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="dp-ep")
     parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="skip vLLM's default torch.compile (starts about twice as fast)")
     args = parser.parse_args()
     setting = SETTINGS[args.setting]
 
@@ -74,7 +77,9 @@ def main() -> int:
     print(f"config  {args.config}\nsetting {args.setting}: {' '.join(setting['args']) or '(one process)'}")
     print(f"model   {model} (tiny DeepseekV3, random weights)\nlog     {work / 'server.log'}")
     try:
-        with ManagedServer(model, args=setting["args"], env=env, log_path=work / "server.log") as server:
+        # vLLM's default (compiled) mode unless --enforce-eager: compiling takes minutes here.
+        with ManagedServer(model, args=setting["args"], env=env, log_path=work / "server.log",
+                           startup_timeout=900, enforce_eager=args.enforce_eager) as server:
             print(f"server  ready at {server.base_url}")
             # Concurrent requests, so that every DP rank has work.
             with ThreadPoolExecutor(len(PROMPTS)) as pool:

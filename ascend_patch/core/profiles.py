@@ -129,9 +129,11 @@ def select(config: LoadedConfig, model: ModelInfo, pinned: str | None) -> str | 
     return chosen[0] if chosen else None
 
 
-def watch_model_config(callback: Callable[[ModelInfo], None]) -> None:
+def watch_model_config(callback: Callable[[ModelInfo], None] | None,
+                       on_config: Callable[[object], None] | None = None) -> None:
     """Call `callback` with the served model each time vLLM builds a VllmConfig, before the
-    rest of it is set up (and so before any model is built from it)."""
+    rest of it is set up (and so before any model is built from it); then `on_config` with
+    the VllmConfig itself."""
 
     def install(_module=None) -> None:
         try:
@@ -145,8 +147,10 @@ def watch_model_config(callback: Callable[[ModelInfo], None]) -> None:
 
         def __post_init__(self, *args, **kwargs):
             model = served_model(self)
-            if model is not None:
+            if model is not None and callback is not None:
                 callback(model)
+            if on_config is not None:
+                on_config(self)
             original(self, *args, **kwargs)
 
         __post_init__.__wrapped__ = original

@@ -252,14 +252,17 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
             return apply(None if resolved == BASE else resolved)
         if not config.profiles:
             _state.set(env, RESOLVED_PROFILE_ENV, BASE)
-            return apply(None)
+            records = apply(None)
+            profiles.watch_model_config(None, on_config=mark_compile_cache)
+            return records
         if pinned is not None:
             _state.set(env, RESOLVED_PROFILE_ENV, pinned)
             records = apply(pinned)
-            profiles.watch_model_config(lambda model: profiles.select(config, model, pinned))
+            profiles.watch_model_config(lambda model: profiles.select(config, model, pinned),
+                                        on_config=mark_compile_cache)
             return records
         if first_call:
-            profiles.watch_model_config(on_model)
+            profiles.watch_model_config(on_model, on_config=mark_compile_cache)
             log.info("ascend-patch [%s pid %d]: %s has profiles; choosing when vLLM builds the "
                      "model", report.process_role(), os.getpid(), config.path)
         return []
@@ -267,6 +270,45 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
         if first_call:
             _undo()
         raise
+
+
+COMPILE_KEY = "ascend_patch"
+
+
+def compile_key() -> dict[str, Any]:
+    """What this deployment patches, in the form vLLM's compile-cache hash takes."""
+    import hashlib
+
+    from ascend_patch import __version__
+
+    applied = _state.applied
+    if applied is None:
+        return {}
+    _, digest, _, override, disable = applied
+    env = _state.env if _state.env is not None else os.environ
+    return {
+        "version": __version__,
+        "config_sha256": digest,
+        "profile": env.get(RESOLVED_PROFILE_ENV),
+        "override_sha256": hashlib.sha256(override.encode()).hexdigest() if override else None,
+        "disable": disable,
+    }
+
+
+def mark_compile_cache(vllm_config: Any) -> None:
+    """Make vLLM's torch.compile cache key depend on what is patched.
+
+    vLLM keeps compiled models on disk, keyed by a hash of its config and environment
+    (vllm/compilation/caching.py, aot_compile_hash_factors), and with AOT compilation it
+    loads a saved graph without tracing the Python code again: a graph traced before a patch
+    was configured (or under other patches) would run as saved, and the patch would silently
+    do nothing. VllmConfig.compute_hash covers `additional_config` (the dict platform plugins
+    keep their options in), so the first process puts the deployment's patch identity there;
+    the config travels to every engine and worker, so they compute the same key.
+    """
+    extra = getattr(vllm_config, "additional_config", None)
+    if isinstance(extra, dict) and _state.applied is not None:
+        extra[COMPILE_KEY] = compile_key()
 
 
 def _undo() -> None:

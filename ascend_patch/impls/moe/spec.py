@@ -126,6 +126,12 @@ _MODULAR_INTERFACES = (
         "the all-to-all dispatch rebuilds the layer's kernel",
     ),
     Interface(
+        f"{_MK}:FusedMoEKernel.apply",
+        "(self, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, "
+        "expert_map, apply_router_weight_on_input, shared_experts=…, shared_experts_input=…)",
+        "the all-to-all kernel overrides it with its custom op and runs the original inside",
+    ),
+    Interface(
         f"{_FM}.topk_weight_and_reduce:TopKWeightAndReduceNoOP",
         None,
         "CapacityExperts reduce their output themselves",
@@ -140,7 +146,7 @@ _MODULAR_INTERFACES = (
     Interface(
         "vllm.config.vllm:get_current_vllm_config_or_none",
         "()",
-        "all_to_all needs eager mode",
+        "all_to_all is refused under CUDA graphs",
     ),
 )
 
@@ -157,12 +163,6 @@ _CPU_0_23_INTERFACES = (
         f"{_FM}.oracle.unquantized:make_unquantized_moe_kernel",
         "(quant_config, moe_config, backend, experts_cls, routing_tables=…)",
         "builds the modular kernel the CPU backend lacks",
-    ),
-    Interface(
-        f"{_MK}:FusedMoEKernel.apply",
-        "(self, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, "
-        "expert_map, apply_router_weight_on_input, shared_experts=…, shared_experts_input=…)",
-        "apply_monolithic calls the kernel",
     ),
     Interface(
         "vllm.v1.worker.workspace:init_workspace_manager",

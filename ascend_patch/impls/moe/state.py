@@ -25,6 +25,9 @@ class CapacityState:
         # call, in the plan op, outside any tracing: they hold process groups).
         self.layers: dict[str, Any] = {}
         self.steps: dict[str, DropStep] = {}
+        # The all-to-all kernels of the layers that dispatch with it (the all-to-all op runs
+        # them by layer name).
+        self.kernels: dict[str, Any] = {}
         # Set once this process has compared its config with the rest of its EP group.
         self.config_checked = False
         # Set by the platform adapter that takes layers over: (layer, state) -> DropStep, and
@@ -40,6 +43,7 @@ class CapacityState:
     def add_layer(self, name: str, layer: Any) -> None:
         self.layers[name] = layer
         self.steps.pop(name, None)  # a new model in this process: plan for the new layer
+        self.kernels.pop(name, None)
         self.stats.layer_taken_over(name)
 
     def step(self, layer_name: str) -> DropStep:

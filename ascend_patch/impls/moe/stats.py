@@ -19,6 +19,8 @@ Shape of `ctx.stats` (JSON-friendly: str keys, ints and floats only):
                                         # (rows: (token, expert) rows; hidden rows: one
                                         # per (token, rank) pair; see DispatchCounters)
       "config_checked_over_ranks": 2,   # EP group size of the first-call config check
+      "metrics": {"<layer>": {"dp_rank": 0, "writes_rows": true}},  # its /metrics labels
+                                        # (metrics.py), when metrics are on
       "layers": {
         "<layer name>": {
           "calls": 6, "calls_with_drops": 3,
@@ -91,15 +93,18 @@ class CapacityStats:
     def export_layer(self, layer_name: str, series: Any) -> None:
         """Feed `layer_name`'s counters to /metrics too (a metrics.LayerSeries)."""
         self._series[layer_name] = series
+        # The labels in the report, so a reader can match a worker to its series.
+        self._stats.setdefault("metrics", {})[layer_name] = {
+            "dp_rank": series.dp_rank, "writes_rows": series.planned}
 
     def dispatch_recorded(self, layer_name: str | None = None, nbytes: int = 0) -> None:
         """Copy the traffic counters into the stats (called after every combine, with the
         layer and the bytes the call sent to other ranks).
 
-        `record` flushes the report before the call's dispatch ran; flushing again here, at
-        the same log interval, writes a report whose drop and traffic counters describe the
-        same calls (every rank of a DP group runs the same number of MoE calls, so their
-        reports line up too)."""
+        With the all-to-all the report is flushed here, at the log interval, and not by
+        `record` (before the call's dispatch ran): every report then has drop and traffic
+        counters of the same calls (and every rank of a DP group runs the same number of MoE
+        calls, so their reports line up too)."""
         self._stats["all_to_all"] = self._dispatch_counters.as_dict()
         series = self._series.get(layer_name) if layer_name is not None else None
         if series is not None:
@@ -179,9 +184,9 @@ class CapacityStats:
         stats["drop_fraction"] = _ratio(stats["rows_dropped"], stats["rows_routed"])
 
         if self._log_interval and stats["calls"] % self._log_interval == 0:
-            # With the all-to-all, dispatch_recorded writes the report after this call's
-            # combine: a report written here too would hold drop counters one call ahead of
-            # the traffic counters if the process stopped in between.
+            # With the all-to-all the report is written after this call's combine
+            # (dispatch_recorded) only: a process stopped between the two then leaves the
+            # previous interval's report, whose drop and traffic counters agree.
             self.log(flush=getattr(self, "_dispatch_counters", None) is None)
 
     def log(self, flush: bool = True) -> None:

@@ -285,14 +285,14 @@ def _dispatch_plan(layer: Any, options: Any) -> tuple[str, str]:
     blockers = []
     if parallel.pcp_size > 1:
         blockers.append("prefill context parallel (tokens split over PCP are not modelled)")
-    if parallel.is_sequence_parallel:
-        blockers.append("sequence-parallel MoE (tokens split over TP are not modelled)")
     if parallel.enable_eplb:
         blockers.append("EPLB (redundant physical experts)")
-    if not _eager():
+    graphs = _graph_capture()
+    if graphs is not None:
         blockers.append(
-            "torch.compile (prepare/finalize hold collectives with data-dependent shapes: "
-            "use enforce_eager)"
+            f"CUDA graphs (cudagraph_mode {graphs}: the dispatch sizes its messages on the "
+            "host, which a captured graph cannot replay; use enforce_eager or "
+            "-cc.cudagraph_mode=NONE)"
         )
     expert_map = layer.expert_map
     if expert_map is not None and not blockers:
@@ -311,16 +311,23 @@ def _dispatch_plan(layer: Any, options: Any) -> tuple[str, str]:
     return "all_to_all", f"{options.dispatch}: DP={parallel.dp_size}, EP={parallel.ep_size}"
 
 
-def _eager() -> bool:
+def _graph_capture() -> str | None:
+    """vLLM's CUDA-graph mode when it captures graphs, else None. torch.compile itself is
+    fine: the all-to-all kernel is one opaque custom op (all_to_all_dispatch.py). The CPU
+    platform never captures (vllm/platforms/cpu.py empties the capture sizes)."""
     try:
-        from vllm.config import CompilationMode
+        from vllm.config import CUDAGraphMode
         from vllm.config.vllm import get_current_vllm_config_or_none
+        from vllm.platforms import current_platform
     except ImportError:  # pragma: no cover - other vLLM layouts are refused by the spec
-        return True
+        return None
     config = get_current_vllm_config_or_none()
-    if config is None:
-        return True
-    return config.compilation_config.mode == CompilationMode.NONE
+    if config is None or current_platform.is_cpu():
+        return None
+    mode = config.compilation_config.cudagraph_mode
+    if mode is None or mode == CUDAGraphMode.NONE:
+        return None
+    return str(getattr(mode, "name", mode))
 
 
 def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
@@ -334,18 +341,23 @@ def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
     stats.dispatch_path(layer.layer_name, path, why)
     if path != "all_to_all":
         return
-    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
     from vllm.distributed import get_ep_group
 
     from ascend_patch.impls.moe.all_to_all_dispatch import (
         expert_owners,
+        make_kernel_class,
         make_prepare_finalize_class,
     )
 
     parallel = layer.moe_config.moe_parallel_config
-    # The ranks of one DP rank (its TP ranks) hold the same tokens: they split them.
-    num_sharers = parallel.ep_size // (parallel.dp_size * parallel.pcp_size)
-    sharer = parallel.ep_rank - parallel.dp_rank * num_sharers
+    if parallel.is_sequence_parallel:
+        # Sequence-parallel MoE (vLLM's choice for DP > 1 with TP > 1 and EP): the model
+        # already split each DP rank's tokens over its TP ranks; each sends its own chunk.
+        num_sharers, sharer = 1, 0
+    else:
+        # The ranks of one DP rank (its TP ranks) hold the same tokens: they split them.
+        num_sharers = parallel.ep_size // (parallel.dp_size * parallel.pcp_size)
+        sharer = parallel.ep_rank - parallel.dp_rank * num_sharers
     placement = getattr(layer, "expert_placement_strategy", "linear")
     prepare_finalize = make_prepare_finalize_class()(
         group_fn=get_ep_group,
@@ -357,9 +369,11 @@ def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
         on_call=lambda nbytes, name=layer.layer_name: stats.dispatch_recorded(name, nbytes),
     )
     # Same experts object (CapacityExperts, built by the original from self.experts_cls),
-    # new prepare/finalize. Nothing else holds the old kernel: the runner reads
-    # moe_kernel through the method on every forward (fused_moe_method_base.py:35-47).
-    method.moe_kernel = mk.FusedMoEKernel(prepare_finalize, method.moe_kernel.fused_experts)
+    # new prepare/finalize, the whole kernel behind one custom op (torch.compile). Nothing
+    # else holds the old kernel: the runner reads moe_kernel through the method on every
+    # forward (fused_moe_method_base.py:35-47).
+    kernel = make_kernel_class()(prepare_finalize, method.moe_kernel.fused_experts, layer)
+    method.moe_kernel = state.kernels[layer.layer_name] = kernel
 
 
 # --------------------------------------------------------------------------------------
@@ -411,8 +425,18 @@ def make_step(layer: Any, state: CapacityState) -> DropStep:
         if parallel.ep_size > 1:
             from vllm.distributed import get_ep_group
 
+            from ascend_patch.impls.distributed.consistency import (
+                ConfigCheckTimeout,
+                ConfigMismatchError,
+                exit_later,
+            )
+
             group = get_ep_group()
-            check_config_over_group(state.options, group)
+            try:
+                check_config_over_group(state.options, group)
+            except (ConfigMismatchError, ConfigCheckTimeout) as exc:
+                exit_later(str(exc))  # this process may not serve: never let it linger
+                raise
             state.stats.config_checked(group.world_size)
     gather, rank = token_sources(parallel)
     export_layer_metrics(state, layer.layer_name, parallel)
@@ -444,9 +468,10 @@ def export_layer_metrics(state: CapacityState, layer_name: str, parallel: Any) -
 
     writer = process_metrics.writer()
     if writer is not None:
+        # Under sequence-parallel MoE every rank holds its own tokens and writes its rows.
+        planned = bool(parallel.is_sequence_parallel) or rank_within_dp(parallel) == 0
         state.stats.export_layer(layer_name, layer_series(
-            writer, state.ctx.patch_name, layer_name, parallel.dp_rank,
-            planned=rank_within_dp(parallel) == 0))
+            writer, state.ctx.patch_name, layer_name, parallel.dp_rank, planned=planned))
 
 
 def check_config_over_group(options: Any, group: Any, digest: str | None = None) -> None:
@@ -466,14 +491,16 @@ def token_sources(parallel: Any) -> tuple[Any, int]:
 
     The ranks of an EP group hold the same tokens unless DP > 1 (TP-only EP: every TP rank
     has the whole batch; DP + TP + EP: the TP ranks of one DP rank share its batch), so the
-    token sources are the DP ranks: counts are all-gathered over the DP group. Sequence
-    parallel MoE (tokens split over TP too) is not modelled: its counts would be partial.
+    token sources are the DP ranks: counts are all-gathered over the DP group. Under
+    sequence-parallel MoE (DP > 1 with TP > 1 and EP) the model splits each DP rank's
+    tokens over its TP ranks before the MoE: every EP rank is a source, counts are
+    all-gathered over the EP group.
     """
     if parallel.dp_size <= 1:
         return None, 0
-    from vllm.distributed import get_dp_group
+    from vllm.distributed import get_dp_group, get_ep_group
 
-    group = get_dp_group()
+    group = get_ep_group() if parallel.is_sequence_parallel else get_dp_group()
 
     def all_gather_counts(counts: torch.Tensor) -> torch.Tensor:
         return group.all_gather(counts.unsqueeze(0).contiguous(), dim=0)

@@ -1,0 +1,67 @@
+"""CapacityStats: when the report is written, and what it feeds to /metrics."""
+
+from __future__ import annotations
+
+import torch
+
+from ascend_patch.impls.moe.capacity import DropPlan
+from ascend_patch.impls.moe.stats import CapacityStats
+
+
+def plan(routed: int, dropped: int, local_routed: int, local_dropped: int) -> DropPlan:
+    before = torch.tensor([routed - 10, 10])
+    after = torch.tensor([routed - 10 - dropped, 10])
+    return DropPlan(keep=torch.ones(1, 1, dtype=torch.bool), weights=torch.ones(1, 1),
+                    capacity=int(after.max()), routed_rows=routed, dropped_rows=dropped,
+                    budget=dropped, bin_load_before=before, bin_load_after=after,
+                    local_routed_rows=local_routed, local_dropped_rows=local_dropped)
+
+
+def test_without_the_all_to_all_the_report_is_written_at_the_log_interval():
+    flushes = []
+    stats = CapacityStats({}, log_interval=2, flush=lambda: flushes.append(1))
+    for _ in range(4):
+        stats.record("L", plan(100, 5, 100, 5))
+    assert len(flushes) == 2
+
+
+def test_with_the_all_to_all_the_report_is_written_after_the_combine_only():
+    """So that a report never has a call's drops without its traffic (a process stopped
+    between the plan and the combine leaves the previous, consistent report)."""
+    flushes = []
+    data: dict = {}
+    stats = CapacityStats(data, log_interval=2, flush=lambda: flushes.append(
+        (data["calls"], data["all_to_all"]["calls"])))
+    counters = stats.dispatch_counters()
+    for _ in range(4):
+        stats.record("L", plan(100, 5, 60, 3))
+        counters.calls += 1
+        stats.dispatch_recorded("L", 0)
+    assert flushes == [(2, 2), (4, 4)]
+
+
+class Series:
+    def __init__(self):
+        self.calls, self.bytes, self.dp_rank, self.planned = [], [], 1, True
+
+    def record(self, **values):
+        self.calls.append(values)
+
+    def add_bytes(self, n):
+        self.bytes.append(n)
+
+
+def test_exported_layers_feed_their_series_with_this_ranks_rows():
+    data: dict = {}
+    stats = CapacityStats(data, log_interval=0)
+    series = Series()
+    stats.export_layer("L", series)
+    stats.record("L", plan(100, 5, 60, 3))
+    stats.record("other", plan(100, 5, 60, 3))  # not exported: no series, no error
+    stats.dispatch_counters()
+    stats.dispatch_recorded("L", 4096)
+    assert series.calls == [dict(routed=60, dropped=3, capacity=85, max_before=90, max_after=85,
+                                 mean_before=50.0, mean_after=47.5)]
+    assert series.bytes == [4096]
+    assert data["metrics"] == {"L": {"dp_rank": 1, "writes_rows": True}}
+    assert data["rows_dropped"] == 10  # the report keeps the global counts
