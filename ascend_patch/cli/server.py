@@ -41,6 +41,7 @@ class ManagedServer:
         log_path: str | Path,
         startup_timeout: float = 300.0,
         python: str = sys.executable,
+        load_format: str = "dummy",
     ):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -51,7 +52,7 @@ class ManagedServer:
         # "vllm"), so the CPU build is started through the module, which works everywhere.
         self.cmd = [
             python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-            "--host", "127.0.0.1", "--port", str(self.port), "--load-format", "dummy",
+            "--host", "127.0.0.1", "--port", str(self.port), "--load-format", load_format,
             "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "1024", *args,
         ]
         self.env = dict(os.environ if env is None else env)
