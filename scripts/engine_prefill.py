@@ -10,8 +10,10 @@ ids, max_tokens 1) so that both DP ranks prefill at once; a round's time is from
 request sent to the last answer. The r = 0 server runs the whole time and each other
 ratio's server beside it, rounds alternating between the two (so both see the same load on
 a shared machine); the figure is the median over rounds of (round at r) / (round at r = 0
-next to it). From each server's reports: rows dropped and, per MoE layer, the load of the
-most loaded EP rank before and after (the rows whose compute sets the step).
+next to it), and the same for the CPU seconds of the server's busiest process (a worker),
+which the load of a shared machine distorts far less than wall time. From each server's
+reports: rows dropped and, per MoE layer, the load of the most loaded EP rank before and
+after (the rows whose compute sets the step).
 
 First, how much of a prefill the experts are: one offline engine process (r = 0, all experts
 in one process) times --rounds prefill passes of the same prompts and the time spent inside
@@ -57,8 +59,8 @@ patches:
 
 
 def start_server(model: Path, ratio: float, policy: str, prompts: list[list[int]],
-                 work: Path) -> tuple[ManagedServer, Path]:
-    out = work / f"r{ratio:g}"
+                 work: Path, tag: str = "base") -> tuple[ManagedServer, Path]:
+    out = work / f"r{ratio:g}-{tag}"
     out.mkdir(parents=True, exist_ok=True)
     config = out / "config.yaml"
     config.write_text(CONFIG.format(ratio=ratio, policy=policy))
@@ -75,14 +77,35 @@ def start_server(model: Path, ratio: float, policy: str, prompts: list[list[int]
     return server, out
 
 
+def group_cpu_seconds(pgid: int) -> dict[int, float]:
+    """CPU seconds (user + system) used so far by each live process of a process group."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            out[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def timed_round(server: ManagedServer, pool: ThreadPoolExecutor,
-                prompts: list[list[int]]) -> float:
-    """Seconds from the first request sent to the last answer (prefill only)."""
+                prompts: list[list[int]]) -> tuple[float, float]:
+    """(seconds from the first request sent to the last answer, CPU seconds of the busiest
+    process of the server meanwhile). The busiest process is a DP rank's worker: the one
+    the other waits for at every all-to-all. Its CPU time is what contention distorts
+    least (a process waiting for the machine accrues none)."""
+    pgid = server.proc.pid
+    before = group_cpu_seconds(pgid)
     t0 = time.perf_counter()
     answers = list(pool.map(lambda p: server.complete(p, max_tokens=1, timeout=600), prompts))
     elapsed = time.perf_counter() - t0
+    after = group_cpu_seconds(pgid)
     assert all(a["usage"]["prompt_tokens"] == len(p) for a, p in zip(answers, prompts))
-    return elapsed
+    busiest = max(after[pid] - before.get(pid, 0.0) for pid in after)
+    return elapsed, busiest
 
 
 def report_stats(out: Path) -> dict:
@@ -115,8 +138,10 @@ def main() -> None:
     parser.add_argument("--policy", default="probs")
     parser.add_argument("--prompts", type=int, default=8, help="concurrent requests a round")
     parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--control", action="store_true",
+                        help="also pair the r = 0 server with a second r = 0 server")
     args = parser.parse_args()
 
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -140,8 +165,12 @@ def main() -> None:
         with ThreadPoolExecutor(len(prompts)) as pool:
             for _ in range(args.warmup):
                 timed_round(baseline, pool, prompts)
-            for ratio in [r for r in ratios if r != 0]:
-                server, out = start_server(args.model, ratio, args.policy, prompts, args.out)
+            # A second r = 0 server first (--control): what the method reads when nothing
+            # differs but the server (start order, warm-up, placement on the cores).
+            others = ([0.0] if args.control else []) + [r for r in ratios if r != 0]
+            for index, ratio in enumerate(others):
+                server, out = start_server(args.model, ratio, args.policy, prompts, args.out,
+                                           tag=f"{index}")
                 try:
                     for _ in range(args.warmup):
                         timed_round(server, pool, prompts)
@@ -152,26 +181,32 @@ def main() -> None:
                         pairs.append((a, b) if first is baseline else (b, a))
                 finally:
                     server.stop()
-                run = {"ratio": ratio, "r0_round_s": [p[0] for p in pairs],
-                       "round_s": [p[1] for p in pairs],
-                       "paired_ratio": statistics.median(b / a for a, b in pairs),
+                run = {"ratio": ratio, "control": index == 0 and args.control,
+                       "r0_round_s": [p[0][0] for p in pairs],
+                       "round_s": [p[1][0] for p in pairs],
+                       "paired_ratio": statistics.median(b[0] / a[0] for a, b in pairs),
+                       "r0_busiest_cpu_s": [p[0][1] for p in pairs],
+                       "busiest_cpu_s": [p[1][1] for p in pairs],
+                       "paired_cpu_ratio": statistics.median(b[1] / a[1] for a, b in pairs),
                        "load_average": [round(v, 2) for v in os.getloadavg()],
                        **report_stats(out)}
                 runs.append(run)
                 print(f"r={ratio:g}: median round {statistics.median(run['round_s']):.3f} s, "
                       f"r=0 beside it {statistics.median(run['r0_round_s']):.3f} s, paired "
-                      f"ratio {run['paired_ratio']:.3f}; rows dropped {run['rows_dropped']}/"
+                      f"ratio {run['paired_ratio']:.3f}, busiest-process CPU ratio "
+                      f"{run['paired_cpu_ratio']:.3f}; rows dropped {run['rows_dropped']}/"
                       f"{run['rows_routed']}", flush=True)
     finally:
         baseline.stop()
     base_stats = report_stats(base_out)
     print("\n| r | prefill round r / r = 0 (median of paired rounds) | rounds, median s (r; r = 0) "
-          "| rows dropped | bottleneck-rank rows after / before |")
-    print("|---|---|---|---|---|")
+          "| busiest process CPU r / r = 0 | rows dropped | bottleneck-rank rows after / before |")
+    print("|---|---|---|---|---|---|")
     for r in runs:
         rows = r["bottleneck_rows_after"] / max(r["bottleneck_rows_before"], 1)
-        print(f"| {r['ratio']:g} | {r['paired_ratio']:.3f} | {statistics.median(r['round_s']):.3f}"
-              f"; {statistics.median(r['r0_round_s']):.3f} "
+        name = "0 (control)" if r["control"] else f"{r['ratio']:g}"
+        print(f"| {name} | {r['paired_ratio']:.3f} | {statistics.median(r['round_s']):.3f}"
+              f"; {statistics.median(r['r0_round_s']):.3f} | {r['paired_cpu_ratio']:.3f} "
               f"| {r['rows_dropped'] / max(r['rows_routed'], 1):.2%} | {rows:.3f} |")
     summary = {"command": " ".join(["python", *sys.argv]), "offline_prefill": offline,
                "offline_share": share, "r0_stats": base_stats,
