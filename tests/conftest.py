@@ -92,6 +92,8 @@ LINE_FREE = (
     "tests/ascend/test_dispatch_rules.py",
     "tests/bench/",
     "tests/test_fuzz.py",
+    # The drop method's accuracy on a learned router: the planner's, the same on every line.
+    "tests/e2e/test_trained_moe.py",
 )
 
 
