@@ -94,6 +94,11 @@ LINE_FREE = (
     "tests/test_fuzz.py",
     # The drop method's accuracy on a learned router: the planner's, the same on every line.
     "tests/e2e/test_trained_moe.py",
+    # A/B tooling (lab, not product): it drives vLLM through the same offline runner and
+    # server launcher that the per-line e2e tests exercise on every line.
+    "tests/cli/test_ab.py",
+    "tests/cli/test_ab_server.py",
+    "tests/e2e/test_ab_servers.py",
 )
 
 
