@@ -10,6 +10,7 @@ serves every ratio. Each vLLM start is most of this module's cost on the CI mach
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -56,6 +57,11 @@ def test_checkpoint_is_small_and_real():
     assert meta["architectures"] == ["MixtralForCausalLM"]
     size = sum(p.stat().st_size for p in MODEL.iterdir())
     assert size <= 20 * 2**20, f"{size / 2**20:.1f} MiB"
+    # The committed files are the ones scripts/train_tiny_moe.py wrote (it records their hashes).
+    recorded = json.loads((MODEL / "train_meta.json").read_text())["sha256"]
+    assert {name: hashlib.sha256((MODEL / name).read_bytes()).hexdigest()
+            for name in recorded} == recorded
+    assert set(recorded) == {"model.safetensors", "tokenizer.json", "heldout.txt"}
 
 
 def test_real_weights_load_and_generate(runs):
