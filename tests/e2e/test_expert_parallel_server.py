@@ -12,6 +12,7 @@ flushed report has (drops happen in the prefill, the first calls).
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -105,7 +106,12 @@ def check_answer(answer: dict) -> None:
     assert answer["usage"]["completion_tokens"] == MAX_TOKENS, answer
     choice = answer["choices"][0]
     assert choice["finish_reason"] == "length", answer
-    assert len(choice["text"].split()) == MAX_TOKENS, answer  # one word per token
+    # One vocabulary word per token, except that the tiny model's random weights give a
+    # nearly uniform next-token distribution (every logprob about -ln 512), where exact ties
+    # can go to <s> or </s> (ids 1, 2): they decode to nothing. Seen on vLLM 0.23 with TP=2.
+    words = choice["text"].split()
+    assert 0 < len(words) <= MAX_TOKENS, answer
+    assert all(re.fullmatch(r"w\d+|<unk>", word) for word in words), answer
 
 
 def worker_reports(report_dir: Path, expected_roles: set[str]) -> tuple[list[dict], list[dict]]:
