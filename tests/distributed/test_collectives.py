@@ -447,7 +447,9 @@ def test_check_same_config_bounds_its_wait_for_a_rank_that_never_comes():
         "call's config check: not every rank arrived; a rank failed before it, or runs without "
         "this patch (ASCEND_PATCH_CONFIG unset or the patch disabled there). Stopping instead "
         "of hanging (Operation timed out!)")
-    assert 3 <= waited < 10
+    # About the 3 s bound: gloo's own timer may fire a fraction of a millisecond before this
+    # process's clock says 3 s have passed (seen: 2.99978 s).
+    assert 2.9 <= waited < 10
 
 
 def test_a_process_whose_check_failed_exits_unless_cancelled(tmp_path):
