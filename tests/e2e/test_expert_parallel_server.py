@@ -166,6 +166,15 @@ def test_tp2_expert_parallel_serves_with_cpu_ep_config(tiny_model, tmp_path):
           f"rows routed {stats[0]['rows_routed']}, dropped {stats[0]['rows_dropped']}")
 
 
+def ask_concurrently(server: ManagedServer, count: int = 4) -> tuple[list[dict], str]:
+    """`count` long prompts at once (the API server spreads them over the DP engines), then
+    the server's /metrics: (answers, exposition)."""
+    with ThreadPoolExecutor(count) as pool:
+        answers = list(pool.map(
+            lambda i: server.complete(long_prompt(i), max_tokens=MAX_TOKENS), range(count)))
+    return answers, scrape(server)
+
+
 def scrape(server: ManagedServer) -> str:
     with urllib.request.urlopen(server.base_url + "/metrics", timeout=30) as response:
         assert response.status == 200
@@ -193,11 +202,7 @@ def test_dp2_expert_parallel_serves_with_all_to_all_dispatch(tiny_model, tmp_pat
     with running(server):
         ready = time.monotonic() - began
         pgid = server.proc.pid
-        # Concurrent requests: the API server spreads them over both DP engines.
-        with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(
-                lambda i: server.complete(long_prompt(i), max_tokens=MAX_TOKENS), range(4)))
-        exposition = scrape(server)
+        answers, exposition = ask_concurrently(server)
     assert_group_gone(pgid)
     log = server.log_path.read_text(errors="replace")
     # vLLM's default mode: its CPU worker warms up for compilation (enforce_eager skips it).

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -26,13 +25,11 @@ from ascend_patch.cli.server import ManagedServer, ServerError, free_port
 from ascend_patch.core.config import load_config
 from ascend_patch.core.report import read_reports
 from tests.e2e.test_expert_parallel_server import (
-    MAX_TOKENS,
     MOE_LAYER,
+    ask_concurrently,
     check_answer,
-    long_prompt,
     metric_values,
     running,
-    scrape,
     worker_reports,
 )
 from tests.vllm_harness import patch_in
@@ -79,10 +76,7 @@ def test_two_launches_serve_with_the_same_config(tiny_model, tmp_path):
         began = time.monotonic()
         with running(head):
             ready = time.monotonic() - began
-            with ThreadPoolExecutor(4) as pool:
-                answers = list(pool.map(
-                    lambda i: head.complete(long_prompt(i), max_tokens=MAX_TOKENS), range(4)))
-            exposition = scrape(head)
+            answers, exposition = ask_concurrently(head)
     for answer in answers:
         check_answer(answer)
     digest = load_config(CONFIG).digest
@@ -168,10 +162,7 @@ def test_dp2_tp2_expert_parallel_four_workers(tiny_model, tmp_path):
     began = time.monotonic()
     with running(server):
         ready = time.monotonic() - began
-        with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(
-                lambda i: server.complete(long_prompt(i), max_tokens=MAX_TOKENS), range(4)))
-        exposition = scrape(server)
+        answers, exposition = ask_concurrently(server)
     for answer in answers:
         check_answer(answer)
     reports = read_reports(tmp_path / "reports")
