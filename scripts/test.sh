@@ -1,44 +1,121 @@
 #!/usr/bin/env bash
-# Set everything up, then run the whole test suite on every supported vLLM line (what CI runs).
-#   scripts/test.sh                 every line (0.32, then 0.23), each in its own environment
-#   scripts/test.sh --line 0.23 -k capacity    one line; other arguments go to pytest
+# Set everything up, then run the test suite tier by tier on every environment the stack
+# registry (ascend_patch/core/stacks.py) declares. This is what CI runs.
+#
+#   scripts/test.sh                     static check, then every environment's tiers
+#   scripts/test.sh --env vllm-0.23     one environment (its tiers)
+#   scripts/test.sh --tier contract     one tier, in every environment that runs it
+#   scripts/test.sh -m slow             the slow tier (multi-node, studies; not in CI)
+#   scripts/test.sh -k capacity         other arguments go to pytest
+#
+# Tiers (tests/conftest.py): unit (no vLLM import) runs once, in the primary environment;
+# contract in every environment; e2e (engines, servers) in the primary one; smoke (one server)
+# in each other CPU environment. Each tier prints its slowest tests, and a closing table the
+# time of each step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-lines=(0.32 0.23)
-if [[ ${1:-} == --line ]]; then
-  [[ $# -ge 2 ]] || { echo "test.sh: --line needs a vLLM line (0.32 or 0.23)" >&2; exit 2; }
-  lines=("$2")
-  shift 2
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+stacks() { "$PYTHON" -m ascend_patch.core.stacks "$@"; }
+
+only_env="" only_tier="" slow=0 args=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --env|--line)
+      [[ $# -ge 2 ]] || { echo "test.sh: $1 needs an environment name" >&2; exit 2; }
+      only_env=$2; [[ $only_env == vllm-* ]] || only_env=vllm-$only_env; shift 2 ;;
+    --tier)
+      [[ $# -ge 2 ]] || { echo "test.sh: --tier needs a tier name" >&2; exit 2; }
+      only_tier=$2; shift 2 ;;
+    -m)
+      [[ ${2:-} == slow ]] || { echo "test.sh: -m takes only 'slow' (tiers select the rest)" >&2; exit 2; }
+      slow=1; shift 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+
+mapfile -t envs < <(stacks environments)
+if [[ -n $only_env ]]; then
+  [[ " ${envs[*]} " == *" $only_env "* ]] || {
+    echo "test.sh: unknown environment '$only_env' (declared: ${envs[*]})" >&2; exit 2; }
+  envs=("$only_env")
 fi
-bash scripts/setup.sh "${lines[@]}"
-# The real vllm-ascend source, read (never imported) by the static checks and contract tests.
+
+timings=$(mktemp)
+results=$(mktemp -d)
+trap 'rm -rf "$results" "$timings"' EXIT
+step() {  # step NAME SECONDS STATUS
+  printf '%-28s %6ss  %s\n' "$1" "$2" "$3" >>"$timings"
+}
+
+began=$SECONDS
+bash scripts/setup.sh "${envs[@]}"
+step "setup" $((SECONDS - began)) ok
+
+# The real vllm-ascend source of every declared release, read (never imported) by the static
+# check and the contract tests.
 TEST_VLLM_ASCEND_SRC=$(bash scripts/fetch_vllm_ascend.sh)
 export TEST_VLLM_ASCEND_SRC
 
-results=$(mktemp -d)
-trap 'rm -rf "$results"' EXIT
 status=0
-first=1
-for line in "${lines[@]}"; do
-  echo "=== vLLM $line line (.venvs/vllm-$line) ==="
-  # Tests that do not depend on the vLLM line run once, on the first line.
-  extra=()
-  [[ $first -eq 1 ]] || extra=(--skip-line-free)
-  first=0
+# Static check first: every shipped config against the real upstream source of every stack
+# that declares one, before any engine starts.
+if [[ $slow -eq 0 && ( -z $only_tier || $only_tier == static ) ]]; then
+  began=$SECONDS
+  python=".venvs/${envs[0]}/bin/python"
+  static_ok=ok
+  while read -r key package _dist version _sha configs; do
+    line=${key%/*} platform=${key#*/}
+    dir=$(bash scripts/fetch_vllm_ascend.sh "$version")
+    for config in ${configs//,/ }; do
+      if ! "$python" -m ascend_patch validate "$config" --platform "$platform" \
+          --vllm-line "$line" --source "$package=$dir"; then
+        static_ok=FAILED status=1
+      fi
+    done
+  done < <(stacks sources)
+  step "static" $((SECONDS - began)) "$static_ok"
+fi
+
+run_tier() {  # run_tier ENV TIER
+  local env=$1 tier=$2 code began=$SECONDS label
+  label="$tier ($env)"
+  echo "=== $label ==="
+  local select=(--tier "$tier")
+  [[ $tier != slow ]] || select=(-m slow)
   set +e
-  ".venvs/vllm-$line/bin/python" -m pytest --junitxml="$results/$line.xml" "${extra[@]}" "$@"
+  ".venvs/$env/bin/python" -m pytest "${select[@]}" --durations=10 \
+    --junitxml="$results/$env-$tier.xml" "${args[@]}"
   code=$?
   set -e
-  # pytest exits 5 when it collected no test (e.g. a -k that matches nothing): not a failure.
+  # pytest exits 5 when it selected no test (a -k matching nothing in this tier): not a failure.
   if [[ $code -eq 5 ]]; then
-    echo "vLLM $line: pytest collected no tests"
+    step "$label" $((SECONDS - began)) "no tests selected"
   elif [[ $code -ne 0 ]]; then
+    step "$label" $((SECONDS - began)) "FAILED (pytest exit $code)"
     status=$code
+  else
+    step "$label" $((SECONDS - began)) ok
   fi
+}
+
+for env in "${envs[@]}"; do
+  if [[ $slow -eq 1 ]]; then
+    [[ $env == "${envs[0]}" ]] && run_tier "$env" slow
+    continue
+  fi
+  while read -r tier; do
+    [[ -z $only_tier || $only_tier == "$tier" ]] || continue
+    run_tier "$env" "$tier"
+  done < <(stacks tiers "$env")
 done
-# One closing line over every line's run (pytest prints one per run).
-python3 - "$results" <<'PY'
+
+echo
+echo "=== time per step ==="
+cat "$timings"
+# One closing line over every tier's run (pytest prints one per run).
+"$PYTHON" - "$results" <<'PY'
 import sys, xml.etree.ElementTree as ET
 from pathlib import Path
 totals = dict(tests=0, failures=0, errors=0, skipped=0)
@@ -49,6 +126,6 @@ for xml in sorted(Path(sys.argv[1]).glob("*.xml")):
         totals[key] += int(suite.get(key, 0))
 failed = totals["failures"] + totals["errors"]
 passed = totals["tests"] - failed - totals["skipped"]
-print(f"all vLLM lines: {passed} passed, {failed} failed, {totals['skipped']} skipped")
+print(f"all tiers: {passed} passed, {failed} failed, {totals['skipped']} skipped")
 PY
 exit $status

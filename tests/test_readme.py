@@ -47,3 +47,12 @@ def test_no_file_cites_documents_users_do_not_have():
     cited += [f"README.md:{n}" for n, line in enumerate(README.splitlines(), 1)
               if "REFERENCE" + ".md" in line]
     assert cited == []
+
+
+def test_the_support_table_is_the_registry():
+    from ascend_patch.core.stacks import SUPPORT_BEGIN, SUPPORT_END, support_table
+
+    begin, end = README.index(SUPPORT_BEGIN), README.index(SUPPORT_END) + len(SUPPORT_END)
+    assert README[begin:end] == support_table(), (
+        "README's support table differs from the stack registry: paste "
+        "`python -m ascend_patch.core.stacks support-table` over it")

@@ -166,8 +166,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from ascend_patch.core import catalog
+    from ascend_patch.core.stacks import STACKS
     from ascend_patch.core.versions import (
-        LINES,
         UnsupportedVllmError,
         detect_platform,
         detect_stack,
@@ -207,28 +207,33 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     out.print(table)
     for warning in plugin_filter_warnings(os.environ, installed_plugins()):
         out.print(f"WARNING: {warning}", markup=False)
-    entries = Table(title="catalog: what each implementation does per vLLM line and platform")
-    entries.add_column("implementation")
-    for line in LINES:
-        for plat in ("vllm", "ascend"):
-            entries.add_column(f"{line.name} {plat}", overflow="fold")
-    entries.add_column("here")
+    # One row per implementation, the stacks listed by what it does there: the table keeps
+    # its width whatever the number of declared stacks.
+    entries = Table(title="catalog: what each implementation does on each stack "
+                    "(vLLM line/platform)")
+    entries.add_column("implementation", no_wrap=True)
+    for column in ("patches", "provided by the platform", "unsupported"):
+        entries.add_column(column, overflow="fold")
     for name in catalog.builtin_names():
         impl = catalog.lookup(name)
-        cells = []
-        for line in LINES:
-            for plat in ("vllm", "ascend"):
-                site_set = impl.site_set(line.name, plat)
-                cells.append("-" if site_set is None else "patch" if site_set.sites
-                             else "provided" if site_set.provided else "unsupported")
-        if stack is None or stack.line is None:
-            here = "no (no supported vLLM)"
-        else:
-            site_set = impl.site_set(stack.line, stack.platform)
-            here = ("no: nothing declared" if site_set is None else "patches" if site_set.sites
+        does: dict[str, list[str]] = {"patch": [], "provided": [], "unsupported": []}
+        for declared in STACKS:
+            site_set = impl.site_set(declared.line, declared.catalog_platform)
+            kind = ("unsupported" if site_set is None or site_set.unsupported
+                    else "patch" if site_set.sites else "provided")
+            does[kind].append(declared.key)
+        entries.add_row(name, *(" ".join(keys) or "-" for keys in does.values()))
+    out.print(entries)
+    if stack is not None and stack.line is not None:
+        out.print(f"here ({stack.line}/{stack.platform}):", markup=False)
+        for name in catalog.builtin_names():
+            site_set = catalog.lookup(name).site_set(stack.line, stack.platform)
+            here = ("not declared" if site_set is None else "patches" if site_set.sites
                     else f"nothing to do: {site_set.provided}" if site_set.provided
-                    else f"no: {site_set.unsupported}")
-        entries.add_row(name, *cells, here)
+                    else f"unsupported: {site_set.unsupported}")
+            out.print(f"  {name}: {here}", markup=False)
+    else:
+        out.print("here: nothing applies (no supported vLLM installed)", markup=False)
     out.print(entries)
     return EXIT_OK
 

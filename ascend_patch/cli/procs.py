@@ -9,12 +9,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-# Settings a vLLM line's CPU build needs to run the tiny models. vLLM 0.23's CPU platform
-# refuses MLA attention (vllm/platforms/cpu.py:83-84 in 0.23.0): DeepSeek-V3-shaped models
-# then run with standard attention, which vLLM supports for them.
-_LINE_ENV = {"0.23": {"VLLM_MLA_DISABLE": "1"}}
-
-
 def vllm_env(*, workers: int = 1, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
     """The environment of a vLLM CPU run: no inherited ascend-patch or vLLM settings."""
     from ascend_patch.core.versions import installed_vllm, line_of
@@ -25,7 +19,8 @@ def vllm_env(*, workers: int = 1, base: Mapping[str, str] | None = None, **extra
     vllm = installed_vllm()
     line = line_of(vllm.version) if vllm else None
     if line is not None:
-        env.update(_LINE_ENV.get(line.name, {}))
+        # What the line's CPU build needs to run our tiny models (the registry says why).
+        env.update(line.cpu_env)
     if workers > 1:
         # One OpenMP thread group per worker, none held back: what a 2-core machine can give.
         env.update(VLLM_CPU_OMP_THREADS_BIND="|".join(str(i) for i in range(workers)),

@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from ascend_patch.core.stacks import LINE_NAMES, STACKS, lines_on
+
 
 class NoOptions(BaseModel):
     """Options model of implementations that take none."""
@@ -73,13 +75,16 @@ class SiteSet:
 
 
 def no_ascend_release(*lines: str) -> SiteSet:
-    """The ascend site set of lines no vllm-ascend release runs on (0.23.0.post1, the newest,
-    pairs with vLLM 0.23.0): there is no vllm-ascend code to patch or rely on."""
+    """The ascend site set of lines no vllm-ascend release runs on (by default every declared
+    line without an ascend stack): there is no vllm-ascend code to patch or rely on."""
+    lines = lines or tuple(name for name in LINE_NAMES if name not in lines_on("ascend"))
+    releases = ", ".join(f"{s.ascend_release} pairs with vLLM {s.line}" for s in STACKS
+                         if s.ascend_release)
     return SiteSet(
         lines=lines,
         platform="ascend",
         unsupported=f"no vllm-ascend release runs on vLLM {', '.join(lines)} yet "
-        "(vllm-ascend 0.23.0.post1 pairs with vLLM 0.23.0)",
+        f"(vllm-ascend {releases})",
     )
 
 

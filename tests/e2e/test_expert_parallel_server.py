@@ -192,6 +192,7 @@ def metric_values(exposition: str, name: str) -> dict[tuple[tuple[str, str], ...
     return values
 
 
+@pytest.mark.smoke
 def test_dp2_expert_parallel_serves_with_all_to_all_dispatch(tiny_model, tmp_path):
     """In vLLM's default (compiled) mode; /metrics carries the drop counters."""
     config = REPO / "configs" / "cpu-dp-ep.yaml"

@@ -69,7 +69,7 @@ IMPLEMENTATIONS = {
                 unsupported="the CPU communicator is vLLM's CPU platform's; vllm-ascend "
                 "communicates over HCCL with its own communicator",
             ),
-            no_ascend_release("0.32"),
+            no_ascend_release(),
         ),
         options=CpuCollectivesOptions,
     ),

@@ -49,7 +49,7 @@ IMPLEMENTATIONS = {
             ),
             _provided("vllm_ascend.ops.layernorm:AscendRMSNorm.forward_oot",
                       "(self, x, residual=…)", "torch_npu.npu_rms_norm / npu_add_rms_norm"),
-            no_ascend_release("0.32"),
+            no_ascend_release(),
         ),
     ),
     "ops.silu_and_mul": Implementation(
@@ -70,7 +70,7 @@ IMPLEMENTATIONS = {
             ),
             _provided("vllm_ascend.ops.activation:AscendSiluAndMul.forward_oot",
                       "(self, x)", "torch_npu.npu_swiglu"),
-            no_ascend_release("0.32"),
+            no_ascend_release(),
         ),
     ),
 }

