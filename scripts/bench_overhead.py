@@ -3,9 +3,9 @@
     .venvs/vllm-0.32/bin/python scripts/bench_overhead.py [--runs 3] [--loader-runs 7]
 
 1. vLLM offline start-up (`LLM(...)` construction, tiny DeepseekV3 from
-   `ascend_patch.cli.tiny_model`, dummy weights) without and with ASCEND_PATCH_CONFIG, runs
-   alternated, medians; each run is `ascend_patch.cli.offline_run` in its own process group
-   (`ascend_patch.cli.procs.run_in_group`). The config applies moe.capacity at r = 0 and the
+   `ascend_patch.harness.tiny_model`, dummy weights) without and with ASCEND_PATCH_CONFIG, runs
+   alternated, medians; each run is `ascend_patch.harness.offline_run` in its own process group
+   (`ascend_patch.harness.procs.run_in_group`). The config applies moe.capacity at r = 0 and the
    two ops patches.
 2. The loader's own cost per process: a fresh interpreter imports vllm.engine.arg_utils (where
    vLLM first calls load_general_plugins, so vLLM's config and pydantic are loaded), then times
@@ -62,9 +62,9 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def startup(runs: int, work: Path, timeout: float = 300.0) -> dict:
-    from ascend_patch.cli import offline_run
-    from ascend_patch.cli.procs import run_in_group, vllm_env
-    from ascend_patch.cli.tiny_model import make_tiny_model
+    from ascend_patch.harness import offline_run
+    from ascend_patch.harness.procs import run_in_group, vllm_env
+    from ascend_patch.harness.tiny_model import make_tiny_model
 
     model = make_tiny_model(work / "tiny-deepseek-v3")
     config = work / "overhead.yaml"

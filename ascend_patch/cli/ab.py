@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ascend_patch.cli import ab_output, ab_stats, offline_run
+from ascend_patch.cli import ab_output, ab_stats
 from ascend_patch.cli.ab_engine import EngineFailed, EngineProcess
-from ascend_patch.cli.procs import vllm_env
 from ascend_patch.core.report import read_reports
+from ascend_patch.harness import offline_run
+from ascend_patch.harness.procs import vllm_env
 
 STOCK = "stock"
 # vLLM's TP workers poll their message queue busily for 1 s after each step before they fall
@@ -478,7 +479,7 @@ def _say(ratio: ab_stats.Estimate, verdict: str) -> str:
 def run_ab(args) -> int:
     from rich.console import Console
 
-    from ascend_patch.cli.tiny_model import make_tiny_model
+    from ascend_patch.harness.tiny_model import make_tiny_model
 
     console = Console(highlight=False)
     arms = build_arms(args)

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ascend_patch.cli import offline_run
+from ascend_patch.harness import offline_run
 
 
 class EngineFailed(RuntimeError):

@@ -355,8 +355,8 @@ def side_by_side(count: int, tensor_parallel: int, model: Path, forced_sequentia
 
 
 def launched_servers(args, work: Path) -> list[Server]:
-    from ascend_patch.cli.procs import vllm_env
-    from ascend_patch.cli.server import ManagedServer
+    from ascend_patch.harness.procs import vllm_env
+    from ascend_patch.harness.server import ManagedServer
 
     servers = []
     labels = _labels_for(args.launch)
@@ -403,7 +403,7 @@ def _labels_for(names: list[str]) -> list[str]:
 
 
 def _start(server: Server, args) -> None:
-    from ascend_patch.cli.server import ServerError
+    from ascend_patch.harness.server import ServerError
 
     try:
         server.managed.start()

@@ -330,7 +330,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from ascend_patch.cli.tiny_model import check_out_dir, make_tiny_model
+    from ascend_patch.harness.tiny_model import check_out_dir, make_tiny_model
 
     problem = check_out_dir(args.out_dir, args.force)
     if problem:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from ascend_patch.cli import ab, ab_output, offline_run
+from ascend_patch.cli import ab, ab_output
 from ascend_patch.cli.ab import Arm, ArmRun, compare, make_prompts, offline_metrics
 from ascend_patch.cli.ab_engine import EngineFailed, EngineProcess
 from ascend_patch.cli.ab_stats import (
@@ -23,6 +23,7 @@ from ascend_patch.cli.ab_stats import (
     verdict,
 )
 from ascend_patch.cli.main import main
+from ascend_patch.harness import offline_run
 
 
 def outputs(token_ids, top_logprobs):
@@ -360,7 +361,7 @@ def test_driver_ends_its_group_when_ab_is_killed(tmp_path):
     os.mkfifo(fifo)
     parent = child(tmp_path, "import os, subprocess, sys, time\n"
                              "p = subprocess.Popen([sys.executable, '-m', "
-                             "'ascend_patch.cli.offline_run', "
+                             "'ascend_patch.harness.offline_run', "
                              f"'no-model', '--prompts-json', {str(fifo)!r}, '--driver'], "
                              "start_new_session=True, stdin=subprocess.PIPE)\n"
                              "print(p.pid, flush=True)\ntime.sleep(0.5)\nos._exit(0)\n")

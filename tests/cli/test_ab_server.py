@@ -15,7 +15,7 @@ from rich.console import Console
 from ascend_patch.cli import ab_server
 from ascend_patch.cli.ab_server import ServerFailed, make_workload, parse_url
 from ascend_patch.cli.main import main
-from ascend_patch.cli.server import ManagedServer
+from ascend_patch.harness.server import ManagedServer
 
 
 @pytest.mark.parametrize(("text", "base"), [

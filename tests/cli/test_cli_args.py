@@ -7,7 +7,7 @@ import pytest
 
 from ascend_patch.cli import ab
 from ascend_patch.cli.main import main
-from ascend_patch.cli.server import ManagedServer
+from ascend_patch.harness.server import ManagedServer
 
 MOE = """
 version: 1

@@ -8,7 +8,6 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-
 # Settings a vLLM line's CPU build needs to run the tiny models. vLLM 0.23's CPU platform
 # refuses MLA attention (vllm/platforms/cpu.py:83-84 in 0.23.0): DeepSeek-V3-shaped models
 # then run with standard attention, which vLLM supports for them.
