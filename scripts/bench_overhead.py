@@ -213,7 +213,7 @@ def per_call(work: Path) -> dict:
 
 
 def bench(runs: int = 3, loader_runs: int = 7, skip_startup: bool = False) -> dict:
-    from ascend_patch.cli.ab_layer import machine_info
+    from ascend_patch.lab.layer import machine_info
 
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         work = Path(tmp)
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-startup", action="store_true")
     p.add_argument("--out", default="bench-results")
     a = p.parse_args(argv)
-    from ascend_patch.cli.ab_layer import write_json
+    from ascend_patch.lab.layer import write_json
 
     result = bench(a.runs, a.loader_runs, a.skip_startup)
     print_tables(result)

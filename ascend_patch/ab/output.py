@@ -11,7 +11,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from ascend_patch.cli.ab_stats import Estimate
+from ascend_patch.ab.stats import Estimate
 
 WIDTH = 80
 # Labels longer than this become letters (A, B, ...) in the tables; the legend says which.
@@ -75,6 +75,16 @@ def wrap(text: str, indent: str = "  ") -> str:
 def say(console, text: str, indent: str = "  ") -> None:
     """Print prose wrapped at 80 columns, as it is (no markup: "[lo, hi]" is not a style)."""
     console.print(wrap(text, indent), markup=False, highlight=False, soft_wrap=True)
+
+
+def ratio_phrase(ratio: Estimate, verdict: str) -> str:
+    """A ratio with its verdict, for the sentences under the tables."""
+    figure = fmt(ratio, 1, 3)
+    if verdict in ("better", "worse"):
+        return f"{verdict} ({figure})"
+    if verdict == "no measurable difference":
+        return f"no measurable difference ({figure})"
+    return f"{figure}: {verdict}"
 
 
 def dlogp(row: dict[str, Any]) -> str:
