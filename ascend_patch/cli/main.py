@@ -53,7 +53,7 @@ def _checker(args: argparse.Namespace, stack):
 
     sources = None
     if getattr(args, "source", None):
-        from ascend_patch.core.static_targets import SourceRoots
+        from ascend_patch.checks.static_targets import SourceRoots
 
         # vllm-ascend picks code paths with vllm_version_is("X.Y.Z"): read the planned line's.
         hints = {f'vllm_version_is("{v}")': v.startswith(f"{stack.line}.") for v in

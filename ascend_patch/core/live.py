@@ -16,7 +16,7 @@ from ascend_patch.core.targets import TargetRef, find_module, render_signature, 
 from ascend_patch.core.versions import InstalledVllm, installed_vllm, version_matches
 
 if TYPE_CHECKING:
-    from ascend_patch.core.static_targets import SourceRoots
+    from ascend_patch.checks.static_targets import SourceRoots
 
 
 def signature_problem(patch: PlannedPatch, site: PlannedSite, live: str) -> str | None:

@@ -17,13 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from ascend_patch.core import static_targets
-from ascend_patch.core.static_targets import (
-    MAX_IMPORT_HOPS,
-    SourceRoots,
-    StaticResolved,
-    render_ast_signature,
-)
+from ascend_patch.checks import static_targets
+from ascend_patch.checks.source_tree import render_ast_signature
+from ascend_patch.checks.static_targets import MAX_IMPORT_HOPS, SourceRoots, StaticResolved
 from ascend_patch.core.targets import TargetRef, parse_target, render_signature, resolve
 
 VLLM_ASCEND_RELEASE = "vllm_ascend-0.23.0.post1"
