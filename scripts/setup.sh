@@ -58,3 +58,11 @@ setup_line() {
 for line in "${lines[@]}"; do
   setup_line "$line"
 done
+
+# --- light environment (.venvs/light): the package with its light dependencies only, where
+# tests/test_light_venv.py runs validate --source and plan without torch or vLLM. Kept in its
+# own script, which that test also runs (a no-op once the environment is up to date).
+setup_light() {
+  bash scripts/setup_light.sh
+}
+setup_light

@@ -60,7 +60,8 @@ def npu_modules() -> set[str]:
 
 
 def test_factories_load_without_vllm_ascend():
-    """validate imports every factory: that must not need torch_npu or vllm-ascend."""
+    """The loader imports every factory (and so does validate on the planned stack): that
+    must not need torch_npu or vllm-ascend."""
     before = npu_modules()
     site_set = catalog.lookup("moe.capacity").site_set("0.23", "ascend")
     for site in site_set.sites:
