@@ -1,4 +1,4 @@
-"""One vLLM engine per A/B arm, kept up across the repeats (offline_run.py --driver).
+"""One vLLM engine per A/B arm, kept up across the repeats (harness/offline_run.py --driver).
 
 Starting the tiny model's engine took 20-142 s on the loaded 2-core machine while one repeat
 of the default workload took 0.4-1.4 s once warm, so a new engine per repeat would spend

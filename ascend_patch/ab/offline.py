@@ -2,10 +2,10 @@
 
 Arms are config files, drop ratios applied to one config's `moe.capacity` patch through
 ASCEND_PATCH_OVERRIDE, and (with --stock) vLLM with no patch at all. Each arm gets one
-engine process, started once and kept up (offline_run.py --driver); the arms then run the
-workload in randomised blocks (every arm once per block, a fresh order per block, drawn from
---seed) after a warm-up block that is not counted. The first arm is the reference for
-ratios and agreement: --stock puts the unpatched engine first; otherwise make it the
+engine process, started once and kept up (harness/offline_run.py --driver); the arms then
+run the workload in randomised blocks (every arm once per block, a fresh order per block,
+drawn from --seed) after a warm-up block that is not counted. The first arm is the reference
+for ratios and agreement: --stock puts the unpatched engine first; otherwise make it the
 dropless one.
 
 With --servers or --launch the arms are OpenAI-compatible servers instead (servers.py).
