@@ -377,17 +377,8 @@ def run_ab(args) -> int:
         "load_average_before": load_before, "load_average_after": load_average(),
         "cpus": cpus(), "work_dir": str(work), "arms": output.as_json(rows),
     }
-    json_path = out_dir / "ab.json"
-    json_path.write_text(json.dumps(summary, indent=2))
-    labels = output.short_labels([r["label"] for r in rows])
-    png, message = output.plot(
-        out_dir / "ab.png", f"A/B on {model.name}: against {labels[0]}", labels[1:],
-        {"prefill speed-up": [r["prefill_speedup"] for r in rows[1:]],
-         "tokens/s ratio": [r["tokens_per_s_ratio"] for r in rows[1:]]},
-        {"exact match": [r["exact_match_rate"] for r in rows[1:]],
-         "token agreement": [r["token_agreement"] for r in rows[1:]]})
-    console.print(f"wrote {json_path}", markup=False)
-    console.print(message, markup=False)
+    output.save(console, out_dir, summary, rows, f"A/B on {model.name}",
+                {"prefill speed-up": "prefill_speedup", "tokens/s ratio": "tokens_per_s_ratio"})
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -166,6 +167,22 @@ def plot(path: Path, title: str, labels: Sequence[str], ratios: dict[str, list[E
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path, f"wrote {path}"
+
+
+def save(console, out_dir: Path, summary: dict[str, Any], rows: list[dict[str, Any]],
+         title: str, ratios: dict[str, str], **plot_options: str) -> None:
+    """ab.json, and ab.png of `ratios` (legend -> row key) and the agreement of every row
+    against the first (the reference); says what was written."""
+    json_path = out_dir / "ab.json"
+    json_path.write_text(json.dumps(summary, indent=2))
+    labels = short_labels([r["label"] for r in rows])
+    _, message = plot(
+        out_dir / "ab.png", f"{title}: against {labels[0]}", labels[1:],
+        {legend: [r[key] for r in rows[1:]] for legend, key in ratios.items()},
+        {"exact match": [r["exact_match_rate"] for r in rows[1:]],
+         "token agreement": [r["token_agreement"] for r in rows[1:]]}, **plot_options)
+    console.print(f"wrote {json_path}", markup=False)
+    console.print(message, markup=False)
 
 
 def as_json(value: Any) -> Any:

@@ -511,19 +511,9 @@ def run_server_ab(args) -> int:
                "load_average_before": load_before, "load_average_after": load_average(),
                "work_dir": str(work),
                "servers": output.as_json(rows)}
-    json_path = out_dir / "ab.json"
-    json_path.write_text(json.dumps(summary, indent=2))
-    labels = output.short_labels([r["label"] for r in rows])
-    png, message = output.plot(
-        out_dir / "ab.png", f"Live A/B: against {labels[0]}", labels[1:],
-        {"TTFT speed-up": [r["ttft_speedup"] for r in rows[1:]],
-         "TPOT speed-up": [r["tpot_speedup"] for r in rows[1:]],
-         "requests/s ratio": [r["requests_per_s_ratio"] for r in rows[1:]]},
-        {"exact match": [r["exact_match_rate"] for r in rows[1:]],
-         "token agreement": [r["token_agreement"] for r in rows[1:]]}, xlabel="server",
-        per="round")
-    console.print(f"wrote {json_path}", markup=False)
-    console.print(message, markup=False)
+    output.save(console, out_dir, summary, rows, "Live A/B",
+                {"TTFT speed-up": "ttft_speedup", "TPOT speed-up": "tpot_speedup",
+                 "requests/s ratio": "requests_per_s_ratio"}, xlabel="server", per="round")
     return 0
 
 
