@@ -33,9 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ascend_patch.cli.procs import vllm_env  # noqa: E402
-from ascend_patch.cli.server import ManagedServer  # noqa: E402
-from ascend_patch.cli.tiny_model import make_tiny_model  # noqa: E402
+from ascend_patch.harness.procs import vllm_env  # noqa: E402
+from ascend_patch.harness.server import ManagedServer  # noqa: E402
+from ascend_patch.harness.tiny_model import make_tiny_model  # noqa: E402
 
 HISTOGRAMS = {"decode_step_s": "vllm:inter_token_latency_seconds",
               "prefill_s": "vllm:request_prefill_time_seconds"}

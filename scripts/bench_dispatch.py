@@ -130,7 +130,6 @@ def worker(rank: int, a) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(a.port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     world = 2
-    from ascend_patch.cli.ab_layer import LayerSetup, make_layer
     from ascend_patch.impls.moe.all_to_all_dispatch import (
         DispatchCounters,
         combine,
@@ -141,6 +140,7 @@ def worker(rank: int, a) -> None:
     from ascend_patch.impls.moe.capacity import plan_drops
     from ascend_patch.impls.moe.options import CapacityOptions
     from ascend_patch.impls.moe.routing_sim import calibrate_skew, rank_loads
+    from ascend_patch.lab.layer import LayerSetup, make_layer
 
     experts = 256
     epr = experts // world
@@ -353,7 +353,7 @@ def main(argv=None) -> int:
     if a.worker is not None:
         worker(a.worker, a)
         return 0
-    from ascend_patch.cli.ab_layer import machine_info, write_json
+    from ascend_patch.lab.layer import machine_info, write_json
 
     result = run_dispatch(a.tokens, a.skew, a.ratios, a.reps, a.hidden, a.intermediate, a.seed)
     result["machine"] = machine_info()

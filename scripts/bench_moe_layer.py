@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ascend_patch.cli.ab_layer import (
+from ascend_patch.lab.layer import (
     LayerSetup,
     check_cells,
     layer_ab,

@@ -3,9 +3,9 @@
     .venvs/vllm-0.32/bin/python scripts/bench_overhead.py [--runs 3] [--loader-runs 7]
 
 1. vLLM offline start-up (`LLM(...)` construction, tiny DeepseekV3 from
-   `ascend_patch.cli.tiny_model`, dummy weights) without and with ASCEND_PATCH_CONFIG, runs
-   alternated, medians; each run is `ascend_patch.cli.offline_run` in its own process group
-   (`ascend_patch.cli.procs.run_in_group`). The config applies moe.capacity at r = 0 and the
+   `ascend_patch.harness.tiny_model`, dummy weights) without and with ASCEND_PATCH_CONFIG, runs
+   alternated, medians; each run is `ascend_patch.harness.offline_run` in its own process group
+   (`ascend_patch.harness.procs.run_in_group`). The config applies moe.capacity at r = 0 and the
    two ops patches.
 2. The loader's own cost per process: a fresh interpreter imports vllm.engine.arg_utils (where
    vLLM first calls load_general_plugins, so vLLM's config and pydantic are loaded), then times
@@ -62,9 +62,9 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def startup(runs: int, work: Path, timeout: float = 300.0) -> dict:
-    from ascend_patch.cli import offline_run
-    from ascend_patch.cli.procs import run_in_group, vllm_env
-    from ascend_patch.cli.tiny_model import make_tiny_model
+    from ascend_patch.harness import offline_run
+    from ascend_patch.harness.procs import run_in_group, vllm_env
+    from ascend_patch.harness.tiny_model import make_tiny_model
 
     model = make_tiny_model(work / "tiny-deepseek-v3")
     config = work / "overhead.yaml"
@@ -213,7 +213,7 @@ def per_call(work: Path) -> dict:
 
 
 def bench(runs: int = 3, loader_runs: int = 7, skip_startup: bool = False) -> dict:
-    from ascend_patch.cli.ab_layer import machine_info
+    from ascend_patch.lab.layer import machine_info
 
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         work = Path(tmp)
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-startup", action="store_true")
     p.add_argument("--out", default="bench-results")
     a = p.parse_args(argv)
-    from ascend_patch.cli.ab_layer import write_json
+    from ascend_patch.lab.layer import write_json
 
     result = bench(a.runs, a.loader_runs, a.skip_startup)
     print_tables(result)

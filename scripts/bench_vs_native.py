@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from ascend_patch.cli.ab_layer import (
+from ascend_patch.lab.layer import (
     LayerSetup,
     interleaved_medians,
     machine_info,

@@ -16,10 +16,10 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ascend_patch.cli.procs import vllm_env
-from ascend_patch.cli.server import ManagedServer, ServerError
-from ascend_patch.cli.tiny_model import make_tiny_model
 from ascend_patch.core.report import read_reports
+from ascend_patch.harness.procs import vllm_env
+from ascend_patch.harness.server import ManagedServer, ServerError
+from ascend_patch.harness.tiny_model import make_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -36,9 +36,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ascend_patch.cli.procs import vllm_env
-from ascend_patch.cli.server import ManagedServer, free_port
 from ascend_patch.core.report import read_reports
+from ascend_patch.harness.procs import vllm_env
+from ascend_patch.harness.server import ManagedServer, free_port
 from ascend_patch.lab.arms import Arm, heldout_prompts, run_arm
 
 CONFIG = """version: 1

@@ -89,3 +89,7 @@ setup_env() {
 for name in "${envs[@]}"; do
   setup_env "$name"
 done
+
+# The light environment (.venvs/light): the package with its light dependencies only, where the
+# static check runs without torch or vLLM.
+bash scripts/setup_light.sh

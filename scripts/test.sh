@@ -60,10 +60,10 @@ export TEST_VLLM_ASCEND_SRC
 
 status=0
 # Static check first: every shipped config against the real upstream source of every stack
-# that declares one, before any engine starts.
+# that declares one, before any engine starts, in the environment without torch or vLLM.
 if [[ $slow -eq 0 && ( -z $only_tier || $only_tier == static ) ]]; then
   began=$SECONDS
-  python=".venvs/${envs[0]}/bin/python"
+  python=.venvs/light/bin/python
   static_ok=ok
   while read -r key package _dist version _sha configs; do
     line=${key%/*} platform=${key#*/}

@@ -59,7 +59,7 @@ def write_config(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny DeepseekV3-shaped MoE model directory (config + tokenizer; dummy weights)."""
-    from ascend_patch.cli.tiny_model import make_tiny_model
+    from ascend_patch.harness.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_deepseek_v3"), "deepseek_v3")
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ascend_patch.cli import offline_run
-from ascend_patch.cli.procs import run_in_group, vllm_env
+from ascend_patch.harness import offline_run
+from ascend_patch.harness.procs import run_in_group, vllm_env
 
 REPO = Path(__file__).resolve().parent.parent
 

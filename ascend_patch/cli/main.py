@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -47,28 +48,31 @@ def _load(path: str, stack=None):
 
 
 def _checker(args: argparse.Namespace, stack):
-    """Import what is installed when it is the planned stack; read --source trees otherwise."""
+    """Import what is installed when it is the planned stack; read --source trees otherwise,
+    and this package's own factories too (importing them may import torch)."""
+    import ascend_patch
     from ascend_patch.core.live import Checker
     from ascend_patch.core.versions import detect_platform, installed_vllm, line_of
 
-    sources = None
-    if getattr(args, "source", None):
-        from ascend_patch.core.static_targets import SourceRoots
-
-        # vllm-ascend picks code paths with vllm_version_is("X.Y.Z"): read the planned line's.
-        hints = {f'vllm_version_is("{v}")': v.startswith(f"{stack.line}.") for v in
-                 ("0.23.0", "0.27.1", "0.32.0")}
-        sources = SourceRoots(dict(args.source), branch_hints=hints)
     vllm = installed_vllm()
     here = line_of(vllm.version) if vllm else None
     importable = here is not None and here.name == stack.line and (
         stack.platform == detect_platform()[0])
+    roots = dict(getattr(args, "source", None) or ())
+    if not importable:
+        roots.setdefault("ascend_patch", Path(ascend_patch.__file__).resolve().parents[1])
+    sources = None
+    if roots:
+        from ascend_patch.checks.static_targets import SourceRoots
+
+        # vllm-ascend picks code paths with vllm_version_is("X.Y.Z"): read the planned line's.
+        hints = {f'vllm_version_is("{v}")': v.startswith(f"{stack.line}.") for v in
+                 ("0.23.0", "0.27.1", "0.32.0")}
+        sources = SourceRoots(roots, branch_hints=hints)
     return Checker(sources, importable=importable)
 
 
 def _source_arg(text: str) -> tuple[str, object]:
-    from pathlib import Path
-
     package, sep, directory = text.partition("=")
     if not sep or not package.isidentifier() or not directory:
         raise argparse.ArgumentTypeError(f"{text!r}: expected PACKAGE=DIR, e.g. vllm_ascend=src/")
@@ -335,7 +339,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from ascend_patch.cli.tiny_model import check_out_dir, make_tiny_model
+    from ascend_patch.harness.tiny_model import check_out_dir, make_tiny_model
 
     problem = check_out_dir(args.out_dir, args.force)
     if problem:

@@ -8,15 +8,32 @@ without importing anything.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ascend_patch.core import catalog
 from ascend_patch.core.config import LoadedConfig, PlannedInterface, PlannedPatch, PlannedSite
-from ascend_patch.core.targets import TargetRef, find_module, render_signature, resolve
+from ascend_patch.core.targets import (
+    TargetRef,
+    find_module,
+    parse_target,
+    render_signature,
+    resolve,
+)
 from ascend_patch.core.versions import InstalledVllm, installed_vllm, version_matches
 
-if TYPE_CHECKING:
-    from ascend_patch.core.static_targets import SourceRoots
+
+class StaticSignature(Protocol):
+    @property
+    def signature(self) -> str | None: ...  # None: not a function
+
+
+class SourceReader(Protocol):
+    """Source trees read without importing them (ascend_patch.checks.static_targets.SourceRoots:
+    the checks sit above core, so core names only what it calls)."""
+
+    def covers(self, module: str) -> bool: ...
+
+    def resolve(self, ref: TargetRef) -> StaticSignature: ...
 
 
 def signature_problem(patch: PlannedPatch, site: PlannedSite, live: str) -> str | None:
@@ -37,7 +54,7 @@ class Checker:
     config's line), else reported as not checkable.
     """
 
-    def __init__(self, sources: SourceRoots | None = None, importable: bool = True) -> None:
+    def __init__(self, sources: SourceReader | None = None, importable: bool = True) -> None:
         self.sources = sources
         self.importable = importable
 
@@ -56,6 +73,27 @@ class Checker:
         if not exists:
             raise LookupError(f"module {ref.module!r} does not exist here ({where})")
         return render_signature(resolve(ref).function)
+
+    def factory_problem(self, factory: str) -> str | None:
+        """Whether this package's replacement for a site is there. Imported only when the
+        planned stack is the installed one (the loader imports it there, and it may import
+        torch); otherwise read from `sources` when they cover it, else only located, so that
+        checking for another stack imports neither torch nor vLLM."""
+        if self.importable:
+            try:
+                catalog.load_callable(factory)
+            except Exception as exc:  # noqa: BLE001 - shown to the user
+                return f"factory {factory}: {type(exc).__name__}: {exc}"
+            return None
+        ref = parse_target(factory)
+        if self.sources is not None and self.sources.covers(ref.module):
+            try:
+                self.sources.resolve(ref)
+            except LookupError as exc:
+                return f"factory {factory}: {exc}"
+            return None
+        exists, where = find_module(ref.module)
+        return None if exists else f"factory {factory}: {where}"
 
     def site_problem(self, patch: PlannedPatch, site: PlannedSite) -> str | None:
         try:
@@ -112,13 +150,9 @@ def patch_problems(
     if patch.unsupported:
         problems.append(patch.unsupported)
     for site in patch.sites:
-        problem = checker.site_problem(patch, site)
-        if problem:
-            problems.append(problem)
-        try:
-            catalog.load_callable(site.factory)
-        except Exception as exc:  # noqa: BLE001 - shown to the user
-            problems.append(f"factory {site.factory}: {type(exc).__name__}: {exc}")
+        for problem in (checker.site_problem(patch, site), checker.factory_problem(site.factory)):
+            if problem:
+                problems.append(problem)
     for interface in patch.relies_on:
         problem = checker.interface_problem(patch, interface)
         if problem:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ascend_patch.cli.procs import run_in_group, vllm_env
+from ascend_patch.harness.procs import run_in_group, vllm_env
 
 # The seed PR's rule has no protected row and no renormalisation.
 SEED = "seed"

@@ -1,7 +1,7 @@
 """The ascend site set of moe.capacity against vllm-ascend 0.23.0.post1's source, read only.
 
 Nothing from vllm-ascend is imported here (it needs torch_npu): every site and relied-on
-interface is resolved with ascend_patch.core.static_targets, as `ascend-patch validate
+interface is resolved with ascend_patch.checks.static_targets, as `ascend-patch validate
 --platform ascend --source vllm_ascend=DIR` does, and must have the declared signature.
 """
 
@@ -19,7 +19,7 @@ from tests.ascend import harness
 
 REPO = Path(__file__).resolve().parents[2]
 static_targets = pytest.importorskip(
-    "ascend_patch.core.static_targets", reason="static target resolution not available yet"
+    "ascend_patch.checks.static_targets", reason="static target resolution not available yet"
 )
 
 # What validate decides for the 0.23 line (ascend_patch/cli/main.py): vllm-ascend picks
@@ -60,7 +60,8 @@ def npu_modules() -> set[str]:
 
 
 def test_factories_load_without_vllm_ascend():
-    """validate imports every factory: that must not need torch_npu or vllm-ascend."""
+    """The loader imports every factory (and so does validate on the planned stack): that
+    must not need torch_npu or vllm-ascend."""
     before = npu_modules()
     site_set = catalog.lookup("moe.capacity").site_set("0.23", "ascend")
     for site in site_set.sites:

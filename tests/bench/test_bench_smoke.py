@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from ascend_patch.cli.ab_layer import LayerSetup, check_cells, layer_ab, targets
 from ascend_patch.impls.moe.analytic import analytic_limit
 from ascend_patch.impls.moe.capacity import drop_budget
 from ascend_patch.impls.moe.routing_sim import (
@@ -17,6 +16,7 @@ from ascend_patch.impls.moe.routing_sim import (
     rank_loads,
     seed_fixed_capacity_keep,
 )
+from ascend_patch.lab.layer import LayerSetup, check_cells, layer_ab, targets
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from ascend_patch.cli import ab, ab_output, offline_run
-from ascend_patch.cli.ab import Arm, ArmRun, compare, make_prompts, offline_metrics
-from ascend_patch.cli.ab_engine import EngineFailed, EngineProcess
-from ascend_patch.cli.ab_stats import (
+from ascend_patch.ab import offline, output
+from ascend_patch.ab.common import Arm, compare
+from ascend_patch.ab.engine import EngineFailed, EngineProcess
+from ascend_patch.ab.offline import ArmRun, make_prompts, offline_metrics
+from ascend_patch.ab.stats import (
     Estimate,
     block_order,
     estimate,
@@ -23,6 +24,7 @@ from ascend_patch.cli.ab_stats import (
     verdict,
 )
 from ascend_patch.cli.main import main
+from ascend_patch.harness import offline_run
 
 
 def outputs(token_ids, top_logprobs):
@@ -147,7 +149,7 @@ def test_offline_table_fits_80_columns_with_a_legend_for_long_labels():
     ref = arm_run("stock", REF_PREFILL, [12345.0] * 9, config=None)
     long = arm_run("cpu-ep-with-a-long-name", [p * 1.01 for p in REF_PREFILL], [12000.0] * 9)
     rows = offline_metrics([ref, long], first_tokens=2)
-    text = render(ab.print_offline, rows, "heading")
+    text = render(offline.print_offline, rows, "heading")
     assert max(len(line) for line in text.splitlines()) <= 80, text
     assert " A     110 [100, 120]   12345 [12345, 12345]      90        -   7.389" in text, text
     assert " B     0.990 [0.990, 0.990]   0.972 [0.972, 0.972]   100.0%    0.0000" in text, text
@@ -160,7 +162,7 @@ def test_offline_table_fits_80_columns_with_a_legend_for_long_labels():
 def test_offline_table_fits_80_columns_with_the_longest_plain_labels():
     rows = offline_metrics([arm_run("r=0.05#2", REF_PREFILL, [12345.0] * 9),
                             arm_run("r=0.125#", REF_PREFILL, [1234.5] * 9)], first_tokens=2)
-    text = render(ab.print_offline, rows, "heading")
+    text = render(offline.print_offline, rows, "heading")
     assert max(len(line) for line in text.splitlines()) <= 80, text
     assert " r=0.125#   1.000 [1.000, 1.000]   0.100 [0.100, 0.100]" in text, text
 
@@ -200,7 +202,7 @@ class FakeEngine:
 def test_offline_ab_keeps_one_engine_per_arm_and_interleaves(monkeypatch, tmp_path, write_config,
                                                             tiny_model):
     FakeEngine.started = []
-    monkeypatch.setattr(ab, "EngineProcess", FakeEngine)
+    monkeypatch.setattr(offline, "EngineProcess", FakeEngine)
     config = write_config("version: 1\npatches:\n  - {name: moe, impl: moe.capacity}\n")
     out = tmp_path / "out"
     assert main(["ab", str(config), "--stock", "--ratios", "0,0,0.1", "--model", str(tiny_model),
@@ -229,7 +231,7 @@ def test_offline_ab_keeps_one_engine_per_arm_and_interleaves(monkeypatch, tmp_pa
 
 def test_plot_is_skipped_in_one_line_without_matplotlib(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    path, message = ab_output.plot(tmp_path / "ab.png", "t", ["a"], {"x": [None]}, {"y": [1.0]})
+    path, message = output.plot(tmp_path / "ab.png", "t", ["a"], {"x": [None]}, {"y": [1.0]})
     assert path is None and not (tmp_path / "ab.png").exists()
     assert message == ("ab.png skipped: matplotlib is not installed "
                        "(pip install 'ascend-patch[tools]')")
@@ -360,11 +362,11 @@ def test_driver_ends_its_group_when_ab_is_killed(tmp_path):
     os.mkfifo(fifo)
     parent = child(tmp_path, "import os, subprocess, sys, time\n"
                              "p = subprocess.Popen([sys.executable, '-m', "
-                             "'ascend_patch.cli.offline_run', "
+                             "'ascend_patch.harness.offline_run', "
                              f"'no-model', '--prompts-json', {str(fifo)!r}, '--driver'], "
                              "start_new_session=True, stdin=subprocess.PIPE)\n"
                              "print(p.pid, flush=True)\ntime.sleep(0.5)\nos._exit(0)\n")
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(ab.__file__).parents[2])}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(offline.__file__).parents[2])}
     out = subprocess.run(parent, capture_output=True, text=True, timeout=60, env=env)
     driver = int(out.stdout.split()[0])
     # run() returned once the driver closed the inherited pipes: killed, not failed.

@@ -12,10 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from rich.console import Console
 
-from ascend_patch.cli import ab_server
-from ascend_patch.cli.ab_server import ServerFailed, make_workload, parse_url
+from ascend_patch.ab import servers
+from ascend_patch.ab.servers import ServerFailed, make_workload
+from ascend_patch.cli.ab import parse_url
 from ascend_patch.cli.main import main
-from ascend_patch.cli.server import ManagedServer
+from ascend_patch.harness.server import ManagedServer
 
 
 @pytest.mark.parametrize(("text", "base"), [
@@ -55,8 +56,8 @@ def no_server(monkeypatch):
         raise AssertionError("a server was started or contacted")
 
     monkeypatch.setattr(ManagedServer, "start", refuse)
-    monkeypatch.setattr(ab_server, "get_json", refuse)
-    monkeypatch.setattr(ab_server, "stream_completion", refuse)
+    monkeypatch.setattr(servers, "get_json", refuse)
+    monkeypatch.setattr(servers, "stream_completion", refuse)
 
 
 def test_bad_live_arguments_exit_2_naming_the_argument(capsys, no_server, tmp_path):
@@ -178,7 +179,7 @@ class FakeOpenAI:
 
 def test_streaming_client_measures_ttft_and_time_per_token():
     with FakeOpenAI(step_s=0.05, first_s=0.1).running() as fake:
-        got = ab_server.stream_completion(fake.url, "tiny", ab_server.Request("w1 w2", 5), 0, 30)
+        got = servers.stream_completion(fake.url, "tiny", servers.Request("w1 w2", 5), 0, 30)
     assert got["output_tokens"] == 5 and got["token_ids"] == [" w1"] * 5
     assert got["top_logprobs"] == [{" w1": -0.25}] * 5
     assert 0.1 <= got["ttft_s"] < 1.0
@@ -190,9 +191,9 @@ def test_streaming_client_measures_ttft_and_time_per_token():
 def test_a_redirect_is_refused_and_nothing_else_is_contacted():
     decoy = FakeOpenAI(step_s=0)
     with decoy.running(), FakeOpenAI(step_s=0, redirect_to=decoy.url).running() as fake:
-        server = ab_server.Server("a", fake.url)
+        server = servers.Server("a", fake.url)
         with pytest.raises(ServerFailed, match="redirect to .* refused"):
-            ab_server.probe(server, None, 5)
+            servers.probe(server, None, 5)
     assert fake.paths == ["/v1/models"] and decoy.paths == []
 
 
@@ -210,7 +211,7 @@ def test_live_ab_between_two_fake_servers(tmp_path, capsys):
         assert fake.paths.count("/v1/completions") == 21
     summary = json.loads((out / "ab.json").read_text())
     assert summary["order"] == [[summary["servers"][i]["label"] for i in b]
-                                for b in ab_server.ab_stats.block_order(2, 7, seed=0)]
+                                for b in servers.stats.block_order(2, 7, seed=0)]
     reference, other = summary["servers"]
     assert [len(s["rounds"]) for s in summary["servers"]] == [6, 6]
     assert all(len(r["requests"]) == 3 for r in other["rounds"])
@@ -223,7 +224,7 @@ def test_live_ab_between_two_fake_servers(tmp_path, capsys):
 
 
 def test_server_table_fits_80_columns():
-    est = ab_server.ab_stats.estimate
+    est = servers.stats.estimate
     row = {"label": "127.0.0.1:65535", "ttft_s": est([0.1234] * 9), "tpot_s": est([0.0123] * 9),
            "requests_per_s": est([12.5] * 9), "token_agreement": 0.875,
            "ttft_speedup": est([1.234] * 9), "tpot_speedup": est([0.987] * 9),
@@ -231,7 +232,7 @@ def test_server_table_fits_80_columns():
            "tpot_verdict": "worse", "requests_per_s_verdict": "better", "exact_match_rate": 0.5,
            "first_logprob_mean_abs_diff": 0.01, "described": "http://127.0.0.1:65535, model m"}
     buffer = io.StringIO()
-    ab_server.print_servers(Console(file=buffer, width=80, color_system=None), [row, dict(row)],
+    servers.print_servers(Console(file=buffer, width=80, color_system=None), [row, dict(row)],
                             "heading")
     text = buffer.getvalue()
     assert max(len(line) for line in text.splitlines()) <= 80, text
@@ -241,7 +242,7 @@ def test_server_table_fits_80_columns():
                 tpot_s=est([0.0912, 0.0834, 0.1302, 0.1, 0.09, 0.095]),
                 requests_per_s=est([7.34, 5.42, 11.99, 8, 9, 10]))
     buffer = io.StringIO()
-    ab_server.print_servers(Console(file=buffer, width=80, color_system=None),
+    servers.print_servers(Console(file=buffer, width=80, color_system=None),
                             [wide, dict(wide, label="8-chars+")], "heading")
     text = buffer.getvalue()
     assert max(len(line) for line in text.splitlines()) <= 80, text

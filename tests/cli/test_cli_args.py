@@ -5,9 +5,11 @@ import json
 
 import pytest
 
-from ascend_patch.cli import ab
+from ascend_patch.ab import offline
+from ascend_patch.ab.common import Arm
+from ascend_patch.ab.engine import EngineProcess
 from ascend_patch.cli.main import main
-from ascend_patch.cli.server import ManagedServer
+from ascend_patch.harness.server import ManagedServer
 
 MOE = """
 version: 1
@@ -24,7 +26,7 @@ def no_engine(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an engine was started")
 
-    monkeypatch.setattr(ab.EngineProcess, "start", refuse)
+    monkeypatch.setattr(EngineProcess, "start", refuse)
     monkeypatch.setattr(ManagedServer, "start", refuse)
 
 
@@ -141,7 +143,7 @@ def test_ab_ratios_need_a_capacity_patch(capsys, no_engine, tmp_path, write_conf
 
 
 def test_unique_labels_for_arms_of_the_same_file_name(tmp_path):
-    arms = ab.unique_labels([ab.Arm("a", tmp_path / "x" / "a.yaml"), ab.Arm("a", tmp_path / "y" / "a.yaml")])
+    arms = offline.unique_labels([Arm("a", tmp_path / "x" / "a.yaml"), Arm("a", tmp_path / "y" / "a.yaml")])
     assert [a.label for a in arms] == ["a", "a#2"]
 
 

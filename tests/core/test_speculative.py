@@ -41,7 +41,7 @@ def test_served_model_of_a_vllm_config(config, expected):
 
 
 def _tiny(tmp_path_factory, arch: str, **changes) -> Path:
-    from ascend_patch.cli.tiny_model import make_tiny_model
+    from ascend_patch.harness.tiny_model import make_tiny_model
 
     path = make_tiny_model(tmp_path_factory.mktemp(arch), arch)
     data = json.loads((path / "config.json").read_text())

@@ -17,13 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from ascend_patch.core import static_targets
-from ascend_patch.core.static_targets import (
-    MAX_IMPORT_HOPS,
-    SourceRoots,
-    StaticResolved,
-    render_ast_signature,
-)
+from ascend_patch.checks import static_targets
+from ascend_patch.checks.source_tree import render_ast_signature
+from ascend_patch.checks.static_targets import MAX_IMPORT_HOPS, SourceRoots, StaticResolved
 from ascend_patch.core.targets import TargetRef, parse_target, render_signature, resolve
 
 VLLM_ASCEND_RELEASE = "vllm_ascend-0.23.0.post1"
@@ -1002,3 +998,23 @@ def test_mutated_copy_conditional_redefinition_is_ambiguous(mutable_copy, tmp_pa
         f"  when not vllm_version_is('0.24.0'): {file}:696: method "
         "(self, permutated_local_input_tokens, combine_metadata)"
     )
+
+
+# This package's own factories ---------------------------------------------------------------
+
+
+def test_every_catalog_factory_is_found_in_this_packages_source():
+    """validate for a stack that is not installed reads the factories instead of importing
+    them (importing may need torch): every one the catalog names must resolve that way."""
+    from ascend_patch.core import catalog
+    from ascend_patch.core.live import Checker
+
+    package = Path(__file__).resolve().parents[2]
+    checker = Checker(SourceRoots({"ascend_patch": package}), importable=False)
+    factories = sorted({site.factory for name in catalog.builtin_names()
+                        for site_set in catalog.lookup(name).site_sets
+                        for site in site_set.sites})
+    assert len(factories) > 10
+    assert {f: checker.factory_problem(f) for f in factories} == dict.fromkeys(factories)
+    missing = factories[0].rpartition(":")[0] + ":no_such_factory"
+    assert "has no attribute 'no_such_factory'" in checker.factory_problem(missing)

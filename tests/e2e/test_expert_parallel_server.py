@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from ascend_patch.cli.procs import vllm_env
-from ascend_patch.cli.server import ManagedServer, ServerError
 from ascend_patch.core.config import load_config
 from ascend_patch.core.report import read_reports
+from ascend_patch.harness.procs import vllm_env
+from ascend_patch.harness.server import ManagedServer, ServerError
 from tests.vllm_harness import patch_in
 
 pytestmark = pytest.mark.vllm

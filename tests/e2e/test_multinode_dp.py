@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from ascend_patch.cli.procs import vllm_env
-from ascend_patch.cli.server import ManagedServer, ServerError, free_port
 from ascend_patch.core.config import load_config
 from ascend_patch.core.report import read_reports
+from ascend_patch.harness.procs import vllm_env
+from ascend_patch.harness.server import ManagedServer, ServerError, free_port
 from tests.e2e.test_expert_parallel_server import (
     MOE_LAYER,
     ask_concurrently,

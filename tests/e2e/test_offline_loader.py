@@ -100,7 +100,7 @@ def test_deepseek_v3_with_mtp_starts_under_prod_yaml(tmp_path):
     import json
     from pathlib import Path
 
-    from ascend_patch.cli.tiny_model import make_tiny_model
+    from ascend_patch.harness.tiny_model import make_tiny_model
 
     model = make_tiny_model(tmp_path / "tiny-mtp")
     data = json.loads((model / "config.json").read_text())

@@ -1,6 +1,6 @@
 """Run prompts through vLLM's offline engine and print the result as one JSON line.
 
-    python -m ascend_patch.cli.offline_run MODEL_DIR --prompts-json FILE [--max-tokens N] ...
+    python -m ascend_patch.harness.offline_run MODEL_DIR --prompts-json FILE [--max-tokens N] ...
 
 Its own process, so each run (an A/B arm, a test) gets a fresh vLLM with the patches that
 ASCEND_PATCH_CONFIG names. The output line starts with RESULT_PREFIX.
@@ -36,7 +36,7 @@ FAILED_PREFIX = "ASCEND_PATCH_FAILED "
 def command(model, prompts_file, *, max_tokens: int, logprobs: int = 0, tensor_parallel: int = 1,
             expert_parallel: bool = False, extra: tuple[str, ...] = ()) -> list[str]:
     """The command line that runs this module on `model` with the prompts in `prompts_file`."""
-    cmd = [sys.executable, "-m", "ascend_patch.cli.offline_run", str(model), "--prompts-json",
+    cmd = [sys.executable, "-m", "ascend_patch.harness.offline_run", str(model), "--prompts-json",
            str(prompts_file), "--max-tokens", str(max_tokens), "--logprobs", str(logprobs),
            "--tensor-parallel-size", str(tensor_parallel), *extra]
     if expert_parallel:

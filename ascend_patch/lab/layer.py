@@ -13,6 +13,10 @@ ratio (max rank load before / after) against the analytic limit max_load / water
 before / after (torch backend on the rows that rank receives; interleaved repetitions,
 medians), and the relative error ||y_r - y_0|| / ||y_0|| of the routed-expert output of the
 whole layer. Every time ratio is measured in one run against the r = 0 arm of the same run.
+
+The layer benchmarks (scripts/bench_moe_layer.py, bench_vs_native.py, bench_dispatch.py) build
+on the same helpers. It imports torch, so it is lab code: `ascend-patch ab` imports it only
+when --layer is given.
 """
 
 from __future__ import annotations
@@ -388,7 +392,7 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
     """The speed-up and error charts; None without matplotlib (an optional extra)."""
-    from ascend_patch.cli.ab_output import pyplot
+    from ascend_patch.ab.output import pyplot
 
     plt = pyplot()
     if plt is None:
@@ -427,19 +431,75 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def parse_skews(items: Sequence[str]) -> list[float | str]:
+    """--skews: names of routing_sim's skews or max/mean loads; ValueError says which is wrong."""
+    from ascend_patch.impls.moe.routing_sim import SKEWS
+
+    skews: list[float | str] = []
+    for item in items:
+        if item in SKEWS:
+            skews.append(item)
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(
+                f"{item!r} is neither a number nor one of {', '.join(SKEWS)}") from None
+        if not (math.isfinite(value) and value >= 1.0):
+            raise ValueError(f"{item!r}: a max/mean load is a number >= 1")
+        skews.append(value)
+    return skews
+
+
+def parse_policies(items: Sequence[str]) -> list[str]:
+    unknown = [p for p in items if p not in POLICIES]
+    if unknown or not items:
+        raise ValueError(f"{', '.join(map(repr, unknown))}: policies are {', '.join(POLICIES)}")
+    return list(items)
+
+
+def args_problem(args) -> str | None:
+    """What is wrong with `ascend-patch ab --layer`'s arguments (the parser only split the
+    lists: their vocabulary is this module's and routing_sim's, which import torch)."""
+    from ascend_patch.impls.moe.routing_sim import NUM_GROUPS, TOPK_GROUPS
+
+    try:
+        skews = parse_skews(args.skews)
+    except ValueError as exc:
+        return f"argument --skews: {exc}"
+    try:
+        parse_policies(args.policies)
+    except ValueError as exc:
+        return f"argument --policies: {exc}"
+    if args.experts % args.ep_size:
+        return (f"argument --experts: {args.experts} experts do not split evenly over "
+                f"--ep-size {args.ep_size}")
+    groups = NUM_GROUPS if args.experts % NUM_GROUPS == 0 else 1
+    reachable = min(TOPK_GROUPS, groups) * (args.experts // groups)
+    if args.top_k > reachable:
+        return (f"argument --top-k: {args.top_k} is more than the {reachable} experts the "
+                f"grouped router can choose among {args.experts}")
+    for skew in skews:
+        if not isinstance(skew, str) and skew > args.ep_size:
+            return (f"argument --skews: {skew:g} is above {args.ep_size}, the largest "
+                    f"max/mean load over --ep-size {args.ep_size} ranks")
+    return None
+
+
 def setup_from_args(args) -> LayerSetup:
-    # `ascend-patch ab` parses and checks --skews, --ratios and --policies (cli/ab.py).
+    """The study `ascend-patch ab --layer` asked for, its arguments checked by args_problem."""
     return LayerSetup(
         tokens=args.tokens, experts=args.experts, top_k=args.top_k, ep_size=args.ep_size,
         hidden=args.hidden, intermediate=args.intermediate, dtype=args.dtype, seed=args.seed,
-        reps=args.reps, threads=args.threads, keep_top1=not args.no_keep_top1, skews=args.skews,
-        ratios=args.ratios, policies=args.policies, time_ranks=not args.no_timing)
+        reps=args.reps, threads=args.threads, keep_top1=not args.no_keep_top1,
+        skews=parse_skews(args.skews), ratios=args.ratios, policies=parse_policies(args.policies),
+        time_ranks=not args.no_timing)
 
 
 def run_layer_ab(args) -> int:
     from rich.console import Console
 
-    from ascend_patch.cli.ab_output import plot_skipped_line
+    from ascend_patch.ab.output import plot_skipped_line
 
     console = Console(highlight=False, soft_wrap=True, width=200)
     setup = setup_from_args(args)

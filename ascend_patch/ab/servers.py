@@ -27,40 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ascend_patch.cli import ab_output, ab_stats
-from ascend_patch.cli.ab import (
+from ascend_patch.ab import output, stats
+from ascend_patch.ab.common import (
     REPORT_INTERVAL_S,
     STOCK,
     compare,
+    describe_load,
     describe_patches,
+    load_average,
+    resolve_load_format,
     summarize_reports,
 )
 
 
 class ServerFailed(RuntimeError):
     pass
-
-
-def parse_url(text: str) -> str:
-    """An http(s) base URL, without a trailing '/' or '/v1' (both are accepted)."""
-    import argparse
-
-    try:
-        parts = urllib.parse.urlsplit(text.strip())
-        port = parts.port  # raises ValueError for a port out of range
-    except ValueError:
-        parts, port = None, None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)")
-    if parts.query or parts.fragment:
-        raise argparse.ArgumentTypeError(f"{text!r}: give the server's base URL, without "
-                                         "?query or #fragment")
-    del port
-    path = parts.path.rstrip("/")
-    if path.endswith("/v1"):
-        path = path[:-3]
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -252,22 +233,22 @@ def server_metrics(servers: list[Server], first_tokens: int) -> list[dict[str, A
         row: dict[str, Any] = {
             "label": server.label, "base_url": server.base_url, "model": server.model,
             "info": server.info, "described": describe(server),
-            "ttft_s": ab_stats.estimate(ttft),
-            "tpot_s": ab_stats.estimate(tpot) if tpot else None,
-            "requests_per_s": ab_stats.estimate(rps),
-            "output_tokens_per_s": ab_stats.estimate(
+            "ttft_s": stats.estimate(ttft),
+            "tpot_s": stats.estimate(tpot) if tpot else None,
+            "requests_per_s": stats.estimate(rps),
+            "output_tokens_per_s": stats.estimate(
                 [r["output_tokens_per_s"] for r in server.rounds]),
             # Per round: reference over server for times, server over reference for rates.
-            "ttft_speedup": ab_stats.estimate(
-                ab_stats.paired_ratios(ref_ttft, round_medians(server, "ttft_s"))),
-            "tpot_speedup": ab_stats.estimate(
-                ab_stats.paired_ratios(ref_tpot, round_medians(server, "tpot_s"))),
-            "requests_per_s_ratio": ab_stats.estimate(ab_stats.paired_ratios(rps, ref_rps)),
+            "ttft_speedup": stats.estimate(
+                stats.paired_ratios(ref_ttft, round_medians(server, "ttft_s"))),
+            "tpot_speedup": stats.estimate(
+                stats.paired_ratios(ref_tpot, round_medians(server, "tpot_s"))),
+            "requests_per_s_ratio": stats.estimate(stats.paired_ratios(rps, ref_rps)),
             "rounds": server.rounds, "warmup_rounds": server.warmup,
         }
         for key in ("ttft_speedup", "tpot_speedup", "requests_per_s_ratio"):
             row[key.replace("speedup", "verdict").replace("ratio", "verdict")] = (
-                ab_stats.verdict(row[key]))
+                stats.verdict(row[key]))
         row.update(compare(ref_outs, requests, first_tokens))
         row["text_exact_match_rate"] = (sum(a["text"] == b["text"] for a, b in
                                             zip(ref_outs, requests)) / len(requests))
@@ -276,40 +257,38 @@ def server_metrics(servers: list[Server], first_tokens: int) -> list[dict[str, A
 
 
 def print_servers(console, rows: list[dict[str, Any]], heading: str) -> None:
-    from ascend_patch.cli.ab import _say
-
-    labels = ab_output.short_labels([r["label"] for r in rows])
-    ab_output.say(console, heading, "")
-    d1 = ab_output.digits_for([r["ttft_s"] for r in rows], 1000)
-    d2 = ab_output.digits_for([r["tpot_s"] for r in rows], 1000)
-    d3 = ab_output.digits_for([r["requests_per_s"] for r in rows])
-    console.print(ab_output.table(
+    labels = output.short_labels([r["label"] for r in rows])
+    output.say(console, heading, "")
+    d1 = output.digits_for([r["ttft_s"] for r in rows], 1000)
+    d2 = output.digits_for([r["tpot_s"] for r in rows], 1000)
+    d3 = output.digits_for([r["requests_per_s"] for r in rows])
+    console.print(output.table(
         "Per server: median [95% interval]",
         ["server", "TTFT ms", "TPOT ms", "req/s", "agree"],
-        [[label, ab_output.fmt(r["ttft_s"], 1000, d1), ab_output.fmt(r["tpot_s"], 1000, d2),
-          ab_output.fmt(r["requests_per_s"], 1, d3), ab_output.percent(r["token_agreement"], 1)]
+        [[label, output.fmt(r["ttft_s"], 1000, d1), output.fmt(r["tpot_s"], 1000, d2),
+          output.fmt(r["requests_per_s"], 1, d3), output.percent(r["token_agreement"], 1)]
          for label, r in zip(labels, rows)]))
     reference = labels[0]
-    console.print(ab_output.table(
+    console.print(output.table(
         f"Against the reference {reference}: median of per-round ratios [95% interval]",
         ["server", "TTFT x", "TPOT x", "req/s x"],
-        [[label, ab_output.fmt(r["ttft_speedup"], 1, 3), ab_output.fmt(r["tpot_speedup"], 1, 3),
-          ab_output.fmt(r["requests_per_s_ratio"], 1, 3)]
+        [[label, output.fmt(r["ttft_speedup"], 1, 3), output.fmt(r["tpot_speedup"], 1, 3),
+          output.fmt(r["requests_per_s_ratio"], 1, 3)]
          for label, r in list(zip(labels, rows))[1:]]))
     for label, row in list(zip(labels, rows))[1:]:
-        ab_output.say(console,
-            f"{label} vs {reference}: TTFT {_say(row['ttft_speedup'], row['ttft_verdict'])}; "
-            f"TPOT {_say(row['tpot_speedup'], row['tpot_verdict'])}; requests/s "
-            f"{_say(row['requests_per_s_ratio'], row['requests_per_s_verdict'])}; outputs: "
-            f"{ab_output.percent(row['exact_match_rate'])} identical, "
-            f"{ab_output.percent(row['token_agreement'], 1)} of tokens, |dlogp| "
-            f"{ab_output.dlogp(row)}.")
+        output.say(console,
+            f"{label} vs {reference}: TTFT {output.ratio_phrase(row['ttft_speedup'], row['ttft_verdict'])}; "
+            f"TPOT {output.ratio_phrase(row['tpot_speedup'], row['tpot_verdict'])}; requests/s "
+            f"{output.ratio_phrase(row['requests_per_s_ratio'], row['requests_per_s_verdict'])}; outputs: "
+            f"{output.percent(row['exact_match_rate'])} identical, "
+            f"{output.percent(row['token_agreement'], 1)} of tokens, |dlogp| "
+            f"{output.dlogp(row)}.")
     console.print("What was compared:", markup=False)
     for label, row in zip(labels, rows):
         named = label != row["label"] and row["label"] not in row["described"]
         prefix = f"{label}{' = ' + row['label'] if named else ''}: "
-        ab_output.say(console, "  " + prefix + row["described"], "    ")
-    ab_output.say(console,
+        output.say(console, "  " + prefix + row["described"], "    ")
+    output.say(console,
         "Legend: TTFT = time to the first streamed token; TPOT = time per output token after "
         "the first; req/s = requests of a round / its wall time; agree = output tokens equal "
         "to the reference's, by position; x = reference/server time or server/reference rate "
@@ -355,8 +334,8 @@ def side_by_side(count: int, tensor_parallel: int, model: Path, forced_sequentia
 
 
 def launched_servers(args, work: Path) -> list[Server]:
-    from ascend_patch.cli.procs import vllm_env
-    from ascend_patch.cli.server import ManagedServer
+    from ascend_patch.harness.procs import vllm_env
+    from ascend_patch.harness.server import ManagedServer
 
     servers = []
     labels = _labels_for(args.launch)
@@ -403,7 +382,7 @@ def _labels_for(names: list[str]) -> list[str]:
 
 
 def _start(server: Server, args) -> None:
-    from ascend_patch.cli.server import ServerError
+    from ascend_patch.harness.server import ServerError
 
     try:
         server.managed.start()
@@ -433,8 +412,6 @@ def run_server_ab(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ascend_patch.cli.ab import _describe_load, _load_average, resolve_load_format
-
     console = Console(highlight=False)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -454,8 +431,8 @@ def run_server_ab(args) -> int:
                 server.info.update(report=summary, report_dir=reports,
                                    runs=describe_patches(summary))
         together, placement = True, "already running, interleaved"
-    load_before = _load_average()
-    blocks = ab_stats.block_order(len(servers), args.warmup + args.repeats, args.seed)
+    load_before = load_average()
+    blocks = stats.block_order(len(servers), args.warmup + args.repeats, args.seed)
     if not together:
         # One server up at a time: all of its rounds, then the next server. Not interleaved,
         # so drift of the machine between servers is not cancelled (the heading says so).
@@ -518,7 +495,7 @@ def run_server_ab(args) -> int:
                f"{max(1, args.max_tokens // 4)}-{args.max_tokens} output tokens, concurrency "
                f"{args.concurrency}), {args.repeats} rounds per server after {args.warmup} "
                f"warm-up round(s); servers {placement}. "
-               f"{_describe_load(load_before, _load_average())}")
+               f"{describe_load(load_before, load_average())}")
     rounds = args.warmup + args.repeats
     if args.prompts is not None and len(args.prompts) < rounds * args.requests:
         heading += (" The prompts file has fewer prompts than rounds x requests: later rounds "
@@ -531,22 +508,12 @@ def run_server_ab(args) -> int:
                "workloads": [[{"prompt": r.prompt, "max_tokens": r.max_tokens} for r in w]
                              for w in workloads],
                "interval": "exact order-statistic (binomial) 95% interval of the median",
-               "load_average_before": load_before, "load_average_after": _load_average(),
+               "load_average_before": load_before, "load_average_after": load_average(),
                "work_dir": str(work),
-               "servers": ab_output.as_json(rows)}
-    json_path = out_dir / "ab.json"
-    json_path.write_text(json.dumps(summary, indent=2))
-    labels = ab_output.short_labels([r["label"] for r in rows])
-    png, message = ab_output.plot(
-        out_dir / "ab.png", f"Live A/B: against {labels[0]}", labels[1:],
-        {"TTFT speed-up": [r["ttft_speedup"] for r in rows[1:]],
-         "TPOT speed-up": [r["tpot_speedup"] for r in rows[1:]],
-         "requests/s ratio": [r["requests_per_s_ratio"] for r in rows[1:]]},
-        {"exact match": [r["exact_match_rate"] for r in rows[1:]],
-         "token agreement": [r["token_agreement"] for r in rows[1:]]}, xlabel="server",
-        per="round")
-    console.print(f"wrote {json_path}", markup=False)
-    console.print(message, markup=False)
+               "servers": output.as_json(rows)}
+    output.save(console, out_dir, summary, rows, "Live A/B",
+                {"TTFT speed-up": "ttft_speedup", "TPOT speed-up": "tpot_speedup",
+                 "requests/s ratio": "requests_per_s_ratio"}, xlabel="server", per="round")
     return 0
 
 

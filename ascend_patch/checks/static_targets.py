@@ -3,15 +3,12 @@
 vllm-ascend imports torch_npu and CANN at module level, so on a machine without an NPU the
 live checks of `ascend_patch.core.live` cannot even start. This module answers the same
 question ("does `module:Qual.name` exist, and with which parameters?") by reading the source
-with `ast`: nothing from the tree is imported or executed.
+with `ast` (source_tree.py reads each module's bindings): nothing from the tree is imported
+or executed.
 
-What is understood, and why it is enough for the targets a patch names:
+How a target is followed from the bindings, and why it is enough for the targets a patch
+names:
 
-- classes, functions and assignments at module level and in class bodies, including those
-  under `if`/`else`, `try`/`except` and `with` (vllm-ascend picks definitions with
-  `if vllm_version_is("0.23.0"): ... else: ...`). Bodies of `for`/`while`/`match` and of
-  functions are not read: code that binds public names there is rare and not statically
-  knowable anyway.
 - names imported into a module (`from .m import X`, `from pkg.m import X as Y`,
   `import pkg.m as z`), `X = Y` aliases and `from m import *`, followed into the module that
   defines them while that module is inside the given roots.
@@ -28,21 +25,31 @@ from __future__ import annotations
 
 import ast
 import itertools
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+from ascend_patch.checks.source_tree import (
+    DEFAULT_BRANCH_HINTS,
+    Assign,
+    BodyReader,
+    Def,
+    Import,
+    Module,
+    Scope,
+    Site,
+    dotted_name,
+    function_kind,
+    normalise_condition,
+    read_module,
+    render_ast_signature,
+)
 from ascend_patch.core.targets import TargetRef
 
-MAX_FILE_BYTES = 2 << 20
 MAX_IMPORT_HOPS = 32
 # Product of per-base candidates (classes defined in several branches) we are willing to
 # explore for one class; far above anything real, low enough to stop a pathological tree.
 MAX_MRO_VARIANTS = 16
-
-# Hints every resolver starts with: `if TYPE_CHECKING:` blocks never run, and treating them as
-# a possible branch would make every typing-only import look like a second definition.
-DEFAULT_BRANCH_HINTS: Mapping[str, bool] = {"TYPE_CHECKING": False, "typing.TYPE_CHECKING": False}
 
 # Bases from outside the roots that define nothing a patch could target: looking past them
 # instead of stopping lets "no such attribute" be reported for the common ABC/Generic classes.
@@ -54,17 +61,6 @@ _TRANSPARENT_BASES = frozenset({
     ("typing_extensions", "Generic"),
     ("typing_extensions", "Protocol"),
 })
-_STATIC_DECORATORS = frozenset({"staticmethod", "builtins.staticmethod"})
-_CLASS_DECORATORS = frozenset({"classmethod", "builtins.classmethod"})
-_PROPERTY_DECORATORS = frozenset({
-    "property",
-    "builtins.property",
-    "cached_property",
-    "functools.cached_property",
-    "abstractproperty",
-    "abc.abstractproperty",
-})
-_ACCESSOR_DECORATORS = frozenset({"setter", "getter", "deleter"})
 
 
 @dataclass(frozen=True)
@@ -81,107 +77,17 @@ class StaticResolved:
     owner: str  # "module" or "module:Class" that actually defines it
 
 
-def render_ast_signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
-    """The `render_signature` text of the function `node` defines, without creating it.
-
-    Parameters are rendered as written, so a method keeps `self`/`cls` exactly as
-    `render_signature(raw.__func__)` would, and a staticmethod has none.
-    """
-    args = node.args
-    positional = [*args.posonlyargs, *args.args]
-    first_default = len(positional) - len(args.defaults)
-    parts: list[str] = []
-    for index, arg in enumerate(positional):
-        parts.append(arg.arg + ("=…" if index >= first_default else ""))
-        if index + 1 == len(args.posonlyargs):
-            parts.append("/")
-    if args.vararg is not None:
-        parts.append(f"*{args.vararg.arg}")
-    elif args.kwonlyargs:
-        parts.append("*")
-    for arg, default in zip(args.kwonlyargs, args.kw_defaults):
-        parts.append(arg.arg + ("=…" if default is not None else ""))
-    if args.kwarg is not None:
-        parts.append(f"**{args.kwarg.arg}")
-    return "(" + ", ".join(parts) + ")"
-
-
-# ---------------------------------------------------------------------------------------------
-# What a statement binds a name to (a "site"), and what a name may be bound to at the end of a
-# body (a "name state"). `when` is the chain of undecided conditions leading to the site; it
-# only feeds error messages, so that an ambiguity says which hint would settle it.
-
-
-@dataclass(frozen=True)
-class _Def:
-    node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
-    when: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class _Assign:
-    node: ast.Assign | ast.AnnAssign
-    value: ast.expr | None  # set only for a plain `name = expr`, the one shape we follow
-    when: tuple[str, ...]
-    # What the head name of `value` was bound to in this same body when the assignment ran
-    # (None: not bound here yet, so it comes from globals). Needed for `f = f` in a class body,
-    # where the final state of the body only holds the assignment itself.
-    head: tuple[_Site, ...] | None = None
-
-
-@dataclass(frozen=True)
-class _Import:
-    module: str | None  # absolute; None when a relative import climbs above the top package
-    attr: str | None  # None: the name is bound to the module itself
-    line: int
-    when: tuple[str, ...]
-
-
-_Site = _Def | _Assign | _Import
-
-
-@dataclass(frozen=True)
-class _NameState:
-    sites: tuple[_Site, ...]
-    maybe_unbound: bool
-
-
-_State = dict[str, _NameState]
-
-
-@dataclass
-class _Scope:
-    names: _State
-    stars: list[_Import]
-
-
-@dataclass(eq=False)
-class _Module:
-    """A parsed file; compared by identity, since each module is loaded once per resolver."""
-
-    name: str
-    file: Path
-    source: str
-    tree: ast.Module
-    is_package: bool
-    scopes: dict[int, _Scope] = field(default_factory=dict)
-
-    @property
-    def package(self) -> str:
-        return self.name if self.is_package else self.name.rpartition(".")[0]
-
-
 # Values a name can resolve to.
 
 
 @dataclass(frozen=True)
 class _ModuleValue:
-    module: _Module
+    module: Module
 
 
 @dataclass(frozen=True)
 class _ClassValue:
-    module: _Module
+    module: Module
     node: ast.ClassDef
     qualname: str  # within its module
 
@@ -261,217 +167,6 @@ class _Hops:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading a body into name states.
-
-
-def normalise_condition(text: str) -> str:
-    """One spelling per condition, so that hints match whatever quotes or spaces were used."""
-    try:
-        return ast.unparse(ast.parse(text.strip(), mode="eval").body)
-    except SyntaxError as exc:
-        raise ValueError(f"branch hint {text!r} is not a Python expression: {exc.msg}") from None
-
-
-def _dotted(expr: ast.expr) -> str | None:
-    if isinstance(expr, ast.Name):
-        return expr.id
-    if isinstance(expr, ast.Attribute):
-        head = _dotted(expr.value)
-        return None if head is None else f"{head}.{expr.attr}"
-    return None
-
-
-def _decorator_name(expr: ast.expr) -> str | None:
-    return _dotted(expr.func if isinstance(expr, ast.Call) else expr)
-
-
-def _target_names(target: ast.expr) -> Iterable[str]:
-    if isinstance(target, ast.Name):
-        yield target.id
-    elif isinstance(target, (ast.Tuple, ast.List)):
-        for element in target.elts:
-            yield from _target_names(element)
-    elif isinstance(target, ast.Starred):
-        yield from _target_names(target.value)
-
-
-def _is_accessor(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
-    """`@name.setter` and friends: they extend the property `name`, not replace it."""
-    return any(
-        isinstance(d, ast.Attribute)
-        and d.attr in _ACCESSOR_DECORATORS
-        and isinstance(d.value, ast.Name)
-        and d.value.id == node.name
-        for d in node.decorator_list
-    )
-
-
-def _merge(states: list[_State]) -> _State:
-    """Every binding any of the paths may leave; a name missing on some path may be unbound."""
-    merged: _State = {}
-    for name in dict.fromkeys(name for state in states for name in state):
-        sites: list[_Site] = []
-        maybe_unbound = False
-        for state in states:
-            entry = state.get(name)
-            if entry is None:
-                maybe_unbound = True
-                continue
-            sites.extend(s for s in entry.sites if s not in sites)
-            maybe_unbound = maybe_unbound or entry.maybe_unbound
-        merged[name] = _NameState(tuple(sites), maybe_unbound)
-    return merged
-
-
-def _site_key(site: _Site) -> object:
-    """Identity of a binding statement, whatever conditions have been attached to it since."""
-    if isinstance(site, _Import):
-        return (site.module, site.attr, site.line)
-    return id(site.node)
-
-
-def _qualify(branch: _State, other: _State, before: _State, condition: str) -> _State:
-    """Mark bindings made before an `if` that reach the end of one branch with its condition.
-
-    A definition made before an `if` and replaced in the other branch only survives when this
-    branch runs; saying so lets an ambiguity name the hint that settles it.
-    """
-    qualified = dict(branch)
-    for name, entry in branch.items():
-        if other.get(name) == entry or name not in before:
-            continue  # untouched on both paths, or new in this branch (already conditional)
-        earlier = {_site_key(site) for site in before[name].sites}
-        qualified[name] = _NameState(
-            tuple(
-                replace(site, when=(*site.when, condition)) if _site_key(site) in earlier else site
-                for site in entry.sites
-            ),
-            entry.maybe_unbound,
-        )
-    return qualified
-
-
-class _BodyReader:
-    """Walks a module or class body in execution order, as far as it can be known."""
-
-    def __init__(self, module: _Module, hints: Mapping[str, bool], in_class: bool):
-        self._module = module
-        self._hints = hints
-        self._in_class = in_class
-        self.stars: list[_Import] = []
-
-    def body(self, statements: list[ast.stmt], state: _State, when: tuple[str, ...]) -> _State:
-        for statement in statements:
-            state = self._statement(statement, state, when)
-        return state
-
-    def _statement(self, node: ast.stmt, state: _State, when: tuple[str, ...]) -> _State:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            if self._in_class and _is_accessor(node) and node.name in state:
-                return state
-            return self._bind(state, [node.name], _Def(node, when))
-        if isinstance(node, ast.ClassDef):
-            return self._bind(state, [node.name], _Def(node, when))
-        if isinstance(node, ast.Assign):
-            names = [n for target in node.targets for n in _target_names(target)]
-            plain = all(isinstance(t, ast.Name) for t in node.targets)
-            return self._bind(state, names, self._assign(node, plain, state, when))
-        if isinstance(node, ast.AnnAssign):
-            # A bare annotation (`x: int`) creates no attribute at run time.
-            if node.value is None or not isinstance(node.target, ast.Name):
-                return state
-            return self._bind(state, [node.target.id], self._assign(node, True, state, when))
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            return self._imports(node, state, when)
-        if isinstance(node, ast.Delete):
-            gone = {n for target in node.targets for n in _target_names(target)}
-            return {k: v for k, v in state.items() if k not in gone}
-        if isinstance(node, ast.If):
-            return self._if(node, state, when)
-        if isinstance(node, (ast.Try, ast.TryStar)):
-            return self._try(node, state, when)
-        if isinstance(node, (ast.With, ast.AsyncWith)):
-            return self.body(node.body, state, when)
-        return state
-
-    @staticmethod
-    def _assign(
-        node: ast.Assign | ast.AnnAssign, plain: bool, state: _State, when: tuple[str, ...]
-    ) -> _Assign:
-        value = node.value if plain else None
-        dotted = _dotted(value) if value is not None else None
-        if dotted is None:
-            return _Assign(node, None, when)
-        entry = state.get(dotted.split(".")[0])
-        return _Assign(node, value, when, entry.sites if entry else None)
-
-    @staticmethod
-    def _bind(state: _State, names: list[str], site: _Site) -> _State:
-        state = dict(state)
-        for name in names:
-            state[name] = _NameState((site,), False)
-        return state
-
-    def _imports(
-        self, node: ast.Import | ast.ImportFrom, state: _State, when: tuple[str, ...]
-    ) -> _State:
-        for alias in node.names:
-            if isinstance(node, ast.Import):
-                # `import a.b` binds `a`; `import a.b as z` binds `z` to `a.b`.
-                bound = alias.name if alias.asname else alias.name.split(".")[0]
-                site = _Import(bound, None, node.lineno, when)
-                state = self._bind(state, [alias.asname or bound], site)
-                continue
-            site = _Import(self._absolute(node), alias.name, node.lineno, when)
-            if alias.name == "*":
-                self.stars.append(site)
-            else:
-                state = self._bind(state, [alias.asname or alias.name], site)
-        return state
-
-    def _absolute(self, node: ast.ImportFrom) -> str | None:
-        if not node.level:
-            return node.module
-        package = self._module.package.split(".")
-        if node.level - 1 >= len(package):
-            return None
-        base = package[: len(package) - (node.level - 1)]
-        return ".".join([*base, *([node.module] if node.module else [])])
-
-    def _if(self, node: ast.If, state: _State, when: tuple[str, ...]) -> _State:
-        text = ast.get_source_segment(self._module.source, node.test) or ast.unparse(node.test)
-        decided = self._hinted(node.test)
-        if decided is not None:
-            return self.body(node.body if decided else node.orelse, state, when)
-        taken = self.body(node.body, state, (*when, text))
-        skipped = self.body(node.orelse, state, (*when, f"not {text}"))
-        return _merge([
-            _qualify(taken, skipped, state, text),
-            _qualify(skipped, taken, state, f"not {text}"),
-        ])
-
-    def _hinted(self, test: ast.expr) -> bool | None:
-        """The value a branch hint gives `test` (also through `not`); None when unknown."""
-        key = ast.unparse(test)
-        if key in self._hints:
-            return self._hints[key]
-        if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
-            inner = self._hinted(test.operand)
-            return None if inner is None else not inner
-        return None
-
-    def _try(self, node: ast.Try | ast.TryStar, state: _State, when: tuple[str, ...]) -> _State:
-        # Each handler is a possible path, entered (approximately) with the state before `try`.
-        label = f"try at line {node.lineno}"
-        paths = [self.body([*node.body, *node.orelse], state, (*when, label))]
-        for handler in node.handlers:
-            caught = ast.unparse(handler.type) if handler.type is not None else "anything"
-            label = f"except {caught} at line {handler.lineno}"
-            paths.append(self.body(handler.body, state, (*when, label)))
-        return self.body(node.finalbody, _merge(paths), when)
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 class SourceRoots:
@@ -497,7 +192,7 @@ class SourceRoots:
         self._roots = {name: _normalise_root(name, Path(path)) for name, path in roots.items()}
         hints = {**DEFAULT_BRANCH_HINTS, **(branch_hints or {})}
         self._hints = {normalise_condition(text): bool(value) for text, value in hints.items()}
-        self._modules: dict[str, _Module | str] = {}
+        self._modules: dict[str, Module | str] = {}
         self._mro_cache: dict[tuple[int, int], list[_Mro]] = {}
 
     def covers(self, module: str) -> bool:
@@ -519,7 +214,7 @@ class SourceRoots:
 
     # Loading --------------------------------------------------------------------------------
 
-    def _load(self, name: str) -> _Module:
+    def _load(self, name: str) -> Module:
         """The parsed module `name`; each file is read once, and so is each failure to."""
         cached = self._modules.get(name)
         if cached is None:
@@ -528,11 +223,11 @@ class SourceRoots:
             except LookupError as exc:
                 cached = str(exc)
             self._modules[name] = cached
-        if isinstance(cached, _Module):
+        if isinstance(cached, Module):
             return cached
         raise LookupError(cached)
 
-    def _parse(self, name: str) -> _Module:
+    def _parse(self, name: str) -> Module:
         parts = name.split(".")
         if not all(part.isidentifier() for part in parts):
             raise LookupError(f"{name!r} is not a module name")
@@ -545,20 +240,20 @@ class SourceRoots:
         module_file = root.joinpath(*parts[:-1], parts[-1] + ".py")
         for path, is_package in ((package_init, True), (module_file, False)):
             if path.is_file():
-                source, tree = _read(path)
-                return _Module(name, path, source, tree, is_package)
+                source, tree = read_module(path)
+                return Module(name, path, source, tree, is_package)
         raise LookupError(f"module {name} not found in {root}")
 
-    def _scope(self, module: _Module, node: ast.Module | ast.ClassDef) -> _Scope:
+    def _scope(self, module: Module, node: ast.Module | ast.ClassDef) -> Scope:
         scope = module.scopes.get(id(node))
         if scope is None:
-            reader = _BodyReader(module, self._hints, in_class=isinstance(node, ast.ClassDef))
+            reader = BodyReader(module, self._hints, in_class=isinstance(node, ast.ClassDef))
             names = reader.body(node.body, {}, ())
-            scope = _Scope(names, reader.stars)
+            scope = Scope(names, reader.stars)
             module.scopes[id(node)] = scope
         return scope
 
-    def _submodule(self, module: _Module, name: str) -> _Module | None:
+    def _submodule(self, module: Module, name: str) -> Module | None:
         if not module.is_package:
             return None
         try:
@@ -584,7 +279,7 @@ class SourceRoots:
             ))]
         return [_Outcome(value)]
 
-    def _module_attribute(self, module: _Module, name: str, hops: _Hops) -> list[_Outcome]:
+    def _module_attribute(self, module: Module, name: str, hops: _Hops) -> list[_Outcome]:
         state = self._scope(module, module.tree).names.get(name)
         outcomes: list[_Outcome] = []
         if state is not None:
@@ -606,7 +301,7 @@ class SourceRoots:
             ))]
         return [_Outcome(_Failure(self._missing(module, name)))]
 
-    def _star(self, module: _Module, name: str, hops: _Hops) -> list[_Outcome]:
+    def _star(self, module: Module, name: str, hops: _Hops) -> list[_Outcome]:
         """What a `from m import *` (m inside the roots) provides for `name`, if any.
 
         Only consulted when the module binds the name nowhere itself; `__all__` is not read.
@@ -619,11 +314,11 @@ class SourceRoots:
             except LookupError:
                 continue
             if name in self._scope(source, source.tree).names:
-                site = _Import(star.module, name, star.line, star.when)
+                site = Import(star.module, name, star.line, star.when)
                 return self._follow(site, module, None, name, hops)
         return []
 
-    def _missing(self, module: _Module, name: str) -> str:
+    def _missing(self, module: Module, name: str) -> str:
         outside = [
             s.module for s in self._scope(module, module.tree).stars
             if s.module is not None and not self.covers(s.module)
@@ -672,29 +367,29 @@ class SourceRoots:
     # Following a binding to what it binds ---------------------------------------------------
 
     def _follow(
-        self, site: _Site, module: _Module, cls: _ClassValue | None, name: str, hops: _Hops
+        self, site: Site, module: Module, cls: _ClassValue | None, name: str, hops: _Hops
     ) -> list[_Outcome]:
-        if isinstance(site, _Def):
+        if isinstance(site, Def):
             return [_Outcome(self._definition(site.node, module, cls), site.when)]
-        if isinstance(site, _Import):
+        if isinstance(site, Import):
             return [o.under(site.when) for o in self._imported(site, module, hops)]
         return [o.under(site.when) for o in self._assigned(site, module, cls, name, hops)]
 
     def _definition(
         self,
         node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef,
-        module: _Module,
+        module: Module,
         cls: _ClassValue | None,
     ) -> _Value:
         if isinstance(node, ast.ClassDef):
             qualname = f"{cls.qualname}.{node.name}" if cls else node.name
             return _ClassValue(module, node, qualname)
         owner = cls.label if cls else module.name
-        kind = _function_kind(node) if cls else "function"
+        kind = function_kind(node) if cls else "function"
         signature = None if kind == "property" else render_ast_signature(node)
         return _Leaf(StaticResolved(str(module.file), node.lineno, signature, kind, owner))
 
-    def _imported(self, site: _Import, module: _Module, hops: _Hops) -> list[_Outcome]:
+    def _imported(self, site: Import, module: Module, hops: _Hops) -> list[_Outcome]:
         if site.module is None:
             return [_Outcome(_Failure(
                 f"{module.file}:{site.line}: relative import beyond the top-level package"
@@ -719,11 +414,11 @@ class SourceRoots:
         return self._module_attribute(source, site.attr, step)
 
     def _assigned(
-        self, site: _Assign, module: _Module, cls: _ClassValue | None, name: str, hops: _Hops
+        self, site: Assign, module: Module, cls: _ClassValue | None, name: str, hops: _Hops
     ) -> list[_Outcome]:
         owner = cls.label if cls else module.name
         here = _Leaf(StaticResolved(str(module.file), site.node.lineno, None, "attribute", owner))
-        dotted = _dotted(site.value) if site.value is not None else None
+        dotted = dotted_name(site.value) if site.value is not None else None
         if dotted is None:
             return [_Outcome(here)]
         # Keyed apart from an import of the same name, which may legitimately lead here.
@@ -759,7 +454,7 @@ class SourceRoots:
     def _expression(
         self,
         expr: ast.expr,
-        module: _Module,
+        module: Module,
         cls: _ClassValue | None,
         hops: _Hops,
     ) -> list[_Outcome]:
@@ -780,7 +475,7 @@ class SourceRoots:
         return self._name(expr.id, module, cls, hops)
 
     def _name(
-        self, name: str, module: _Module, cls: _ClassValue | None, hops: _Hops
+        self, name: str, module: Module, cls: _ClassValue | None, hops: _Hops
     ) -> list[_Outcome]:
         """Python's lookup for a name in a class body: the body, then globals, then builtins.
 
@@ -861,7 +556,7 @@ class SourceRoots:
         qualname: list[str] = []
         for part in outer.split("."):
             state = self._scope(cls.module, node).names.get(part)
-            defs = [s.node for s in state.sites if isinstance(s, _Def)] if state else []
+            defs = [s.node for s in state.sites if isinstance(s, Def)] if state else []
             if not defs or not isinstance(defs[0], ast.ClassDef):
                 return None
             node = defs[0]
@@ -903,17 +598,6 @@ def _absent(cls: _ClassValue, mro: tuple[_Value, ...], name: str) -> str:
     return reason
 
 
-def _function_kind(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
-    names = {_decorator_name(d) for d in node.decorator_list}
-    if names & _STATIC_DECORATORS:
-        return "staticmethod"
-    if names & _CLASS_DECORATORS:
-        return "classmethod"
-    if names & _PROPERTY_DECORATORS or _is_accessor(node):
-        return "property"
-    return "method"
-
-
 def _normalise_root(name: str, path: Path) -> Path:
     """The directory that contains package `name`, given it or the package directory itself."""
     if not name.isidentifier():
@@ -924,20 +608,6 @@ def _normalise_root(name: str, path: Path) -> Path:
         return path.parent
     raise ValueError(f"--source {name}={path}: neither the package {name} nor a directory "
                      f"containing it")
-
-
-def _read(path: Path) -> tuple[str, ast.Module]:
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise LookupError(f"refusing to parse {path}: {size} bytes is over the 2 MiB limit")
-    data = path.read_bytes()
-    try:
-        tree = ast.parse(data, filename=str(path))
-    except SyntaxError as exc:
-        raise LookupError(f"cannot parse {path}: {exc.msg} (line {exc.lineno})") from None
-    except (ValueError, RecursionError, MemoryError) as exc:
-        raise LookupError(f"cannot parse {path}: {type(exc).__name__}") from None
-    return data.decode("utf-8", errors="replace"), tree
 
 
 def _as_namespace(outcome: _Outcome, part: str) -> _Outcome:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from ascend_patch.cli.ab_stats import Estimate
+from ascend_patch.ab.stats import Estimate
 
 WIDTH = 80
 # Labels longer than this become letters (A, B, ...) in the tables; the legend says which.
@@ -75,6 +76,16 @@ def wrap(text: str, indent: str = "  ") -> str:
 def say(console, text: str, indent: str = "  ") -> None:
     """Print prose wrapped at 80 columns, as it is (no markup: "[lo, hi]" is not a style)."""
     console.print(wrap(text, indent), markup=False, highlight=False, soft_wrap=True)
+
+
+def ratio_phrase(ratio: Estimate, verdict: str) -> str:
+    """A ratio with its verdict, for the sentences under the tables."""
+    figure = fmt(ratio, 1, 3)
+    if verdict in ("better", "worse"):
+        return f"{verdict} ({figure})"
+    if verdict == "no measurable difference":
+        return f"no measurable difference ({figure})"
+    return f"{figure}: {verdict}"
 
 
 def dlogp(row: dict[str, Any]) -> str:
@@ -156,6 +167,22 @@ def plot(path: Path, title: str, labels: Sequence[str], ratios: dict[str, list[E
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path, f"wrote {path}"
+
+
+def save(console, out_dir: Path, summary: dict[str, Any], rows: list[dict[str, Any]],
+         title: str, ratios: dict[str, str], **plot_options: str) -> None:
+    """ab.json, and ab.png of `ratios` (legend -> row key) and the agreement of every row
+    against the first (the reference); says what was written."""
+    json_path = out_dir / "ab.json"
+    json_path.write_text(json.dumps(summary, indent=2))
+    labels = short_labels([r["label"] for r in rows])
+    _, message = plot(
+        out_dir / "ab.png", f"{title}: against {labels[0]}", labels[1:],
+        {legend: [r[key] for r in rows[1:]] for legend, key in ratios.items()},
+        {"exact match": [r["exact_match_rate"] for r in rows[1:]],
+         "token agreement": [r["token_agreement"] for r in rows[1:]]}, **plot_options)
+    console.print(f"wrote {json_path}", markup=False)
+    console.print(message, markup=False)
 
 
 def as_json(value: Any) -> Any:

@@ -1,4 +1,4 @@
-"""One vLLM engine per A/B arm, kept up across the repeats (offline_run.py --driver).
+"""One vLLM engine per A/B arm, kept up across the repeats (harness/offline_run.py --driver).
 
 Starting the tiny model's engine took 20-142 s on the loaded 2-core machine while one repeat
 of the default workload took 0.4-1.4 s once warm, so a new engine per repeat would spend
@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ascend_patch.cli import offline_run
+from ascend_patch.harness import offline_run
 
 
 class EngineFailed(RuntimeError):

