@@ -353,13 +353,12 @@ def main(argv=None) -> int:
     if a.worker is not None:
         worker(a.worker, a)
         return 0
-    from ascend_patch.lab.layer import machine_info, write_json
+    from ascend_patch.lab.layer import machine_info, save_result
 
     result = run_dispatch(a.tokens, a.skew, a.ratios, a.reps, a.hidden, a.intermediate, a.seed)
     result["machine"] = machine_info()
     print_table(result)
-    path = write_json(Path(a.out) / "dispatch.json", result)
-    print(f"machine: {result['machine']['uptime']}\nwrote {path}")
+    save_result(result, a.out, "dispatch.json")
     return 0
 
 

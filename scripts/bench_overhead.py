@@ -292,12 +292,11 @@ def main(argv=None) -> int:
     p.add_argument("--skip-startup", action="store_true")
     p.add_argument("--out", default="bench-results")
     a = p.parse_args(argv)
-    from ascend_patch.lab.layer import write_json
+    from ascend_patch.lab.layer import save_result
 
     result = bench(a.runs, a.loader_runs, a.skip_startup)
     print_tables(result)
-    path = write_json(Path(a.out) / "overhead.json", result)
-    print(f"machine: {result['machine']['uptime']}\nwrote {path}")
+    save_result(result, a.out, "overhead.json")
     return 0
 
 

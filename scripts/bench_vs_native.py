@@ -38,7 +38,7 @@ from ascend_patch.lab.layer import (
     make_layer,
     rank_problem,
     relative_error,
-    write_json,
+    save_result,
 )
 
 
@@ -228,8 +228,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     result = bench(a.tokens, a.hidden, a.intermediate, a.reps, a.threads, a.seed)
     print_tables(result)
-    path = write_json(Path(a.out) / "vs_native.json", result)
-    print(f"machine: {result['machine']['uptime']}\nwrote {path}")
+    save_result(result, a.out, "vs_native.json")
     return 0
 
 

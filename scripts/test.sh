@@ -11,7 +11,7 @@
 # Tiers (tests/conftest.py): unit (no vLLM import) runs once, in the primary environment;
 # contract in every environment; e2e (engines, servers) in the primary one; smoke (one server)
 # in each other CPU environment. Each tier prints its slowest tests, and a closing table the
-# time of each step.
+# time of each step; test-results/ keeps each tier's junit file and that table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,9 +42,11 @@ if [[ -n $only_env ]]; then
   envs=("$only_env")
 fi
 
-timings=$(mktemp)
-results=$(mktemp -d)
-trap 'rm -rf "$results" "$timings"' EXIT
+# Each tier's junit file stays in test-results/ (CI systems read them; so can you).
+results=test-results
+rm -rf "$results"
+mkdir -p "$results"
+timings=$results/steps.txt
 step() {  # step NAME SECONDS STATUS
   printf '%-28s %6ss  %s\n' "$1" "$2" "$3" >>"$timings"
 }

@@ -107,6 +107,14 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def save_result(result: dict[str, Any], out: str | Path, name: str) -> Path:
+    """A benchmark's last step: its JSON written, the machine's load beside the path (a loaded
+    machine's figures are not comparable)."""
+    path = write_json(Path(out) / name, result)
+    print(f"machine: {result['machine']['uptime']}\nwrote {path}")
+    return path
+
+
 # ---------------------------------------------------------------- the layer
 
 

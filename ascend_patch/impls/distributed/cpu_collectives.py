@@ -210,55 +210,34 @@ def _nbytes(x: torch.Tensor | Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in x)
 
 
-def make_all_gatherv(original: Callable[..., Any] | None, ctx: Any) -> Callable[..., Any]:
-    """Replacement of `CpuCommunicator.all_gatherv(self, input_, dim=0, sizes=None)`."""
-    fuse_lists = bool(getattr(ctx.options, "fuse_lists", True))
+def _communicator_method(impl: Callable[..., Any], name: str, default_dim: int,
+                         original: Callable[..., Any] | None, ctx: Any, doc: str | None,
+                         **options: Any) -> Callable[..., Any]:
+    """A CpuCommunicator method `name(self, input_, dim=default_dim, sizes=None)` that counts
+    its calls and bytes and runs `impl` on the communicator's group."""
     stats = ctx.stats
 
-    def all_gatherv(
-        self: Any,
-        input_: torch.Tensor | list[torch.Tensor],
-        dim: int = 0,
-        sizes: list[int] | None = None,
-    ) -> torch.Tensor | list[torch.Tensor]:
-        _bump(stats, "all_gatherv", _nbytes(input_))
-        return all_gatherv_impl(
-            input_,
-            dim,
-            sizes,
-            group=_group_of(self),
-            rank=self.rank_in_group,
-            world_size=self.world_size,
-            fuse_lists=fuse_lists,
-        )
+    def method(self: Any, input_: Any, dim: int = default_dim,
+               sizes: list[int] | None = None) -> Any:
+        _bump(stats, name, _nbytes(input_))
+        return impl(input_, dim, sizes, group=_group_of(self), rank=self.rank_in_group,
+                    world_size=self.world_size, **options)
 
-    all_gatherv.__wrapped__ = original  # type: ignore[attr-defined]
-    all_gatherv.__doc__ = make_all_gatherv.__doc__
-    return all_gatherv
+    method.__name__ = method.__qualname__ = name
+    method.__wrapped__ = original  # type: ignore[attr-defined]
+    method.__doc__ = doc
+    return method
+
+
+def make_all_gatherv(original: Callable[..., Any] | None, ctx: Any) -> Callable[..., Any]:
+    """Replacement of `CpuCommunicator.all_gatherv(self, input_, dim=0, sizes=None)`."""
+    return _communicator_method(all_gatherv_impl, "all_gatherv", 0, original, ctx,
+                                make_all_gatherv.__doc__,
+                                fuse_lists=bool(getattr(ctx.options, "fuse_lists", True)))
 
 
 def make_reduce_scatterv(original: Callable[..., Any] | None, ctx: Any) -> Callable[..., Any]:
     """Replacement of `CpuCommunicator.reduce_scatterv(self, input_, dim=-1, sizes=None)`."""
-    mode = str(getattr(ctx.options, "reduce_scatter_mode", "reduce_scatter"))
-    stats = ctx.stats
-
-    def reduce_scatterv(
-        self: Any,
-        input_: torch.Tensor,
-        dim: int = -1,
-        sizes: list[int] | None = None,
-    ) -> torch.Tensor:
-        _bump(stats, "reduce_scatterv", _nbytes(input_))
-        return reduce_scatterv_impl(
-            input_,
-            dim,
-            sizes,
-            group=_group_of(self),
-            rank=self.rank_in_group,
-            world_size=self.world_size,
-            mode=mode,
-        )
-
-    reduce_scatterv.__wrapped__ = original  # type: ignore[attr-defined]
-    reduce_scatterv.__doc__ = make_reduce_scatterv.__doc__
-    return reduce_scatterv
+    return _communicator_method(
+        reduce_scatterv_impl, "reduce_scatterv", -1, original, ctx, make_reduce_scatterv.__doc__,
+        mode=str(getattr(ctx.options, "reduce_scatter_mode", "reduce_scatter")))

@@ -14,6 +14,7 @@ from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet, 
 
 _VLLM_LINES = ("0.23", "0.32")
 _ASCEND_LINES = ("0.23",)
+_FACTORIES = "ascend_patch.impls.ops.layers"
 
 _WHY_FORWARD_NATIVE = (
     "CustomOp binds its forward at construction; on CPU RMSNorm.forward_cpu calls "
@@ -22,55 +23,46 @@ _WHY_FORWARD_NATIVE = (
 )
 
 
-def _provided(target: str, signature: str, what: str) -> SiteSet:
-    return SiteSet(
-        lines=_ASCEND_LINES,
-        platform="ascend",
-        provided=f"provided by vllm-ascend: {target.rsplit(':', 1)[-1]} already calls {what}",
-        relies_on=(Interface(target, signature, f"vllm-ascend's own op, which calls {what}"),),
+def _op(name: str, summary: str, why: str, target: str, signature: str, factory: str,
+        ascend_target: str, ascend_signature: str, calls: str) -> Implementation:
+    """An op patched at `target` on vLLM's own platforms and provided by vllm-ascend's own
+    `ascend_target` (which calls torch_npu's `calls`) on Ascend."""
+    return Implementation(
+        name=name,
+        summary=summary,
+        why=why,
+        site_sets=(
+            SiteSet(lines=_VLLM_LINES, sites=(Site(target, signature, f"{_FACTORIES}:{factory}"),)),
+            SiteSet(
+                lines=_ASCEND_LINES,
+                platform="ascend",
+                provided=f"provided by vllm-ascend: {ascend_target.rsplit(':', 1)[-1]} already "
+                f"calls {calls}",
+                relies_on=(Interface(ascend_target, ascend_signature,
+                                     f"vllm-ascend's own op, which calls {calls}"),),
+            ),
+            no_ascend_release(),
+        ),
     )
 
-
 IMPLEMENTATIONS = {
-    "ops.rms_norm": Implementation(
-        name="ops.rms_norm",
-        summary="RMSNorm (and fused residual add) via torch_npu.npu_rms_norm on NPU, PyTorch elsewhere",
-        why=_WHY_FORWARD_NATIVE,
-        site_sets=(
-            SiteSet(
-                lines=_VLLM_LINES,
-                sites=(
-                    Site(
-                        target="vllm.model_executor.layers.layernorm:RMSNorm.forward_native",
-                        signature="(self, x, residual=…)",
-                        factory="ascend_patch.impls.ops.layers:make_rms_norm_forward",
-                    ),
-                ),
-            ),
-            _provided("vllm_ascend.ops.layernorm:AscendRMSNorm.forward_oot",
-                      "(self, x, residual=…)", "torch_npu.npu_rms_norm / npu_add_rms_norm"),
-            no_ascend_release(),
-        ),
+    "ops.rms_norm": _op(
+        "ops.rms_norm",
+        "RMSNorm (and fused residual add) via torch_npu.npu_rms_norm on NPU, PyTorch elsewhere",
+        _WHY_FORWARD_NATIVE,
+        "vllm.model_executor.layers.layernorm:RMSNorm.forward_native", "(self, x, residual=…)",
+        "make_rms_norm_forward",
+        "vllm_ascend.ops.layernorm:AscendRMSNorm.forward_oot", "(self, x, residual=…)",
+        "torch_npu.npu_rms_norm / npu_add_rms_norm",
     ),
-    "ops.silu_and_mul": Implementation(
-        name="ops.silu_and_mul",
-        summary="SwiGLU activation via torch_npu.npu_swiglu on NPU, PyTorch elsewhere",
-        why="SiluAndMul.forward_native is a staticmethod used by forward_cpu and whenever the "
+    "ops.silu_and_mul": _op(
+        "ops.silu_and_mul",
+        "SwiGLU activation via torch_npu.npu_swiglu on NPU, PyTorch elsewhere",
+        "SiluAndMul.forward_native is a staticmethod used by forward_cpu and whenever the "
         "custom op is disabled, so it is the one symbol vLLM's own platforms reach.",
-        site_sets=(
-            SiteSet(
-                lines=_VLLM_LINES,
-                sites=(
-                    Site(
-                        target="vllm.model_executor.layers.activation:SiluAndMul.forward_native",
-                        signature="(x)",
-                        factory="ascend_patch.impls.ops.layers:make_silu_and_mul_forward",
-                    ),
-                ),
-            ),
-            _provided("vllm_ascend.ops.activation:AscendSiluAndMul.forward_oot",
-                      "(self, x)", "torch_npu.npu_swiglu"),
-            no_ascend_release(),
-        ),
+        "vllm.model_executor.layers.activation:SiluAndMul.forward_native", "(x)",
+        "make_silu_and_mul_forward",
+        "vllm_ascend.ops.activation:AscendSiluAndMul.forward_oot", "(self, x)",
+        "torch_npu.npu_swiglu",
     ),
 }
