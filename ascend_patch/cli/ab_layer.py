@@ -120,7 +120,7 @@ def make_layer(setup: LayerSetup) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 def rank_problem(x, w13, w2, weights, ids, keep, rank: int, experts_per_rank: int):
     """What EP rank `rank` computes: the tokens with a kept row on it, its local experts."""
-    from ascend_patch.impls.moe.backends.torch_backend import moe_forward
+    from ascend_patch.impls.moe.experts.torch_backend import moe_forward
 
     local_rows = (torch.div(ids, experts_per_rank, rounding_mode="floor") == rank) & keep
     tokens = torch.nonzero(local_rows.any(dim=1)).squeeze(1)
@@ -173,8 +173,8 @@ class Cell:
 
 def _policy_keeps(weights, ids, ratio, setup: LayerSetup):
     """{policy: (keep [T,k], weights [T,k], dropped, budget, rank load after)}."""
-    from ascend_patch.impls.moe.capacity import drop_budget, plan_drops
     from ascend_patch.impls.moe.options import CapacityOptions
+    from ascend_patch.impls.moe.planner.capacity import drop_budget, plan_drops
     from ascend_patch.impls.moe.routing_sim import rank_loads, seed_fixed_capacity_keep
 
     out = {}
@@ -203,8 +203,8 @@ def _policy_keeps(weights, ids, ratio, setup: LayerSetup):
 
 def layer_ab(setup: LayerSetup, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """All cells of the layer A/B; see the module docstring."""
-    from ascend_patch.impls.moe.analytic import analytic_limit, protected_rank_load
-    from ascend_patch.impls.moe.backends.torch_backend import moe_forward
+    from ascend_patch.impls.moe.experts.torch_backend import moe_forward
+    from ascend_patch.impls.moe.planner.analytic import analytic_limit, protected_rank_load
     from ascend_patch.impls.moe.routing_sim import (
         SKEWS,
         deepseek_routing,

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from ascend_patch.impls.moe import drop_step
-from ascend_patch.impls.moe.capacity import DropPlan, linear_owners, plan_drops
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.planner.capacity import DropPlan, linear_owners, plan_drops
 
 
 def _tail_mass(w: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ RULES = ("seed", *(f"key:{name}" for name in KEYS))
 
 def key_plan(name: str, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
              **kwargs: Any) -> DropPlan:
-    from ascend_patch.impls.moe.capacity import _surviving_weights
+    from ascend_patch.impls.moe.planner.capacity import _surviving_weights
 
     options = kwargs["options"]
     key = KEYS[name](topk_weights.float(), topk_ids)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ascend_patch.impls.moe.capacity import AllGatherCounts, DropPlan, plan_drops
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.planner.capacity import AllGatherCounts, DropPlan, plan_drops
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe.drop_step import DropStep
 from ascend_patch.impls.moe.options import CapacityOptions
-from ascend_patch.impls.moe.stats import CapacityStats
+from ascend_patch.impls.moe.telemetry.stats import CapacityStats
 
 
 class CapacityState:

@@ -111,9 +111,9 @@ from typing import Any
 import torch
 
 from ascend_patch.core.context import PatchContext
-from ascend_patch.impls.moe import ascend_dispatch
-from ascend_patch.impls.moe.capacity import AllGatherCounts
+from ascend_patch.impls.moe.adapters import ascend_dispatch
 from ascend_patch.impls.moe.drop_step import DropStep
+from ascend_patch.impls.moe.planner.capacity import AllGatherCounts
 from ascend_patch.impls.moe.state import CapacityState
 
 logger = logging.getLogger("ascend_patch.moe.capacity")
