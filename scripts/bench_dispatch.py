@@ -134,13 +134,13 @@ def worker(rank: int, a) -> None:
     from ascend_patch.impls.moe.experts.torch_backend import moe_forward
     from ascend_patch.impls.moe.options import CapacityOptions
     from ascend_patch.impls.moe.planner.capacity import plan_drops
-    from ascend_patch.impls.moe.routing_sim import calibrate_skew, rank_loads
     from ascend_patch.impls.moe.transport.all_to_all_dispatch import (
         DispatchCounters,
         combine,
         dispatch,
         expert_owners,
     )
+    from ascend_patch.lab.routing_sim import calibrate_skew, rank_loads
 
     experts = 256
     epr = experts // world

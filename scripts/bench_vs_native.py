@@ -87,7 +87,7 @@ def bench(tokens=4096, hidden=1024, intermediate=256, reps=7, threads=1, seed=0,
     from ascend_patch.impls.moe.experts.torch_backend import moe_forward
     from ascend_patch.impls.moe.options import CapacityOptions
     from ascend_patch.impls.moe.planner.capacity import plan_drops
-    from ascend_patch.impls.moe.routing_sim import deepseek_routing, rank_loads
+    from ascend_patch.lab.routing_sim import deepseek_routing, rank_loads
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

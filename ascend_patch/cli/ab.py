@@ -647,7 +647,7 @@ def _ratios(text: str) -> list[float]:
 
 
 def _skews(text: str) -> list[float | str]:
-    from ascend_patch.impls.moe.routing_sim import SKEWS
+    from ascend_patch.lab.routing_sim import SKEWS
 
     skews: list[float | str] = []
     for item in (t.strip() for t in text.split(",")):
@@ -767,7 +767,7 @@ def check_args(args) -> str | None:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         return f"argument --out: {args.out} exists and is not a folder"
     if args.layer:
-        from ascend_patch.impls.moe.routing_sim import NUM_GROUPS, TOPK_GROUPS
+        from ascend_patch.lab.routing_sim import NUM_GROUPS, TOPK_GROUPS
 
         if args.experts % args.ep_size:
             return (f"argument --experts: {args.experts} experts do not split evenly over "

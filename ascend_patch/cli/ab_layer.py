@@ -175,7 +175,7 @@ def _policy_keeps(weights, ids, ratio, setup: LayerSetup):
     """{policy: (keep [T,k], weights [T,k], dropped, budget, rank load after)}."""
     from ascend_patch.impls.moe.options import CapacityOptions
     from ascend_patch.impls.moe.planner.capacity import drop_budget, plan_drops
-    from ascend_patch.impls.moe.routing_sim import rank_loads, seed_fixed_capacity_keep
+    from ascend_patch.lab.routing_sim import rank_loads, seed_fixed_capacity_keep
 
     out = {}
     routed = ids.numel()
@@ -205,7 +205,7 @@ def layer_ab(setup: LayerSetup, progress: Callable[[str], None] | None = None) -
     """All cells of the layer A/B; see the module docstring."""
     from ascend_patch.impls.moe.experts.torch_backend import moe_forward
     from ascend_patch.impls.moe.planner.analytic import analytic_limit, protected_rank_load
-    from ascend_patch.impls.moe.routing_sim import (
+    from ascend_patch.lab.routing_sim import (
         SKEWS,
         deepseek_routing,
         rank_loads,

@@ -82,7 +82,7 @@ def key_plan(name: str, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
 
 
 def seed_plan(topk_weights: torch.Tensor, topk_ids: torch.Tensor, **kwargs: Any) -> DropPlan:
-    from ascend_patch.impls.moe.routing_sim import seed_fixed_capacity_keep
+    from ascend_patch.lab.routing_sim import seed_fixed_capacity_keep
 
     options = kwargs["options"]
     reference = plan_drops(

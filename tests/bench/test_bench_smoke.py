@@ -12,7 +12,7 @@ import torch
 from ascend_patch.cli.ab_layer import LayerSetup, check_cells, layer_ab, targets
 from ascend_patch.impls.moe.planner.analytic import analytic_limit
 from ascend_patch.impls.moe.planner.capacity import drop_budget
-from ascend_patch.impls.moe.routing_sim import (
+from ascend_patch.lab.routing_sim import (
     deepseek_routing,
     rank_loads,
     seed_fixed_capacity_keep,
