@@ -364,14 +364,13 @@ def _make_step(state: AscendCapacityState, call: _LayerCall) -> DropStep:
         owners = ascend_dispatch.contiguous_owners(
             layer.global_num_experts, ep_size, layer.local_num_experts
         )
-    return DropStep(
+    return state.drop_step(
+        call.name,
         num_experts=layer.global_num_experts,
         ep_size=ep_size,
-        options=state.options,
         gather=gather,
         rank=rank,
         owners=owners,
-        on_plan=lambda plan, name=call.name: state.stats.record(name, plan),
     )
 
 

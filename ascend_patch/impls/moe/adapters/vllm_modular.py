@@ -440,14 +440,13 @@ def make_step(layer: Any, state: CapacityState) -> DropStep:
             state.stats.config_checked(group.world_size)
     gather, rank = token_sources(parallel)
     export_layer_metrics(state, layer.layer_name, parallel)
-    return DropStep(
+    return state.drop_step(
+        layer.layer_name,
         num_experts=layer.global_num_experts,
         ep_size=parallel.ep_size,
-        options=state.options,
         gather=gather,
         rank=rank,
         owners=_owners(layer, parallel.ep_size, state),
-        on_plan=lambda plan, name=layer.layer_name: state.stats.record(name, plan),
     )
 
 
