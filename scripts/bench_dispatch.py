@@ -7,7 +7,7 @@ tokens and half of the 256 experts (DeepSeek-V3 routing shape from routing_sim, 
 to the given per-rank max/mean at EP2, where 2.0 is the most possible). Per step, timed from
 a barrier to the end of the combine, the slowest rank's time (max over ranks):
 
-* a2a:       the product's dispatch, `ascend_patch.impls.moe.all_to_all_dispatch.dispatch`
+* a2a:       the product's dispatch, `ascend_patch.impls.moe.transport.all_to_all_dispatch.dispatch`
              (token-once: each token's hidden state once per rank owning one of its kept
              rows, plus a 12-byte record per row: f32 weight, i32 expert id, i32 index of
              the hidden row; all_to_all_uneven of bytes), expert compute on the received
@@ -83,7 +83,7 @@ def run_dispatch(tokens=2048, skew=1.5, ratios=(0.05, 0.1), reps=21, hidden=1024
 # ------------------------------------------------------------------ worker side
 
 
-A2A_NAME = ("ascend_patch.impls.moe.all_to_all_dispatch.dispatch/combine "
+A2A_NAME = ("ascend_patch.impls.moe.transport.all_to_all_dispatch.dispatch/combine "
             "(all_to_all_uneven, gloo all_to_all_single)")
 # Per-row metadata of the token-once dispatch: f32 weight, i32 expert id and i32 index of
 # the row's token among the hidden states sent to that rank.
@@ -130,17 +130,17 @@ def worker(rank: int, a) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(a.port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     world = 2
-    from ascend_patch.impls.moe.all_to_all_dispatch import (
+    from ascend_patch.impls.moe.experts.torch_backend import moe_forward
+    from ascend_patch.impls.moe.options import CapacityOptions
+    from ascend_patch.impls.moe.planner.capacity import plan_drops
+    from ascend_patch.impls.moe.transport.all_to_all_dispatch import (
         DispatchCounters,
         combine,
         dispatch,
         expert_owners,
     )
-    from ascend_patch.impls.moe.backends.torch_backend import moe_forward
-    from ascend_patch.impls.moe.capacity import plan_drops
-    from ascend_patch.impls.moe.options import CapacityOptions
-    from ascend_patch.impls.moe.routing_sim import calibrate_skew, rank_loads
     from ascend_patch.lab.layer import LayerSetup, make_layer
+    from ascend_patch.lab.routing_sim import calibrate_skew, rank_loads
 
     experts = 256
     epr = experts // world

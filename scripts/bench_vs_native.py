@@ -5,7 +5,7 @@
 Native = `vllm._custom_ops.cpu_fused_moe` on weights prepacked by `cpu_prepack_moe_weight`
 (isa "amx" where the CPU has AMX, else "vec"), exactly what CPUUnquantizedExperts
 (vllm/model_executor/layers/fused_moe/experts/cpu_moe.py) does. Ours =
-`ascend_patch.impls.moe.backends.torch_backend.moe_forward` on the standard
+`ascend_patch.impls.moe.experts.torch_backend.moe_forward` on the standard
 [E, 2I, H] / [E, H, I] weights.
 
 1. whole layer, r = 0 (all rows, no EP): time ratio ours/native and max |diff|;
@@ -84,10 +84,10 @@ def native_rank(x, w13, w2, weights, ids, rank, experts_per_rank, isa):
 
 def bench(tokens=4096, hidden=1024, intermediate=256, reps=7, threads=1, seed=0,
           ratios=(0.05, 0.1), skew="r1", ep_size=16) -> dict:
-    from ascend_patch.impls.moe.backends.torch_backend import moe_forward
-    from ascend_patch.impls.moe.capacity import plan_drops
+    from ascend_patch.impls.moe.experts.torch_backend import moe_forward
     from ascend_patch.impls.moe.options import CapacityOptions
-    from ascend_patch.impls.moe.routing_sim import deepseek_routing, rank_loads
+    from ascend_patch.impls.moe.planner.capacity import plan_drops
+    from ascend_patch.lab.routing_sim import deepseek_routing, rank_loads
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

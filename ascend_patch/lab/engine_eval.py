@@ -108,21 +108,29 @@ def main() -> None:
                         "time spent in moe.capacity's ops during them")
     args = parser.parse_args()
 
-    from ascend_patch.impls.moe.options import CapacityOptions
     from ascend_patch.lab import rules
 
-    lab = rules.install(args.lab_rule)
-    if args.scales:
-        import torch
-
-        lab.scales = [torch.tensor(layer) for layer in json.loads(args.scales.read_text())]
-    for arm in json.loads(args.sweep.read_text()) if args.sweep else []:
-        if arm.get("rule") and arm["rule"] not in rules.RULES:
-            parser.error(f"arm {arm['name']}: unknown lab rule {arm['rule']!r}")
-    timers = OpTimers()
-    timers.install()
     sweep = (json.loads(args.sweep.read_text()) if args.sweep
              else [{"name": "arm", "options": None, "rule": args.lab_rule}])
+    for arm in sweep:
+        if args.sweep and arm.get("rule") and arm["rule"] not in rules.RULES:
+            parser.error(f"arm {arm['name']}: unknown lab rule {arm['rule']!r}")
+    with rules.installed(args.lab_rule) as lab:
+        if args.scales:
+            import torch
+
+            lab.scales = [torch.tensor(layer) for layer in json.loads(args.scales.read_text())]
+        result = evaluate(args, lab, sweep)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result))
+
+
+def evaluate(args: argparse.Namespace, lab: Any, sweep: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every arm of `sweep` in one engine of this process, planning through `lab`."""
+    from ascend_patch.impls.moe.options import CapacityOptions
+
+    timers = OpTimers()
+    timers.install()
     probed = set(filter(None, args.probe.split(",")))
 
     from vllm import LLM, SamplingParams
@@ -175,8 +183,7 @@ def main() -> None:
             runs.append({"wall_s": wall, **{f"{k}_s": after[k] - before[k] for k in after}})
         result["prefill_runs"] = runs
     result["op_calls"] = timers.calls
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def make_layer(setup: LayerSetup) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 def rank_problem(x, w13, w2, weights, ids, keep, rank: int, experts_per_rank: int):
     """What EP rank `rank` computes: the tokens with a kept row on it, its local experts."""
-    from ascend_patch.impls.moe.backends.torch_backend import moe_forward
+    from ascend_patch.impls.moe.experts.torch_backend import moe_forward
 
     local_rows = (torch.div(ids, experts_per_rank, rounding_mode="floor") == rank) & keep
     tokens = torch.nonzero(local_rows.any(dim=1)).squeeze(1)
@@ -185,9 +185,9 @@ class Cell:
 
 def _policy_keeps(weights, ids, ratio, setup: LayerSetup):
     """{policy: (keep [T,k], weights [T,k], dropped, budget, rank load after)}."""
-    from ascend_patch.impls.moe.capacity import drop_budget, plan_drops
     from ascend_patch.impls.moe.options import CapacityOptions
-    from ascend_patch.impls.moe.routing_sim import rank_loads, seed_fixed_capacity_keep
+    from ascend_patch.impls.moe.planner.capacity import drop_budget, plan_drops
+    from ascend_patch.lab.routing_sim import rank_loads, seed_fixed_capacity_keep
 
     out = {}
     routed = ids.numel()
@@ -215,9 +215,9 @@ def _policy_keeps(weights, ids, ratio, setup: LayerSetup):
 
 def layer_ab(setup: LayerSetup, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """All cells of the layer A/B; see the module docstring."""
-    from ascend_patch.impls.moe.analytic import analytic_limit, protected_rank_load
-    from ascend_patch.impls.moe.backends.torch_backend import moe_forward
-    from ascend_patch.impls.moe.routing_sim import (
+    from ascend_patch.impls.moe.experts.torch_backend import moe_forward
+    from ascend_patch.impls.moe.planner.analytic import analytic_limit, protected_rank_load
+    from ascend_patch.lab.routing_sim import (
         SKEWS,
         deepseek_routing,
         rank_loads,
@@ -441,7 +441,7 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
 
 def parse_skews(items: Sequence[str]) -> list[float | str]:
     """--skews: names of routing_sim's skews or max/mean loads; ValueError says which is wrong."""
-    from ascend_patch.impls.moe.routing_sim import SKEWS
+    from ascend_patch.lab.routing_sim import SKEWS
 
     skews: list[float | str] = []
     for item in items:
@@ -469,7 +469,7 @@ def parse_policies(items: Sequence[str]) -> list[str]:
 def args_problem(args) -> str | None:
     """What is wrong with `ascend-patch ab --layer`'s arguments (the parser only split the
     lists: their vocabulary is this module's and routing_sim's, which import torch)."""
-    from ascend_patch.impls.moe.routing_sim import NUM_GROUPS, TOPK_GROUPS
+    from ascend_patch.lab.routing_sim import NUM_GROUPS, TOPK_GROUPS
 
     try:
         skews = parse_skews(args.skews)

@@ -1,9 +1,10 @@
 """Lab-only planners run inside the real engine: the seed PR's rule, option sweeps, a probe.
 
-The drop step (impls/moe/drop_step.py) calls `plan_drops` through its module; `install`
-swaps that name in the current process only, so an engine running in this process (vLLM
-offline with VLLM_ENABLE_V1_MULTIPROCESSING=0 and one worker: vLLM's uni executor) plans
-with the lab planner. The product never imports this module.
+`installed` (or `install` ... `uninstall`) swaps the planner of every `moe.capacity` drop
+step in the current process for `lab_planner` (`CapacityState.use_planner`), and puts the
+product planner back at the end, so an engine running in this process (vLLM offline with
+VLLM_ENABLE_V1_MULTIPROCESSING=0 and one worker: vLLM's uni executor) plans with the lab
+planner meanwhile. The product never imports this module.
 
 * rule `seed`: vllm-ascend PR #1067's rule (routing_sim.seed_fixed_capacity_keep): a fixed
   capacity per (source rank, destination rank) pair, rows over it dropped by position
@@ -24,14 +25,16 @@ with the lab planner. The product never imports this module.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ascend_patch.impls.moe import drop_step
-from ascend_patch.impls.moe.capacity import DropPlan, linear_owners, plan_drops
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.planner.capacity import DropPlan, linear_owners, plan_drops
+from ascend_patch.impls.moe.state import CapacityState, PlannerSwap
 
 
 def _tail_mass(w: torch.Tensor) -> torch.Tensor:
@@ -71,7 +74,7 @@ RULES = ("seed", *(f"key:{name}" for name in KEYS))
 
 def key_plan(name: str, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
              **kwargs: Any) -> DropPlan:
-    from ascend_patch.impls.moe.capacity import _surviving_weights
+    from ascend_patch.impls.moe.planner.capacity import _surviving_weights
 
     options = kwargs["options"]
     key = KEYS[name](topk_weights.float(), topk_ids)
@@ -82,7 +85,7 @@ def key_plan(name: str, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
 
 
 def seed_plan(topk_weights: torch.Tensor, topk_ids: torch.Tensor, **kwargs: Any) -> DropPlan:
-    from ascend_patch.impls.moe.routing_sim import seed_fixed_capacity_keep
+    from ascend_patch.lab.routing_sim import seed_fixed_capacity_keep
 
     options = kwargs["options"]
     reference = plan_drops(
@@ -122,6 +125,7 @@ class LabState:
     layer_calls: int = 0  # planner calls since the arm began
     calls: list[dict[str, Any]] = field(default_factory=list)  # per planned call
     plans: list[dict[str, torch.Tensor]] = field(default_factory=list)  # probe records
+    swap: PlannerSwap | None = None  # while installed
 
     def reset(self) -> None:
         self.calls, self.plans, self.layer_calls = [], [], 0
@@ -154,9 +158,27 @@ def lab_planner(topk_weights: torch.Tensor, topk_ids: torch.Tensor, **kwargs: An
 
 def install(rule: str | None = None) -> LabState:
     """Route this process's drop steps through `lab_planner`, with `rule` (None: the
-    product planner)."""
+    product planner), until `uninstall()`."""
     if rule is not None and rule not in RULES:
         raise ValueError(f"unknown lab rule {rule!r} (known: {', '.join(RULES)})")
     LAB.rule = rule
-    drop_step.plan_drops = lab_planner
+    if LAB.swap is None:
+        LAB.swap = CapacityState.use_planner(lab_planner)
     return LAB
+
+
+def uninstall() -> None:
+    """Give the drop steps the product planner back."""
+    if LAB.swap is not None:
+        LAB.swap.revert()
+        LAB.swap = None
+
+
+@contextmanager
+def installed(rule: str | None = None) -> Iterator[LabState]:
+    """`install(rule)` for the `with` block."""
+    lab = install(rule)
+    try:
+        yield lab
+    finally:
+        uninstall()

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ascend_patch.core.catalog import lookup
-from ascend_patch.impls.moe.capacity import plan_drops
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.planner.capacity import plan_drops
 from tests.ascend import harness
 from tests.ascend.emulation import contract_worker as worker
 

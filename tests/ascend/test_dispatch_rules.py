@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ascend_patch.impls.moe import ascend_dispatch
+from ascend_patch.impls.moe.adapters import ascend_dispatch
 
 
 def test_unsent_id_is_outside_the_all_to_all_histogram():

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ascend_patch.impls.moe.analytic import analytic_limit
-from ascend_patch.impls.moe.capacity import drop_budget
-from ascend_patch.impls.moe.routing_sim import (
+from ascend_patch.impls.moe.planner.analytic import analytic_limit
+from ascend_patch.impls.moe.planner.capacity import drop_budget
+from ascend_patch.lab.routing_sim import (
     deepseek_routing,
     rank_loads,
     seed_fixed_capacity_keep,

@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_lat
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from ascend_patch.core import metrics
-from ascend_patch.impls.moe.metrics import layer_series
+from ascend_patch.impls.moe.telemetry.metrics import layer_series
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = 'dp_rank="0",layer="model.layers.1.mlp.experts",patch="moe"'
@@ -82,7 +82,7 @@ CHILD = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {repo!r})
     from ascend_patch.core import metrics
-    from ascend_patch.impls.moe.metrics import layer_series
+    from ascend_patch.impls.moe.telemetry.metrics import layer_series
     env = dict(os.environ)
     metrics.configure(env, env.__setitem__)
     planned = sys.argv[1] == "planned"

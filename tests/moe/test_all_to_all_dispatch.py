@@ -20,9 +20,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ascend_patch.impls.moe.all_to_all_dispatch import expert_owners, token_slice
-from ascend_patch.impls.moe.backends.torch_backend import moe_forward
+from ascend_patch.impls.moe.experts.torch_backend import moe_forward
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.transport.all_to_all_dispatch import expert_owners, token_slice
 from tests import gloo_harness
 
 NUM_EXPERTS, TOP_K, HIDDEN, INTER = 8, 2, 32, 16
@@ -84,12 +84,12 @@ def _gather_counts(group):
 
 
 def _run_scenario(rank: int, ws: int, name: str, use_vllm_class: bool):
-    from ascend_patch.impls.moe.all_to_all_dispatch import (
+    from ascend_patch.impls.moe.planner.capacity import plan_drops
+    from ascend_patch.impls.moe.transport.all_to_all_dispatch import (
         DispatchCounters,
         combine,
         dispatch,
     )
-    from ascend_patch.impls.moe.capacity import plan_drops
 
     options, kind, dtype_name, sharers = SCENARIOS[name]
     dtype = getattr(torch, dtype_name)
@@ -124,7 +124,7 @@ def _run_scenario(rank: int, ws: int, name: str, use_vllm_class: bool):
             TopKWeightAndReduceNoOP,
         )
 
-        from ascend_patch.impls.moe.all_to_all_dispatch import make_prepare_finalize_class
+        from ascend_patch.impls.moe.transport.all_to_all_dispatch import make_prepare_finalize_class
 
         pf = make_prepare_finalize_class()(
             group_fn=lambda: dist.group.WORLD,
@@ -170,7 +170,7 @@ def _run_scenario(rank: int, ws: int, name: str, use_vllm_class: bool):
 def _check_config_case(rank: int, ws: int):
     """One rank has a different drop ratio: every rank must raise, none may hang."""
     from ascend_patch.impls.distributed.consistency import ConfigMismatchError
-    from ascend_patch.impls.moe.vllm_modular import check_config_over_group
+    from ascend_patch.impls.moe.adapters.vllm_modular import check_config_over_group
 
     same = CapacityOptions(drop_token_ratio=0.1, dispatch="all_to_all")
     check_config_over_group(same, None, digest="d1")  # equal everywhere: passes
@@ -191,7 +191,7 @@ def _first_moe_call_case(rank: int, ws: int):
 
     from ascend_patch.core.context import PatchContext
     from ascend_patch.impls.distributed.consistency import ConfigMismatchError, cancel_exits
-    from ascend_patch.impls.moe import vllm_modular
+    from ascend_patch.impls.moe.adapters import vllm_modular
 
     os.environ["ASCEND_PATCH_CONFIG_DIGEST"] = "digest-of-the-deployment"
     ep_group = SimpleNamespace(cpu_group=dist.group.WORLD, world_size=ws)
@@ -337,7 +337,11 @@ def _hand_routed_tokens(rank: int, ws: int):
 
 
 def _token_once_worker(rank: int, ws: int, send) -> None:
-    from ascend_patch.impls.moe.all_to_all_dispatch import DispatchCounters, combine, dispatch
+    from ascend_patch.impls.moe.transport.all_to_all_dispatch import (
+        DispatchCounters,
+        combine,
+        dispatch,
+    )
 
     x, weights, ids = _hand_routed_tokens(rank, ws)
     w13_all, w2_all = expert_weights(torch.float32)
@@ -465,7 +469,7 @@ def _compiled_worker(rank: int, ws: int, send) -> None:
     from types import SimpleNamespace
 
     from ascend_patch.impls.moe import custom_ops
-    from ascend_patch.impls.moe.all_to_all_dispatch import combine, dispatch
+    from ascend_patch.impls.moe.transport.all_to_all_dispatch import combine, dispatch
 
     w13_all, w2_all = expert_weights(torch.float32)
     owners = expert_owners(NUM_EXPERTS, ws)
@@ -555,7 +559,7 @@ def _layer(dp: int, ep: int, rank: int = 0, *, use_ep: bool = True, eplb: bool =
 
 
 def test_dispatch_choice(monkeypatch):
-    from ascend_patch.impls.moe import vllm_modular
+    from ascend_patch.impls.moe.adapters import vllm_modular
 
     monkeypatch.setattr(vllm_modular, "_graph_capture", lambda: None)
     plan = vllm_modular._dispatch_plan
@@ -599,7 +603,7 @@ def test_graph_capture_is_none_on_the_cpu_platform_under_its_default_compile():
     from vllm.config import CompilationConfig, VllmConfig
     from vllm.config.vllm import set_current_vllm_config
 
-    from ascend_patch.impls.moe import vllm_modular
+    from ascend_patch.impls.moe.adapters import vllm_modular
 
     with set_current_vllm_config(VllmConfig(compilation_config=CompilationConfig())):
         assert vllm_modular._graph_capture() is None

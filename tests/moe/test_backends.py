@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ascend_patch.impls.moe.backends import select_backend, torch_backend
-from ascend_patch.impls.moe.backends.torch_backend import moe_forward
+from ascend_patch.impls.moe.experts import select_backend, torch_backend
+from ascend_patch.impls.moe.experts.torch_backend import moe_forward
 
 TOKENS, HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 33, 64, 48, 8, 3
 
@@ -123,7 +123,7 @@ def test_gelu_and_unknown_activation():
 def test_select_backend():
     assert select_backend("auto", torch.device("cpu")) is torch_backend.moe_forward
     assert select_backend("torch", torch.device("cpu")) is torch_backend.moe_forward
-    from ascend_patch.impls.moe.backends import npu_backend
+    from ascend_patch.impls.moe.experts import npu_backend
 
     assert select_backend("npu", torch.device("cpu")) is npu_backend.moe_forward
     with pytest.raises(ValueError):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from ascend_patch.impls.moe.capacity import drop_budget, plan_drops, water_level
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.planner.capacity import drop_budget, plan_drops, water_level
 
 # ---------------------------------------------------------------- brute-force references
 

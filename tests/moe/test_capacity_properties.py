@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ascend_patch.impls.moe.capacity import linear_owners, plan_drops
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.planner.capacity import linear_owners, plan_drops
 
 from .test_capacity import (
     drops_at,

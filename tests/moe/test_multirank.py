@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ascend_patch.impls.moe.capacity import plan_drops
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.planner.capacity import plan_drops
 from tests.gloo_harness import run_ranks
 
 # Every process is one EP rank holding its own tokens (DP = EP = world size).

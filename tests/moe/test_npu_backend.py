@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ascend_patch.impls.moe.backends import npu_backend, torch_backend
-from ascend_patch.impls.moe.capacity import plan_drops
+from ascend_patch.impls.moe.experts import npu_backend, torch_backend
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.planner.capacity import plan_drops
 
 from . import npu_emulation
 from .test_backends import EXPERTS, TOKENS, TOP_K, make_layer

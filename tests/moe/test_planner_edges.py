@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ascend_patch.impls.moe.all_to_all_dispatch import expert_owners
-from ascend_patch.impls.moe.capacity import linear_owners, plan_drops
+from ascend_patch.impls.moe.planner.capacity import linear_owners, plan_drops
+from ascend_patch.impls.moe.transport.all_to_all_dispatch import expert_owners
 
 from .test_capacity import options, random_routing, reference_linear_owners, reference_plan
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ascend_patch.impls.moe.capacity import DropPlan
-from ascend_patch.impls.moe.stats import CapacityStats
+from ascend_patch.impls.moe.planner.capacity import DropPlan
+from ascend_patch.impls.moe.telemetry.stats import CapacityStats
 
 
 def plan(routed: int, dropped: int, local_routed: int, local_dropped: int) -> DropPlan:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from ascend_patch.core.context import PatchContext
-from ascend_patch.impls.moe import vllm_modular
+from ascend_patch.impls.moe.adapters import vllm_modular
 from ascend_patch.impls.moe.options import CapacityOptions
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ascend_patch.impls.moe.backends import select_backend
+from ascend_patch.impls.moe.experts import select_backend
 
 _NS = "ascend_patch"
 

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ascend_patch.impls.moe.capacity import AllGatherCounts, DropPlan, plan_drops
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.planner.capacity import AllGatherCounts, DropPlan, plan_drops
+
+# What plans one call: `plan_drops`'s signature (weights, ids, keyword arguments) -> DropPlan.
+Planner = Callable[..., DropPlan]
 
 
 @dataclass
@@ -30,7 +33,8 @@ class DropStep:
     experts (None: one source of tokens, or every rank holds the same tokens). Every rank
     must call the step on every MoE call, with zero tokens too, so the collective never
     hangs. `owners` maps each global (physical) expert id to its EP rank; None means vLLM's
-    linear placement. `on_plan` sees every plan (counters).
+    linear placement. `on_plan` sees every plan (counters). `planner` plans each call (the
+    state passes one that follows `CapacityState.use_planner`).
     """
 
     num_experts: int
@@ -40,12 +44,13 @@ class DropStep:
     rank: int = 0
     owners: torch.Tensor | None = None
     on_plan: Callable[[DropPlan], None] | None = None
+    planner: Planner = plan_drops
 
     def plan(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> DropPlan:
         owners = self.owners
         if owners is not None and owners.device != topk_ids.device:
             owners = self.owners = owners.to(topk_ids.device)
-        plan = plan_drops(
+        plan = self.planner(
             topk_weights,
             topk_ids,
             num_experts=self.num_experts,

@@ -1,7 +1,8 @@
 """Catalog entry of `moe.capacity` (light: pydantic, the catalog and the options only).
 
 Site sets: vLLM 0.32 and 0.23 on vLLM's own platforms (CPU, CUDA), and vllm-ascend 0.23.0.post1
-(ascend_0_23.py says what is replaced there and why). What is replaced in vLLM 0.32 and why (details, with file:line, in docs/vllm-moe-internals.md):
+(adapters/ascend_0_23.py says what is replaced there and why). What is replaced in vLLM 0.32
+and why (details, with file:line, in docs/vllm-moe-internals.md):
 
 * `UnquantizedFusedMoEMethod.apply(self, layer, x, topk_weights, topk_ids, shared_experts,
   shared_experts_input)` (unquantized_fused_moe_method.py:283). This is the one call every
@@ -26,8 +27,8 @@ Site sets: vLLM 0.32 and 0.23 on vLLM's own platforms (CPU, CUDA), and vllm-asce
   (MoonEP, TPU, out-of-tree, XPU, batched formats, biased/LoRA MoE, non-silu) keep the
   original path and are counted as not taken over.
 
-All-to-all dispatch (option `dispatch`, module all_to_all_dispatch.py). With DP > 1 and EP,
-vLLM builds `MoEPrepareAndFinalizeNaiveDPEPModular` (all2all_utils.py:209-221, 399-403): an
+All-to-all dispatch (option `dispatch`, module transport/all_to_all_dispatch.py). With DP > 1
+and EP, vLLM builds `MoEPrepareAndFinalizeNaiveDPEPModular` (all2all_utils.py:209-221, 399-403): an
 all-gather of every token to every EP rank and a reduce-scatter of the full output
 (naive_dp_ep.py:181, :241), whatever was dropped. `dispatch: all_to_all` (what `auto` picks
 for DP > 1 + EP) replaces that prepare/finalize, for our layers only, by
@@ -53,7 +54,7 @@ The first plan call of a process also runs `check_same_config` over the EP group
 
 vLLM 0.23 has the same modular-kernel interfaces (declared below as relied-on, checked by
 the loader and `validate`), but its CPU backend is a monolithic kernel that routes by itself:
-vllm_0_23_cpu.py takes over `apply_monolithic` there (a third site).
+adapters/vllm_0_23_cpu_monolithic.py takes over `apply_monolithic` there (a third site).
 
 Only unquantized MoE is covered: quantized methods (Fp8MoEMethod, ...) have their own
 `apply`.
@@ -67,8 +68,9 @@ from ascend_patch.impls.moe.options import CapacityOptions
 _FM = "vllm.model_executor.layers.fused_moe"
 _METHOD = f"{_FM}.unquantized_fused_moe_method:UnquantizedFusedMoEMethod"
 _MK = f"{_FM}.modular_kernel"
-_MODULAR = "ascend_patch.impls.moe.vllm_modular"
-_CPU_0_23 = "ascend_patch.impls.moe.vllm_0_23_cpu"
+_MODULAR = "ascend_patch.impls.moe.adapters.vllm_modular"
+_CPU_0_23 = "ascend_patch.impls.moe.adapters.vllm_0_23_cpu_monolithic"
+_ASCEND_0_23 = "ascend_patch.impls.moe.adapters.ascend_0_23"
 
 
 def _apply_site() -> Site:
@@ -92,8 +94,8 @@ def _weights_site(factory: str) -> Site:
     )
 
 
-# What the vLLM adapter calls, subclasses or reads without patching it (vllm_modular.py,
-# all_to_all_dispatch.py), the same on 0.23 and 0.32.
+# What the vLLM adapter calls, subclasses or reads without patching it
+# (adapters/vllm_modular.py, transport/all_to_all_dispatch.py), the same on 0.23 and 0.32.
 _MODULAR_INTERFACES = (
     Interface(
         f"{_MK}:FusedMoEExpertsModular.apply",
@@ -150,7 +152,7 @@ _MODULAR_INTERFACES = (
     ),
 )
 
-# vLLM 0.23's CPU backend (vllm_0_23_cpu.py).
+# vLLM 0.23's CPU backend (adapters/vllm_0_23_cpu_monolithic.py).
 _CPU_0_23_INTERFACES = (
     Interface(
         f"{_FM}.cpu_fused_moe:select_experts",
@@ -212,7 +214,7 @@ IMPLEMENTATIONS = {
                 ),
                 relies_on=_MODULAR_INTERFACES + _CPU_0_23_INTERFACES,
             ),
-            # vllm-ascend 0.23.0.post1 (ascend_0_23.py: hooks, MC2 decision, file:line).
+            # vllm-ascend 0.23.0.post1 (adapters/ascend_0_23.py: hooks, MC2 decision, file:line).
             SiteSet(
                 lines=("0.23",),
                 platform="ascend",
@@ -223,8 +225,7 @@ IMPLEMENTATIONS = {
                         target="vllm_ascend.ops.fused_moe.moe_runtime_args:"
                         "build_token_dispatch_input",
                         signature="(*, fused_experts_input, topk_ids=…)",
-                        factory="ascend_patch.impls.moe.ascend_0_23:"
-                        "make_build_token_dispatch_input",
+                        factory=f"{_ASCEND_0_23}:make_build_token_dispatch_input",
                         role="main",
                     ),
                     # fused_moe_0_23_0.py:420: every MoE layer call; names the layer.
@@ -232,7 +233,7 @@ IMPLEMENTATIONS = {
                         target="vllm_ascend.ops.fused_moe.fused_moe_0_23_0:"
                         "AscendFusedMoE.forward_impl",
                         signature="(self, hidden_states, router_logits, return_with_event=…)",
-                        factory="ascend_patch.impls.moe.ascend_0_23:make_forward_impl",
+                        factory=f"{_ASCEND_0_23}:make_forward_impl",
                         role="layer",
                     ),
                     # token_dispatcher.py:592, :563, :696: dropped rows out of the
@@ -241,23 +242,21 @@ IMPLEMENTATIONS = {
                         target="vllm_ascend.ops.fused_moe.token_dispatcher:"
                         "TokenDispatcherWithAll2AllV._preprocess",
                         signature="(self, topk_ids)",
-                        factory="ascend_patch.impls.moe.ascend_0_23:make_all_to_all_preprocess",
+                        factory=f"{_ASCEND_0_23}:make_all_to_all_preprocess",
                         role="a2a_count",
                     ),
                     Site(
                         target="vllm_ascend.ops.fused_moe.token_dispatcher:"
                         "TokenDispatcherWithAll2AllV._dispatch_preprocess",
                         signature="(self, hidden_states, topk_ids)",
-                        factory="ascend_patch.impls.moe.ascend_0_23:"
-                        "make_all_to_all_dispatch_preprocess",
+                        factory=f"{_ASCEND_0_23}:make_all_to_all_dispatch_preprocess",
                         role="a2a_permute",
                     ),
                     Site(
                         target="vllm_ascend.ops.fused_moe.token_dispatcher:"
                         "TokenDispatcherWithAll2AllV._combine_postprocess",
                         signature="(self, permutated_local_input_tokens, combine_metadata)",
-                        factory="ascend_patch.impls.moe.ascend_0_23:"
-                        "make_all_to_all_combine_postprocess",
+                        factory=f"{_ASCEND_0_23}:make_all_to_all_combine_postprocess",
                         role="a2a_combine",
                     ),
                 ),

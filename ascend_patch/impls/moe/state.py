@@ -2,19 +2,67 @@
 
 Made from the patch's context by whichever site needs it first (`ctx.state(CapacityState)`),
 shared by the patch's sites, dropped on revert: nothing outlives the patch in module globals.
+
+One thing is process-wide: the drop planner. The product always plans with `plan_drops`; a
+study running vLLM's engine in its own process (the lab) cannot reach the states the engine
+makes, so it swaps the planner of all of them with `CapacityState.use_planner`, and reverts.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
+
+import torch
 
 from ascend_patch.core.context import PatchContext
-from ascend_patch.impls.moe.drop_step import DropStep
+from ascend_patch.impls.moe.drop_step import DropStep, Planner
 from ascend_patch.impls.moe.options import CapacityOptions
-from ascend_patch.impls.moe.stats import CapacityStats
+from ascend_patch.impls.moe.planner.capacity import AllGatherCounts, DropPlan, plan_drops
+from ascend_patch.impls.moe.telemetry.stats import CapacityStats
+
+
+class PlannerSwap:
+    """One `CapacityState.use_planner`: in force until `revert()` or the end of its `with`."""
+
+    def __init__(self, planner: Planner) -> None:
+        self.planner = planner
+        self.reverted = False
+
+    def revert(self) -> None:
+        """Put back the planner this swap replaced (idempotent). Swaps revert last first."""
+        if self.reverted:
+            return
+        swaps = CapacityState._swaps
+        if swaps[-1] is not self:
+            raise RuntimeError("moe.capacity: revert the later planner swap first")
+        swaps.pop()
+        self.reverted = True
+
+    def __enter__(self) -> PlannerSwap:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.revert()
 
 
 class CapacityState:
+    # Swaps in force, the latest last: process-wide (see the module docstring).
+    _swaps: ClassVar[list[PlannerSwap]] = []
+
+    @staticmethod
+    def planner() -> Planner:
+        """The planner in force: `plan_drops` unless a swap is."""
+        swaps = CapacityState._swaps
+        return swaps[-1].planner if swaps else plan_drops
+
+    @staticmethod
+    def use_planner(planner: Planner) -> PlannerSwap:
+        """Plan every drop step of this process with `planner` (`plan_drops`'s signature)
+        until the returned swap is reverted. Steps built before the swap follow it too."""
+        swap = PlannerSwap(planner)
+        CapacityState._swaps.append(swap)
+        return swap
+
     def __init__(self, ctx: PatchContext) -> None:
         from ascend_patch.impls.moe import custom_ops
 
@@ -46,6 +94,29 @@ class CapacityState:
         self.kernels.pop(name, None)
         self.stats.layer_taken_over(name)
 
+    def drop_step(
+        self,
+        layer_name: str,
+        *,
+        num_experts: int,
+        ep_size: int,
+        gather: AllGatherCounts | None,
+        rank: int,
+        owners: torch.Tensor | None,
+    ) -> DropStep:
+        """A drop step of `layer_name` with this patch's options and counters, planning with
+        the planner in force at each call."""
+        return DropStep(
+            num_experts=num_experts,
+            ep_size=ep_size,
+            options=self.options,
+            gather=gather,
+            rank=rank,
+            owners=owners,
+            on_plan=lambda plan: self.stats.record(layer_name, plan),
+            planner=_plan_with_planner_in_force,
+        )
+
     def step(self, layer_name: str) -> DropStep:
         step = self.steps.get(layer_name)
         if step is None:
@@ -54,6 +125,10 @@ class CapacityState:
                 raise self.error(f"no drop planner for MoE layer {layer_name!r}")
             step = self.steps[layer_name] = self.make_step(layer, self)
         return step
+
+
+def _plan_with_planner_in_force(*args: Any, **kwargs: Any) -> DropPlan:
+    return CapacityState.planner()(*args, **kwargs)
 
 
 def options_of(ctx: PatchContext) -> CapacityOptions:

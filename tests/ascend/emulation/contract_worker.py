@@ -295,7 +295,7 @@ class Run:
         """The patched build_token_dispatch_input called from inside a forward_impl made by
         the patch's own factory (original replaced by a stub: these comm methods cannot
         run here): what the dispatcher would receive."""
-        from ascend_patch.impls.moe import ascend_0_23
+        from ascend_patch.impls.moe.adapters import ascend_0_23
 
         hidden, weights, ids = self._slice_routing()
         inputs = self._fused_input(hidden, weights, ids, comm, lora=lora)
@@ -311,7 +311,7 @@ class Run:
                 "same_weights": bool(built.topk_weights.equal(weights))}
 
     def _current_during(self, ctx, layer, comm) -> bool:
-        from ascend_patch.impls.moe import ascend_0_23
+        from ascend_patch.impls.moe.adapters import ascend_0_23
 
         state = ascend_0_23.state_of(ctx)
         seen = []

@@ -29,7 +29,11 @@ import torch
 
 from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe import custom_ops
-from ascend_patch.impls.moe.vllm_modular import process_weights_factory, state_of, taken_over
+from ascend_patch.impls.moe.adapters.vllm_modular import (
+    process_weights_factory,
+    state_of,
+    taken_over,
+)
 
 
 def make_process_weights_after_loading(

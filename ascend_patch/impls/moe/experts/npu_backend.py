@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ascend_patch.impls.moe.backends.torch_backend import active_rows
+from ascend_patch.impls.moe.experts.torch_backend import active_rows
 
 
 def _torch_npu() -> ModuleType:

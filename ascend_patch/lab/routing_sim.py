@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ascend_patch.impls.moe.capacity import water_level
+from ascend_patch.impls.moe.planner.capacity import water_level
 
 # DeepSeek-V3 router shape.
 NUM_EXPERTS = 256

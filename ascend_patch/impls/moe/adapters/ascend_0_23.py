@@ -111,9 +111,9 @@ from typing import Any
 import torch
 
 from ascend_patch.core.context import PatchContext
-from ascend_patch.impls.moe import ascend_dispatch
-from ascend_patch.impls.moe.capacity import AllGatherCounts
+from ascend_patch.impls.moe.adapters import ascend_dispatch
 from ascend_patch.impls.moe.drop_step import DropStep
+from ascend_patch.impls.moe.planner.capacity import AllGatherCounts
 from ascend_patch.impls.moe.state import CapacityState
 
 logger = logging.getLogger("ascend_patch.moe.capacity")
@@ -364,14 +364,13 @@ def _make_step(state: AscendCapacityState, call: _LayerCall) -> DropStep:
         owners = ascend_dispatch.contiguous_owners(
             layer.global_num_experts, ep_size, layer.local_num_experts
         )
-    return DropStep(
+    return state.drop_step(
+        call.name,
         num_experts=layer.global_num_experts,
         ep_size=ep_size,
-        options=state.options,
         gather=gather,
         rank=rank,
         owners=owners,
-        on_plan=lambda plan, name=call.name: state.stats.record(name, plan),
     )
 
 

@@ -82,7 +82,7 @@ class CapacityStats:
 
     def dispatch_counters(self) -> Any:
         """The process's all-to-all traffic counters (shared by every layer)."""
-        from ascend_patch.impls.moe.all_to_all_dispatch import DispatchCounters
+        from ascend_patch.impls.moe.transport.all_to_all_dispatch import DispatchCounters
 
         counters = getattr(self, "_dispatch_counters", None)
         if counters is None:

@@ -23,9 +23,9 @@ forward runs once patched (0.32 file:line in docs/vllm-moe-internals.md):
 `make_process_weights_after_loading` puts CapacityExperts in place of the Triton (or 0.32's
 modular CPU) experts class before the modular kernel is built, so weights keep vLLM's
 standard layout. vLLM 0.23's CPU backend has no modular kernel at all (a monolithic kernel
-that routes by itself): vllm_0_23_cpu.py builds one for it and routes in `apply_monolithic`,
+that routes by itself): vllm_0_23_cpu_monolithic.py builds one for it and routes in `apply_monolithic`,
 then the rest is this module's. With `dispatch: all_to_all` (or `auto` under DP > 1 + EP)
-the layer's kernel is rebuilt with the all-to-all prepare/finalize of all_to_all_dispatch.py.
+the layer's kernel is rebuilt with the all-to-all prepare/finalize of transport/all_to_all_dispatch.py.
 The first drop step of a process compares the config digest and options over the EP group.
 The drop plan and the expert compute run as custom ops (custom_ops.py).
 """
@@ -272,7 +272,7 @@ def _is_triton(method: Any) -> bool:
 
 def _dispatch_plan(layer: Any, options: Any) -> tuple[str, str]:
     """("all_to_all" | "allgather", why). Raises for an explicit all_to_all that cannot run."""
-    from ascend_patch.impls.moe.all_to_all_dispatch import expert_owners
+    from ascend_patch.impls.moe.transport.all_to_all_dispatch import expert_owners
 
     parallel = layer.moe_config.moe_parallel_config
     if options.dispatch == "allgather":
@@ -343,7 +343,7 @@ def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
         return
     from vllm.distributed import get_ep_group
 
-    from ascend_patch.impls.moe.all_to_all_dispatch import (
+    from ascend_patch.impls.moe.transport.all_to_all_dispatch import (
         expert_owners,
         make_kernel_class,
         make_prepare_finalize_class,
@@ -440,14 +440,13 @@ def make_step(layer: Any, state: CapacityState) -> DropStep:
             state.stats.config_checked(group.world_size)
     gather, rank = token_sources(parallel)
     export_layer_metrics(state, layer.layer_name, parallel)
-    return DropStep(
+    return state.drop_step(
+        layer.layer_name,
         num_experts=layer.global_num_experts,
         ep_size=parallel.ep_size,
-        options=state.options,
         gather=gather,
         rank=rank,
         owners=_owners(layer, parallel.ep_size, state),
-        on_plan=lambda plan, name=layer.layer_name: state.stats.record(name, plan),
     )
 
 
@@ -464,7 +463,7 @@ def export_layer_metrics(state: CapacityState, layer_name: str, parallel: Any) -
     """Put the layer's counters on /metrics (core/metrics.py), if metrics are on here: per
     DP rank, rows written by the first of the ranks that share its tokens."""
     from ascend_patch.core import metrics as process_metrics
-    from ascend_patch.impls.moe.metrics import layer_series
+    from ascend_patch.impls.moe.telemetry.metrics import layer_series
 
     writer = process_metrics.writer()
     if writer is not None:
@@ -513,7 +512,7 @@ def _owners(layer: Any, ep_size: int, state: CapacityState) -> torch.Tensor | No
     `simulate_ep_size` models)."""
     if state.options.simulate_ep_size or ep_size <= 1:
         return None
-    from ascend_patch.impls.moe.all_to_all_dispatch import expert_owners
+    from ascend_patch.impls.moe.transport.all_to_all_dispatch import expert_owners
 
     placement = getattr(layer, "expert_placement_strategy", "linear")
     return expert_owners(layer.global_num_experts, ep_size, placement)

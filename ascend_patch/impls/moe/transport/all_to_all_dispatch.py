@@ -65,7 +65,7 @@ def expert_owners(
     'linear' gives each rank a contiguous block, one more expert to each of the first E % R
     ranks; 'round_robin' puts expert e on rank e % R (so those same ranks hold one more)."""
     # Local import only to keep this edit inside the function: there is no import cycle.
-    from ascend_patch.impls.moe.capacity import linear_owners
+    from ascend_patch.impls.moe.planner.capacity import linear_owners
 
     if placement == "linear":
         return linear_owners(num_experts, ep_size, device)

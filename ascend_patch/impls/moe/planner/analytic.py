@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ascend_patch.impls.moe.capacity import drop_budget, water_level
+from ascend_patch.impls.moe.planner.capacity import drop_budget, water_level
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Compute backends of `moe.capacity`: one fused-MoE forward per device family.
+"""Expert compute of `moe.capacity`: one fused-MoE forward per device family.
 
 Every backend has the signature of `torch_backend.moe_forward`; `select_backend` picks one
 from the `backend` option and the device of the activations.
@@ -22,11 +22,11 @@ def select_backend(name: str, device: torch.device) -> MoeForward:
     if name == "auto":
         name = "npu" if device.type == "npu" else "torch"
     if name == "torch":
-        from ascend_patch.impls.moe.backends.torch_backend import moe_forward
+        from ascend_patch.impls.moe.experts.torch_backend import moe_forward
 
         return moe_forward
     if name == "npu":
-        from ascend_patch.impls.moe.backends.npu_backend import moe_forward
+        from ascend_patch.impls.moe.experts.npu_backend import moe_forward
 
         return moe_forward
     raise ValueError(f"unknown moe backend {name!r} (expected 'auto', 'torch' or 'npu')")

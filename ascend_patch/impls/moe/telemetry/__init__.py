@@ -1,0 +1,1 @@
+"""What `moe.capacity` counts (process report) and exports (vLLM's /metrics)."""
