@@ -16,7 +16,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ascend_patch.core.report import read_reports
+from ascend_patch.core.report import read_reports, report_order
 from ascend_patch.harness.procs import vllm_env
 from ascend_patch.harness.server import ManagedServer, ServerError
 from ascend_patch.harness.tiny_model import make_tiny_model
@@ -33,8 +33,8 @@ PROMPTS = [" ".join(f"w{(7 * i + j) % 500}" for j in range(300)) for i in range(
 
 
 def summarize(report_dir: Path) -> None:
-    print("\nper-process report (ASCEND_PATCH_REPORT_DIR):")
-    for report in sorted(read_reports(report_dir), key=lambda r: r["role"]):
+    print("\nper-process report (ASCEND_PATCH_REPORT_DIR), by role and DP/TP/EP rank:")
+    for report in sorted(read_reports(report_dir), key=report_order):
         parts = []
         for patch in report["patches"]:
             text = f"{patch['name']}={patch['status']}"
@@ -55,7 +55,7 @@ def summarize(report_dir: Path) -> None:
                 text += " (" + ", ".join(f"{k} {v}" for k, v in sorted(stats.items())) + ")"
             parts.append(text)
         profile = f" profile={report['profile']}" if report.get("profile") else ""
-        print(f"  {report['role']:<16} pid {report['pid']:<7}{profile} {', '.join(parts) or '-'}")
+        print(f"  {report['label']:<20} pid {report['pid']:<7}{profile} {', '.join(parts) or '-'}")
 
 
 def main() -> int:

@@ -54,9 +54,11 @@ def run_offline(
 
 
 def reports_by_role(report_dir: Path) -> dict[str, dict[str, Any]]:
+    """Reports keyed by vLLM's process name (MainProcess, EngineCore, VllmWorker-0): unique
+    in the one-engine runs that use this."""
     from ascend_patch.core.report import read_reports
 
-    return {r["role"]: r for r in read_reports(report_dir)}
+    return {r["process"]: r for r in read_reports(report_dir)}
 
 
 def patch_in(report: dict[str, Any], name: str) -> dict[str, Any]:

@@ -76,13 +76,13 @@ def summarize_reports(report_dir: Path | None) -> dict[str, Any]:
     first = reports[0]
     patches: dict[str, dict[str, Any]] = {}
     # Workers first: they build the model, so they are where a lazy patch is applied.
-    ranked = sorted(reports, key=lambda r: ("Worker" not in r["role"], "Engine" not in r["role"],
-                                            r["role"]))
+    ranked = sorted(reports, key=lambda r: (r["role"] != "worker", r["role"] != "engine_core",
+                                            r["label"]))
     for report in ranked:
         for patch in report.get("patches", []):
             entry = patches.setdefault(patch["name"], {
                 "impl": patch["impl"], "options": patch.get("options"), "status": {}})
-            entry["status"][report["role"]] = patch["status"]
+            entry["status"][report["label"]] = patch["status"]
     moe_stats: dict[str, Any] = {}
     for report in ranked:
         for patch in report.get("patches", []):
@@ -91,7 +91,7 @@ def summarize_reports(report_dir: Path | None) -> dict[str, Any]:
     return {"config": first.get("config"), "digest": first.get("digest"),
             "profile": first.get("profile"), "vllm": first.get("vllm"),
             "ascend_patch": first.get("ascend_patch"),
-            "roles": [r["role"] for r in reports], "patches": patches, "moe_stats": moe_stats}
+            "roles": [r["label"] for r in reports], "patches": patches, "moe_stats": moe_stats}
 
 
 _KEY_OPTIONS = ("drop_token_ratio", "granularity", "drop_policy", "keep_top1", "min_tokens",

@@ -157,6 +157,16 @@ def describe() -> dict[str, Any]:
             "created_here": _state.created is not None, "why": _state.why}
 
 
+def process_label() -> str:
+    """The `process` label of this process's series: its role and ranks (ranks.py), e.g.
+    `worker-dp1-tp0-ep1`. Rank-based, not pid-based: a restarted process writes the same
+    series again instead of adding new ones, so the series count stays bounded by the
+    deployment's shape."""
+    from ascend_patch.core import ranks
+
+    return ranks.current().label
+
+
 def writer() -> Writer | None:
     """This process's writer (None when metrics are off)."""
     with _lock:

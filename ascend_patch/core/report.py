@@ -4,6 +4,13 @@ The report is a side channel: a directory that cannot be written (a file in its 
 permission, removed, disk full) costs one warning, never a failed patch, import or request.
 What goes into it comes from a snapshot provider that the runtime registers, so this module
 imports nothing of the patcher.
+
+Each report is named by the process's role and ranks (ranks.py) and its pid:
+`worker-dp1-tp0-ep1-12009.json`. The pid keeps names unique while the ranks are unknown
+(every worker is `worker` until its process groups exist) and between processes with no
+ranks (several API servers, the headless launchers of nodes that share the directory), and
+a process restarted on the same rank does not overwrite the report of the one it replaces.
+A process whose ranks become known after its first write renames its report.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ascend_patch import __version__
+from ascend_patch.core import ranks
 
 log = logging.getLogger("ascend_patch")
 
@@ -33,11 +41,14 @@ _provider: Callable[[], dict[str, Any]] | None = None
 _writer_pid: int | None = None
 # Whether the last write failed and was reported: one warning until a write succeeds again.
 _warned = False
+# (pid, path) of this process's last written report: moved when its name changes.
+_written: tuple[int, Path] | None = None
 _lock = threading.Lock()
 
 
 def process_role() -> str:
     # vLLM names its processes (EngineCore_DP0, VllmWorker-0, ...); the first is MainProcess.
+    # Log lines keep this name: it is also how vLLM's own log lines name the process.
     return multiprocessing.current_process().name
 
 
@@ -54,10 +65,11 @@ def configure(directory: str | Path | None, interval: float = 1.0) -> str | None
     one is found before anything is patched; returns the warning it logged, if any. Reports
     stay on either way: the directory may become usable later.
     """
-    global _directory, _interval, _warned
+    global _directory, _interval, _warned, _written
     _directory = Path(directory) if directory else None
     _interval = interval
     _warned = False
+    _written = None
     if _directory is None:
         return None
     problem = _probe(_directory)
@@ -104,7 +116,7 @@ def snapshot() -> dict[str, Any]:
     torch_module = sys.modules.get("torch")
     data: dict[str, Any] = {
         "pid": os.getpid(),
-        "role": process_role(),
+        **ranks.current().fields(),
         "ascend_patch": __version__,
         "vllm": str(installed_vllm()),
         "torch": getattr(torch_module, "__version__", None),
@@ -120,8 +132,9 @@ def snapshot() -> dict[str, Any]:
     return data
 
 
-def report_path(directory: str | Path) -> Path:
-    return Path(directory) / f"{process_role()}-{os.getpid()}.json"
+def report_path(directory: str | Path, label: str | None = None) -> Path:
+    label = ranks.current().label if label is None else label
+    return Path(directory) / f"{label}-{os.getpid()}.json"
 
 
 def flush() -> Path | None:
@@ -152,9 +165,19 @@ def flush() -> Path | None:
 
 
 def _write(where: Path) -> Path:
-    target = report_path(where)
-    body = json.dumps(snapshot(), indent=2, default=str)
+    global _written
+    data = snapshot()
+    target = report_path(where, data["label"])
+    body = json.dumps(data, indent=2, default=str)
     where.mkdir(parents=True, exist_ok=True)
+    previous = _written[1] if _written is not None and _written[0] == os.getpid() else None
+    if previous is not None and previous != target and previous.parent == target.parent:
+        # Renamed (ranks now known): move the old file first so that a reader never sees
+        # two reports of this process; the write below then replaces its content.
+        try:
+            os.replace(previous, target)
+        except FileNotFoundError:
+            pass
     fd, tmp = tempfile.mkstemp(dir=where, prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as handle:
@@ -166,6 +189,7 @@ def _write(where: Path) -> Path:
         except OSError:
             pass
         raise
+    _written = (os.getpid(), target)
     return target
 
 
@@ -196,7 +220,22 @@ def read_reports(directory: str | Path) -> list[dict[str, Any]]:
     """All reports in a directory (what tests and tools use)."""
     # Skip the temporary files of a write in progress (".tmp-*.json", renamed when complete).
     paths = sorted(p for p in Path(directory).glob("*.json") if not p.name.startswith("."))
-    return [json.loads(p.read_text()) for p in paths]
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(path.read_text()))
+        except FileNotFoundError:
+            pass  # renamed by its process since the listing (its ranks became known)
+    return reports
+
+
+def report_order(report: dict[str, Any]) -> tuple:
+    """Sort key: first processes, then engine cores, then workers, each by rank."""
+    role = report.get("role")
+    kind = ranks.ROLES.index(role) if role in ranks.ROLES else len(ranks.ROLES)
+    at = tuple(-1 if report.get(k) is None else report[k]
+               for k in ("node_rank", "dp_rank", "pp_rank", "tp_rank", "ep_rank", "index"))
+    return kind, at, report.get("pid", 0)
 
 
 def log_records(records) -> None:

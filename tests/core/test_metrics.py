@@ -17,7 +17,11 @@ from ascend_patch.core import metrics
 from ascend_patch.impls.moe.telemetry.metrics import layer_series
 
 REPO = Path(__file__).resolve().parents[2]
-LABELS = 'dp_rank="0",layer="model.layers.1.mlp.experts",patch="moe"'
+# Under pytest this process is a first process that is no server: `main` (core/ranks.py).
+LABELS = 'dp_rank="0",layer="model.layers.1.mlp.experts",patch="moe",process="main"'
+# What the child processes below label themselves: DP rank 0's two workers (TP=2, EP).
+PLANNER = 'dp_rank="0",layer="model.layers.1.mlp.experts",patch="moe",process="worker-dp0-tp0-ep0"'
+PEER = 'dp_rank="0",layer="model.layers.1.mlp.experts",patch="moe",process="worker-dp0-tp1-ep1"'
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +90,8 @@ CHILD = textwrap.dedent("""
     env = dict(os.environ)
     metrics.configure(env, env.__setitem__)
     planned = sys.argv[1] == "planned"
-    series = layer_series(metrics.writer(), "moe", "model.layers.1.mlp.experts", 0, planned)
+    series = layer_series(metrics.writer(), "moe", "model.layers.1.mlp.experts", 0, planned,
+                          process="worker-dp0-tp0-ep0" if planned else "worker-dp0-tp1-ep1")
     if planned:
         series.record(routed=100, dropped=int(sys.argv[2]), capacity=int(sys.argv[2]),
                       max_before=50, max_after=45, mean_before=25.0, mean_after=22.5)
@@ -109,10 +114,12 @@ def test_children_write_the_first_process_directory_and_it_aggregates_them(tmp_p
     run_child("peer", "0", env=child_env)
     assert len(list(directory.glob("counter_*.db"))) == 2
     got = scrape_default_registry()
-    assert got[f"ascend_patch_moe_rows_dropped_total{{{LABELS}}}"] == 7.0
-    assert got[f"ascend_patch_moe_calls_total{{{LABELS}}}"] == 1.0
-    # Bytes are per process and add up.
-    assert got[f"ascend_patch_moe_all_to_all_bytes_total{{{LABELS}}}"] == 2000.0
+    assert got[f"ascend_patch_moe_rows_dropped_total{{{PLANNER}}}"] == 7.0
+    assert got[f"ascend_patch_moe_calls_total{{{PLANNER}}}"] == 1.0
+    assert f"ascend_patch_moe_calls_total{{{PEER}}}" not in got
+    # Bytes are per process (sum by dp_rank for the DP rank's).
+    assert got[f"ascend_patch_moe_all_to_all_bytes_total{{{PLANNER}}}"] == 1000.0
+    assert got[f"ascend_patch_moe_all_to_all_bytes_total{{{PEER}}}"] == 1000.0
     # A child does not remove what it did not create.
     assert directory.is_dir()
 
@@ -126,10 +133,11 @@ def test_gauges_keep_the_most_recent_value_without_a_pid_label(tmp_path):
     run_child("planned", "20", env=child_env)  # e.g. the DP rank's worker restarted
     exposition = generate_latest(REGISTRY).decode()
     assert "# TYPE ascend_patch_moe_capacity_rows gauge" in exposition
+    # The restarted worker has the same ranks, so the same series (no pid in the labels).
     assert samples(exposition, "ascend_patch_moe_capacity_rows") == {
-        f"ascend_patch_moe_capacity_rows{{{LABELS}}}": 20.0}
+        f"ascend_patch_moe_capacity_rows{{{PLANNER}}}": 20.0}
     assert samples(exposition, "ascend_patch_moe_rows_dropped_total") == {
-        f"ascend_patch_moe_rows_dropped_total{{{LABELS}}}": 50.0}
+        f"ascend_patch_moe_rows_dropped_total{{{PLANNER}}}": 50.0}
 
 
 def test_prometheus_multiproc_dir_set_by_the_user_is_used_and_left_alone(tmp_path):
@@ -162,8 +170,8 @@ def test_vllms_own_metrics_are_left_as_they_were():
         layer_series(metrics.writer(), "moe", "l", 0, True).add_bytes(5)
         got = samples(generate_latest(REGISTRY).decode(), "")
         assert got["vllm:test_requests_total"] == 3.0
-        assert got['ascend_patch_moe_all_to_all_bytes_total{dp_rank="0",layer="l",patch="moe"}'] \
-            == 5.0
+        assert got['ascend_patch_moe_all_to_all_bytes_total{dp_rank="0",layer="l",patch="moe",'
+                   'process="main"}'] == 5.0
         assert any(k.startswith("process_") or k.startswith("python_") for k in got)
     finally:
         REGISTRY.unregister(own)
@@ -230,4 +238,5 @@ def test_only_the_planning_rank_of_a_dp_rank_writes_rows():
                 mean_after=4.5)
     peer.add_bytes(64)
     assert scrape_default_registry() == {
-        'ascend_patch_moe_all_to_all_bytes_total{dp_rank="1",layer="l",patch="moe"}': 64.0}
+        'ascend_patch_moe_all_to_all_bytes_total{dp_rank="1",layer="l",patch="moe",'
+        'process="main"}': 64.0}

@@ -76,7 +76,7 @@ def test_an_unwritable_directory(toy_config, toy_module, tmp_path, ascend_logs, 
 def test_removed_mid_run_is_created_again(toy_config, tmp_path, ascend_logs):
     start(toy_config, tmp_path / "reports", ascend_logs)
     shutil.rmtree(tmp_path / "reports")
-    assert report.flush() == tmp_path / "reports" / f"MainProcess-{os.getpid()}.json"
+    assert report.flush() == tmp_path / "reports" / f"main-{os.getpid()}.json"
     assert warnings_of(ascend_logs) == []
 
 

@@ -76,7 +76,8 @@ def test_report_file_lists_every_patch(toy_config, toy_module, tmp_path, monkeyp
     report.flush()
     (data,) = report.read_reports(tmp_path / "reports")
     assert data["pid"] == os.getpid()
-    assert data["role"] == "MainProcess"
+    assert (data["label"], data["role"], data["process"]) == ("main", "main", "MainProcess")
+    assert (data["dp_rank"], data["tp_rank"], data["ep_rank"], data["node_rank"]) == (None,) * 4
     assert data["vllm"] == str(STACK.vllm)
     assert (data["vllm_line"], data["platform"]) == (STACK.line, "vllm")
     assert [(p["name"], p["status"], p["stats"]) for p in data["patches"]] == [

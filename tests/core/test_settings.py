@@ -136,5 +136,5 @@ def test_settings_come_from_the_mapping_given(toy_config, toy_module, tmp_path, 
     env = {"ASCEND_PATCH_CONFIG": str(toy_config), "ASCEND_PATCH_REPORT_DIR": str(tmp_path / "given")}
     (record,) = apply_from_env(env)
     assert record.status == "pending"
-    assert [p.name for p in (tmp_path / "given").glob("*.json")] == [f"MainProcess-{os.getpid()}.json"]
+    assert [p.name for p in (tmp_path / "given").glob("*.json")] == [f"main-{os.getpid()}.json"]
     assert not (tmp_path / "from-os-environ").exists()

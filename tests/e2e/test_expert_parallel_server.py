@@ -114,10 +114,18 @@ def check_answer(answer: dict) -> None:
     assert all(re.fullmatch(r"w\d+|<unk>", word) for word in words), answer
 
 
-def worker_reports(report_dir: Path, expected_roles: set[str]) -> tuple[list[dict], list[dict]]:
+def worker_reports(report_dir: Path, expected_labels: set[str]) -> tuple[list[dict], list[dict]]:
+    """Every process's report, each named by its role and ranks (one per label: vLLM names
+    the workers of every DP rank VllmWorker-0), in a file `<label>-<pid>.json`."""
     reports = read_reports(report_dir)
-    assert {r["role"] for r in reports} == expected_roles, [r["role"] for r in reports]
-    workers = [r for r in reports if r["role"].startswith("VllmWorker")]
+    labels = sorted(r["label"] for r in reports)
+    assert labels == sorted(expected_labels), labels
+    assert sorted(p.name for p in report_dir.glob("*.json")) == sorted(
+        f"{r['label']}-{r['pid']}.json" for r in reports)
+    workers = [r for r in reports if r["role"] == "worker"]
+    for worker in workers:
+        assert worker["label"] == (f"worker-dp{worker['dp_rank']}-tp{worker['tp_rank']}-"
+                                   f"ep{worker['ep_rank']}")
     return reports, workers
 
 
@@ -140,7 +148,10 @@ def test_tp2_expert_parallel_serves_with_cpu_ep_config(tiny_model, tmp_path):
     assert long_answer["usage"]["prompt_tokens"] >= 300
 
     reports, workers = worker_reports(
-        tmp_path / "reports", {"MainProcess", "EngineCore", "VllmWorker-0", "VllmWorker-1"})
+        tmp_path / "reports",
+        {"api_server", "engine_core", "worker-dp0-tp0-ep0", "worker-dp0-tp1-ep1"})
+    assert sorted(r["process"] for r in reports) == [
+        "EngineCore", "MainProcess", "VllmWorker-0", "VllmWorker-1"]
     assert {r["digest"] for r in reports} == {load_config(config).digest}
     stats = []
     for worker in workers:
@@ -214,8 +225,11 @@ def test_dp2_expert_parallel_serves_with_all_to_all_dispatch(tiny_model, tmp_pat
 
     reports, workers = worker_reports(
         tmp_path / "reports",
-        {"MainProcess", "EngineCore_DP0", "EngineCore_DP1", "VllmWorker-0"})
-    assert len(workers) == 2, "one worker per DP rank"
+        {"api_server", "engine_core-dp0", "engine_core-dp1", "worker-dp0-tp0-ep0",
+         "worker-dp1-tp0-ep1"})
+    # What vLLM calls them: both workers are VllmWorker-0 (one per DP rank's executor).
+    assert sorted(r["process"] for r in reports) == [
+        "EngineCore_DP0", "EngineCore_DP1", "MainProcess", "VllmWorker-0", "VllmWorker-0"]
     assert {r["digest"] for r in reports} == {load_config(config).digest}
     moe_stats = []
     for worker in workers:
@@ -256,7 +270,11 @@ def test_dp2_expert_parallel_serves_with_all_to_all_dispatch(tiny_model, tmp_pat
     # rows dropped per DP rank are the rows it held back, and together the report's total.
     dropped = metric_values(exposition, "ascend_patch_moe_rows_dropped_total")
     assert sorted(dropped) == [
-        (("dp_rank", str(r)), ("layer", MOE_LAYER), ("patch", "moe-capacity")) for r in (0, 1)]
+        (("dp_rank", str(r)), ("layer", MOE_LAYER), ("patch", "moe-capacity"),
+         ("process", f"worker-dp{r}-tp0-ep{r}")) for r in (0, 1)]
+    # The series name the process whose report has them.
+    assert sorted(s["metrics"][MOE_LAYER]["process"] for s in moe_stats) == sorted(
+        w["label"] for w in workers)
     by_rank = {dict(k)["dp_rank"]: v for k, v in dropped.items()}
     assert sorted(s["metrics"][MOE_LAYER]["dp_rank"] for s in moe_stats) == [0, 1]
     held_back = {str(s["metrics"][MOE_LAYER]["dp_rank"]): s["all_to_all"]["rows_not_sent_dropped"]
@@ -273,7 +291,7 @@ def test_dp2_expert_parallel_serves_with_all_to_all_dispatch(tiny_model, tmp_pat
     # vLLM's own metrics are still there, and the directory our first process made is gone.
     assert "vllm:num_requests_running" in exposition
     assert "vllm:generation_tokens_total" in exposition
-    main = next(r for r in reports if r["role"] == "MainProcess")
+    main = next(r for r in reports if r["role"] == "api_server")
     assert main["metrics"]["created_here"] is True
     assert Path(main["metrics"]["dir"]).parent == tmp_path / "tmp"
     assert not Path(main["metrics"]["dir"]).exists()

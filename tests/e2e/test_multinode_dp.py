@@ -81,10 +81,11 @@ def test_two_launches_serve_with_the_same_config(tiny_model, tmp_path):
         check_answer(answer)
     digest = load_config(CONFIG).digest
     stats = {}
-    for name, dp_rank in (("head", 0), ("node", 1)):
+    for name, dp_rank, first in (("head", 0, "api_server"), ("node", 1, "headless")):
+        # One host here: vLLM counts one node, so no node rank in the names.
         reports, workers = worker_reports(
-            tmp_path / f"reports-{name}", {"MainProcess", f"EngineCore_DP{dp_rank}",
-                                           "VllmWorker-0"})
+            tmp_path / f"reports-{name}", {first, f"engine_core-dp{dp_rank}",
+                                           f"worker-dp{dp_rank}-tp0-ep{dp_rank}"})
         assert {r["digest"] for r in reports} == {digest}
         (worker,) = workers
         moe = patch_in(worker, "moe-capacity")
@@ -166,8 +167,9 @@ def test_dp2_tp2_expert_parallel_four_workers(tiny_model, tmp_path):
     for answer in answers:
         check_answer(answer)
     reports = read_reports(tmp_path / "reports")
-    workers = [r for r in reports if r["role"].startswith("VllmWorker")]
-    assert len(workers) == 4, [r["role"] for r in reports]
+    workers = [r for r in reports if r["role"] == "worker"]
+    assert sorted(r["label"] for r in workers) == [
+        f"worker-dp{dp}-tp{tp}-ep{2 * dp + tp}" for dp in (0, 1) for tp in (0, 1)]
     stats = [patch_in(w, "moe-capacity")["stats"] for w in workers]
     for s in stats:
         assert s["dispatch_paths"][MOE_LAYER] == {

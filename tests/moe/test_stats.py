@@ -43,6 +43,7 @@ def test_with_the_all_to_all_the_report_is_written_after_the_combine_only():
 class Series:
     def __init__(self):
         self.calls, self.bytes, self.dp_rank, self.planned = [], [], 1, True
+        self.process = "worker-dp1-tp0-ep1"
 
     def record(self, **values):
         self.calls.append(values)
@@ -63,5 +64,6 @@ def test_exported_layers_feed_their_series_with_this_ranks_rows():
     assert series.calls == [dict(routed=60, dropped=3, capacity=85, max_before=90, max_after=85,
                                  mean_before=50.0, mean_after=47.5)]
     assert series.bytes == [4096]
-    assert data["metrics"] == {"L": {"dp_rank": 1, "writes_rows": True}}
+    assert data["metrics"] == {
+        "L": {"dp_rank": 1, "process": "worker-dp1-tp0-ep1", "writes_rows": True}}
     assert data["rows_dropped"] == 10  # the report keeps the global counts

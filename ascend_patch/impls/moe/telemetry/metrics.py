@@ -1,7 +1,8 @@
 """`moe.capacity`'s series on vLLM's /metrics (written through core/metrics.py).
 
-Labels: `patch` (the config's patch name), `layer` (vLLM's layer name), `dp_rank`. Per
-layer and DP rank:
+Labels: `patch` (the config's patch name), `layer` (vLLM's layer name), `dp_rank`, and
+`process`, the writing process's role and ranks (`worker-dp1-tp0-ep1`, the name of its
+report). Per layer and DP rank:
 
     ascend_patch_moe_calls_total                      MoE calls planned
     ascend_patch_moe_calls_with_drops_total           ... of which dropped at least one row
@@ -15,8 +16,8 @@ layer and DP rank:
     ascend_patch_moe_capacity_rows                    gauge: the cap C of the last call
     ascend_patch_moe_last_bin_load_{max,mean}_{before,after}_rows
                                                       gauges: the last call's bin loads
-    ascend_patch_moe_all_to_all_bytes_total           bytes this DP rank's processes sent to
-                                                      other EP ranks (dispatch + combine)
+    ascend_patch_moe_all_to_all_bytes_total           bytes this process sent to other EP
+                                                      ranks (dispatch + combine)
 
 Rows are this DP rank's own, so `sum by (layer)` over dp_rank is the EP group's total (the
 report's rows_routed / rows_dropped, which are global). Bin loads, the cap and the calls are
@@ -25,6 +26,12 @@ tokens (its TP ranks) plan identically: only the first of them writes these, or 
 summed over processes would count them twice; every process writes its own all-to-all bytes,
 which are summed. Gauges use multiprocess_mode "mostrecent": one process writes each labelled
 gauge, and if it is replaced the newest value wins instead of a stale one per pid.
+
+`process` costs few series: one process writes each labelled series, so the rows, calls and
+gauges stay one set per (layer, DP rank) (written by the DP rank's first TP rank; under
+sequence-parallel MoE by each of its TP ranks, whose rows are their own), and only the bytes
+become one per (layer, worker) instead of per (layer, DP rank). The label holds ranks, not a
+pid: a restarted worker continues its series instead of adding some.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ class LayerSeries:
     bytes_sent: Any
     planned: bool
     dp_rank: int = 0
+    process: str = ""
 
     def record(self, *, routed: int, dropped: int, capacity: int, max_before: int,
                max_after: int, mean_before: float, mean_after: float) -> None:
@@ -95,11 +103,15 @@ class LayerSeries:
 
 
 def layer_series(writer: Any, patch: str, layer: str, dp_rank: int,
-                 planned: bool) -> LayerSeries:
-    labels = {"patch": patch, "layer": layer, "dp_rank": str(dp_rank)}
+                 planned: bool, process: str | None = None) -> LayerSeries:
+    if process is None:
+        from ascend_patch.core.metrics import process_label
+
+        process = process_label()
+    labels = {"patch": patch, "layer": layer, "dp_rank": str(dp_rank), "process": process}
     counters, gauges = {}, {}
     if planned:
         counters = {k: writer.counter(name(k), doc, labels) for k, doc in _COUNTERS.items()}
         gauges = {k: writer.gauge(name(k), doc, labels, GAUGE_MODE) for k, doc in _GAUGES.items()}
     return LayerSeries(counters, gauges, writer.counter(name(BYTES), _BYTES_HELP, labels),
-                       planned, dp_rank)
+                       planned, dp_rank, process)

@@ -95,7 +95,8 @@ class CapacityStats:
         self._series[layer_name] = series
         # The labels in the report, so a reader can match a worker to its series.
         self._stats.setdefault("metrics", {})[layer_name] = {
-            "dp_rank": series.dp_rank, "writes_rows": series.planned}
+            "dp_rank": series.dp_rank, "process": series.process,
+            "writes_rows": series.planned}
 
     def dispatch_recorded(self, layer_name: str | None = None, nbytes: int = 0) -> None:
         """Copy the traffic counters into the stats (called after every combine, with the
