@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.vllm
+# Two servers for six rounds: minutes on the CI machine, so the slow tier (`scripts/test.sh
+# -m slow`); the A/B tool's own logic is unit-tested in tests/cli against fake servers.
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 CONFIG = """
 version: 1

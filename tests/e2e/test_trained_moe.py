@@ -19,7 +19,8 @@ import pytest
 
 from ascend_patch.lab.arms import Arm, heldout_prompts, nll, prefill_loads, run_arm, run_sweep
 
-pytestmark = pytest.mark.vllm
+# The accuracy study on real weights: the slow tier (`scripts/test.sh -m slow`).
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "tests" / "data" / "tiny-moe-stdlib"
