@@ -5,6 +5,7 @@
 #   scripts/test.sh                     static check, then every environment's tiers
 #   scripts/test.sh --env vllm-0.23     one environment (its tiers)
 #   scripts/test.sh --tier contract     one tier, in every environment that runs it
+#   scripts/test.sh --env vllm-0.23 --tier e2e   a tier where CI does not run it
 #   scripts/test.sh -m slow             the slow tier (multi-node, studies; not in CI)
 #   scripts/test.sh -k capacity         other arguments go to pytest
 #
@@ -105,6 +106,12 @@ run_tier() {  # run_tier ENV TIER
 for env in "${envs[@]}"; do
   if [[ $slow -eq 1 ]]; then
     [[ $env == "${envs[0]}" ]] && run_tier "$env" slow
+    continue
+  fi
+  if [[ -n $only_env && -n $only_tier && $only_tier != static ]]; then
+    # Both named: run that tier there even where CI does not (the full e2e tier on another
+    # line, say).
+    run_tier "$env" "$only_tier"
     continue
   fi
   while read -r tier; do
