@@ -105,6 +105,7 @@ UNIT = (
     "tests/core/test_metrics.py",
     "tests/core/test_report_faults.py",
     "tests/core/test_runtime_state.py",
+    "tests/core/test_session.py",
     "tests/core/test_patcher_hardening.py",
     "tests/core/test_targets_confined.py",
     "tests/core/test_lab_apart.py",

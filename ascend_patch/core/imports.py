@@ -19,6 +19,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from ascend_patch.core.session import SESSION
+
 Callback = Callable[[ModuleType], None]
 
 
@@ -49,22 +51,26 @@ class _HookedLoader(importlib.abc.Loader):
 
 
 class ImportWatcher(importlib.abc.MetaPathFinder):
-    def __init__(self) -> None:
+    def __init__(self, name: str = "imports.watcher") -> None:
+        self.name = name
         self._callbacks: dict[str, list[Callback]] = {}
         self._lock = threading.Lock()
 
     def watch(self, module_name: str, callback: Callback) -> None:
         with self._lock:
             self._callbacks.setdefault(module_name, []).append(callback)
-            if self not in sys.meta_path:
-                sys.meta_path.insert(0, self)
+            self._install()
 
     def rewatch(self, module_name: str, callbacks: list[Callback]) -> None:
         """Watch again for callbacks whose import failed (ahead of any added since)."""
         with self._lock:
             self._callbacks[module_name] = callbacks + self._callbacks.get(module_name, [])
-            if self not in sys.meta_path:
-                sys.meta_path.insert(0, self)
+            self._install()
+
+    def _install(self) -> None:
+        if self not in sys.meta_path:
+            sys.meta_path.insert(0, self)
+            SESSION.on_revert(self.name, self.clear)
 
     def clear(self) -> None:
         with self._lock:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ascend_patch.core import settings
+from ascend_patch.core.session import SESSION
 
 log = logging.getLogger("ascend_patch")
 
@@ -76,6 +77,7 @@ def configure(env: MutableMapping[str, str], set_env: Callable[[str, str], None]
     collector that puts its files on /metrics. `set_env(name, value)` passes a created
     directory to child processes (the loader restores it on reset). None: metrics off."""
     reset()
+    SESSION.on_revert("metrics", reset)
     prometheus_dir = env.get(PROMETHEUS_DIR)
     if prometheus_dir:
         return _use(Path(prometheus_dir), "PROMETHEUS_MULTIPROC_DIR", collect=False)

@@ -18,7 +18,6 @@ import inspect
 import logging
 import os
 import sys
-import threading
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -29,6 +28,7 @@ from ascend_patch.core.context import PatchContext
 from ascend_patch.core.errors import PatchError, TargetConflict
 from ascend_patch.core.imports import WATCHER
 from ascend_patch.core.live import interface_problem, signature_problem, version_problems
+from ascend_patch.core.session import SESSION
 from ascend_patch.core.targets import Resolved, find_module, render_signature, resolve
 from ascend_patch.core.versions import InstalledVllm, installed_vllm
 
@@ -107,14 +107,17 @@ class PatchRecord:
 
 
 class Patcher:
-    def __init__(self) -> None:
+    def __init__(self, name: str | None = None) -> None:
+        # The session reverts each patcher under its own name (a test may make several).
+        self.name = name or f"patcher@{id(self):x}"
         self.config: LoadedConfig | None = None
         self.records: dict[str, PatchRecord] = {}
         self.installed: list[InstalledSite] = []
         self.disabled: frozenset[str] = frozenset()
         # What the last revert() left in place because another tool replaced it after us.
         self.left_in_place: list[str] = []
-        self._lock = threading.RLock()
+        # The session's: a lazy install must not interleave with a revert or another apply.
+        self._lock = SESSION.lock
 
     # -- public ---------------------------------------------------------------------------
     def apply(
@@ -130,6 +133,7 @@ class Patcher:
                     f"{self.config.digest[:12]}, profile {self.config.profile}) is already "
                     f"applied in this process ({differs}); revert() first"
                 )
+            SESSION.on_revert(self.name, self.revert)
             vllm = installed_vllm()
             installed_before = len(self.installed)
             records: dict[str, PatchRecord] = {}
@@ -399,4 +403,4 @@ def _differences(old: LoadedConfig, old_disabled: frozenset[str], new: LoadedCon
     return ""
 
 
-PATCHER = Patcher()
+PATCHER = Patcher("patcher")

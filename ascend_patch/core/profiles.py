@@ -24,6 +24,7 @@ from pathlib import Path
 from ascend_patch.core.config import LoadedConfig, Profile
 from ascend_patch.core.errors import ConfigError, PatchError
 from ascend_patch.core.imports import WATCHER
+from ascend_patch.core.session import SESSION
 from ascend_patch.core.targets import parse_target, resolve
 from ascend_patch.core.versions import installed_vllm, version_matches
 
@@ -157,6 +158,7 @@ def watch_model_config(callback: Callable[[ModelInfo], None] | None,
         __post_init__.__ascend_patch_model_hook__ = True
         setattr(resolved.owner, resolved.attr, __post_init__)
         _installed.append((resolved.owner, resolved.attr, resolved.raw))
+        SESSION.on_revert("profiles.model_hook", unwatch_model_config)
 
     if MODEL_CONFIG_HOOK.module in sys.modules:
         install()

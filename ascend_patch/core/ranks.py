@@ -37,6 +37,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from ascend_patch.core.catalog import Interface
+from ascend_patch.core.session import SESSION
 
 _PS = "vllm.distributed.parallel_state"
 
@@ -149,6 +150,8 @@ def current() -> Identity:
     role, named = role_of(process)
     ranks, problem = _parallel_ranks()
     if ranks:
+        if _known is None or _known[0] != os.getpid():
+            SESSION.on_revert("ranks.cache", forget)
         _known = (os.getpid(), dict(ranks))
     elif _known is not None and _known[0] == os.getpid():
         # vLLM tears its groups down at shutdown (destroy_model_parallel): the last report
@@ -203,7 +206,15 @@ def _interfaces_problem() -> str:
                            f"{interface.signature} ({interface.why})")
                 break
     _checked = (os.getpid(), problem)
+    SESSION.on_revert("ranks.cache", forget)
     return problem
+
+
+def forget() -> None:
+    """Drop the ranks and the interface check cached in this process: after a revert, a
+    test or an A/B arm in the same process may run under other process groups."""
+    global _known, _checked
+    _known = _checked = None
 
 
 def _parallel_ranks() -> tuple[dict[str, int], str | None]:

@@ -29,16 +29,20 @@ from typing import Any
 
 from ascend_patch import __version__
 from ascend_patch.core import ranks
+from ascend_patch.core.session import SESSION
 
 log = logging.getLogger("ascend_patch")
 
 # Where and how often this process writes its report (runtime.apply_from_env sets them from
 # the validated settings); None: no report.
 _directory: Path | None = None
-_interval: float = 1.0
+DEFAULT_INTERVAL = 1.0
+_interval: float = DEFAULT_INTERVAL
 _provider: Callable[[], dict[str, Any]] | None = None
 # The process whose writer thread runs (a forked child has none and starts its own).
 _writer_pid: int | None = None
+# Set to stop that thread (the session's revert).
+_writer_stop: threading.Event | None = None
 # Whether the last write failed and was reported: one warning until a write succeeds again.
 _warned = False
 # (pid, path) of this process's last written report: moved when its name changes.
@@ -58,7 +62,7 @@ def set_snapshot_provider(provider: Callable[[], dict[str, Any]] | None) -> None
     _provider = provider
 
 
-def configure(directory: str | Path | None, interval: float = 1.0) -> str | None:
+def configure(directory: str | Path | None, interval: float = DEFAULT_INTERVAL) -> str | None:
     """Write reports to `directory` (None: no reports), rewritten every `interval` seconds.
 
     Checks the directory at once (creates it, writes and removes a probe file) so that a bad
@@ -70,12 +74,19 @@ def configure(directory: str | Path | None, interval: float = 1.0) -> str | None
     _interval = interval
     _warned = False
     _written = None
+    if _directory is not None or _interval != DEFAULT_INTERVAL:
+        SESSION.on_revert("report", configure_off)
     if _directory is None:
         return None
     problem = _probe(_directory)
     if problem is not None:
         _warn(problem)
     return problem
+
+
+def configure_off() -> None:
+    """No reports, at the default interval (what a fresh process has)."""
+    configure(None)
 
 
 def directory() -> Path | None:
@@ -199,21 +210,32 @@ def _start_background_writer() -> None:
     vLLM stops its workers with signals, and atexit does not always run then: without the
     periodic write a report could miss a worker's last counters.
     """
-    global _writer_pid
+    global _writer_pid, _writer_stop
     if _writer_pid == os.getpid():
         return
     _writer_pid = os.getpid()
     atexit.register(flush)
+    stop = _writer_stop = threading.Event()
+    SESSION.on_revert("report.writer", _stop_background_writer)
     interval = _interval
     if interval <= 0:
         return
 
     def loop() -> None:
-        while True:
-            time.sleep(interval)
+        while not stop.wait(interval):
             flush()
 
     threading.Thread(target=loop, name="ascend-patch-report", daemon=True).start()
+
+
+def _stop_background_writer() -> None:
+    """Stop the writer thread and the write at exit: the next configure starts them again
+    with its own interval."""
+    global _writer_pid, _writer_stop
+    if _writer_stop is not None:
+        _writer_stop.set()
+    atexit.unregister(flush)
+    _writer_pid, _writer_stop = None, None
 
 
 def read_reports(directory: str | Path) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
 """What every process does at start-up: read the config named by the environment and apply it.
 
 Every ASCEND_PATCH_* variable is read once, through `settings.Settings`, and validated before
-anything is patched or written back. The variables this module sets for child processes
-(the absolute config path, its digest, the chosen profile) are restored by `reset()`.
+anything is patched or written back. What it applies, and the variables it sets for child
+processes (the absolute config path, its digest, the chosen profile), belong to the process's
+session (session.py); `reset()` reverts that session.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import MutableMapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from ascend_patch.core.config import LoadedConfig, load_config
 from ascend_patch.core.errors import ConfigError, ConsistencyError, PatchError
 from ascend_patch.core.imports import WATCHER
 from ascend_patch.core.patcher import PATCHER, PatchRecord
+from ascend_patch.core.session import SESSION, AppliedKey, RevertError
 from ascend_patch.core.settings import Settings
 from ascend_patch.core.source import Document
 
@@ -33,38 +34,6 @@ LOG_LEVEL_ENV = settings.LOG_LEVEL
 BASE = settings.BASE
 
 log = logging.getLogger("ascend_patch")
-
-
-@dataclass
-class _State:
-    """What this process applied (or waits to apply) and what it wrote to the environment."""
-
-    env: MutableMapping[str, str] | None = None
-    # Previous value (None: unset) of each variable this module set, to restore on reset().
-    saved: dict[str, str | None] = field(default_factory=dict)
-    # (config path, digest, pinned profile, ASCEND_PATCH_OVERRIDE, ASCEND_PATCH_DISABLE)
-    applied: tuple[str, str, str | None, str, str] | None = None
-    warned_unknown: set[str] = field(default_factory=set)
-
-    def set(self, env: MutableMapping[str, str], key: str, value: str) -> None:
-        if self.env is not env:
-            self.restore()
-            self.env = env
-        if key not in self.saved:
-            self.saved[key] = env.get(key)
-        env[key] = value
-
-    def restore(self) -> None:
-        if self.env is not None:
-            for key, value in self.saved.items():
-                if value is None:
-                    self.env.pop(key, None)
-                else:
-                    self.env[key] = value
-        self.env, self.saved = None, {}
-
-
-_state = _State()
 
 
 def _snapshot() -> dict[str, Any]:
@@ -100,8 +69,8 @@ def _configure_logging(level: str = "INFO") -> None:
 def warn_unknown_variables(environ) -> None:
     """One warning per ASCEND_PATCH_* variable that is not ours (a typo), per process."""
     for line in settings.unknown_variables(environ):
-        if line not in _state.warned_unknown:
-            _state.warned_unknown.add(line)
+        if line not in SESSION.warned:
+            SESSION.warned.add(line)
             log.warning("ascend-patch [%s pid %d]: %s", report.process_role(), os.getpid(), line)
 
 
@@ -163,13 +132,13 @@ def _with_override(variant: LoadedConfig, doc: Document) -> LoadedConfig:
     return variant.with_option_overrides(part)
 
 
-def _check_same_as_applied(key: tuple[str, str, str | None, str, str]) -> None:
+def _check_same_as_applied(key: AppliedKey) -> None:
     """A second apply in one process must ask for exactly what the first applied."""
-    if _state.applied is None or _state.applied == key:
+    if SESSION.applied is None or SESSION.applied == key:
         return
     names = ("config", "sha256", f"${PROFILE_ENV}", f"${OVERRIDE_ENV}", f"${DISABLE_ENV}")
     diffs = [f"{name} {new!r} (applied: {old!r})"
-             for name, old, new in zip(names, _state.applied, key) if old != new]
+             for name, old, new in zip(names, SESSION.applied, key) if old != new]
     raise PatchError(
         "ascend-patch is already applied in this process with other settings: "
         + "; ".join(diffs) + ". One process applies one config: start a new process, or "
@@ -188,6 +157,13 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
     env = os.environ if environ is None else environ
     if not env.get(CONFIG_ENV):
         return None
+    # Read, checked against what is applied, and applied as one step: threads call the
+    # loader, and another thread's apply or revert rewrites the variables read here.
+    with SESSION.lock:
+        return _apply(env)
+
+
+def _apply(env: MutableMapping[str, str]) -> list[PatchRecord]:
     values = Settings.from_environ(env)
     _configure_logging(values.log_level)
     warn_unknown_variables(env)
@@ -212,7 +188,7 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
     key = (str(Path(path).resolve()), config.digest, pinned, values.override_text,
            ",".join(sorted(disabled)))
     _check_same_as_applied(key)
-    first_call = _state.applied is None
+    first_call = SESSION.applied is None
 
     def apply(profile: str | None) -> list[PatchRecord]:
         effective = config.with_profile(profile)
@@ -225,38 +201,40 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
 
     def on_model(model: profiles.ModelInfo) -> None:
         choice = profiles.select(config, model, None)
-        previous = env.get(RESOLVED_PROFILE_ENV)
         chosen = choice or BASE
-        if previous is not None and previous != chosen:
-            raise ConsistencyError(
-                f"{config.path}: this process serves two models needing different profiles "
-                f"({previous} and {chosen}); run them as separate deployments"
-            )
-        if previous == chosen and PATCHER.config is not None:
-            return  # the same model again (vLLM copies its VllmConfig)
-        _state.set(env, RESOLVED_PROFILE_ENV, chosen)
-        log.info("ascend-patch [%s pid %d]: profile %s chosen for %s", report.process_role(),
-                 os.getpid(), choice or "(none: base patches)", model.name)
-        apply(choice)
+        with SESSION.lock:  # vLLM may build configs in several threads
+            previous = env.get(RESOLVED_PROFILE_ENV)
+            if previous is not None and previous != chosen:
+                raise ConsistencyError(
+                    f"{config.path}: this process serves two models needing different "
+                    f"profiles ({previous} and {chosen}); run them as separate deployments"
+                )
+            if previous == chosen and PATCHER.config is not None:
+                return  # the same model again (vLLM copies its VllmConfig)
+            SESSION.set_env(env, RESOLVED_PROFILE_ENV, chosen)
+            log.info("ascend-patch [%s pid %d]: profile %s chosen for %s",
+                     report.process_role(), os.getpid(), choice or "(none: base patches)",
+                     model.name)
+            apply(choice)
 
     if first_call:
         # Checked before anything is patched: a bad directory is one warning, not a failure
         # (the report and the metrics are side channels; serving goes on without them).
         report.configure(values.report_dir, values.report_interval)
-        metrics.configure(env, lambda key, value: _state.set(env, key, value))
+        metrics.configure(env, lambda key, value: SESSION.set_env(env, key, value))
     try:
-        _state.set(env, CONFIG_ENV, key[0])
-        _state.set(env, DIGEST_ENV, config.digest)
-        _state.applied = key
+        SESSION.set_env(env, CONFIG_ENV, key[0])
+        SESSION.set_env(env, DIGEST_ENV, config.digest)
+        SESSION.applied = key
         if resolved is not None:  # a child: the first process chose already
             return apply(None if resolved == BASE else resolved)
         if not config.profiles:
-            _state.set(env, RESOLVED_PROFILE_ENV, BASE)
+            SESSION.set_env(env, RESOLVED_PROFILE_ENV, BASE)
             records = apply(None)
             profiles.watch_model_config(None, on_config=mark_compile_cache)
             return records
         if pinned is not None:
-            _state.set(env, RESOLVED_PROFILE_ENV, pinned)
+            SESSION.set_env(env, RESOLVED_PROFILE_ENV, pinned)
             records = apply(pinned)
             profiles.watch_model_config(lambda model: profiles.select(config, model, pinned),
                                         on_config=mark_compile_cache)
@@ -266,9 +244,13 @@ def apply_from_env(environ: MutableMapping[str, str] | None = None) -> list[Patc
             log.info("ascend-patch [%s pid %d]: %s has profiles; choosing when vLLM builds the "
                      "model", report.process_role(), os.getpid(), config.path)
         return []
-    except BaseException:
+    except BaseException as exc:
         if first_call:
-            _undo()
+            # Nothing was applied before this call: the session holds what this call began.
+            try:
+                SESSION.revert()
+            except RevertError as failed:
+                exc.add_note(str(failed))
         raise
 
 
@@ -281,11 +263,11 @@ def compile_key() -> dict[str, Any]:
 
     from ascend_patch import __version__
 
-    applied = _state.applied
+    applied = SESSION.applied
     if applied is None:
         return {}
     _, digest, _, override, disable = applied
-    env = _state.env if _state.env is not None else os.environ
+    env = SESSION.env if SESSION.env is not None else os.environ
     return {
         "version": __version__,
         "config_sha256": digest,
@@ -307,20 +289,12 @@ def mark_compile_cache(vllm_config: Any) -> None:
     the config travels to every engine and worker, so they compute the same key.
     """
     extra = getattr(vllm_config, "additional_config", None)
-    if isinstance(extra, dict) and _state.applied is not None:
+    if isinstance(extra, dict) and SESSION.applied is not None:
         extra[COMPILE_KEY] = compile_key()
-
-
-def _undo() -> None:
-    PATCHER.revert()
-    profiles.unwatch_model_config()
-    _state.restore()
-    _state.applied = None
-    report.configure(None)
-    metrics.reset()
 
 
 def reset() -> None:
     """Undo everything this process applied (tests, A/B runs in one process): the patches,
-    the model hook, the report settings, and the variables set for child processes."""
-    _undo()
+    the model hook, the report settings, the variables set for child processes, and any
+    other state registered with the session, newest first (`Session.revert`)."""
+    SESSION.revert()

@@ -162,7 +162,7 @@ def install(rule: str | None = None) -> LabState:
     if rule is not None and rule not in RULES:
         raise ValueError(f"unknown lab rule {rule!r} (known: {', '.join(RULES)})")
     LAB.rule = rule
-    if LAB.swap is None:
+    if LAB.swap is None or LAB.swap.reverted:  # the session's revert may have reverted it
         LAB.swap = CapacityState.use_planner(lab_planner)
     return LAB
 
@@ -170,7 +170,7 @@ def install(rule: str | None = None) -> LabState:
 def uninstall() -> None:
     """Give the drop steps the product planner back."""
     if LAB.swap is not None:
-        LAB.swap.revert()
+        LAB.swap.revert()  # idempotent: the session may have reverted it already
         LAB.swap = None
 
 

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ascend_patch.core.session import SESSION
+
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 log = logging.getLogger("ascend_patch")
 
@@ -65,6 +67,7 @@ def exit_later(reason: str, delay_s: float = EXIT_AFTER_FAILED_CHECK_S) -> threa
     error itself, e.g. a test)."""
     cancelled = threading.Event()
     _pending_exits.append(cancelled)
+    SESSION.on_revert("distributed.pending_exits", cancel_exits)  # the failed check is reverted too
 
     def stop() -> None:
         if cancelled.wait(delay_s):

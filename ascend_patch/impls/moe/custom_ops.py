@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ascend_patch.core.session import SESSION
 from ascend_patch.impls.moe.experts import select_backend
 
 _NS = "ascend_patch"
@@ -34,6 +35,8 @@ _BINDING = _Binding()
 def bind(state: Any) -> None:
     register()
     _BINDING.state = state
+    # The patcher closes a patch's context on revert; a state made outside a patch has none.
+    SESSION.on_revert("moe.custom_ops.binding", lambda: unbind(state))
 
 
 def unbind(state: Any) -> None:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from ascend_patch.core.context import PatchContext
+from ascend_patch.core.session import SESSION
 from ascend_patch.impls.moe.drop_step import DropStep, Planner
 from ascend_patch.impls.moe.options import CapacityOptions
 from ascend_patch.impls.moe.planner.capacity import AllGatherCounts, DropPlan, plan_drops
@@ -61,7 +62,14 @@ class CapacityState:
         until the returned swap is reverted. Steps built before the swap follow it too."""
         swap = PlannerSwap(planner)
         CapacityState._swaps.append(swap)
+        SESSION.on_revert("moe.planner_swaps", CapacityState.revert_swaps)
         return swap
+
+    @staticmethod
+    def revert_swaps() -> None:
+        """Revert every swap in force, latest first (the session's revert)."""
+        while CapacityState._swaps:
+            CapacityState._swaps[-1].revert()
 
     def __init__(self, ctx: PatchContext) -> None:
         from ascend_patch.impls.moe import custom_ops

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from ascend_patch.core.session import SESSION
 from ascend_patch.impls.distributed.all_to_all import all_to_all_uneven, resolve_group
 
 # Bytes of the per-row metadata record: float32 weight + int32 global expert id + int32
@@ -462,6 +463,7 @@ def make_prepare_finalize_class() -> type:
                 self._on_call(self._counters.bytes_sent_remote - self._bytes_before)
 
     _CLASS = CapacityAllToAllPrepareAndFinalize
+    SESSION.on_revert("moe.all_to_all.classes", forget_classes)
     return _CLASS
 
 
@@ -541,4 +543,11 @@ def make_kernel_class() -> type:
             )
 
     _KERNEL_CLASS = CapacityAllToAllKernel
+    SESSION.on_revert("moe.all_to_all.classes", forget_classes)
     return _KERNEL_CLASS
+
+
+def forget_classes() -> None:
+    """Build both classes again on next use, from the vLLM modules loaded then."""
+    global _CLASS, _KERNEL_CLASS
+    _CLASS = _KERNEL_CLASS = None
