@@ -110,6 +110,7 @@ UNIT = (
     "tests/core/test_targets_confined.py",
     "tests/core/test_lab_apart.py",
     "tests/core/test_stacks.py",
+    "tests/core/test_upstream.py",
     "tests/moe/test_stats.py",
     "tests/moe/test_multirank.py",
     "tests/ascend/test_prod_profile.py",

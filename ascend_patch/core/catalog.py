@@ -45,11 +45,35 @@ class Site:
 @dataclass(frozen=True)
 class Interface:
     """An upstream symbol an implementation relies on without patching it (called, subclassed
-    or read). Declared so that `validate` and the loader see upstream drift before users do."""
+    or read). Declared so that `validate` and the loader see upstream drift before users do.
+
+    The implementation's code reaches it as `ctx.upstream.<key>` (core/upstream.py), never by
+    importing it, so that what runs is what was checked. `key` defaults to the target's last
+    component; give one where that is ambiguous within a site set (two `apply` methods).
+    A module is never a target here: `ctx.upstream.module.anything` would reach attributes
+    nobody declared, so each attribute used is declared instead.
+    """
 
     target: str
     signature: str | None
     why: str
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", derived_key(self.target))
+        if not self.key.isidentifier():
+            raise ValueError(f"interface key {self.key!r} of {self.target} is not an identifier")
+
+    @property
+    def keyed(self) -> bool:
+        """Whether the key was given rather than derived from the target."""
+        return self.key != derived_key(self.target)
+
+
+def derived_key(target: str) -> str:
+    """The key an Interface gets by default: its target's last component."""
+    return target.replace(":", ".").rsplit(".", 1)[-1].strip()
 
 
 @dataclass(frozen=True)
@@ -72,6 +96,28 @@ class SiteSet:
         kinds = [bool(self.sites), bool(self.provided), bool(self.unsupported)]
         if sum(kinds) != 1:
             raise ValueError("a SiteSet has sites, or `provided`, or `unsupported`: exactly one")
+        # A derived key may repeat (two `apply` methods declared only to be checked): it is
+        # then ambiguous and unusable. A given key exists to be used, so it must be unique.
+        for key, interfaces in self._interfaces_by_key().items():
+            if len(interfaces) > 1 and any(i.keyed for i in interfaces):
+                targets = ", ".join(i.target for i in interfaces)
+                raise ValueError(f"interface key {key!r} names several targets: {targets}")
+
+    def _interfaces_by_key(self) -> dict[str, list[Interface]]:
+        out: dict[str, list[Interface]] = {}
+        for interface in self.relies_on:
+            out.setdefault(interface.key, []).append(interface)
+        return out
+
+    def upstream_keys(self) -> dict[str, Interface]:
+        """The interfaces `ctx.upstream` resolves, by key (ambiguous derived keys left out)."""
+        return {key: found[0] for key, found in self._interfaces_by_key().items()
+                if len(found) == 1}
+
+    def ambiguous_keys(self) -> dict[str, tuple[str, ...]]:
+        """Derived keys several interfaces share, with their targets."""
+        return {key: tuple(i.target for i in found)
+                for key, found in self._interfaces_by_key().items() if len(found) > 1}
 
 
 def no_ascend_release(*lines: str) -> SiteSet:

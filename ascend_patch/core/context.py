@@ -33,7 +33,11 @@ class PatchContext:
     # Rewrites the process report; the patcher injects it (implementations call it at their
     # log interval). It never raises.
     flush: Callable[[], object] = _no_flush
+    # The catalog.Implementation whose declarations `upstream` resolves (None: the built-in
+    # entry named `impl_name`).
+    impl: Any = None
     _state: Any = field(default=None, repr=False)
+    _upstream: Any = field(default=None, repr=False)
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def state(self, make: Callable[[PatchContext], T]) -> T:
@@ -43,6 +47,24 @@ class PatchContext:
             self._state = make(self)
         return self._state
 
+    @property
+    def upstream(self) -> Any:
+        """The upstream symbols this implementation declares for the patch's stack, by key:
+        `ctx.upstream.get_ep_group` (core/upstream.py). Without a stack (a context made by
+        hand), this machine's."""
+        if self._upstream is None:
+            from ascend_patch.core import catalog
+            from ascend_patch.core.upstream import for_implementation
+            from ascend_patch.core.versions import detect_stack
+
+            impl = self.impl if self.impl is not None else catalog.lookup(self.impl_name)
+            if impl is None:
+                raise self.error("not a catalog entry: give the context its Implementation")
+            stack = self.stack if self.stack is not None else detect_stack()
+            self._upstream = for_implementation(impl, stack.line, stack.platform,
+                                                error=self.error)
+        return self._upstream
+
     def on_close(self, callback: Callable[[], None]) -> None:
         """Run `callback` when the patch is reverted (unregister what the state registered)."""
         self._closers.append(callback)
@@ -51,6 +73,7 @@ class PatchContext:
         while self._closers:
             self._closers.pop()()
         self._state = None
+        self._upstream = None
 
     def error(self, message: str) -> PatchError:
         """A PatchError naming this patch and where the config declares it."""

@@ -35,14 +35,18 @@ def test_pending_exits_are_cancelled():
 
 def test_the_all_to_all_classes_are_built_again_after_revert():
     pytest.importorskip("vllm.model_executor.layers.fused_moe.modular_kernel")
+    from ascend_patch.core.context import PatchContext
+    from ascend_patch.impls.moe.options import CapacityOptions
     from ascend_patch.impls.moe.transport import all_to_all_dispatch as a2a
 
-    pf, kernel = a2a.make_prepare_finalize_class(), a2a.make_kernel_class()
-    assert a2a.make_prepare_finalize_class() is pf and a2a.make_kernel_class() is kernel
+    upstream = PatchContext("moe-capacity", "moe.capacity", CapacityOptions()).upstream
+    pf, kernel = a2a.make_prepare_finalize_class(upstream), a2a.make_kernel_class(upstream)
+    assert a2a.make_prepare_finalize_class(upstream) is pf
+    assert a2a.make_kernel_class(upstream) is kernel
     assert SESSION.pending() == ["moe.all_to_all.classes"]
     SESSION.revert()
-    assert (a2a._CLASS, a2a._KERNEL_CLASS) == (None, None)
-    assert a2a.make_prepare_finalize_class() is not pf
+    assert a2a._CLASSES == {}
+    assert a2a.make_prepare_finalize_class(upstream) is not pf
 
 
 def test_the_custom_ops_forget_the_state_they_were_bound_to():

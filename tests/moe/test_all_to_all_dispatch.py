@@ -34,6 +34,13 @@ GLOO_TIMEOUT_S = 60
 ROW_META_BYTES = 12
 
 
+def _upstream():
+    """What a moe.capacity patch on this machine's stack resolves its vLLM symbols from."""
+    from ascend_patch.core.context import PatchContext
+
+    return PatchContext("moe-capacity", "moe.capacity", CapacityOptions()).upstream
+
+
 def hidden_bytes(dtype: torch.dtype) -> int:
     return HIDDEN * torch.empty(0, dtype=dtype).element_size()
 
@@ -126,7 +133,7 @@ def _run_scenario(rank: int, ws: int, name: str, use_vllm_class: bool):
 
         from ascend_patch.impls.moe.transport.all_to_all_dispatch import make_prepare_finalize_class
 
-        pf = make_prepare_finalize_class()(
+        pf = make_prepare_finalize_class(_upstream())(
             group_fn=lambda: dist.group.WORLD,
             owners=owners,
             ep_size=ws,
@@ -561,8 +568,12 @@ def _layer(dp: int, ep: int, rank: int = 0, *, use_ep: bool = True, eplb: bool =
 def test_dispatch_choice(monkeypatch):
     from ascend_patch.impls.moe.adapters import vllm_modular
 
-    monkeypatch.setattr(vllm_modular, "_graph_capture", lambda: None)
-    plan = vllm_modular._dispatch_plan
+    monkeypatch.setattr(vllm_modular, "_graph_capture", lambda upstream: None)
+    upstream = _upstream()
+
+    def plan(layer, options):
+        return vllm_modular._dispatch_plan(layer, options, upstream)
+
     auto, a2a = CapacityOptions(), CapacityOptions(dispatch="all_to_all")
     assert plan(_layer(2, 2, 1), auto) == ("all_to_all", "auto: DP=2, EP=2")
     assert plan(_layer(2, 4, 3), auto) == ("all_to_all", "auto: DP=2, EP=4")
@@ -585,7 +596,7 @@ def test_dispatch_choice(monkeypatch):
     assert "expert_map does not match the linear placement" in plan(
         _layer(2, 2, 0, expert_map=swapped), auto)[1]
     # torch.compile is no blocker (the kernel is one opaque op); captured CUDA graphs are.
-    monkeypatch.setattr(vllm_modular, "_graph_capture", lambda: "FULL_AND_PIECEWISE")
+    monkeypatch.setattr(vllm_modular, "_graph_capture", lambda upstream: "FULL_AND_PIECEWISE")
     with pytest.raises(ValueError) as refused:
         plan(_layer(2, 2), a2a)
     assert str(refused.value) == (
@@ -606,4 +617,4 @@ def test_graph_capture_is_none_on_the_cpu_platform_under_its_default_compile():
     from ascend_patch.impls.moe.adapters import vllm_modular
 
     with set_current_vllm_config(VllmConfig(compilation_config=CompilationConfig())):
-        assert vllm_modular._graph_capture() is None
+        assert vllm_modular._graph_capture(_upstream()) is None

@@ -96,7 +96,15 @@ def _weights_site(factory: str) -> Site:
 
 # What the vLLM adapter calls, subclasses or reads without patching it
 # (adapters/vllm_modular.py, transport/all_to_all_dispatch.py), the same on 0.23 and 0.32.
+# The adapters reach each as ctx.upstream.<key> (the target's last name unless key= says).
 _MODULAR_INTERFACES = (
+    Interface(f"{_MK}:FusedMoEExpertsModular", None, "CapacityExperts subclasses it"),
+    Interface(f"{_MK}:FusedMoEPrepareAndFinalizeModular", None,
+              "the all-to-all prepare/finalize subclasses it"),
+    Interface(f"{_MK}:FusedMoEKernel", None,
+              "the all-to-all kernel subclasses it and runs its apply eagerly"),
+    Interface(f"{_MK}:FusedMoEActivationFormat", None,
+              "Standard: the format our experts and prepare/finalize take"),
     Interface(
         f"{_MK}:FusedMoEExpertsModular.apply",
         "(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, "
@@ -150,6 +158,10 @@ _MODULAR_INTERFACES = (
         "()",
         "all_to_all is refused under CUDA graphs",
     ),
+    Interface("vllm.config:CUDAGraphMode", None,
+              "NONE: the compilation config captures no CUDA graph"),
+    Interface("vllm.platforms:current_platform", None,
+              "is_cpu(): the CPU platform never captures graphs"),
 )
 
 # vLLM 0.23's CPU backend (adapters/vllm_0_23_cpu_monolithic.py).
@@ -284,6 +296,15 @@ IMPLEMENTATIONS = {
                     Interface(
                         "vllm_ascend.ops.fused_moe.moe_comm_method:MC2CommImpl", None,
                         "MC2 steps keep every row",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.moe_comm_method:FusedMC2CommImpl", None,
+                        "FUSED_MC2 steps keep every row",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.fused_moe:AscendUnquantizedFusedMoEMethod",
+                        None,
+                        "only layers with this (unquantized) method are taken over",
                     ),
                     Interface(
                         "vllm_ascend.ascend_forward_context:select_moe_comm_method",

@@ -96,6 +96,11 @@ class CapacityState:
     def error(self, message: str) -> Exception:
         return self.ctx.error(message)
 
+    @property
+    def upstream(self) -> Any:
+        """The vLLM / vllm-ascend symbols the catalog declares for this patch's stack."""
+        return self.ctx.upstream
+
     def add_layer(self, name: str, layer: Any) -> None:
         self.layers[name] = layer
         self.steps.pop(name, None)  # a new model in this process: plan for the new layer

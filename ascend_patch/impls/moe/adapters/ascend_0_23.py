@@ -219,8 +219,8 @@ def _layer_call(state: AscendCapacityState, layer: Any) -> _LayerCall | None:
     name = str(getattr(layer, "layer_name", None) or f"moe@{id(layer):x}")
     if not _admitted(state, name, layer):
         return None
-    method = _comm_method()
-    path = _comm_path(method)
+    method = state.upstream._EXTRA_CTX.moe_comm_method
+    path = _comm_path(method, state.upstream)
     state.count("calls_by_path", path)
     if path not in _DROPPING_PATHS:
         state.keep_whole(path)
@@ -239,7 +239,7 @@ def _admitted(state: AscendCapacityState, name: str, layer: Any) -> bool:
 
 
 def _admit(state: AscendCapacityState, name: str, layer: Any) -> bool:
-    reason = _not_supported_reason(layer)
+    reason = _not_supported_reason(layer, state.upstream)
     if reason is not None:
         state.stats.layer_not_taken_over(name, reason)
         logger.warning("moe.capacity: %s keeps every row: %s", name, reason)
@@ -249,11 +249,9 @@ def _admit(state: AscendCapacityState, name: str, layer: Any) -> bool:
     return True
 
 
-def _not_supported_reason(layer: Any) -> str | None:
-    from vllm_ascend.ops.fused_moe.fused_moe import AscendUnquantizedFusedMoEMethod
-
+def _not_supported_reason(layer: Any, upstream: Any) -> str | None:
     method = getattr(layer, "quant_method", None)
-    if not isinstance(method, AscendUnquantizedFusedMoEMethod):
+    if not isinstance(method, upstream.AscendUnquantizedFusedMoEMethod):
         return (
             f"quantized MoE method {type(method).__name__}: drops are verified for "
             "vllm-ascend's unquantized MoE method only"
@@ -267,11 +265,9 @@ def _not_supported_reason(layer: Any) -> str | None:
 def _refuse_fused_mc2(state: AscendCapacityState) -> None:
     if state.options.drop_token_ratio <= 0:
         return
-    from vllm_ascend.ascend_config import get_ascend_config
-    from vllm_ascend.utils import AscendDeviceType, get_ascend_device_type
-
-    if get_ascend_config().enable_fused_mc2 == 1 and (
-        get_ascend_device_type() == AscendDeviceType.A3
+    upstream = state.upstream
+    if upstream.get_ascend_config().enable_fused_mc2 == 1 and (
+        upstream.get_ascend_device_type() == upstream.AscendDeviceType.A3
     ):
         raise state.error(
             "drop_token_ratio > 0 with vllm-ascend's enable_fused_mc2: 1 on A3: every step of "
@@ -281,20 +277,12 @@ def _refuse_fused_mc2(state: AscendCapacityState) -> None:
         )
 
 
-def _comm_method() -> Any:
-    from vllm_ascend.ascend_forward_context import _EXTRA_CTX
-
-    return _EXTRA_CTX.moe_comm_method
-
-
-def _comm_path(method: Any) -> str:
-    from vllm_ascend.ops.fused_moe import moe_comm_method as cm
-
+def _comm_path(method: Any, upstream: Any) -> str:
     for cls, path in (
-        (cm.AlltoAllCommImpl, ALL_TO_ALL),
-        (cm.AllGatherCommImpl, ALL_GATHER),
-        (cm.MC2CommImpl, MC2),
-        (cm.FusedMC2CommImpl, FUSED_MC2),
+        (upstream.AlltoAllCommImpl, ALL_TO_ALL),
+        (upstream.AllGatherCommImpl, ALL_GATHER),
+        (upstream.MC2CommImpl, MC2),
+        (upstream.FusedMC2CommImpl, FUSED_MC2),
     ):
         if isinstance(method, cls):
             return path
@@ -358,7 +346,7 @@ def _step(state: AscendCapacityState, call: _LayerCall) -> DropStep:
 def _make_step(state: AscendCapacityState, call: _LayerCall) -> DropStep:
     layer = call.layer
     ep_size = max(int(layer.ep_size), 1)
-    gather, rank = _token_sources(call)
+    gather, rank = _token_sources(call, state.upstream)
     owners = None
     if not state.options.simulate_ep_size:
         owners = ascend_dispatch.contiguous_owners(
@@ -374,13 +362,12 @@ def _make_step(state: AscendCapacityState, call: _LayerCall) -> DropStep:
     )
 
 
-def _token_sources(call: _LayerCall) -> tuple[AllGatherCounts | None, int]:
+def _token_sources(call: _LayerCall, upstream: Any) -> tuple[AllGatherCounts | None, int]:
     """(all-gather of per-expert counts, this rank's index among the sources): on the
     all-to-all path, over its dispatcher's EP device group, as its own count exchange."""
     if call.path != ALL_TO_ALL:
         return None, 0
-    from vllm_ascend.ops.fused_moe.comm_utils import gather_from_sequence_parallel_region
-
+    gather_from_sequence_parallel_region = upstream.gather_from_sequence_parallel_region
     dispatcher = call.method.token_dispatcher
     group = dispatcher.ep_group
 

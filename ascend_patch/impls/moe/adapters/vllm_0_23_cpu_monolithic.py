@@ -40,23 +40,25 @@ def make_process_weights_after_loading(
     original: Callable[..., Any], ctx: PatchContext
 ) -> Callable[..., Any]:
     """Replacement of UnquantizedFusedMoEMethod.process_weights_after_loading (0.23)."""
-    return process_weights_factory(original, state_of(ctx), build_kernel=_build_cpu_kernel)
+    upstream = ctx.upstream
+
+    def build_kernel(method: Any, layer: Any, experts_cls: type) -> bool:
+        return _build_cpu_kernel(method, layer, experts_cls, upstream)
+
+    return process_weights_factory(original, state_of(ctx), build_kernel=build_kernel)
 
 
-def _build_cpu_kernel(method: Any, layer: Any, experts_cls: type) -> bool:
-    from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
-        UnquantizedMoeBackend,
-        make_unquantized_moe_kernel,
-    )
-    from vllm.v1.worker.workspace import init_workspace_manager, is_workspace_manager_initialized
-
-    if method.unquantized_backend != UnquantizedMoeBackend.CPU:
+def _build_cpu_kernel(method: Any, layer: Any, experts_cls: type, upstream: Any) -> bool:
+    if method.unquantized_backend != upstream.UnquantizedMoeBackend.CPU:
         return False  # Triton: the original builds the kernel from experts_cls
-    if not is_workspace_manager_initialized():
-        init_workspace_manager(torch.device("cpu"))
+    # apply_monolithic runs under torch.compile on CPU, which cannot trace the import a
+    # first read does: read the router here, where vLLM itself imports its CPU MoE module.
+    upstream.select_experts
+    if not upstream.is_workspace_manager_initialized():
+        upstream.init_workspace_manager(torch.device("cpu"))
     method.experts_cls = experts_cls
     method.moe_quant_config = method.get_fused_moe_quant_config(layer)
-    method.moe_kernel = make_unquantized_moe_kernel(
+    method.moe_kernel = upstream.make_unquantized_moe_kernel(
         quant_config=method.moe_quant_config,
         moe_config=method.moe,
         backend=method.unquantized_backend,
@@ -72,6 +74,7 @@ def make_apply_monolithic(
     """Replacement of UnquantizedFusedMoEMethod.apply_monolithic(self, layer, x,
     router_logits, input_ids=None) (0.23): the CPU backend's entry point."""
     state_of(ctx)
+    upstream = ctx.upstream
 
     def apply_monolithic(
         self: Any,
@@ -82,9 +85,7 @@ def make_apply_monolithic(
     ) -> torch.Tensor:
         if not taken_over(self):
             return original(self, layer, x, router_logits, input_ids)
-        from vllm.model_executor.layers.fused_moe.cpu_fused_moe import select_experts
-
-        topk_weights, topk_ids = select_experts(
+        topk_weights, topk_ids = upstream.select_experts(
             hidden_states=x,
             router_logits=router_logits,
             top_k=layer.top_k,

@@ -64,7 +64,7 @@ def state_of(ctx: PatchContext) -> CapacityState:
     state = ctx.state(CapacityState)
     if state.make_step is None:
         state.make_step = make_step
-        state.experts_cls = _make_experts_class(state.options.backend)
+        state.experts_cls = _make_experts_class(state.options.backend, state.upstream)
     return state
 
 
@@ -73,13 +73,11 @@ def state_of(ctx: PatchContext) -> CapacityState:
 # --------------------------------------------------------------------------------------
 
 
-def _make_experts_class(backend_name: str) -> type:
-    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
-    from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
-        TopKWeightAndReduceNoOP,
-    )
+def _make_experts_class(backend_name: str, upstream: Any) -> type:
+    standard = upstream.FusedMoEActivationFormat.Standard
+    no_op_reduce = upstream.TopKWeightAndReduceNoOP
 
-    class CapacityExperts(mk.FusedMoEExpertsModular):
+    class CapacityExperts(upstream.FusedMoEExpertsModular):
         """Standard-format modular experts: weighted, top-k-reduced output like the CPU
         experts (finalize's weight-and-reduce is a no-op). Rows with id -1 (dropped by
         make_apply) and rows of experts another EP rank owns are not computed."""
@@ -93,8 +91,8 @@ def _make_experts_class(backend_name: str) -> type:
             return True
 
         @staticmethod
-        def activation_format() -> mk.FusedMoEActivationFormat:
-            return mk.FusedMoEActivationFormat.Standard
+        def activation_format() -> Any:
+            return standard
 
         @staticmethod
         def _supports_current_device() -> bool:
@@ -143,8 +141,8 @@ def _make_experts_class(backend_name: str) -> type:
         ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
             return (0,), (0,), (M, K)
 
-        def finalize_weight_and_reduce_impl(self) -> mk.TopKWeightAndReduce:
-            return TopKWeightAndReduceNoOP()
+        def finalize_weight_and_reduce_impl(self) -> Any:
+            return no_op_reduce()
 
         def apply(
             self,
@@ -182,15 +180,14 @@ def _make_experts_class(backend_name: str) -> type:
     return CapacityExperts
 
 
-def _not_supported_reason(method: Any, layer: Any) -> str | None:
+def _not_supported_reason(method: Any, layer: Any, upstream: Any) -> str | None:
     """Why this layer keeps vLLM's own experts (None: we can take it over)."""
-    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
-
+    backends = upstream.UnquantizedMoeBackend
     if getattr(getattr(method, "experts_cls", None), "ascend_patch_capacity", False):
         return None  # ours already (a second load of the same layer)
     moe = method.moe
     backend = getattr(method, "unquantized_backend", None)
-    if backend not in (UnquantizedMoeBackend.CPU, UnquantizedMoeBackend.TRITON):
+    if backend not in (backends.CPU, backends.TRITON):
         name = getattr(backend, "value", backend)
         return f"backend {name} keeps its own weight layout (CPU and TRITON are supported)"
     if moe.moe_parallel_config.use_batched_activation_format:
@@ -229,16 +226,17 @@ def process_weights_factory(
     cannot build it for: `build_kernel(method, layer, experts_cls)` returns True when it
     built one (vLLM 0.23's CPU backend), False to let the original build it."""
     experts_cls = state.experts_cls
+    upstream = state.upstream
 
     def process_weights_after_loading(self: Any, layer: Any) -> None:
         name = getattr(layer, "layer_name", type(layer).__name__)
-        reason = _not_supported_reason(self, layer)
+        reason = _not_supported_reason(self, layer, upstream)
         if reason is not None:
             setattr(self, TAKEN_OVER, False)
             state.stats.layer_not_taken_over(name, reason)
             logger.warning("moe.capacity: %s keeps vLLM's experts: %s", name, reason)
             return original(self, layer)
-        if _is_triton(self):
+        if _is_triton(self, upstream):
             # CUDA: vLLM's Triton experts stay (one fused kernel, not a per-expert loop);
             # dropped rows are masked to weight 0 in `apply`. UNVERIFIED: never ran on a GPU.
             original(self, layer)
@@ -259,10 +257,8 @@ def process_weights_factory(
     return process_weights_after_loading
 
 
-def _is_triton(method: Any) -> bool:
-    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
-
-    return getattr(method, "unquantized_backend", None) == UnquantizedMoeBackend.TRITON
+def _is_triton(method: Any, upstream: Any) -> bool:
+    return getattr(method, "unquantized_backend", None) == upstream.UnquantizedMoeBackend.TRITON
 
 
 # --------------------------------------------------------------------------------------
@@ -270,7 +266,7 @@ def _is_triton(method: Any) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def _dispatch_plan(layer: Any, options: Any) -> tuple[str, str]:
+def _dispatch_plan(layer: Any, options: Any, upstream: Any) -> tuple[str, str]:
     """("all_to_all" | "allgather", why). Raises for an explicit all_to_all that cannot run."""
     from ascend_patch.impls.moe.transport.all_to_all_dispatch import expert_owners
 
@@ -287,7 +283,7 @@ def _dispatch_plan(layer: Any, options: Any) -> tuple[str, str]:
         blockers.append("prefill context parallel (tokens split over PCP are not modelled)")
     if parallel.enable_eplb:
         blockers.append("EPLB (redundant physical experts)")
-    graphs = _graph_capture()
+    graphs = _graph_capture(upstream)
     if graphs is not None:
         blockers.append(
             f"CUDA graphs (cudagraph_mode {graphs}: the dispatch sizes its messages on the "
@@ -311,21 +307,15 @@ def _dispatch_plan(layer: Any, options: Any) -> tuple[str, str]:
     return "all_to_all", f"{options.dispatch}: DP={parallel.dp_size}, EP={parallel.ep_size}"
 
 
-def _graph_capture() -> str | None:
+def _graph_capture(upstream: Any) -> str | None:
     """vLLM's CUDA-graph mode when it captures graphs, else None. torch.compile itself is
     fine: the all-to-all kernel is one opaque custom op (all_to_all_dispatch.py). The CPU
     platform never captures (vllm/platforms/cpu.py empties the capture sizes)."""
-    try:
-        from vllm.config import CUDAGraphMode
-        from vllm.config.vllm import get_current_vllm_config_or_none
-        from vllm.platforms import current_platform
-    except ImportError:  # pragma: no cover - other vLLM layouts are refused by the spec
-        return None
-    config = get_current_vllm_config_or_none()
-    if config is None or current_platform.is_cpu():
+    config = upstream.get_current_vllm_config_or_none()
+    if config is None or upstream.current_platform.is_cpu():
         return None
     mode = config.compilation_config.cudagraph_mode
-    if mode is None or mode == CUDAGraphMode.NONE:
+    if mode is None or mode == upstream.CUDAGraphMode.NONE:
         return None
     return str(getattr(mode, "name", mode))
 
@@ -334,15 +324,14 @@ def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
     """Rebuild the layer's modular kernel with the all-to-all prepare/finalize when the
     `dispatch` option asks for it; record the choice in the stats either way."""
     stats = state.stats
+    upstream = state.upstream
     try:
-        path, why = _dispatch_plan(layer, state.options)
+        path, why = _dispatch_plan(layer, state.options, upstream)
     except ValueError as exc:
         raise state.error(str(exc)) from None
     stats.dispatch_path(layer.layer_name, path, why)
     if path != "all_to_all":
         return
-    from vllm.distributed import get_ep_group
-
     from ascend_patch.impls.moe.transport.all_to_all_dispatch import (
         expert_owners,
         make_kernel_class,
@@ -359,8 +348,8 @@ def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
         num_sharers = parallel.ep_size // (parallel.dp_size * parallel.pcp_size)
         sharer = parallel.ep_rank - parallel.dp_rank * num_sharers
     placement = getattr(layer, "expert_placement_strategy", "linear")
-    prepare_finalize = make_prepare_finalize_class()(
-        group_fn=get_ep_group,
+    prepare_finalize = make_prepare_finalize_class(upstream)(
+        group_fn=upstream.get_ep_group,
         owners=expert_owners(layer.global_num_experts, parallel.ep_size, placement),
         ep_size=parallel.ep_size,
         sharer=sharer,
@@ -372,7 +361,7 @@ def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
     # new prepare/finalize, the whole kernel behind one custom op (torch.compile). Nothing
     # else holds the old kernel: the runner reads moe_kernel through the method on every
     # forward (fused_moe_method_base.py:35-47).
-    kernel = make_kernel_class()(prepare_finalize, method.moe_kernel.fused_experts, layer)
+    kernel = make_kernel_class(upstream)(prepare_finalize, method.moe_kernel.fused_experts, layer)
     method.moe_kernel = state.kernels[layer.layer_name] = kernel
 
 
@@ -423,22 +412,20 @@ def make_step(layer: Any, state: CapacityState) -> DropStep:
     if not state.config_checked:
         state.config_checked = True
         if parallel.ep_size > 1:
-            from vllm.distributed import get_ep_group
-
             from ascend_patch.impls.distributed.consistency import (
                 ConfigCheckTimeout,
                 ConfigMismatchError,
                 exit_later,
             )
 
-            group = get_ep_group()
+            group = state.upstream.get_ep_group()
             try:
                 check_config_over_group(state.options, group)
             except (ConfigMismatchError, ConfigCheckTimeout) as exc:
                 exit_later(str(exc))  # this process may not serve: never let it linger
                 raise
             state.stats.config_checked(group.world_size)
-    gather, rank = token_sources(parallel)
+    gather, rank = token_sources(parallel, state.upstream)
     export_layer_metrics(state, layer.layer_name, parallel)
     return state.drop_step(
         layer.layer_name,
@@ -485,7 +472,7 @@ def check_config_over_group(options: Any, group: Any, digest: str | None = None)
     check_same_config(digest, options.model_dump(mode="json"), group)
 
 
-def token_sources(parallel: Any) -> tuple[Any, int]:
+def token_sources(parallel: Any, upstream: Any) -> tuple[Any, int]:
     """(all_gather_counts, rank) for the drop step.
 
     The ranks of an EP group hold the same tokens unless DP > 1 (TP-only EP: every TP rank
@@ -497,9 +484,8 @@ def token_sources(parallel: Any) -> tuple[Any, int]:
     """
     if parallel.dp_size <= 1:
         return None, 0
-    from vllm.distributed import get_dp_group, get_ep_group
-
-    group = get_ep_group() if parallel.is_sequence_parallel else get_dp_group()
+    group = (upstream.get_ep_group() if parallel.is_sequence_parallel
+             else upstream.get_dp_group())
 
     def all_gather_counts(counts: torch.Tensor) -> torch.Tensor:
         return group.all_gather(counts.unsqueeze(0).contiguous(), dim=0)

@@ -38,7 +38,8 @@ prepare/finalize reports `output_is_reduced() == False`), which adds the slices 
 together; with TP = 1 that all-reduce is a no-op, so no token is counted twice.
 
 This module is pure torch + torch.distributed (testable with gloo processes, no vLLM);
-`make_prepare_finalize_class` builds the vLLM `FusedMoEPrepareAndFinalizeModular` around it.
+`make_prepare_finalize_class` builds the vLLM `FusedMoEPrepareAndFinalizeModular` around it,
+on the classes the patch's `ctx.upstream` resolves.
 """
 
 from __future__ import annotations
@@ -344,20 +345,22 @@ def combine(
 
 # FusedMoEPrepareAndFinalizeModular.prepare / finalize are declared in the catalog
 # (moe/spec.py, relied-on interfaces): the loader and `validate` check their signatures.
-_CLASS: type | None = None
+# Built once per vLLM base class (one per process, as every patch's upstream resolves the
+# same class): our layers' isinstance checks and compiled graphs see one class.
+_CLASSES: dict[type, type] = {}
 
 
-def make_prepare_finalize_class() -> type:
-    """The vLLM prepare/finalize class (built once, on first use: imports vLLM)."""
-    global _CLASS
-    if _CLASS is not None:
-        return _CLASS
-    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
-    from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
-        TopKWeightAndReduceNoOP,
-    )
+def make_prepare_finalize_class(upstream: Any) -> type:
+    """The vLLM prepare/finalize class, on `upstream`'s (a PatchContext.upstream) vLLM
+    classes (built on first use)."""
+    base = upstream.FusedMoEPrepareAndFinalizeModular
+    built = _CLASSES.get(base)
+    if built is not None:
+        return built
+    standard = upstream.FusedMoEActivationFormat.Standard
+    no_op_reduce = upstream.TopKWeightAndReduceNoOP
 
-    class CapacityAllToAllPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
+    class CapacityAllToAllPrepareAndFinalize(base):
         """prepare = token-once dispatch, finalize = combine (see module docstring).
 
         Pairs only with CapacityExperts (vllm_modular.py): Standard activation format, the
@@ -389,8 +392,8 @@ def make_prepare_finalize_class() -> type:
             self._bytes_before = 0
 
         @property
-        def activation_format(self) -> mk.FusedMoEActivationFormat:
-            return mk.FusedMoEActivationFormat.Standard
+        def activation_format(self) -> Any:
+            return standard
 
         def topk_indices_dtype(self) -> torch.dtype | None:
             return None
@@ -445,7 +448,7 @@ def make_prepare_finalize_class() -> type:
             apply_router_weight_on_input: bool,
             weight_and_reduce_impl: Any,
         ) -> None:
-            if not isinstance(weight_and_reduce_impl, TopKWeightAndReduceNoOP):
+            if not isinstance(weight_and_reduce_impl, no_op_reduce):
                 raise TypeError(
                     "moe.capacity all_to_all: the experts must return weighted, reduced rows"
                 )
@@ -462,15 +465,12 @@ def make_prepare_finalize_class() -> type:
             if self._on_call is not None:
                 self._on_call(self._counters.bytes_sent_remote - self._bytes_before)
 
-    _CLASS = CapacityAllToAllPrepareAndFinalize
+    _CLASSES[base] = CapacityAllToAllPrepareAndFinalize
     SESSION.on_revert("moe.all_to_all.classes", forget_classes)
-    return _CLASS
+    return CapacityAllToAllPrepareAndFinalize
 
 
-_KERNEL_CLASS: type | None = None
-
-
-def make_kernel_class() -> type:
+def make_kernel_class(upstream: Any) -> type:
     """vLLM's FusedMoEKernel whose `apply` is one opaque custom op (built once, on first use).
 
     On CPU vLLM calls the MoE layer as a plain function, so under its default compiled mode
@@ -482,14 +482,13 @@ def make_kernel_class() -> type:
     the compiled graph calls with tensors of static shape ([T, H] in, [T, H] out) and which
     runs this kernel's eager `apply` by layer name.
     """
-    global _KERNEL_CLASS
-    if _KERNEL_CLASS is not None:
-        return _KERNEL_CLASS
-    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
-
+    base = upstream.FusedMoEKernel
+    built = _CLASSES.get(base)
+    if built is not None:
+        return built
     from ascend_patch.impls.moe import custom_ops
 
-    class CapacityAllToAllKernel(mk.FusedMoEKernel):
+    class CapacityAllToAllKernel(base):
         def __init__(self, prepare_finalize: Any, fused_experts: Any, layer: Any) -> None:
             super().__init__(prepare_finalize, fused_experts)
             # Constant per layer, so not op arguments (an op takes tensors, str, int, bool;
@@ -529,7 +528,7 @@ def make_kernel_class() -> type:
             expert_map: torch.Tensor | None,
         ) -> torch.Tensor:
             """vLLM's modular kernel: prepare (dispatch), experts, finalize (combine)."""
-            return mk.FusedMoEKernel.apply(
+            return base.apply(
                 self,
                 hidden_states=hidden_states,
                 w1=w1,
@@ -542,12 +541,11 @@ def make_kernel_class() -> type:
                 apply_router_weight_on_input=self.apply_router_weight_on_input,
             )
 
-    _KERNEL_CLASS = CapacityAllToAllKernel
+    _CLASSES[base] = CapacityAllToAllKernel
     SESSION.on_revert("moe.all_to_all.classes", forget_classes)
-    return _KERNEL_CLASS
+    return CapacityAllToAllKernel
 
 
 def forget_classes() -> None:
-    """Build both classes again on next use, from the vLLM modules loaded then."""
-    global _CLASS, _KERNEL_CLASS
-    _CLASS = _KERNEL_CLASS = None
+    """Build the classes again on next use, from the vLLM modules loaded then."""
+    _CLASSES.clear()
