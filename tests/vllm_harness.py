@@ -55,10 +55,11 @@ def run_offline(
 
 def reports_by_role(report_dir: Path) -> dict[str, dict[str, Any]]:
     """Reports keyed by vLLM's process name (MainProcess, EngineCore, VllmWorker-0): unique
-    in the one-engine runs that use this."""
+    in the one-engine runs that use this, once vLLM's model-inspection subprocess (also a
+    MainProcess; only when its model-info cache is cold) is left out."""
     from ascend_patch.core.report import read_reports
 
-    return {r["process"]: r for r in read_reports(report_dir)}
+    return {r["process"]: r for r in read_reports(report_dir) if r["role"] != "model_inspector"}
 
 
 def patch_in(report: dict[str, Any], name: str) -> dict[str, Any]:

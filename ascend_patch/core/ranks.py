@@ -8,6 +8,9 @@ role and the ranks instead, so every process is named by `label()`:
                          `python -m vllm.entrypoints.openai.api_server`)
     api_server1          one of several (--api-server-count: ApiServer_1)
     headless             MainProcess of `vllm serve --headless` (engines only)
+    model_inspector      vLLM's model-registry subprocess (`python -m
+                         vllm.model_executor.models.registry`): it inspects a model class
+                         when vLLM's model-info cache has none, and exits
     main                 any other first process (an offline LLM script)
     dp_coordinator       VLLM_DP_Coordinator
     engine_core-dp1      EngineCore_DP1 (EngineCore without DP: engine_core)
@@ -73,7 +76,12 @@ _NAMES = (
 # How vLLM's OpenAI server is started as a first process (`__main__`'s module).
 _SERVER_MODULES = frozenset({"vllm.entrypoints.openai.api_server", "vllm.entrypoints.api_server"})
 
-ROLES = ("api_server", "headless", "main", "dp_coordinator", "engine_core", "worker", "other")
+# vLLM starts it to read a model class's facts without importing the model in the server
+# (model_executor/models/registry.py, _run_in_subprocess; 0.23 and 0.32); it loads plugins.
+_INSPECTOR_MODULES = frozenset({"vllm.model_executor.models.registry"})
+
+ROLES = ("api_server", "headless", "main", "model_inspector", "dp_coordinator", "engine_core",
+         "worker", "other")
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,8 @@ def role_of(process: str, argv: list[str] | None = None, main_module: str | None
         main_module = getattr(spec, "name", None)
     if main_module in _SERVER_MODULES:
         return "api_server", {}
+    if main_module in _INSPECTOR_MODULES:
+        return "model_inspector", {}
     # `vllm serve ...` (the console script, `python -m vllm.entrypoints.cli.main`, or a
     # wrapper that hands its arguments to vLLM's CLI): the subcommand comes first.
     if len(argv) > 1 and argv[1] == "serve":

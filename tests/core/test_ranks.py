@@ -85,6 +85,8 @@ def test_bad_roles_and_ranks_are_refused():
     ("MainProcess", ["offline.py", "serve"], None, ("api_server", {})),
     ("MainProcess", ["offline.py", "--model", "m"], None, ("main", {})),
     ("MainProcess", [], None, ("main", {})),
+    ("MainProcess", ["/venv/lib/python3.11/site-packages/vllm/model_executor/models/registry.py"],
+     "vllm.model_executor.models.registry", ("model_inspector", {})),
 ])
 def test_roles_from_vllms_process_names(process, argv, main_module, expected):
     assert role_of(process, argv, main_module) == expected
