@@ -83,7 +83,8 @@ def ascend_logs(caplog, monkeypatch):
 #   e2e       starts engines or servers (marker `vllm`): the primary environment
 #   smoke     the one server test (marker `smoke`) each other CPU environment runs
 #   slow      multi-node launches and studies (marker `slow`): only with `-m slow`
-# A test module is unit when listed here; otherwise contract unless marked.
+# A test module is unit when listed here; otherwise contract unless marked (a test of a unit
+# module that needs vLLM is marked `contract`).
 UNIT = (
     "tests/moe/test_capacity.py",
     "tests/moe/test_capacity_properties.py",
@@ -106,7 +107,6 @@ UNIT = (
     "tests/core/test_report_faults.py",
     "tests/core/test_runtime_state.py",
     "tests/core/test_session.py",
-    "tests/core/test_patcher_hardening.py",
     "tests/core/test_targets_confined.py",
     "tests/core/test_lab_apart.py",
     "tests/core/test_stacks.py",
@@ -128,6 +128,8 @@ def tier_of(item) -> str:
         return "slow"
     if item.get_closest_marker("vllm"):
         return "e2e"
+    if item.get_closest_marker("contract"):
+        return "contract"
     path = Path(item.fspath).relative_to(REPO).as_posix()
     return "unit" if path.startswith(UNIT) else "contract"
 

@@ -13,6 +13,7 @@ import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -154,12 +155,14 @@ def _check_cli(text: str) -> None:
                 assert err.strip(), argv  # every refusal says why
 
 
+@pytest.mark.contract  # validate and plan import the installed vLLM's targets
 @FUZZ
 @given(CONFIG)
 def test_generated_configs_through_the_cli(data):
     _check_cli(_dump(data))
 
 
+@pytest.mark.contract  # validate imports the installed vLLM's targets
 @FUZZ
 @given(TEXT)
 def test_generated_yaml_text_through_the_cli(text):

@@ -122,6 +122,7 @@ def test_analytic_limit_small_example():
     assert (limited.level_protected, limited.ideal_speedup_protected) == (3, 10 / 8)
 
 
+@pytest.mark.contract  # vLLM's own CPU fused MoE is the baseline
 def test_vs_native_core_tiny():
     bench = load_script("bench_vs_native")
     result = bench.bench(tokens=256, hidden=64, intermediate=32, reps=1, threads=1)

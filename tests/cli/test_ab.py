@@ -253,6 +253,7 @@ class FakeLLM:
         return [Out() for _ in prompts]
 
 
+@pytest.mark.contract  # the driver builds vLLM's real SamplingParams
 def test_driver_protocol_writes_results_and_reports_failures(tmp_path, capsys):
     args = type("A", (), {"max_tokens": 1, "seed": 0, "logprobs": 0})
     commands = [json.dumps({"id": 1, "op": "run", "out": str(tmp_path / "r.json")}),

@@ -166,6 +166,7 @@ def test_expert_owners_accepts_any_expert_count():
         expert_owners(8, 2, "striped")
 
 
+@pytest.mark.contract  # cross-checked against vLLM's own determine_expert_map
 def test_placements_match_vllms_expert_maps():
     expert_map_manager = pytest.importorskip(
         "vllm.model_executor.layers.fused_moe.expert_map_manager"

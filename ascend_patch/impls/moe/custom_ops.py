@@ -44,41 +44,40 @@ def unbind(state: Any) -> None:
         _BINDING.state = None
 
 
+def _like_hidden(hidden_states: torch.Tensor, *args: Any) -> torch.Tensor:
+    return torch.empty_like(hidden_states)
+
+
 def register() -> None:
-    """Register both ops once per process: before any forward, never while Dynamo traces."""
-    if not hasattr(torch.ops.ascend_patch, "moe_capacity_plan"):
-        plan = torch.library.custom_op(
-            f"{_NS}::moe_capacity_plan",
-            mutates_args=(),
-            schema="(Tensor topk_weights, Tensor topk_ids, str layer_name) -> (Tensor, Tensor)",
-        )(_plan_impl)
-        plan.register_fake(
+    """Register the ops once per process: before any forward, never while Dynamo traces."""
+    # name: (schema, implementation, fake). Each fake gives its outputs the shapes of inputs:
+    # what keeps the compiled graph static. Looked up at call time, so that a lab hook that
+    # replaced an implementation before the first registration is the one registered.
+    ops = {
+        "moe_capacity_plan": (
+            "(Tensor topk_weights, Tensor topk_ids, str layer_name) -> (Tensor, Tensor)",
+            _plan_impl,
             lambda topk_weights, topk_ids, layer_name: (
-                torch.empty_like(topk_weights),
-                torch.empty_like(topk_ids),
-            )
-        )
-    if not hasattr(torch.ops.ascend_patch, "moe_capacity_experts"):
-        experts = torch.library.custom_op(
-            f"{_NS}::moe_capacity_experts",
-            mutates_args=(),
-            schema=(
-                "(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, "
-                "Tensor topk_ids, Tensor? expert_map, str activation, str backend, "
-                "bool weights_on_input) -> Tensor"
-            ),
-        )(experts_impl)
-        experts.register_fake(lambda hidden_states, *args: torch.empty_like(hidden_states))
-    if not hasattr(torch.ops.ascend_patch, "moe_capacity_all_to_all"):
-        dispatch = torch.library.custom_op(
-            f"{_NS}::moe_capacity_all_to_all",
-            mutates_args=(),
-            schema=(
-                "(Tensor hidden_states, Tensor w1, Tensor w2, Tensor topk_weights, "
-                "Tensor topk_ids, Tensor? expert_map, str layer_name) -> Tensor"
-            ),
-        )(_all_to_all_impl)
-        dispatch.register_fake(lambda hidden_states, *args: torch.empty_like(hidden_states))
+                torch.empty_like(topk_weights), torch.empty_like(topk_ids)),
+        ),
+        "moe_capacity_experts": (
+            "(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, "
+            "Tensor topk_ids, Tensor? expert_map, str activation, str backend, "
+            "bool weights_on_input) -> Tensor",
+            experts_impl,
+            _like_hidden,
+        ),
+        "moe_capacity_all_to_all": (
+            "(Tensor hidden_states, Tensor w1, Tensor w2, Tensor topk_weights, "
+            "Tensor topk_ids, Tensor? expert_map, str layer_name) -> Tensor",
+            _all_to_all_impl,
+            _like_hidden,
+        ),
+    }
+    for name, (schema, implementation, fake) in ops.items():
+        if not hasattr(torch.ops.ascend_patch, name):
+            op = torch.library.custom_op(f"{_NS}::{name}", mutates_args=(), schema=schema)
+            op(implementation).register_fake(fake)
 
 
 def plan(topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str):
