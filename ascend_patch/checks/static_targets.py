@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,13 +170,42 @@ class _Hops:
 # ---------------------------------------------------------------------------------------------
 
 
+_VERSION_IS = re.compile(r"vllm_version_is\((['\"])(?P<version>[^'\"]+)\1\)")
+
+
+class VersionHints(Mapping[str, bool]):
+    """Branch hints (keys normalised) and, for a planned vLLM line, the value of any
+    `vllm_version_is("X.Y.Z")`: the versions vllm-ascend probes change with its releases, the
+    line they are compared with does not."""
+
+    def __init__(self, explicit: Mapping[str, bool], vllm_line: str | None) -> None:
+        self._explicit = dict(explicit)
+        self._line = vllm_line
+
+    def __getitem__(self, condition: str) -> bool:
+        if condition in self._explicit:
+            return self._explicit[condition]
+        match = _VERSION_IS.fullmatch(condition) if self._line is not None else None
+        if match is None:
+            raise KeyError(condition)
+        return match["version"] == self._line or match["version"].startswith(f"{self._line}.")
+
+    def __iter__(self):
+        return iter(self._explicit)
+
+    def __len__(self) -> int:
+        return len(self._explicit)
+
+
 class SourceRoots:
     """Resolves targets against source directories, one per top-level package.
 
     `roots` maps a top-level package name to the directory that contains it (a directory that
     is the package itself is accepted too). `branch_hints` maps the source text of an `if`
-    condition (e.g. 'vllm_version_is("0.23.0")') to the value it has on the deployment; other
-    conditions leave both branches as candidates.
+    condition (e.g. 'vllm_version_is("0.23.0")') to the value it has on the deployment; with
+    `vllm_line`, every `vllm_version_is("X.Y.Z")` that no hint names is true exactly when X.Y.Z
+    is on that line (how vllm-ascend picks its code paths). Other conditions leave both
+    branches as candidates.
 
     Decorators other than staticmethod/classmethod/property (e.g. @torch.compile,
     @functools.wraps-style wrappers) are not evaluated: the kind stays method/function and the
@@ -188,10 +218,12 @@ class SourceRoots:
     differ between branches gets one linearisation per combination.
     """
 
-    def __init__(self, roots: Mapping[str, Path], branch_hints: Mapping[str, bool] | None = None):
+    def __init__(self, roots: Mapping[str, Path], branch_hints: Mapping[str, bool] | None = None,
+                 vllm_line: str | None = None):
         self._roots = {name: _normalise_root(name, Path(path)) for name, path in roots.items()}
         hints = {**DEFAULT_BRANCH_HINTS, **(branch_hints or {})}
-        self._hints = {normalise_condition(text): bool(value) for text, value in hints.items()}
+        self._hints = VersionHints(
+            {normalise_condition(text): bool(value) for text, value in hints.items()}, vllm_line)
         self._modules: dict[str, Module | str] = {}
         self._mro_cache: dict[tuple[int, int], list[_Mro]] = {}
 

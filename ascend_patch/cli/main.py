@@ -66,9 +66,7 @@ def _checker(args: argparse.Namespace, stack):
         from ascend_patch.checks.static_targets import SourceRoots
 
         # vllm-ascend picks code paths with vllm_version_is("X.Y.Z"): read the planned line's.
-        hints = {f'vllm_version_is("{v}")': v.startswith(f"{stack.line}.") for v in
-                 ("0.23.0", "0.27.1", "0.32.0")}
-        sources = SourceRoots(roots, branch_hints=hints)
+        sources = SourceRoots(roots, vllm_line=stack.line)
     return Checker(sources, importable=importable)
 
 

@@ -1018,3 +1018,29 @@ def test_every_catalog_factory_is_found_in_this_packages_source():
     assert {f: checker.factory_problem(f) for f in factories} == dict.fromkeys(factories)
     missing = factories[0].rpartition(":")[0] + ":no_such_factory"
     assert "has no attribute 'no_such_factory'" in checker.factory_problem(missing)
+
+
+def test_vllm_version_hints_follow_the_planned_line(tmp_path):
+    """Any vllm_version_is("X.Y.Z") is true exactly on X.Y's line, whatever versions the source
+    probes; an explicit hint still wins."""
+    from ascend_patch.checks.static_targets import VersionHints
+
+    hints = VersionHints({"vllm_version_is('0.23.5')": False}, "0.23")
+    assert hints["vllm_version_is('0.23.0')"] is True
+    assert hints['vllm_version_is("0.23.1")'] is True
+    assert hints["vllm_version_is('0.27.1')"] is False
+    assert hints["vllm_version_is('0.230.0')"] is False
+    assert hints["vllm_version_is('0.23.5')"] is False
+    assert "is_310p()" not in hints
+    assert "vllm_version_is('0.23.0')" not in VersionHints({}, None)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text(
+        "from .utils import vllm_version_is\n"
+        "if vllm_version_is('0.27.1'):\n    def f(a, b): ...\nelse:\n    def f(a): ...\n")
+    (tmp_path / "pkg" / "utils.py").write_text("def vllm_version_is(v): ...\n")
+    from ascend_patch.core.targets import parse_target
+
+    roots = SourceRoots({"pkg": tmp_path}, vllm_line="0.23")
+    assert roots.resolve(parse_target("pkg:f")).signature == "(a)"
+    later = SourceRoots({"pkg": tmp_path}, vllm_line="0.27")
+    assert later.resolve(parse_target("pkg:f")).signature == "(a, b)"
