@@ -55,8 +55,10 @@ def native_moe(x, w13, w2, isa):
 
     def run(xx, weights, ids):
         out = torch.empty_like(xx)
-        ops.cpu_fused_moe(out, xx, p13, p2, None, None, weights, ids.to(torch.int32), "silu",
-                          isa, False)
+        # The registered op, not its Python wrapper: the op's arguments are the same on the
+        # 0.23 and 0.32 lines, the wrapper's are not (0.23 allocates and returns the output).
+        torch.ops._C.cpu_fused_moe(out, xx, p13, p2, None, None, weights, ids.to(torch.int32),
+                                   False, "silu", isa)
         return out
 
     return run
