@@ -72,6 +72,7 @@ if [[ $slow -eq 0 && ( -z $only_tier || $only_tier == static ) ]]; then
     line=${key%/*} platform=${key#*/}
     dir=$(bash scripts/fetch_vllm_ascend.sh "$version")
     for config in ${configs//,/ }; do
+      [[ $config != - ]] || continue  # a stack that ships no config of its own
       if ! "$python" -m ascend_patch validate "$config" --platform "$platform" \
           --vllm-line "$line" --source "$package=$dir"; then
         static_ok=FAILED status=1
