@@ -84,11 +84,6 @@ class Stack:
         # vLLM's own layers serve CPU and CUDA; vllm-ascend replaces them with its own.
         return "ascend" if self.platform == "ascend" else "vllm"
 
-    def describe(self) -> str:
-        if self.ascend_release:
-            return f"vLLM {self.line} + vllm-ascend {self.ascend_release}"
-        return f"vLLM {self.line} {self.platform.upper() if self.platform != 'cpu' else 'CPU'}"
-
 
 # Oldest first: the order users read in messages and tables.
 LINES: tuple[Line, ...] = (
@@ -125,13 +120,6 @@ STACKS: tuple[Stack, ...] = (
 
 LINE_NAMES = tuple(line.name for line in LINES)
 PRIMARY = STACKS[0]
-
-
-def line(name: str) -> Line:
-    for candidate in LINES:
-        if candidate.name == name:
-            return candidate
-    raise KeyError(f"vLLM line {name!r} is not declared; declared lines: {', '.join(LINE_NAMES)}")
 
 
 def lines_on(platform: str) -> tuple[str, ...]:
