@@ -53,10 +53,9 @@ print(json.dumps([p.get(k) for k in ("dependencies", "optional-dependencies", "s
 }
 
 setup_env() {
-  local name=$1 requirements lock no_deps
-  eval "$(stacks env "$name")"
-  local recipe key venv
+  local name=$1 requirements lock no_deps recipe key venv
   recipe=$(stacks env "$name")
+  eval "$recipe"
   key=$({ echo "$RECIPE_VERSION $recipe"; package_inputs; cat "$requirements" "$lock"; } \
     | sha256sum | cut -c1-16)
   venv=$CACHE/$name-$key
