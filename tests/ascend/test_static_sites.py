@@ -1,5 +1,5 @@
 """The ascend site sets of moe.capacity against the real vllm-ascend sources, read only:
-0.23.0.post1 for the vLLM 0.23 line, 0.18.0 for 0.18.
+0.23.0.post1 for the vLLM 0.23 line, 0.18.0 for 0.18, 0.13.0 for 0.13.
 
 Nothing from vllm-ascend is imported here (it needs torch_npu): every site and relied-on
 interface is resolved with ascend_patch.checks.static_targets, as `ascend-patch validate
@@ -24,7 +24,7 @@ static_targets = pytest.importorskip(
 )
 
 # The lines whose vllm-ascend release moe.capacity has sites for.
-LINES = ("0.23", "0.18")
+LINES = ("0.23", "0.18", "0.13")
 
 
 def ascend_entries(line):
@@ -40,7 +40,7 @@ def hints(line):
     """What validate decides for the line (ascend_patch/cli/main.py): vllm-ascend picks
     definitions with vllm_version_is("X.Y.Z")."""
     return {f'vllm_version_is("{v}")': v.startswith(f"{line}.")
-            for v in ("0.18.0", "0.23.0", "0.27.1", "0.32.0")}
+            for v in ("0.13.0", "0.18.0", "0.23.0", "0.27.1", "0.32.0")}
 
 
 @pytest.fixture(scope="module", params=LINES)
@@ -113,12 +113,15 @@ def test_mc2_dispatch_has_no_per_row_mask(line):
     token's k expert ids and one per-token mask, nothing that could switch off one row. A
     new keyword here means that decision must be read again."""
     names = dispatch_kwarg_names(harness.require_source(harness.RELEASES[line]))
-    assert names == {
+    common = {
         "x", "expert_ids", "expert_shard_type", "shared_expert_rank_num", "moe_expert_num",
-        "global_bs", "expert_token_nums_type", "x_active_mask", "scales", "quant_mode",
-        "group_ep", "ep_world_size", "ep_rank_id", "group_tp", "tp_world_size", "tp_rank_id",
-        "y_dtype", "expert_scales", "comm_alg",
+        "global_bs", "expert_token_nums_type", "scales", "quant_mode", "group_ep",
+        "ep_world_size", "ep_rank_id", "group_tp", "tp_world_size", "tp_rank_id",
+        "expert_scales",
     }
+    # 0.13.0 has not even the per-token mask yet.
+    newer = set() if line == "0.13" else {"x_active_mask", "y_dtype", "comm_alg"}
+    assert names == common | newer
 
 
 @pytest.fixture
@@ -131,6 +134,18 @@ def mutable_source(tmp_path, line):
     shutil.copytree(source / "vllm_ascend", copy / "vllm_ascend",
                     ignore=shutil.ignore_patterns("*.so", "*.cpp", "*.h", "__pycache__"))
     return copy
+
+
+# 0.13.0 has no build_token_dispatch_input: its drop site is the all-to-all dispatcher's
+# token_dispatch (the third `pertoken_scale` parameter in token_dispatcher.py).
+_TOKEN_DISPATCH_END = "                       pertoken_scale: Optional[torch.Tensor] = None):"
+CHANGED_SIGNATURE_0_13 = (
+    "ops/fused_moe/token_dispatcher.py", _TOKEN_DISPATCH_END,
+    _TOKEN_DISPATCH_END.replace("None):", "None,\n                       scale=None):"),
+    "target vllm_ascend.ops.fused_moe.token_dispatcher:TokenDispatcherWithMC2.token_dispatch has "
+    "signature (self, hidden_states, topk_weights, topk_ids, expert_map=…, "
+    "global_redundant_expert_num=…, mc2_mask=…, apply_router_weight_on_input=…, with_quant=…, "
+    "dynamic_eplb=…, pertoken_scale=…, scale=…)")
 
 
 @pytest.mark.parametrize(
@@ -154,6 +169,8 @@ def test_validate_fails_on_a_mutated_copy(mutable_source, line, capsys, path, ol
                                           message):
     from ascend_patch.cli.main import main
 
+    if line == "0.13" and path.endswith("moe_runtime_args.py"):
+        path, old, new, message = CHANGED_SIGNATURE_0_13
     file = mutable_source / "vllm_ascend" / path
     text = file.read_text()
     assert old in text, f"the real source changed: {old!r} not in {path}"

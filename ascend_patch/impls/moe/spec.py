@@ -66,7 +66,7 @@ import dataclasses
 
 from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet, no_ascend_release
 from ascend_patch.impls.moe.options import CapacityOptions
-from ascend_patch.impls.moe.spec_releases import ascend_0_13_pending, ascend_0_18
+from ascend_patch.impls.moe.spec_releases import ascend_0_13, ascend_0_18
 
 _FM = "vllm.model_executor.layers.fused_moe"
 _METHOD = f"{_FM}.unquantized_fused_moe_method:UnquantizedFusedMoEMethod"
@@ -435,11 +435,11 @@ IMPLEMENTATIONS = {
     ),
 }
 
-# vllm-ascend 0.18.0: 0.23.0.post1's ascend site set with the names that moved
-# (spec_releases.py says which and where).
+# vllm-ascend 0.18.0: 0.23.0.post1's ascend site set with the names that moved; 0.13.0: its
+# own sites, 0.23.0.post1's interfaces where alike (spec_releases.py says which and where).
 _CAPACITY = IMPLEMENTATIONS["moe.capacity"]
 IMPLEMENTATIONS["moe.capacity"] = dataclasses.replace(
     _CAPACITY,
     site_sets=(*_CAPACITY.site_sets, ascend_0_18(_CAPACITY.site_set("0.23", "ascend")),
-               ascend_0_13_pending()),
+               ascend_0_13(_CAPACITY.site_set("0.23", "ascend"))),
 )

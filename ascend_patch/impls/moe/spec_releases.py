@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ascend_patch.core.catalog import Interface, SiteSet
+from ascend_patch.core.catalog import Interface, Site, SiteSet
 
 _FUSED_MOE = "vllm_ascend.ops.fused_moe"
 _F23 = f"{_FUSED_MOE}.fused_moe_0_23_0:"
@@ -98,11 +98,91 @@ def ascend_0_18(site_set_0_23: SiteSet) -> SiteSet:
     )
 
 
-def ascend_0_13_pending() -> SiteSet:
-    """vllm-ascend 0.13.0: no site set yet (its hook points differ, see the docstring above)."""
-    return SiteSet(
-        lines=("0.13",),
-        platform="ascend",
-        unsupported="vllm-ascend 0.13.0 has no build_token_dispatch_input between log2phy and "
-        "its dispatchers (moe_comm_method.py:130-145): its site set is not written yet",
+
+_TD = f"{_FUSED_MOE}.token_dispatcher:"
+_CM = f"{_FUSED_MOE}.moe_comm_method:"
+_TOKEN_DISPATCH = ("(self, hidden_states, topk_weights, topk_ids, expert_map=…, "
+                   "global_redundant_expert_num=…, mc2_mask=…, apply_router_weight_on_input=…, "
+                   "with_quant=…, dynamic_eplb=…, pertoken_scale=…)")
+_FUSED_EXPERTS_0_13 = (
+    "(self, hidden_states, w1, w2, topk_weights, topk_ids, activation=…, "
+    "apply_router_weight_on_input=…, use_int8_w8a8=…, use_int4_w4a8=…, use_int4_w4a16=…, "
+    "expert_map=…, w1_scale=…, w2_scale=…, w1_scale_bias=…, w2_scale_bias=…, w1_offset=…, "
+    "w2_offset=…, log2phy=…, need_trans=…, dynamic_eplb=…, mc2_mask=…, pertoken_scale=…)"
+)
+
+
+def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
+    """vllm-ascend 0.13.0's site set (adapters/ascend_token_dispatch.py: the hooks, file:line):
+    no build_token_dispatch_input, so each dispatcher's token_dispatch takes the drop step;
+    the interfaces 0.23.0.post1 relies on that 0.13.0 has alike are carried over."""
+    adapter = "ascend_patch.impls.moe.adapters.ascend_token_dispatch"
+    layer = replace(site_set_0_23.sites[1], target=f"{_FM}AscendFusedMoE.forward_impl",
+                    factory=f"{adapter}:make_forward_impl")
+    assert site_set_0_23.sites[1].role == "layer", site_set_0_23.sites
+    carried = carried_over(
+        site_set_0_23,
+        ("0.13",),
+        moved={},
+        signatures={
+            f"{_CM}MoECommMethod.fused_experts": _FUSED_EXPERTS_0_13,
+            f"{_CM}FusedMC2CommImpl.fused_experts": _FUSED_EXPERTS_0_13,
+            f"{_TD}TokenDispatcherWithAll2AllV.token_combine":
+                "(self, hidden_states, context_metadata, bias=…)",
+            f"{_TD}TokenDispatcherWithAllGather.token_combine":
+                "(self, hidden_states, context_metadata, bias=…)",
+            f"{_FM}AscendUnquantizedFusedMoEMethod.apply":
+                "(self, layer, x, use_grouped_topk, top_k, router_logits, renormalize, "
+                "topk_group=…, num_expert_group=…, custom_routing_function=…, scoring_func=…, "
+                "routed_scaling_factor=…, e_score_correction_bias=…, global_num_experts=…, "
+                "expert_map=…, apply_router_weight_on_input=…, enable_force_load_balance=…, "
+                "**kwargs)",
+        },
+        dropped=frozenset({
+            # The 0.18/0.23 pipeline's stage dataclasses and device adaptor: not in 0.13.0.
+            f"{_FUSED_MOE}.moe_stage_contracts:MoEFusedExpertsInput",
+            f"{_FUSED_MOE}.moe_stage_contracts:MoETokenDispatchInput",
+            f"{_FUSED_MOE}.moe_stage_contracts:MoEAllToAllCombineMetadata",
+            "vllm_ascend.device.device_op:BaseDeviceAdaptor.npu_moe_init_routing",
+            "vllm_ascend.device.device_op:BaseDeviceAdaptor.npu_moe_token_unpermute",
+            "vllm_ascend.ascend_forward_context:_EXTRA_CTX",
+            f"{_F23}AscendFusedMoE.__init__",
+            # Patched here (the sites below), not only relied on.
+            f"{_TD}TokenDispatcherWithAll2AllV.token_dispatch",
+            f"{_TD}TokenDispatcherWithAllGather.token_dispatch",
+            # Only w8a8_dynamic models reach FUSED_MC2 in 0.13.0 (ascend_forward_context.py:
+            # 258-275): no unquantized layer taken over is ever refused for it.
+            "vllm_ascend.ascend_config:get_ascend_config",
+        }),
+        added=(
+            Interface(
+                f"{_TD}TokenDispatcherWithAll2AllV", None,
+                "the step's path is its dispatcher's class (the comm method is on vLLM's "
+                "forward context, ascend_forward_context.py:57-62)",
+            ),
+            Interface(f"{_TD}TokenDispatcherWithAllGather", None, "the all-gather path"),
+            Interface(
+                f"{_FM}AscendFusedMoE.__init__", "(self, *args, **kwargs)",
+                "sets global_num_experts and local_num_experts = the experts its expert_map "
+                "holds (fused_moe.py:212-218): the EP rank of each physical id",
+            ),
+        ),
     )
+    sites = (
+        layer,
+        Site(f"{_TD}TokenDispatcherWithAll2AllV.token_dispatch", _TOKEN_DISPATCH,
+             f"{adapter}:make_token_dispatch", role="main"),
+        Site(f"{_TD}TokenDispatcherWithAllGather.token_dispatch", _TOKEN_DISPATCH,
+             f"{adapter}:make_token_dispatch", role="allgather_dispatch"),
+        Site(f"{_TD}TokenDispatcherWithMC2.token_dispatch", _TOKEN_DISPATCH,
+             f"{adapter}:make_token_dispatch", role="mc2_dispatch"),
+        Site(f"{_TD}TokenDispatcherWithAll2AllV._preprocess", "(self, topk_ids)",
+             f"{adapter}:make_all_to_all_preprocess", role="a2a_count"),
+        Site(f"{_TD}TokenDispatcherWithAll2AllV._dispatch_preprocess",
+             "(self, hidden_states, topk_ids)",
+             f"{adapter}:make_all_to_all_dispatch_preprocess", role="a2a_permute"),
+        Site(f"{_TD}TokenDispatcherWithAll2AllV._combine_postprocess",
+             "(self, permutated_local_input_tokens, context_metadata)",
+             f"{adapter}:make_all_to_all_combine_postprocess", role="a2a_combine"),
+    )
+    return replace(carried, sites=sites)

@@ -144,13 +144,13 @@ _KEPT_WHOLE_WHY = {
 
 
 @dataclass(frozen=True)
-class _LayerCall:
-    """The taken-over layer whose forward is running, and its step's comm method."""
+class LayerCall:
+    """The taken-over layer whose forward is running, and its step's comm path."""
 
     name: str
     layer: Any
     path: str
-    method: Any  # the step's MoECommMethod
+    dispatcher: Any  # the step's token dispatcher (its EP group, rank and size)
 
 
 class AscendCapacityState(CapacityState):
@@ -158,7 +158,7 @@ class AscendCapacityState(CapacityState):
 
     def __init__(self, ctx: PatchContext) -> None:
         super().__init__(ctx)
-        self.current: _LayerCall | None = None
+        self.current: LayerCall | None = None
         # Layer name -> (the layer object judged, taken over?): a new model in the process
         # brings new objects under the same names, and is judged again.
         self.admitted: dict[str, tuple[Any, bool]] = {}
@@ -199,7 +199,16 @@ def state_of(ctx: PatchContext) -> AscendCapacityState:
 def make_forward_impl(original: Callable[..., Any], ctx: PatchContext) -> Callable[..., Any]:
     """Replacement of AscendFusedMoE.forward_impl(self, hidden_states, router_logits,
     return_with_event=False)."""
-    state = state_of(ctx)
+    return wrap_forward_impl(original, state_of(ctx), _layer_call)
+
+
+def wrap_forward_impl(
+    original: Callable[..., Any],
+    state: AscendCapacityState,
+    layer_call: Callable[[AscendCapacityState, Any], LayerCall | None],
+) -> Callable[..., Any]:
+    """forward_impl(self, hidden_states, router_logits, return_with_event=False) with
+    `layer_call(state, layer)` current while it runs."""
 
     def forward_impl(
         self: Any,
@@ -207,7 +216,7 @@ def make_forward_impl(original: Callable[..., Any], ctx: PatchContext) -> Callab
         router_logits: torch.Tensor,
         return_with_event: bool = False,
     ) -> Any:
-        call = _layer_call(state, self)
+        call = layer_call(state, self)
         outer, state.current = state.current, call
         try:
             return original(
@@ -219,10 +228,14 @@ def make_forward_impl(original: Callable[..., Any], ctx: PatchContext) -> Callab
     return forward_impl
 
 
-def _layer_call(state: AscendCapacityState, layer: Any) -> _LayerCall | None:
+def layer_name(layer: Any) -> str:
+    return str(getattr(layer, "layer_name", None) or f"moe@{id(layer):x}")
+
+
+def _layer_call(state: AscendCapacityState, layer: Any) -> LayerCall | None:
     """The call record for the drop hook; None when this call keeps every row."""
-    name = str(getattr(layer, "layer_name", None) or f"moe@{id(layer):x}")
-    if not _admitted(state, name, layer):
+    name = layer_name(layer)
+    if not admitted(state, name, layer):
         return None
     method = state.upstream._EXTRA_CTX.moe_comm_method
     path = _comm_path(method, state.upstream)
@@ -230,13 +243,13 @@ def _layer_call(state: AscendCapacityState, layer: Any) -> _LayerCall | None:
     if path not in _DROPPING_PATHS:
         state.keep_whole(path)
         return None
-    if _capturing():
+    if capturing():
         state.keep_whole("graph capture")
         return None
-    return _LayerCall(name, layer, path, method)
+    return LayerCall(name, layer, path, method.token_dispatcher)
 
 
-def _admitted(state: AscendCapacityState, name: str, layer: Any) -> bool:
+def admitted(state: AscendCapacityState, name: str, layer: Any) -> bool:
     known = state.admitted.get(name)
     if known is None or known[0] is not layer:
         known = state.admitted[name] = (layer, _admit(state, name, layer))
@@ -283,13 +296,18 @@ def _refuse_fused_mc2(state: AscendCapacityState) -> None:
 
 def _fused_mc2_setting(upstream: Any) -> tuple[str, Any, str]:
     """(the setting as a user writes it, its value, where vllm-ascend reads it): 0.18.0 reads
-    an environment variable through envs.py's table, 0.23.0.post1 its additional config."""
-    if "env_variables" in dir(upstream):
+    an environment variable through envs.py's table, 0.23.0.post1 its additional config; a
+    site set declaring neither (0.13.0: only w8a8_dynamic models reach FUSED_MC2, and their
+    layers are not taken over) has nothing to refuse."""
+    declared = dir(upstream)
+    if "env_variables" in declared:
         value = upstream.env_variables["VLLM_ASCEND_ENABLE_FUSED_MC2"]()
         return ("VLLM_ASCEND_ENABLE_FUSED_MC2=1", value,
                 "ascend_forward_context.py:248-272 in 0.18.0")
-    return ("enable_fused_mc2: 1", upstream.get_ascend_config().enable_fused_mc2,
-            "ascend_forward_context.py:264-282")
+    if "get_ascend_config" in declared:
+        return ("enable_fused_mc2: 1", upstream.get_ascend_config().enable_fused_mc2,
+                "ascend_forward_context.py:264-282")
+    return ("", None, "")
 
 
 def _comm_path(method: Any, upstream: Any) -> str:
@@ -304,7 +322,7 @@ def _comm_path(method: Any, upstream: Any) -> str:
     return type(method).__name__
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
     npu = getattr(torch, "npu", None)
     is_capturing = getattr(npu, "is_current_stream_capturing", None)
     return bool(is_capturing()) if is_capturing is not None else False
@@ -336,7 +354,7 @@ def make_build_token_dispatch_input(
 
 
 def _drop(
-    state: AscendCapacityState, call: _LayerCall, inputs: Any, topk_ids: torch.Tensor | None
+    state: AscendCapacityState, call: LayerCall, inputs: Any, topk_ids: torch.Tensor | None
 ) -> tuple[Any, torch.Tensor] | None:
     """(inputs with the kept weights, ids in the dispatcher's form); None: keep every row."""
     # 0.18.0's MoEFusedExpertsInput has no lora_context: it has no MoE LoRA path.
@@ -344,13 +362,21 @@ def _drop(
         state.keep_whole("MoE LoRA")
         return None
     ids = inputs.topk_ids if topk_ids is None else topk_ids
-    weights, ids = _step(state, call)(inputs.topk_weights, ids)
-    if call.path == ALL_TO_ALL:
-        ids = ascend_dispatch.mark_unsent(ids, call.layer.global_num_experts)
+    weights, ids = drop_rows(state, call, inputs.topk_weights, ids)
     return dataclasses.replace(inputs, topk_weights=weights), ids
 
 
-def _step(state: AscendCapacityState, call: _LayerCall) -> DropStep:
+def drop_rows(
+    state: AscendCapacityState, call: LayerCall, weights: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drop step on physical ids: (kept weights, ids in the step's dispatcher's form)."""
+    weights, ids = _step(state, call)(weights, ids)
+    if call.path == ALL_TO_ALL:
+        ids = ascend_dispatch.mark_unsent(ids, call.layer.global_num_experts)
+    return weights, ids
+
+
+def _step(state: AscendCapacityState, call: LayerCall) -> DropStep:
     key = (call.name, call.path)
     step = state.path_steps.get(key)
     if step is None:
@@ -359,7 +385,7 @@ def _step(state: AscendCapacityState, call: _LayerCall) -> DropStep:
     return step
 
 
-def _make_step(state: AscendCapacityState, call: _LayerCall) -> DropStep:
+def _make_step(state: AscendCapacityState, call: LayerCall) -> DropStep:
     layer = call.layer
     ep_size = max(int(layer.ep_size), 1)
     gather, rank = _token_sources(call, state.upstream)
@@ -378,13 +404,13 @@ def _make_step(state: AscendCapacityState, call: _LayerCall) -> DropStep:
     )
 
 
-def _token_sources(call: _LayerCall, upstream: Any) -> tuple[AllGatherCounts | None, int]:
+def _token_sources(call: LayerCall, upstream: Any) -> tuple[AllGatherCounts | None, int]:
     """(all-gather of per-expert counts, this rank's index among the sources): on the
     all-to-all path, over its dispatcher's EP device group, as its own count exchange."""
     if call.path != ALL_TO_ALL:
         return None, 0
     gather_from_sequence_parallel_region = upstream.gather_from_sequence_parallel_region
-    dispatcher = call.method.token_dispatcher
+    dispatcher = call.dispatcher
     group = dispatcher.ep_group
 
     def all_gather_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -393,7 +419,7 @@ def _token_sources(call: _LayerCall, upstream: Any) -> tuple[AllGatherCounts | N
     return all_gather_counts, dispatcher.ep_rank
 
 
-def _check_config_once(state: AscendCapacityState, call: _LayerCall) -> None:
+def _check_config_once(state: AscendCapacityState, call: LayerCall) -> None:
     """Every EP rank reaches its first planned call in the same layer call (the comm method
     is chosen from DP-wide token counts), so this collective lines up."""
     if state.config_checked:
@@ -409,7 +435,7 @@ def _check_config_once(state: AscendCapacityState, call: _LayerCall) -> None:
         exit_later,
     )
 
-    dispatcher = call.method.token_dispatcher
+    dispatcher = call.dispatcher
     digest = os.environ.get(DIGEST_ENV, "")
     try:
         check_same_config(digest, state.options.model_dump(mode="json"), dispatcher.ep_group)
@@ -435,7 +461,7 @@ def make_all_to_all_preprocess(
     reading them here is exactly as safe as its own use."""
 
     def _preprocess(self: Any, topk_ids: torch.Tensor) -> tuple[Any, ...]:
-        result = _checked(ctx, original(self, topk_ids), _PREPROCESS_LEN, "_preprocess")
+        result = checked_tuple(ctx, original(self, topk_ids), _PREPROCESS_LEN, "_preprocess")
         sent = ascend_dispatch.rows_sent(result[1])
         if 0 < sent < result[4]:
             result = (*result[:4], sent)
@@ -451,14 +477,21 @@ def make_all_to_all_dispatch_preprocess(
     topk_ids): when a rank sends no row, num_out_tokens 0 makes the permute keep them all, and
     the all-to-all would be handed more rows than its input splits add up to."""
 
+    return cut_permuted_rows(original, ctx, _DISPATCH_PREPROCESS_LEN)
+
+
+def cut_permuted_rows(
+    original: Callable[..., Any], ctx: PatchContext, length: int
+) -> Callable[..., Any]:
+    """_dispatch_preprocess(self, hidden_states, topk_ids) returning a `length`-tuple that
+    starts (permuted rows, reversed mapping, tokens per expert, input splits, ...), with the
+    permuted rows cut to the input splits' sum."""
+
     def _dispatch_preprocess(
         self: Any, hidden_states: torch.Tensor, topk_ids: torch.Tensor
     ) -> tuple[Any, ...]:
-        result = _checked(
-            ctx,
-            original(self, hidden_states, topk_ids),
-            _DISPATCH_PREPROCESS_LEN,
-            "_dispatch_preprocess",
+        result = checked_tuple(
+            ctx, original(self, hidden_states, topk_ids), length, "_dispatch_preprocess"
         )
         sent = ascend_dispatch.rows_sent(result[3])
         if result[0].shape[0] > sent:
@@ -474,17 +507,28 @@ def make_all_to_all_combine_postprocess(
     """Replacement of TokenDispatcherWithAll2AllV._combine_postprocess(self,
     permutated_local_input_tokens, combine_metadata)."""
 
+    return pad_combined_rows(
+        original, lambda metadata: metadata.reversed_local_input_permutation_mapping
+    )
+
+
+def pad_combined_rows(
+    original: Callable[..., Any], mapping_of: Callable[[Any], torch.Tensor]
+) -> Callable[..., Any]:
+    """_combine_postprocess(self, tokens, metadata) with a zero row appended for each routed
+    row not sent; `mapping_of(metadata)` is the local unpermute's map, one entry a row."""
+
     def _combine_postprocess(
-        self: Any, permutated_local_input_tokens: torch.Tensor, combine_metadata: Any
+        self: Any, permutated_local_input_tokens: torch.Tensor, metadata: Any
     ) -> torch.Tensor:
-        rows = combine_metadata.reversed_local_input_permutation_mapping.numel()
+        rows = mapping_of(metadata).numel()
         tokens = ascend_dispatch.pad_rows(permutated_local_input_tokens, rows)
-        return original(self, tokens, combine_metadata)
+        return original(self, tokens, metadata)
 
     return _combine_postprocess
 
 
-def _checked(ctx: PatchContext, result: Any, length: int, name: str) -> tuple[Any, ...]:
+def checked_tuple(ctx: PatchContext, result: Any, length: int, name: str) -> tuple[Any, ...]:
     if not isinstance(result, tuple) or len(result) != length:
         got = len(result) if isinstance(result, tuple) else type(result).__name__
         raise ctx.error(
