@@ -46,13 +46,14 @@ def install(source: Path, device_type: str = "A3") -> None:
             sys.path.insert(0, path)
     import torch
     import torch_npu  # noqa: F401 - the stand-in; installs torch.npu
-    from npu_ops import int_histc, npu_moe_init_routing_custom
+    import npu_ops
+    from npu_ops import int_histc
 
     torch.set_num_threads(1)
     torch.utils.rename_privateuse1_backend("npu")
     _npu_not_an_accelerator(torch)
     torch.histc = int_histc(torch.histc)
-    _register_routing_op(torch, npu_moe_init_routing_custom)
+    _register_routing_op(torch, npu_ops)
     _hccl_comm_name_on_gloo(torch)
     _seed_vllm_ascend(source, device_type)
 
@@ -74,10 +75,15 @@ def _npu_not_an_accelerator(torch) -> None:
     torch._C._acc.register_python_privateuseone_hook(Hooks())
 
 
-def _register_routing_op(torch, impl) -> None:
+def _register_routing_op(torch, npu_ops) -> None:
+    def npu_moe_init_routing_custom(*args, **kwargs):
+        # Looked up per call: vllm-ascend 0.13.0 calls the op itself, so the contract run's
+        # spy wraps the emulation's function (contract_worker_0_13.py).
+        return npu_ops.npu_moe_init_routing_custom(*args, **kwargs)
+
     library = torch.library.Library("_C_ascend", "DEF")
     library.define(ROUTING_SCHEMA)
-    library.impl("npu_moe_init_routing_custom", impl, "CPU")
+    library.impl("npu_moe_init_routing_custom", npu_moe_init_routing_custom, "CPU")
     # Kept alive for the life of the process: dropping the Library object unregisters it.
     _LIBRARIES.append(library)
 

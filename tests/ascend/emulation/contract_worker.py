@@ -43,11 +43,21 @@ class Release:
     layer_module: str  # where AscendFusedMoE is
     lora: bool  # MoEFusedExpertsInput has lora_context
     fused_mc2_env: bool  # FUSED_MC2 switched by VLLM_ASCEND_ENABLE_FUSED_MC2, not ascend_config
+    # 0.13.0: no MoE stage dataclasses (contract_worker_0_13.py); only w8a8_dynamic models
+    # reach FUSED_MC2, so the switch is not refused; its unquantized method does not pass
+    # log2phy to fused_experts (fused_moe.py:153-162), so ids stay logical there.
+    old_api: bool = False
+    # The from-imported copies of a site the patcher rewrites.
+    copies: tuple[str, ...] = (
+        "vllm_ascend.ops.fused_moe.moe_comm_method.build_token_dispatch_input",
+    )
 
 
 RELEASES = {
     "0.23": Release("vllm_ascend.ops.fused_moe.fused_moe_0_23_0", lora=True, fused_mc2_env=False),
     "0.18": Release("vllm_ascend.ops.fused_moe.fused_moe", lora=False, fused_mc2_env=True),
+    "0.13": Release("vllm_ascend.ops.fused_moe.fused_moe", lora=False, fused_mc2_env=True,
+                    old_api=True, copies=()),
 }
 
 
@@ -56,7 +66,12 @@ def main(source: str, line: str, rank: int, world: int, port: int, out_dir: str)
     import boot
 
     boot.install(Path(source), device_type="A3")
-    run = Run(line, rank, world, port)
+    run_class = Run
+    if line == "0.13":  # its older API: contract_worker_0_13.py
+        import contract_worker_0_13
+
+        run_class = contract_worker_0_13.Run
+    run = run_class(line, rank, world, port)
     results: dict = {}
     try:
         run.scenarios(results)
@@ -79,8 +94,17 @@ class Run:
         self.hidden, self.logits = _inputs(torch.Generator().manual_seed(11))
         self.a2a = self._comm("AlltoAllCommImpl")
         self.allgather = self._comm("AllGatherCommImpl")
-        self.spy = Spy(self.mods)
+        self.spy = self.make_spy()
         self.patcher = None
+
+    def make_spy(self) -> Spy:
+        return Spy(self.mods)
+
+    def adapter(self):
+        """The module of the site set's factories for this release."""
+        from ascend_patch.impls.moe.adapters import ascend_0_23
+
+        return ascend_0_23
 
     # -- scenarios ----------------------------------------------------------------------
 
@@ -146,19 +170,13 @@ class Run:
         it, compute nothing for it, and give it zeros back; rank 1 is unaffected."""
         import torch
 
-        contracts = self.mods.contracts
         hidden, weights, ids = self._slice_routing()
         if self.rank == 0:
             ids = torch.full_like(ids, EXPERTS + 1)
             weights = torch.zeros_like(weights)
-        inputs = self._fused_input(hidden, weights, ids, self.a2a)
-        dispatch_in = contracts.MoETokenDispatchInput(
-            hidden_states=hidden, topk_weights=weights, topk_ids=ids,
-            routing=inputs.routing, quant=inputs.quant,
-        )
         self.spy.reset()
         with self.forward_context(self.a2a):
-            out = self._dispatch_mlp_combine(self.a2a, dispatch_in, inputs)
+            out = self.dispatch_mlp_combine(self.a2a, hidden, weights, ids)
         seen = self.spy.take()
         return {"out": out, "hidden": hidden, "weights": weights, "ids": ids,
                 "a2a": seen["a2a"], "permute": seen["permute"]}
@@ -184,7 +202,7 @@ class Run:
         return out
 
     def fused_mc2_refused(self) -> str:
-        with self._fused_mc2_enabled():
+        with self.fused_mc2_enabled():
             try:
                 self.forward("allgather", layer=self.layer(name="model.layers.5.mlp.experts"))
             except Exception as exc:  # noqa: BLE001 - the message is what is checked
@@ -192,7 +210,7 @@ class Run:
         return "ran"
 
     @contextmanager
-    def _fused_mc2_enabled(self):
+    def fused_mc2_enabled(self):
         if self.release.fused_mc2_env:  # envs.py reads it on every access
             os.environ["VLLM_ASCEND_ENABLE_FUSED_MC2"] = "1"
             try:
@@ -316,7 +334,13 @@ class Run:
             expert_map=layer._expert_map, activation=self.mods.MoEActivation.SILU, **extra,
         )
 
-    def _dispatch_mlp_combine(self, comm, dispatch_in, inputs):
+    def dispatch_mlp_combine(self, comm, hidden, weights, ids):
+        """Dispatcher, MLP and combine of `comm` on these rows, outside any layer call."""
+        inputs = self._fused_input(hidden, weights, ids, comm)
+        dispatch_in = self.mods.contracts.MoETokenDispatchInput(
+            hidden_states=hidden, topk_weights=weights, topk_ids=ids,
+            routing=inputs.routing, quant=inputs.quant,
+        )
         args = self.mods.args
         dispatcher = comm.token_dispatcher
         output = dispatcher.token_dispatch(token_dispatch_input=dispatch_in)
@@ -354,7 +378,7 @@ class Run:
 
         state = ascend_0_23.state_of(ctx)
         seen = []
-        forward_impl = ascend_0_23.make_forward_impl(
+        forward_impl = self.adapter().make_forward_impl(
             lambda *a, **k: seen.append(state.current), ctx
         )
         with self.forward_context(comm):
@@ -376,10 +400,13 @@ class Spy:
         self._wrap(mods.cm.MoECommMethod, "fused_experts", self._fused)
         for dispatcher in ("TokenDispatcherWithAll2AllV", "TokenDispatcherWithAllGather"):
             self._wrap(getattr(mods.td, dispatcher), "token_dispatch", self._dispatched)
+        self._wrap_routing(mods)
+        self._wrap(mods.cm.MoECommMethod, "finalize", self._finalize)
+
+    def _wrap_routing(self, mods) -> None:
         routing = mods.td.DeviceOperator.npu_moe_init_routing
         spied = functools.wraps(routing)(self._routing(routing))
         mods.td.DeviceOperator.npu_moe_init_routing = staticmethod(spied)
-        self._wrap(mods.cm.MoECommMethod, "finalize", self._finalize)
 
     def reset(self) -> None:
         self.records = {"permute": [], "a2a": [], "gathers": 0, "routing": []}
@@ -445,10 +472,11 @@ class Spy:
         return token_dispatch
 
     def _finalize(self, original):
-        def finalize(comm, hidden_states, reduce_results, padded_hidden_states_shape=None):
+        # The last parameter differs per release (padded_hidden_states_shape, context_metadata).
+        def finalize(comm, hidden_states, reduce_results, *args, **kwargs):
             if self.records:
                 self.records["routed"] = hidden_states.clone()
-            return original(comm, hidden_states, reduce_results, padded_hidden_states_shape)
+            return original(comm, hidden_states, reduce_results, *args, **kwargs)
 
         return finalize
 
@@ -498,6 +526,11 @@ def _init_groups(rank: int, world: int, port: int):
 
 def _import_vllm_ascend(release: Release):
     import importlib
+
+    if release.old_api:
+        import contract_worker_0_13
+
+        return contract_worker_0_13.import_vllm_ascend()
 
     # fused_moe.py first: 0.23.0.post1's fused_moe_0_23_0 imports from it, and it re-exports
     # fused_moe_0_23_0 at its end (importing fused_moe_0_23_0 first is circular).

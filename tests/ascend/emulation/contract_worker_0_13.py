@@ -1,0 +1,182 @@
+"""The contract run's rank on vllm-ascend 0.13.0 (test only; contract_worker.py starts it).
+
+0.13.0 runs the same dispatchers as 0.23.0.post1 behind an older API (adapters/
+ascend_token_dispatch.py): MoECommMethod.fused_experts and token_dispatch take keyword
+arguments, results are TokenDispatchResult / TokenCombineResult with dict metadata, the MLP is
+unified_apply_mlp(hidden_states=..., w1=..., ...), the all-gather routing calls
+torch.ops._C_ascend.npu_moe_init_routing_custom itself, and the step's comm method is on vLLM's
+forward context. This module swaps those pieces into contract_worker's Run and Spy; the
+scenarios and what the tests check are the same, except where 0.13.0 differs (its unquantized
+method does not pass log2phy to fused_experts, fused_moe.py:153-162; FUSED_MC2 takes only
+w8a8_dynamic models; there is no MoE LoRA).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+from contextlib import contextmanager
+
+import contract_worker as base
+import npu_ops
+
+from contract_worker import EXPERTS, TOKENS
+
+
+class Run(base.Run):
+    """contract_worker.Run with 0.13.0's calls."""
+
+    def make_spy(self):
+        return Spy(self.mods)
+
+    def adapter(self):
+        from ascend_patch.impls.moe.adapters import ascend_token_dispatch
+
+        return ascend_token_dispatch
+
+    def dropless_with_kept_weights(self, seen: dict) -> dict:
+        import torch
+
+        keep = seen["dispatch_in"]["ids"] < EXPERTS
+        layer = self.layer()
+        with self.forward_context(self.a2a):
+            routed = self.a2a.fused_experts(
+                hidden_states=seen["dispatch_in"]["hidden"], w1=layer.w13_weight,
+                w2=layer.w2_weight, topk_weights=seen["fused_in"]["weights"] * keep,
+                topk_ids=seen["fused_in"]["ids"], expert_map=layer._expert_map,
+            ).routed_out
+        return {"routed": routed, "drop_routed": seen["routed"], "keep": keep.to(torch.int8)}
+
+    def dispatch_mlp_combine(self, comm, hidden, weights, ids):
+        layer = self.layer()
+        dispatcher = comm.token_dispatcher
+        output = dispatcher.token_dispatch(
+            hidden_states=hidden, topk_weights=weights, topk_ids=ids,
+            expert_map=layer._expert_map,
+        )
+        mlp_out = self.mods.mlp.unified_apply_mlp(
+            hidden_states=output.hidden_states, w1=layer.w13_weight, w2=layer.w2_weight,
+            group_list=output.group_list, group_list_type=output.group_list_type,
+            topk_scales=output.topk_scales, need_trans=False,
+        )
+        return dispatcher.token_combine(
+            hidden_states=mlp_out, context_metadata=output.context_metadata
+        ).routed_out
+
+    def kept_whole_cases(self, record) -> dict:
+        """MC2 (a bare dispatcher: its HCCL ops cannot run here) and a step under graph
+        capture, each through the patch's own forward_impl and token_dispatch."""
+        import torch
+
+        ctx = record.context
+        cls = self.mods.td.TokenDispatcherWithMC2
+        out = {"MC2": self._through_dispatch(ctx, cls.__new__(cls))}
+        torch.npu.capture.active = True
+        try:
+            out["graph capture"] = self._through_dispatch(ctx, self.a2a.token_dispatcher)
+        finally:
+            torch.npu.capture.active = False
+        quantized = self.layer(name="model.layers.9.mlp.experts", quantized=True)
+        out["quantized_current"] = self._current_during(ctx, quantized, self.allgather)
+        return out
+
+    def _through_dispatch(self, ctx, dispatcher) -> dict:
+        adapter = self.adapter()
+        hidden, weights, ids = self._slice_routing()
+        seen = {}
+
+        def original(_dispatcher, hidden_states, topk_weights, topk_ids, **kwargs):
+            seen.update(ids=topk_ids, weights=topk_weights)
+
+        dispatch = adapter.make_token_dispatch(original, ctx)
+        forward_impl = adapter.make_forward_impl(
+            lambda *a, **k: dispatch(dispatcher, hidden, weights, ids), ctx
+        )
+        with self.forward_context(self.a2a):
+            forward_impl(self.layer(), hidden, hidden)
+        return {"same_ids": bool(seen["ids"].equal(ids)),
+                "same_weights": bool(seen["weights"].equal(weights))}
+
+    def layer(self, name: str = "model.layers.3.mlp.experts", quantized: bool = False):
+        layer = super().layer(name, quantized)
+        layer.quant_type = self.mods.pf.QuantType.NONE
+        layer.activation = "silu"
+        if not quantized:
+            layer.quant_method.dynamic_eplb = False
+        return layer
+
+    @contextmanager
+    def forward_context(self, comm):
+        with super().forward_context(comm) as context:
+            context.sp_enabled = False
+            context.mc2_mask = None
+            yield context
+
+    def fused_mc2_enabled(self):
+        return _env("VLLM_ASCEND_ENABLE_FUSED_MC2", "1")
+
+
+@contextmanager
+def _env(name: str, value: str):
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        del os.environ[name]
+
+
+class Spy(base.Spy):
+    """contract_worker.Spy for 0.13.0's keyword-argument boundaries."""
+
+    def _wrap_routing(self, mods) -> None:
+        self._wrap(npu_ops, "npu_moe_init_routing_custom", self._routing)
+
+    def _fused(self, original):
+        def fused_experts(comm, **kwargs):
+            if self.records:
+                ids, log2phy = kwargs["topk_ids"], kwargs.get("log2phy")
+                self.records["fused_in"] = {
+                    "weights": kwargs["topk_weights"].clone(),
+                    "ids": (log2phy[ids] if log2phy is not None else ids).clone(),
+                }
+            return original(comm, **kwargs)
+
+        return fused_experts
+
+    def _dispatched(self, original):
+        def token_dispatch(dispatcher, hidden_states, topk_weights, topk_ids, **kwargs):
+            if self.records:
+                self.records["dispatch_in"] = {
+                    "hidden": hidden_states.clone(), "weights": topk_weights.clone(),
+                    "ids": topk_ids.clone(),
+                }
+            return original(dispatcher, hidden_states, topk_weights, topk_ids, **kwargs)
+
+        return token_dispatch
+
+    def _routing(self, original):
+        @functools.wraps(original)
+        def npu_moe_init_routing_custom(x, expert_idx, **kwargs):
+            out = original(x, expert_idx, **kwargs)
+            if self.records:
+                self.records["routing"].append({"expert_tokens": out[2].clone()})
+            return out
+
+        return npu_moe_init_routing_custom
+
+
+def import_vllm_ascend() -> types.SimpleNamespace:
+    import vllm_ascend.ops.fused_moe.fused_moe as fm
+    from vllm_ascend.ops.fused_moe import comm_utils, moe_mlp, prepare_finalize
+    from vllm_ascend.ops.fused_moe import moe_comm_method as cm
+    from vllm_ascend.ops.fused_moe import token_dispatcher as td
+
+    return types.SimpleNamespace(
+        fm=fm, layer=fm, cm=cm, td=td, mlp=moe_mlp, pf=prepare_finalize,
+        comm_utils=comm_utils, MoEActivation=types.SimpleNamespace(SILU="silu"),
+        QuantType=prepare_finalize.QuantType,
+    )
+
+
+__all__ = ["Run", "Spy", "TOKENS", "import_vllm_ascend"]
