@@ -10,8 +10,9 @@
 #   scripts/test.sh -k capacity         other arguments go to pytest
 #
 # Tiers (tests/conftest.py): unit (no vLLM import) runs once, in the primary environment;
-# contract in every environment; e2e (engines, servers) in the primary one; smoke (one server)
-# in each other CPU environment. Each tier prints its slowest tests, and a closing table the
+# contract in every CPU stack's environment; ascend (tests/ascend's contract tests only) in an
+# environment built for a vllm-ascend release alone (vLLM 0.18, 0.13); e2e (engines, servers)
+# in the primary one; smoke (one server) in each other CPU environment. Each tier prints its slowest tests, and a closing table the
 # time of each step; test-results/ keeps each tier's junit file and that table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,7 +58,10 @@ bash scripts/setup.sh "${envs[@]}"
 step "setup" $((SECONDS - began)) ok
 
 # The real vllm-ascend source of every declared release, read (never imported) by the static
-# check and the contract tests.
+# check and the contract tests (tests/ascend/harness.py finds them in the cache).
+while read -r _key _package _dist version _rest; do
+  bash scripts/fetch_vllm_ascend.sh "$version" >/dev/null
+done < <(stacks sources | awk '$3 == "vllm-ascend"')
 TEST_VLLM_ASCEND_SRC=$(bash scripts/fetch_vllm_ascend.sh)
 export TEST_VLLM_ASCEND_SRC
 

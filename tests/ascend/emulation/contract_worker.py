@@ -290,9 +290,12 @@ class Run:
 
     @contextmanager
     def forward_context(self, comm):
+        from vllm.config import set_current_vllm_config
         from vllm.forward_context import get_forward_context, set_forward_context
 
-        with set_forward_context(None, self.vllm_config, num_tokens=TOKENS):
+        # The current config too, as in a worker's forward: 0.18.0's prepare reads it.
+        with set_current_vllm_config(self.vllm_config), \
+                set_forward_context(None, self.vllm_config, num_tokens=TOKENS):
             context = get_forward_context()
             context.moe_comm_method = comm
             context.moe_comm_type = None
@@ -518,9 +521,16 @@ def _init_groups(rank: int, world: int, port: int):
             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )
         initialize_model_parallel(tensor_model_parallel_size=world, backend="gloo")
-    from vllm_ascend.ascend_config import init_ascend_config
+    import vllm_ascend.utils
+    from vllm_ascend.ascend_config import get_ascend_config, init_ascend_config
 
     init_ascend_config(config)
+    # As the model runner does (model_runner_v1.py:338 in 0.23.0.post1, :265 in 0.18.0,
+    # :250 in 0.13.0): 0.18.0's select_experts calls the method without a None check. It asks
+    # whether the model is MoE, from a model config this process has none of: it runs MoE.
+    vllm_ascend.utils._IS_MOE_MODEL = True
+    with set_current_vllm_config(config):
+        vllm_ascend.utils.set_weight_prefetch_method(get_ascend_config().weight_prefetch_config)
     return config
 
 
@@ -604,9 +614,10 @@ def _inputs(gen):
     return hidden, logits
 
 
-def _route(hidden_states, gating_output, topk, renormalize):
+def _route(hidden_states, gating_output, topk, renormalize, global_num_experts=None):
     """The layer's custom routing function (softmax top-k over logical experts): it makes
-    vllm-ascend's select_experts take its native path, which runs on CPU."""
+    vllm-ascend's select_experts take its native path, which runs on CPU (0.18.0 and 0.13.0
+    also pass global_num_experts)."""
     import torch
 
     weights, ids = gating_output.softmax(dim=-1).topk(topk, dim=-1)
