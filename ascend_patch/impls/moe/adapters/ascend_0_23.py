@@ -123,6 +123,24 @@ ALL_GATHER = "allgather"
 MC2 = "MC2"
 FUSED_MC2 = "FUSED_MC2"
 _DROPPING_PATHS = (ALL_TO_ALL, ALL_GATHER)
+UNQUANTIZED = "unquantized"
+
+# Registered MoE schemes (`@register_scheme(name, "moe")`, QM = quantization/methods/) whose
+# `apply` was read to end in `moe_comm_method.fused_experts(build_fused_experts_input(...))`,
+# hence in the patched build_token_dispatch_input (see the module docstring for each one's
+# status: contract-tested on CPU, or admitted from reading only).
+_ADMITTED_SCHEMES = frozenset({
+    "W8A8_DYNAMIC",  # QM/w8a8_dynamic.py:155, apply :326 - contract-tested (emulated ops)
+    "W4A8_DYNAMIC",  # QM/w4a8.py:231, apply :570 - contract-tested (emulated ops)
+    "W8A8_MIX",  # QM/w8a8_pdmix.py:88, inherits W8A8_DYNAMIC's apply
+    "W8A8FP8_DYNAMIC",  # QM/w8a8fp8_dynamic.py:69, inherits W8A8_DYNAMIC's apply
+    "W4A16",  # QM/w4a16.py:111, apply :308
+    "W8A8_MXFP8",  # QM/w8a8_mxfp8.py:211, apply :329 (A5 only)
+    "W4A8_MXFP",  # QM/w4a8_mxfp4.py:99, apply :206 (A5 only)
+    "FP8",  # QM/fp8.py:81, subclass of the W4A8_MXFP path (A5 only)
+    "W4A4_MXFP4",  # QM/w4a4_mxfp4.py:118, apply :225 (A5 only)
+    "W4A16_MXFP4",  # QM/w4a16_mxfp4.py:55, apply :176 (A5 only)
+})
 
 # Tuple lengths of the TokenDispatcherWithAll2AllV helpers whose results are edited (TD:629-
 # 635 and TD:581-590): a different length means the layout moved and the index is wrong.
@@ -246,19 +264,46 @@ def _admit(state: AscendCapacityState, name: str, layer: Any) -> bool:
         return False
     _refuse_fused_mc2(state)
     state.add_layer(name, layer)
+    state.stats.layer_quant(name, _scheme_of(layer.quant_method, state.upstream)[0])
     return True
 
 
 def _not_supported_reason(layer: Any, upstream: Any) -> str | None:
-    method = getattr(layer, "quant_method", None)
-    if not isinstance(method, upstream.AscendUnquantizedFusedMoEMethod):
-        return (
-            f"quantized MoE method {type(method).__name__}: drops are verified for "
-            "vllm-ascend's unquantized MoE method only"
-        )
+    scheme, reason = _scheme_of(getattr(layer, "quant_method", None), upstream)
+    if reason is not None:
+        return reason
     experts, ep_size, local = layer.global_num_experts, layer.ep_size, layer.local_num_experts
     if ep_size > 1 and experts != ep_size * local:
         return f"{experts} physical experts are not {ep_size} EP ranks x {local} local experts"
+    return None
+
+
+def _scheme_of(method: Any, upstream: Any) -> tuple[str, str | None]:
+    """(the layer's MoE scheme name, why it is not taken over or None)."""
+    if isinstance(method, upstream.AscendUnquantizedFusedMoEMethod):
+        return UNQUANTIZED, None
+    if not isinstance(method, upstream.AscendFusedMoEMethod):
+        return type(method).__name__, (
+            f"MoE method {type(method).__name__} is neither vllm-ascend's unquantized method "
+            "nor its quantization wrapper AscendFusedMoEMethod"
+        )
+    scheme = method.quant_method
+    name = _registered_name(type(scheme), upstream._SCHEME_REGISTRY)
+    if name not in _ADMITTED_SCHEMES:
+        return str(name or type(scheme).__name__), (
+            f"quantized MoE scheme {name or type(scheme).__name__} "
+            f"({type(scheme).__name__}) is not one whose apply was read to reach "
+            "MoECommMethod.fused_experts"
+        )
+    return name, None
+
+
+def _registered_name(cls: type, registry: dict[tuple[str, str], type]) -> str | None:
+    """The name the scheme class was registered under for MoE layers (exact class: W8A8_MIX
+    subclasses W8A8_DYNAMIC)."""
+    for (name, layer_type), registered in registry.items():
+        if layer_type.endswith("moe") and registered is cls:  # FP8 registers "w4a8_moe"
+            return name
     return None
 
 
@@ -476,3 +521,54 @@ def _checked(ctx: PatchContext, result: Any, length: int, name: str) -> tuple[An
             "vllm-ascend changed its layout, the dropped rows cannot be kept out"
         )
     return result
+
+
+# --------------------------------------------------------------------------------------
+# MoECommMethod._apply_mlp: no quantized op is handed a rank that received zero rows
+# --------------------------------------------------------------------------------------
+
+
+def make_apply_mlp(original: Callable[..., Any], ctx: PatchContext) -> Callable[..., Any]:
+    """Replacement of MoECommMethod._apply_mlp(self, mlp_compute_input) (CM:174).
+
+    An EP rank can receive no row at all on the all-to-all path (every row for its experts
+    dropped, or none routed there; the second happens without drops too). vllm-ascend then
+    hands its quantized MLP a [0, H] input. CANN documents empty input for aclnnDynamicQuant
+    (x "supports empty Tensor") but not for aclnnGroupedMatmulSwigluQuantWeightNZ, the
+    grouped_matmul_swiglu_quant* custom ops or the quantized / antiquant aclnnGroupedMatmul:
+    unknown, so such a call skips the MLP and hands the combine a [0, H] tensor of the dtype
+    the MLP would have returned (its all-to-all sizes the receive buffer from it,
+    comm_utils.py:32-36; its unpermute skips zero rows, TD:692). Only for the A2/A3 schemes
+    whose output dtype is read here (_ZERO_ROW_OUTPUT); the A5-only MXFP/FP8 schemes go to
+    their ops as before."""
+    state = state_of(ctx)
+
+    def _apply_mlp(self: Any, mlp_compute_input: Any) -> Any:
+        if mlp_compute_input.hidden_states.shape[0] == 0:
+            like = _zero_row_output(mlp_compute_input, state.upstream)
+            if like is not None:
+                state.count("kept_whole", "zero-row quantized MLP skipped")
+                return like, torch.npu.current_stream().record_event()
+        return original(self, mlp_compute_input)
+
+    return _apply_mlp
+
+
+def _zero_row_output(mlp_compute_input: Any, upstream: Any) -> torch.Tensor | None:
+    """The [0, H] tensor quant_apply_mlp would return, for W8A8 / W4A8 / W4A16 (their
+    dispatched rows are int8 or the activation dtype: one element per hidden unit); None for
+    an unquantized call or another scheme. gmm2's output dtype is bf16 where scale biases are
+    given (W4A8), else w2_scale's dtype (moe_mlp.py:258-266, 322-333)."""
+    quant_type = upstream.QuantType
+    if mlp_compute_input.quant.quant_type not in (
+        quant_type.W8A8, quant_type.W4A8, quant_type.W4A16
+    ):
+        return None
+    hidden = mlp_compute_input.hidden_states
+    weights = mlp_compute_input.weights
+    if weights.w1_scale_bias is not None:
+        dtype = torch.bfloat16
+    else:
+        scale = weights.w2_scale[0] if isinstance(weights.w2_scale, list) else weights.w2_scale
+        dtype = scale.dtype
+    return hidden.new_empty((0, hidden.shape[-1]), dtype=dtype)
