@@ -122,7 +122,7 @@ def with_drops(run) -> dict:
         layer = quant_layer(run, scheme)
         seen = {path: run.observed_forward(path, layer=layer, keep_input=True) for path in ("all_to_all", "allgather")}
         for path, comm in (("all_to_all", run.a2a), ("allgather", run.allgather)):
-            seen[path]["dropless_kept"] = _dropless_with_kept_weights(run, seen[path], comm, path)
+            seen[path]["dropless_kept"] = _dropless_with_kept_weights(run, seen[path], comm)
             seen[path].pop("fused_input")
         seen["zero_rows"] = _zero_rows(run, layer)
         out[scheme] = seen
@@ -133,7 +133,7 @@ def ratio0(run) -> dict:
     return unpatched(run)
 
 
-def _dropless_with_kept_weights(run, seen: dict, comm, path: str) -> torch.Tensor:
+def _dropless_with_kept_weights(run, seen: dict, comm) -> torch.Tensor:
     """vllm-ascend's own dropless fused_experts (no layer call is current: every site passes
     through) on the input the real scheme built, dropped rows kept with weight 0."""
     from contract_worker import EXPERTS
@@ -143,10 +143,7 @@ def _dropless_with_kept_weights(run, seen: dict, comm, path: str) -> torch.Tenso
     inputs = seen["fused_input"]
     inputs = dataclasses.replace(inputs, topk_weights=inputs.topk_weights * keep)
     with run.forward_context(comm):
-        routed = comm.fused_experts(fused_experts_input=inputs).routed_out
-    if path == "allgather":
-        torch.distributed.all_reduce(routed)
-    return routed
+        return comm.fused_experts(fused_experts_input=inputs).routed_out
 
 
 def _zero_rows(run, layer) -> dict:
