@@ -5,7 +5,9 @@ each rank applies the ascend site set with the real Patcher and runs vllm-ascend
 AscendFusedMoE.forward_impl -> select_experts -> MoECommMethod.fused_experts -> dispatcher ->
 unified_apply_mlp -> combine -> finalize, with torch_npu's ops emulated (emulation/npu_ops.py)
 and real all_to_all_single / all_gather over gloo. TP = EP = 2: on the all-to-all path each
-rank's rows are its own half of the tokens. The tests below check what the ranks recorded.
+rank's rows are its own half of the tokens. The same ranks then run layers with vllm-ascend's
+real W8A8_DYNAMIC and W4A8_DYNAMIC schemes (quantized ops: emulation/quant_ops.py). The tests
+below check what the ranks recorded.
 Nothing here runs on an NPU: op semantics come from CANN's documentation and vllm-ascend's
 own golden (see npu_ops.py).
 """

@@ -7,8 +7,9 @@ each rank's all-to-all slice is its own tokens, as on a deployment), applies the
 set of `moe.capacity` with the real Patcher, then runs vllm-ascend's own
 AscendFusedMoE.forward_impl (prepare, AscendUnquantizedFusedMoEMethod.apply with its
 select_experts, MoECommMethod.fused_experts, dispatcher, unified_apply_mlp, combine, finalize)
-on a small layer object holding exactly what forward_impl reads. Everything this rank saw is
-saved to OUT_DIR/rank{RANK}.pt; tests/ascend/test_contract.py checks it.
+on a small layer object holding exactly what forward_impl reads; then the same for layers
+with vllm-ascend's real W8A8_DYNAMIC and W4A8_DYNAMIC schemes (quant_worker.py). Everything
+this rank saw is saved to OUT_DIR/rank{RANK}.pt; tests/ascend/test_contract.py checks it.
 """
 
 from __future__ import annotations

@@ -120,7 +120,8 @@ def with_drops(run) -> dict:
     out = {}
     for scheme in SCHEMES:
         layer = quant_layer(run, scheme)
-        seen = {path: run.observed_forward(path, layer=layer, keep_input=True) for path in ("all_to_all", "allgather")}
+        seen = {path: run.observed_forward(path, layer=layer, keep_input=True)
+                for path in ("all_to_all", "allgather")}
         for path, comm in (("all_to_all", run.a2a), ("allgather", run.allgather)):
             seen[path]["dropless_kept"] = _dropless_with_kept_weights(run, seen[path], comm)
             seen[path].pop("fused_input")

@@ -1,9 +1,9 @@
 """`moe.capacity` inside vllm-ascend 0.23.0.post1's own fused MoE (Ascend NPU, vLLM 0.23).
 
 vllm-ascend swaps vLLM's MoE layer, method and runner for its own (AscendFusedMoE,
-AscendUnquantizedFusedMoEMethod, AscendMoERunner), so the vLLM-platform sites of this
-implementation never run there. Paths below are relative to vllm_ascend/: F23 =
-ops/fused_moe/fused_moe_0_23_0.py, FM = ops/fused_moe/fused_moe.py, CM =
+AscendUnquantizedFusedMoEMethod or the quantized AscendFusedMoEMethod, AscendMoERunner), so
+the vLLM-platform sites of this implementation never run there. Paths below are relative
+to vllm_ascend/: F23 = ops/fused_moe/fused_moe_0_23_0.py, FM = ops/fused_moe/fused_moe.py, CM =
 ops/fused_moe/moe_comm_method.py, TD = ops/fused_moe/token_dispatcher.py, PF =
 ops/fused_moe/prepare_finalize.py, AFC = ascend_forward_context.py.
 
@@ -12,8 +12,8 @@ One MoE forward, patched:
     AscendFusedMoE.forward_impl (F23:420)     <- make_forward_impl: takes the layer over (once)
                                                  and records which comm method runs this step
       comm method prepare (A2A: TP slice PF:132-177; all-gather: DP/EP gather PF:343-493)
-      AscendUnquantizedFusedMoEMethod.apply (FM:141): select_experts, then
-      MoECommMethod.fused_experts (CM:122)
+      AscendUnquantizedFusedMoEMethod.apply (FM:141) or a quantized scheme's apply:
+      select_experts, then MoECommMethod.fused_experts (CM:122)
         ids = log2phy[ids] (CM:140-142): EPLB's logical -> physical expert ids
         build_token_dispatch_input (CM:144)   <- make_build_token_dispatch_input: the drop step
                                                  on the physical ids; a dropped row gets weight
@@ -22,6 +22,7 @@ One MoE forward, patched:
           TokenDispatcherWithAll2AllV._preprocess (TD:592)           <- num_out_tokens = rows sent
           TokenDispatcherWithAll2AllV._dispatch_preprocess (TD:563)  <- permuted rows = rows sent
           TokenDispatcherWithAll2AllV._combine_postprocess (TD:696)  <- zero rows for the unsent
+        MoECommMethod._apply_mlp (CM:174)      <- a quantized MLP handed zero rows is skipped
       finalize, EPLB load, shared experts: vllm-ascend, unchanged
 
 Why `build_token_dispatch_input` (moe_runtime_args.py:201): it is the only call between
@@ -87,16 +88,45 @@ MC2 and FUSED_MC2: rows are kept whole, never forced onto the all-to-all path.
 
 Also kept whole: steps being captured into an ACL graph (the planner synchronises with the
 host), layers with a MoE LoRA adapter (its MLP pairs the undropped ids with the dispatcher's
-rows, moe_mlp.py:398-419). Not taken over: quantized MoE methods. W8A8 reaches the same
-fused_experts (quantization/methods/w8a8_dynamic.py:326) and its all-to-all dispatch
-quantises the permuted rows, so it would take the same drops, but its quantised dispatch
-and MLP are not emulated here, so drops are verified for the unquantized method only.
+rows, moe_mlp.py:398-419).
+
+Quantized MoE (QM = quantization/methods/). A quantized layer's quant_method is the wrapper
+AscendFusedMoEMethod (quantization/method_adapters.py:201), whose apply forwards to the
+registered scheme (:253-297); every scheme's apply ends in moe_comm_method.fused_experts
+(build_fused_experts_input(...)), so the drop step runs at the same build_token_dispatch_input
+with the same marks. What the dispatchers do with them, read in TD: on the all-to-all path
+the dynamic quant runs on the permuted rows only, after _dispatch_preprocess (TD:498-501), and
+the per-row scales take their own all-to-all with the same (post-drop) splits (TD:502-506):
+a dropped row is neither quantized nor sent, nor is its scale. On the all-gather path the
+routing op quantizes (quant_mode 1) or gathers the prepare-stage scale of (quant_mode -1)
+only the rows in this rank's expert range (TD:374-411): id -1 is neither. The quantized MLP
+(moe_mlp.py:88-362) reads rows, group sizes and scales, never expert ids. Each admitted
+layer's report row names its scheme (`quant`). Registered MoE schemes and what is done:
+
+    W8A8_DYNAMIC     QM/w8a8_dynamic.py:155  taken over; contract-tested on CPU (A2A, AG)
+    W4A8_DYNAMIC     QM/w4a8.py:231          taken over; contract-tested on CPU (A2A, AG;
+                                             per-group weights, non-Triton swiglu branch)
+    W8A8_MIX         QM/w8a8_pdmix.py:88     taken over (inherits W8A8_DYNAMIC's apply); read
+    W8A8FP8_DYNAMIC  QM/w8a8fp8_dynamic.py:69 taken over (inherits that apply); read only
+    W4A16            QM/w4a16.py:111         taken over (apply :308, no dispatch quant); read
+    W8A8_MXFP8, W4A8_MXFP, FP8 (w4a8_moe), W4A4_MXFP4, W4A16_MXFP4 (QM/w8a8_mxfp8.py:211,
+    w4a8_mxfp4.py:99, fp8.py:81, w4a4_mxfp4.py:118, w4a16_mxfp4.py:55): taken over, read only;
+    their MXFP ops run on A5 only (device_op.py:198-204 raises elsewhere)
+    any other scheme class: not taken over, reported with its name
+
+FUSED_MC2 exists for quantized models only (CM:290-292 asserts the scales): its refusal
+above is unchanged. A rank that sends zero rows hands aclnnDynamicQuant a [0, H] input,
+which CANN documents ("supports empty Tensor"); a rank that receives zero rows would hand the
+quantized grouped matmuls (GroupedMatmulSwigluQuantWeightNZ, quantized GroupedMatmul) an
+empty input, which CANN does not document: `_apply_mlp` skips such a call (make_apply_mlp)
+for W8A8 / W4A8 / W4A16; the A5-only schemes' ops are not guarded (their adaptor not read).
 
 Side effects: dynamic EPLB's load counters (F23:521-539) see post-drop counts; routed-experts
 capture (FM:201-204) sees pre-drop ids.
 
 Verified on CPU only (tests/ascend: vllm-ascend's own forward_impl, dispatchers and MLP with
-emulated torch_npu ops, two gloo ranks); nothing here has run on an NPU.
+emulated torch_npu ops, two gloo ranks; unquantized, W8A8_DYNAMIC, W4A8_DYNAMIC); nothing here
+has run on an NPU.
 """
 
 from __future__ import annotations
