@@ -356,6 +356,8 @@ def test_quantized_rank_with_zero_rows_skips_the_mlp_and_gets_zeros(ranks, schem
     assert not zero["out"].any() and zero["out"].shape == zero["hidden"].shape
     assert ranks[0]["quant_stats"]["ascend"]["kept_whole"][
         "zero-row quantized MLP skipped"] == len(SCHEMES)
+    # Planted bug: without the guard the (strict) quantized grouped matmul gets empty input.
+    assert zero["unguarded"].startswith("failed: empty x: not documented for ")
     assert "zero-row quantized MLP skipped" not in ranks[1]["quant_stats"]["ascend"]["kept_whole"]
     assert other["a2a"][1]["out_splits"] == [0, int((other["ids"] != UNSENT).sum())]
     w13, w2 = ranks[0]["quant_weights"][scheme]

@@ -167,7 +167,30 @@ def _zero_rows(run, layer) -> dict:
     seen = run.spy.take()
     assert ids.shape[1] == TOP_K
     return {"out": out, "hidden": hidden, "weights": weights, "ids": ids, "a2a": seen["a2a"],
-            "quant_rows": seen["quant_rows"], "mlp_rows": seen["mlp_rows"]}
+            "quant_rows": seen["quant_rows"], "mlp_rows": seen["mlp_rows"],
+            "unguarded": _unguarded_zero_row_mlp(run, inputs)}
+
+
+def _unguarded_zero_row_mlp(run, inputs) -> str:
+    """Planted bug: vllm-ascend's own MLP on the zero rows a rank received (a local call: no
+    collective waits on it). The strict emulation refuses, as CANN documents no such input."""
+    from contract_worker import EXPERTS
+
+    mods = run.mods
+    dispatched = mods.contracts.MoETokenDispatchOutput(
+        hidden_states=inputs.hidden_states.new_empty((0, inputs.hidden_states.shape[1]),
+                                                      dtype=torch.int8),
+        group_list=torch.zeros(EXPERTS // run.world, dtype=torch.int64), group_list_type=1,
+        combine_metadata=None, dynamic_scale=torch.empty(0, dtype=torch.float32))
+    mlp_in = mods.args.build_mlp_compute_input(
+        fused_experts_input=inputs, token_dispatch_output=dispatched,
+        use_fusion_ops=run.a2a.use_fusion_ops)
+    try:
+        with run.forward_context(run.a2a):
+            mods.mlp.unified_apply_mlp(mlp_compute_input=mlp_in)
+    except AssertionError as exc:
+        return f"failed: {exc}"
+    return "ran"
 
 
 def _fused_input(run, layer, hidden, weights, ids):
