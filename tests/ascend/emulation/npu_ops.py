@@ -22,7 +22,7 @@ allow, so that a caller relying on unspecified behaviour fails here rather than 
   their scales returned; with a `scale` and quant_mode -1 each gathered row's scale comes
   with it. Tails past the active rows: int8 -128 / NaN scales.
 * npu_grouped_matmul with scale and per_token_scale: quant_ops.grouped_matmul_quant.
-* npu_dynamic_quant: quant_ops.dynamic_quant.
+* npu_dynamic_quant, npu_dequant_swiglu_quant: quant_ops.
 * npu_swiglu: silu(first half) * second half (what vllm-ascend's AscendSiluAndMul relies on).
 * histc on integer input (the NPU accepts it, CPU torch does not): counted as float, returned
   in the input's dtype.
@@ -157,16 +157,26 @@ def npu_grouped_matmul(
     assert group_list_type in (0, 1) and bool((ends[1:] >= ends[:-1]).all())
     assert int(ends[-1]) <= inputs.shape[0], "group_list covers more rows than x has"
     dtype = output_dtype or inputs.dtype
-    out = torch.full((inputs.shape[0], weights.shape[2]), float("nan"), dtype=dtype)
+    integer = inputs.dtype == torch.int8
+    if integer:  # int8 x int8 -> int32 accumulators (W8A8's unfused MC2 gate-up)
+        assert weights.dtype == torch.int8 and dtype == torch.int32 and split_item == 3
+    out = torch.full((inputs.shape[0], weights.shape[2]), 0 if integer else float("nan"),
+                     dtype=dtype)
     start = 0
     for group, end in enumerate(ends.tolist()):
-        out[start:end] = (inputs[start:end].float() @ weights[group].float()).to(dtype)
+        rows, weight = inputs[start:end], weights[group]
+        out[start:end] = (quant_ops.int_matmul(rows, weight) if integer
+                          else rows.float() @ weight.float()).to(dtype)
         start = end
     return [out]
 
 
 def npu_dynamic_quant(x, smooth_scales=None, group_index=None, dst_type=torch.int8):
     return quant_ops.dynamic_quant(x, smooth_scales, group_index, dst_type)
+
+
+def npu_dequant_swiglu_quant(x, **kwargs):
+    return quant_ops.dequant_swiglu_quant(x, **kwargs)
 
 
 def npu_swiglu(x, dim=-1):

@@ -29,6 +29,14 @@ allow, so a caller relying on unspecified behaviour fails here rather than on an
   gmm_swiglu_quant_golden_a8_w4 / custom_mm): x split into high and low nibbles
   (x_hi = floor(x / 16), x_lo = (x & 0x0F) - 8), y = ((16 * x_hi @ w + x_lo @ w) per-group
   scaled + bias[g]) * per_token_scale. Rows past the last group: NaN. Empty x: refused.
+* dequant_swiglu_quant (torch_npu / torch.ops._C_ascend npu_dequant_swiglu_quant, schema
+  csrc/torch_binding.cpp:2882; W8A8's unfused MC2 MLP, moe_mlp.py:188-200): torch_npu docs
+  (ptaoplist "npu_dequant_swiglu_quant"): x int32 [T, 2H] (T >= 0: empty allowed),
+  weight_scale float32 [G, 2H], activation_scale float32 [T], group_index int64 [G] token
+  counts, activate_left, quant_mode 1 (dynamic); vllm-ascend's reference
+  (test_dequant_swiglu_quant.py: _shared_dequant_swiglu_quant): d = x * weight_scale[g] *
+  activation_scale, a = silu(left) * right taken to bf16, then dynamic quant. Rows past the
+  groups: -128 / NaN.
 * swiglu: silu(first half) * second half.
 """
 
@@ -72,7 +80,7 @@ def gmm_swiglu_quant(x, weight, weight_scale, x_scale, group_list, *, bias=None,
     out_scale = torch.full((x.shape[0],), float("nan"), dtype=torch.float32)
     for group, (start, end) in enumerate(ends):
         if end > start:
-            acc = _int_matmul(x[start:end], weight[group]).float()
+            acc = int_matmul(x[start:end], weight[group]).float()
             dequant = acc * weight_scale[group] * x_scale[start:end].unsqueeze(-1)
             out[start:end], out_scale[start:end] = _per_row_int8(swiglu(dequant))
     return out, out_scale, torch.empty((), dtype=torch.float32)
@@ -107,7 +115,7 @@ def grouped_matmul_quant(inputs, weights, *, scale, bias, per_token_scale, group
 
 
 def _a8w8(x, weight, scale, bias):
-    return _int_matmul(x, weight).float() * scale.float()
+    return int_matmul(x, weight).float() * scale.float()
 
 
 def _a8w4(x, packed, scale, bias):
@@ -123,9 +131,38 @@ def _a8w4(x, packed, scale, bias):
     acc = torch.zeros((x.shape[0], weight.shape[1]), dtype=torch.float32)
     for part, rows in zip(range(groups), weight.chunk(groups, dim=0)):
         cols = slice(part * rows.shape[0], (part + 1) * rows.shape[0])
-        mixed = 16 * _int_matmul(high[:, cols], rows) + _int_matmul(low[:, cols], rows)
+        mixed = 16 * int_matmul(high[:, cols], rows) + int_matmul(low[:, cols], rows)
         acc += mixed.float() * scale[part]
     return acc + bias
+
+
+def dequant_swiglu_quant(x, *, weight_scale=None, activation_scale=None, bias=None,
+                         quant_scale=None, quant_offset=None, group_index=None,
+                         activate_left=True, quant_mode=0, swiglu_mode=0, clamp_limit=0.0,
+                         glu_alpha=1.0, glu_bias=0.0):
+    assert bias is None and quant_scale is None and quant_offset is None, "not emulated"
+    assert quant_mode == 1 and swiglu_mode == 0 and clamp_limit == 0.0, "only dynamic quant"
+    assert glu_alpha == 1.0 and glu_bias == 0.0
+    assert x.dtype == torch.int32 and x.dim() == 2 and x.shape[1] % 2 == 0, f"x {x.dtype}"
+    assert weight_scale is not None and activation_scale is not None, "int32 x needs both"
+    assert weight_scale.dtype == torch.float32 and activation_scale.dtype == torch.float32
+    assert tuple(activation_scale.shape) == (x.shape[0],)
+    groups = weight_scale.shape[0] if weight_scale.dim() == 2 else 1
+    weight_scale = weight_scale.reshape(groups, x.shape[1])
+    if group_index is None:
+        assert groups == 1
+        group_index = torch.tensor([x.shape[0]], dtype=torch.int64)
+    ends = _group_ends(group_index, 1, groups, x.shape[0])
+    out = torch.full((x.shape[0], x.shape[1] // 2), _UNSPECIFIED_INT8, dtype=torch.int8)
+    out_scale = torch.full((x.shape[0],), float("nan"), dtype=torch.float32)
+    for group, (start, end) in enumerate(ends):
+        if end > start:
+            dequant = (x[start:end].float() * weight_scale[group]
+                       * activation_scale[start:end].unsqueeze(-1))
+            left, right = dequant.chunk(2, dim=-1)
+            act = F.silu(left) * right if activate_left else left * F.silu(right)
+            out[start:end], out_scale[start:end] = dynamic_quant(act.to(torch.bfloat16))
+    return out, out_scale
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -163,7 +200,7 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _int_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def int_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # Exact: int8 products summed in int64 (the NPU accumulates in int32; K is small here).
     return x.to(torch.int64) @ weight.to(torch.int64)
 
