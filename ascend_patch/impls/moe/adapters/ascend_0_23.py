@@ -570,14 +570,15 @@ def make_apply_mlp(original: Callable[..., Any], ctx: PatchContext) -> Callable[
     the MLP would have returned (its all-to-all sizes the receive buffer from it,
     comm_utils.py:32-36; its unpermute skips zero rows, TD:692). Only for the A2/A3 schemes
     whose output dtype is read here (_ZERO_ROW_OUTPUT); the A5-only MXFP/FP8 schemes go to
-    their ops as before."""
+    their ops as before. Counted per quant type in stats["ascend"]["zero_row_mlp_skipped"]."""
     state = state_of(ctx)
 
     def _apply_mlp(self: Any, mlp_compute_input: Any) -> Any:
         if mlp_compute_input.hidden_states.shape[0] == 0:
             like = _zero_row_output(mlp_compute_input, state.upstream)
             if like is not None:
-                state.count("kept_whole", "zero-row quantized MLP skipped")
+                state.counters.setdefault("zero_row_mlp_skipped", {})
+                state.count("zero_row_mlp_skipped", mlp_compute_input.quant.quant_type.name)
                 return like, torch.npu.current_stream().record_event()
         return original(self, mlp_compute_input)
 
