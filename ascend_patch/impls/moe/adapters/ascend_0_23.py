@@ -119,7 +119,8 @@ above is unchanged. A rank that sends zero rows hands aclnnDynamicQuant a [0, H]
 which CANN documents ("supports empty Tensor"); a rank that receives zero rows would hand the
 quantized grouped matmuls (GroupedMatmulSwigluQuantWeightNZ, quantized GroupedMatmul) an
 empty input, which CANN does not document: `_apply_mlp` skips such a call (make_apply_mlp)
-for W8A8 / W4A8 / W4A16; the A5-only schemes' ops are not guarded (their adaptor not read).
+for W8A8 / W4A8 / W4A16, whose MLP output dtype was read (BaseDeviceAdaptor, A2/A3);
+W8A8FP8 and the MXFP schemes still hand their ops the empty input (A5DeviceAdaptor not read).
 
 Side effects: dynamic EPLB's load counters (F23:521-539) see post-drop counts; routed-experts
 capture (FM:201-204) sees pre-drop ids.
@@ -569,7 +570,7 @@ def make_apply_mlp(original: Callable[..., Any], ctx: PatchContext) -> Callable[
     unknown, so such a call skips the MLP and hands the combine a [0, H] tensor of the dtype
     the MLP would have returned (its all-to-all sizes the receive buffer from it,
     comm_utils.py:32-36; its unpermute skips zero rows, TD:692). Only for the A2/A3 schemes
-    whose output dtype is read here (_ZERO_ROW_OUTPUT); the A5-only MXFP/FP8 schemes go to
+    whose output dtype is read here (_zero_row_output); W8A8FP8 and the MXFP schemes go to
     their ops as before. Counted per quant type in stats["ascend"]["zero_row_mlp_skipped"]."""
     state = state_of(ctx)
 
