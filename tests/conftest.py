@@ -94,6 +94,7 @@ UNIT = (
     "tests/core/test_static_targets.py",
     "tests/core/test_source.py",
     "tests/ascend/test_dispatch_rules.py",
+    "tests/ascend/test_quant_ops.py",
     "tests/bench/",
     "tests/test_fuzz.py",
     "tests/cli/test_ab.py",

@@ -271,6 +271,15 @@ IMPLEMENTATIONS = {
                         factory=f"{_ASCEND_0_23}:make_all_to_all_combine_postprocess",
                         role="a2a_combine",
                     ),
+                    # moe_comm_method.py:174: a rank that received zero rows does not hand
+                    # the quantized MLP ops an empty input (undocumented in CANN).
+                    Site(
+                        target="vllm_ascend.ops.fused_moe.moe_comm_method:"
+                        "MoECommMethod._apply_mlp",
+                        signature="(self, mlp_compute_input)",
+                        factory=f"{_ASCEND_0_23}:make_apply_mlp",
+                        role="quant_mlp_zero_rows",
+                    ),
                 ),
                 relies_on=(
                     Interface(
@@ -304,7 +313,33 @@ IMPLEMENTATIONS = {
                     Interface(
                         "vllm_ascend.ops.fused_moe.fused_moe:AscendUnquantizedFusedMoEMethod",
                         None,
-                        "only layers with this (unquantized) method are taken over",
+                        "the unquantized method: taken over",
+                    ),
+                    Interface(
+                        "vllm_ascend.quantization.method_adapters:AscendFusedMoEMethod",
+                        None,
+                        "the wrapper of every quantized MoE scheme (quant_method = the "
+                        "scheme); apply forwards to the scheme's apply",
+                    ),
+                    Interface(
+                        "vllm_ascend.quantization.method_adapters:AscendFusedMoEMethod.apply",
+                        "(self, layer, x, router_logits, top_k, renormalize, "
+                        "use_grouped_topk=…, num_experts=…, expert_map=…, topk_group=…, "
+                        "num_expert_group=…, custom_routing_function=…, scoring_func=…, "
+                        "routed_scaling_factor=…, e_score_correction_bias=…, is_prefill=…, "
+                        "enable_force_load_balance=…, log2phy=…, "
+                        "global_redundant_expert_num=…, pertoken_scale=…, activation=…, "
+                        "apply_router_weight_on_input=…, mc2_mask=…)",
+                        "forwards to the scheme, whose apply ends in fused_experts",
+                        key="AscendFusedMoEMethod_apply",
+                    ),
+                    Interface(
+                        "vllm_ascend.quantization.methods.registry:_SCHEME_REGISTRY", None,
+                        "(scheme name, layer type) -> class: names the layer's scheme",
+                    ),
+                    Interface(
+                        "vllm_ascend.quantization.quant_type:QuantType", None,
+                        "W8A8, W4A8, W4A16: the schemes whose zero-row MLP call is skipped",
                     ),
                     Interface(
                         "vllm_ascend.ascend_forward_context:select_moe_comm_method",

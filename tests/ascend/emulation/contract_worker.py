@@ -7,8 +7,9 @@ each rank's all-to-all slice is its own tokens, as on a deployment), applies the
 set of `moe.capacity` with the real Patcher, then runs vllm-ascend's own
 AscendFusedMoE.forward_impl (prepare, AscendUnquantizedFusedMoEMethod.apply with its
 select_experts, MoECommMethod.fused_experts, dispatcher, unified_apply_mlp, combine, finalize)
-on a small layer object holding exactly what forward_impl reads. Everything this rank saw is
-saved to OUT_DIR/rank{RANK}.pt; tests/ascend/test_contract.py checks it.
+on a small layer object holding exactly what forward_impl reads; then the same for layers
+with vllm-ascend's real W8A8_DYNAMIC and W4A8_DYNAMIC schemes (quant_worker.py). Everything
+this rank saw is saved to OUT_DIR/rank{RANK}.pt; tests/ascend/test_contract.py checks it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ HOT_LOGICAL = (0, 2, 5, 7)
 CONFIG_FILE, CONFIG_LINE = "ascend-contract.yaml", 7
 DROP_OPTIONS = {"drop_token_ratio": 0.2, "min_tokens": 0, "drop_policy": "probs"}
 COLLECTIVE_TIMEOUT_S = 60
+quant_worker = None  # the quantized scenarios (quant_worker.py), imported once booted
 
 
 def main(source: str, rank: int, world: int, port: int, out_dir: str) -> None:
@@ -37,6 +39,8 @@ def main(source: str, rank: int, world: int, port: int, out_dir: str) -> None:
     import boot
 
     boot.install(Path(source), device_type="A3")
+    global quant_worker
+    import quant_worker
     run = Run(rank, world, port)
     results: dict = {}
     try:
@@ -68,6 +72,7 @@ class Run:
         import torch
 
         results["unpatched"] = {p: self.forward(p) for p in ("all_to_all", "allgather")}
+        results["quant_unpatched"] = quant_worker.unpatched(self)
         record = self.apply(DROP_OPTIONS)
         results["record"] = _record_facts(record)
         results["all_to_all"] = self.observed_forward("all_to_all")
@@ -80,17 +85,23 @@ class Run:
         results["kept_whole"] = self.kept_whole_cases(record)
         results["fused_mc2"] = self.fused_mc2_refused()
         results["stats"] = _plain(record.context.stats)
+        results["quant"] = quant_worker.with_drops(self)
+        results["quant_weights"] = {s: quant_worker.dequantized(s) for s in quant_worker.SCHEMES}
+        results["quant_stats"] = _plain(record.context.stats)
         self.patcher.revert()
         record = self.apply({"drop_token_ratio": 0.0, "min_tokens": 0})
         results["ratio0"] = {p: self.forward(p) for p in ("all_to_all", "allgather")}
+        results["quant_ratio0"] = quant_worker.ratio0(self)
         results["ratio0_stats"] = _plain(record.context.stats)
         self.patcher.revert()
         torch.distributed.barrier()
 
-    def observed_forward(self, path: str) -> dict:
+    def observed_forward(self, path: str, layer=None, keep_input: bool = False) -> dict:
         self.spy.reset()
-        out = self.forward(path)
+        out = self.forward(path, layer=layer)
         seen = self.spy.take()
+        if not keep_input:  # vllm-ascend objects do not load in the test process
+            seen.pop("fused_input", None)
         seen["out"] = out
         return seen
 
@@ -192,9 +203,11 @@ class Run:
 
         comm = self.a2a if path == "all_to_all" else self.allgather
         layer = layer or self.layer()
+        # Quantized schemes take bf16 activations (aclnnDynamicQuant: fp16/bf16 only).
+        dtype = torch.float32 if layer.quant_type == self.mods.QuantType.NONE else torch.bfloat16
         with self.forward_context(comm):
             out = self.mods.f23.AscendFusedMoE.forward_impl(
-                layer, self.hidden.clone(), self.logits.clone()
+                layer, self.hidden.to(dtype), self.logits.clone()
             )
         if path == "allgather":  # AscendMoERunner all-reduces the partial outputs
             torch.distributed.all_reduce(out)
@@ -212,7 +225,7 @@ class Run:
             method.dynamic_eplb, method.tid2eid = False, None
             method.moe = types.SimpleNamespace(has_bias=False)
         local = EXPERTS // self.world
-        mine = slice(self.rank * local, (self.rank + 1) * local)
+        mine = self.mine()
         expert_map = torch.full((EXPERTS,), -1, dtype=torch.int32)
         expert_map[mine] = torch.arange(local, dtype=torch.int32)
         return types.SimpleNamespace(
@@ -232,6 +245,11 @@ class Run:
                 model_config=types.SimpleNamespace(enable_return_routed_experts=False)
             ),
         )
+
+    def mine(self) -> slice:
+        """This rank's physical experts."""
+        local = EXPERTS // self.world
+        return slice(self.rank * local, (self.rank + 1) * local)
 
     @contextmanager
     def forward_context(self, comm):
@@ -341,9 +359,11 @@ class Spy:
         spied = functools.wraps(routing)(self._routing(routing))
         mods.td.DeviceOperator.npu_moe_init_routing = staticmethod(spied)
         self._wrap(mods.cm.MoECommMethod, "finalize", self._finalize)
+        quant_worker.spy_ops(self, mods)
 
     def reset(self) -> None:
-        self.records = {"permute": [], "a2a": [], "gathers": 0, "routing": []}
+        self.records = {"permute": [], "a2a": [], "gathers": 0, "routing": [],
+                        "quant_rows": [], "mlp_rows": [], "mlp_scales": []}
 
     def take(self) -> dict:
         records, self.records = self.records, {}
@@ -389,6 +409,7 @@ class Spy:
                     "weights": fused_experts_input.topk_weights.clone(),
                     "ids": (log2phy[ids] if log2phy is not None else ids).clone(),
                 }
+                self.records["fused_input"] = fused_experts_input
             return original(comm, fused_experts_input=fused_experts_input)
 
         return fused_experts
@@ -425,7 +446,9 @@ class Spy:
         def npu_moe_init_routing(hidden_states, topk_ids, **kwargs):
             out = original(hidden_states, topk_ids, **kwargs)
             if self.records:
-                self.records["routing"].append({"expert_tokens": out[2].clone()})
+                self.records["routing"].append({
+                    "expert_tokens": out[2].clone(), "quant_mode": kwargs.get("quant_mode"),
+                    "scales": None if out[3] is None else int(out[3].shape[0])})
             return out
 
         return npu_moe_init_routing

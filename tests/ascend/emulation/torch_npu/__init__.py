@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from npu_ops import (  # the emulation folder is on sys.path next to this package
+    npu_dequant_swiglu_quant,
+    npu_dynamic_quant,
     npu_grouped_matmul,
     npu_moe_token_permute,
     npu_moe_token_unpermute,
@@ -23,6 +25,8 @@ from npu_ops import (  # the emulation folder is on sys.path next to this packag
 __version__ = "0.0.0+cpu-emulation"
 
 __all__ = [
+    "npu_dequant_swiglu_quant",
+    "npu_dynamic_quant",
     "npu_grouped_matmul",
     "npu_moe_token_permute",
     "npu_moe_token_unpermute",
