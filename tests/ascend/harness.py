@@ -55,7 +55,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(source: Path, out_dir: Path, world: int = 2, timeout: float = 180) -> list[dict]:
+def run_ranks(source: Path, out_dir: Path, world: int = 2, timeout: float = 180,
+              worker: Path = WORKER) -> list[dict]:
     """Start `world` worker processes, wait for all, return each rank's saved results."""
     import torch
 
@@ -63,7 +64,7 @@ def run_ranks(source: Path, out_dir: Path, world: int = 2, timeout: float = 180)
     env = {**os.environ, "PYTHONPATH": str(WORKER.parents[3]), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(source), str(rank), str(world), str(port),
+            [sys.executable, str(worker), str(source), str(rank), str(world), str(port),
              str(out_dir)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
         )

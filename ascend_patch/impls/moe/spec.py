@@ -71,6 +71,7 @@ _MK = f"{_FM}.modular_kernel"
 _MODULAR = "ascend_patch.impls.moe.adapters.vllm_modular"
 _CPU_0_23 = "ascend_patch.impls.moe.adapters.vllm_0_23_cpu_monolithic"
 _ASCEND_0_23 = "ascend_patch.impls.moe.adapters.ascend_0_23"
+_FUSED_MC2 = "ascend_patch.impls.moe.adapters.ascend_fused_mc2"
 
 
 def _apply_site() -> Site:
@@ -271,6 +272,16 @@ IMPLEMENTATIONS = {
                         factory=f"{_ASCEND_0_23}:make_all_to_all_combine_postprocess",
                         role="a2a_combine",
                     ),
+                    # moe_comm_method.py:286: FUSED_MC2 bypasses build_token_dispatch_input;
+                    # its kernel truncates rows past mega_moe_max_tokens (CM:310-327):
+                    # counted here, the call unchanged (adapters/ascend_fused_mc2.py).
+                    Site(
+                        target="vllm_ascend.ops.fused_moe.moe_comm_method:FusedMC2CommImpl."
+                        "fused_experts",
+                        signature="(self, fused_experts_input)",
+                        factory=f"{_FUSED_MC2}:make_fused_experts",
+                        role="fused_mc2",
+                    ),
                 ),
                 relies_on=(
                     Interface(
@@ -280,10 +291,15 @@ IMPLEMENTATIONS = {
                         "the step's dispatcher",
                     ),
                     Interface(
-                        "vllm_ascend.ops.fused_moe.moe_comm_method:FusedMC2CommImpl."
-                        "fused_experts",
-                        "(self, fused_experts_input)",
-                        "FUSED_MC2 bypasses build_token_dispatch_input: its steps keep every row",
+                        "vllm_ascend.ops.fused_moe.moe_comm_method:FusedMC2CommImpl.__init__",
+                        "(self, moe_config)",
+                        "moe_config.num_local_experts: the kernel's experts per rank "
+                        "(its expert_token_nums, CM:270-275)",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.moe_stage_params:MoERoutingParams", None,
+                        "log2phy and mc2_mask: the ids and active tokens dispatch_ffn_combine "
+                        "gets on FUSED_MC2 steps",
                     ),
                     Interface(
                         "vllm_ascend.ops.fused_moe.moe_comm_method:AlltoAllCommImpl", None,
@@ -397,7 +413,8 @@ IMPLEMENTATIONS = {
                     ),
                     Interface(
                         "vllm_ascend.ascend_config:get_ascend_config", "()",
-                        "enable_fused_mc2 (refused with drops on A3)",
+                        "enable_fused_mc2 (refused with drops on A3) and mega_moe_max_tokens "
+                        "(dispatch_ffn_combine's max_output_size, counted on FUSED_MC2 steps)",
                     ),
                     Interface(
                         "vllm_ascend.utils:get_ascend_device_type", "()",

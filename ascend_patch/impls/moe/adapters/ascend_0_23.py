@@ -82,6 +82,8 @@ MC2 and FUSED_MC2: rows are kept whole, never forced onto the all-to-all path.
     (AFC:202-217, 250, 265): decode and short prefills, where vllm-ascend picks it for latency.
     The large prefill batches dropping is for run on ALLTOALL (A3) or ALLGATHER (A2).
   So MC2 and FUSED_MC2 steps are counted in `stats["ascend"]["kept_whole"]` and logged once.
+  FUSED_MC2's own silent truncation (rows past mega_moe_max_tokens) is counted per layer and
+  rank by ascend_fused_mc2.py, with or without drops.
   One setting makes every step FUSED_MC2: `enable_fused_mc2: 1` on A3 (AFC:264-282, EP <= 32):
   with a drop ratio > 0 the patch refuses it (nothing could ever be dropped).
 
@@ -161,6 +163,10 @@ class AscendCapacityState(CapacityState):
         self.path_steps: dict[tuple[str, str], DropStep] = {}
         self.warned: set[str] = set()
         self.counters = ctx.stats.setdefault("ascend", {"calls_by_path": {}, "kept_whole": {}})
+        # The MoE layer whose forward_impl runs (taken over or not): FUSED_MC2 steps are
+        # counted per layer (ascend_fused_mc2.py), and their OverflowRecorder.
+        self.running: Any = None
+        self.overflow: Any = None
 
     def count(self, kind: str, key: str) -> None:
         table = self.counters[kind]
@@ -203,20 +209,21 @@ def make_forward_impl(original: Callable[..., Any], ctx: PatchContext) -> Callab
         return_with_event: bool = False,
     ) -> Any:
         call = _layer_call(state, self)
-        outer, state.current = state.current, call
+        outer = state.current, state.running
+        state.current, state.running = call, self
         try:
             return original(
                 self, hidden_states, router_logits, return_with_event=return_with_event
             )
         finally:
-            state.current = outer
+            state.current, state.running = outer
 
     return forward_impl
 
 
 def _layer_call(state: AscendCapacityState, layer: Any) -> _LayerCall | None:
     """The call record for the drop hook; None when this call keeps every row."""
-    name = str(getattr(layer, "layer_name", None) or f"moe@{id(layer):x}")
+    name = layer_name(layer)
     if not _admitted(state, name, layer):
         return None
     method = state.upstream._EXTRA_CTX.moe_comm_method
@@ -229,6 +236,10 @@ def _layer_call(state: AscendCapacityState, layer: Any) -> _LayerCall | None:
         state.keep_whole("graph capture")
         return None
     return _LayerCall(name, layer, path, method)
+
+
+def layer_name(layer: Any) -> str:
+    return str(getattr(layer, "layer_name", None) or f"moe@{id(layer):x}")
 
 
 def _admitted(state: AscendCapacityState, name: str, layer: Any) -> bool:
@@ -338,7 +349,7 @@ def _step(state: AscendCapacityState, call: _LayerCall) -> DropStep:
     key = (call.name, call.path)
     step = state.path_steps.get(key)
     if step is None:
-        _check_config_once(state, call)
+        check_config_once(state, call.layer, call.method)
         step = state.path_steps[key] = _make_step(state, call)
     return step
 
@@ -377,13 +388,13 @@ def _token_sources(call: _LayerCall, upstream: Any) -> tuple[AllGatherCounts | N
     return all_gather_counts, dispatcher.ep_rank
 
 
-def _check_config_once(state: AscendCapacityState, call: _LayerCall) -> None:
-    """Every EP rank reaches its first planned call in the same layer call (the comm method
-    is chosen from DP-wide token counts), so this collective lines up."""
+def check_config_once(state: AscendCapacityState, layer: Any, method: Any) -> None:
+    """Every EP rank reaches its first planned (or fused MC2) call in the same layer call (the
+    comm method is chosen from DP-wide token counts), so this collective lines up."""
     if state.config_checked:
         return
     state.config_checked = True
-    if int(call.layer.ep_size) <= 1:
+    if int(layer.ep_size) <= 1:
         return
     from ascend_patch.core.runtime import DIGEST_ENV
     from ascend_patch.impls.distributed.consistency import (
@@ -393,7 +404,7 @@ def _check_config_once(state: AscendCapacityState, call: _LayerCall) -> None:
         exit_later,
     )
 
-    dispatcher = call.method.token_dispatcher
+    dispatcher = method.token_dispatcher
     digest = os.environ.get(DIGEST_ENV, "")
     try:
         check_same_config(digest, state.options.model_dump(mode="json"), dispatcher.ep_group)
