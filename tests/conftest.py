@@ -91,6 +91,7 @@ UNIT = (
     "tests/moe/test_planner_edges.py",
     "tests/moe/test_backends.py",
     "tests/moe/test_npu_backend.py",
+    "tests/moe/test_fused_mc2_overflow.py",
     "tests/core/test_static_targets.py",
     "tests/core/test_source.py",
     "tests/ascend/test_dispatch_rules.py",
