@@ -27,7 +27,11 @@ captured, and nothing in Python runs at replay): FUSED_MC2 under ACL graphs is d
 batches (MC2 capacity, at most 512 tokens per TP rank) are far below the limit.
 
 `enable_fused_mc2: 2` (dispatch_gmm_combine_decode, CM:329-345) takes no output limit: not
-counted. Drops (drop_token_ratio > 0) and FUSED_MC2 never meet on A3 (ascend_0_23.py refuses
+counted. vllm-ascend 0.18.0 (once its site set, carried over from this one, applies this site)
+switches FUSED_MC2 with the environment variable VLLM_ASCEND_ENABLE_FUSED_MC2 and calls the
+same kernel with max_output_size=65536 and no x_active_mask (0.18.0 CM:281-295; the kernel's
+clamps are the same, op_kernel/dispatch_ffn_combine_kernel.hpp:397-400, :781-784): there every
+token's rows count, padding included. Only 0.23.0.post1 ran here (tests/ascend). Drops (drop_token_ratio > 0) and FUSED_MC2 never meet on A3 (ascend_0_23.py refuses
 that config), so what is counted is always the kernel's own, unplanned truncation.
 """
 
@@ -53,19 +57,33 @@ def make_fused_experts(original: Callable[..., Any], ctx: PatchContext) -> Calla
         layer = state.running
         if layer is not None and not ascend_0_23._capturing():
             ascend_0_23.check_config_once(state, layer, self)
-            if _counted(state):
-                _count(state, layer, self, fused_experts_input)
+            _count(state, layer, self, fused_experts_input)
         return original(self, fused_experts_input=fused_experts_input)
 
     return fused_experts
 
 
-def _counted(state: Any) -> bool:
-    return bool(state.options.fused_mc2_overflow) and (
-        state.upstream.get_ascend_config().enable_fused_mc2 == 1)
+# 0.18.0 hardcodes dispatch_ffn_combine's max_output_size (CM:292).
+_FIXED_MAX_OUTPUT_0_18 = 65536
+
+
+def _kernel_settings(upstream: Any) -> tuple[Any, int, bool]:
+    """(the FUSED_MC2 switch, max_output_size, whether mc2_mask reaches the kernel), as the
+    release passes them. 0.18.0's site set declares envs.env_variables instead of
+    get_ascend_config (spec_releases.py)."""
+    if "env_variables" in dir(upstream):
+        switch = upstream.env_variables["VLLM_ASCEND_ENABLE_FUSED_MC2"]()
+        return switch, _FIXED_MAX_OUTPUT_0_18, False
+    config = upstream.get_ascend_config()
+    return config.enable_fused_mc2, int(config.mega_moe_max_tokens), True
 
 
 def _count(state: Any, layer: Any, comm: Any, inputs: Any) -> None:
+    if not state.options.fused_mc2_overflow:
+        return
+    switch, limit, masked = _kernel_settings(state.upstream)
+    if switch != 1:
+        return
     dispatcher = comm.token_dispatcher
     ep_size = int(dispatcher.ep_size)
     num_experts = int(comm.moe_config.num_local_experts) * ep_size
@@ -73,11 +91,10 @@ def _count(state: Any, layer: Any, comm: Any, inputs: Any) -> None:
     log2phy = inputs.routing.log2phy
     if log2phy is not None:
         ids = log2phy[ids]
-    local = local_rows_per_expert(ids, inputs.routing.mc2_mask, num_experts)
+    local = local_rows_per_expert(ids, inputs.routing.mc2_mask if masked else None, num_experts)
     gathered = state.upstream.gather_from_sequence_parallel_region(
         local, group=dispatcher.ep_group)
     received = received_rows(gathered, num_experts, ep_size).tolist()
-    limit = int(state.upstream.get_ascend_config().mega_moe_max_tokens)
     _recorder(state).record(ascend_0_23.layer_name(layer), rank=int(dispatcher.ep_rank),
                             max_output_rows=limit, received=received)
 
