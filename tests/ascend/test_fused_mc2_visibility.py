@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ascend.harness import require_source, require_vllm_0_23, run_ranks
+from tests.ascend.harness import require_line, require_source, run_ranks
 
 pytestmark = pytest.mark.contract
 
@@ -24,10 +24,10 @@ STEPS = [(30, [0, 18]), (20, [4, 28]), (65536, [0, 0]), (48, [0, 0])]
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    require_vllm_0_23()
+    require_line(("0.23",))
     source = require_source()
     out = tmp_path_factory.mktemp("fused_mc2")
-    return run_ranks(source, out, worker=WORKER), out
+    return run_ranks(source, out, line="0.23", worker=WORKER), out
 
 
 def test_kernel_truncates_what_the_hook_counts(ranks):

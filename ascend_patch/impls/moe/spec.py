@@ -62,8 +62,11 @@ Only unquantized MoE is covered: quantized methods (Fp8MoEMethod, ...) have thei
 
 from __future__ import annotations
 
+import dataclasses
+
 from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet, no_ascend_release
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.spec_releases import ascend_0_13_pending, ascend_0_18
 
 _FM = "vllm.model_executor.layers.fused_moe"
 _METHOD = f"{_FM}.unquantized_fused_moe_method:UnquantizedFusedMoEMethod"
@@ -448,3 +451,12 @@ IMPLEMENTATIONS = {
         options=CapacityOptions,
     ),
 }
+
+# vllm-ascend 0.18.0: 0.23.0.post1's ascend site set with the names that moved
+# (spec_releases.py says which and where).
+_CAPACITY = IMPLEMENTATIONS["moe.capacity"]
+IMPLEMENTATIONS["moe.capacity"] = dataclasses.replace(
+    _CAPACITY,
+    site_sets=(*_CAPACITY.site_sets, ascend_0_18(_CAPACITY.site_set("0.23", "ascend")),
+               ascend_0_13_pending()),
+)

@@ -1,6 +1,9 @@
 """One rank of the FUSED_MC2 visibility contract run (test only; tests/ascend starts it).
 
-    python fused_mc2_worker.py SOURCE RANK WORLD PORT OUT_DIR
+    python fused_mc2_worker.py SOURCE LINE RANK WORLD PORT OUT_DIR
+
+Runs vllm-ascend 0.23.0.post1 only (LINE 0.23): the scenarios set its ascend_config's
+enable_fused_mc2 and mega_moe_max_tokens.
 
 What runs: the real Patcher applies `moe.capacity`'s ascend site set; each step goes through
 the patch's own AscendFusedMoE.forward_impl wrapper (ascend_0_23.make_forward_impl) around a
@@ -42,7 +45,8 @@ def routing(rank: int, tokens: int):
     return torch.tensor(pairs, dtype=torch.int32).reshape(tokens, TOP_K)
 
 
-def main(source: str, rank: int, world: int, port: int, out_dir: str) -> None:
+def main(source: str, line: str, rank: int, world: int, port: int, out_dir: str) -> None:
+    assert line == "0.23", f"the FUSED_MC2 run is written for vllm-ascend 0.23.0.post1, not {line}"
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import boot
 
@@ -66,7 +70,7 @@ class Run:
 
         self.rank, self.world, self.op = rank, world, op
         self.vllm_config = cw._init_groups(rank, world, port)
-        self.mods = cw._import_vllm_ascend()
+        self.mods = cw._import_vllm_ascend(cw.RELEASES["0.23"])
         from vllm.distributed import get_ep_group
 
         op.register_group(GROUP_NAME, get_ep_group().device_group)
@@ -176,7 +180,7 @@ class Run:
         from ascend_patch.core.patcher import Patcher
 
         patcher = Patcher()
-        (record,) = patcher.apply(cw._loaded_config({"min_tokens": 0, **options}))
+        (record,) = patcher.apply(cw._loaded_config({"min_tokens": 0, **options}, "0.23"))
         assert record.status == "applied", (record.status, record.reason)
         self._record = record
         return patcher, record
@@ -232,4 +236,5 @@ class _LogLines(logging.Handler):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+         sys.argv[6])

@@ -1,5 +1,10 @@
 """`moe.capacity` inside vllm-ascend 0.23.0.post1's own fused MoE (Ascend NPU, vLLM 0.23).
 
+Also vllm-ascend 0.18.0 (vLLM 0.18), whose MoE pipeline is the same with a few names moved
+(spec_releases.py lists them, with file:line): the same sites, the same drop step; there the
+FUSED_MC2 switch is the environment variable VLLM_ASCEND_ENABLE_FUSED_MC2 and there is no MoE
+LoRA. File:line references below are 0.23.0.post1's.
+
 vllm-ascend swaps vLLM's MoE layer, method and runner for its own (AscendFusedMoE,
 AscendUnquantizedFusedMoEMethod, AscendMoERunner), so the vLLM-platform sites of this
 implementation never run there. Paths below are relative to vllm_ascend/: F23 =
@@ -277,15 +282,25 @@ def _refuse_fused_mc2(state: AscendCapacityState) -> None:
     if state.options.drop_token_ratio <= 0:
         return
     upstream = state.upstream
-    if upstream.get_ascend_config().enable_fused_mc2 == 1 and (
-        upstream.get_ascend_device_type() == upstream.AscendDeviceType.A3
-    ):
+    setting, value, where = _fused_mc2_setting(upstream)
+    if value == 1 and upstream.get_ascend_device_type() == upstream.AscendDeviceType.A3:
         raise state.error(
-            "drop_token_ratio > 0 with vllm-ascend's enable_fused_mc2: 1 on A3: every step of "
-            "an EP <= 32 deployment then runs the FUSED_MC2 comm method (dispatch_ffn_combine, "
-            "ascend_forward_context.py:264-282), which takes whole tokens only, so no row "
-            "could be dropped; unset enable_fused_mc2 or set drop_token_ratio: 0"
+            f"drop_token_ratio > 0 with vllm-ascend's {setting} on A3: every step of an "
+            "EP <= 32 deployment then runs the FUSED_MC2 comm method (dispatch_ffn_combine, "
+            f"{where}), which takes whole tokens only, so no row could be dropped; unset "
+            "it or set drop_token_ratio: 0"
         )
+
+
+def _fused_mc2_setting(upstream: Any) -> tuple[str, Any, str]:
+    """(the setting as a user writes it, its value, where vllm-ascend reads it): 0.18.0 reads
+    an environment variable through envs.py's table, 0.23.0.post1 its additional config."""
+    if "env_variables" in dir(upstream):
+        value = upstream.env_variables["VLLM_ASCEND_ENABLE_FUSED_MC2"]()
+        return ("VLLM_ASCEND_ENABLE_FUSED_MC2=1", value,
+                "ascend_forward_context.py:248-272 in 0.18.0")
+    return ("enable_fused_mc2: 1", upstream.get_ascend_config().enable_fused_mc2,
+            "ascend_forward_context.py:264-282")
 
 
 def _comm_path(method: Any, upstream: Any) -> str:
@@ -335,7 +350,8 @@ def _drop(
     state: AscendCapacityState, call: _LayerCall, inputs: Any, topk_ids: torch.Tensor | None
 ) -> tuple[Any, torch.Tensor] | None:
     """(inputs with the kept weights, ids in the dispatcher's form); None: keep every row."""
-    if inputs.lora_context is not None:
+    # 0.18.0's MoEFusedExpertsInput has no lora_context: it has no MoE LoRA path.
+    if getattr(inputs, "lora_context", None) is not None:
         state.keep_whole("MoE LoRA")
         return None
     ids = inputs.topk_ids if topk_ids is None else topk_ids
