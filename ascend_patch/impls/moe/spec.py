@@ -66,6 +66,7 @@ import dataclasses
 
 from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet, no_ascend_release
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.schemes import ASCEND_0_23_MOE_SCHEMES
 from ascend_patch.impls.moe.spec_releases import ascend_0_13_pending, ascend_0_18
 
 _FM = "vllm.model_executor.layers.fused_moe"
@@ -213,6 +214,7 @@ IMPLEMENTATIONS = {
                 lines=("0.32",),
                 sites=(_apply_site(), _weights_site(f"{_MODULAR}:make_process_weights_after_loading")),
                 relies_on=_MODULAR_INTERFACES,
+                quantized_layers=(),
             ),
             SiteSet(
                 lines=("0.23",),
@@ -229,6 +231,7 @@ IMPLEMENTATIONS = {
                     ),
                 ),
                 relies_on=_MODULAR_INTERFACES + _CPU_0_23_INTERFACES,
+                quantized_layers=(),
             ),
             # vllm-ascend 0.23.0.post1 (adapters/ascend_0_23.py: hooks, MC2 decision, file:line).
             SiteSet(
@@ -445,6 +448,8 @@ IMPLEMENTATIONS = {
                         "size of the group the config check ran over",
                     ),
                 ),
+                # Every registered MoE scheme reaches build_token_dispatch_input (schemes.py).
+                quantized_layers=ASCEND_0_23_MOE_SCHEMES,
             ),
             no_ascend_release("0.32"),
         ),
