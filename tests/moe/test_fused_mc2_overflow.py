@@ -20,6 +20,9 @@ def test_rows_per_expert_skip_inactive_tokens_and_ids_outside_the_experts():
     assert local_rows_per_expert(ids, active, 4).tolist() == [1, 0, 0, 3]
     assert local_rows_per_expert(ids, None, 4).tolist() == [1, 1, 1, 3]
     assert local_rows_per_expert(ids[:0], active[:0], 4).tolist() == [0, 0, 0, 0]
+    # A mask longer than the tokens: the kernel reads its first N entries.
+    longer = torch.tensor([True, True, False, True, False, False])
+    assert local_rows_per_expert(ids, longer, 4).tolist() == [1, 0, 0, 3]
 
 
 def test_received_rows_sum_sources_per_owning_rank():

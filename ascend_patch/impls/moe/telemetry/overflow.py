@@ -42,10 +42,14 @@ def local_rows_per_expert(
     """int64 [num_experts]: this rank's rows per physical expert as the kernel sends them.
 
     Rows of inactive tokens, and ids outside [0, num_experts) (which the kernel would not
-    place on any rank), count nowhere."""
+    place on any rank), count nowhere. The kernel reads the mask of its first N tokens only
+    (ApplyXActiveMask): a longer mask (padded for another TP slice) is cut to them."""
     ids = topk_ids.long()
     if active is not None:
-        ids = ids.masked_fill(~active.bool().reshape(-1, 1), num_experts)
+        inactive = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        mask = active.reshape(-1)[: ids.shape[0]].bool()
+        inactive[: mask.numel()] = ~mask
+        ids = ids.masked_fill(inactive.reshape(-1, 1), num_experts)
     ids = ids.masked_fill((ids < 0) | (ids > num_experts), num_experts)
     return torch.bincount(ids.flatten(), minlength=num_experts + 1)[:num_experts]
 
