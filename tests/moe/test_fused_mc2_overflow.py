@@ -77,3 +77,17 @@ def test_without_a_log_interval_only_the_first_truncation_warns(caplog):
         recorder.record("l0", rank=0, max_output_rows=4, received=[9, 9])
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "truncated 2 (token, expert) rows in this fused MC2 call" in lines[0]
+
+
+def test_switch_and_limit_as_each_release_passes_them():
+    """0.23.0.post1: ascend_config's enable_fused_mc2 and mega_moe_max_tokens, mask passed;
+    0.18.0 (its site set declares envs.env_variables): the environment switch, a fixed
+    65536, no x_active_mask."""
+    from types import SimpleNamespace
+
+    from ascend_patch.impls.moe.adapters.ascend_fused_mc2 import _kernel_settings
+
+    config = SimpleNamespace(enable_fused_mc2=1, mega_moe_max_tokens=6144)
+    assert _kernel_settings(SimpleNamespace(get_ascend_config=lambda: config)) == (1, 6144, True)
+    env = {"VLLM_ASCEND_ENABLE_FUSED_MC2": lambda: 2}
+    assert _kernel_settings(SimpleNamespace(env_variables=env)) == (2, 65536, False)
