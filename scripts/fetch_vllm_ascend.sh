@@ -53,9 +53,10 @@ download() {
   }
   pip_quiet install setuptools setuptools_scm wheel
   # pip reads the sdist's metadata by running its setup.py, which asks npu-smi for the chip
-  # unless SOC_VERSION names one; no build happens, so any valid name will do.
+  # unless SOC_VERSION names one; no build happens, so any valid name will do. 0.18.0 and
+  # 0.13.0 also publish wheels (compiled, no tests): the sdist is what the registry pins.
   SOC_VERSION=ascend910b1 pip_quiet download --no-deps --no-build-isolation \
-    "vllm-ascend==$VERSION" -d "$work/download"
+    --no-binary vllm-ascend "vllm-ascend==$VERSION" -d "$work/download"
   local got
   got=$(find "$work/download" -maxdepth 1 -name "*.tar.gz" | head -n 1)
   if [[ -z $got ]]; then

@@ -80,6 +80,9 @@ def ascend_logs(caplog, monkeypatch):
 # The suite's tiers (ascend_patch/core/stacks.py says which run in which environment):
 #   unit      imports no vLLM: runs once, in the primary environment (a guard below checks it)
 #   contract  imports vLLM or reads real upstream source, starts no engine: every environment
+#             with a CPU stack
+#   ascend    the contract tests of tests/ascend only: environments built for a vllm-ascend
+#             release alone (its vLLM line has no CPU stack here)
 #   e2e       starts engines or servers (marker `vllm`): the primary environment
 #   smoke     the one server test (marker `smoke`) each other CPU environment runs
 #   slow      multi-node launches and studies (marker `slow`): only with `-m slow`
@@ -91,6 +94,7 @@ UNIT = (
     "tests/moe/test_planner_edges.py",
     "tests/moe/test_backends.py",
     "tests/moe/test_npu_backend.py",
+    "tests/moe/test_fused_mc2_overflow.py",
     "tests/core/test_static_targets.py",
     "tests/core/test_source.py",
     "tests/ascend/test_dispatch_rules.py",
@@ -100,6 +104,7 @@ UNIT = (
     "tests/cli/test_ab.py",
     "tests/cli/test_ab_server.py",
     "tests/cli/test_cli_args.py",
+    "tests/cli/test_plan_quantization.py",
     "tests/cli/test_schema.py",
     "tests/core/test_config.py",
     "tests/core/test_profiles.py",
@@ -121,7 +126,8 @@ UNIT = (
     "tests/moe/test_layout.py",
     "tests/moe/test_planner_hook.py",
 )
-TIERS = ("unit", "contract", "e2e", "smoke", "slow")
+TIERS = ("unit", "contract", "ascend", "e2e", "smoke", "slow")
+ASCEND = "tests/ascend/"
 
 
 def tier_of(item) -> str:
@@ -135,6 +141,10 @@ def tier_of(item) -> str:
     return "unit" if path.startswith(UNIT) else "contract"
 
 
+def in_ascend(item) -> bool:
+    return Path(item.fspath).relative_to(REPO).as_posix().startswith(ASCEND)
+
+
 def pytest_addoption(parser):
     parser.addoption("--tier", action="append", choices=TIERS, default=[],
                      help="run only the tests of this tier (repeatable); default: every tier "
@@ -144,9 +154,13 @@ def pytest_addoption(parser):
 def pytest_ignore_collect(collection_path, config):
     # The unit tier does not even import the other modules: collecting them would import vLLM
     # (some do at module level) and make the guard below meaningless.
-    if config.getoption("--tier") == ["unit"] and collection_path.suffix == ".py" \
-            and collection_path.name.startswith("test_"):
-        return not collection_path.relative_to(REPO).as_posix().startswith(UNIT)
+    if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    path = collection_path.relative_to(REPO).as_posix()
+    if config.getoption("--tier") == ["unit"]:
+        return not path.startswith(UNIT)
+    if config.getoption("--tier") == ["ascend"]:  # the other modules import this line's vLLM
+        return not path.startswith(ASCEND)
     return None
 
 
@@ -157,7 +171,8 @@ def pytest_collection_modifyitems(config, items):
     keep, drop = [], []
     for item in items:
         tier = tier_of(item)
-        wanted = tier in tiers or ("smoke" in tiers and item.get_closest_marker("smoke"))
+        wanted = tier in tiers or ("smoke" in tiers and item.get_closest_marker("smoke")) or (
+            "ascend" in tiers and tier == "contract" and in_ascend(item))
         (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

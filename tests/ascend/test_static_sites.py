@@ -1,4 +1,5 @@
-"""The ascend site set of moe.capacity against vllm-ascend 0.23.0.post1's source, read only.
+"""The ascend site sets of moe.capacity against the real vllm-ascend sources, read only:
+0.23.0.post1 for the vLLM 0.23 line, 0.18.0 for 0.18.
 
 Nothing from vllm-ascend is imported here (it needs torch_npu): every site and relied-on
 interface is resolved with ascend_patch.checks.static_targets, as `ascend-patch validate
@@ -22,35 +23,45 @@ static_targets = pytest.importorskip(
     "ascend_patch.checks.static_targets", reason="static target resolution not available yet"
 )
 
-# What validate decides for the 0.23 line (ascend_patch/cli/main.py): vllm-ascend picks
-# definitions with vllm_version_is("X.Y.Z").
-HINTS_0_23 = {'vllm_version_is("0.23.0")': True, 'vllm_version_is("0.27.1")': False,
-              'vllm_version_is("0.32.0")': False}
+# The lines whose vllm-ascend release moe.capacity has sites for.
+LINES = ("0.23", "0.18")
 
 
-def ascend_entries():
-    site_set = catalog.lookup("moe.capacity").site_set("0.23", "ascend")
+def ascend_entries(line):
+    site_set = catalog.lookup("moe.capacity").site_set(line, "ascend")
     assert site_set is not None and site_set.sites, "moe.capacity declares no ascend site set"
     return list(site_set.sites) + list(site_set.relies_on)
 
 
-ENTRIES = ascend_entries()
+ENTRIES = [(line, e) for line in LINES for e in ascend_entries(line)]
 
 
-@pytest.fixture(scope="module")
-def roots():
-    source = harness.require_source()
-    return static_targets.SourceRoots({"vllm_ascend": source}, branch_hints=HINTS_0_23)
+def hints(line):
+    """What validate decides for the line (ascend_patch/cli/main.py): vllm-ascend picks
+    definitions with vllm_version_is("X.Y.Z")."""
+    return {f'vllm_version_is("{v}")': v.startswith(f"{line}.")
+            for v in ("0.18.0", "0.23.0", "0.27.1", "0.32.0")}
+
+
+@pytest.fixture(scope="module", params=LINES)
+def line(request):
+    return request.param
+
+
+def roots_of(line):
+    source = harness.require_source(harness.RELEASES[line])
+    return static_targets.SourceRoots({"vllm_ascend": source}, branch_hints=hints(line))
 
 
 def test_everything_the_ascend_site_set_names_is_vllm_ascend_source():
     """So that validate needs no other source tree than vllm-ascend's."""
-    assert {parse_target(e.target).module.split(".")[0] for e in ENTRIES} == {"vllm_ascend"}
+    assert {parse_target(e.target).module.split(".")[0] for _, e in ENTRIES} == {"vllm_ascend"}
 
 
-@pytest.mark.parametrize("entry", ENTRIES, ids=[e.target.split(":")[1] for e in ENTRIES])
-def test_resolves_with_the_declared_signature(roots, entry):
-    found = roots.resolve(parse_target(entry.target))
+@pytest.mark.parametrize(("release_line", "entry"), ENTRIES,
+                         ids=[f"{line}-{e.target.split(':')[1]}" for line, e in ENTRIES])
+def test_resolves_with_the_declared_signature(release_line, entry):
+    found = roots_of(release_line).resolve(parse_target(entry.target))
     if entry.signature is not None:
         assert found.signature == entry.signature, f"{entry.target} at {found.file}:{found.line}"
 
@@ -59,23 +70,23 @@ def npu_modules() -> set[str]:
     return {m for m in sys.modules if m.split(".")[0] in ("vllm_ascend", "torch_npu")}
 
 
-def test_factories_load_without_vllm_ascend():
+def test_factories_load_without_vllm_ascend(line):
     """The loader imports every factory (and so does validate on the planned stack): that
     must not need torch_npu or vllm-ascend."""
     before = npu_modules()
-    site_set = catalog.lookup("moe.capacity").site_set("0.23", "ascend")
+    site_set = catalog.lookup("moe.capacity").site_set(line, "ascend")
     for site in site_set.sites:
         assert callable(catalog.load_callable(site.factory))
     assert npu_modules() == before
 
 
-def test_validate_prod_config_for_ascend_reads_only_the_source(capsys):
-    source = harness.require_source()
+def test_validate_prod_config_for_ascend_reads_only_the_source(capsys, line):
+    source = harness.require_source(harness.RELEASES[line])
     from ascend_patch.cli.main import main
 
     before = npu_modules()
     code = main(["validate", str(REPO / "configs" / "prod.yaml"), "--platform", "ascend",
-                 "--vllm-line", "0.23", "--source", f"vllm_ascend={source}"])
+                 "--vllm-line", line, "--source", f"vllm_ascend={source}"])
     assert code == 0, capsys.readouterr().err
     assert npu_modules() == before
 
@@ -97,11 +108,11 @@ def dispatch_kwarg_names(source: Path) -> set[str]:
     return names
 
 
-def test_mc2_dispatch_has_no_per_row_mask():
+def test_mc2_dispatch_has_no_per_row_mask(line):
     """The evidence for keeping MC2 steps whole (ascend_0_23.py): the dispatch op gets every
     token's k expert ids and one per-token mask, nothing that could switch off one row. A
     new keyword here means that decision must be read again."""
-    names = dispatch_kwarg_names(harness.require_source())
+    names = dispatch_kwarg_names(harness.require_source(harness.RELEASES[line]))
     assert names == {
         "x", "expert_ids", "expert_shard_type", "shared_expert_rank_num", "moe_expert_num",
         "global_bs", "expert_token_nums_type", "x_active_mask", "scales", "quant_mode",
@@ -111,11 +122,11 @@ def test_mc2_dispatch_has_no_per_row_mask():
 
 
 @pytest.fixture
-def mutable_source(tmp_path):
+def mutable_source(tmp_path, line):
     """A copy of vllm-ascend's Python sources that a test may change."""
     import shutil
 
-    source = harness.require_source()
+    source = harness.require_source(harness.RELEASES[line])
     copy = tmp_path / "vllm-ascend"
     shutil.copytree(source / "vllm_ascend", copy / "vllm_ascend",
                     ignore=shutil.ignore_patterns("*.so", "*.cpp", "*.h", "__pycache__"))
@@ -152,7 +163,8 @@ def mutable_source(tmp_path):
     ids=["changed-signature", "renamed-interface", "quantized-wrapper-signature",
          "quantized-mlp-site-signature"],
 )
-def test_validate_fails_on_a_mutated_copy(mutable_source, capsys, path, old, new, message):
+def test_validate_fails_on_a_mutated_copy(mutable_source, line, capsys, path, old, new,
+                                          message):
     from ascend_patch.cli.main import main
 
     file = mutable_source / "vllm_ascend" / path
@@ -160,7 +172,7 @@ def test_validate_fails_on_a_mutated_copy(mutable_source, capsys, path, old, new
     assert old in text, f"the real source changed: {old!r} not in {path}"
     file.write_text(text.replace(old, new, 1))
     code = main(["validate", str(REPO / "configs" / "prod.yaml"), "--platform", "ascend",
-                 "--vllm-line", "0.23", "--source", f"vllm_ascend={mutable_source}"])
+                 "--vllm-line", line, "--source", f"vllm_ascend={mutable_source}"])
     err = capsys.readouterr().err
     assert code == 2
     assert message in err, err

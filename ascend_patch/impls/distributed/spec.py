@@ -64,7 +64,7 @@ IMPLEMENTATIONS = {
                 ),
             ),
             SiteSet(
-                lines=("0.23",),
+                lines=("0.13", "0.18", "0.23"),
                 platform="ascend",
                 unsupported="the CPU communicator is vLLM's CPU platform's; vllm-ascend "
                 "communicates over HCCL with its own communicator",

@@ -62,8 +62,12 @@ Only unquantized MoE is covered: quantized methods (Fp8MoEMethod, ...) have thei
 
 from __future__ import annotations
 
+import dataclasses
+
 from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet, no_ascend_release
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.schemes import ASCEND_0_23_MOE_SCHEMES
+from ascend_patch.impls.moe.spec_releases import ascend_0_13_pending, ascend_0_18
 
 _FM = "vllm.model_executor.layers.fused_moe"
 _METHOD = f"{_FM}.unquantized_fused_moe_method:UnquantizedFusedMoEMethod"
@@ -71,6 +75,7 @@ _MK = f"{_FM}.modular_kernel"
 _MODULAR = "ascend_patch.impls.moe.adapters.vllm_modular"
 _CPU_0_23 = "ascend_patch.impls.moe.adapters.vllm_0_23_cpu_monolithic"
 _ASCEND_0_23 = "ascend_patch.impls.moe.adapters.ascend_0_23"
+_FUSED_MC2 = "ascend_patch.impls.moe.adapters.ascend_fused_mc2"
 
 
 def _apply_site() -> Site:
@@ -209,6 +214,7 @@ IMPLEMENTATIONS = {
                 lines=("0.32",),
                 sites=(_apply_site(), _weights_site(f"{_MODULAR}:make_process_weights_after_loading")),
                 relies_on=_MODULAR_INTERFACES,
+                quantized_layers=(),
             ),
             SiteSet(
                 lines=("0.23",),
@@ -225,6 +231,7 @@ IMPLEMENTATIONS = {
                     ),
                 ),
                 relies_on=_MODULAR_INTERFACES + _CPU_0_23_INTERFACES,
+                quantized_layers=(),
             ),
             # vllm-ascend 0.23.0.post1 (adapters/ascend_0_23.py: hooks, MC2 decision, file:line).
             SiteSet(
@@ -280,6 +287,16 @@ IMPLEMENTATIONS = {
                         factory=f"{_ASCEND_0_23}:make_apply_mlp",
                         role="quant_mlp_zero_rows",
                     ),
+                    # moe_comm_method.py:286: FUSED_MC2 bypasses build_token_dispatch_input;
+                    # its kernel truncates rows past mega_moe_max_tokens (CM:310-327):
+                    # counted here, the call unchanged (adapters/ascend_fused_mc2.py).
+                    Site(
+                        target="vllm_ascend.ops.fused_moe.moe_comm_method:FusedMC2CommImpl."
+                        "fused_experts",
+                        signature="(self, fused_experts_input)",
+                        factory=f"{_FUSED_MC2}:make_fused_experts",
+                        role="fused_mc2",
+                    ),
                 ),
                 relies_on=(
                     Interface(
@@ -289,10 +306,15 @@ IMPLEMENTATIONS = {
                         "the step's dispatcher",
                     ),
                     Interface(
-                        "vllm_ascend.ops.fused_moe.moe_comm_method:FusedMC2CommImpl."
-                        "fused_experts",
-                        "(self, fused_experts_input)",
-                        "FUSED_MC2 bypasses build_token_dispatch_input: its steps keep every row",
+                        "vllm_ascend.ops.fused_moe.moe_comm_method:FusedMC2CommImpl.__init__",
+                        "(self, moe_config)",
+                        "moe_config.num_local_experts: the kernel's experts per rank "
+                        "(its expert_token_nums, CM:270-275)",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.moe_stage_params:MoERoutingParams", None,
+                        "log2phy and mc2_mask: the ids and active tokens dispatch_ffn_combine "
+                        "gets on FUSED_MC2 steps",
                     ),
                     Interface(
                         "vllm_ascend.ops.fused_moe.moe_comm_method:AlltoAllCommImpl", None,
@@ -432,7 +454,8 @@ IMPLEMENTATIONS = {
                     ),
                     Interface(
                         "vllm_ascend.ascend_config:get_ascend_config", "()",
-                        "enable_fused_mc2 (refused with drops on A3)",
+                        "enable_fused_mc2 (refused with drops on A3) and mega_moe_max_tokens "
+                        "(dispatch_ffn_combine's max_output_size, counted on FUSED_MC2 steps)",
                     ),
                     Interface(
                         "vllm_ascend.utils:get_ascend_device_type", "()",
@@ -460,9 +483,20 @@ IMPLEMENTATIONS = {
                         "size of the group the config check ran over",
                     ),
                 ),
+                # Every registered MoE scheme reaches build_token_dispatch_input (schemes.py).
+                quantized_layers=ASCEND_0_23_MOE_SCHEMES,
             ),
             no_ascend_release("0.32"),
         ),
         options=CapacityOptions,
     ),
 }
+
+# vllm-ascend 0.18.0: 0.23.0.post1's ascend site set with the names that moved
+# (spec_releases.py says which and where).
+_CAPACITY = IMPLEMENTATIONS["moe.capacity"]
+IMPLEMENTATIONS["moe.capacity"] = dataclasses.replace(
+    _CAPACITY,
+    site_sets=(*_CAPACITY.site_sets, ascend_0_18(_CAPACITY.site_set("0.23", "ascend")),
+               ascend_0_13_pending()),
+)

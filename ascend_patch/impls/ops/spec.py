@@ -13,7 +13,9 @@ So on Ascend the entry reports "provided by vllm-ascend" and patches nothing.
 from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet, no_ascend_release
 
 _VLLM_LINES = ("0.23", "0.32")
-_ASCEND_LINES = ("0.23",)
+# Same classes, same forward_oot signatures in vllm-ascend 0.13.0 and 0.18.0 (layernorm.py:46
+# and :63, activation.py:33 in both).
+_ASCEND_LINES = ("0.13", "0.18", "0.23")
 _FACTORIES = "ascend_patch.impls.ops.layers"
 
 _WHY_FORWARD_NATIVE = (

@@ -1,6 +1,9 @@
 """One rank of the vllm-ascend MoE contract run (test only; started by tests/ascend).
 
-    python contract_worker.py SOURCE RANK WORLD PORT OUT_DIR
+    python contract_worker.py SOURCE LINE RANK WORLD PORT OUT_DIR
+
+LINE is the vLLM line of the release in SOURCE (0.23: 0.23.0.post1, 0.18: 0.18.0); RELEASES
+below holds what differs between them for this run.
 
 Boots the emulated NPU stack (boot.py), joins real vLLM groups on gloo (TP = EP = WORLD, so
 each rank's all-to-all slice is its own tokens, as on a deployment), applies the ascend site
@@ -20,6 +23,7 @@ import sys
 import traceback
 import types
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,14 +38,29 @@ COLLECTIVE_TIMEOUT_S = 60
 quant_worker = None  # the quantized scenarios (quant_worker.py), imported once booted
 
 
-def main(source: str, rank: int, world: int, port: int, out_dir: str) -> None:
+@dataclass(frozen=True)
+class Release:
+    """What this run does differently per vllm-ascend release (spec_releases.py: why)."""
+
+    layer_module: str  # where AscendFusedMoE is
+    lora: bool  # MoEFusedExpertsInput has lora_context
+    fused_mc2_env: bool  # FUSED_MC2 switched by VLLM_ASCEND_ENABLE_FUSED_MC2, not ascend_config
+
+
+RELEASES = {
+    "0.23": Release("vllm_ascend.ops.fused_moe.fused_moe_0_23_0", lora=True, fused_mc2_env=False),
+    "0.18": Release("vllm_ascend.ops.fused_moe.fused_moe", lora=False, fused_mc2_env=True),
+}
+
+
+def main(source: str, line: str, rank: int, world: int, port: int, out_dir: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import boot
 
     boot.install(Path(source), device_type="A3")
     global quant_worker
     import quant_worker
-    run = Run(rank, world, port)
+    run = Run(line, rank, world, port)
     results: dict = {}
     try:
         run.scenarios(results)
@@ -53,12 +72,13 @@ def main(source: str, rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 class Run:
-    def __init__(self, rank: int, world: int, port: int) -> None:
+    def __init__(self, line: str, rank: int, world: int, port: int) -> None:
         import torch
 
+        self.line, self.release = line, RELEASES[line]
         self.rank, self.world = rank, world
         self.vllm_config = _init_groups(rank, world, port)
-        self.mods = _import_vllm_ascend()
+        self.mods = _import_vllm_ascend(self.release)
         self.weights = _expert_weights(torch.Generator().manual_seed(7))
         self.hidden, self.logits = _inputs(torch.Generator().manual_seed(11))
         self.a2a = self._comm("AlltoAllCommImpl")
@@ -168,23 +188,37 @@ class Run:
                 out[case] = self._through_hook(ctx, comm, lora=None)
             finally:
                 torch.npu.capture.active = False
-        out["MoE LoRA"] = self._through_hook(ctx, self.allgather, lora=object())
+        if self.release.lora:
+            out["MoE LoRA"] = self._through_hook(ctx, self.allgather, lora=object())
         quantized = self.layer(name="model.layers.9.mlp.experts", quantized=True)
         out["quantized_current"] = self._current_during(ctx, quantized, self.allgather)
         return out
 
     def fused_mc2_refused(self) -> str:
+        with self._fused_mc2_enabled():
+            try:
+                self.forward("allgather", layer=self.layer(name="model.layers.5.mlp.experts"))
+            except Exception as exc:  # noqa: BLE001 - the message is what is checked
+                return f"{type(exc).__name__}: {exc}"
+        return "ran"
+
+    @contextmanager
+    def _fused_mc2_enabled(self):
+        if self.release.fused_mc2_env:  # envs.py reads it on every access
+            os.environ["VLLM_ASCEND_ENABLE_FUSED_MC2"] = "1"
+            try:
+                yield
+            finally:
+                del os.environ["VLLM_ASCEND_ENABLE_FUSED_MC2"]
+            return
         from vllm_ascend.ascend_config import get_ascend_config
 
         config = get_ascend_config()
         saved, config.enable_fused_mc2 = config.enable_fused_mc2, 1
         try:
-            self.forward("allgather", layer=self.layer(name="model.layers.5.mlp.experts"))
-        except Exception as exc:  # noqa: BLE001 - the message is what is checked
-            return f"{type(exc).__name__}: {exc}"
+            yield
         finally:
             config.enable_fused_mc2 = saved
-        return "ran"
 
     # -- building blocks ----------------------------------------------------------------
 
@@ -192,7 +226,7 @@ class Run:
         from ascend_patch.core.patcher import Patcher
 
         self.patcher = Patcher()
-        (record,) = self.patcher.apply(_loaded_config(options))
+        (record,) = self.patcher.apply(_loaded_config(options, self.line))
         assert record.status == "applied", (record.status, record.reason)
         return record
 
@@ -205,8 +239,10 @@ class Run:
         layer = layer or self.layer()
         # Quantized schemes take bf16 activations (aclnnDynamicQuant: fp16/bf16 only).
         dtype = torch.float32 if layer.quant_type == self.mods.QuantType.NONE else torch.bfloat16
+        # What 0.23.0.post1's forward_impl passes finalize itself; 0.18.0 reads the layer's.
+        layer.reduce_results = path == "allgather"
         with self.forward_context(comm):
-            out = self.mods.f23.AscendFusedMoE.forward_impl(
+            out = self.mods.layer.AscendFusedMoE.forward_impl(
                 layer, self.hidden.to(dtype), self.logits.clone()
             )
         if path == "allgather":  # AscendMoERunner all-reduces the partial outputs
@@ -240,6 +276,7 @@ class Run:
             moe_config=types.SimpleNamespace(num_experts=EXPERTS), _expert_map=expert_map,
             dynamic_eplb=False, w13_weight=self.weights[0][mine], w2_weight=self.weights[1][mine],
             swiglu_limit=0.0, global_num_experts=EXPERTS, local_num_experts=local,
+            routed_scaling_factor=1.0,
             ep_size=self.world,
             vllm_config=types.SimpleNamespace(
                 model_config=types.SimpleNamespace(enable_return_routed_experts=False)
@@ -290,11 +327,11 @@ class Run:
 
     def _fused_input(self, hidden, weights, ids, comm, lora=None):
         layer = self.layer()
+        extra = {"lora_context": lora} if self.release.lora else {}
         return self.mods.args.build_fused_experts_input(
             hidden_states=hidden, topk_weights=weights, topk_ids=ids, w1=layer.w13_weight,
             w2=layer.w2_weight, quant_type=self.mods.QuantType.NONE, dynamic_eplb=False,
-            expert_map=layer._expert_map, activation=self.mods.MoEActivation.SILU,
-            lora_context=lora,
+            expert_map=layer._expert_map, activation=self.mods.MoEActivation.SILU, **extra,
         )
 
     def _dispatch_mlp_combine(self, comm, dispatch_in, inputs):
@@ -304,7 +341,9 @@ class Run:
         mlp_in = args.build_mlp_compute_input(
             fused_experts_input=inputs, token_dispatch_output=output, use_fusion_ops=False
         )
-        mlp_out, _ = self.mods.mlp.unified_apply_mlp(mlp_compute_input=mlp_in)
+        mlp_out = self.mods.mlp.unified_apply_mlp(mlp_compute_input=mlp_in)
+        if isinstance(mlp_out, tuple):  # 0.23.0.post1 returns (out, event)
+            mlp_out = mlp_out[0]
         return dispatcher.token_combine(
             hidden_states=mlp_out, combine_metadata=output.combine_metadata
         )
@@ -480,11 +519,12 @@ def _init_groups(rank: int, world: int, port: int):
     return config
 
 
-def _import_vllm_ascend():
-    # fused_moe.py first: fused_moe_0_23_0 imports from it, and it re-exports
+def _import_vllm_ascend(release: Release):
+    import importlib
+
+    # fused_moe.py first: 0.23.0.post1's fused_moe_0_23_0 imports from it, and it re-exports
     # fused_moe_0_23_0 at its end (importing fused_moe_0_23_0 first is circular).
     import vllm_ascend.ops.fused_moe.fused_moe as fm
-    import vllm_ascend.ops.fused_moe.fused_moe_0_23_0 as f23
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm_ascend.ops.fused_moe import comm_utils, moe_mlp
     from vllm_ascend.ops.fused_moe import moe_comm_method as cm
@@ -494,12 +534,13 @@ def _import_vllm_ascend():
     from vllm_ascend.quantization.quant_type import QuantType
 
     return types.SimpleNamespace(
-        fm=fm, f23=f23, cm=cm, td=td, args=args, contracts=contracts, mlp=moe_mlp,
+        fm=fm, layer=importlib.import_module(release.layer_module), cm=cm, td=td, args=args,
+        contracts=contracts, mlp=moe_mlp,
         comm_utils=comm_utils, MoEActivation=MoEActivation, QuantType=QuantType,
     )
 
 
-def _loaded_config(options: dict):
+def _loaded_config(options: dict, line: str):
     from ascend_patch.core.catalog import lookup
     from ascend_patch.core.config import LoadedConfig, PlannedInterface, PlannedPatch, PlannedSite
     from ascend_patch.core.targets import parse_target
@@ -507,7 +548,7 @@ def _loaded_config(options: dict):
     from ascend_patch.impls.moe.options import CapacityOptions
 
     impl = lookup("moe.capacity")
-    site_set = impl.site_set("0.23", "ascend")
+    site_set = impl.site_set(line, "ascend")
     patch = PlannedPatch(
         name="capacity", impl=impl, options=CapacityOptions(**options), on_error="fail",
         enabled=True, line=CONFIG_LINE, file=CONFIG_FILE,
@@ -517,7 +558,7 @@ def _loaded_config(options: dict):
                         for i in site_set.relies_on),
     )
     return LoadedConfig(path=CONFIG_FILE, digest="contract", files=(CONFIG_FILE,), vllm=None,
-                        description=None, patches=(patch,), stack=Stack("0.23", "ascend"))
+                        description=None, patches=(patch,), stack=Stack(line, "ascend"))
 
 
 def _record_facts(record) -> dict:
@@ -564,4 +605,5 @@ def _route(hidden_states, gating_output, topk, renormalize):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+         sys.argv[6])

@@ -1,5 +1,10 @@
 """`moe.capacity` inside vllm-ascend 0.23.0.post1's own fused MoE (Ascend NPU, vLLM 0.23).
 
+Also vllm-ascend 0.18.0 (vLLM 0.18), whose MoE pipeline is the same with a few names moved
+(spec_releases.py lists them, with file:line): the same sites, the same drop step; there the
+FUSED_MC2 switch is the environment variable VLLM_ASCEND_ENABLE_FUSED_MC2 and there is no MoE
+LoRA. File:line references below are 0.23.0.post1's.
+
 vllm-ascend swaps vLLM's MoE layer, method and runner for its own (AscendFusedMoE,
 AscendUnquantizedFusedMoEMethod or the quantized AscendFusedMoEMethod, AscendMoERunner), so
 the vLLM-platform sites of this implementation never run there. Paths below are relative
@@ -83,6 +88,8 @@ MC2 and FUSED_MC2: rows are kept whole, never forced onto the all-to-all path.
     (AFC:202-217, 250, 265): decode and short prefills, where vllm-ascend picks it for latency.
     The large prefill batches dropping is for run on ALLTOALL (A3) or ALLGATHER (A2).
   So MC2 and FUSED_MC2 steps are counted in `stats["ascend"]["kept_whole"]` and logged once.
+  FUSED_MC2's own silent truncation (rows past mega_moe_max_tokens) is counted per layer and
+  rank by ascend_fused_mc2.py, with or without drops.
   One setting makes every step FUSED_MC2: `enable_fused_mc2: 1` on A3 (AFC:264-282, EP <= 32):
   with a drop ratio > 0 the patch refuses it (nothing could ever be dropped).
 
@@ -145,6 +152,7 @@ from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe.adapters import ascend_dispatch
 from ascend_patch.impls.moe.drop_step import DropStep
 from ascend_patch.impls.moe.planner.capacity import AllGatherCounts
+from ascend_patch.impls.moe.schemes import ASCEND_0_23_MOE_SCHEMES
 from ascend_patch.impls.moe.state import CapacityState
 
 logger = logging.getLogger("ascend_patch.moe.capacity")
@@ -156,22 +164,10 @@ FUSED_MC2 = "FUSED_MC2"
 _DROPPING_PATHS = (ALL_TO_ALL, ALL_GATHER)
 UNQUANTIZED = "unquantized"
 
-# Registered MoE schemes (`@register_scheme(name, "moe")`, QM = quantization/methods/) whose
-# `apply` was read to end in `moe_comm_method.fused_experts(build_fused_experts_input(...))`,
-# hence in the patched build_token_dispatch_input (see the module docstring for each one's
-# status: contract-tested on CPU, or admitted from reading only).
-_ADMITTED_SCHEMES = frozenset({
-    "W8A8_DYNAMIC",  # QM/w8a8_dynamic.py:155, apply :326 - contract-tested (emulated ops)
-    "W4A8_DYNAMIC",  # QM/w4a8.py:231, apply :570 - contract-tested (emulated ops)
-    "W8A8_MIX",  # QM/w8a8_pdmix.py:88, inherits W8A8_DYNAMIC's apply
-    "W8A8FP8_DYNAMIC",  # QM/w8a8fp8_dynamic.py:69, inherits W8A8_DYNAMIC's apply
-    "W4A16",  # QM/w4a16.py:111, apply :308
-    "W8A8_MXFP8",  # QM/w8a8_mxfp8.py:211, apply :329 (A5 only)
-    "W4A8_MXFP",  # QM/w4a8_mxfp4.py:99, apply :206 (A5 only)
-    "FP8",  # QM/fp8.py:81, subclass of the W4A8_MXFP path (A5 only)
-    "W4A4_MXFP4",  # QM/w4a4_mxfp4.py:118, apply :225 (A5 only)
-    "W4A16_MXFP4",  # QM/w4a16_mxfp4.py:55, apply :176 (A5 only)
-})
+# The registered MoE schemes whose `apply` was read to end in the patched
+# build_token_dispatch_input: the catalog's list (schemes.py, each one's status there), which
+# `plan` shows too.
+_ADMITTED_SCHEMES = frozenset(ASCEND_0_23_MOE_SCHEMES)
 
 # Tuple lengths of the TokenDispatcherWithAll2AllV helpers whose results are edited (TD:629-
 # 635 and TD:581-590): a different length means the layout moved and the index is wrong.
@@ -210,6 +206,10 @@ class AscendCapacityState(CapacityState):
         self.path_steps: dict[tuple[str, str], DropStep] = {}
         self.warned: set[str] = set()
         self.counters = ctx.stats.setdefault("ascend", {"calls_by_path": {}, "kept_whole": {}})
+        # The MoE layer whose forward_impl runs (taken over or not): FUSED_MC2 steps are
+        # counted per layer (ascend_fused_mc2.py), and their OverflowRecorder.
+        self.running: Any = None
+        self.overflow: Any = None
 
     def count(self, kind: str, key: str) -> None:
         table = self.counters[kind]
@@ -252,20 +252,21 @@ def make_forward_impl(original: Callable[..., Any], ctx: PatchContext) -> Callab
         return_with_event: bool = False,
     ) -> Any:
         call = _layer_call(state, self)
-        outer, state.current = state.current, call
+        outer = state.current, state.running
+        state.current, state.running = call, self
         try:
             return original(
                 self, hidden_states, router_logits, return_with_event=return_with_event
             )
         finally:
-            state.current = outer
+            state.current, state.running = outer
 
     return forward_impl
 
 
 def _layer_call(state: AscendCapacityState, layer: Any) -> _LayerCall | None:
     """The call record for the drop hook; None when this call keeps every row."""
-    name = str(getattr(layer, "layer_name", None) or f"moe@{id(layer):x}")
+    name = layer_name(layer)
     if not _admitted(state, name, layer):
         return None
     method = state.upstream._EXTRA_CTX.moe_comm_method
@@ -278,6 +279,10 @@ def _layer_call(state: AscendCapacityState, layer: Any) -> _LayerCall | None:
         state.keep_whole("graph capture")
         return None
     return _LayerCall(name, layer, path, method)
+
+
+def layer_name(layer: Any) -> str:
+    return str(getattr(layer, "layer_name", None) or f"moe@{id(layer):x}")
 
 
 def _admitted(state: AscendCapacityState, name: str, layer: Any) -> bool:
@@ -342,15 +347,25 @@ def _refuse_fused_mc2(state: AscendCapacityState) -> None:
     if state.options.drop_token_ratio <= 0:
         return
     upstream = state.upstream
-    if upstream.get_ascend_config().enable_fused_mc2 == 1 and (
-        upstream.get_ascend_device_type() == upstream.AscendDeviceType.A3
-    ):
+    setting, value, where = _fused_mc2_setting(upstream)
+    if value == 1 and upstream.get_ascend_device_type() == upstream.AscendDeviceType.A3:
         raise state.error(
-            "drop_token_ratio > 0 with vllm-ascend's enable_fused_mc2: 1 on A3: every step of "
-            "an EP <= 32 deployment then runs the FUSED_MC2 comm method (dispatch_ffn_combine, "
-            "ascend_forward_context.py:264-282), which takes whole tokens only, so no row "
-            "could be dropped; unset enable_fused_mc2 or set drop_token_ratio: 0"
+            f"drop_token_ratio > 0 with vllm-ascend's {setting} on A3: every step of an "
+            "EP <= 32 deployment then runs the FUSED_MC2 comm method (dispatch_ffn_combine, "
+            f"{where}), which takes whole tokens only, so no row could be dropped; unset "
+            "it or set drop_token_ratio: 0"
         )
+
+
+def _fused_mc2_setting(upstream: Any) -> tuple[str, Any, str]:
+    """(the setting as a user writes it, its value, where vllm-ascend reads it): 0.18.0 reads
+    an environment variable through envs.py's table, 0.23.0.post1 its additional config."""
+    if "env_variables" in dir(upstream):
+        value = upstream.env_variables["VLLM_ASCEND_ENABLE_FUSED_MC2"]()
+        return ("VLLM_ASCEND_ENABLE_FUSED_MC2=1", value,
+                "ascend_forward_context.py:248-272 in 0.18.0")
+    return ("enable_fused_mc2: 1", upstream.get_ascend_config().enable_fused_mc2,
+            "ascend_forward_context.py:264-282")
 
 
 def _comm_path(method: Any, upstream: Any) -> str:
@@ -400,7 +415,8 @@ def _drop(
     state: AscendCapacityState, call: _LayerCall, inputs: Any, topk_ids: torch.Tensor | None
 ) -> tuple[Any, torch.Tensor] | None:
     """(inputs with the kept weights, ids in the dispatcher's form); None: keep every row."""
-    if inputs.lora_context is not None:
+    # 0.18.0's MoEFusedExpertsInput has no lora_context: it has no MoE LoRA path.
+    if getattr(inputs, "lora_context", None) is not None:
         state.keep_whole("MoE LoRA")
         return None
     ids = inputs.topk_ids if topk_ids is None else topk_ids
@@ -414,7 +430,7 @@ def _step(state: AscendCapacityState, call: _LayerCall) -> DropStep:
     key = (call.name, call.path)
     step = state.path_steps.get(key)
     if step is None:
-        _check_config_once(state, call)
+        check_config_once(state, call.layer, call.method)
         step = state.path_steps[key] = _make_step(state, call)
     return step
 
@@ -453,13 +469,13 @@ def _token_sources(call: _LayerCall, upstream: Any) -> tuple[AllGatherCounts | N
     return all_gather_counts, dispatcher.ep_rank
 
 
-def _check_config_once(state: AscendCapacityState, call: _LayerCall) -> None:
-    """Every EP rank reaches its first planned call in the same layer call (the comm method
-    is chosen from DP-wide token counts), so this collective lines up."""
+def check_config_once(state: AscendCapacityState, layer: Any, method: Any) -> None:
+    """Every EP rank reaches its first planned (or fused MC2) call in the same layer call (the
+    comm method is chosen from DP-wide token counts), so this collective lines up."""
     if state.config_checked:
         return
     state.config_checked = True
-    if int(call.layer.ep_size) <= 1:
+    if int(layer.ep_size) <= 1:
         return
     from ascend_patch.core.runtime import DIGEST_ENV
     from ascend_patch.impls.distributed.consistency import (
@@ -469,7 +485,7 @@ def _check_config_once(state: AscendCapacityState, call: _LayerCall) -> None:
         exit_later,
     )
 
-    dispatcher = call.method.token_dispatcher
+    dispatcher = method.token_dispatcher
     digest = os.environ.get(DIGEST_ENV, "")
     try:
         check_same_config(digest, state.options.model_dump(mode="json"), dispatcher.ep_group)
