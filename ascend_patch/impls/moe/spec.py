@@ -166,7 +166,8 @@ _MODULAR_INTERFACES = (
 )
 
 # vLLM 0.32's W8A8 int8 MoE (adapters/vllm_int8_cpu.py: which methods lead there and why the
-# CPU int8 experts are replaced). Sites and what they rely on, 0.32 file:line.
+# CPU int8 experts are replaced). Sites and what they rely on, 0.32 file:line. Optional: only
+# int8 models import these modules (an unquantized run never does, and is applied without).
 _INT8 = "ascend_patch.impls.moe.adapters.vllm_int8_cpu"
 _QUANT = "vllm.model_executor.layers.quantization"
 _INT8_APPLY_SIGNATURE = (
@@ -180,6 +181,7 @@ _INT8_SITES = (
         signature="(config, weight_key=…, activation_key=…)",
         factory=f"{_INT8}:make_select_int8_moe_backend",
         role="int8_select",
+        optional=True,
     ),
     # online/moe_base.py:169: Int8OnlineMoEMethod's apply (shared by every online MoE method;
     # only layers whose experts are ours drop).
@@ -188,6 +190,7 @@ _INT8_SITES = (
         signature=_INT8_APPLY_SIGNATURE,
         factory=f"{_INT8}:make_apply",
         role="int8_apply_online",
+        optional=True,
     ),
     # compressed_tensors_moe_w8a8_int8.py:248.
     Site(
@@ -196,6 +199,7 @@ _INT8_SITES = (
         signature=_INT8_APPLY_SIGNATURE,
         factory=f"{_INT8}:make_apply",
         role="int8_apply_compressed_tensors",
+        optional=True,
     ),
 )
 _INT8_INTERFACES = (
