@@ -82,6 +82,9 @@ def test_int8_moe_model_serves_with_drops_reports_and_metrics(tmp_path_factory, 
     dropped = metric_values(exposition, "ascend_patch_moe_rows_dropped_total")
     assert {dict(k)["layer"]: v for k, v in dropped.items()} == {
         name: float(stats["layers"][name]["rows_dropped"]) for name in LAYERS}
+    quantized = metric_values(exposition, "ascend_patch_moe_layer_quantization")
+    assert {(dict(k)["layer"], dict(k)["quantization"]): v for k, v in quantized.items()} == {
+        (name, "int8_w8a8"): 1.0 for name in LAYERS}
     routed = metric_values(exposition, "ascend_patch_moe_rows_routed_total")
     assert {dict(k)["layer"]: v for k, v in routed.items()} == {
         name: float(stats["layers"][name]["rows_routed"]) for name in LAYERS}

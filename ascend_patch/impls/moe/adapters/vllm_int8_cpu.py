@@ -40,7 +40,8 @@ from ascend_patch.impls.moe.state import CapacityState
 
 logger = logging.getLogger("ascend_patch.moe.capacity")
 
-# What the report says each int8 layer runs.
+# What the report says each int8 layer runs, and its label on /metrics.
+QUANTIZATION_LABEL = "int8_w8a8"
 SCHEME = ("int8 W8A8: per-channel int8 weights, dynamic per-token int8 activations "
           "(CPUExpertsInt8 arithmetic, torch, kept rows only)")
 _OP = "moe_capacity_experts_int8"
@@ -205,7 +206,23 @@ def register_layer(state: CapacityState, layer: Any) -> None:
     name = layer.layer_name
     state.add_layer(name, layer)
     state.stats.layer_quantization(name, SCHEME)
+    _export_quantization(state, name)
     _install_dispatch(layer.quant_method, layer, state)
+
+
+def _export_quantization(state: CapacityState, layer_name: str) -> None:
+    """ascend_patch_moe_layer_quantization{layer, quantization="int8_w8a8"} 1 on /metrics
+    (when metrics are on here): the layer's drop series carry no scheme label."""
+    from ascend_patch.core import metrics as process_metrics
+    from ascend_patch.impls.moe.telemetry.metrics import GAUGE_MODE, name
+
+    writer = process_metrics.writer()
+    if writer is None:
+        return
+    labels = {"patch": state.ctx.patch_name, "layer": layer_name,
+              "process": process_metrics.process_label(), "quantization": QUANTIZATION_LABEL}
+    writer.gauge(name("layer_quantization"), "quantized MoE layer taken over by moe.capacity "
+                 "(1), labelled with its scheme", labels, GAUGE_MODE).set(1)
 
 
 def _experts_impl(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
