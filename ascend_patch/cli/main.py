@@ -201,8 +201,10 @@ def _quantized_layers(patch, stack, quant) -> str | None:
     if quant is None or site_set is None or site_set.quantized_layers is None:
         return None
     taken = site_set.quantized_layers
-    takes = f"takes over {', '.join(taken)}" if taken else "takes over unquantized layers only"
+    takes = "takes over unquantized layers " + (f"and {', '.join(taken)}" if taken else "only")
     if not quant.moe_schemes:
+        if quant.method in taken:
+            return f"{quant.method}: taken over"
         return f"scheme not named ({quant.method}): this stack {takes}"
     return "; ".join(
         f"{scheme}: taken over" if scheme in taken

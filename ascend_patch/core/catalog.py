@@ -34,12 +34,18 @@ class Site:
     `factory` is `module:function`; it is called as `factory(original, ctx)` with a
     `ascend_patch.core.context.PatchContext` (options, counters) and returns the
     replacement.
+
+    `optional`: the patch counts as applied without this site, which is installed when its
+    module is imported. For modules only some models import (a quantization method's): a
+    process that never imports them has nothing there to patch, and would otherwise report
+    the whole patch pending forever. Checked by `validate` like any other site.
     """
 
     target: str
     signature: str | None
     factory: str
     role: str = "main"
+    optional: bool = False
 
 
 @dataclass(frozen=True)

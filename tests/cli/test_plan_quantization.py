@@ -76,7 +76,19 @@ def test_method_without_a_scheme(capsys, tmp_path):
     plan = _plan(capsys, "--platform", "cpu", "--vllm-line", "0.32", "--model", str(model))
     assert plan["quantization"]["method"] == "compressed-tensors"
     assert _moe(plan)["quantized_layers"] == (
-        "scheme not named (compressed-tensors): this stack takes over unquantized layers only")
+        "scheme not named (compressed-tensors): this stack takes over unquantized layers and "
+        "experts_int8, compressed-tensors W8A8 int8")
+
+
+def test_vllms_online_int8_is_taken_over_on_the_032_line(capsys, tmp_path):
+    model = str(_model(tmp_path))
+    plan = _plan(capsys, "--platform", "cpu", "--vllm-line", "0.32", "--model", model,
+                 "--quantization", "experts_int8")
+    assert _moe(plan)["quantized_layers"] == "experts_int8: taken over"
+    plan = _plan(capsys, "--platform", "cpu", "--vllm-line", "0.23", "--model", model,
+                 "--quantization", "experts_int8")
+    assert _moe(plan)["quantized_layers"] == (
+        "scheme not named (experts_int8): this stack takes over unquantized layers only")
 
 
 def test_unquantized_model_says_nothing(capsys, tmp_path):

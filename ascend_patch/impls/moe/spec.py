@@ -56,8 +56,9 @@ vLLM 0.23 has the same modular-kernel interfaces (declared below as relied-on, c
 the loader and `validate`), but its CPU backend is a monolithic kernel that routes by itself:
 adapters/vllm_0_23_cpu_monolithic.py takes over `apply_monolithic` there (a third site).
 
-Only unquantized MoE is covered: quantized methods (Fp8MoEMethod, ...) have their own
-`apply`.
+Quantized MoE on vLLM 0.32: W8A8 int8 (online `experts_int8` and compressed-tensors) on CPU,
+adapters/vllm_int8_cpu.py (three more sites, below). Other quantized methods (Fp8MoEMethod,
+...) have their own `apply` and keep every row.
 """
 
 from __future__ import annotations
@@ -169,6 +170,68 @@ _MODULAR_INTERFACES = (
               "is_cpu(): the CPU platform never captures graphs"),
 )
 
+# vLLM 0.32's W8A8 int8 MoE (adapters/vllm_int8_cpu.py: which methods lead there and why the
+# CPU int8 experts are replaced). Sites and what they rely on, 0.32 file:line. Optional: only
+# int8 models import these modules (an unquantized run never does, and is applied without).
+_INT8 = "ascend_patch.impls.moe.adapters.vllm_int8_cpu"
+_QUANT = "vllm.model_executor.layers.quantization"
+_INT8_APPLY_SIGNATURE = (
+    "(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)"
+)
+_INT8_SITES = (
+    # oracle/int8.py:103, called by both int8 methods' __init__ (imported by name there:
+    # the patcher rebinds those copies).
+    Site(
+        target=f"{_FM}.oracle.int8:select_int8_moe_backend",
+        signature="(config, weight_key=…, activation_key=…)",
+        factory=f"{_INT8}:make_select_int8_moe_backend",
+        role="int8_select",
+        optional=True,
+    ),
+    # online/moe_base.py:169: Int8OnlineMoEMethod's apply (shared by every online MoE method;
+    # only layers whose experts are ours drop).
+    Site(
+        target=f"{_QUANT}.online.moe_base:OnlineMoEMethodBase.apply",
+        signature=_INT8_APPLY_SIGNATURE,
+        factory=f"{_INT8}:make_apply",
+        role="int8_apply_online",
+        optional=True,
+    ),
+    # compressed_tensors_moe_w8a8_int8.py:248.
+    Site(
+        target=f"{_QUANT}.compressed_tensors.compressed_tensors_moe."
+        "compressed_tensors_moe_w8a8_int8:CompressedTensorsW8A8Int8MoEMethod.apply",
+        signature=_INT8_APPLY_SIGNATURE,
+        factory=f"{_INT8}:make_apply",
+        role="int8_apply_compressed_tensors",
+        optional=True,
+    ),
+)
+_INT8_INTERFACES = (
+    Interface(f"{_FM}.oracle.int8:Int8MoeBackend", None,
+              "CPU: the backend our selection reports (no weight conversion for it)"),
+    Interface(f"{_QUANT}.utils.quant_utils:kInt8StaticChannelSym", None,
+              "the weight key of the W8A8 scheme the int8 experts compute"),
+    Interface(f"{_QUANT}.utils.quant_utils:kInt8DynamicTokenSym", None,
+              "the activation key of that scheme"),
+    Interface(
+        f"{_FM}.experts.cpu_moe:CPUExpertsInt8.apply",
+        "(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, "
+        "global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2, "
+        "expert_tokens_meta, apply_router_weight_on_input)",
+        "the experts replaced: fused_experts_cpu INT8_W8A8, whose arithmetic "
+        "experts/int8_backend.py reproduces",
+        key="CPUExpertsInt8_apply",
+    ),
+    Interface(
+        f"{_QUANT}.online.int8:Int8OnlineMoEMethod.process_weights_after_loading",
+        "(self, layer)",
+        "quantises per channel, builds the kernel, then calls our experts' "
+        "process_weights_after_loading (layer registration)",
+        key="Int8OnlineMoEMethod_process_weights",
+    ),
+)
+
 # vLLM 0.23's CPU backend (adapters/vllm_0_23_cpu_monolithic.py).
 _CPU_0_23_INTERFACES = (
     Interface(
@@ -212,9 +275,14 @@ IMPLEMENTATIONS = {
         site_sets=(
             SiteSet(
                 lines=("0.32",),
-                sites=(_apply_site(), _weights_site(f"{_MODULAR}:make_process_weights_after_loading")),
-                relies_on=_MODULAR_INTERFACES,
-                quantized_layers=(),
+                sites=(
+                    _apply_site(),
+                    _weights_site(f"{_MODULAR}:make_process_weights_after_loading"),
+                    *_INT8_SITES,
+                ),
+                relies_on=_MODULAR_INTERFACES + _INT8_INTERFACES,
+                # vLLM's --quantization names (plan matches a model's method against them).
+                quantized_layers=("experts_int8", "compressed-tensors W8A8 int8"),
             ),
             SiteSet(
                 lines=("0.23",),

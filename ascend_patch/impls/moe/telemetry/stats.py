@@ -10,6 +10,7 @@ Shape of `ctx.stats` (JSON-friendly: str keys, ints and floats only):
       "layers_taken_over": ["model.layers.1.mlp.experts", ...],
       "layers_not_taken_over": {"<layer>": "<reason>"},
       "dispatch_paths": {"<layer>": {"path": "all_to_all" | "allgather", "why": "..."}},
+      "quantization": {"<layer>": "int8 W8A8: ..."},   # quantized layers taken over only
       "all_to_all": {"calls": .., "rows_sent": .., "rows_sent_remote": ..,
                      "rows_received": .., "rows_not_sent_dropped": ..,
                      "hidden_rows_sent": .., "hidden_rows_sent_remote": ..,
@@ -85,6 +86,10 @@ class CapacityStats:
 
     def layer_not_taken_over(self, layer_name: str, reason: str) -> None:
         self._stats["layers_not_taken_over"][layer_name] = reason
+
+    def layer_quantization(self, layer_name: str, scheme: str) -> None:
+        """What a quantized taken-over layer computes (unquantized layers have no entry)."""
+        self._stats.setdefault("quantization", {})[layer_name] = scheme
 
     def dispatch_path(self, layer_name: str, path: str, why: str) -> None:
         """Which dispatch a taken-over layer uses ("all_to_all" or vLLM's "allgather")."""
