@@ -123,3 +123,14 @@ def test_alignment_matches_vllms_documented_example():
     assert int(post_pad[0]) == 16
     assert sorted_ids[:16].tolist() == [3, 6, 9, 12, 0, 4, 10, 12, 1, 7, 11, 12, 2, 5, 8, 12]
     assert expert_ids[:4].tolist() == [1, 2, 3, 4]
+
+
+def test_the_sentinel_never_pushes_the_align_op_past_its_expert_limit():
+    """vLLM's align op takes fewer than 1024 experts padded to 32: with 992 experts the
+    sentinel (993 -> 1024) would not fit, so dropping is refused there; 991 still fits."""
+    assert triton_route(_parallel(), 991, 0.1).kind == EXPERT_MAP
+    reason = triton_route(_parallel(), 992, 0.1)
+    assert isinstance(reason, str)
+    assert reason.startswith("drop_token_ratio > 0 with 992 experts: the sentinel expert would "
+                             "take vLLM's align op to 1024 padded experts")
+    assert triton_route(_parallel(), 992, 0.0).kind == UNCHANGED

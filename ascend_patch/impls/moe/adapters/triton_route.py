@@ -47,6 +47,15 @@ _SKIPS_MINUS_ONE = {
     "deepep_v2": "vLLM's own padding contract: the grouped router marks padding rows -1 for "
     "DeepEP v2 only (layer.py skip_padding) and the receiver keeps -1 (deepep_v2.py)",
 }
+# moe_align_block_size's CUDA op: one thread per expert, padded to 32, fewer than 1024
+# (TORCH_CHECK "padded_num_experts must be less than 1024").
+_ALIGN_LIMIT = 1024
+
+
+def _padded(num_experts: int) -> int:
+    return (num_experts + 31) // 32 * 32
+
+
 # Backends that all-gather every row (ids travel unchanged, the experts see the expert_map).
 _GATHERS = ("allgather_reducescatter", "naive")
 # Backends that are known to compute id -1 rows, with why.
@@ -92,15 +101,19 @@ def skip_map(layer_map: torch.Tensor | None, num_experts: int,
 def triton_route(parallel: Any, num_experts: int, drop_ratio: float) -> TritonRoute | str:
     """The route for one Triton layer, or why none skips its dropped rows (a refusal reason,
     only when drop_ratio > 0: with 0 nothing is dropped and vLLM's ids go through as given)."""
-    if not parallel.use_all2all_kernels:
-        return TritonRoute(EXPERT_MAP, "no all-to-all kernels: dropped rows go to the Triton "
-                           "experts as id E, which the extended expert_map maps to -1",
-                           num_experts)
     backend = str(parallel.all2all_backend)
-    if backend in _GATHERS:
-        return TritonRoute(EXPERT_MAP, f"all2all backend {backend} all-gathers every row: "
-                           "dropped rows are skipped by the experts (compute saved, not "
-                           "traffic)", num_experts)
+    if not parallel.use_all2all_kernels or backend in _GATHERS:
+        why = ("no all-to-all kernels" if not parallel.use_all2all_kernels else
+               f"all2all backend {backend} all-gathers every row (compute saved, not traffic)")
+        if _padded(num_experts + 1) >= _ALIGN_LIMIT and drop_ratio > 0:
+            return (f"drop_token_ratio > 0 with {num_experts} experts: the sentinel expert "
+                    f"would take vLLM's align op to {_padded(num_experts + 1)} padded experts "
+                    f"(it takes fewer than {_ALIGN_LIMIT}); dropped rows would still be "
+                    "computed (use drop_token_ratio: 0)")
+        if _padded(num_experts + 1) >= _ALIGN_LIMIT:
+            return TritonRoute(UNCHANGED, f"{why}, drop_token_ratio 0")
+        return TritonRoute(EXPERT_MAP, f"{why}: dropped rows go to the Triton experts as id "
+                           "E, which the extended expert_map maps to -1", num_experts)
     if backend in _SKIPS_MINUS_ONE:
         return TritonRoute(MINUS_ONE, f"all2all backend {backend}: {_SKIPS_MINUS_ONE[backend]}")
     why = _COMPUTES_MINUS_ONE.get(
