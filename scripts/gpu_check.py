@@ -55,7 +55,11 @@ from ascend_patch.impls.moe.adapters.triton_route import EXPERT_MAP, TritonRoute
 from ascend_patch.impls.moe.drop_step import DropStep  # noqa: E402
 from ascend_patch.impls.moe.options import CapacityOptions  # noqa: E402
 from ascend_patch.impls.moe.planner.capacity import plan_drops  # noqa: E402
-from ascend_patch.impls.moe.triton_align import moe_align_block_size  # noqa: E402
+from ascend_patch.impls.moe.triton_align import (  # noqa: E402
+    fused_moe_blocks,
+    moe_align_block_size,
+    moe_sum_op,
+)
 from ascend_patch.lab.routing_sim import deepseek_routing  # noqa: E402
 
 SEED_TOKENS = 8 * 3584  # the seed PR's batch: 8 prompts of 3.5K tokens
@@ -217,25 +221,9 @@ def triton_launcher(kernel: Any) -> Callable[..., None]:
 
 
 def emulated_launch(a, b, c, topk_weights, aligned, mul_routed_weight, top_k):
-    """What fused_moe_kernel computes, in torch (the dry run's stand-in, and the reference):
-    blocks of expert -1 write zeros, the others A[row // top_k] @ B[e].T (x weight)."""
-    sorted_ids, expert_ids, post_pad = aligned
-    block = CONFIG["BLOCK_SIZE_M"]
-    total = int(post_pad[0])
-    numel = a.size(0) * top_k
-    rows = sorted_ids[:total].to(torch.int64).reshape(-1, block)
-    experts = expert_ids[: total // block].to(torch.int64)
-    out = c.view(-1, c.size(-1))
-    for e in torch.unique(experts).tolist():
-        r = rows[experts == e].reshape(-1)
-        r = r[r < numel]
-        if e < 0:
-            out[r] = 0
-            continue
-        val = a[r // top_k].float() @ b[e].float().T
-        if mul_routed_weight:
-            val = val * topk_weights.reshape(-1)[r].float().unsqueeze(1)
-        out[r] = val.to(out.dtype)
+    """The dry run's stand-in for the kernel (triton_align.fused_moe_blocks)."""
+    fused_moe_blocks(a, b, c, topk_weights, *aligned, mul_routed_weight, top_k,
+                     CONFIG["BLOCK_SIZE_M"])
 
 
 # --------------------------------------------------------------------------------------
@@ -265,8 +253,8 @@ def rank_moe(launch, x, w13, w2, weights, handed_ids, expert_map, num_experts):
         return gemm1() + gemm2()
 
     kernels()
-    live = expert_map.to(torch.int64)[handed_ids.to(torch.int64)] >= 0
-    out = torch.where(live.unsqueeze(-1), cache3, torch.zeros_like(cache3)).sum(dim=1)
+    out = torch.empty(tokens, w2.size(1), dtype=x.dtype, device=x.device)
+    moe_sum_op(cache3, out, handed_ids, expert_map)
     return out, cache3, kernels
 
 
