@@ -2,6 +2,8 @@
 
     python scripts/gpu_check.py [--vllm-src DIR] [--tokens 28672] [--reps 7] [--json OUT]
     python scripts/gpu_check.py --cpu-dry-run      # small sizes on the CPU: code paths only
+    python scripts/gpu_check.py --cpu-dry-run --interpret --vllm-src DIR   # + vLLM's kernel,
+                                                   # run by Triton's interpreter on the CPU
 
 Needs torch with CUDA (and Triton for the kernel part); vLLM need not be installed. At the
 seed's scale by default: 8 x 3.5K tokens in one MoE call, top-8 of 256 experts
@@ -38,6 +40,7 @@ import ast
 import contextlib
 import inspect
 import json
+import os
 import statistics
 import sys
 import time
@@ -357,23 +360,30 @@ def kernel_figures(row: dict, launch, sizes: dict, tensors: dict, reps: int, dev
 def run(args: argparse.Namespace) -> dict:
     dry = args.cpu_dry_run
     device = torch.device("cpu" if dry else "cuda")
-    sizes = dict(DRY) if dry else {
+    sizes = {**DRY, "reps": args.reps or DRY["reps"]} if dry else {
         "tokens": args.tokens, "experts": args.experts, "top_k": args.top_k,
         "ep_size": args.ep_size, "hidden": args.hidden, "intermediate": args.intermediate,
-        "reps": args.reps, "skew": args.skew}
+        "reps": args.reps or 7, "skew": args.skew}
     if sizes["experts"] % sizes["ep_size"]:
         raise Refusal(f"--experts {sizes['experts']} is not a multiple of --ep-size "
                       f"{sizes['ep_size']}")
     launch, kernel_note = None, "not run: no --vllm-src"
     if args.vllm_src:
         path = kernel_source(args.vllm_src)
+        if args.interpret:
+            # Read by Triton when a function is decorated and again when it first launches
+            # (so for the rest of this process): the kernel then runs on CPU tensors.
+            os.environ["TRITON_INTERPRET"] = "1"
         try:
             kernel = load_kernel(path)
         except ImportError as exc:
             raise Refusal(f"--vllm-src needs Triton: {exc}") from None
-        if dry:
-            kernel_arguments(kernel, *_probe_arguments())  # refuses on an unknown signature
+        kernel_arguments(kernel, *_probe_arguments())  # refuses on an unknown signature
+        if dry and not args.interpret:
             launch, kernel_note = emulated_launch, f"torch emulation (dry run); {path} loaded"
+        elif dry:
+            launch = triton_launcher(kernel)
+            kernel_note = f"vLLM Triton kernel from {path}, Triton interpreter on the CPU"
         else:
             launch, kernel_note = triton_launcher(kernel), f"vLLM Triton kernel from {path}"
     routing = deepseek_routing(sizes["tokens"], sizes["skew"], ep_size=sizes["ep_size"],
@@ -399,8 +409,15 @@ def run(args: argparse.Namespace) -> dict:
     for ratio in args.ratios:
         row = drop_rows(ratio, sizes, weights, ids, sizes["reps"], device)
         if launch is not None:
-            row.update(kernel_figures(row, launch, sizes, tensors, sizes["reps"], device,
-                                      min(args.check_tokens, sizes["tokens"])))
+            try:
+                row.update(kernel_figures(row, launch, sizes, tensors, sizes["reps"], device,
+                                          min(args.check_tokens, sizes["tokens"])))
+            except Refusal:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a kernel of another vLLM tree, compiled here
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise Refusal(f"vLLM's kernel failed at r = {ratio:g}: "
+                              f"{type(exc).__name__}: {first}") from None
         del row["plan"]
         rows.append(row)
     base = rows[0]
@@ -463,6 +480,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="small sizes on the CPU: exercises the code paths, measures nothing")
     p.add_argument("--vllm-src", help="vLLM source tree (or its fused_moe.py) for the kernel")
+    p.add_argument("--interpret", action="store_true",
+                   help="with --cpu-dry-run: run vLLM's kernel in Triton's interpreter")
     p.add_argument("--tokens", type=int, default=SEED_TOKENS)
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--top-k", type=int, default=8)
@@ -471,7 +490,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--intermediate", type=int, default=2048)
     p.add_argument("--skew", default="r1", help="balanced, moderate, r1 or a max/mean")
     p.add_argument("--ratios", default="0,0.01,0.02,0.05,0.1")
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--reps", type=int, help="timed calls per figure (7; dry run 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-tokens", type=int, default=32,
                    help="tokens compared with the torch reference")
@@ -483,6 +502,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--ratios {args.ratios!r}: comma-separated numbers")
     if not args.ratios or args.ratios[0] != 0 or any(not 0 <= r <= 0.5 for r in args.ratios):
         p.error("--ratios must start with 0 (the baseline) and stay in [0, 0.5]")
+    if args.interpret and not (args.cpu_dry_run and args.vllm_src):
+        p.error("--interpret runs vLLM's kernel on the CPU: it needs --cpu-dry-run and "
+                "--vllm-src")
     if args.skew not in ("balanced", "moderate", "r1"):
         try:
             args.skew = float(args.skew)

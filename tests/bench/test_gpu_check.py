@@ -4,6 +4,9 @@ paths (the figures it prints on a GPU cannot be produced here: no GPU was lent).
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -101,3 +104,34 @@ def test_an_unknown_kernel_signature_is_refused():
     kernel = SimpleNamespace(fn=lambda a_ptr, b_ptr, NEW_FLAG: None)
     with pytest.raises(gpu_check.Refusal, match=r"does not know: \['NEW_FLAG'\]"):
         gpu_check.kernel_arguments(kernel, *gpu_check._probe_arguments())
+
+
+@pytest.mark.skipif(_installed_kernel_file() is None, reason="no vLLM source file + Triton")
+def test_vllms_real_kernel_in_tritons_interpreter_never_writes_a_dropped_slot(tmp_path):
+    """vLLM's own fused_moe_kernel (compiled from the installed fused_moe.py, run by Triton's
+    interpreter on the CPU) on what the adapter hands it: dropped slots stay NaN, the kept
+    rows match the torch reference. The align op is the emulation (vLLM's is CUDA C++)."""
+    out = tmp_path / "figures.json"
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cpu-dry-run", "--interpret", "--vllm-src",
+         str(_installed_kernel_file()), "--ratios", "0,0.1", "--reps", "1",
+         "--check-tokens", "8", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["kernel"].endswith("Triton interpreter on the CPU")
+    zero, tenth = result["rows"]
+    assert zero["dropped"] == 0 and tenth["dropped"] > 0 and tenth["dropped_here"] > 0
+    for row in result["rows"]:
+        assert row["dropped_written"] == 0
+        assert row["max_abs_err"] < 1e-4
+
+
+def test_interpret_needs_the_dry_run_and_a_source():
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.parse_args(["--interpret", "--vllm-src", "x"])
+    assert exc.value.code == 2
