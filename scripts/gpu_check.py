@@ -24,9 +24,10 @@ EP16 simulated on the one GPU (simulate_ep_size). For each drop ratio r it measu
    (adapters/triton_route.py: dropped rows as the sentinel expert, extended expert_map),
    aligned by the torch emulation of moe_align_block_size (triton_align.py: vLLM's CUDA
    align op is not built without vLLM). GEMM1 + GEMM2 kernel time (CUDA events around the
-   two launches; the emulated alignment, silu-and-mul and the top-k sum are not timed). The workspace is NaN-filled first: the dropped slots
-   must still be NaN afterwards (never written = never computed), and a sample of tokens is
-   compared with a torch reference.
+   two launches; the emulated alignment, silu-and-mul and the top-k sum are not timed).
+   The workspace is NaN-filled first: the dropped slots must still be NaN afterwards (never
+   written = never computed), and a sample of tokens is compared with a torch reference.
+   With --cpu-dry-run --interpret the same kernel runs in Triton's interpreter on the CPU.
 
 Prints one table with ratios against r = 0 measured in the same run. Without a CUDA GPU it
 exits 2 with one line (unless --cpu-dry-run). Never run on a GPU by its author (no GPU was
@@ -414,7 +415,7 @@ def run(args: argparse.Namespace) -> dict:
                                           min(args.check_tokens, sizes["tokens"])))
             except Refusal:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a kernel of another vLLM tree, compiled here
+            except Exception as exc:  # noqa: BLE001 - another tree's kernel, compiled here
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise Refusal(f"vLLM's kernel failed at r = {ratio:g}: "
                               f"{type(exc).__name__}: {first}") from None
