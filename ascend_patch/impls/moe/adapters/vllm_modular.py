@@ -23,9 +23,10 @@ forward runs once patched (0.32 file:line in docs/vllm-moe-internals.md):
 `make_process_weights_after_loading` puts CapacityExperts in place of 0.32's modular CPU
 experts class before the modular kernel is built, so weights keep vLLM's standard layout.
 On CUDA vLLM's Triton experts stay: `apply` hands them the dropped rows as an expert they
-skip (triton_route.py), or the layer is refused where no path skips them. vLLM 0.23's CPU backend has no modular kernel at all (a monolithic kernel
-that routes by itself): vllm_0_23_cpu_monolithic.py builds one for it and routes in `apply_monolithic`,
-then the rest is this module's. With `dispatch: all_to_all` (or `auto` under DP > 1 + EP)
+skip (triton_route.py), or the layer is refused where no path skips them. vLLM 0.23's CPU
+backend has no modular kernel at all (a monolithic kernel that routes by itself):
+vllm_0_23_cpu_monolithic.py builds one for it and routes in `apply_monolithic`, then the rest
+is this module's. With `dispatch: all_to_all` (or `auto` under DP > 1 + EP)
 the layer's kernel is rebuilt with the all-to-all prepare/finalize of transport/all_to_all_dispatch.py.
 The first drop step of a process compares the config digest and options over the EP group.
 The drop plan and the expert compute run as custom ops (custom_ops.py).
@@ -233,14 +234,17 @@ def process_weights_factory(
     experts_cls = state.experts_cls
     upstream = state.upstream
 
+    def keep_vllms(method: Any, layer: Any, name: str, reason: str) -> None:
+        setattr(method, TAKEN_OVER, False)
+        state.stats.layer_not_taken_over(name, reason)
+        logger.warning("moe.capacity: %s keeps vLLM's experts: %s", name, reason)
+        return original(method, layer)
+
     def process_weights_after_loading(self: Any, layer: Any) -> None:
         name = getattr(layer, "layer_name", type(layer).__name__)
         reason = _not_supported_reason(self, layer, upstream)
         if reason is not None:
-            setattr(self, TAKEN_OVER, False)
-            state.stats.layer_not_taken_over(name, reason)
-            logger.warning("moe.capacity: %s keeps vLLM's experts: %s", name, reason)
-            return original(self, layer)
+            return keep_vllms(self, layer, name, reason)
         if _is_triton(self, upstream):
             # CUDA: vLLM's Triton experts stay (one fused kernel, not a per-expert loop) and
             # are handed the dropped rows so that they skip them. Read from vLLM's source,
@@ -248,10 +252,7 @@ def process_weights_factory(
             route = triton_route(layer.moe_config.moe_parallel_config,
                                  layer.global_num_experts, state.options.drop_token_ratio)
             if isinstance(route, str):
-                setattr(self, TAKEN_OVER, False)
-                state.stats.layer_not_taken_over(name, route)
-                logger.warning("moe.capacity: %s keeps vLLM's experts: %s", name, route)
-                return original(self, layer)
+                return keep_vllms(self, layer, name, route)
             original(self, layer)
             setattr(self, TAKEN_OVER, TRITON)
             setattr(self, ROUTE, route)
