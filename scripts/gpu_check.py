@@ -116,9 +116,9 @@ def host_reads() -> Iterator[list[str]]:
         torch.Tensor.to = original_to
 
 
-def cuda_syncs(fn: Callable[[], Any]) -> int | None:
+def cuda_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
     """Synchronising CUDA ops during fn(), by torch's sync debug mode (None off CUDA)."""
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         return None
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
@@ -319,7 +319,7 @@ def drop_rows(ratio: float, sizes: dict, weights, ids, reps: int, device) -> dic
         "plan": plan,
         "step_s": timed(lambda: step(weights, ids), reps, device),
         "planner_s": timed(lambda: plan_drops(weights, ids, **plan_kwargs), reps, device),
-        "cuda_syncs": cuda_syncs(lambda: step(weights, ids)),
+        "cuda_syncs": cuda_syncs(lambda: step(weights, ids), device),
         "host_reads": len(reads),
         "host_read_kinds": sorted(set(reads)),
     }
