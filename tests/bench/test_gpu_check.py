@@ -83,6 +83,7 @@ def test_dry_run_drop_figures_match_the_planner():
     assert result["kernel"] == "not run: no --vllm-src"
 
 
+@pytest.mark.contract  # reads the installed vLLM line's own kernel source
 @pytest.mark.skipif(_installed_kernel_file() is None, reason="no vLLM source file + Triton")
 def test_dry_run_loads_vllms_kernel_and_the_kernel_path_skips_dropped_rows(capsys):
     path = _installed_kernel_file()
@@ -106,6 +107,7 @@ def test_an_unknown_kernel_signature_is_refused():
         gpu_check.kernel_arguments(kernel, *gpu_check._probe_arguments())
 
 
+@pytest.mark.contract  # reads the installed vLLM line's own kernel source
 @pytest.mark.skipif(_installed_kernel_file() is None, reason="no vLLM source file + Triton")
 def test_vllms_real_kernel_in_tritons_interpreter_never_writes_a_dropped_slot(tmp_path):
     """vLLM's own fused_moe_kernel (compiled from the installed fused_moe.py, run by Triton's
