@@ -125,6 +125,7 @@ UNIT = (
     "tests/test_light_venv.py",
     "tests/moe/test_layout.py",
     "tests/moe/test_planner_hook.py",
+    "tests/moe/test_triton_route.py",
 )
 TIERS = ("unit", "contract", "ascend", "e2e", "smoke", "slow")
 ASCEND = "tests/ascend/"

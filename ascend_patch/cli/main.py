@@ -255,7 +255,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         facts["torch_npu"] = f"not importable: {type(exc).__name__}: {exc}"
     if facts.get("cuda") == "available":
         facts["cuda note"] = ("moe.capacity on CUDA is UNVERIFIED: it has never run on a GPU "
-                              "(dropped rows are masked for vLLM's own Triton experts)")
+                              "(vLLM's Triton experts are handed dropped rows to skip; "
+                              "scripts/gpu_check.py measures it on a GPU)")
     table = Table(title="ascend-patch doctor", show_header=False)
     for key, value in facts.items():
         table.add_row(key, value)
