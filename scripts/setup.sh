@@ -75,7 +75,7 @@ setup_env() {
     "$venv/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec \
       >/dev/null 2>&1 || true
     touch "$venv/.ascend-patch-setup"
-  elif [[ $("$venv/bin/python" -P -c 'import ascend_patch, pathlib; print(pathlib.Path(ascend_patch.__file__).parent.parent)') != "$PWD" ]]; then
+  elif [[ $("$venv/bin/python" -P -c 'import ascend_patch, pathlib; print(pathlib.Path(ascend_patch.__file__).parent.parent)' 2>/dev/null) != "$PWD" ]]; then
     # Another clone made it: point the editable install here (seconds; no dependency changes).
     pip_in "$venv" install --quiet --no-deps -e .
   fi

@@ -94,14 +94,17 @@ UNIT = (
     "tests/moe/test_planner_edges.py",
     "tests/moe/test_backends.py",
     "tests/moe/test_npu_backend.py",
+    "tests/moe/test_fused_mc2_overflow.py",
     "tests/core/test_static_targets.py",
     "tests/core/test_source.py",
     "tests/ascend/test_dispatch_rules.py",
+    "tests/ascend/test_quant_ops.py",
     "tests/bench/",
     "tests/test_fuzz.py",
     "tests/cli/test_ab.py",
     "tests/cli/test_ab_server.py",
     "tests/cli/test_cli_args.py",
+    "tests/cli/test_plan_quantization.py",
     "tests/cli/test_schema.py",
     "tests/core/test_config.py",
     "tests/core/test_profiles.py",
@@ -122,6 +125,7 @@ UNIT = (
     "tests/test_light_venv.py",
     "tests/moe/test_layout.py",
     "tests/moe/test_planner_hook.py",
+    "tests/moe/test_triton_route.py",
 )
 TIERS = ("unit", "contract", "ascend", "e2e", "smoke", "slow")
 ASCEND = "tests/ascend/"

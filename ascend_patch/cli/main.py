@@ -112,8 +112,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                  f"(profiles: {', '.join(config.profiles) or 'none'})")
     profile = args.profile
     if args.model is not None:
-        profile = select(config, ModelInfo.from_name_or_path(args.model), args.profile)
+        # Planning another line than the installed one: match profiles against that line.
+        profile = select(config, ModelInfo.from_name_or_path(args.model), args.profile,
+                         stack.line if args.vllm_line else None)
     config = config.with_profile(profile)
+    quant = _model_quantization(args)
     checker = _checker(args, stack)
     check = args.check and checker.importable
     problems = live_problems(config) if check else {}
@@ -138,6 +141,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "options": patch.options.model_dump(mode="json"),
             "on_error": patch.on_error,
             "status": status,
+            "quantized_layers": _quantized_layers(patch, stack, quant),
         })
     if args.model is not None:
         chosen = f"profile {profile!r}" if profile else "no profile matches: base patches"
@@ -151,19 +155,68 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         out.print_json(json.dumps({"config": config.path, "digest": config.digest,
                                    "vllm_line": stack.line, "platform": stack.platform,
-                                   "profile": profile, "patches": rows}))
+                                   "profile": profile, "quantization": _quant_json(quant),
+                                   "patches": rows}))
     else:
         out.print(f"{config.stack.describe()}: {headline}")
+        if quant is not None:
+            schemes = ", ".join(quant.moe_schemes) or "not named"
+            out.print(f"quantization: {quant.method or 'unknown method'}, MoE scheme "
+                      f"{schemes} (from {quant.source})", markup=False)
         table = Table(title=f"{config.path} (sha256 {config.digest[:12]})")
-        for column in ("patch", "impl", "target", "options (after defaults)", "status"):
+        columns = ["patch", "impl", "target", "options (after defaults)", "status"]
+        layers = any(row["quantized_layers"] for row in rows)
+        for column in columns + (["quantized layers"] if layers else []):
             table.add_column(column, overflow="fold")
         for row in rows:
-            table.add_row(
-                row["name"], row["impl"], "\n".join(row["targets"].values()),
-                "\n".join(f"{k}={v}" for k, v in row["options"].items()) or "-", row["status"],
-            )
+            cells = [row["name"], row["impl"], "\n".join(row["targets"].values()),
+                     "\n".join(f"{k}={v}" for k, v in row["options"].items()) or "-",
+                     row["status"]]
+            table.add_row(*cells, *([row["quantized_layers"] or "-"] if layers else []))
         out.print(table)
     return EXIT_INVALID if any(r["status"].startswith("FAIL") for r in rows) else EXIT_OK
+
+
+def _model_quantization(args: argparse.Namespace):
+    """The model's quantization from --quantization and --model; a scheme name given to
+    --quantization must be one some implementation declares."""
+    from ascend_patch.core import catalog
+    from ascend_patch.core.model_quant import model_quantization
+
+    given = args.quantization
+    if given is not None and given.isupper():
+        known = sorted({name for impl in map(catalog.lookup, catalog.builtin_names())
+                        for site_set in impl.site_sets for name in site_set.quantized_layers or ()})
+        if given not in known:
+            raise ConfigError.single("--quantization", None, "", (
+                f"{given!r} is no quantization scheme the catalog knows (schemes: "
+                f"{', '.join(known)}; or give vLLM's method name, e.g. ascend)"))
+    return model_quantization(args.model, given)
+
+
+def _quantized_layers(patch, stack, quant) -> str | None:
+    """What the patch does with the model's quantized layers on the planned stack; None when
+    nothing is known of them or the implementation does not take layers over."""
+    site_set = patch.impl.site_set(stack.line, stack.platform)
+    if quant is None or site_set is None or site_set.quantized_layers is None:
+        return None
+    taken = site_set.quantized_layers
+    takes = "takes over unquantized layers " + (f"and {', '.join(taken)}" if taken else "only")
+    if not quant.moe_schemes:
+        if quant.method in taken:
+            return f"{quant.method}: taken over"
+        return f"scheme not named ({quant.method}): this stack {takes}"
+    return "; ".join(
+        f"{scheme}: taken over" if scheme in taken
+        else f"{scheme}: NOT taken over, runs unchanged (this stack {takes})"
+        for scheme in quant.moe_schemes)
+
+
+def _quant_json(quant) -> dict | None:
+    if quant is None:
+        return None
+    return {"method": quant.method, "moe_schemes": list(quant.moe_schemes),
+            "source": quant.source}
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -202,7 +255,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         facts["torch_npu"] = f"not importable: {type(exc).__name__}: {exc}"
     if facts.get("cuda") == "available":
         facts["cuda note"] = ("moe.capacity on CUDA is UNVERIFIED: it has never run on a GPU "
-                              "(dropped rows are masked for vLLM's own Triton experts)")
+                              "(vLLM's Triton experts are handed dropped rows to skip; "
+                              "scripts/gpu_check.py measures it on a GPU)")
     table = Table(title="ascend-patch doctor", show_header=False)
     for key, value in facts.items():
         table.add_row(key, value)
@@ -297,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.add_argument("--model", help="model directory or name: show the profile chosen for it")
     plan.add_argument("--profile", help="pin a profile, as ASCEND_PATCH_PROFILE does")
+    plan.add_argument("--quantization", metavar="METHOD|SCHEME",
+                      help="the model's quantization, when --model is not a directory that "
+                      "says it: vLLM's --quantization name (e.g. ascend) or a scheme (e.g. "
+                      "W8A8_DYNAMIC): shows whether its quantized layers are taken over")
     plan.add_argument("--no-check", dest="check", action="store_false",
                       help="do not import vLLM to check targets")
     _stack_arguments(plan)

@@ -34,12 +34,18 @@ class Site:
     `factory` is `module:function`; it is called as `factory(original, ctx)` with a
     `ascend_patch.core.context.PatchContext` (options, counters) and returns the
     replacement.
+
+    `optional`: the patch counts as applied without this site, which is installed when its
+    module is imported. For modules only some models import (a quantization method's): a
+    process that never imports them has nothing there to patch, and would otherwise report
+    the whole patch pending forever. Checked by `validate` like any other site.
     """
 
     target: str
     signature: str | None
     factory: str
     role: str = "main"
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,11 @@ class SiteSet:
     relies_on: tuple[Interface, ...] = ()
     provided: str = ""
     unsupported: str = ""
+    # For implementations that take model layers over: the quantization schemes (the
+    # platform's names, e.g. vllm-ascend's W8A8_DYNAMIC) whose layers the sites take over too;
+    # () unquantized layers only; None: layers' quantization does not matter (what `plan`
+    # says about a quantized model).
+    quantized_layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         kinds = [bool(self.sites), bool(self.provided), bool(self.unsupported)]

@@ -32,6 +32,7 @@ class PlannedSite:
     target: TargetRef
     signature: str | None
     factory: str
+    optional: bool = False  # catalog.Site.optional
 
 
 @dataclass(frozen=True)
@@ -432,5 +433,5 @@ def _plan_sites(
             return None
     for site in site_set.sites if site_set else ():
         ref = parsed.get(site.role) or parse_target(site.target)
-        sites.append(PlannedSite(site.role, ref, site.signature, site.factory))
+        sites.append(PlannedSite(site.role, ref, site.signature, site.factory, site.optional))
     return sites

@@ -67,6 +67,10 @@ class InstalledSite:
         return left
 
 
+def _all_required_applied(patch: PlannedPatch, record: PatchRecord) -> bool:
+    return all(s.role in record.applied_roles for s in patch.sites if not s.optional)
+
+
 def _describe(value: Any) -> str:
     func = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
     name = getattr(func, "__qualname__", None) or type(func).__name__
@@ -214,7 +218,7 @@ class Patcher:
             for site in patch.sites:
                 if site.target.module in sys.modules:
                     self._install(patch, site, record)
-            if len(record.applied_roles) == len(patch.sites):
+            if _all_required_applied(patch, record):
                 record.status = "applied"
             waiting = [s for s in patch.sites if s.role not in record.applied_roles]
             for site in waiting:
@@ -281,7 +285,7 @@ class Patcher:
                                 os.getpid(), patch.name, patch.impl.name, record.reason)
                     report.flush()
                     return
-                if len(record.applied_roles) == len(patch.sites):
+                if _all_required_applied(patch, record):
                     record.status = "applied"
                 log.info(
                     "ascend-patch [%s pid %d]: %s (%s) applied on import of %s -> %s",

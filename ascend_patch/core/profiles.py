@@ -26,7 +26,7 @@ from ascend_patch.core.errors import ConfigError, PatchError
 from ascend_patch.core.imports import WATCHER
 from ascend_patch.core.session import SESSION
 from ascend_patch.core.targets import parse_target, resolve
-from ascend_patch.core.versions import installed_vllm, version_matches
+from ascend_patch.core.versions import installed_vllm, lines_admitted, version_matches
 
 MODEL_CONFIG_HOOK = parse_target("vllm.config.vllm:VllmConfig.__post_init__")
 # (owner, attribute, original) of the installed hook, for unwatch_model_config().
@@ -48,30 +48,38 @@ class ModelInfo:
         config = Path(text) / "config.json"
         architectures: tuple[str, ...] = ()
         if config.is_file():
-            where = f"{shown} {text}: {config}"
-
-            def bad(line: int | None, message: str, key: str = "") -> ConfigError:
-                return ConfigError.single(where, line, key, message)
-
-            try:
-                data = json.loads(config.read_bytes()[: 16 << 20])
-            except OSError as exc:
-                raise bad(None, f"cannot read: {exc.strerror}") from None
-            except UnicodeDecodeError as exc:
-                raise bad(None, f"not UTF-8 text ({exc.reason})") from None
-            except json.JSONDecodeError as exc:
-                raise bad(exc.lineno, f"invalid JSON: {exc.msg}") from None
-            except RecursionError:
-                raise bad(None, "invalid JSON: nested too deeply") from None
-            if not isinstance(data, dict):
-                raise bad(None, "must be a JSON object")
+            data = read_json_object(config, f"{shown} {text}")
             found = data.get("architectures")
             if found is not None and not (
                 isinstance(found, list) and all(isinstance(a, str) for a in found)
             ):
-                raise bad(None, f"must be a list of names, not {found!r:.80}", "architectures")
+                raise ConfigError.single(f"{shown} {text}: {config}", None, "architectures",
+                                         f"must be a list of names, not {found!r:.80}")
             architectures = tuple(found or ())
         return cls(text, architectures)
+
+
+def read_json_object(path: Path, shown: str) -> dict:
+    """A model directory's JSON file as a dict; a ConfigError naming `shown` (the argument it
+    came from) and the file when it cannot be read or is not a JSON object."""
+    where = f"{shown}: {path}"
+
+    def bad(line: int | None, message: str) -> ConfigError:
+        return ConfigError.single(where, line, "", message)
+
+    try:
+        data = json.loads(path.read_bytes()[: 16 << 20])
+    except OSError as exc:
+        raise bad(None, f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise bad(None, f"not UTF-8 text ({exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise bad(exc.lineno, f"invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise bad(None, "invalid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise bad(None, "must be a JSON object")
+    return data
 
 
 def served_model(vllm_config) -> ModelInfo | None:
@@ -86,7 +94,9 @@ def served_model(vllm_config) -> ModelInfo | None:
     return ModelInfo(str(model_config.model), tuple(model_config.architectures or ()))
 
 
-def matches(profile: Profile, model: ModelInfo) -> bool:
+def matches(profile: Profile, model: ModelInfo, line: str | None = None) -> bool:
+    """Whether `profile` matches `model` served by the installed vLLM, or, given `line`, by
+    that vLLM line (what `plan --vllm-line` plans for)."""
     match = profile.spec.match
     if match is None:
         return False
@@ -96,6 +106,8 @@ def matches(profile: Profile, model: ModelInfo) -> bool:
         candidates = {model.name, model.name.rstrip("/").rsplit("/", 1)[-1]}
         if not any(fnmatch.fnmatchcase(c, match.model) for c in candidates):
             return False
+    if match.vllm is not None and line is not None:
+        return line in lines_admitted(match.vllm)
     if match.vllm is not None:
         vllm = installed_vllm()
         if vllm is None or not version_matches(vllm.version, match.vllm):
@@ -107,11 +119,14 @@ def _describe(model: ModelInfo) -> str:
     return f"model {model.name!r} (architectures: {', '.join(model.architectures) or 'unknown'})"
 
 
-def select(config: LoadedConfig, model: ModelInfo, pinned: str | None) -> str | None:
-    """The profile to use for `model`; None for the base patches. Raises on conflicts."""
+def select(config: LoadedConfig, model: ModelInfo, pinned: str | None,
+           line: str | None = None) -> str | None:
+    """The profile to use for `model` (served by the installed vLLM, or by vLLM `line`); None
+    for the base patches. Raises on conflicts."""
     if pinned is not None:
         profile = config.profiles[pinned]
-        if profile.spec.match is not None and not profile.spec.allow_unmatched and not matches(profile, model):
+        if profile.spec.match is not None and not profile.spec.allow_unmatched and not matches(
+                profile, model, line):
             raise ConfigError.single(
                 profile.file, profile.line, f"profiles.{pinned}",
                 f"pinned by ASCEND_PATCH_PROFILE but does not match {_describe(model)}; its match is "
@@ -119,7 +134,7 @@ def select(config: LoadedConfig, model: ModelInfo, pinned: str | None) -> str | 
                 "in the profile to allow this",
             )
         return pinned
-    chosen = [name for name, profile in config.profiles.items() if matches(profile, model)]
+    chosen = [name for name, profile in config.profiles.items() if matches(profile, model, line)]
     if len(chosen) > 1:
         first = config.profiles[chosen[0]]
         raise ConfigError.single(

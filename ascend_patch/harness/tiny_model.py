@@ -4,7 +4,8 @@ The weights are never written: vLLM runs it with `--load-format dummy` (random w
 is all the patcher's tests and demo need: real vLLM code paths at a size a 2-core CPU serves in
 seconds.
 
-    python scripts/make_tiny_model.py OUT_DIR [--arch deepseek_v3|mixtral|qwen2_moe]
+    python scripts/make_tiny_model.py OUT_DIR [--arch deepseek_v3|mixtral|qwen2_moe|
+                                                      mixtral_w8a8_int8]
     ascend-patch tiny-model OUT_DIR [--arch ...]
 """
 
@@ -90,6 +91,26 @@ CONFIGS = {
         "mlp_only_layers": [],
         "hidden_act": "silu",
         "rope_theta": 10000.0,
+    },
+}
+
+# A compressed-tensors W8A8 int8 checkpoint config (per-channel weights, dynamic per-token
+# activations) on the MoE experts only: vLLM makes them CompressedTensorsW8A8Int8MoEMethod.
+# With --load-format dummy the int8 weights stay uninitialised (vLLM's dummy loader fills only
+# floating-point tensors) and the scales are ones: a load-and-run shape, not a model.
+CONFIGS["mixtral_w8a8_int8"] = {
+    **CONFIGS["mixtral"],
+    "quantization_config": {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "config_groups": {"group_0": {
+            "targets": [r"re:.*block_sparse_moe\.experts.*"],
+            "weights": {"num_bits": 8, "type": "int", "symmetric": True,
+                        "strategy": "channel", "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "int", "symmetric": True,
+                                  "strategy": "token", "dynamic": True},
+        }},
+        "ignore": ["lm_head"],
     },
 }
 

@@ -69,7 +69,7 @@ def free_port() -> int:
 
 
 def run_ranks(source: Path, out_dir: Path, world: int = 2, timeout: float = 180,
-              line: str = "0.23") -> list[dict]:
+              line: str = "0.23", worker: Path = WORKER) -> list[dict]:
     """Start `world` worker processes on the release of vLLM `line` in `source`, wait for
     all, return each rank's saved results."""
     import torch
@@ -78,7 +78,7 @@ def run_ranks(source: Path, out_dir: Path, world: int = 2, timeout: float = 180,
     env = {**os.environ, "PYTHONPATH": str(WORKER.parents[3]), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(source), line, str(rank), str(world), str(port),
+            [sys.executable, str(worker), str(source), line, str(rank), str(world), str(port),
              str(out_dir)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
         )

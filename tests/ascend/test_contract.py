@@ -7,7 +7,9 @@ each rank applies the ascend site set with the real Patcher and runs vllm-ascend
 AscendFusedMoE.forward_impl -> select_experts -> MoECommMethod.fused_experts -> dispatcher ->
 unified_apply_mlp -> combine -> finalize, with torch_npu's ops emulated (emulation/npu_ops.py)
 and real all_to_all_single / all_gather over gloo. TP = EP = 2: on the all-to-all path each
-rank's rows are its own half of the tokens. The tests below check what the ranks recorded.
+rank's rows are its own half of the tokens. The same ranks then run layers with vllm-ascend's
+real W8A8_DYNAMIC and W4A8_DYNAMIC schemes (quantized ops: emulation/quant_ops.py). The tests
+below check what the ranks recorded.
 Nothing here runs on an NPU: op semantics come from CANN's documentation and vllm-ascend's
 own golden (see npu_ops.py).
 """
@@ -255,11 +257,11 @@ def test_mc2_fused_mc2_capture_and_lora_steps_keep_every_row(ranks, line):
         assert result["stats"]["ascend"]["kept_whole"] == {case: 1 for case in cases_kept}
 
 
-def test_quantized_layers_are_reported_not_taken_over(ranks):
+def test_a_method_that_is_not_vllm_ascends_is_reported_not_taken_over(ranks):
     for result in ranks:
         assert result["kept_whole"]["quantized_current"]
         reason = result["stats"]["layers_not_taken_over"]["model.layers.9.mlp.experts"]
-        assert reason.startswith("quantized MoE method")
+        assert reason.startswith("MoE method SimpleNamespace is neither")
 
 
 def test_enable_fused_mc2_with_drops_is_refused_naming_the_config_line(ranks, line):
@@ -277,3 +279,124 @@ def test_enable_fused_mc2_with_drops_is_refused_naming_the_config_line(ranks, li
 def test_config_is_checked_over_the_ep_group_once(ranks):
     for result in ranks:
         assert result["stats"]["config_checked_over_ranks"] == 2
+
+
+# -- quantized schemes (real W8A8_DYNAMIC / W4A8_DYNAMIC apply, emulated quant ops) ---------
+
+SCHEMES = ("W8A8_DYNAMIC", "W4A8_DYNAMIC")
+QUANT_LAYER = {"W8A8_DYNAMIC": "model.layers.11.mlp.experts",
+               "W4A8_DYNAMIC": "model.layers.12.mlp.experts"}
+
+
+@pytest.fixture(autouse=True)
+def _scheme_runs_on_this_release(request, line):
+    """A scheme's tests need its run on this release (contract_worker.RELEASES)."""
+    callspec = getattr(request.node, "callspec", None)
+    scheme = callspec.params.get("scheme") if callspec else None
+    if scheme and scheme not in worker.RELEASES[line].quant_schemes:
+        pytest.skip(f"{scheme} is not run on vllm-ascend {harness.RELEASES[line]} here "
+                    "(contract_worker.RELEASES says why)")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_layer_is_taken_over_and_its_row_names_the_scheme(ranks, scheme):
+    rows = [r["quant_stats"]["layers"][QUANT_LAYER[scheme]] for r in ranks]
+    assert rows[0] == rows[1]  # same cap, same counts on every rank
+    assert rows[0]["quant"] == scheme and rows[0]["rows_dropped"] > 0
+    assert rows[0]["calls"] == 2  # one all-to-all, one all-gather call
+    for result in ranks:
+        assert QUANT_LAYER[scheme] in result["quant_stats"]["layers_taken_over"]
+        assert result["quant_stats"]["layers"][LAYER]["quant"] == "unquantized"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_all_to_all_neither_quantizes_sends_nor_computes_dropped_rows(ranks, scheme):
+    for result in ranks:
+        seen = result["quant"][scheme]["all_to_all"]
+        ids = seen["dispatch_in"]["ids"]
+        keep = ids != UNSENT
+        assert int((~keep).sum()) > 0
+        scales, rows, combine = seen["a2a"]  # dynamic scales first, then the int8 rows
+        per_owner = torch.bincount(owner_of(ids[keep]), minlength=2).tolist()
+        assert scales["in_splits"] == rows["in_splits"] == per_owner
+        assert scales["rows_in"] == rows["rows_in"] == int(keep.sum())
+        assert seen["quant_rows"][0] == seen["permute"][0]["rows"] == int(keep.sum())
+        received = sum(rows["out_splits"])
+        assert scales["out_splits"] == rows["out_splits"] == combine["in_splits"]
+        assert seen["mlp_rows"] == seen["mlp_scales"] == [received]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_allgather_quantizes_and_computes_only_kept_local_rows(ranks, scheme):
+    for rank, result in enumerate(ranks):
+        seen = result["quant"][scheme]["allgather"]
+        ids = seen["dispatch_in"]["ids"]
+        assert (ids == -1).any() and not seen["dispatch_in"]["weights"][ids == -1].any()
+        (routing,) = seen["routing"]
+        assert routing["quant_mode"] == 1  # the dynamic quant fused into the routing op
+        local = ids[owner_of(ids) == rank] - rank * LOCAL
+        assert routing["expert_tokens"].tolist() == torch.bincount(
+            local.long(), minlength=LOCAL).tolist()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("path", ["all_to_all", "allgather"])
+def test_quantized_kept_rows_give_the_dropless_quantized_output(ranks, scheme, path):
+    """vllm-ascend's own dropless quantized path with weight 0 on the dropped rows: the same
+    routed output, bit for bit (quantization is per row, so a kept row quantizes alike)."""
+    for result in ranks:
+        seen = result["quant"][scheme][path]
+        assert torch.equal(seen["routed"], seen["dropless_kept"])
+        assert not torch.equal(seen["out"], result["quant_unpatched"][scheme][path])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_output_is_close_to_the_float_moe_of_the_kept_rows(ranks, scheme):
+    """The emulated int8 path against plain float math on the dequantized weights: within
+    the per-token activation quantization error."""
+    w13, w2 = ranks[0]["quant_weights"][scheme]
+    seen = [r["quant"][scheme]["all_to_all"] for r in ranks]
+    hidden = torch.cat([s["dispatch_in"]["hidden"] for s in seen]).float()
+    ids = torch.cat([s["dispatch_in"]["ids"] for s in seen])
+    weights = torch.cat([s["fused_in"]["weights"] for s in seen]).float()
+    expected = _float_moe(hidden, ids, weights * (ids != UNSENT), w13, w2)
+    out = ranks[0]["quant"][scheme]["all_to_all"]["out"].float()
+    assert float((out - expected).norm() / expected.norm()) < 0.03
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_ratio_zero_is_bit_identical_to_vllm_ascend(ranks, scheme):
+    for result in ranks:
+        for path in ("all_to_all", "allgather"):
+            assert torch.equal(result["quant_ratio0"][scheme][path],
+                               result["quant_unpatched"][scheme][path])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_rank_with_zero_rows_skips_the_mlp_and_gets_zeros(ranks, scheme):
+    zero, other = (r["quant"][scheme]["zero_rows"] for r in ranks)
+    for record in zero["a2a"]:  # scales, rows, combine: nothing either way
+        assert record["in_splits"] == [0, 0] and record["out_splits"] == [0, 0]
+    assert zero["quant_rows"] == [0]  # aclnnDynamicQuant documents empty input
+    assert zero["mlp_rows"] == []  # the strict gmm ops refuse empty input: never called
+    assert not zero["out"].any() and zero["out"].shape == zero["hidden"].shape
+    quant_type = {"W8A8_DYNAMIC": "W8A8", "W4A8_DYNAMIC": "W4A8"}[scheme]
+    assert ranks[0]["quant_stats"]["ascend"]["zero_row_mlp_skipped"][quant_type] == 1
+    # Planted bug: without the guard the (strict) quantized grouped matmul gets empty input.
+    assert zero["unguarded"].startswith("failed: empty x: not documented for ")
+    assert "zero_row_mlp_skipped" not in ranks[1]["quant_stats"]["ascend"]
+    assert other["a2a"][1]["out_splits"] == [0, int((other["ids"] != UNSENT).sum())]
+    w13, w2 = ranks[0]["quant_weights"][scheme]
+    expected = _float_moe(other["hidden"].float(), other["ids"], other["weights"].float(), w13, w2)
+    assert float((other["out"].float() - expected).norm() / expected.norm()) < 0.03
+
+
+def _float_moe(hidden, ids, weights, w13, w2):
+    out = torch.zeros_like(hidden)
+    for t in range(hidden.shape[0]):
+        for j in range(ids.shape[1]):
+            e, w = int(ids[t, j]), float(weights[t, j])
+            if 0 <= e < E and w != 0.0:
+                gate_up = hidden[t] @ w13[e]
+                out[t] += w * ((F.silu(gate_up[:worker.INTER]) * gate_up[worker.INTER:]) @ w2[e])
+    return out

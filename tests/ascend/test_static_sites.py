@@ -162,8 +162,21 @@ CHANGED_SIGNATURE_0_13 = (
         ("ascend_forward_context.py", "def select_moe_comm_method(",
          "def choose_moe_comm_method(",
          "relies on vllm_ascend.ascend_forward_context:select_moe_comm_method"),
+        # The quantized path: the wrapper every quantized scheme is reached through.
+        ("quantization/method_adapters.py",
+         "        mc2_mask: torch.Tensor | None = None,\n    ) -> torch.Tensor:\n"
+         "        return self.quant_method.apply(",
+         "        mc2_mask: torch.Tensor | None = None,\n        tid2eid=None,\n"
+         "    ) -> torch.Tensor:\n        return self.quant_method.apply(",
+         "vllm_ascend.quantization.method_adapters:AscendFusedMoEMethod.apply"),
+        # The zero-row guard's site.
+        ("ops/fused_moe/moe_comm_method.py",
+         "    def _apply_mlp(self, mlp_compute_input: MoEMlpComputeInput)",
+         "    def _apply_mlp(self, mlp_compute_input: MoEMlpComputeInput, stream=None)",
+         "MoECommMethod._apply_mlp has signature (self, mlp_compute_input, stream=…)"),
     ],
-    ids=["changed-signature", "renamed-interface"],
+    ids=["changed-signature", "renamed-interface", "quantized-wrapper-signature",
+         "quantized-mlp-site-signature"],
 )
 def test_validate_fails_on_a_mutated_copy(mutable_source, line, capsys, path, old, new,
                                           message):

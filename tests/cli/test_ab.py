@@ -318,9 +318,10 @@ def test_engine_that_dies_fails_at_once_with_its_log(tmp_path):
 
 
 @pytest.mark.vllm
-def test_stock_arm_agrees_with_dropless_arm_in_the_real_engine(tmp_path, write_config, tiny_model):
-    # Two engines only (each start is most of the cost on the 2-core CI machine): drops in a
-    # real engine, and their report, are checked by tests/e2e/test_ab_servers.py.
+def test_stock_dropless_and_dropping_arms_in_the_real_engine(tmp_path, write_config, tiny_model):
+    # moe.capacity in the real engine (tiny DeepseekV3: sigmoid grouped routing, a shared
+    # expert): stock vLLM, r = 0 and r = 0.1 in three engines, the fewest that show it (each
+    # start is most of the cost on the 2-core CI machine).
     config = write_config("""
         version: 1
         patches:
@@ -329,17 +330,17 @@ def test_stock_arm_agrees_with_dropless_arm_in_the_real_engine(tmp_path, write_c
             options: {min_tokens: 0}
     """)
     out = subprocess.run(
-        [sys.executable, "-m", "ascend_patch", "ab", str(config), "--stock", "--ratios", "0",
+        [sys.executable, "-m", "ascend_patch", "ab", str(config), "--stock", "--ratios", "0,0.1",
          "--model", str(tiny_model), "--num-prompts", "4", "--prompt-len", "64", "--max-tokens",
          "4", "--repeats", "2", "--out", str(tmp_path / "ab")],
         capture_output=True, text=True, timeout=560,  # inside pytest's 600 s: the log is shown
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((tmp_path / "ab" / "ab.json").read_text())
-    stock, dropless = summary["arms"]
-    assert [a["label"] for a in summary["arms"]] == ["stock", "r=0"]
-    assert [len(a["samples"]) for a in summary["arms"]] == [2, 2]
-    assert [len(a["warmup_samples"]) for a in summary["arms"]] == [1, 1]
+    stock, dropless, dropping = summary["arms"]
+    assert [a["label"] for a in summary["arms"]] == ["stock", "r=0", "r=0.1"]
+    assert [len(a["samples"]) for a in summary["arms"]] == [2, 2, 2]
+    assert [len(a["warmup_samples"]) for a in summary["arms"]] == [1, 1, 1]
     # Unpatched vLLM and moe.capacity at r=0 give the same greedy tokens on every prompt.
     assert (dropless["exact_match_rate"], dropless["token_agreement"]) == (1.0, 1.0)
     assert dropless["repeats_identical"] and stock["repeats_identical"]
@@ -347,6 +348,12 @@ def test_stock_arm_agrees_with_dropless_arm_in_the_real_engine(tmp_path, write_c
     assert dropless["rows_dropped"] == 0 and dropless["rows_routed"] > 0
     moe = dropless["report"]["patches"]["moe"]
     assert "applied" in moe["status"].values() and moe["options"]["drop_token_ratio"] == 0.0
+    # The first layer is dense (first_k_dense_replace: 1): one MoE layer, taken over, and
+    # at r = 0.1 at most a tenth of its routed rows dropped.
+    assert list(dropless["layers"]) == list(dropping["layers"]) == ["model.layers.1.mlp.experts"]
+    assert dropless["layers"]["model.layers.1.mlp.experts"]["drop_fraction"] == 0
+    assert 0 < dropping["rows_dropped"] <= int(0.1 * dropping["rows_routed"])
+    assert 0 < dropping["layers"]["model.layers.1.mlp.experts"]["drop_fraction"] <= 0.1
     # Perplexity of the prompts from prompt logprobs, for both arms.
     assert all(a["perplexity"] > 1 and a["perplexity_tokens"] == 4 * 63 for a in summary["arms"])
     assert all(0 < s["cpu_share"] for a in summary["arms"] for s in a["samples"])

@@ -11,7 +11,7 @@ from ascend_patch.core.profiles import ModelInfo, select
 from tests.stack import LINE
 
 # vLLM 0.23 is vllm-ascend's line: DeepSeek-V3 gets the Ascend EP16 profile there.
-DEEPSEEK = {"0.32": "deepseek-v3-ep16-prefill", "0.23": "deepseek-v3-ascend-ep16-prefill"}[LINE]
+DEEPSEEK = {"0.32": "deepseek-v3-ep16-prefill", "0.23": "deepseek-v3-a3-ep16-prefill-0.23"}[LINE]
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 

@@ -202,6 +202,30 @@ def test_multi_site_patch_applies_both(write_config, toy_module):
     assert (module.greet("h"), module.Greeter().greet("h")) == ("patched:hello h", "patched:hi h")
 
 
+def test_a_patch_is_applied_without_its_optional_sites(write_config, toy_module, tmp_path):
+    """An optional site (a quantization method's module, say) waits for its module; the
+    patch is applied meanwhile, and stays applied once that module arrives."""
+    module = importlib.import_module(toy_module)
+    later = f"{toy_module}_later"
+    (tmp_path / f"{later}.py").write_text(
+        "class Greeter:\n    def greet(self, name):\n        return 'hi ' + name\n")
+    path = write_config(
+        TOY_HEADER + "patches:\n"
+        "  - name: opt\n    impl: tests.fixtures.toy_impls:WITH_OPTIONAL\n"
+        f"    target: {{function: '{toy_module}:greet', method: '{later}:Greeter.greet'}}\n"
+    )
+    try:
+        (record,) = PATCHER.apply(load_config(path))
+        assert later not in sys.modules
+        assert (record.status, record.applied_roles) == ("applied", ["function"])
+        assert module.greet("i") == "patched:hello i"
+        imported = importlib.import_module(later)
+        assert (record.status, record.applied_roles) == ("applied", ["function", "method"])
+        assert imported.Greeter().greet("i") == "patched:hi i"
+    finally:
+        sys.modules.pop(later, None)
+
+
 def test_missing_target_attribute(write_config, toy_module):
     importlib.import_module(toy_module)
     config = config_for(write_config, patch("f", "FUNCTION", f"{toy_module}:Greeter.nope"))

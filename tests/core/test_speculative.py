@@ -15,7 +15,7 @@ from tests.stack import LINE
 
 PROD = Path(__file__).resolve().parents[2] / "configs" / "prod.yaml"
 # prod.yaml gives DeepSeek-V3 one profile per vLLM line (0.23 is vllm-ascend's).
-DEEPSEEK_PROFILE = {"0.23": "deepseek-v3-ascend-ep16-prefill",
+DEEPSEEK_PROFILE = {"0.23": "deepseek-v3-a3-ep16-prefill-0.23",
                     "0.32": "deepseek-v3-ep16-prefill"}[LINE]
 
 

@@ -21,8 +21,24 @@ patches:
 """
 
 
-def test_ops_patches_apply_in_every_process_and_keep_tokens(tiny_model, tmp_path, write_config):
-    config = write_config(OPS_CONFIG)
+# One engine checks both the ops patches and the profile choice (each engine start is most of
+# a test's cost on the 2-core CI machine): the served model's profile disables a third patch.
+PROFILES = """
+  - name: moe
+    impl: moe.capacity
+profiles:
+  mixtral:
+    match: {architectures: [MixtralForCausalLM]}
+  deepseek:
+    match: {architectures: [DeepseekV3ForCausalLM], model: "tiny*"}
+    patches:
+      moe: {enabled: false}
+"""
+
+
+def test_ops_patches_apply_in_every_process_under_the_served_models_profile(
+        tiny_model, tmp_path, write_config):
+    config = write_config(OPS_CONFIG + PROFILES.lstrip("\n"))
     baseline = run_offline(tiny_model, PROMPTS, tmp_path)
     patched = run_offline(tiny_model, PROMPTS, tmp_path, config=config, report_dir=tmp_path / "reports")
     assert baseline.returncode == 0, baseline.log[-4000:]
@@ -35,11 +51,14 @@ def test_ops_patches_apply_in_every_process_and_keep_tokens(tiny_model, tmp_path
     assert set(reports) == {"MainProcess", "EngineCore", "VllmWorker-0"}
     digest = load_config(config).digest
     assert {r["digest"] for r in reports.values()} == {digest}
+    assert {role: r["profile"] for role, r in reports.items()} == {
+        "MainProcess": "deepseek", "EngineCore": "deepseek", "VllmWorker-0": "deepseek"}
     worker = reports["VllmWorker-0"]
     for name in ("rms", "swiglu"):
         entry = patch_in(worker, name)
         assert entry["status"] == "applied"
         assert entry["stats"]["calls"] > 0
+    assert patch_in(worker, "moe")["status"] == "disabled"
     # The front-end process never builds the model nor imports the layers (on either line):
     # the lazy patch waits there.
     assert patch_in(reports["MainProcess"], "rms")["status"] == "pending"
@@ -65,26 +84,6 @@ def test_lazy_signature_failure_stops_the_worker(tiny_model, tmp_path, write_con
         f"{config}:6: patch 'swiglu': target vllm.model_executor.layers.activation:SiluAndMul.forward_cpu "
         f"has signature {live}, but ops.silu_and_mul expects (x)"
     ) in run.log
-
-
-def test_profile_is_chosen_from_the_served_model(tiny_model, tmp_path, write_config):
-    config = write_config(OPS_CONFIG + """
-profiles:
-  mixtral:
-    match: {architectures: [MixtralForCausalLM]}
-  deepseek:
-    match: {architectures: [DeepseekV3ForCausalLM], model: "tiny*"}
-    patches:
-      swiglu: {enabled: false}
-""")
-    run = run_offline(tiny_model, PROMPTS, tmp_path, config=config, report_dir=tmp_path / "reports")
-    assert run.returncode == 0, run.log[-4000:]
-    reports = reports_by_role(tmp_path / "reports")
-    assert {role: r["profile"] for role, r in reports.items()} == {
-        "MainProcess": "deepseek", "EngineCore": "deepseek", "VllmWorker-0": "deepseek"}
-    worker = reports["VllmWorker-0"]
-    assert patch_in(worker, "rms")["status"] == "applied"
-    assert patch_in(worker, "swiglu")["status"] == "disabled"
 
 
 @pytest.mark.skipif(

@@ -67,3 +67,16 @@ def test_exported_layers_feed_their_series_with_this_ranks_rows():
     assert data["metrics"] == {
         "L": {"dp_rank": 1, "process": "worker-dp1-tp0-ep1", "writes_rows": True}}
     assert data["rows_dropped"] == 10  # the report keeps the global counts
+
+
+def test_a_layer_named_with_its_quantization_scheme_carries_it_in_its_row():
+    data: dict = {}
+    stats = CapacityStats(data, log_interval=0)
+    stats.layer_quant("a", "W8A8_DYNAMIC")  # before its first call
+    stats.record("a", plan(8, 2, 8, 2))
+    stats.record("b", plan(8, 0, 8, 0))
+    stats.layer_quant("b", "unquantized")  # after it
+    assert data["layers"]["a"]["quant"] == "W8A8_DYNAMIC"
+    assert data["layers"]["b"]["quant"] == "unquantized"
+    stats.record("c", plan(8, 0, 8, 0))
+    assert "quant" not in data["layers"]["c"]  # vLLM-platform layers name none

@@ -85,6 +85,16 @@ class CapacityOptions(BaseModel):
             "or EPLB, 'auto' keeps vLLM's path and 'all_to_all' is refused."
         ),
     )
+    fused_mc2_overflow: StrictBool = Field(
+        True,
+        description=(
+            "vllm-ascend with enable_fused_mc2: 1 only: on every eager FUSED_MC2 step, count "
+            "per layer and receiving EP rank the (token, expert) rows past "
+            "mega_moe_max_tokens, which dispatch_ffn_combine truncates silently (report, "
+            "/metrics, a warning per log interval). Costs one all-gather of E int64 over the "
+            "EP group and one host read per MoE layer call; works with drop_token_ratio 0."
+        ),
+    )
     log_interval: StrictInt = Field(
         0,
         ge=0,

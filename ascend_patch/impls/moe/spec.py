@@ -56,8 +56,9 @@ vLLM 0.23 has the same modular-kernel interfaces (declared below as relied-on, c
 the loader and `validate`), but its CPU backend is a monolithic kernel that routes by itself:
 adapters/vllm_0_23_cpu_monolithic.py takes over `apply_monolithic` there (a third site).
 
-Only unquantized MoE is covered: quantized methods (Fp8MoEMethod, ...) have their own
-`apply`.
+Quantized MoE on vLLM 0.32: W8A8 int8 (online `experts_int8` and compressed-tensors) on CPU,
+adapters/vllm_int8_cpu.py (three more sites, below). Other quantized methods (Fp8MoEMethod,
+...) have their own `apply` and keep every row.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ import dataclasses
 
 from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet, no_ascend_release
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.schemes import ASCEND_0_23_MOE_SCHEMES
 from ascend_patch.impls.moe.spec_releases import ascend_0_13, ascend_0_18
 
 _FM = "vllm.model_executor.layers.fused_moe"
@@ -74,6 +76,7 @@ _MK = f"{_FM}.modular_kernel"
 _MODULAR = "ascend_patch.impls.moe.adapters.vllm_modular"
 _CPU_0_23 = "ascend_patch.impls.moe.adapters.vllm_0_23_cpu_monolithic"
 _ASCEND_0_23 = "ascend_patch.impls.moe.adapters.ascend_0_23"
+_FUSED_MC2 = "ascend_patch.impls.moe.adapters.ascend_fused_mc2"
 
 
 def _apply_site() -> Site:
@@ -167,6 +170,68 @@ _MODULAR_INTERFACES = (
               "is_cpu(): the CPU platform never captures graphs"),
 )
 
+# vLLM 0.32's W8A8 int8 MoE (adapters/vllm_int8_cpu.py: which methods lead there and why the
+# CPU int8 experts are replaced). Sites and what they rely on, 0.32 file:line. Optional: only
+# int8 models import these modules (an unquantized run never does, and is applied without).
+_INT8 = "ascend_patch.impls.moe.adapters.vllm_int8_cpu"
+_QUANT = "vllm.model_executor.layers.quantization"
+_INT8_APPLY_SIGNATURE = (
+    "(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)"
+)
+_INT8_SITES = (
+    # oracle/int8.py:103, called by both int8 methods' __init__ (imported by name there:
+    # the patcher rebinds those copies).
+    Site(
+        target=f"{_FM}.oracle.int8:select_int8_moe_backend",
+        signature="(config, weight_key=…, activation_key=…)",
+        factory=f"{_INT8}:make_select_int8_moe_backend",
+        role="int8_select",
+        optional=True,
+    ),
+    # online/moe_base.py:169: Int8OnlineMoEMethod's apply (shared by every online MoE method;
+    # only layers whose experts are ours drop).
+    Site(
+        target=f"{_QUANT}.online.moe_base:OnlineMoEMethodBase.apply",
+        signature=_INT8_APPLY_SIGNATURE,
+        factory=f"{_INT8}:make_apply",
+        role="int8_apply_online",
+        optional=True,
+    ),
+    # compressed_tensors_moe_w8a8_int8.py:248.
+    Site(
+        target=f"{_QUANT}.compressed_tensors.compressed_tensors_moe."
+        "compressed_tensors_moe_w8a8_int8:CompressedTensorsW8A8Int8MoEMethod.apply",
+        signature=_INT8_APPLY_SIGNATURE,
+        factory=f"{_INT8}:make_apply",
+        role="int8_apply_compressed_tensors",
+        optional=True,
+    ),
+)
+_INT8_INTERFACES = (
+    Interface(f"{_FM}.oracle.int8:Int8MoeBackend", None,
+              "CPU: the backend our selection reports (no weight conversion for it)"),
+    Interface(f"{_QUANT}.utils.quant_utils:kInt8StaticChannelSym", None,
+              "the weight key of the W8A8 scheme the int8 experts compute"),
+    Interface(f"{_QUANT}.utils.quant_utils:kInt8DynamicTokenSym", None,
+              "the activation key of that scheme"),
+    Interface(
+        f"{_FM}.experts.cpu_moe:CPUExpertsInt8.apply",
+        "(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, "
+        "global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2, "
+        "expert_tokens_meta, apply_router_weight_on_input)",
+        "the experts replaced: fused_experts_cpu INT8_W8A8, whose arithmetic "
+        "experts/int8_backend.py reproduces",
+        key="CPUExpertsInt8_apply",
+    ),
+    Interface(
+        f"{_QUANT}.online.int8:Int8OnlineMoEMethod.process_weights_after_loading",
+        "(self, layer)",
+        "quantises per channel, builds the kernel, then calls our experts' "
+        "process_weights_after_loading (layer registration)",
+        key="Int8OnlineMoEMethod_process_weights",
+    ),
+)
+
 # vLLM 0.23's CPU backend (adapters/vllm_0_23_cpu_monolithic.py).
 _CPU_0_23_INTERFACES = (
     Interface(
@@ -210,8 +275,14 @@ IMPLEMENTATIONS = {
         site_sets=(
             SiteSet(
                 lines=("0.32",),
-                sites=(_apply_site(), _weights_site(f"{_MODULAR}:make_process_weights_after_loading")),
-                relies_on=_MODULAR_INTERFACES,
+                sites=(
+                    _apply_site(),
+                    _weights_site(f"{_MODULAR}:make_process_weights_after_loading"),
+                    *_INT8_SITES,
+                ),
+                relies_on=_MODULAR_INTERFACES + _INT8_INTERFACES,
+                # vLLM's --quantization names (plan matches a model's method against them).
+                quantized_layers=("experts_int8", "compressed-tensors W8A8 int8"),
             ),
             SiteSet(
                 lines=("0.23",),
@@ -228,6 +299,7 @@ IMPLEMENTATIONS = {
                     ),
                 ),
                 relies_on=_MODULAR_INTERFACES + _CPU_0_23_INTERFACES,
+                quantized_layers=(),
             ),
             # vllm-ascend 0.23.0.post1 (adapters/ascend_0_23.py: hooks, MC2 decision, file:line).
             SiteSet(
@@ -274,6 +346,25 @@ IMPLEMENTATIONS = {
                         factory=f"{_ASCEND_0_23}:make_all_to_all_combine_postprocess",
                         role="a2a_combine",
                     ),
+                    # moe_comm_method.py:174: a rank that received zero rows does not hand
+                    # the quantized MLP ops an empty input (undocumented in CANN).
+                    Site(
+                        target="vllm_ascend.ops.fused_moe.moe_comm_method:"
+                        "MoECommMethod._apply_mlp",
+                        signature="(self, mlp_compute_input)",
+                        factory=f"{_ASCEND_0_23}:make_apply_mlp",
+                        role="quant_mlp_zero_rows",
+                    ),
+                    # moe_comm_method.py:286: FUSED_MC2 bypasses build_token_dispatch_input;
+                    # its kernel truncates rows past mega_moe_max_tokens (CM:310-327):
+                    # counted here, the call unchanged (adapters/ascend_fused_mc2.py).
+                    Site(
+                        target="vllm_ascend.ops.fused_moe.moe_comm_method:FusedMC2CommImpl."
+                        "fused_experts",
+                        signature="(self, fused_experts_input)",
+                        factory=f"{_FUSED_MC2}:make_fused_experts",
+                        role="fused_mc2",
+                    ),
                 ),
                 relies_on=(
                     Interface(
@@ -283,10 +374,15 @@ IMPLEMENTATIONS = {
                         "the step's dispatcher",
                     ),
                     Interface(
-                        "vllm_ascend.ops.fused_moe.moe_comm_method:FusedMC2CommImpl."
-                        "fused_experts",
-                        "(self, fused_experts_input)",
-                        "FUSED_MC2 bypasses build_token_dispatch_input: its steps keep every row",
+                        "vllm_ascend.ops.fused_moe.moe_comm_method:FusedMC2CommImpl.__init__",
+                        "(self, moe_config)",
+                        "moe_config.num_local_experts: the kernel's experts per rank "
+                        "(its expert_token_nums, CM:270-275)",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.moe_stage_params:MoERoutingParams", None,
+                        "log2phy and mc2_mask: the ids and active tokens dispatch_ffn_combine "
+                        "gets on FUSED_MC2 steps",
                     ),
                     Interface(
                         "vllm_ascend.ops.fused_moe.moe_comm_method:AlltoAllCommImpl", None,
@@ -307,7 +403,33 @@ IMPLEMENTATIONS = {
                     Interface(
                         "vllm_ascend.ops.fused_moe.fused_moe:AscendUnquantizedFusedMoEMethod",
                         None,
-                        "only layers with this (unquantized) method are taken over",
+                        "the unquantized method: taken over",
+                    ),
+                    Interface(
+                        "vllm_ascend.quantization.method_adapters:AscendFusedMoEMethod",
+                        None,
+                        "the wrapper of every quantized MoE scheme (quant_method = the "
+                        "scheme); apply forwards to the scheme's apply",
+                    ),
+                    Interface(
+                        "vllm_ascend.quantization.method_adapters:AscendFusedMoEMethod.apply",
+                        "(self, layer, x, router_logits, top_k, renormalize, "
+                        "use_grouped_topk=…, num_experts=…, expert_map=…, topk_group=…, "
+                        "num_expert_group=…, custom_routing_function=…, scoring_func=…, "
+                        "routed_scaling_factor=…, e_score_correction_bias=…, is_prefill=…, "
+                        "enable_force_load_balance=…, log2phy=…, "
+                        "global_redundant_expert_num=…, pertoken_scale=…, activation=…, "
+                        "apply_router_weight_on_input=…, mc2_mask=…)",
+                        "forwards to the scheme, whose apply ends in fused_experts",
+                        key="AscendFusedMoEMethod_apply",
+                    ),
+                    Interface(
+                        "vllm_ascend.quantization.methods.registry:_SCHEME_REGISTRY", None,
+                        "(scheme name, layer type) -> class: names the layer's scheme",
+                    ),
+                    Interface(
+                        "vllm_ascend.quantization.quant_type:QuantType", None,
+                        "W8A8, W4A8, W4A16: the schemes whose zero-row MLP call is skipped",
                     ),
                     Interface(
                         "vllm_ascend.ascend_forward_context:select_moe_comm_method",
@@ -400,7 +522,8 @@ IMPLEMENTATIONS = {
                     ),
                     Interface(
                         "vllm_ascend.ascend_config:get_ascend_config", "()",
-                        "enable_fused_mc2 (refused with drops on A3)",
+                        "enable_fused_mc2 (refused with drops on A3) and mega_moe_max_tokens "
+                        "(dispatch_ffn_combine's max_output_size, counted on FUSED_MC2 steps)",
                     ),
                     Interface(
                         "vllm_ascend.utils:get_ascend_device_type", "()",
@@ -428,6 +551,8 @@ IMPLEMENTATIONS = {
                         "size of the group the config check ran over",
                     ),
                 ),
+                # Every registered MoE scheme reaches build_token_dispatch_input (schemes.py).
+                quantized_layers=ASCEND_0_23_MOE_SCHEMES,
             ),
             no_ascend_release("0.32"),
         ),

@@ -26,6 +26,8 @@ from ascend_patch.core.catalog import Interface, Site, SiteSet
 _FUSED_MOE = "vllm_ascend.ops.fused_moe"
 _F23 = f"{_FUSED_MOE}.fused_moe_0_23_0:"
 _FM = f"{_FUSED_MOE}.fused_moe:"
+_TD = f"{_FUSED_MOE}.token_dispatcher:"
+_CM = f"{_FUSED_MOE}.moe_comm_method:"
 
 
 def carried_over(
@@ -36,10 +38,13 @@ def carried_over(
     signatures: dict[str, str | None],
     dropped: frozenset[str],
     added: tuple[Interface, ...] = (),
+    factories: dict[str, str] | None = None,
 ) -> SiteSet:
     """`site_set` for other lines: targets renamed (`moved`: old prefix or target -> new),
-    signatures replaced (by new target), interfaces left out (by old target), some added.
-    Sites are never dropped: a site set without one of its sites is a different design."""
+    signatures replaced (by new target), interfaces left out (by old target), some added,
+    site factories replaced (by new target). Sites are never dropped: a site set without one
+    of its sites is a different design."""
+    factories = factories or {}
 
     def target(old: str) -> str:
         for prefix, new in moved.items():
@@ -57,7 +62,8 @@ def carried_over(
     return replace(
         site_set,
         lines=lines,
-        sites=tuple(edited(s) for s in site_set.sites),
+        sites=tuple(replace(site, factory=factories.get(site.target, site.factory))
+                    for site in map(edited, site_set.sites)),
         relies_on=tuple(edited(i) for i in site_set.relies_on if i.target not in dropped)
         + added,
     )
@@ -81,6 +87,13 @@ def ascend_0_18(site_set_0_23: SiteSet) -> SiteSet:
                 "expert_map=…, apply_router_weight_on_input=…, activation=…, "
                 "enable_force_load_balance=…, log2phy=…, global_redundant_expert_num=…, "
                 "pertoken_scale=…, mc2_mask=…)",
+            "vllm_ascend.quantization.method_adapters:AscendFusedMoEMethod.apply":
+                "(self, layer, x, router_logits, top_k, renormalize, use_grouped_topk=…, "
+                "global_num_experts=…, expert_map=…, topk_group=…, num_expert_group=…, "
+                "custom_routing_function=…, scoring_func=…, routed_scaling_factor=…, "
+                "e_score_correction_bias=…, is_prefill=…, enable_force_load_balance=…, "
+                "log2phy=…, global_redundant_expert_num=…, pertoken_scale=…, activation=…, "
+                "apply_router_weight_on_input=…, mc2_mask=…)",
         },
         dropped=frozenset({
             # torch_npu's own op there (token_dispatcher.py:381), not a vllm-ascend symbol.
@@ -88,6 +101,9 @@ def ascend_0_18(site_set_0_23: SiteSet) -> SiteSet:
             # FUSED_MC2 is switched by the environment in 0.18.0 (env_variables below).
             "vllm_ascend.ascend_config:get_ascend_config",
         }),
+        # Its fused_experts takes _apply_mlp's output alone (moe_comm_method.py:144).
+        factories={f"{_CM}MoECommMethod._apply_mlp":
+                   "ascend_patch.impls.moe.adapters.ascend_0_23:make_apply_mlp_tensor"},
         added=(
             Interface(
                 "vllm_ascend.envs:env_variables", None,
@@ -99,8 +115,6 @@ def ascend_0_18(site_set_0_23: SiteSet) -> SiteSet:
 
 
 
-_TD = f"{_FUSED_MOE}.token_dispatcher:"
-_CM = f"{_FUSED_MOE}.moe_comm_method:"
 _TOKEN_DISPATCH = ("(self, hidden_states, topk_weights, topk_ids, expert_map=…, "
                    "global_redundant_expert_num=…, mc2_mask=…, apply_router_weight_on_input=…, "
                    "with_quant=…, dynamic_eplb=…, pertoken_scale=…)")
@@ -150,6 +164,13 @@ def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
             # Patched here (the sites below), not only relied on.
             f"{_TD}TokenDispatcherWithAll2AllV.token_dispatch",
             f"{_TD}TokenDispatcherWithAllGather.token_dispatch",
+            # Quantized MoE is not taken over on 0.13.0 (quantization/quant_config.py:491 wraps
+            # its schemes; not read): the 0.23 quantized path's interfaces go.
+            f"{_FUSED_MOE}.moe_stage_params:MoERoutingParams",
+            "vllm_ascend.quantization.method_adapters:AscendFusedMoEMethod",
+            "vllm_ascend.quantization.method_adapters:AscendFusedMoEMethod.apply",
+            "vllm_ascend.quantization.methods.registry:_SCHEME_REGISTRY",
+            "vllm_ascend.quantization.quant_type:QuantType",
             # Only w8a8_dynamic models reach FUSED_MC2 in 0.13.0 (ascend_forward_context.py:
             # 258-275): no unquantized layer taken over is ever refused for it.
             "vllm_ascend.ascend_config:get_ascend_config",

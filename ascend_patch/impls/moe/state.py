@@ -90,6 +90,8 @@ class CapacityState:
         # the experts class it installs (vLLM's modular kernel), if any.
         self.make_step: Any = None
         self.experts_cls: Any = None
+        # The int8 experts class (adapters/vllm_int8_cpu.py), made at its first selection.
+        self.int8_experts_cls: Any = None
         custom_ops.bind(self)
         ctx.on_close(lambda: custom_ops.unbind(self))
 

@@ -14,7 +14,9 @@ registrations) that no other test may see. What it takes, and why (VLLM-ASCEND-M
 * an empty pre-seeded vllm_ascend.ops package: its real __init__ imports the whole operator
   stack (custom-op registration, triton kernels) that the MoE modules do not need.
 * torch.ops._C_ascend.npu_moe_init_routing_custom (the all-gather dispatcher's routing on
-  A2/A3) registered for CPU with the schema of csrc/torch_binding.cpp:2458.
+  A2/A3) registered for CPU with the schema of csrc/torch_binding.cpp:2458, and
+  grouped_matmul_swiglu_quant_weight_nz (W8A8's MLP) with that of :2357 and
+  npu_dequant_swiglu_quant (its unfused MC2 variant) with that of :2882.
 * get_hccl_comm_name on gloo backends: the all-to-all dispatcher's constructor reads it
   (token_dispatcher.py:470-472) and never uses it.
 """
@@ -35,6 +37,23 @@ ROUTING_SCHEMA = (
     "int drop_pad_mode=0, int expert_tokens_num_type=0, bool expert_tokens_num_flag=False, "
     "int quant_mode=0, int[2] active_expert_range=[], int row_idx_type=0) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+# csrc/torch_binding.cpp:2357 (W8A8's fused gate-up + swiglu + quant, moe_mlp.py:295 via
+# device_op.py:208).
+GMM_SWIGLU_QUANT_SCHEMA = (
+    "grouped_matmul_swiglu_quant_weight_nz(Tensor x, Tensor weight, Tensor weight_scale, "
+    "Tensor x_scale, Tensor group_list, *, Tensor? bias=None, Tensor? offset=None, "
+    "float swiglu_limit=0.0) -> (Tensor output, Tensor output_scale, Tensor output_offset)"
+)
+
+# csrc/torch_binding.cpp:2882 (W8A8's unfused MC2 MLP, moe_mlp.py:188-200).
+DEQUANT_SWIGLU_QUANT_SCHEMA = (
+    "npu_dequant_swiglu_quant(Tensor x, *, Tensor? weight_scale=None, "
+    "Tensor? activation_scale=None, Tensor? bias=None, Tensor? quant_scale=None, "
+    "Tensor? quant_offset=None, Tensor? group_index=None, bool activate_left=True, "
+    "int quant_mode=0, int swiglu_mode=0, float clamp_limit=0.0, float glu_alpha=1.0, "
+    "float glu_bias=0.0) -> (Tensor y, Tensor scale)"
 )
 
 
@@ -62,6 +81,20 @@ def _npu_not_an_accelerator(torch) -> None:
     """Once PrivateUse1 has a name, torch asks its hooks which accelerator is current (e.g. in
     dist.barrier); these say none is, so collectives stay on the CPU."""
 
+    if not hasattr(torch._C, "_acc"):
+        # torch 2.9 (vLLM 0.13's) has no Python hooks to register: its accelerator query
+        # raises for an unregistered PrivateUse1 instead, where the hooks would say "none".
+        original = torch._C._get_accelerator
+
+        def _get_accelerator(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            except RuntimeError:
+                return torch.device("cpu")
+
+        torch._C._get_accelerator = _get_accelerator
+        return
+
     class Hooks(torch._C._acc.PrivateUse1Hooks):
         def is_available(self) -> bool:
             return False
@@ -76,6 +109,8 @@ def _npu_not_an_accelerator(torch) -> None:
 
 
 def _register_routing_op(torch, npu_ops) -> None:
+    from quant_ops import dequant_swiglu_quant, gmm_swiglu_quant
+
     def npu_moe_init_routing_custom(*args, **kwargs):
         # Looked up per call: vllm-ascend 0.13.0 calls the op itself, so the contract run's
         # spy wraps the emulation's function (contract_worker_0_13.py).
@@ -84,6 +119,10 @@ def _register_routing_op(torch, npu_ops) -> None:
     library = torch.library.Library("_C_ascend", "DEF")
     library.define(ROUTING_SCHEMA)
     library.impl("npu_moe_init_routing_custom", npu_moe_init_routing_custom, "CPU")
+    library.define(GMM_SWIGLU_QUANT_SCHEMA)
+    library.impl("grouped_matmul_swiglu_quant_weight_nz", gmm_swiglu_quant, "CPU")
+    library.define(DEQUANT_SWIGLU_QUANT_SCHEMA)
+    library.impl("npu_dequant_swiglu_quant", dequant_swiglu_quant, "CPU")
     # Kept alive for the life of the process: dropping the Library object unregisters it.
     _LIBRARIES.append(library)
 

@@ -10,8 +10,9 @@ each rank's all-to-all slice is its own tokens, as on a deployment), applies the
 set of `moe.capacity` with the real Patcher, then runs vllm-ascend's own
 AscendFusedMoE.forward_impl (prepare, AscendUnquantizedFusedMoEMethod.apply with its
 select_experts, MoECommMethod.fused_experts, dispatcher, unified_apply_mlp, combine, finalize)
-on a small layer object holding exactly what forward_impl reads. Everything this rank saw is
-saved to OUT_DIR/rank{RANK}.pt; tests/ascend/test_contract.py checks it.
+on a small layer object holding exactly what forward_impl reads; then the same for layers
+with vllm-ascend's real W8A8_DYNAMIC and W4A8_DYNAMIC schemes (quant_worker.py). Everything
+this rank saw is saved to OUT_DIR/rank{RANK}.pt; tests/ascend/test_contract.py checks it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ HOT_LOGICAL = (0, 2, 5, 7)
 CONFIG_FILE, CONFIG_LINE = "ascend-contract.yaml", 7
 DROP_OPTIONS = {"drop_token_ratio": 0.2, "min_tokens": 0, "drop_policy": "probs"}
 COLLECTIVE_TIMEOUT_S = 60
+quant_worker = None  # the quantized scenarios (quant_worker.py), imported once booted
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,20 @@ class Release:
     copies: tuple[str, ...] = (
         "vllm_ascend.ops.fused_moe.moe_comm_method.build_token_dispatch_input",
     )
+    # The quantized schemes run through quant_worker.py (none: not taken over there).
+    quant_schemes: tuple[str, ...] = ("W8A8_DYNAMIC", "W4A8_DYNAMIC")
+    # build_fused_experts_input takes is_per_channel_weight (not in 0.18.0).
+    per_channel_arg: bool = True
 
 
 RELEASES = {
     "0.23": Release("vllm_ascend.ops.fused_moe.fused_moe_0_23_0", lora=True, fused_mc2_env=False),
-    "0.18": Release("vllm_ascend.ops.fused_moe.fused_moe", lora=False, fused_mc2_env=True),
+    # 0.18.0's W4A8 MLP hands npu_grouped_matmul its scale bias as a tensor list
+    # (moe_mlp.py:240-246 there), which the emulation does not take: W8A8 only.
+    "0.18": Release("vllm_ascend.ops.fused_moe.fused_moe", lora=False, fused_mc2_env=True,
+                    per_channel_arg=False, quant_schemes=("W8A8_DYNAMIC",)),
     "0.13": Release("vllm_ascend.ops.fused_moe.fused_moe", lora=False, fused_mc2_env=True,
-                    old_api=True, copies=()),
+                    old_api=True, copies=(), quant_schemes=()),
 }
 
 
@@ -66,6 +75,8 @@ def main(source: str, line: str, rank: int, world: int, port: int, out_dir: str)
     import boot
 
     boot.install(Path(source), device_type="A3")
+    global quant_worker
+    import quant_worker
     run_class = Run
     if line == "0.13":  # its older API: contract_worker_0_13.py
         import contract_worker_0_13
@@ -98,7 +109,7 @@ class Run:
         self.patcher = None
 
     def make_spy(self) -> Spy:
-        return Spy(self.mods)
+        return Spy(self.mods, quant=bool(self.release.quant_schemes))
 
     def adapter(self):
         """The module of the site set's factories for this release."""
@@ -112,6 +123,9 @@ class Run:
         import torch
 
         results["unpatched"] = {p: self.forward(p) for p in ("all_to_all", "allgather")}
+        quant = bool(self.release.quant_schemes)
+        if quant:
+            results["quant_unpatched"] = quant_worker.unpatched(self)
         record = self.apply(DROP_OPTIONS)
         results["record"] = _record_facts(record)
         results["all_to_all"] = self.observed_forward("all_to_all")
@@ -124,17 +138,26 @@ class Run:
         results["kept_whole"] = self.kept_whole_cases(record)
         results["fused_mc2"] = self.fused_mc2_refused()
         results["stats"] = _plain(record.context.stats)
+        if quant:
+            results["quant"] = quant_worker.with_drops(self)
+            results["quant_weights"] = {s: quant_worker.dequantized(s)
+                                        for s in self.release.quant_schemes}
+            results["quant_stats"] = _plain(record.context.stats)
         self.patcher.revert()
         record = self.apply({"drop_token_ratio": 0.0, "min_tokens": 0})
         results["ratio0"] = {p: self.forward(p) for p in ("all_to_all", "allgather")}
+        if quant:
+            results["quant_ratio0"] = quant_worker.ratio0(self)
         results["ratio0_stats"] = _plain(record.context.stats)
         self.patcher.revert()
         torch.distributed.barrier()
 
-    def observed_forward(self, path: str) -> dict:
+    def observed_forward(self, path: str, layer=None, keep_input: bool = False) -> dict:
         self.spy.reset()
-        out = self.forward(path)
+        out = self.forward(path, layer=layer)
         seen = self.spy.take()
+        if not keep_input:  # vllm-ascend objects do not load in the test process
+            seen.pop("fused_input", None)
         seen["out"] = out
         return seen
 
@@ -244,11 +267,13 @@ class Run:
 
         comm = self.a2a if path == "all_to_all" else self.allgather
         layer = layer or self.layer()
+        # Quantized schemes take bf16 activations (aclnnDynamicQuant: fp16/bf16 only).
+        dtype = torch.float32 if layer.quant_type == self.mods.QuantType.NONE else torch.bfloat16
         # What 0.23.0.post1's forward_impl passes finalize itself; 0.18.0 reads the layer's.
         layer.reduce_results = path == "allgather"
         with self.forward_context(comm):
             out = self.mods.layer.AscendFusedMoE.forward_impl(
-                layer, self.hidden.clone(), self.logits.clone()
+                layer, self.hidden.to(dtype), self.logits.clone()
             )
         if path == "allgather":  # AscendMoERunner all-reduces the partial outputs
             torch.distributed.all_reduce(out)
@@ -266,7 +291,7 @@ class Run:
             method.dynamic_eplb, method.tid2eid = False, None
             method.moe = types.SimpleNamespace(has_bias=False)
         local = EXPERTS // self.world
-        mine = slice(self.rank * local, (self.rank + 1) * local)
+        mine = self.mine()
         expert_map = torch.full((EXPERTS,), -1, dtype=torch.int32)
         expert_map[mine] = torch.arange(local, dtype=torch.int32)
         return types.SimpleNamespace(
@@ -287,6 +312,11 @@ class Run:
                 model_config=types.SimpleNamespace(enable_return_routed_experts=False)
             ),
         )
+
+    def mine(self) -> slice:
+        """This rank's physical experts."""
+        local = EXPERTS // self.world
+        return slice(self.rank * local, (self.rank + 1) * local)
 
     @contextmanager
     def forward_context(self, comm):
@@ -310,7 +340,7 @@ class Run:
         config = types.SimpleNamespace(
             experts_per_token=TOP_K, num_experts=EXPERTS, num_local_experts=EXPERTS // self.world,
             ep_size=self.world, dp_size=1, pcp_size=1, tp_group=get_tp_group(),
-            dp_group=get_dp_group(),
+            dp_group=get_dp_group(), global_redundant_expert_num=0,  # 0.13.0 reads it here
         )
         return getattr(self.mods.cm, name)(config)
 
@@ -392,7 +422,7 @@ class Run:
 class Spy:
     """Records what crosses vllm-ascend's boundaries during one forward."""
 
-    def __init__(self, mods) -> None:
+    def __init__(self, mods, quant: bool = True) -> None:
         import torch
         import torch_npu
 
@@ -405,6 +435,8 @@ class Spy:
             self._wrap(getattr(mods.td, dispatcher), "token_dispatch", self._dispatched)
         self._wrap_routing(mods)
         self._wrap(mods.cm.MoECommMethod, "finalize", self._finalize)
+        if quant:
+            quant_worker.spy_ops(self, mods)
 
     def _wrap_routing(self, mods) -> None:
         routing = mods.td.DeviceOperator.npu_moe_init_routing
@@ -412,7 +444,8 @@ class Spy:
         mods.td.DeviceOperator.npu_moe_init_routing = staticmethod(spied)
 
     def reset(self) -> None:
-        self.records = {"permute": [], "a2a": [], "gathers": 0, "routing": []}
+        self.records = {"permute": [], "a2a": [], "gathers": 0, "routing": [],
+                        "quant_rows": [], "mlp_rows": [], "mlp_scales": []}
 
     def take(self) -> dict:
         records, self.records = self.records, {}
@@ -458,6 +491,7 @@ class Spy:
                     "weights": fused_experts_input.topk_weights.clone(),
                     "ids": (log2phy[ids] if log2phy is not None else ids).clone(),
                 }
+                self.records["fused_input"] = fused_experts_input
             return original(comm, fused_experts_input=fused_experts_input)
 
         return fused_experts
@@ -495,7 +529,9 @@ class Spy:
         def npu_moe_init_routing(hidden_states, topk_ids, **kwargs):
             out = original(hidden_states, topk_ids, **kwargs)
             if self.records:
-                self.records["routing"].append({"expert_tokens": out[2].clone()})
+                self.records["routing"].append({
+                    "expert_tokens": out[2].clone(), "quant_mode": kwargs.get("quant_mode"),
+                    "scales": None if out[3] is None else int(out[3].shape[0])})
             return out
 
         return npu_moe_init_routing
@@ -554,7 +590,8 @@ def _import_vllm_ascend(release: Release):
     from vllm_ascend.quantization.quant_type import QuantType
 
     return types.SimpleNamespace(
-        fm=fm, layer=importlib.import_module(release.layer_module), cm=cm, td=td, args=args, contracts=contracts, mlp=moe_mlp,
+        fm=fm, layer=importlib.import_module(release.layer_module), cm=cm, td=td, args=args,
+        contracts=contracts, mlp=moe_mlp,
         comm_utils=comm_utils, MoEActivation=MoEActivation, QuantType=QuantType,
     )
 

@@ -28,7 +28,7 @@ class Run(base.Run):
     """contract_worker.Run with 0.13.0's calls."""
 
     def make_spy(self):
-        return Spy(self.mods)
+        return Spy(self.mods, quant=False)
 
     def adapter(self):
         from ascend_patch.impls.moe.adapters import ascend_token_dispatch

@@ -1,4 +1,5 @@
-"""CPU emulations of the NPU ops vllm-ascend's unquantized MoE dispatchers call (test only).
+"""CPU emulations of the NPU ops vllm-ascend's MoE dispatchers call (test only; the quantized
+ones' formulas are in quant_ops.py).
 
 Each follows the documented formula of its op and refuses what the documentation does not
 allow, so that a caller relying on unspecified behaviour fails here rather than on an NPU:
@@ -17,6 +18,11 @@ allow, so that a caller relying on unspecified behaviour fails here rather than 
   rows is unspecified: NaN here.
 * npu_grouped_matmul (split_item 2, group_type 0): rows of group g times weight[g]; rows past
   the last group are unspecified: NaN here.
+  With quant_mode 1 the gathered rows are quantized per row (the golden's dynamic quant) and
+  their scales returned; with a `scale` and quant_mode -1 each gathered row's scale comes
+  with it. Tails past the active rows: int8 -128 / NaN scales.
+* npu_grouped_matmul with scale and per_token_scale: quant_ops.grouped_matmul_quant.
+* npu_dynamic_quant, npu_dequant_swiglu_quant: quant_ops.
 * npu_swiglu: silu(first half) * second half (what vllm-ascend's AscendSiluAndMul relies on).
 * histc on integer input (the NPU accepts it, CPU torch does not): counted as float, returned
   in the input's dtype.
@@ -24,6 +30,7 @@ allow, so that a caller relying on unspecified behaviour fails here rather than 
 
 from __future__ import annotations
 
+import quant_ops  # the emulation folder is on sys.path (boot.py)
 import torch
 import torch.nn.functional as F
 
@@ -85,8 +92,9 @@ def npu_moe_init_routing_custom(
     active_expert_range=(),
     row_idx_type=0,
 ):
-    assert drop_pad_mode == 0 and row_idx_type == 0 and quant_mode == -1, "only what MoE uses"
-    assert scale is None and offset is None and expert_tokens_num_type == 1
+    assert drop_pad_mode == 0 and row_idx_type == 0 and quant_mode in (-1, 1), "only MoE's"
+    assert offset is None and expert_tokens_num_type == 1
+    assert scale is None or (quant_mode == -1 and scale.shape == x.shape[:1]), "scale"
     assert x.dim() == 2 and expert_idx.dim() == 2 and expert_idx.shape[0] == x.shape[0]
     start, end = list(active_expert_range) or [0, expert_num]
     top_k = expert_idx.shape[1]
@@ -104,7 +112,16 @@ def npu_moe_init_routing_custom(
     expanded_x[:used] = x[torch.div(order[:used], top_k, rounding_mode="floor")]
     counts = torch.bincount(flat[active] - start, minlength=end - start)
     tokens = counts if expert_tokens_num_flag else torch.zeros(1, dtype=torch.int64)
-    return expanded_x, expanded_row_idx.to(torch.int32), tokens.to(torch.int64), None
+    expanded_scale = None
+    if scale is not None:  # gathered with its row (the golden's quant_mode -1 with scale)
+        expanded_scale = torch.full((rows,), float("nan"), dtype=scale.dtype)
+        expanded_scale[:used] = scale[torch.div(order[:used], top_k, rounding_mode="floor")]
+    if quant_mode == 1:  # the golden's dynamic quant of the gathered rows
+        gathered = expanded_x
+        expanded_x = torch.full((rows, x.shape[1]), -128, dtype=torch.int8)
+        expanded_scale = torch.full((rows,), float("nan"), dtype=torch.float32)
+        expanded_x[:used], expanded_scale[:used] = quant_ops.dynamic_quant(gathered[:used])
+    return expanded_x, expanded_row_idx.to(torch.int32), tokens.to(torch.int64), expanded_scale
 
 
 def npu_grouped_matmul(
@@ -117,12 +134,22 @@ def npu_grouped_matmul(
     group_type=None,
     group_list=None,
     output_dtype=None,
+    scale=None,
+    per_token_scale=None,
     **unsupported,
 ):
     assert not unsupported, f"not emulated: {sorted(unsupported)}"
-    assert bias is None and len(x) == 1 and len(weight) == 1
+    assert len(x) == 1 and len(weight) == 1
     assert split_item in (2, 3) and group_type == 0
     (inputs,), (weights,) = x, weight
+    if scale is not None or per_token_scale is not None:
+        assert split_item == 2 and len(scale) == 1 and len(per_token_scale) == 1
+        assert bias is None or len(bias) == 1
+        return [quant_ops.grouped_matmul_quant(
+            inputs, weights, scale=scale[0], bias=None if bias is None else bias[0],
+            per_token_scale=per_token_scale[0], group_list=group_list,
+            group_list_type=group_list_type, output_dtype=output_dtype)]
+    assert bias is None
     assert inputs.dim() == 2 and weights.dim() == 3 and inputs.shape[1] == weights.shape[1]
     assert group_list is not None and group_list.numel() == weights.shape[0]
     counts = group_list.long()
@@ -130,12 +157,36 @@ def npu_grouped_matmul(
     assert group_list_type in (0, 1) and bool((ends[1:] >= ends[:-1]).all())
     assert int(ends[-1]) <= inputs.shape[0], "group_list covers more rows than x has"
     dtype = output_dtype or inputs.dtype
-    out = torch.full((inputs.shape[0], weights.shape[2]), float("nan"), dtype=dtype)
+    integer = inputs.dtype == torch.int8
+    if integer:  # int8 x int8 -> int32 accumulators (W8A8's unfused MC2 gate-up)
+        assert weights.dtype == torch.int8 and dtype == torch.int32 and split_item == 3
+    out = torch.full((inputs.shape[0], weights.shape[2]), 0 if integer else float("nan"),
+                     dtype=dtype)
     start = 0
     for group, end in enumerate(ends.tolist()):
-        out[start:end] = (inputs[start:end].float() @ weights[group].float()).to(dtype)
+        rows, weight = inputs[start:end], weights[group]
+        out[start:end] = (quant_ops.int_matmul(rows, weight) if integer
+                          else rows.float() @ weight.float()).to(dtype)
         start = end
     return [out]
+
+
+def npu_dynamic_quant(x, smooth_scales=None, group_index=None, dst_type=torch.int8):
+    return quant_ops.dynamic_quant(x, smooth_scales, group_index, dst_type)
+
+
+def npu_grouped_matmul_swiglu_quant(*, x, weight, group_list, weight_scale, x_scale,
+                                    bias=None, offset=None):
+    """aclnnGroupedMatmulSwigluQuant, the op vllm-ascend 0.18.0's W8A8 MLP calls
+    (device/device_op.py:112-131 there): the same contract as the weight-NZ custom op
+    0.23.0.post1 calls (int8 x and weight, per-channel weight and per-token x scales, group
+    ends as a cumsum; int8 output, per-row scale)."""
+    return quant_ops.gmm_swiglu_quant(x, weight, weight_scale, x_scale, group_list, bias=bias,
+                                      offset=offset)
+
+
+def npu_dequant_swiglu_quant(x, **kwargs):
+    return quant_ops.dequant_swiglu_quant(x, **kwargs)
 
 
 def npu_swiglu(x, dim=-1):

@@ -6,9 +6,9 @@ FUSED_MC2 switch is the environment variable VLLM_ASCEND_ENABLE_FUSED_MC2 and th
 LoRA. File:line references below are 0.23.0.post1's.
 
 vllm-ascend swaps vLLM's MoE layer, method and runner for its own (AscendFusedMoE,
-AscendUnquantizedFusedMoEMethod, AscendMoERunner), so the vLLM-platform sites of this
-implementation never run there. Paths below are relative to vllm_ascend/: F23 =
-ops/fused_moe/fused_moe_0_23_0.py, FM = ops/fused_moe/fused_moe.py, CM =
+AscendUnquantizedFusedMoEMethod or the quantized AscendFusedMoEMethod, AscendMoERunner), so
+the vLLM-platform sites of this implementation never run there. Paths below are relative
+to vllm_ascend/: F23 = ops/fused_moe/fused_moe_0_23_0.py, FM = ops/fused_moe/fused_moe.py, CM =
 ops/fused_moe/moe_comm_method.py, TD = ops/fused_moe/token_dispatcher.py, PF =
 ops/fused_moe/prepare_finalize.py, AFC = ascend_forward_context.py.
 
@@ -17,8 +17,8 @@ One MoE forward, patched:
     AscendFusedMoE.forward_impl (F23:420)     <- make_forward_impl: takes the layer over (once)
                                                  and records which comm method runs this step
       comm method prepare (A2A: TP slice PF:132-177; all-gather: DP/EP gather PF:343-493)
-      AscendUnquantizedFusedMoEMethod.apply (FM:141): select_experts, then
-      MoECommMethod.fused_experts (CM:122)
+      AscendUnquantizedFusedMoEMethod.apply (FM:141) or a quantized scheme's apply:
+      select_experts, then MoECommMethod.fused_experts (CM:122)
         ids = log2phy[ids] (CM:140-142): EPLB's logical -> physical expert ids
         build_token_dispatch_input (CM:144)   <- make_build_token_dispatch_input: the drop step
                                                  on the physical ids; a dropped row gets weight
@@ -27,6 +27,7 @@ One MoE forward, patched:
           TokenDispatcherWithAll2AllV._preprocess (TD:592)           <- num_out_tokens = rows sent
           TokenDispatcherWithAll2AllV._dispatch_preprocess (TD:563)  <- permuted rows = rows sent
           TokenDispatcherWithAll2AllV._combine_postprocess (TD:696)  <- zero rows for the unsent
+        MoECommMethod._apply_mlp (CM:174)      <- a quantized MLP handed zero rows is skipped
       finalize, EPLB load, shared experts: vllm-ascend, unchanged
 
 Why `build_token_dispatch_input` (moe_runtime_args.py:201): it is the only call between
@@ -87,21 +88,53 @@ MC2 and FUSED_MC2: rows are kept whole, never forced onto the all-to-all path.
     (AFC:202-217, 250, 265): decode and short prefills, where vllm-ascend picks it for latency.
     The large prefill batches dropping is for run on ALLTOALL (A3) or ALLGATHER (A2).
   So MC2 and FUSED_MC2 steps are counted in `stats["ascend"]["kept_whole"]` and logged once.
+  FUSED_MC2's own silent truncation (rows past mega_moe_max_tokens) is counted per layer and
+  rank by ascend_fused_mc2.py, with or without drops.
   One setting makes every step FUSED_MC2: `enable_fused_mc2: 1` on A3 (AFC:264-282, EP <= 32):
   with a drop ratio > 0 the patch refuses it (nothing could ever be dropped).
 
 Also kept whole: steps being captured into an ACL graph (the planner synchronises with the
 host), layers with a MoE LoRA adapter (its MLP pairs the undropped ids with the dispatcher's
-rows, moe_mlp.py:398-419). Not taken over: quantized MoE methods. W8A8 reaches the same
-fused_experts (quantization/methods/w8a8_dynamic.py:326) and its all-to-all dispatch
-quantises the permuted rows, so it would take the same drops, but its quantised dispatch
-and MLP are not emulated here, so drops are verified for the unquantized method only.
+rows, moe_mlp.py:398-419).
+
+Quantized MoE (QM = quantization/methods/). A quantized layer's quant_method is the wrapper
+AscendFusedMoEMethod (quantization/method_adapters.py:201), whose apply forwards to the
+registered scheme (:253-297); every scheme's apply ends in moe_comm_method.fused_experts
+(build_fused_experts_input(...)), so the drop step runs at the same build_token_dispatch_input
+with the same marks. What the dispatchers do with them, read in TD: on the all-to-all path
+the dynamic quant runs on the permuted rows only, after _dispatch_preprocess (TD:498-501), and
+the per-row scales take their own all-to-all with the same (post-drop) splits (TD:502-506):
+a dropped row is neither quantized nor sent, nor is its scale. On the all-gather path the
+routing op quantizes (quant_mode 1) or gathers the prepare-stage scale of (quant_mode -1)
+only the rows in this rank's expert range (TD:374-411): id -1 is neither. The quantized MLP
+(moe_mlp.py:88-362) reads rows, group sizes and scales, never expert ids. Each admitted
+layer's report row names its scheme (`quant`). Registered MoE schemes and what is done:
+
+    W8A8_DYNAMIC     QM/w8a8_dynamic.py:155  taken over; contract-tested on CPU (A2A, AG)
+    W4A8_DYNAMIC     QM/w4a8.py:231          taken over; contract-tested on CPU (A2A, AG;
+                                             per-group weights, non-Triton swiglu branch)
+    W8A8_MIX         QM/w8a8_pdmix.py:88     taken over (inherits W8A8_DYNAMIC's apply); read
+    W8A8FP8_DYNAMIC  QM/w8a8fp8_dynamic.py:69 taken over (inherits that apply); read only
+    W4A16            QM/w4a16.py:111         taken over (apply :308, no dispatch quant); read
+    W8A8_MXFP8, W4A8_MXFP, FP8 (w4a8_moe), W4A4_MXFP4, W4A16_MXFP4 (QM/w8a8_mxfp8.py:211,
+    w4a8_mxfp4.py:99, fp8.py:81, w4a4_mxfp4.py:118, w4a16_mxfp4.py:55): taken over, read only;
+    their MXFP ops run on A5 only (device_op.py:198-204 raises elsewhere)
+    any other scheme class: not taken over, reported with its name
+
+FUSED_MC2 exists for quantized models only (CM:290-292 asserts the scales): its refusal
+above is unchanged. A rank that sends zero rows hands aclnnDynamicQuant a [0, H] input,
+which CANN documents ("supports empty Tensor"); a rank that receives zero rows would hand the
+quantized grouped matmuls (GroupedMatmulSwigluQuantWeightNZ, quantized GroupedMatmul) an
+empty input, which CANN does not document: `_apply_mlp` skips such a call (make_apply_mlp)
+for W8A8 / W4A8 / W4A16, whose MLP output dtype was read (BaseDeviceAdaptor, A2/A3);
+W8A8FP8 and the MXFP schemes still hand their ops the empty input (A5DeviceAdaptor not read).
 
 Side effects: dynamic EPLB's load counters (F23:521-539) see post-drop counts; routed-experts
 capture (FM:201-204) sees pre-drop ids.
 
 Verified on CPU only (tests/ascend: vllm-ascend's own forward_impl, dispatchers and MLP with
-emulated torch_npu ops, two gloo ranks); nothing here has run on an NPU.
+emulated torch_npu ops, two gloo ranks; unquantized, W8A8_DYNAMIC, W4A8_DYNAMIC); nothing here
+has run on an NPU.
 """
 
 from __future__ import annotations
@@ -119,6 +152,7 @@ from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe.adapters import ascend_dispatch
 from ascend_patch.impls.moe.drop_step import DropStep
 from ascend_patch.impls.moe.planner.capacity import AllGatherCounts
+from ascend_patch.impls.moe.schemes import ASCEND_0_23_MOE_SCHEMES
 from ascend_patch.impls.moe.state import CapacityState
 
 logger = logging.getLogger("ascend_patch.moe.capacity")
@@ -128,6 +162,12 @@ ALL_GATHER = "allgather"
 MC2 = "MC2"
 FUSED_MC2 = "FUSED_MC2"
 _DROPPING_PATHS = (ALL_TO_ALL, ALL_GATHER)
+UNQUANTIZED = "unquantized"
+
+# The registered MoE schemes whose `apply` was read to end in the patched
+# build_token_dispatch_input: the catalog's list (schemes.py, each one's status there), which
+# `plan` shows too.
+_ADMITTED_SCHEMES = frozenset(ASCEND_0_23_MOE_SCHEMES)
 
 # Tuple lengths of the TokenDispatcherWithAll2AllV helpers whose results are edited (TD:629-
 # 635 and TD:581-590): a different length means the layout moved and the index is wrong.
@@ -166,6 +206,10 @@ class AscendCapacityState(CapacityState):
         self.path_steps: dict[tuple[str, str], DropStep] = {}
         self.warned: set[str] = set()
         self.counters = ctx.stats.setdefault("ascend", {"calls_by_path": {}, "kept_whole": {}})
+        # The MoE layer whose forward_impl runs (taken over or not): FUSED_MC2 steps are
+        # counted per layer (ascend_fused_mc2.py), and their OverflowRecorder.
+        self.running: Any = None
+        self.overflow: Any = None
 
     def count(self, kind: str, key: str) -> None:
         table = self.counters[kind]
@@ -217,13 +261,14 @@ def wrap_forward_impl(
         return_with_event: bool = False,
     ) -> Any:
         call = layer_call(state, self)
-        outer, state.current = state.current, call
+        outer = state.current, state.running
+        state.current, state.running = call, self
         try:
             return original(
                 self, hidden_states, router_logits, return_with_event=return_with_event
             )
         finally:
-            state.current = outer
+            state.current, state.running = outer
 
     return forward_impl
 
@@ -264,19 +309,51 @@ def _admit(state: AscendCapacityState, name: str, layer: Any) -> bool:
         return False
     _refuse_fused_mc2(state)
     state.add_layer(name, layer)
+    state.stats.layer_quant(name, _scheme_of(layer.quant_method, state.upstream)[0])
     return True
 
 
 def _not_supported_reason(layer: Any, upstream: Any) -> str | None:
-    method = getattr(layer, "quant_method", None)
-    if not isinstance(method, upstream.AscendUnquantizedFusedMoEMethod):
-        return (
-            f"quantized MoE method {type(method).__name__}: drops are verified for "
-            "vllm-ascend's unquantized MoE method only"
-        )
+    scheme, reason = _scheme_of(getattr(layer, "quant_method", None), upstream)
+    if reason is not None:
+        return reason
     experts, ep_size, local = layer.global_num_experts, layer.ep_size, layer.local_num_experts
     if ep_size > 1 and experts != ep_size * local:
         return f"{experts} physical experts are not {ep_size} EP ranks x {local} local experts"
+    return None
+
+
+def _scheme_of(method: Any, upstream: Any) -> tuple[str, str | None]:
+    """(the layer's MoE scheme name, why it is not taken over or None)."""
+    if isinstance(method, upstream.AscendUnquantizedFusedMoEMethod):
+        return UNQUANTIZED, None
+    if "AscendFusedMoEMethod" not in dir(upstream):  # 0.13.0's site set: quantized not read
+        return type(method).__name__, (
+            f"MoE method {type(method).__name__}: only vllm-ascend's unquantized MoE method "
+            "is taken over on this release"
+        )
+    if not isinstance(method, upstream.AscendFusedMoEMethod):
+        return type(method).__name__, (
+            f"MoE method {type(method).__name__} is neither vllm-ascend's unquantized method "
+            "nor its quantization wrapper AscendFusedMoEMethod"
+        )
+    scheme = method.quant_method
+    name = _registered_name(type(scheme), upstream._SCHEME_REGISTRY)
+    if name not in _ADMITTED_SCHEMES:
+        return str(name or type(scheme).__name__), (
+            f"quantized MoE scheme {name or type(scheme).__name__} "
+            f"({type(scheme).__name__}) is not one whose apply was read to reach "
+            "MoECommMethod.fused_experts"
+        )
+    return name, None
+
+
+def _registered_name(cls: type, registry: dict[tuple[str, str], type]) -> str | None:
+    """The name the scheme class was registered under for MoE layers (exact class: W8A8_MIX
+    subclasses W8A8_DYNAMIC)."""
+    for (name, layer_type), registered in registry.items():
+        if layer_type.endswith("moe") and registered is cls:  # FP8 registers "w4a8_moe"
+            return name
     return None
 
 
@@ -380,7 +457,7 @@ def _step(state: AscendCapacityState, call: LayerCall) -> DropStep:
     key = (call.name, call.path)
     step = state.path_steps.get(key)
     if step is None:
-        _check_config_once(state, call)
+        check_config_once(state, call.layer, call.dispatcher)
         step = state.path_steps[key] = _make_step(state, call)
     return step
 
@@ -419,13 +496,14 @@ def _token_sources(call: LayerCall, upstream: Any) -> tuple[AllGatherCounts | No
     return all_gather_counts, dispatcher.ep_rank
 
 
-def _check_config_once(state: AscendCapacityState, call: LayerCall) -> None:
-    """Every EP rank reaches its first planned call in the same layer call (the comm method
-    is chosen from DP-wide token counts), so this collective lines up."""
+def check_config_once(state: AscendCapacityState, layer: Any, dispatcher: Any) -> None:
+    """Every EP rank reaches its first planned (or fused MC2) call in the same layer call (the
+    comm method is chosen from DP-wide token counts), so this collective lines up; the
+    config is compared over the step's dispatcher's EP group."""
     if state.config_checked:
         return
     state.config_checked = True
-    if int(call.layer.ep_size) <= 1:
+    if int(layer.ep_size) <= 1:
         return
     from ascend_patch.core.runtime import DIGEST_ENV
     from ascend_patch.impls.distributed.consistency import (
@@ -435,7 +513,6 @@ def _check_config_once(state: AscendCapacityState, call: LayerCall) -> None:
         exit_later,
     )
 
-    dispatcher = call.dispatcher
     digest = os.environ.get(DIGEST_ENV, "")
     try:
         check_same_config(digest, state.options.model_dump(mode="json"), dispatcher.ep_group)
@@ -536,3 +613,72 @@ def checked_tuple(ctx: PatchContext, result: Any, length: int, name: str) -> tup
             "vllm-ascend changed its layout, the dropped rows cannot be kept out"
         )
     return result
+
+
+# --------------------------------------------------------------------------------------
+# MoECommMethod._apply_mlp: no quantized op is handed a rank that received zero rows
+# --------------------------------------------------------------------------------------
+
+
+def make_apply_mlp(original: Callable[..., Any], ctx: PatchContext) -> Callable[..., Any]:
+    """Replacement of MoECommMethod._apply_mlp(self, mlp_compute_input) (CM:174).
+
+    An EP rank can receive no row at all on the all-to-all path (every row for its experts
+    dropped, or none routed there; the second happens without drops too). vllm-ascend then
+    hands its quantized MLP a [0, H] input. CANN documents empty input for aclnnDynamicQuant
+    (x "supports empty Tensor") but not for aclnnGroupedMatmulSwigluQuantWeightNZ, the
+    grouped_matmul_swiglu_quant* custom ops or the quantized / antiquant aclnnGroupedMatmul:
+    unknown, so such a call skips the MLP and hands the combine a [0, H] tensor of the dtype
+    the MLP would have returned (its all-to-all sizes the receive buffer from it,
+    comm_utils.py:32-36; its unpermute skips zero rows, TD:692). Only for the A2/A3 schemes
+    whose output dtype is read here (_zero_row_output); W8A8FP8 and the MXFP schemes go to
+    their ops as before. Counted per quant type in stats["ascend"]["zero_row_mlp_skipped"].
+    0.23.0.post1's fused_experts unpacks (output, event) from it (CM:156)."""
+    return _zero_row_guard(original, ctx, with_event=True)
+
+
+def make_apply_mlp_tensor(
+    original: Callable[..., Any], ctx: PatchContext
+) -> Callable[..., Any]:
+    """make_apply_mlp for vllm-ascend 0.18.0, whose fused_experts takes the output alone
+    (moe_comm_method.py:144 there)."""
+    return _zero_row_guard(original, ctx, with_event=False)
+
+
+def _zero_row_guard(
+    original: Callable[..., Any], ctx: PatchContext, *, with_event: bool
+) -> Callable[..., Any]:
+    state = state_of(ctx)
+
+    def _apply_mlp(self: Any, mlp_compute_input: Any) -> Any:
+        if mlp_compute_input.hidden_states.shape[0] == 0:
+            like = _zero_row_output(mlp_compute_input, state.upstream)
+            if like is not None:
+                state.counters.setdefault("zero_row_mlp_skipped", {})
+                state.count("zero_row_mlp_skipped", mlp_compute_input.quant.quant_type.name)
+                if with_event:
+                    return like, torch.npu.current_stream().record_event()
+                return like
+        return original(self, mlp_compute_input)
+
+    return _apply_mlp
+
+
+def _zero_row_output(mlp_compute_input: Any, upstream: Any) -> torch.Tensor | None:
+    """The [0, H] tensor quant_apply_mlp would return, for W8A8 / W4A8 / W4A16 (their
+    dispatched rows are int8 or the activation dtype: one element per hidden unit); None for
+    an unquantized call or another scheme. gmm2's output dtype is bf16 where scale biases are
+    given (W4A8), else w2_scale's dtype (moe_mlp.py:258-266, 322-333)."""
+    quant_type = upstream.QuantType
+    if mlp_compute_input.quant.quant_type not in (
+        quant_type.W8A8, quant_type.W4A8, quant_type.W4A16
+    ):
+        return None
+    hidden = mlp_compute_input.hidden_states
+    weights = mlp_compute_input.weights
+    if weights.w1_scale_bias is not None:
+        dtype = torch.bfloat16
+    else:
+        scale = weights.w2_scale[0] if isinstance(weights.w2_scale, list) else weights.w2_scale
+        dtype = scale.dtype
+    return hidden.new_empty((0, hidden.shape[-1]), dtype=dtype)

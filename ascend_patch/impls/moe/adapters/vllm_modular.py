@@ -20,11 +20,13 @@ forward runs once patched (0.32 file:line in docs/vllm-moe-internals.md):
                       <- all_to_all: results back to the source rank, summed per token)
     then the runner's routed_scaling_factor, shared + routed add, TP/EP all-reduce: vLLM
 
-`make_process_weights_after_loading` puts CapacityExperts in place of the Triton (or 0.32's
-modular CPU) experts class before the modular kernel is built, so weights keep vLLM's
-standard layout. vLLM 0.23's CPU backend has no modular kernel at all (a monolithic kernel
-that routes by itself): vllm_0_23_cpu_monolithic.py builds one for it and routes in `apply_monolithic`,
-then the rest is this module's. With `dispatch: all_to_all` (or `auto` under DP > 1 + EP)
+`make_process_weights_after_loading` puts CapacityExperts in place of 0.32's modular CPU
+experts class before the modular kernel is built, so weights keep vLLM's standard layout.
+On CUDA vLLM's Triton experts stay: `apply` hands them the dropped rows as an expert they
+skip (triton_route.py), or the layer is refused where no path skips them. vLLM 0.23's CPU
+backend has no modular kernel at all (a monolithic kernel that routes by itself):
+vllm_0_23_cpu_monolithic.py builds one for it and routes in `apply_monolithic`, then the rest
+is this module's. With `dispatch: all_to_all` (or `auto` under DP > 1 + EP)
 the layer's kernel is rebuilt with the all-to-all prepare/finalize of transport/all_to_all_dispatch.py.
 The first drop step of a process compares the config digest and options over the EP group.
 The drop plan and the expert compute run as custom ops (custom_ops.py).
@@ -40,16 +42,20 @@ import torch
 
 from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe import custom_ops
+from ascend_patch.impls.moe.adapters.triton_route import triton_route
 from ascend_patch.impls.moe.drop_step import DropStep
 from ascend_patch.impls.moe.state import CapacityState
 
 logger = logging.getLogger("ascend_patch.moe.capacity")
 
 # Attribute set on each UnquantizedFusedMoEMethod instance: EXPERTS (our experts compute
-# only kept rows), MASK (vLLM's experts stay; dropped rows get weight 0) or False (untouched).
+# only kept rows), TRITON (vLLM's Triton experts stay and skip the dropped rows:
+# triton_route.py) or False (untouched).
 TAKEN_OVER = "_ascend_patch_moe_capacity"
 EXPERTS = "experts"
-MASK = "mask"
+TRITON = "triton"
+# The TritonRoute of a TRITON layer, on its method instance.
+ROUTE = "_ascend_patch_moe_triton_route"
 
 # Activations the backends compute (torch: silu, gelu; npu: silu).
 _ACTIVATIONS = ("silu", "gelu")
@@ -228,22 +234,31 @@ def process_weights_factory(
     experts_cls = state.experts_cls
     upstream = state.upstream
 
+    def keep_vllms(method: Any, layer: Any, name: str, reason: str) -> None:
+        setattr(method, TAKEN_OVER, False)
+        state.stats.layer_not_taken_over(name, reason)
+        logger.warning("moe.capacity: %s keeps vLLM's experts: %s", name, reason)
+        return original(method, layer)
+
     def process_weights_after_loading(self: Any, layer: Any) -> None:
         name = getattr(layer, "layer_name", type(layer).__name__)
         reason = _not_supported_reason(self, layer, upstream)
         if reason is not None:
-            setattr(self, TAKEN_OVER, False)
-            state.stats.layer_not_taken_over(name, reason)
-            logger.warning("moe.capacity: %s keeps vLLM's experts: %s", name, reason)
-            return original(self, layer)
+            return keep_vllms(self, layer, name, reason)
         if _is_triton(self, upstream):
-            # CUDA: vLLM's Triton experts stay (one fused kernel, not a per-expert loop);
-            # dropped rows are masked to weight 0 in `apply`. UNVERIFIED: never ran on a GPU.
+            # CUDA: vLLM's Triton experts stay (one fused kernel, not a per-expert loop) and
+            # are handed the dropped rows so that they skip them. Read from vLLM's source,
+            # never run on a GPU here.
+            route = triton_route(layer.moe_config.moe_parallel_config,
+                                 layer.global_num_experts, state.options.drop_token_ratio)
+            if isinstance(route, str):
+                return keep_vllms(self, layer, name, route)
             original(self, layer)
-            setattr(self, TAKEN_OVER, MASK)
+            setattr(self, TAKEN_OVER, TRITON)
+            setattr(self, ROUTE, route)
             state.add_layer(name, layer)
-            state.stats.dispatch_path(name, "vllm", "CUDA: vLLM's Triton experts, dropped "
-                                      "rows masked to weight 0 (unverified on GPU)")
+            state.stats.dispatch_path(name, "vllm", f"CUDA Triton experts, {route.kind}: "
+                                      f"{route.why} (unverified on GPU)")
             return
         if build_kernel is None or not build_kernel(self, layer, experts_cls):
             # The original builds the modular kernel from self.experts_cls: ours never
@@ -386,17 +401,36 @@ def make_apply(original: Callable[..., Any], ctx: PatchContext) -> Callable[...,
     ) -> Any:
         mode = getattr(self, TAKEN_OVER, False)
         if mode:
-            weights, ids = custom_ops.plan(topk_weights, topk_ids, layer.layer_name)
-            if mode == EXPERTS:
-                topk_ids = ids
-            # MASK keeps every id for vLLM's kernels (weight 0 where dropped): what they do
-            # with id -1 is not verified.
-            topk_weights = weights
+            topk_weights, topk_ids = custom_ops.plan(topk_weights, topk_ids, layer.layer_name)
+            if mode == TRITON:
+                return _apply_triton(self, layer, x, topk_weights, topk_ids, shared_experts,
+                                     shared_experts_input)
         return original(
             self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input
         )
 
     return apply
+
+
+def _apply_triton(method: Any, layer: Any, x: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, shared_experts: Any,
+                  shared_experts_input: torch.Tensor | None) -> Any:
+    """vLLM's forward_native (unquantized_fused_moe_method.py) with the route's ids and
+    expert_map: the kernel skips the dropped rows instead of computing them at weight 0."""
+    route = getattr(method, ROUTE)
+    return method.moe_kernel.apply(
+        hidden_states=x,
+        w1=layer.w13_weight,
+        w2=layer.w2_weight,
+        topk_weights=topk_weights,
+        topk_ids=route.ids(topk_ids),
+        activation=layer.activation,
+        apply_router_weight_on_input=layer.apply_router_weight_on_input,
+        global_num_experts=route.kernel_num_experts(layer.global_num_experts),
+        expert_map=route.expert_map(layer.expert_map, topk_ids.device),
+        shared_experts=shared_experts,
+        shared_experts_input=shared_experts_input,
+    )
 
 
 def make_step(layer: Any, state: CapacityState) -> DropStep:

@@ -19,6 +19,18 @@ report). Per layer and DP rank:
     ascend_patch_moe_all_to_all_bytes_total           bytes this process sent to other EP
                                                       ranks (dispatch + combine)
 
+vllm-ascend's FUSED_MC2 steps (telemetry/overflow.py), per layer and receiving EP rank (label
+`ep_rank` instead of `dp_rank`; each process writes its own rank's, so nothing is counted
+twice):
+
+    ascend_patch_moe_fused_mc2_calls_total            fused MC2 calls counted
+    ascend_patch_moe_fused_mc2_rows_received_total    (token, expert) rows routed to this
+                                                      rank's experts from the whole EP group
+    ascend_patch_moe_fused_mc2_rows_over_capacity_total
+                                                      ... of which past mega_moe_max_tokens:
+                                                      the rows dispatch_ffn_combine truncates
+    ascend_patch_moe_fused_mc2_max_output_rows        gauge: mega_moe_max_tokens in force
+
 Rows are this DP rank's own, so `sum by (layer)` over dp_rank is the EP group's total (the
 report's rows_routed / rows_dropped, which are global). Bin loads, the cap and the calls are
 the same on every DP rank (one plan for the whole group). The ranks that share a DP rank's
@@ -115,3 +127,40 @@ def layer_series(writer: Any, patch: str, layer: str, dp_rank: int,
         gauges = {k: writer.gauge(name(k), doc, labels, GAUGE_MODE) for k, doc in _GAUGES.items()}
     return LayerSeries(counters, gauges, writer.counter(name(BYTES), _BYTES_HELP, labels),
                        planned, dp_rank, process)
+
+
+_OVERFLOW_COUNTERS = {
+    "fused_mc2_calls": "vllm-ascend FUSED_MC2 calls counted",
+    "fused_mc2_rows_received": "(token, expert) rows routed to this EP rank's experts from the "
+                               "whole EP group on FUSED_MC2 calls",
+    "fused_mc2_rows_over_capacity": "rows past mega_moe_max_tokens on this EP rank: "
+                                    "dispatch_ffn_combine truncates them uncomputed",
+}
+_OVERFLOW_GAUGE = ("fused_mc2_max_output_rows",
+                   "mega_moe_max_tokens, dispatch_ffn_combine's rows per receiving rank")
+
+
+@dataclass
+class OverflowSeries:
+    """The FUSED_MC2 series of one (patch, layer, EP rank) in this process."""
+
+    counters: dict[str, Any]
+    limit: Any
+
+    def record(self, *, received: int, over: int, max_output_rows: int) -> None:
+        self.counters["fused_mc2_calls"].inc(1)
+        self.counters["fused_mc2_rows_received"].inc(received)
+        self.counters["fused_mc2_rows_over_capacity"].inc(over)
+        self.limit.set(max_output_rows)
+
+
+def overflow_series(writer: Any, patch: str, layer: str, ep_rank: int,
+                    process: str | None = None) -> OverflowSeries:
+    if process is None:
+        from ascend_patch.core.metrics import process_label
+
+        process = process_label()
+    labels = {"patch": patch, "layer": layer, "ep_rank": str(ep_rank), "process": process}
+    counters = {k: writer.counter(name(k), doc, labels) for k, doc in _OVERFLOW_COUNTERS.items()}
+    short, doc = _OVERFLOW_GAUGE
+    return OverflowSeries(counters, writer.gauge(name(short), doc, labels, GAUGE_MODE))

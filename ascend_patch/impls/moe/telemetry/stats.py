@@ -10,6 +10,7 @@ Shape of `ctx.stats` (JSON-friendly: str keys, ints and floats only):
       "layers_taken_over": ["model.layers.1.mlp.experts", ...],
       "layers_not_taken_over": {"<layer>": "<reason>"},
       "dispatch_paths": {"<layer>": {"path": "all_to_all" | "allgather", "why": "..."}},
+      "quantization": {"<layer>": "int8 W8A8: ..."},   # quantized layers taken over only
       "all_to_all": {"calls": .., "rows_sent": .., "rows_sent_remote": ..,
                      "rows_received": .., "rows_not_sent_dropped": ..,
                      "hidden_rows_sent": .., "hidden_rows_sent_remote": ..,
@@ -30,7 +31,8 @@ Shape of `ctx.stats` (JSON-friendly: str keys, ints and floats only):
           "max_bin_load_before_sum": ..., "max_bin_load_after_sum": ...,
           "mean_bin_load_before_sum": ..., "mean_bin_load_after_sum": ...,
           "max_over_mean_before": 1.31, "max_over_mean_after": 1.12,
-          "max_bin_load_before_peak": 400, "max_bin_load_after_peak": 300
+          "max_bin_load_before_peak": 400, "max_bin_load_after_peak": 300,
+          "quant": "W8A8_DYNAMIC"         # vllm-ascend only: the layer's MoE scheme
         }
       }
     }
@@ -58,6 +60,8 @@ class CapacityStats:
         self._flush_failed = False
         # Layer -> metrics.LayerSeries of the layers exported to /metrics.
         self._series: dict[str, Any] = {}
+        # Layer -> quantization scheme, where the platform adapter names one.
+        self._quant: dict[str, str] = {}
         stats.setdefault("calls", 0)
         stats.setdefault("rows_routed", 0)
         stats.setdefault("rows_dropped", 0)
@@ -73,8 +77,19 @@ class CapacityStats:
         if layer_name not in taken:
             taken.append(layer_name)
 
+    def layer_quant(self, layer_name: str, scheme: str) -> None:
+        """Name the layer's quantization scheme in its report row ("quant")."""
+        self._quant[layer_name] = scheme
+        row = self._stats["layers"].get(layer_name)
+        if row is not None:
+            row["quant"] = scheme
+
     def layer_not_taken_over(self, layer_name: str, reason: str) -> None:
         self._stats["layers_not_taken_over"][layer_name] = reason
+
+    def layer_quantization(self, layer_name: str, scheme: str) -> None:
+        """What a quantized taken-over layer computes (unquantized layers have no entry)."""
+        self._stats.setdefault("quantization", {})[layer_name] = scheme
 
     def dispatch_path(self, layer_name: str, path: str, why: str) -> None:
         """Which dispatch a taken-over layer uses ("all_to_all" or vLLM's "allgather")."""
@@ -150,6 +165,8 @@ class CapacityStats:
                 "max_bin_load_before_peak": 0,
                 "max_bin_load_after_peak": 0,
             }
+            if layer_name in self._quant:
+                layer["quant"] = self._quant[layer_name]
         layer["calls"] += 1
         layer["calls_with_drops"] += int(dropped > 0)
         layer["rows_routed"] += routed

@@ -14,7 +14,10 @@ from typing import Any
 
 import torch
 from npu_ops import (  # the emulation folder is on sys.path next to this package
+    npu_dequant_swiglu_quant,
+    npu_dynamic_quant,
     npu_grouped_matmul,
+    npu_grouped_matmul_swiglu_quant,
     npu_moe_token_permute,
     npu_moe_token_unpermute,
     npu_swiglu,
@@ -23,7 +26,10 @@ from npu_ops import (  # the emulation folder is on sys.path next to this packag
 __version__ = "0.0.0+cpu-emulation"
 
 __all__ = [
+    "npu_dequant_swiglu_quant",
+    "npu_dynamic_quant",
     "npu_grouped_matmul",
+    "npu_grouped_matmul_swiglu_quant",
     "npu_moe_token_permute",
     "npu_moe_token_unpermute",
     "npu_swiglu",
@@ -89,6 +95,22 @@ def _make_torch_npu() -> types.ModuleType:
 if not isinstance(getattr(torch, "npu", None), types.ModuleType):
     torch.npu = _make_torch_npu()
 npu = torch.npu
+
+
+def _streams_module() -> types.ModuleType:
+    """torch_npu.npu.streams: vllm-ascend 0.13.0's utils.py imports Event from it."""
+    import sys
+
+    streams = types.ModuleType("torch_npu.npu.streams")
+    streams.Event = _Event
+    streams.Stream = _Stream
+    _strict(streams)
+    sys.modules["torch_npu.npu"] = npu
+    sys.modules["torch_npu.npu.streams"] = streams
+    return streams
+
+
+npu.streams = _streams_module()
 
 
 def __getattr__(name: str) -> Any:

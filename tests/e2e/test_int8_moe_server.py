@@ -1,0 +1,90 @@
+"""A W8A8 int8 MoE model served with drops: vLLM 0.32's OpenAI server, online int8 quantisation.
+
+Stock vLLM cannot load this model on a CPU without AMX: `--quantization experts_int8` makes
+every MoE layer an `Int8OnlineMoEMethod`, whose `select_int8_moe_backend` raises
+NotImplementedError ("No Int8 MoE backend supports the deployment configuration"; measured
+on this bench). Patched, the selection gives moe.capacity's int8 experts
+(adapters/vllm_int8_cpu.py): the server answers, both MoE layers are taken over and named
+int8 in the report, rows are dropped within the budget, and /metrics has them. That r = 0
+equals vLLM's int8 kernel is checked at layer level against the real CPUExpertsInt8
+(tests/moe/test_int8_cpu_experts.py): there is no stock engine here to compare with.
+One server for every check: engines take minutes on this 2-core bench.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from ascend_patch.core.report import read_reports
+from ascend_patch.harness.procs import vllm_env
+from ascend_patch.harness.server import ManagedServer
+from ascend_patch.harness.tiny_model import make_tiny_model
+from tests.e2e.test_expert_parallel_server import (
+    check_answer,
+    long_prompt,
+    metric_values,
+    running,
+    scrape,
+)
+from tests.vllm_harness import patch_in
+
+pytestmark = pytest.mark.vllm
+
+LAYERS = ["model.layers.0.block_sparse_moe.experts", "model.layers.1.block_sparse_moe.experts"]
+RATIO = 0.1
+CONFIG = f"""
+version: 1
+patches:
+  - name: moe-int8
+    impl: moe.capacity
+    options:
+      drop_token_ratio: {RATIO}
+      min_tokens: 64
+      log_interval: 1   # a report after every MoE call: it matches /metrics at the end
+"""
+
+
+def test_int8_moe_model_serves_with_drops_reports_and_metrics(tmp_path_factory, tmp_path):
+    model = make_tiny_model(tmp_path_factory.mktemp("tiny_mixtral"), "mixtral")
+    config = tmp_path / "int8.yaml"
+    config.write_text(textwrap.dedent(CONFIG).lstrip())
+    (tmp_path / "tmp").mkdir()
+    env = vllm_env(ASCEND_PATCH_CONFIG=str(config),
+                   ASCEND_PATCH_REPORT_DIR=str(tmp_path / "reports"),
+                   ASCEND_PATCH_REPORT_INTERVAL="0", TMPDIR=str(tmp_path / "tmp"))
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    server = ManagedServer(model, args=["--quantization", "experts_int8"], env=env,
+                           log_path=tmp_path / "server.log", enforce_eager=True)
+    with running(server):
+        answers = [server.complete(long_prompt(i), max_tokens=8) for i in range(2)]
+        exposition = scrape(server)
+    for answer in answers:
+        check_answer(answer)
+    log = server.log_path.read_text(errors="replace")
+    assert "quantization=experts_int8" in log, log[-3000:]
+
+    (worker,) = [r for r in read_reports(tmp_path / "reports") if r["role"] == "worker"]
+    moe = patch_in(worker, "moe-int8")
+    assert moe["status"] == "applied", moe
+    stats = moe["stats"]
+    assert stats["layers_taken_over"] == LAYERS
+    assert stats["layers_not_taken_over"] == {}
+    assert sorted(stats["quantization"]) == LAYERS
+    assert all(s.startswith("int8 W8A8") for s in stats["quantization"].values())
+    for name in LAYERS:
+        layer = stats["layers"][name]
+        # Two 300-token prompts route 2 x 300 x top-2 rows through each layer at least.
+        assert layer["rows_routed"] >= 1200, layer
+        assert 0 < layer["rows_dropped"] <= RATIO * layer["rows_routed"], layer
+        assert layer["calls_with_drops"] >= 1
+    dropped = metric_values(exposition, "ascend_patch_moe_rows_dropped_total")
+    assert {dict(k)["layer"]: v for k, v in dropped.items()} == {
+        name: float(stats["layers"][name]["rows_dropped"]) for name in LAYERS}
+    quantized = metric_values(exposition, "ascend_patch_moe_layer_quantization")
+    assert {(dict(k)["layer"], dict(k)["quantization"]): v for k, v in quantized.items()} == {
+        (name, "int8_w8a8"): 1.0 for name in LAYERS}
+    routed = metric_values(exposition, "ascend_patch_moe_rows_routed_total")
+    assert {dict(k)["layer"]: v for k, v in routed.items()} == {
+        name: float(stats["layers"][name]["rows_routed"]) for name in LAYERS}
