@@ -135,11 +135,12 @@ STACKS: tuple[Stack, ...] = (
           "torch_npu ops on CPU (no NPU here)",
           environment=_ENV_023, tiers=("contract",), ascend_release="0.23.0.post1",
           sources=(VLLM_ASCEND_0_23,), configs=("configs/prod.yaml",)),
-    Stack("0.18", "ascend", _ASCEND_TESTED, environment=_ENV_018, tiers=("ascend",),
-          ascend_release="0.18.0", sources=(VLLM_ASCEND_0_18,), configs=("configs/prod.yaml",)),
-    Stack("0.13", "ascend", "static check of the real source; moe.capacity has no site set "
-          "for 0.13.0 yet (unsupported there)", environment=_ENV_013, tiers=("ascend",),
-          ascend_release="0.13.0", sources=(VLLM_ASCEND_0_13,), configs=("configs/prod.yaml",)),
+    Stack("0.18", "ascend", _ASCEND_TESTED + ": unquantized and W8A8_DYNAMIC (W4A8 static "
+          "only)", environment=_ENV_018, tiers=("ascend",), ascend_release="0.18.0",
+          sources=(VLLM_ASCEND_0_18,), configs=("configs/prod.yaml",)),
+    Stack("0.13", "ascend", _ASCEND_TESTED + ": unquantized only (quantized MoE is not taken "
+          "over on 0.13.0)", environment=_ENV_013, tiers=("ascend",), ascend_release="0.13.0",
+          sources=(VLLM_ASCEND_0_13,), configs=("configs/prod.yaml",)),
 )
 
 LINE_NAMES = tuple(line.name for line in LINES)
