@@ -184,6 +184,9 @@ def test_validate_fails_on_a_mutated_copy(mutable_source, line, capsys, path, ol
 
     if line == "0.13" and path.endswith("moe_runtime_args.py"):
         path, old, new, message = CHANGED_SIGNATURE_0_13
+    if line == "0.13" and ("quantization" in path or "_apply_mlp" in old):
+        pytest.skip("0.13.0's site set declares no quantized path (quantized MoE is not taken "
+                    "over there)")
     file = mutable_source / "vllm_ascend" / path
     text = file.read_text()
     assert old in text, f"the real source changed: {old!r} not in {path}"

@@ -69,8 +69,20 @@ def carried_over(
     )
 
 
+# The MoE schemes 0.18.0 registers, each of whose apply calls MoECommMethod.fused_experts
+# (quantization/methods/: w8a8_dynamic.py:108, w8a8_pdmix.py:88 (a W8A8_DYNAMIC subclass),
+# w4a8.py:181, w4a16.py:103, w8a8_mxfp8.py:108); 0.23.0.post1's other schemes do not exist there.
+_MOE_SCHEMES_0_18 = ("W8A8_DYNAMIC", "W8A8_MIX", "W4A8_DYNAMIC", "W4A16", "W8A8_MXFP8")
+
+
 def ascend_0_18(site_set_0_23: SiteSet) -> SiteSet:
     """vllm-ascend 0.18.0's site set, from 0.23.0.post1's."""
+    derived = _carried_0_18(site_set_0_23)
+    return replace(derived, quantized_layers=tuple(
+        s for s in site_set_0_23.quantized_layers or () if s in _MOE_SCHEMES_0_18))
+
+
+def _carried_0_18(site_set_0_23: SiteSet) -> SiteSet:
     return carried_over(
         site_set_0_23,
         ("0.18",),
@@ -206,4 +218,5 @@ def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
              "(self, permutated_local_input_tokens, context_metadata)",
              f"{adapter}:make_all_to_all_combine_postprocess", role="a2a_combine"),
     )
-    return replace(carried, sites=sites)
+    # Quantized MoE layers are reported not taken over on 0.13.0 (the adapter's admission).
+    return replace(carried, sites=sites, quantized_layers=())
