@@ -8,6 +8,9 @@ without importing anything.
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 from typing import Protocol
 
 from ascend_patch.core import catalog
@@ -34,6 +37,8 @@ class SourceReader(Protocol):
     def covers(self, module: str) -> bool: ...
 
     def resolve(self, ref: TargetRef) -> StaticSignature: ...
+
+    def resolve_attribute(self, ref: TargetRef) -> StaticSignature: ...
 
 
 def signature_problem(patch: PlannedPatch, site: PlannedSite, live: str) -> str | None:
@@ -110,6 +115,54 @@ class Checker:
         return _interface_mismatch(interface, live)
 
 
+    def read_problem(self, read: PlannedInterface) -> str | None:
+        """Whether an attribute adapters read on upstream objects exists (catalog.Attribute):
+        on the class, as a dataclass field, or assigned to `self.<name>` by a method."""
+        ref = read.target
+        try:
+            if self.sources is not None and self.sources.covers(ref.module):
+                self.sources.resolve_attribute(ref)
+                return None
+            if not self.importable:
+                raise LookupError("not checkable here: the installed packages are not the "
+                                  f"planned stack; give --source {ref.module.split('.')[0]}=DIR")
+            exists, where = find_module(ref.module)
+            if not exists:
+                raise LookupError(f"module {ref.module!r} does not exist here ({where})")
+            live_attribute(ref)
+        except LookupError as exc:
+            return f"reads {ref} ({read.why}): {exc}"
+        return None
+
+
+def live_attribute(ref: TargetRef) -> None:
+    """`resolve`, or else a dataclass field or a `self.<attr> = ...` in the source of a class
+    of the owner's MRO (instance attributes are not on the class). Raises LookupError."""
+    try:
+        resolve(ref)
+        return
+    except LookupError as first:
+        error = first
+    owner = resolve(TargetRef(ref.module, ".".join(ref.owner_path))).raw
+    if not isinstance(owner, type):
+        raise error
+    for klass in owner.__mro__:
+        if ref.attr in getattr(klass, "__dataclass_fields__", {}):
+            return
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        for node in ast.walk(tree):
+            targets = (node.targets if isinstance(node, ast.Assign)
+                       else [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign))
+                       else [])
+            if any(isinstance(t, ast.Attribute) and t.attr == ref.attr
+                   and isinstance(t.value, ast.Name) and t.value.id == "self" for t in targets):
+                return
+    raise error
+
+
 def interface_problem(
     patch: PlannedPatch, interface: PlannedInterface, *, import_module: bool = True
 ) -> str | None:
@@ -155,6 +208,10 @@ def patch_problems(
                 problems.append(problem)
     for interface in patch.relies_on:
         problem = checker.interface_problem(patch, interface)
+        if problem:
+            problems.append(problem)
+    for read in patch.reads:
+        problem = checker.read_problem(read)
         if problem:
             problems.append(problem)
     return problems

