@@ -165,7 +165,8 @@ class _Scanner(ast.NodeVisitor):
     def visit_Attribute(self, node: ast.Attribute) -> None:
         if _root_name(node) in self.foreign:  # torch.ops.x.y, dist.group.WORLD, F.silu
             return
-        if not _is_upstream_ns(node.value):  # <...>.upstream.<key>: a catalog key
+        # <...>.upstream.<key>: a catalog key; `ctx.upstream` itself: the namespace.
+        if not _is_upstream_ns(node.value) and node.attr != "upstream":
             if isinstance(node.ctx, ast.Load) or not isinstance(node.value, ast.Name) or \
                     node.value.id not in ("self", "cls"):
                 self._use(node, node.attr, "read")

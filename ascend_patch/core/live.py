@@ -8,9 +8,6 @@ without importing anything.
 
 from __future__ import annotations
 
-import ast
-import inspect
-import textwrap
 from typing import Protocol
 
 from ascend_patch.core import catalog
@@ -59,9 +56,14 @@ class Checker:
     config's line), else reported as not checkable.
     """
 
-    def __init__(self, sources: SourceReader | None = None, importable: bool = True) -> None:
+    def __init__(self, sources: SourceReader | None = None, importable: bool = True,
+                 installed: SourceReader | None = None) -> None:
+        """`installed`: the installed upstream packages' own files, read like `sources`: an
+        attribute that exists on instances only (catalog.Attribute) cannot be found by
+        importing the class."""
         self.sources = sources
         self.importable = importable
+        self.installed = installed
 
     def signature(self, ref: TargetRef) -> str:
         """The rendered signature (or "(?)" for a non-function); LookupError if not found."""
@@ -119,48 +121,18 @@ class Checker:
         """Whether an attribute adapters read on upstream objects exists (catalog.Attribute):
         on the class, as a dataclass field, or assigned to `self.<name>` by a method."""
         ref = read.target
+        package = ref.module.split(".")[0]
         try:
-            if self.sources is not None and self.sources.covers(ref.module):
-                self.sources.resolve_attribute(ref)
-                return None
-            if not self.importable:
-                raise LookupError("not checkable here: the installed packages are not the "
-                                  f"planned stack; give --source {ref.module.split('.')[0]}=DIR")
-            exists, where = find_module(ref.module)
-            if not exists:
-                raise LookupError(f"module {ref.module!r} does not exist here ({where})")
-            live_attribute(ref)
+            for reader in (self.sources, self.installed if self.importable else None):
+                if reader is not None and reader.covers(ref.module):
+                    reader.resolve_attribute(ref)
+                    return None
+            if self.importable:
+                raise LookupError(f"not checkable here: {package} is not installed")
+            raise LookupError("not checkable here: the installed packages are not the "
+                              f"planned stack; give --source {package}=DIR")
         except LookupError as exc:
             return f"reads {ref} ({read.why}): {exc}"
-        return None
-
-
-def live_attribute(ref: TargetRef) -> None:
-    """`resolve`, or else a dataclass field or a `self.<attr> = ...` in the source of a class
-    of the owner's MRO (instance attributes are not on the class). Raises LookupError."""
-    try:
-        resolve(ref)
-        return
-    except LookupError as first:
-        error = first
-    owner = resolve(TargetRef(ref.module, ".".join(ref.owner_path))).raw
-    if not isinstance(owner, type):
-        raise error
-    for klass in owner.__mro__:
-        if ref.attr in getattr(klass, "__dataclass_fields__", {}):
-            return
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        for node in ast.walk(tree):
-            targets = (node.targets if isinstance(node, ast.Assign)
-                       else [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign))
-                       else [])
-            if any(isinstance(t, ast.Attribute) and t.attr == ref.attr
-                   and isinstance(t.value, ast.Name) and t.value.id == "self" for t in targets):
-                return
-    raise error
 
 
 def interface_problem(
@@ -199,6 +171,7 @@ def patch_problems(
     problems: list[str] = []
     if checker is None:
         checker = Checker()
+    if checker.importable and checker.sources is None:
         problems += version_problems(config, installed_vllm())
     if patch.unsupported:
         problems.append(patch.unsupported)

