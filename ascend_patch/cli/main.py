@@ -134,7 +134,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = config.with_profile(profile)
     checker = _checker(args, stack)
     check = args.check and checker.importable
-    problems = live_problems(config) if check else {}
+    problems = live_problems(config, checker) if check else {}
     rows = []
     for patch in config.patches:
         if not patch.enabled:

@@ -82,3 +82,25 @@ def test_dataclass_fields_the_adapter_reads_are_found_as_fields():
     found = roots("0.34").resolve_attribute(
         parse_target(f"{_FM}.config:FusedMoEParallelConfig.ep_size"))
     assert (found.kind, found.owner) == ("field", f"{_FM}.config:FusedMoEParallelConfig")
+
+
+@pytest.mark.parametrize("line, module", [("0.33", "vllm._custom_ops"), ("0.34", "vllm._cpu_ops")])
+def test_the_cpu_moe_wrappers_the_bench_imports_are_where_it_looks(line, module):
+    """scripts/bench_vs_native.py takes them from vllm._cpu_ops when the line has that module
+    (cpu_ops_module), else from vllm._custom_ops."""
+    sources = roots(line)
+    for name in ("cpu_prepack_moe_weight", "cpu_fused_moe"):
+        assert sources.resolve(parse_target(f"{module}:{name}")).kind == "function"
+    has_cpu_ops = sources.covers("vllm._cpu_ops") and _module_exists(sources, "vllm._cpu_ops")
+    assert has_cpu_ops is (module == "vllm._cpu_ops")
+    if has_cpu_ops:
+        with pytest.raises(LookupError):
+            sources.resolve(parse_target("vllm._custom_ops:cpu_prepack_moe_weight"))
+
+
+def _module_exists(sources: SourceRoots, module: str) -> bool:
+    try:
+        sources.resolve(parse_target(f"{module}:__name__"))
+    except LookupError as exc:
+        return "not found in" not in str(exc)
+    return True

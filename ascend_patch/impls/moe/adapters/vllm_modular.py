@@ -219,7 +219,8 @@ def _unhandled_format(method: Any, layer: Any, upstream: Any) -> str | None:
         # vLLM's kernel builder refuses for Standard experts (oracle/base.py:277).
         fmt = moe.activation_format
         if fmt != upstream.FusedMoEActivationFormat.Standard:
-            return (f"activation format {getattr(fmt, 'value', fmt)} (our experts take "
+            # Member names (the values are 1-tuples: ("padded_standard",)).
+            return (f"activation format {getattr(fmt, 'name', fmt)} (our experts take "
                     "Standard only: DeepEP LL / NIXL EP / batched_triton are batched, "
                     "DeepEP v2 is padded_standard)")
     elif moe.moe_parallel_config.use_batched_activation_format:
