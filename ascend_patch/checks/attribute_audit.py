@@ -7,7 +7,8 @@ it then reads on the objects vLLM hands it (`moe.moe_parallel_config.use_batched
 layer would have raised AttributeError at load while `validate` passed: this audit is what
 makes that a test failure.
 
-Read with ast, nothing imported (torch aside: see `torch_and_stdlib_names`):
+Read with ast; nothing of the adapters is imported (torch, pydantic and the standard library
+are, to list their attribute names: `torch_and_stdlib_names`):
 
 * The modules audited for a site set are its factories' modules and every module of
   `ascend_patch.impls` they import (at module level or inside functions), transitively.
@@ -16,14 +17,23 @@ Read with ast, nothing imported (torch aside: see `torch_and_stdlib_names`):
   `getattr/hasattr/setattr(x, "name")` with a constant name, and each name a class defines
   in its body when one of its bases is read from `upstream` (an override of an upstream
   method or attribute: upstream renaming it would silently leave ours dead).
-* Names subtracted (`own_names`, `torch_and_stdlib_names`): names ascend_patch itself
-  defines (functions, classes, class attributes, module globals, `self.x = ...` / `obj.x = ...`
-  assignments, annotated fields), except the overrides above; and the attribute names of
-  torch, torch.Tensor, torch.nn.Module, Python's built-in types and the standard library
-  modules the audited code imports. Limits, by construction: a name is judged by its
-  spelling, not by the object it is read on (no type inference), so an upstream attribute
-  spelled like one of ours or like a torch/stdlib attribute (`layer.to`, `config.copy`) is
-  not required; an attribute reached through a string built at run time is not seen.
+* Left out where the receiver tells: every attribute of a chain rooted at a name the module
+  binds by importing something that is not vLLM or vllm-ascend (`torch.ops.x.y`,
+  `dist.group.WORLD`, `F.silu`), and getattr on such a name; names spelled `ascend_patch*`
+  (our own additions, also on subclasses of upstream classes); the modules in
+  TENSOR_ONLY_MODULES (torch_npu compute, handed tensors only); NOT_UPSTREAM (three torch
+  names reached through locals, each with where).
+* Names subtracted by spelling (`own_names`, `torch_and_stdlib_names`): names ascend_patch
+  itself defines (functions, classes, class attributes, module globals, `self.x = ...` /
+  `obj.x = ...` assignments, annotated fields), except the overrides above; and the
+  attribute names of torch, torch.Tensor, torch.nn.Module, pydantic.BaseModel, Python's
+  built-in types and the standard library modules the audited code imports.
+* Limits, by construction: a name is judged by its spelling, not by the object it is read on
+  (no type inference), so an upstream attribute spelled like one of ours or like a
+  torch/stdlib attribute (`parallel.ep_size`: we have an `ep_size` too; `layer.to`) is not
+  required, though the catalog declares the ones we know of; an attribute reached through
+  a name computed at run time (`getattr(layer, name)`) is not seen; a module counts whole
+  for every site set that reaches it, whichever of its functions that set runs.
 * What must hold: every remaining name is declared for the site set (line x platform) whose
   modules use it: the last segment of one of its Site or Interface targets, an Interface
   key, or one of its `reads` (catalog.Attribute).

@@ -1,8 +1,12 @@
 """Catalog entry of `moe.capacity` (light: pydantic, the catalog and the options only).
 
-Site sets: vLLM 0.32 and 0.23 on vLLM's own platforms (CPU, CUDA), and vllm-ascend 0.23.0.post1
-(adapters/ascend_0_23.py says what is replaced there and why). What is replaced in vLLM 0.32
-and why (details, with file:line, in docs/vllm-moe-internals.md):
+Site sets: vLLM 0.23, 0.32 and 0.33, and 0.34 on vLLM's own platforms (CPU, CUDA), and
+vllm-ascend 0.23.0.post1 (adapters/ascend_0_23.py says what is replaced there and why). 0.33
+and 0.34 patch the same methods with the same signatures as 0.32 (read from their wheels);
+0.34 has its own set because it moved the batched-format flag to
+`FusedMoEConfig.activation_format` and added DeepEP v2's PaddedStandard format and MoNE
+expert substitution, which the adapter refuses per layer. What is replaced in vLLM 0.32 and
+why (details, with file:line, in docs/vllm-moe-internals.md):
 
 * `UnquantizedFusedMoEMethod.apply(self, layer, x, topk_weights, topk_ids, shared_experts,
   shared_experts_input)` (unquantized_fused_moe_method.py:283). This is the one call every
