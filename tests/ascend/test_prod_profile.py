@@ -18,7 +18,9 @@ PROD = Path(__file__).resolve().parents[2] / "configs" / "prod.yaml"
 @pytest.mark.parametrize(
     ("vllm", "profile", "min_tokens"),
     [("0.23.0", "deepseek-v3-ascend-ep16-prefill", 4096),
-     ("0.32.0", "deepseek-v3-ep16-prefill", 2048)],
+     ("0.32.0", "deepseek-v3-ep16-prefill", 2048),
+     ("0.33.0", "deepseek-v3-ep16-prefill", 2048),
+     ("0.34.0", "deepseek-v3-ep16-prefill", 2048)],
 )
 def test_deepseek_v3_profile_per_line(monkeypatch, vllm, profile, min_tokens):
     monkeypatch.setattr(profiles, "installed_vllm", lambda: InstalledVllm("vllm", Version(vllm)))
