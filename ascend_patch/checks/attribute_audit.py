@@ -12,7 +12,8 @@ are, to list their attribute names: `torch_and_stdlib_names`):
 
 * The modules audited for a site set are its factories' modules and every module of
   `ascend_patch.impls` they import (at module level or inside functions), transitively.
-* Names collected from them: each `x.name` (Attribute node; `<...>.upstream.<key>` is a
+* Names collected from them: each `x.name` read or written (`self.name = ...` is a
+  definition of ours instead; Attribute nodes; `<...>.upstream.<key>` is a
   catalog key, already audited by tests/core/test_upstream.py, and left out), each
   `getattr/hasattr/setattr(x, "name")` with a constant name, and each name a class defines
   in its body when one of its bases is read from `upstream` (an override of an upstream
@@ -79,7 +80,7 @@ class Use:
     module: str
     line: int
     name: str
-    how: str  # "read" | "getattr" | "override"
+    how: str  # "read" | "write" | "getattr" | "hasattr" | "setattr" | "override"
     when: tuple[Condition, ...] = ()
 
 
@@ -177,11 +178,13 @@ class _Scanner(ast.NodeVisitor):
             return
         # <...>.upstream.<key>: a catalog key; `ctx.upstream` itself: the namespace.
         if not _is_upstream_ns(node.value) and node.attr != "upstream":
-            if isinstance(node.ctx, ast.Load) or not isinstance(node.value, ast.Name) or \
-                    node.value.id not in ("self", "cls"):
+            on_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            if isinstance(node.ctx, ast.Load):
                 self._use(node, node.attr, "read")
-            if isinstance(node.ctx, ast.Store):
-                self.scan.defines.add(node.attr)
+            elif on_self:
+                self.scan.defines.add(node.attr)  # `self.x = ...`: an attribute we define
+            else:
+                self._use(node, node.attr, "write")  # `method.moe_kernel = ...`
         self.generic_visit(node)
 
     def visit_Call(self, node: ast.Call) -> None:
