@@ -95,6 +95,7 @@ def make(original, ctx):
     upstream = ctx.upstream
     layer = original.layer
     layer.expert_map.to("cpu")
+    layer.kernel = None
     torch.ops.ascend_patch.op(dist.group.WORLD)
     getattr(layer, "optional_flag", None)
     name = "dynamic"
@@ -107,7 +108,8 @@ def make(original, ctx):
 
     class Experts(upstream.Base):
         def _supports_thing(self):
-            return True
+            self.own_state = 1
+            return self.own_state
 
         ascend_patch_marker = True
 
@@ -151,15 +153,19 @@ def test_rules_on_a_made_up_adapter():
     # the override _supports_thing; helper.py's `helped` (an impls module it imports).
     # Not: torch/dist chains, a getattr with a computed name, Base (an upstream key), the
     # ascend_patch-prefixed class attribute, names in `ignore`.
-    common = {"expert_map", "optional_flag", "_supports_thing", "helped"}
+    # A write to the layer counts (`kernel`); `self.own_state = ...` defines a name of ours
+    # (the real run subtracts own_names; here `ignore` stands for them).
+    common = {"expert_map", "optional_flag", "_supports_thing", "helped", "kernel", "own_state"}
     assert names(findings) == {("1",): common | {"old_attr"}, ("2",): common | {"new_attr"}}
     assert {f.use.how for f in findings if f.use.name == "_supports_thing"} == {"override"}
     assert {f.use.how for f in findings if f.use.name == "optional_flag"} == {"getattr"}
+    assert {f.use.how for f in findings if f.use.name == "kernel"} == {"write"}
+    assert "own_state" in scan_source("m", textwrap.dedent(ADAPTER)).defines
 
 
 def test_declared_reads_and_interface_targets_satisfy_the_audit():
     reads = tuple(Attribute(f"up.m:C.{n}") for n in
-                  ("expert_map", "optional_flag", "helped", "old_attr"))
+                  ("expert_map", "optional_flag", "helped", "old_attr", "kernel", "own_state"))
     findings = run_fake(fake_site_set(("1",), (Interface("up.m:Base._supports_thing", None, "o"),
                                                Interface("up.m:Base", None, "b")), reads))
     assert findings == []
