@@ -4,7 +4,7 @@
 # is imported. Releases, their sha256 and their archive kind come from the stack registry
 # (`python -m ascend_patch.core.stacks sources`, ascend_patch/core/stacks.py):
 #   sdist (vllm-ascend: it cannot be imported without torch_npu/CANN): unpacked whole;
-#   wheel (vllm: PyPI's CUDA wheels, 239-336 MB): only PACKAGE/**/*.py is extracted (57-63 MB)
+#   wheel (vllm: PyPI's CUDA wheels, 239-336 MB): only PACKAGE/**/*.py is extracted (31-63 MB)
 #   and the wheel is deleted.
 #
 #   scripts/fetch_source.sh DISTRIBUTION            its first declared release
@@ -56,16 +56,23 @@ trap 'rm -rf "$work"' EXIT
 
 sha_ok() { echo "$SHA256  $1" | sha256sum --check --status; }
 
+# A wheel needs nothing but pip: $PYTHON's own when it has one (a venv costs ~10 s here); an
+# sdist's metadata needs setuptools_scm, installed into a throwaway venv.
+PIP_PYTHON=$PYTHON
+make_venv() {
+  "$PYTHON" -m venv "$work/venv"
+  PIP_PYTHON=$work/venv/bin/python
+}
+
 pip_quiet() {
   # Some machines' pip configs name package folders that do not exist; pip warns once per
   # package. Those lines are noise: drop them, keep everything else (and pip's exit status).
-  "$work/venv/bin/python" -m pip --disable-pip-version-check --quiet "$@" 2>&1 \
+  "$PIP_PYTHON" -m pip --disable-pip-version-check --quiet "$@" 2>&1 \
     | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
 
 download() {  # download PIP-ARGS... : the one file pip fetched, sha256-checked, on stdout
   log "downloading $DIST $VERSION ($ARCHIVE) into $CACHE"
-  [[ -x $work/venv/bin/python ]] || "$PYTHON" -m venv "$work/venv"
   pip_quiet download --no-deps "$@" -d "$work/download" >&2
   local got
   got=$(find "$work/download" -maxdepth 1 -type f | head -n 1)
@@ -81,6 +88,7 @@ download() {  # download PIP-ARGS... : the one file pip fetched, sha256-checked,
 }
 
 if [[ $ARCHIVE == wheel ]]; then
+  "$PYTHON" -m pip --version >/dev/null 2>&1 || make_venv
   wheel=$(download --only-binary :all: "$DIST==$VERSION")
   # Only the package's python files, each checked to stay inside the package directory.
   "$PYTHON" - "$wheel" "$work/tree" "$PACKAGE" <<'EOF'
@@ -109,7 +117,7 @@ if [[ -f $SDIST ]] && sha_ok "$SDIST"; then
   log "using the verified sdist already in $CACHE"
 else
   [[ -f $SDIST ]] && log "$SDIST fails its sha256 check; downloading it again"
-  "$PYTHON" -m venv "$work/venv"
+  make_venv
   pip_quiet install setuptools setuptools_scm wheel
   # pip reads the sdist's metadata by running its setup.py, which asks npu-smi for the chip
   # unless SOC_VERSION names one; no build happens, so any valid name will do.

@@ -113,7 +113,7 @@ _ENV_023 = Environment("vllm-0.23", "scripts/lines/vllm-0.23.txt", "scripts/line
 VLLM_ASCEND_0_23 = Source("vllm_ascend", "vllm-ascend", "0.23.0.post1",
                           "a3b9f4a5dd7aa50c37e03d1f35937c4ae5aeacc49b734cac74d59ce5757738e1")
 # PyPI's CUDA wheels (cp38-abi3 manylinux_2_28 x86_64: 274, 336 and 239 MB; pip picks the
-# same file on every x86_64 Linux). Only vllm/**/*.py is kept (57-63 MB).
+# same file on every x86_64 Linux). Only vllm/**/*.py is kept (31-63 MB).
 VLLM_0_23 = Source("vllm", "vllm", "0.23.0",
                    "872aeb7c36a1ea942216af067ce870ffdf960804e829367e1b4eb36d4831c03c", "wheel")
 VLLM_0_33 = Source("vllm", "vllm", "0.33.0",
