@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,31 @@ def test_every_static_config_exists_and_admits_its_line():
             loaded = load_config(REPO / config,
                                  versions.Stack.for_line(stack.line, stack.catalog_platform))
             assert loaded.stack.line == stack.line
+
+
+def run_fetch(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ["PATH"], "HOME": str(cache), "ASCEND_PATCH_CACHE_DIR": str(cache),
+           "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(REPO / "scripts" / "fetch_source.sh"), *args], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("vllm", "9.9.9"), "fetch_source: vllm 9.9.9 is not a declared source (declared: 0.23.0 "
+                        "0.33.0 0.34.0)"),
+    (("torch",), "fetch_source: torch is not a declared source"),
+    ((), "fetch_source: usage: fetch_source.sh DISTRIBUTION [VERSION]"),
+])
+def test_fetch_refuses_what_the_registry_does_not_declare(tmp_path, args, message):
+    done = run_fetch(*args, cache=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith(message)
+    assert done.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_fetch_answers_from_the_cache_without_downloading(tmp_path):
+    tree = tmp_path / "vllm-0.34.0"
+    (tree / "vllm").mkdir(parents=True)
+    (tree / "vllm" / "__init__.py").write_text("")
+    done = run_fetch("vllm", "0.34.0", cache=tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{tree}\n", "")
