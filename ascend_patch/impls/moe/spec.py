@@ -274,6 +274,12 @@ _MODULAR_READS = _EXPERTS_OVERRIDES + (
     *(Attribute(f"{_PARALLEL}.{name}", "EP/DP/TP layout of the drop step and the dispatch")
       for name in ("tp_size", "tp_rank", "dp_size", "dp_rank", "ep_size", "ep_rank",
                    "pcp_size", "use_ep", "enable_eplb", "is_sequence_parallel")),
+    # adapters/triton_route.py: whether the Triton path's all-to-all leaves id -1 rows out.
+    Attribute(f"{_PARALLEL}.all2all_backend", "which dispatch a Triton layer's rows take"),
+    Attribute(f"{_PARALLEL}.use_all2all_kernels", "no all-to-all kernels: expert_map route"),
+    # The Triton path calls the kernel with the layer's weights, as forward_native does.
+    *(Attribute(f"{_METHOD}.{name}", "create_weights registers it on the layer")
+      for name in ("w13_weight", "w2_weight")),
     *(Attribute(f"{_GROUP}.{name}", "the EP/DP group: counts all-gather, config check")
       for name in ("all_gather", "rank_in_group", "world_size", "cpu_group", "device_group")),
     Attribute("vllm.config.vllm:VllmConfig.compilation_config", "CUDA-graph mode"),
@@ -283,6 +289,20 @@ _MODULAR_READS = _EXPERTS_OVERRIDES + (
     Attribute("vllm.platforms.interface:Platform.is_cpu", "the CPU platform never captures"),
 )
 
+
+# What adapters/vllm_int8_cpu.py reads on 0.32's int8 objects (only that line takes them over).
+_INT8_CT = (f"{_QUANT}.compressed_tensors.compressed_tensors_moe."
+            "compressed_tensors_moe_w8a8_int8:CompressedTensorsW8A8Int8MoEMethod")
+_INT8_READS = (
+    Attribute(f"{_MOE_CONFIG}.moe_backend", "an explicit --moe-backend keeps vLLM's experts"),
+    Attribute(f"{_MOE_CONFIG}.activation", "silu only"),
+    *(Attribute(f"{_MK}:FusedMoEExperts.{name}", "the int8 experts' per-channel scales")
+      for name in ("w1_scale", "w2_scale")),
+    Attribute(f"{_FM}.routed_experts:RoutedExperts.quant_method",
+              "the int8 method whose kernel gets the all-to-all dispatch"),
+    *(Attribute(f"{method}.moe_kernel", "its experts tell whether the layer is ours")
+      for method in (f"{_QUANT}.online.int8:Int8OnlineMoEMethod", _INT8_CT)),
+)
 
 _LAYER_NAMES = ("layer_name", "moe_config", "expert_map", "expert_placement_strategy",
                 "global_num_experts", "activation", "swiglu_limit")
@@ -372,8 +392,6 @@ _CPU_0_23_READS = (
                    "topk_group", "num_expert_group", "custom_routing_function", "scoring_func",
                    "routed_scaling_factor", "e_score_correction_bias",
                    "apply_router_weight_on_input")),
-    *(Attribute(f"{_METHOD}.{name}", "create_weights registers it on the layer")
-      for name in ("w13_weight", "w2_weight")),
 )
 
 IMPLEMENTATIONS = {
@@ -401,7 +419,7 @@ IMPLEMENTATIONS = {
                 ),
                 relies_on=_MODULAR_INTERFACES + _INT8_INTERFACES,
                 reads=_MODULAR_READS + _layer_reads("routed_experts:RoutedExperts", *_SWIGLU_0_32)
-                + (_BATCHED_FLAG,),
+                + (_BATCHED_FLAG,) + _INT8_READS,
                 # vLLM's --quantization names (plan matches a model's method against them).
                 quantized_layers=("experts_int8", "compressed-tensors W8A8 int8"),
             ),
