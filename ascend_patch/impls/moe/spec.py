@@ -382,7 +382,28 @@ _ASCEND_READS = (
                    "quant_method")),
     Attribute(f"{_GROUP}.cpu_group",
               "the config check runs on a GroupCoordinator's gloo group when given one"),
+    # The zero-row guard of quantized MLP calls (ascend_0_23.make_apply_mlp).
+    *(Attribute(f"{_VA_MOE}.moe_stage_contracts:MoEMlpComputeInput.{name}",
+                "a quantized MLP call that received no row is skipped")
+      for name in ("hidden_states", "quant", "weights")),
+    Attribute(f"{_VA_MOE}.moe_stage_params:MoEQuantParams.quant_type", "which scheme's dtype"),
+    *(Attribute(f"vllm_ascend.quantization.quant_type:QuantType.{name}",
+                "the schemes whose zero-row output dtype is known")
+      for name in ("W8A8", "W4A8", "W4A16")),
+    *(Attribute(f"{_VA_MOE}.moe_stage_contracts:MoEWeights.{name}", "gmm2's output dtype")
+      for name in ("w1_scale_bias", "w2_scale")),
+    # The FUSED_MC2 row counter (ascend_fused_mc2.py).
+    Attribute(f"{_VA_MOE}.moe_comm_method:MoECommMethod.moe_config", "local experts per rank"),
+    Attribute(f"{_FM}.config:FusedMoEConfig.num_local_experts", "local experts per rank"),
+    Attribute(f"{_VA_MOE}.moe_stage_contracts:MoEFusedExpertsInput.routing",
+              "log2phy and the token mask of the step"),
+    *(Attribute(f"{_VA_MOE}.moe_stage_params:MoERoutingParams.{name}",
+                "physical ids, and which tokens the kernel sends")
+      for name in ("log2phy", "mc2_mask")),
 )
+# 0.23.0.post1 passes ascend_config.mega_moe_max_tokens to the fused MC2 kernel (CM:321).
+_MEGA_MOE_LIMIT = Attribute("vllm_ascend.ascend_config:AscendConfig.mega_moe_max_tokens",
+                            "the row limit the fused MC2 kernel truncates at")
 
 _CPU_0_23_READS = (
     Attribute(f"{_METHOD}.moe_quant_config", "set before the kernel build, as the original does"),
@@ -712,7 +733,7 @@ IMPLEMENTATIONS = {
                 ),
                 # Every registered MoE scheme reaches build_token_dispatch_input (schemes.py).
                 quantized_layers=ASCEND_0_23_MOE_SCHEMES,
-                reads=_ASCEND_READS,
+                reads=_ASCEND_READS + (_MEGA_MOE_LIMIT,),
             ),
             no_ascend_release(),
         ),
