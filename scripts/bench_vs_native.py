@@ -46,9 +46,19 @@ def native_isa() -> str:
     return "amx" if torch.cpu._is_amx_tile_supported() else "vec"
 
 
+def cpu_ops_module():
+    """Where the line keeps the CPU MoE wrappers: vllm._cpu_ops from 0.34 on (cpu_fused_moe
+    and cpu_prepack_moe_weight left vllm._custom_ops there), vllm._custom_ops before."""
+    import importlib
+    import importlib.util
+
+    name = "vllm._cpu_ops" if importlib.util.find_spec("vllm._cpu_ops") else "vllm._custom_ops"
+    return importlib.import_module(name)
+
+
 def native_moe(x, w13, w2, isa):
     """(callable(topk_weights, topk_ids) -> out) on prepacked copies of the weights."""
-    from vllm import _custom_ops as ops
+    ops = cpu_ops_module()
 
     p13 = ops.cpu_prepack_moe_weight(w13, isa)
     p2 = ops.cpu_prepack_moe_weight(w2, isa)

@@ -66,23 +66,34 @@ TEST_VLLM_ASCEND_SRC=$(bash scripts/fetch_vllm_ascend.sh)
 export TEST_VLLM_ASCEND_SRC
 
 status=0
-# Static check first: every shipped config against the real upstream source of every stack
-# that declares one, before any engine starts, in the environment without torch or vLLM.
+# Static check first: every shipped config against the real upstream sources of every stack
+# that declares some (vllm-ascend's sdist, vLLM's wheels' python files: scripts/fetch_source.sh),
+# before any engine starts, in the environment without torch or vLLM.
 if [[ $slow -eq 0 && ( -z $only_tier || $only_tier == static ) ]]; then
   began=$SECONDS
   python=.venvs/light/bin/python
   static_ok=ok
-  while read -r key package _dist version _sha configs; do
+  declare -A stack_sources=() stack_configs=()
+  stack_order=()
+  while read -r key package dist version _sha _archive configs; do
+    [[ -n ${stack_configs[$key]+set} ]] || stack_order+=("$key")
+    dir=$(bash scripts/fetch_source.sh "$dist" "$version")
+    stack_sources[$key]+=" --source $package=$dir"
+    stack_configs[$key]=$configs
+  done < <(stacks sources)
+  for key in "${stack_order[@]}"; do
     line=${key%/*} platform=${key#*/}
-    dir=$(bash scripts/fetch_vllm_ascend.sh "$version")
+    configs=${stack_configs[$key]}
     for config in ${configs//,/ }; do
       [[ $config != - ]] || continue  # a stack that ships no config of its own
+      echo "static: $config on vLLM $line/$platform" >&2
+      # shellcheck disable=SC2086  # the --source pairs hold no spaces
       if ! "$python" -m ascend_patch validate "$config" --platform "$platform" \
-          --vllm-line "$line" --source "$package=$dir"; then
+          --vllm-line "$line" ${stack_sources[$key]}; then
         static_ok=FAILED status=1
       fi
     done
-  done < <(stacks sources)
+  done
   step "static" $((SECONDS - began)) "$static_ok"
 fi
 

@@ -117,6 +117,7 @@ UNIT = (
     "tests/core/test_lab_apart.py",
     "tests/core/test_stacks.py",
     "tests/core/test_upstream.py",
+    "tests/core/test_attribute_audit.py",
     "tests/moe/test_stats.py",
     "tests/moe/test_multirank.py",
     "tests/ascend/test_prod_profile.py",

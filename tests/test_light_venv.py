@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.ascend import harness
+from tests.upstream_sources import require_vllm_source
 
 REPO = Path(__file__).resolve().parents[1]
 LIGHT = REPO / ".venvs" / "light" / "bin" / "python"
@@ -79,9 +80,19 @@ def run_light(python: Path, tmp_path: Path, *args: str) -> subprocess.CompletedP
 
 def test_validate_with_source_needs_neither_torch_nor_vllm(light_python, tmp_path):
     source = harness.require_source()
+    vllm = require_vllm_source("0.23.0")  # the adapter reads vLLM objects under vllm-ascend
     done = run_light(light_python, tmp_path, "validate", str(PROD), *STACK,
-                     "--source", f"vllm_ascend={source}")
+                     "--source", f"vllm_ascend={source}", "--source", f"vllm={vllm}")
     assert "OK for vLLM 0.23.x (line 0.23), platform ascend" in done.stdout
+
+
+@pytest.mark.parametrize("line", ["0.33", "0.34"])
+def test_validate_a_cuda_only_line_against_its_wheel_needs_neither_torch_nor_vllm(
+        light_python, tmp_path, line):
+    vllm = require_vllm_source(f"{line}.0")
+    done = run_light(light_python, tmp_path, "validate", str(PROD), "--platform", "cuda",
+                     "--vllm-line", line, "--source", f"vllm={vllm}")
+    assert f"OK for vLLM {line}.x (line {line}), platform vllm (3 patches" in done.stdout
 
 
 def test_plan_for_another_stack_needs_neither_torch_nor_vllm(light_python, tmp_path):

@@ -244,6 +244,38 @@ class SourceRoots:
                 outcomes = [_as_namespace(o, part) for o in outcomes]
         return _decide(ref, [_as_result(ref, o) for o in outcomes])
 
+    def resolve_attribute(self, ref: TargetRef) -> StaticResolved:
+        """Like `resolve`, and also finds what exists on instances only: a dataclass field
+        (an annotation in the body of a class decorated @...dataclass or @config, vLLM's
+        dataclass wrapper) or an attribute a method assigns (`self.name = ...`), in the
+        class or along its bases. For catalog `reads` (catalog.Attribute)."""
+        try:
+            return self.resolve(ref)
+        except LookupError as first:
+            if not ref.owner_path:
+                raise
+            owner = TargetRef(ref.module, ".".join(ref.owner_path))
+            classes = [o.value for o in self._walk(owner) if isinstance(o.value, _ClassValue)]
+            for cls in classes:
+                for mro in self._mros(cls, _Hops()):
+                    for entry in mro.entries:
+                        if isinstance(entry, _ClassValue):
+                            found = _instance_attribute(entry, ref.attr)
+                            if found is not None:
+                                return found
+            raise first
+
+    def _walk(self, ref: TargetRef) -> list[_Outcome]:
+        module = self._load(ref.module)
+        outcomes = [_Outcome(_ModuleValue(module))]
+        for part in ref.qualname.split("."):
+            outcomes = [
+                found.under(outcome.when)
+                for outcome in outcomes
+                for found in self._attribute(outcome.value, part, _Hops())
+            ]
+        return outcomes
+
     # Loading --------------------------------------------------------------------------------
 
     def _load(self, name: str) -> Module:
@@ -331,6 +363,9 @@ class SourceRoots:
             return outcomes + [_Outcome(_Failure(
                 f"{module.name}.{name} may be unbound: it is bound only when {where}"
             ))]
+        lazy = _module_getattr(module, name)
+        if lazy is not None:
+            return [_Outcome(lazy)]
         return [_Outcome(_Failure(self._missing(module, name)))]
 
     def _star(self, module: Module, name: str, hops: _Hops) -> list[_Outcome]:
@@ -628,6 +663,80 @@ def _absent(cls: _ClassValue, mro: tuple[_Value, ...], name: str) -> str:
         # add or replace methods: only running them would tell.
         reason += f" (unless the class decorator @{decorators[0]} adds it)"
     return reason
+
+
+def _module_getattr(module: Module, name: str) -> _Leaf | None:
+    """A name a module-level `__getattr__` (PEP 562) provides: one it compares its argument
+    with (`if name == "current_platform":`, vllm/platforms/__init__.py). What it returns is
+    not followed."""
+    for stmt in module.tree.body:
+        if isinstance(stmt, ast.FunctionDef) and stmt.name == "__getattr__" and stmt.args.args:
+            arg = stmt.args.args[0].arg
+            for node in ast.walk(stmt):
+                if (isinstance(node, ast.Compare) and isinstance(node.left, ast.Name)
+                        and node.left.id == arg and any(
+                            isinstance(c, ast.Constant) and c.value == name
+                            for c in node.comparators)):
+                    return _Leaf(StaticResolved(str(module.file), node.lineno, None,
+                                                "attribute", module.name))
+    return None
+
+
+def _is_dataclass_decorator(expr: ast.expr) -> bool:
+    name = dotted_name(expr.func if isinstance(expr, ast.Call) else expr) or ""
+    last = name.rsplit(".", 1)[-1]
+    return last == "dataclass" or last == "config"
+
+
+def _instance_attribute(cls: _ClassValue, name: str) -> StaticResolved | None:
+    """`name` as a dataclass field of `cls` or assigned to `self.name` in one of its methods."""
+    file = str(cls.module.file)
+    if any(_is_dataclass_decorator(d) for d in cls.node.decorator_list):
+        for stmt in cls.node.body:
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and stmt.target.id == name and "ClassVar" not in ast.unparse(stmt.annotation)):
+                return StaticResolved(file, stmt.lineno, None, "field", cls.label)
+    for stmt in cls.node.body:
+        if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) or not stmt.args.args:
+            continue
+        self_name = stmt.args.args[0].arg
+        for node in ast.walk(stmt):
+            if _registers(node, name):
+                # `layer.register_parameter("w13_weight", ...)` in a method: the parameter
+                # the class gives the layer it builds weights for.
+                return StaticResolved(file, node.lineno, None, "registered parameter",
+                                      cls.label)
+            targets = (node.targets if isinstance(node, ast.Assign)
+                       else [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign))
+                       else [])
+            for target in (t for top in targets for t in ast.walk(top)):
+                if (isinstance(target, ast.Attribute) and target.attr == name
+                        and isinstance(target.value, ast.Name) and target.value.id == self_name
+                        and isinstance(target.ctx, ast.Store)):
+                    return StaticResolved(file, node.lineno, None, "instance attribute",
+                                          cls.label)
+    return _proxied(cls, name)
+
+
+def _proxied(cls: _ClassValue, name: str) -> StaticResolved | None:
+    """A name a class with `__getattr__` lists among the attributes it forwards: a string in
+    a tuple/list/set class attribute (vllm-ascend's _ExtraForwardContextProxy.extra_attrs)."""
+    body = cls.node.body
+    if not any(isinstance(s, ast.FunctionDef) and s.name == "__getattr__" for s in body):
+        return None
+    for stmt in body:
+        value = stmt.value if isinstance(stmt, (ast.Assign, ast.AnnAssign)) else None
+        if isinstance(value, (ast.Tuple, ast.List, ast.Set)) and any(
+                isinstance(e, ast.Constant) and e.value == name for e in value.elts):
+            return StaticResolved(str(cls.module.file), stmt.lineno, None,
+                                  "attribute forwarded by __getattr__", cls.label)
+    return None
+
+
+def _registers(node: ast.AST, name: str) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("register_parameter", "register_buffer") and bool(node.args)
+            and isinstance(node.args[0], ast.Constant) and node.args[0].value == name)
 
 
 def _normalise_root(name: str, path: Path) -> Path:

@@ -61,13 +61,29 @@ def _checker(args: argparse.Namespace, stack):
     roots = dict(getattr(args, "source", None) or ())
     if not importable:
         roots.setdefault("ascend_patch", Path(ascend_patch.__file__).resolve().parents[1])
-    sources = None
-    if roots:
+    sources = installed = None
+    if roots or importable:
         from ascend_patch.checks.static_targets import SourceRoots
 
         # vllm-ascend picks code paths with vllm_version_is("X.Y.Z"): read the planned line's.
-        sources = SourceRoots(roots, vllm_line=stack.line)
-    return Checker(sources, importable=importable)
+        if roots:
+            sources = SourceRoots(roots, vllm_line=stack.line)
+        if importable:
+            installed = SourceRoots(_installed_roots(), vllm_line=stack.line)
+    return Checker(sources, importable=importable, installed=installed)
+
+
+def _installed_roots() -> dict[str, Path]:
+    """The directories holding the installed upstream packages, found without importing them
+    (for the attributes adapters read, which only the source shows)."""
+    import importlib.util
+
+    roots = {}
+    for package in ("vllm", "vllm_ascend"):
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            roots[package] = Path(next(iter(spec.submodule_search_locations))).parent
+    return roots
 
 
 def _source_arg(text: str) -> tuple[str, object]:
@@ -85,7 +101,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     stack = _stack(args)
     config = _load(args.config, stack)
     checker = _checker(args, stack)
-    problems = live_problems(config, checker if (args.source or not checker.importable) else None)
+    problems = live_problems(config, checker)
     failed = False
     for patch in config.patches:
         for problem in problems[patch.name]:
@@ -94,8 +110,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if failed:
         return EXIT_INVALID
     checked = sum(len(p.sites) + len(p.relies_on) for p in config.patches)
+    reads = sum(len(p.reads) for p in config.patches)
     out.print(f"{config.path}: OK for {config.stack.describe()} ({len(config.patches)} patches, "
-              f"{checked} targets and interfaces checked, sha256 {config.digest[:12]})")
+              f"{checked} targets and interfaces checked, {reads} attributes read, "
+              f"sha256 {config.digest[:12]})")
     return EXIT_OK
 
 
@@ -119,7 +137,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     quant = _model_quantization(args)
     checker = _checker(args, stack)
     check = args.check and checker.importable
-    problems = live_problems(config) if check else {}
+    problems = live_problems(config, checker) if check else {}
     rows = []
     for patch in config.patches:
         if not patch.enabled:

@@ -77,6 +77,27 @@ class Interface:
         return self.key != derived_key(self.target)
 
 
+@dataclass(frozen=True)
+class Attribute:
+    """An attribute of an upstream class that an adapter reads on the objects vLLM hands it
+    (`layer.expert_map`, `moe.moe_parallel_config.ep_size`), or overrides in a subclass.
+
+    Not reachable through `ctx.upstream` (it is read on instances) and not checked by the
+    loader (an instance attribute set in `__init__` or a dataclass field without a default is
+    not on the class at run time): `validate --source` finds it in the real source (class
+    attribute, method, property, dataclass field, or `self.<name> = ...` in a method of the
+    class or a base), and the attribute audit (checks/attribute_audit.py) requires every
+    upstream attribute an adapter uses to be declared here or as a Site/Interface.
+    """
+
+    target: str  # "module:Class.attr"
+    why: str = ""
+
+    @property
+    def name(self) -> str:
+        return derived_key(self.target)
+
+
 def derived_key(target: str) -> str:
     """The key an Interface gets by default: its target's last component."""
     return target.replace(":", ".").rsplit(".", 1)[-1].strip()
@@ -95,6 +116,7 @@ class SiteSet:
     platform: str = "vllm"
     sites: tuple[Site, ...] = ()
     relies_on: tuple[Interface, ...] = ()
+    reads: tuple[Attribute, ...] = ()
     provided: str = ""
     unsupported: str = ""
     # For implementations that take model layers over: the quantization schemes (the

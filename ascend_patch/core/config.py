@@ -54,6 +54,8 @@ class PlannedPatch:
     line: int | None
     file: str = ""
     relies_on: tuple[PlannedInterface, ...] = ()
+    # Attributes read on upstream objects (catalog.Attribute): checked by `validate`.
+    reads: tuple[PlannedInterface, ...] = ()
     # Non-empty when the stack needs no patch (the platform does it already), and why.
     provided: str = ""
     # Non-empty when the implementation cannot run on the stack, and why.
@@ -361,6 +363,10 @@ def _plan_patch(entry: _Entry, stack: Stack, problems: list[Problem]) -> Planned
         relies_on=tuple(
             PlannedInterface(parse_target(i.target), i.signature, i.why)
             for i in (site_set.relies_on if site_set else ())
+        ),
+        reads=tuple(
+            PlannedInterface(parse_target(a.target), None, a.why)
+            for a in (site_set.reads if site_set else ())
         ),
         provided=site_set.provided if site_set else "",
         unsupported=_unsupported_reason(impl, site_set, stack),

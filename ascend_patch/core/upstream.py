@@ -59,6 +59,13 @@ class Upstream:
         self.__dict__[key] = value
         return value
 
+    def __contains__(self, key: object) -> bool:
+        """Whether the catalog declares `key` for this patch's line and platform: how an
+        adapter writes a line-specific read (`if "activation_format" in ctx.upstream:`),
+        which the attribute audit (checks/attribute_audit.py) attributes to those lines.
+        Nothing is imported or resolved."""
+        return key in self.__dict__[f"{_P}declared"]
+
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError(f"upstream.{key} is read-only: declare the interface instead")
 

@@ -24,7 +24,8 @@ ASCEND_PROFILES = {"0.23": "deepseek-v3-a3-ep16-prefill-0.23",
 @pytest.mark.parametrize(
     ("vllm", "profile", "min_tokens"),
     [("0.23.0", ASCEND_PROFILES["0.23"], 4096), ("0.18.0", ASCEND_PROFILES["0.18"], 4096),
-     ("0.13.0", ASCEND_PROFILES["0.13"], 4096), ("0.32.0", "deepseek-v3-ep16-prefill", 2048)],
+     ("0.13.0", ASCEND_PROFILES["0.13"], 4096), ("0.32.0", "deepseek-v3-ep16-prefill", 2048),
+     ("0.33.0", "deepseek-v3-ep16-prefill", 2048), ("0.34.0", "deepseek-v3-ep16-prefill", 2048)],
 )
 def test_deepseek_v3_profile_per_line(monkeypatch, vllm, profile, min_tokens):
     monkeypatch.setattr(profiles, "installed_vllm", lambda: InstalledVllm("vllm", Version(vllm)))

@@ -122,6 +122,19 @@ def test_analytic_limit_small_example():
     assert (limited.level_protected, limited.ideal_speedup_protected) == (3, 10 / 8)
 
 
+@pytest.mark.contract
+def test_vs_native_takes_the_cpu_ops_from_where_the_installed_line_keeps_them():
+    """vllm._custom_ops on the CPU lines here (0.23, 0.32); 0.34's vllm._cpu_ops is checked
+    on its real source (tests/core/test_line_sources.py)."""
+    import importlib.util
+
+    bench = load_script("bench_vs_native")
+    ops = bench.cpu_ops_module()
+    assert importlib.util.find_spec("vllm._cpu_ops") is None
+    assert ops.__name__ == "vllm._custom_ops"
+    assert callable(ops.cpu_prepack_moe_weight)
+
+
 @pytest.mark.contract  # vLLM's own CPU fused MoE is the baseline
 def test_vs_native_core_tiny():
     bench = load_script("bench_vs_native")

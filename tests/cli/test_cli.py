@@ -32,7 +32,8 @@ def test_validate_good_config_exits_0(write_config, capsys):
     path = write_config(GOOD)
     assert main(["validate", str(path)]) == 0
     assert capsys.readouterr().out.startswith(
-        f"{path}: OK for {STACK.describe()} (2 patches, 2 targets and interfaces checked, sha256 ")
+        f"{path}: OK for {STACK.describe()} (2 patches, 2 targets and interfaces checked, 10 attributes read, "
+        "sha256 ")
 
 
 def test_validate_bad_config_exits_2_with_file_line_key(write_config, capsys):

@@ -134,7 +134,8 @@ def test_config_range_admitting_no_supported_line_is_a_config_error(write_config
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert [str(p) for p in info.value.problems] == [
-        f"{path}:2: vllm: '>=0.40' admits no supported vLLM line (supported: 0.23.x, 0.32.x)"]
+        f"{path}:2: vllm: '>=0.40' admits no supported vLLM line "
+        "(supported: 0.13.x, 0.18.x, 0.23.x, 0.32.x, 0.33.x, 0.34.x)"]
 
 
 def test_inherited_method_is_shadowed_then_removed(write_config, toy_module):

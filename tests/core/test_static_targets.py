@@ -1044,3 +1044,112 @@ def test_vllm_version_hints_follow_the_planned_line(tmp_path):
     assert roots.resolve(parse_target("pkg:f")).signature == "(a)"
     later = SourceRoots({"pkg": tmp_path}, vllm_line="0.27")
     assert later.resolve(parse_target("pkg:f")).signature == "(a, b)"
+
+
+# resolve_attribute: what exists on instances only (catalog.Attribute, `reads`) -------------
+
+INSTANCE_TREE = {
+    "pkg/__init__.py": "",
+    "pkg/base.py": '''
+        from dataclasses import dataclass, field
+        from typing import ClassVar
+
+        import torch
+
+
+        @dataclass
+        class Parallel:
+            ep_size: int
+            use_ep: bool = False
+            registry: ClassVar[dict] = {}
+            _private: int = field(default=0, init=False)
+
+            @property
+            def is_sequence_parallel(self):
+                return False
+
+
+        class Plain:
+            annotated_only: int
+
+            def __init__(self, moe):
+                self.moe = moe
+                self.a, (self.b, self.c) = 1, (2, 3)
+                self.typed: int = 4
+
+            def create_weights(self, layer):
+                layer.register_parameter("w13_weight", None)
+                other.x = 1
+
+
+        class Child(Plain):
+            pass
+
+
+        class Layer(torch.nn.Module):
+            def __init__(self):
+                self.layer_name = "x"
+
+
+        class Proxy:
+            extra_attrs = ("moe_comm_method", "capturing")
+
+            def __getattr__(self, name):
+                return None
+    ''',
+    "pkg/lazy.py": '''
+        def __getattr__(name):
+            if name == "current_platform":
+                return object()
+            raise AttributeError(name)
+    ''',
+}
+
+
+@pytest.mark.parametrize("target, kind, line_text", [
+    ("pkg.base:Parallel.ep_size", "field", "ep_size: int"),
+    ("pkg.base:Parallel.use_ep", "attribute", "use_ep: bool = False"),
+    ("pkg.base:Parallel.is_sequence_parallel", "property", "def is_sequence_parallel(self):"),
+    ("pkg.base:Plain.moe", "instance attribute", "self.moe = moe"),
+    ("pkg.base:Plain.c", "instance attribute", "self.a, (self.b, self.c) = 1, (2, 3)"),
+    ("pkg.base:Plain.typed", "instance attribute", "self.typed: int = 4"),
+    ("pkg.base:Plain.w13_weight", "registered parameter",
+     'layer.register_parameter("w13_weight", None)'),
+    ("pkg.base:Child.moe", "instance attribute", "self.moe = moe"),
+    # Past a base outside the sources (torch.nn.Module), the class's own __init__ still counts.
+    ("pkg.base:Layer.layer_name", "instance attribute", 'self.layer_name = "x"'),
+    ("pkg.base:Proxy.moe_comm_method", "attribute forwarded by __getattr__",
+     'extra_attrs = ("moe_comm_method", "capturing")'),
+    ("pkg.lazy:current_platform", "attribute", 'if name == "current_platform":'),
+])
+def test_resolve_attribute_finds_instance_attributes(tree, target, kind, line_text):
+    roots = tree(INSTANCE_TREE)
+    found = roots.resolve_attribute(parse_target(target))
+    assert found.kind == kind
+    lines = Path(found.file).read_text().splitlines()
+    assert lines[found.line - 1].strip() == line_text
+
+
+@pytest.mark.parametrize("target, reason", [
+    # A bare annotation outside a dataclass creates nothing.
+    ("pkg.base:Plain.annotated_only", "class pkg.base:Plain has no attribute 'annotated_only'"),
+    # A dataclass has its fields, not every name.
+    ("pkg.base:Parallel.nope", "class pkg.base:Parallel has no attribute 'nope'"),
+    # Assigned on another object, not self.
+    ("pkg.base:Plain.x", "class pkg.base:Plain has no attribute 'x'"),
+    ("pkg.base:Proxy.sinks", "class pkg.base:Proxy has no attribute 'sinks'"),
+    ("pkg.lazy:other", "module pkg.lazy has no attribute 'other'"),
+])
+def test_resolve_attribute_reports_what_is_not_there(tree, target, reason):
+    roots = tree(INSTANCE_TREE)
+    with pytest.raises(LookupError) as info:
+        roots.resolve_attribute(parse_target(target))
+    assert str(info.value).startswith(reason)
+
+
+def test_plain_resolve_still_refuses_instance_attributes(tree):
+    """Sites and interfaces name class-level symbols (the loader resolves them on the class):
+    only `reads` accept what exists on instances."""
+    roots = tree(INSTANCE_TREE)
+    assert "has no attribute 'ep_size'" in lookup_error(roots, "pkg.base:Parallel.ep_size")
+    assert "has no attribute 'moe'" in lookup_error(roots, "pkg.base:Plain.moe")

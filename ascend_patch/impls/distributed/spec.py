@@ -6,10 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from ascend_patch.core.catalog import Implementation, Site, SiteSet, no_ascend_release
+from ascend_patch.core.catalog import Attribute, Implementation, Site, SiteSet, no_ascend_release
 
 _FACTORIES = "ascend_patch.impls.distributed.cpu_collectives"
 _CPU_COMMUNICATOR = "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
+_CPU_COMMUNICATOR_CLASS = "vllm.distributed.device_communicators.cpu_communicator:CpuCommunicator"
 
 
 class CpuCollectivesOptions(BaseModel):
@@ -38,7 +39,7 @@ IMPLEMENTATIONS = {
             "(pad to the largest rank, one collective, slice)."
         ),
         why=(
-            "vLLM's CpuCommunicator (0.23 and 0.32) inherits DeviceCommunicatorBase.all_gatherv and "
+            "vLLM's CpuCommunicator (0.23 to 0.34) inherits DeviceCommunicatorBase.all_gatherv and "
             "reduce_scatterv, which raise NotImplementedError (vLLM issue #57837). Data "
             "parallel + expert parallel MoE on CPU dispatches through "
             "AgRsAll2AllManager.dispatch_router_logits / dispatch (all_gatherv on the DP "
@@ -47,7 +48,7 @@ IMPLEMENTATIONS = {
         ),
         site_sets=(
             SiteSet(
-                lines=("0.23", "0.32"),
+                lines=("0.23", "0.32", "0.33", "0.34"),
                 sites=(
                     Site(
                         target=f"{_CPU_COMMUNICATOR}.all_gatherv",
@@ -61,6 +62,11 @@ IMPLEMENTATIONS = {
                         factory=f"{_FACTORIES}:make_reduce_scatterv",
                         role="reduce_scatterv",
                     ),
+                ),
+                # What the replacements read on the communicator (`self`).
+                reads=tuple(
+                    Attribute(f"{_CPU_COMMUNICATOR_CLASS}.{name}", "the group to run on")
+                    for name in ("device_group", "cpu_group", "rank_in_group", "world_size")
                 ),
             ),
             SiteSet(

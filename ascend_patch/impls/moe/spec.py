@@ -1,8 +1,12 @@
 """Catalog entry of `moe.capacity` (light: pydantic, the catalog and the options only).
 
-Site sets: vLLM 0.32 and 0.23 on vLLM's own platforms (CPU, CUDA), and vllm-ascend 0.23.0.post1
-(adapters/ascend_0_23.py says what is replaced there and why). What is replaced in vLLM 0.32
-and why (details, with file:line, in docs/vllm-moe-internals.md):
+Site sets: vLLM 0.23, 0.32 and 0.33, and 0.34 on vLLM's own platforms (CPU, CUDA), and
+vllm-ascend 0.23.0.post1 (adapters/ascend_0_23.py says what is replaced there and why). 0.33
+and 0.34 patch the same methods with the same signatures as 0.32 (read from their wheels);
+0.34 has its own set because it moved the batched-format flag to
+`FusedMoEConfig.activation_format` and added DeepEP v2's PaddedStandard format and MoNE
+expert substitution, which the adapter refuses per layer. What is replaced in vLLM 0.32 and
+why (details, with file:line, in docs/vllm-moe-internals.md):
 
 * `UnquantizedFusedMoEMethod.apply(self, layer, x, topk_weights, topk_ids, shared_experts,
   shared_experts_input)` (unquantized_fused_moe_method.py:283). This is the one call every
@@ -65,7 +69,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet, no_ascend_release
+from ascend_patch.core.catalog import (
+    Attribute,
+    Implementation,
+    Interface,
+    Site,
+    SiteSet,
+    no_ascend_release,
+)
 from ascend_patch.impls.moe.options import CapacityOptions
 from ascend_patch.impls.moe.schemes import ASCEND_0_23_MOE_SCHEMES
 from ascend_patch.impls.moe.spec_releases import ascend_0_13, ascend_0_18
@@ -232,6 +243,101 @@ _INT8_INTERFACES = (
     ),
 )
 
+# What the vLLM adapter reads on the objects vLLM hands it, or overrides in its subclasses
+# (checks/attribute_audit.py requires each to be declared; `validate --source` finds each).
+_PARALLEL = f"{_FM}.config:FusedMoEParallelConfig"
+_MOE_CONFIG = f"{_FM}.config:FusedMoEConfig"
+_GROUP = "vllm.distributed.parallel_state:GroupCoordinator"
+_EXPERTS_OVERRIDES = tuple(
+    Attribute(f"{_MK}:FusedMoEExpertsModular.{name}", "CapacityExperts overrides it")
+    for name in (
+        "activation_format", "expects_unquantized_inputs", "process_weights_after_loading",
+        "finalize_weight_and_reduce_impl", "_supports_current_device",
+        "_supports_no_act_and_mul", "_supports_quant_scheme", "_supports_activation",
+        "_supports_parallel_config", "_supports_routing_method",
+        "_supports_router_logits_dtype",
+    )
+)
+_MODULAR_READS = _EXPERTS_OVERRIDES + (
+    Attribute(f"{_MK}:FusedMoEActivationFormat.Standard", "our experts' activation format"),
+    Attribute(f"{_MK}:FusedMoEKernel.fused_experts", "the all-to-all kernel keeps the experts"),
+    Attribute(f"{_FM}.oracle.unquantized:UnquantizedMoeBackend.CPU", "taken over"),
+    Attribute(f"{_FM}.oracle.unquantized:UnquantizedMoeBackend.TRITON", "taken over (mask)"),
+    Attribute(f"{_METHOD}.moe", "the layer's FusedMoEConfig"),
+    Attribute(f"{_METHOD}.unquantized_backend", "which backends are taken over"),
+    Attribute(f"{_METHOD}.experts_cls", "replaced by CapacityExperts before the kernel build"),
+    Attribute(f"{_METHOD}.moe_kernel", "rebuilt with the all-to-all prepare/finalize"),
+    Attribute(f"{_MOE_CONFIG}.moe_parallel_config", "EP/DP facts"),
+    Attribute(f"{_MOE_CONFIG}.has_bias", "biased experts are refused"),
+    Attribute(f"{_MOE_CONFIG}.is_lora_enabled", "MoE LoRA is refused"),
+    Attribute(f"{_MOE_CONFIG}.is_act_and_mul", "non-gated activations are refused"),
+    *(Attribute(f"{_PARALLEL}.{name}", "EP/DP/TP layout of the drop step and the dispatch")
+      for name in ("tp_size", "tp_rank", "dp_size", "dp_rank", "ep_size", "ep_rank",
+                   "pcp_size", "use_ep", "enable_eplb", "is_sequence_parallel")),
+    # adapters/triton_route.py: whether the Triton path's all-to-all leaves id -1 rows out.
+    Attribute(f"{_PARALLEL}.all2all_backend", "which dispatch a Triton layer's rows take"),
+    Attribute(f"{_PARALLEL}.use_all2all_kernels", "no all-to-all kernels: expert_map route"),
+    # The Triton path calls the kernel with the layer's weights, as forward_native does.
+    *(Attribute(f"{_METHOD}.{name}", "create_weights registers it on the layer")
+      for name in ("w13_weight", "w2_weight")),
+    *(Attribute(f"{_GROUP}.{name}", "the EP/DP group: counts all-gather, config check")
+      for name in ("all_gather", "rank_in_group", "world_size", "cpu_group", "device_group")),
+    Attribute("vllm.config.vllm:VllmConfig.compilation_config", "CUDA-graph mode"),
+    Attribute("vllm.config.compilation:CompilationConfig.cudagraph_mode",
+              "all_to_all is refused while graphs are captured"),
+    Attribute("vllm.config:CUDAGraphMode.NONE", "no graph captured"),
+    Attribute("vllm.platforms.interface:Platform.is_cpu", "the CPU platform never captures"),
+)
+
+
+# What adapters/vllm_int8_cpu.py reads on 0.32's int8 objects (only that line takes them over).
+_INT8_CT = (f"{_QUANT}.compressed_tensors.compressed_tensors_moe."
+            "compressed_tensors_moe_w8a8_int8:CompressedTensorsW8A8Int8MoEMethod")
+_INT8_READS = (
+    Attribute(f"{_MOE_CONFIG}.moe_backend", "an explicit --moe-backend keeps vLLM's experts"),
+    Attribute(f"{_MOE_CONFIG}.activation", "silu only"),
+    *(Attribute(f"{_MK}:FusedMoEExperts.{name}", "the int8 experts' per-channel scales")
+      for name in ("w1_scale", "w2_scale")),
+    Attribute(f"{_FM}.routed_experts:RoutedExperts.quant_method",
+              "the int8 method whose kernel gets the all-to-all dispatch"),
+    *(Attribute(f"{method}.moe_kernel", "its experts tell whether the layer is ours")
+      for method in (f"{_QUANT}.online.int8:Int8OnlineMoEMethod", _INT8_CT)),
+)
+
+_LAYER_NAMES = ("layer_name", "moe_config", "expert_map", "expert_placement_strategy",
+                "global_num_experts", "activation", "swiglu_limit")
+
+
+def _layer_reads(layer_cls: str, *extra: str) -> tuple[Attribute, ...]:
+    """What the adapter reads on the MoE layer (0.23 layer:FusedMoE, 0.32+ RoutedExperts)."""
+    return tuple(
+        Attribute(f"{_FM}.{layer_cls}.{name}", "read on the MoE layer")
+        for name in _LAYER_NAMES + extra
+    )
+
+
+# Clamped/scaled SwiGLU, refused where set; 0.23 has neither (read with a default: None).
+_SWIGLU_0_32 = ("swiglu_alpha", "swiglu_beta")
+
+# 0.23 to 0.33: the batched formats are flagged on the parallel config.
+_BATCHED_FLAG = Attribute(f"{_PARALLEL}.use_batched_activation_format",
+                          "batched formats (DeepEP LL, NIXL EP) are refused")
+# 0.34 moved it to FusedMoEConfig.activation_format (fused_moe/config.py:1468), which also
+# names DeepEP v2's PaddedStandard (modular_kernel.py:117-140); `make_moe_kernel`
+# (oracle/base.py:241) refuses experts that are not a superset of the P/F's format. The
+# adapter tests `"activation_format" in ctx.upstream` to choose how to read it.
+_INTERFACES_0_34 = (
+    Interface(f"{_MOE_CONFIG}.activation_format", None,
+              "anything but Standard (BatchedExperts, PaddedStandard) is refused"),
+    Interface(f"{_FM}.expert_substitution:SubstitutedRoutedExperts", None,
+              "MoNE-substituted layers are refused: substituted routes reach apply as load "
+              "on expert 0 (expert_substitution.py:232-262)"),
+)
+_READS_0_34 = (
+    Attribute(f"{_MK}:FusedMoEActivationFormat.BatchedExperts", "refused"),
+    Attribute(f"{_MK}:FusedMoEActivationFormat.PaddedStandard", "refused (DeepEP v2)"),
+)
+
 # vLLM 0.23's CPU backend (adapters/vllm_0_23_cpu_monolithic.py).
 _CPU_0_23_INTERFACES = (
     Interface(
@@ -255,6 +361,58 @@ _CPU_0_23_INTERFACES = (
         "vllm.v1.worker.workspace:is_workspace_manager_initialized", "()",
         "set it up once per process",
     ),
+)
+
+# What adapters/ascend_0_23.py reads on vllm-ascend's (and, under it, vLLM 0.23's) objects.
+_VA_MOE = "vllm_ascend.ops.fused_moe"
+_ASCEND_READS = (
+    Attribute("vllm_ascend.utils:AscendDeviceType.A3", "fused MC2 runs on A3 only"),
+    Attribute("vllm_ascend.ascend_config:AscendConfig.enable_fused_mc2",
+              "refused with drops (every step FUSED_MC2)"),
+    Attribute("vllm_ascend.ascend_forward_context:_ExtraForwardContextProxy.moe_comm_method",
+              "the step's comm method (_EXTRA_CTX)"),
+    Attribute(f"{_VA_MOE}.moe_comm_method:MoECommMethod.token_dispatcher",
+              "its EP group and rank"),
+    Attribute(f"{_VA_MOE}.moe_stage_contracts:MoEFusedExpertsInput.lora_context",
+              "MoE LoRA keeps every row"),
+    Attribute(f"{_VA_MOE}.moe_stage_contracts:MoEAllToAllCombineMetadata."
+              "reversed_local_input_permutation_mapping", "one entry per routed row"),
+    *(Attribute(f"{_VA_MOE}.fused_moe_0_23_0:AscendFusedMoE.{name}", "read on the MoE layer")
+      for name in ("layer_name", "global_num_experts", "local_num_experts", "ep_size",
+                   "quant_method")),
+    Attribute(f"{_GROUP}.cpu_group",
+              "the config check runs on a GroupCoordinator's gloo group when given one"),
+    # The zero-row guard of quantized MLP calls (ascend_0_23.make_apply_mlp).
+    *(Attribute(f"{_VA_MOE}.moe_stage_contracts:MoEMlpComputeInput.{name}",
+                "a quantized MLP call that received no row is skipped")
+      for name in ("hidden_states", "quant", "weights")),
+    Attribute(f"{_VA_MOE}.moe_stage_params:MoEQuantParams.quant_type", "which scheme's dtype"),
+    *(Attribute(f"vllm_ascend.quantization.quant_type:QuantType.{name}",
+                "the schemes whose zero-row output dtype is known")
+      for name in ("W8A8", "W4A8", "W4A16")),
+    *(Attribute(f"{_VA_MOE}.moe_stage_contracts:MoEWeights.{name}", "gmm2's output dtype")
+      for name in ("w1_scale_bias", "w2_scale")),
+    # The FUSED_MC2 row counter (ascend_fused_mc2.py).
+    Attribute(f"{_VA_MOE}.moe_comm_method:MoECommMethod.moe_config", "local experts per rank"),
+    Attribute(f"{_FM}.config:FusedMoEConfig.num_local_experts", "local experts per rank"),
+    Attribute(f"{_VA_MOE}.moe_stage_contracts:MoEFusedExpertsInput.routing",
+              "log2phy and the token mask of the step"),
+    *(Attribute(f"{_VA_MOE}.moe_stage_params:MoERoutingParams.{name}",
+                "physical ids, and which tokens the kernel sends")
+      for name in ("log2phy", "mc2_mask")),
+)
+# 0.23.0.post1 passes ascend_config.mega_moe_max_tokens to the fused MC2 kernel (CM:321).
+_MEGA_MOE_LIMIT = Attribute("vllm_ascend.ascend_config:AscendConfig.mega_moe_max_tokens",
+                            "the row limit the fused MC2 kernel truncates at")
+
+_CPU_0_23_READS = (
+    Attribute(f"{_METHOD}.moe_quant_config", "set before the kernel build, as the original does"),
+    Attribute(f"{_METHOD}.get_fused_moe_quant_config", "the kernel's quant config (None)"),
+    *(Attribute(f"{_FM}.layer:FusedMoE.{name}", "routing and weights of the CPU backend")
+      for name in ("_expert_routing_tables", "top_k", "use_grouped_topk", "renormalize",
+                   "topk_group", "num_expert_group", "custom_routing_function", "scoring_func",
+                   "routed_scaling_factor", "e_score_correction_bias",
+                   "apply_router_weight_on_input")),
 )
 
 IMPLEMENTATIONS = {
@@ -281,8 +439,28 @@ IMPLEMENTATIONS = {
                     *_INT8_SITES,
                 ),
                 relies_on=_MODULAR_INTERFACES + _INT8_INTERFACES,
+                reads=_MODULAR_READS + _layer_reads("routed_experts:RoutedExperts", *_SWIGLU_0_32)
+                + (_BATCHED_FLAG,) + _INT8_READS,
                 # vLLM's --quantization names (plan matches a model's method against them).
                 quantized_layers=("experts_int8", "compressed-tensors W8A8 int8"),
+            ),
+            # 0.33: the 0.32 sites without the int8 takeover (never run: no CPU build).
+            SiteSet(
+                lines=("0.33",),
+                sites=(_apply_site(), _weights_site(f"{_MODULAR}:make_process_weights_after_loading")),
+                relies_on=_MODULAR_INTERFACES,
+                reads=_MODULAR_READS + _layer_reads("routed_experts:RoutedExperts", *_SWIGLU_0_32)
+                + (_BATCHED_FLAG,),
+                quantized_layers=(),
+            ),
+            # 0.34: same sites and interfaces (unquantized_fused_moe_method.py:264, :213).
+            SiteSet(
+                lines=("0.34",),
+                sites=(_apply_site(), _weights_site(f"{_MODULAR}:make_process_weights_after_loading")),
+                relies_on=_MODULAR_INTERFACES + _INTERFACES_0_34,
+                reads=_MODULAR_READS + _layer_reads("routed_experts:RoutedExperts", *_SWIGLU_0_32)
+                + _READS_0_34,
+                quantized_layers=(),
             ),
             SiteSet(
                 lines=("0.23",),
@@ -300,6 +478,8 @@ IMPLEMENTATIONS = {
                 ),
                 relies_on=_MODULAR_INTERFACES + _CPU_0_23_INTERFACES,
                 quantized_layers=(),
+                reads=_MODULAR_READS + _layer_reads("layer:FusedMoE") + (_BATCHED_FLAG,)
+                + _CPU_0_23_READS,
             ),
             # vllm-ascend 0.23.0.post1 (adapters/ascend_0_23.py: hooks, MC2 decision, file:line).
             SiteSet(
@@ -553,8 +733,9 @@ IMPLEMENTATIONS = {
                 ),
                 # Every registered MoE scheme reaches build_token_dispatch_input (schemes.py).
                 quantized_layers=ASCEND_0_23_MOE_SCHEMES,
+                reads=_ASCEND_READS + (_MEGA_MOE_LIMIT,),
             ),
-            no_ascend_release("0.32"),
+            no_ascend_release(),
         ),
         options=CapacityOptions,
     ),

@@ -10,9 +10,16 @@ vllm-ascend's forward_oot would replace its fused-bias and weight-prefetch paths
 So on Ascend the entry reports "provided by vllm-ascend" and patches nothing.
 """
 
-from ascend_patch.core.catalog import Implementation, Interface, Site, SiteSet, no_ascend_release
+from ascend_patch.core.catalog import (
+    Attribute,
+    Implementation,
+    Interface,
+    Site,
+    SiteSet,
+    no_ascend_release,
+)
 
-_VLLM_LINES = ("0.23", "0.32")
+_VLLM_LINES = ("0.23", "0.32", "0.33", "0.34")
 # Same classes, same forward_oot signatures in vllm-ascend 0.13.0 and 0.18.0 (layernorm.py:46
 # and :63, activation.py:33 in both).
 _ASCEND_LINES = ("0.13", "0.18", "0.23")
@@ -25,6 +32,16 @@ _WHY_FORWARD_NATIVE = (
 )
 
 
+# What forward_native's replacement reads on the RMSNorm (`self`). The factories of both ops
+# live in one module, so the audit (checks/attribute_audit.py) holds both entries to them.
+_RMS_NORM = "vllm.model_executor.layers.layernorm:RMSNorm"
+_LAYER_READS = tuple(
+    Attribute(f"{_RMS_NORM}.{name}", "RMSNorm's own state, read as its forward_native does")
+    for name in ("variance_epsilon", "variance_size_override", "weight", "pass_weight",
+                 "pass_weight_add")
+)
+
+
 def _op(name: str, summary: str, why: str, target: str, signature: str, factory: str,
         ascend_target: str, ascend_signature: str, calls: str) -> Implementation:
     """An op patched at `target` on vLLM's own platforms and provided by vllm-ascend's own
@@ -34,7 +51,8 @@ def _op(name: str, summary: str, why: str, target: str, signature: str, factory:
         summary=summary,
         why=why,
         site_sets=(
-            SiteSet(lines=_VLLM_LINES, sites=(Site(target, signature, f"{_FACTORIES}:{factory}"),)),
+            SiteSet(lines=_VLLM_LINES, sites=(Site(target, signature, f"{_FACTORIES}:{factory}"),),
+                    reads=_LAYER_READS),
             SiteSet(
                 lines=_ASCEND_LINES,
                 platform="ascend",

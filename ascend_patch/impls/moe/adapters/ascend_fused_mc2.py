@@ -71,7 +71,7 @@ def _kernel_settings(upstream: Any) -> tuple[Any, int, bool]:
     """(the FUSED_MC2 switch, max_output_size, whether mc2_mask reaches the kernel), as the
     release passes them. 0.18.0's site set declares envs.env_variables instead of
     get_ascend_config (spec_releases.py)."""
-    if "env_variables" in dir(upstream):
+    if "env_variables" in upstream:
         switch = upstream.env_variables["VLLM_ASCEND_ENABLE_FUSED_MC2"]()
         return switch, _FIXED_MAX_OUTPUT_0_18, False
     config = upstream.get_ascend_config()

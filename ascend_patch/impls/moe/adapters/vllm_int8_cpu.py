@@ -167,9 +167,6 @@ def _make_int8_experts_class(state: CapacityState) -> type:
         def _supports_router_logits_dtype(router_logits_dtype: Any, routing_method: Any) -> bool:
             return True
 
-        def supports_expert_map(self) -> bool:
-            return True
-
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             # No VNNI prepack: the torch compute reads [E, 2I, H] / [E, H, I] int8. Both
             # int8 methods call this once their kernel (with these experts) is built.

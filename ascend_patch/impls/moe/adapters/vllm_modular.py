@@ -88,7 +88,7 @@ def _make_experts_class(backend_name: str, upstream: Any) -> type:
         experts (finalize's weight-and-reduce is a no-op). Rows with id -1 (dropped by
         make_apply) and rows of experts another EP rank owns are not computed."""
 
-        backend = backend_name
+        ascend_patch_backend = backend_name
         # Marks our class (a second load of the same layer finds it in method.experts_cls).
         ascend_patch_capacity = True
 
@@ -178,7 +178,7 @@ def _make_experts_class(backend_name: str, upstream: Any) -> type:
                 topk_ids,
                 expert_map,
                 str(getattr(activation, "value", activation)),
-                self.backend,
+                self.ascend_patch_backend,
                 bool(apply_router_weight_on_input),
             )
             output.copy_(out)
@@ -196,8 +196,9 @@ def _not_supported_reason(method: Any, layer: Any, upstream: Any) -> str | None:
     if backend not in (backends.CPU, backends.TRITON):
         name = getattr(backend, "value", backend)
         return f"backend {name} keeps its own weight layout (CPU and TRITON are supported)"
-    if moe.moe_parallel_config.use_batched_activation_format:
-        return "batched activation format (DeepEP LL / NIXL EP)"
+    unhandled = _unhandled_format(method, layer, upstream)
+    if unhandled is not None:
+        return unhandled
     if moe.has_bias:
         return "experts with bias"
     if getattr(moe, "is_lora_enabled", False):
@@ -212,6 +213,29 @@ def _not_supported_reason(method: Any, layer: Any, upstream: Any) -> str | None:
         for name in ("swiglu_limit", "swiglu_alpha", "swiglu_beta")
     ):
         return "clamped/scaled SwiGLU"
+    return None
+
+
+def _unhandled_format(method: Any, layer: Any, upstream: Any) -> str | None:
+    """Why the layer's activation format or expert layout is not ours to take over. Each
+    line exposes the format its own way: the catalog declares which (impls/moe/spec.py)."""
+    moe = method.moe
+    if "activation_format" in upstream:
+        # 0.34: FusedMoEConfig.activation_format; PaddedStandard is DeepEP v2's format, which
+        # vLLM's kernel builder refuses for Standard experts (oracle/base.py:277).
+        fmt = moe.activation_format
+        if fmt != upstream.FusedMoEActivationFormat.Standard:
+            # Member names (the values are 1-tuples: ("padded_standard",)).
+            return (f"activation format {getattr(fmt, 'name', fmt)} (our experts take "
+                    "Standard only: DeepEP LL / NIXL EP / batched_triton are batched, "
+                    "DeepEP v2 is padded_standard)")
+    elif moe.moe_parallel_config.use_batched_activation_format:
+        return "batched activation format (DeepEP LL / NIXL EP)"
+    if "SubstitutedRoutedExperts" in upstream and isinstance(
+            layer, upstream.SubstitutedRoutedExperts):
+        # MoNE rewrites substituted routes to expert 0 with weight 0 before apply
+        # (expert_substitution.py:232-262): the planner would count them as load on expert 0.
+        return "MoNE expert substitution (substituted routes would count as load on expert 0)"
     return None
 
 

@@ -45,6 +45,7 @@ sum(max bin load) / sum(mean bin load), the load-weighted imbalance that sets st
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 logger = logging.getLogger("ascend_patch.moe.capacity")
@@ -97,8 +98,6 @@ class CapacityStats:
 
     def dispatch_counters(self) -> Any:
         """The process's all-to-all traffic counters (shared by every layer)."""
-        from ascend_patch.impls.moe.transport.all_to_all_dispatch import DispatchCounters
-
         counters = getattr(self, "_dispatch_counters", None)
         if counters is None:
             counters = self._dispatch_counters = DispatchCounters()
@@ -236,3 +235,32 @@ class CapacityStats:
 
 def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator) / float(denominator) if denominator else 0.0
+
+
+@dataclass
+class DispatchCounters:
+    """Per-process traffic counters (JSON-friendly), kept in the patch's stats.
+
+    "rows" are kept (token, expert) rows (one 12-byte record each on the wire), "hidden
+    rows" the hidden states sent (one per (token, destination rank) pair with a kept row
+    there) and returned by the combine (one per pair received)."""
+
+    calls: int = 0
+    rows_sent: int = 0  # kept rows handed to the dispatch all-to-all (self included)
+    rows_sent_remote: int = 0  # ... of them to other ranks
+    rows_received: int = 0  # rows this rank's experts computed (self included)
+    rows_not_sent_dropped: int = 0  # rows of this rank's slice dropped before sending
+    hidden_rows_sent: int = 0  # (token, rank) hidden rows dispatched (self included)
+    hidden_rows_sent_remote: int = 0  # ... of them to other ranks
+    hidden_rows_received: int = 0  # pairs received (self included) = rows combine returns
+    hidden_rows_returned_remote: int = 0  # combine rows sent back to other ranks
+    bytes_sent_remote: int = 0  # dispatch + combine payload to other ranks
+    # hidden_rows_sent_remote * H * itemsize + 12 * rows_sent_remote:
+    dispatch_bytes_remote: int = 0
+    combine_bytes_remote: int = 0  # hidden_rows_returned_remote * H * itemsize
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        data.update(self.extra)
+        return data

@@ -53,6 +53,8 @@ import torch
 
 from ascend_patch.core.session import SESSION
 from ascend_patch.impls.distributed.all_to_all import all_to_all_uneven, resolve_group
+# The counters live with the other stats (telemetry/stats.py); importable from here too.
+from ascend_patch.impls.moe.telemetry.stats import DispatchCounters
 
 # Bytes of the per-row metadata record: float32 weight + int32 global expert id + int32
 # index of the row's token among the hidden rows of the same message.
@@ -96,35 +98,6 @@ class DispatchState:
     rank: int
     row_send_splits: list[int] = field(default_factory=list)  # metadata rows per rank
     row_recv_splits: list[int] = field(default_factory=list)
-
-
-@dataclass
-class DispatchCounters:
-    """Per-process traffic counters (JSON-friendly), kept in the patch's stats.
-
-    "rows" are kept (token, expert) rows (one 12-byte record each on the wire), "hidden
-    rows" the hidden states sent (one per (token, destination rank) pair with a kept row
-    there) and returned by the combine (one per pair received)."""
-
-    calls: int = 0
-    rows_sent: int = 0  # kept rows handed to the dispatch all-to-all (self included)
-    rows_sent_remote: int = 0  # ... of them to other ranks
-    rows_received: int = 0  # rows this rank's experts computed (self included)
-    rows_not_sent_dropped: int = 0  # rows of this rank's slice dropped before sending
-    hidden_rows_sent: int = 0  # (token, rank) hidden rows dispatched (self included)
-    hidden_rows_sent_remote: int = 0  # ... of them to other ranks
-    hidden_rows_received: int = 0  # pairs received (self included) = rows combine returns
-    hidden_rows_returned_remote: int = 0  # combine rows sent back to other ranks
-    bytes_sent_remote: int = 0  # dispatch + combine payload to other ranks
-    # hidden_rows_sent_remote * H * itemsize + 12 * rows_sent_remote:
-    dispatch_bytes_remote: int = 0
-    combine_bytes_remote: int = 0  # hidden_rows_returned_remote * H * itemsize
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k != "extra"}
-        data.update(self.extra)
-        return data
 
 
 def _as_bytes(t: torch.Tensor, n: int, width: int) -> torch.Tensor:
