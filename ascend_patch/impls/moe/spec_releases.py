@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ascend_patch.core.catalog import Interface, Site, SiteSet
+from ascend_patch.core.catalog import Attribute, Interface, Site, SiteSet
 
 _FUSED_MOE = "vllm_ascend.ops.fused_moe"
 _F23 = f"{_FUSED_MOE}.fused_moe_0_23_0:"
@@ -39,11 +39,13 @@ def carried_over(
     dropped: frozenset[str],
     added: tuple[Interface, ...] = (),
     factories: dict[str, str] | None = None,
+    reads_dropped: frozenset[str] = frozenset(),
+    reads_added: tuple[Attribute, ...] = (),
 ) -> SiteSet:
-    """`site_set` for other lines: targets renamed (`moved`: old prefix or target -> new),
-    signatures replaced (by new target), interfaces left out (by old target), some added,
-    site factories replaced (by new target). Sites are never dropped: a site set without one
-    of its sites is a different design."""
+    """`site_set` for other lines: targets renamed (`moved`: old prefix or target -> new, the
+    attributes read too), signatures replaced (by new target), interfaces and read attributes
+    left out (by old target), some added, site factories replaced (by new target). Sites are
+    never dropped: a site set without one of its sites is a different design."""
     factories = factories or {}
 
     def target(old: str) -> str:
@@ -56,9 +58,10 @@ def carried_over(
         new = target(entry.target)
         return replace(entry, target=new, signature=signatures.get(new, entry.signature))
 
-    unused = dropped - {i.target for i in site_set.relies_on}
+    unused = (dropped - {i.target for i in site_set.relies_on}) | (
+        reads_dropped - {a.target for a in site_set.reads})
     if unused:
-        raise ValueError(f"carried_over drops interfaces the site set does not have: {unused}")
+        raise ValueError(f"carried_over drops entries the site set does not have: {unused}")
     return replace(
         site_set,
         lines=lines,
@@ -66,6 +69,8 @@ def carried_over(
                     for site in map(edited, site_set.sites)),
         relies_on=tuple(edited(i) for i in site_set.relies_on if i.target not in dropped)
         + added,
+        reads=tuple(replace(a, target=target(a.target)) for a in site_set.reads
+                    if a.target not in reads_dropped) + reads_added,
     )
 
 
@@ -112,6 +117,15 @@ def _carried_0_18(site_set_0_23: SiteSet) -> SiteSet:
             "vllm_ascend.device.device_op:BaseDeviceAdaptor.npu_moe_token_unpermute",
             # FUSED_MC2 is switched by the environment in 0.18.0 (env_variables below).
             "vllm_ascend.ascend_config:get_ascend_config",
+            # No MoE LoRA in 0.18.0 (MoEFusedExpertsInput has no lora_context).
+            f"{_FUSED_MOE}.moe_runtime_args:build_fused_experts_input",
+        }),
+        reads_dropped=frozenset({
+            "vllm_ascend.ascend_config:AscendConfig.enable_fused_mc2",  # the env var instead
+            # No MoE LoRA in 0.18.0 (the adapter reads it with a default).
+            f"{_FUSED_MOE}.moe_stage_contracts:MoEFusedExpertsInput.lora_context",
+            # The FUSED_MC2 limit is fixed at 65536 there (moe_comm_method.py:292).
+            "vllm_ascend.ascend_config:AscendConfig.mega_moe_max_tokens",
         }),
         # Its fused_experts takes _apply_mlp's output alone (moe_comm_method.py:144).
         factories={f"{_CM}MoECommMethod._apply_mlp":
@@ -138,6 +152,17 @@ _FUSED_EXPERTS_0_13 = (
 )
 
 
+# What 0.23.0.post1's adapter reads that 0.13.0's does not: the stage dataclasses and the
+# quantized path (not in 0.13.0), vllm-ascend's own forward context, the FUSED_MC2 settings.
+_NOT_READ_ON_0_13 = (
+    f"{_FUSED_MOE}.moe_stage_contracts:",
+    f"{_FUSED_MOE}.moe_stage_params:",
+    "vllm_ascend.quantization.",
+    "vllm_ascend.ascend_forward_context:_ExtraForwardContextProxy.",
+    "vllm_ascend.ascend_config:AscendConfig.",
+)
+
+
 def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
     """vllm-ascend 0.13.0's site set (adapters/ascend_token_dispatch.py: the hooks, file:line):
     no build_token_dispatch_input, so each dispatcher's token_dispatch takes the drop step;
@@ -149,7 +174,7 @@ def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
     carried = carried_over(
         site_set_0_23,
         ("0.13",),
-        moved={},
+        moved={_F23: _FM},
         signatures={
             f"{_CM}MoECommMethod.fused_experts": _FUSED_EXPERTS_0_13,
             f"{_CM}FusedMC2CommImpl.fused_experts": _FUSED_EXPERTS_0_13,
@@ -186,6 +211,7 @@ def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
             # Only w8a8_dynamic models reach FUSED_MC2 in 0.13.0 (ascend_forward_context.py:
             # 258-275): no unquantized layer taken over is ever refused for it.
             "vllm_ascend.ascend_config:get_ascend_config",
+            f"{_FUSED_MOE}.moe_runtime_args:build_fused_experts_input",  # no MoE LoRA there
         }),
         added=(
             Interface(
@@ -201,6 +227,12 @@ def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
             ),
         ),
     )
+    carried = replace(carried, reads=tuple(
+        a for a in carried.reads if not a.target.startswith(_NOT_READ_ON_0_13)) + (
+        Attribute(f"{_TD}TokenDispatcherWithAll2AllV.num_out_tokens",
+                  "rows the permute keeps: set by _preprocess (token_dispatcher.py:543), "
+                  "lowered to the rows sent"),
+    ))
     sites = (
         layer,
         Site(f"{_TD}TokenDispatcherWithAll2AllV.token_dispatch", _TOKEN_DISPATCH,

@@ -273,6 +273,14 @@ def wrap_forward_impl(
     return forward_impl
 
 
+def _step_comm_method(upstream: Any) -> Any:
+    """The step's MoECommMethod, on vllm-ascend's forward context (0.18.0, 0.23.0.post1; 0.13.0
+    keeps it on vLLM's and tells the path by dispatcher, ascend_token_dispatch.py)."""
+    if "_EXTRA_CTX" in upstream:
+        return upstream._EXTRA_CTX.moe_comm_method
+    raise LookupError("this release's site set declares no vllm-ascend forward context")
+
+
 def layer_name(layer: Any) -> str:
     return str(getattr(layer, "layer_name", None) or f"moe@{id(layer):x}")
 
@@ -282,7 +290,7 @@ def _layer_call(state: AscendCapacityState, layer: Any) -> LayerCall | None:
     name = layer_name(layer)
     if not admitted(state, name, layer):
         return None
-    method = state.upstream._EXTRA_CTX.moe_comm_method
+    method = _step_comm_method(state.upstream)
     path = _comm_path(method, state.upstream)
     state.count("calls_by_path", path)
     if path not in _DROPPING_PATHS:
@@ -376,15 +384,15 @@ def _fused_mc2_setting(upstream: Any) -> tuple[str, Any, str]:
     an environment variable through envs.py's table, 0.23.0.post1 its additional config; a
     site set declaring neither (0.13.0: only w8a8_dynamic models reach FUSED_MC2, and their
     layers are not taken over) has nothing to refuse."""
-    declared = dir(upstream)
-    if "env_variables" in declared:
-        value = upstream.env_variables["VLLM_ASCEND_ENABLE_FUSED_MC2"]()
-        return ("VLLM_ASCEND_ENABLE_FUSED_MC2=1", value,
-                "ascend_forward_context.py:248-272 in 0.18.0")
-    if "get_ascend_config" in declared:
-        return ("enable_fused_mc2: 1", upstream.get_ascend_config().enable_fused_mc2,
-                "ascend_forward_context.py:264-282")
-    return ("", None, "")
+    setting: tuple[str, Any, str] = ("", None, "")
+    if "env_variables" in upstream:
+        setting = ("VLLM_ASCEND_ENABLE_FUSED_MC2=1",
+                   upstream.env_variables["VLLM_ASCEND_ENABLE_FUSED_MC2"](),
+                   "ascend_forward_context.py:248-272 in 0.18.0")
+    elif "get_ascend_config" in upstream:
+        setting = ("enable_fused_mc2: 1", upstream.get_ascend_config().enable_fused_mc2,
+                   "ascend_forward_context.py:264-282")
+    return setting
 
 
 def _comm_path(method: Any, upstream: Any) -> str:
@@ -434,13 +442,20 @@ def _drop(
     state: AscendCapacityState, call: LayerCall, inputs: Any, topk_ids: torch.Tensor | None
 ) -> tuple[Any, torch.Tensor] | None:
     """(inputs with the kept weights, ids in the dispatcher's form); None: keep every row."""
-    # 0.18.0's MoEFusedExpertsInput has no lora_context: it has no MoE LoRA path.
-    if getattr(inputs, "lora_context", None) is not None:
+    if _has_moe_lora(state.upstream, inputs):
         state.keep_whole("MoE LoRA")
         return None
     ids = inputs.topk_ids if topk_ids is None else topk_ids
     weights, ids = drop_rows(state, call, inputs.topk_weights, ids)
     return dataclasses.replace(inputs, topk_weights=weights), ids
+
+
+def _has_moe_lora(upstream: Any, inputs: Any) -> bool:
+    """Whether the layer call carries a MoE LoRA adapter: only 0.23.0.post1 has MoE LoRA (its
+    site set declares `moe_lora`; 0.18.0's MoEFusedExpertsInput has no lora_context)."""
+    if "moe_lora" in upstream:
+        return inputs.lora_context is not None
+    return False
 
 
 def drop_rows(
@@ -584,9 +599,11 @@ def make_all_to_all_combine_postprocess(
     """Replacement of TokenDispatcherWithAll2AllV._combine_postprocess(self,
     permutated_local_input_tokens, combine_metadata)."""
 
-    return pad_combined_rows(
-        original, lambda metadata: metadata.reversed_local_input_permutation_mapping
-    )
+    if "MoEAllToAllCombineMetadata" in ctx.upstream:
+        return pad_combined_rows(
+            original, lambda metadata: metadata.reversed_local_input_permutation_mapping
+        )
+    raise ctx.error("this release's site set declares no MoEAllToAllCombineMetadata")
 
 
 def pad_combined_rows(
@@ -651,34 +668,37 @@ def _zero_row_guard(
     state = state_of(ctx)
 
     def _apply_mlp(self: Any, mlp_compute_input: Any) -> Any:
-        if mlp_compute_input.hidden_states.shape[0] == 0:
-            like = _zero_row_output(mlp_compute_input, state.upstream)
-            if like is not None:
-                state.counters.setdefault("zero_row_mlp_skipped", {})
-                state.count("zero_row_mlp_skipped", mlp_compute_input.quant.quant_type.name)
-                if with_event:
-                    return like, torch.npu.current_stream().record_event()
-                return like
+        skipped = _zero_row_output(mlp_compute_input, state.upstream)
+        if skipped is not None:
+            like, quant_type = skipped
+            state.counters.setdefault("zero_row_mlp_skipped", {})
+            state.count("zero_row_mlp_skipped", quant_type)
+            if with_event:
+                return like, torch.npu.current_stream().record_event()
+            return like
         return original(self, mlp_compute_input)
 
     return _apply_mlp
 
 
-def _zero_row_output(mlp_compute_input: Any, upstream: Any) -> torch.Tensor | None:
-    """The [0, H] tensor quant_apply_mlp would return, for W8A8 / W4A8 / W4A16 (their
-    dispatched rows are int8 or the activation dtype: one element per hidden unit); None for
-    an unquantized call or another scheme. gmm2's output dtype is bf16 where scale biases are
-    given (W4A8), else w2_scale's dtype (moe_mlp.py:258-266, 322-333)."""
-    quant_type = upstream.QuantType
-    if mlp_compute_input.quant.quant_type not in (
-        quant_type.W8A8, quant_type.W4A8, quant_type.W4A16
-    ):
-        return None
-    hidden = mlp_compute_input.hidden_states
-    weights = mlp_compute_input.weights
-    if weights.w1_scale_bias is not None:
-        dtype = torch.bfloat16
-    else:
-        scale = weights.w2_scale[0] if isinstance(weights.w2_scale, list) else weights.w2_scale
-        dtype = scale.dtype
-    return hidden.new_empty((0, hidden.shape[-1]), dtype=dtype)
+def _zero_row_output(mlp_compute_input: Any, upstream: Any) -> tuple[torch.Tensor, str] | None:
+    """For a call with zero rows: the [0, H] tensor quant_apply_mlp would return, for W8A8 /
+    W4A8 / W4A16 (their dispatched rows are int8 or the activation dtype: one element per
+    hidden unit), and the quant type's name; None for a call with rows, an unquantized call
+    or another scheme. gmm2's output dtype is bf16 where scale biases are given (W4A8), else
+    w2_scale's dtype (moe_mlp.py:258-266, 322-333). Only site sets with the quantized stage
+    dataclasses (0.18.0, 0.23.0.post1) have this site."""
+    if "QuantType" in upstream:
+        hidden = mlp_compute_input.hidden_states
+        quant = mlp_compute_input.quant.quant_type
+        types = upstream.QuantType
+        if hidden.shape[0] != 0 or quant not in (types.W8A8, types.W4A8, types.W4A16):
+            return None
+        weights = mlp_compute_input.weights
+        if weights.w1_scale_bias is not None:
+            dtype = torch.bfloat16
+        else:
+            scale = weights.w2_scale[0] if isinstance(weights.w2_scale, list) else weights.w2_scale
+            dtype = scale.dtype
+        return hidden.new_empty((0, hidden.shape[-1]), dtype=dtype), quant.name
+    return None
