@@ -57,11 +57,12 @@ began=$SECONDS
 bash scripts/setup.sh "${envs[@]}"
 step "setup" $((SECONDS - began)) ok
 
-# The real vllm-ascend source of every declared release, read (never imported) by the static
-# check and the contract tests (tests/ascend/harness.py finds them in the cache).
-while read -r _key _package _dist version _rest; do
-  bash scripts/fetch_vllm_ascend.sh "$version" >/dev/null
-done < <(stacks sources | awk '$3 == "vllm-ascend"')
+# Every declared upstream source (each vllm-ascend release, vLLM's own Python files), read
+# (never imported) by the static check and the tests (tests/ascend/harness.py finds them in the
+# cache), whichever tier runs.
+while read -r _key _package dist version _rest; do
+  bash scripts/fetch_source.sh "$dist" "$version" >/dev/null
+done < <(stacks sources)
 TEST_VLLM_ASCEND_SRC=$(bash scripts/fetch_vllm_ascend.sh)
 export TEST_VLLM_ASCEND_SRC
 
