@@ -22,7 +22,7 @@ log() { echo "fetch_source: $*" >&2; }
 [[ $# -ge 1 && $# -le 2 ]] || { log "usage: fetch_source.sh DISTRIBUTION [VERSION]"; exit 2; }
 DIST=$1
 declared=$("$PYTHON" -m ascend_patch.core.stacks sources \
-  | awk -v d="$DIST" '$3 == d {print $4, $5, $6, $2}' | sort -u -k1,1)
+  | awk -v d="$DIST" '$3 == d && !seen[$4]++ {print $4, $5, $6, $2}')  # registry order
 if [[ -z $declared ]]; then
   log "$DIST is not a declared source (see: python -m ascend_patch.core.stacks sources)"
   exit 2
@@ -30,7 +30,7 @@ fi
 if [[ $# -eq 2 ]]; then
   entry=$(awk -v v="$2" '$1 == v' <<<"$declared")
   if [[ -z $entry ]]; then
-    log "$DIST $2 is not a declared source (declared: $(cut -d' ' -f1 <<<"$declared" | xargs))"
+    log "$DIST $2 is not a declared source (declared: $(cut -d' ' -f1 <<<"$declared" | sort | xargs))"
     exit 2
   fi
 else
