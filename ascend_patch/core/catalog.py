@@ -167,6 +167,19 @@ def no_ascend_release(*lines: str) -> SiteSet:
     )
 
 
+def ascend_only_lines() -> SiteSet:
+    """The vLLM-platform site set of the lines declared for a vllm-ascend release only (no CPU
+    or CUDA stack: vLLM 0.13, 0.18): their internals were read for vllm-ascend, not for
+    vLLM's own platforms."""
+    lines = tuple(name for name in LINE_NAMES if name not in lines_on("vllm"))
+    return SiteSet(
+        lines=lines,
+        platform="vllm",
+        unsupported=f"vLLM {', '.join(lines)} is supported under its vllm-ascend release only "
+        "(its vLLM-platform internals were not read)",
+    )
+
+
 @dataclass(frozen=True)
 class Implementation:
     name: str

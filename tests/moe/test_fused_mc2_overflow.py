@@ -87,7 +87,13 @@ def test_switch_and_limit_as_each_release_passes_them():
 
     from ascend_patch.impls.moe.adapters.ascend_fused_mc2 import _kernel_settings
 
+    class Upstream(SimpleNamespace):
+        """The declared keys, as core/upstream.Upstream answers `key in upstream`."""
+
+        def __contains__(self, key: str) -> bool:
+            return key in vars(self)
+
     config = SimpleNamespace(enable_fused_mc2=1, mega_moe_max_tokens=6144)
-    assert _kernel_settings(SimpleNamespace(get_ascend_config=lambda: config)) == (1, 6144, True)
+    assert _kernel_settings(Upstream(get_ascend_config=lambda: config)) == (1, 6144, True)
     env = {"VLLM_ASCEND_ENABLE_FUSED_MC2": lambda: 2}
-    assert _kernel_settings(SimpleNamespace(env_variables=env)) == (2, 65536, False)
+    assert _kernel_settings(Upstream(env_variables=env)) == (2, 65536, False)

@@ -6,7 +6,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from ascend_patch.core.catalog import Attribute, Implementation, Site, SiteSet, no_ascend_release
+from ascend_patch.core.catalog import (
+    Attribute,
+    Implementation,
+    Site,
+    SiteSet,
+    ascend_only_lines,
+    no_ascend_release,
+)
 
 _FACTORIES = "ascend_patch.impls.distributed.cpu_collectives"
 _CPU_COMMUNICATOR = "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
@@ -76,6 +83,7 @@ IMPLEMENTATIONS = {
                 "communicates over HCCL with its own communicator",
             ),
             no_ascend_release(),
+            ascend_only_lines(),
         ),
         options=CpuCollectivesOptions,
     ),

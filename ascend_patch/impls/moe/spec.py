@@ -75,6 +75,7 @@ from ascend_patch.core.catalog import (
     Interface,
     Site,
     SiteSet,
+    ascend_only_lines,
     no_ascend_release,
 )
 from ascend_patch.impls.moe.options import CapacityOptions
@@ -761,5 +762,5 @@ _CAPACITY = IMPLEMENTATIONS["moe.capacity"]
 IMPLEMENTATIONS["moe.capacity"] = dataclasses.replace(
     _CAPACITY,
     site_sets=(*_CAPACITY.site_sets, ascend_0_18(_CAPACITY.site_set("0.23", "ascend")),
-               ascend_0_13(_CAPACITY.site_set("0.23", "ascend"))),
+               ascend_0_13(_CAPACITY.site_set("0.23", "ascend")), ascend_only_lines()),
 )

@@ -16,6 +16,7 @@ from ascend_patch.core.catalog import (
     Interface,
     Site,
     SiteSet,
+    ascend_only_lines,
     no_ascend_release,
 )
 
@@ -62,6 +63,7 @@ def _op(name: str, summary: str, why: str, target: str, signature: str, factory:
                                      f"vllm-ascend's own op, which calls {calls}"),),
             ),
             no_ascend_release(),
+            ascend_only_lines(),
         ),
     )
 
