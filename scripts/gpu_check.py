@@ -59,7 +59,7 @@ from ascend_patch.impls.moe.adapters.triton_route import EXPERT_MAP, TritonRoute
 from ascend_patch.impls.moe.drop_step import DropStep  # noqa: E402
 from ascend_patch.impls.moe.options import CapacityOptions  # noqa: E402
 from ascend_patch.impls.moe.planner.capacity import plan_drops  # noqa: E402
-from ascend_patch.impls.moe.triton_align import (  # noqa: E402
+from ascend_patch.lab.triton_align import (  # noqa: E402
     fused_moe_blocks,
     moe_align_block_size,
     moe_sum_op,

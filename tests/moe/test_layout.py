@@ -7,8 +7,8 @@ from pathlib import Path
 MOE = Path(__file__).resolve().parents[2] / "ascend_patch" / "impls" / "moe"
 PREFIX = "ascend_patch.impls.moe"
 # Bottom first: each may import those before it (and its own subpackage).
-LAYERS = ("options", "spec", "planner", "drop_step", "experts", "custom_ops", "transport",
-          "telemetry", "state", "adapters")
+LAYERS = ("options", "schemes", "spec_releases", "spec", "planner", "drop_step", "experts",
+          "custom_ops", "telemetry", "transport", "state", "adapters")
 
 
 def _module(path: Path) -> str:

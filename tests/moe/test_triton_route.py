@@ -18,7 +18,7 @@ from ascend_patch.impls.moe.adapters.triton_route import (
     skip_map,
     triton_route,
 )
-from ascend_patch.impls.moe.triton_align import computed_rows, moe_align_block_size
+from ascend_patch.lab.triton_align import computed_rows, moe_align_block_size
 
 
 def _parallel(backend="allgather_reducescatter", use_a2a=False):

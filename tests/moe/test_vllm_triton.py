@@ -159,7 +159,7 @@ def _real_triton_experts(monkeypatch, ep=1, ep_rank=0):
     )
     from vllm.model_executor.layers.fused_moe.experts import triton_moe
 
-    from ascend_patch.impls.moe import triton_align
+    from ascend_patch.lab import triton_align
 
     calls = {"align": [], "sum": []}
 
