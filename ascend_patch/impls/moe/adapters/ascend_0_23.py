@@ -335,18 +335,13 @@ def _scheme_of(method: Any, upstream: Any) -> tuple[str, str | None]:
     """(the layer's MoE scheme name, why it is not taken over or None)."""
     if isinstance(method, upstream.AscendUnquantizedFusedMoEMethod):
         return UNQUANTIZED, None
-    if "AscendFusedMoEMethod" not in dir(upstream):  # 0.13.0's site set: quantized not read
-        return type(method).__name__, (
-            f"MoE method {type(method).__name__}: only vllm-ascend's unquantized MoE method "
-            "is taken over on this release"
-        )
     if not isinstance(method, upstream.AscendFusedMoEMethod):
         return type(method).__name__, (
             f"MoE method {type(method).__name__} is neither vllm-ascend's unquantized method "
             "nor its quantization wrapper AscendFusedMoEMethod"
         )
     scheme = method.quant_method
-    name = _registered_name(type(scheme), upstream._SCHEME_REGISTRY)
+    name = _registered_name(type(scheme), _moe_registry(upstream))
     if name not in _ADMITTED_SCHEMES:
         return str(name or type(scheme).__name__), (
             f"quantized MoE scheme {name or type(scheme).__name__} "
@@ -354,6 +349,16 @@ def _scheme_of(method: Any, upstream: Any) -> tuple[str, str | None]:
             "MoECommMethod.fused_experts"
         )
     return name, None
+
+
+def _moe_registry(upstream: Any) -> dict[tuple[str, str], type]:
+    """(scheme name, layer type) -> class. vllm-ascend 0.13.0 keeps it as name -> {layer
+    type: class} in ASCEND_QUANTIZATION_METHOD_MAP (quantization/utils.py:20 there)."""
+    if "_SCHEME_REGISTRY" in upstream:
+        return upstream._SCHEME_REGISTRY
+    return {(name, kind): cls
+            for name, kinds in upstream.ASCEND_QUANTIZATION_METHOD_MAP.items()
+            for kind, cls in kinds.items()}
 
 
 def _registered_name(cls: type, registry: dict[tuple[str, str], type]) -> str | None:
@@ -671,14 +676,18 @@ def _zero_row_guard(
         skipped = _zero_row_output(mlp_compute_input, state.upstream)
         if skipped is not None:
             like, quant_type = skipped
-            state.counters.setdefault("zero_row_mlp_skipped", {})
-            state.count("zero_row_mlp_skipped", quant_type)
+            count_zero_row_skip(state, quant_type)
             if with_event:
                 return like, torch.npu.current_stream().record_event()
             return like
         return original(self, mlp_compute_input)
 
     return _apply_mlp
+
+
+def count_zero_row_skip(state: AscendCapacityState, quant_type: str) -> None:
+    state.counters.setdefault("zero_row_mlp_skipped", {})
+    state.count("zero_row_mlp_skipped", quant_type)
 
 
 def _zero_row_output(mlp_compute_input: Any, upstream: Any) -> tuple[torch.Tensor, str] | None:
