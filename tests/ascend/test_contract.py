@@ -257,11 +257,8 @@ def test_mc2_fused_mc2_capture_and_lora_steps_keep_every_row(ranks, line):
         assert result["stats"]["ascend"]["kept_whole"] == {case: 1 for case in cases_kept}
 
 
-def test_a_method_that_is_not_vllm_ascends_is_reported_not_taken_over(ranks, line):
-    # 0.13.0's site set reads no quantized method: every other method is reported so.
-    expected = ("MoE method SimpleNamespace: only vllm-ascend's unquantized MoE method is "
-                "taken over on this release" if worker.RELEASES[line].old_api
-                else "MoE method SimpleNamespace is neither")
+def test_a_method_that_is_not_vllm_ascends_is_reported_not_taken_over(ranks):
+    expected = "MoE method SimpleNamespace is neither"
     for result in ranks:
         assert result["kept_whole"]["quantized_current"]
         reason = result["stats"]["layers_not_taken_over"]["model.layers.9.mlp.experts"]

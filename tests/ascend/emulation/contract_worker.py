@@ -53,7 +53,7 @@ class Release:
     copies: tuple[str, ...] = (
         "vllm_ascend.ops.fused_moe.moe_comm_method.build_token_dispatch_input",
     )
-    # The quantized schemes run through quant_worker.py (none: not taken over there).
+    # The quantized schemes run through quant_worker.py.
     quant_schemes: tuple[str, ...] = ("W8A8_DYNAMIC", "W4A8_DYNAMIC")
     # build_fused_experts_input takes is_per_channel_weight (not in 0.18.0).
     per_channel_arg: bool = True
@@ -66,12 +66,14 @@ RELEASES = {
     "0.18": Release("vllm_ascend.ops.fused_moe.fused_moe", lora=False, fused_mc2_env=True,
                     per_channel_arg=False, quant_schemes=("W8A8_DYNAMIC",)),
     "0.13": Release("vllm_ascend.ops.fused_moe.fused_moe", lora=False, fused_mc2_env=True,
-                    old_api=True, copies=(), quant_schemes=()),
+                    old_api=True, copies=(), quant_schemes=("W8A8_DYNAMIC",)),
 }
 
 
 def main(source: str, line: str, rank: int, world: int, port: int, out_dir: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    # contract_worker_0_13 imports this module by name: one module, one quant_worker global.
+    sys.modules.setdefault("contract_worker", sys.modules[__name__])
     import boot
 
     boot.install(Path(source), device_type="A3")
@@ -313,6 +315,17 @@ class Run:
             ),
         )
 
+    # -- the quantized scenarios' calls (quant_worker.py; 0.13.0's in contract_worker_0_13) --
+
+    def quant_fused_input(self, layer, hidden, weights, ids):
+        return quant_worker.fused_input(self, layer, hidden, weights, ids)
+
+    def quant_fused_experts(self, comm, inputs, keep=None):
+        return quant_worker.fused_experts(comm, inputs, keep)
+
+    def unguarded_zero_row_mlp(self, inputs) -> str:
+        return quant_worker.unguarded_zero_row_mlp(self, inputs)
+
     def mine(self) -> slice:
         """This rank's physical experts."""
         local = EXPERTS // self.world
@@ -442,6 +455,16 @@ class Spy:
         routing = mods.td.DeviceOperator.npu_moe_init_routing
         spied = functools.wraps(routing)(self._routing(routing))
         mods.td.DeviceOperator.npu_moe_init_routing = staticmethod(spied)
+
+    def wrap_quant_mlp(self, mods) -> None:
+        def mlp(original):
+            def _apply_mlp(comm, mlp_compute_input):
+                quant_worker.record_mlp(self, mlp_compute_input.hidden_states,
+                                        mlp_compute_input.dynamic_scale)
+                return original(comm, mlp_compute_input)
+            return _apply_mlp
+
+        self._wrap(mods.cm.MoECommMethod, "_apply_mlp", mlp)
 
     def reset(self) -> None:
         self.records = {"permute": [], "a2a": [], "gathers": 0, "routing": [],

@@ -28,7 +28,7 @@ class Run(base.Run):
     """contract_worker.Run with 0.13.0's calls."""
 
     def make_spy(self):
-        return Spy(self.mods, quant=False)
+        return Spy(self.mods, quant=bool(self.release.quant_schemes))
 
     def adapter(self):
         from ascend_patch.impls.moe.adapters import ascend_token_dispatch
@@ -63,6 +63,41 @@ class Run(base.Run):
         return dispatcher.token_combine(
             hidden_states=mlp_out, context_metadata=output.context_metadata
         ).routed_out
+
+    def quant_fused_input(self, layer, hidden, weights, ids) -> dict:
+        """What W8A8_DYNAMIC's apply passes fused_experts (w8a8_dynamic.py:272-285), the ids
+        already physical."""
+        return {"hidden_states": hidden, "pertoken_scale": None, "w1": [layer.w13_weight],
+                "w1_scale": [layer.w13_weight_scale_fp32], "w2": [layer.w2_weight],
+                "w2_scale": [layer.w2_weight_scale], "topk_weights": weights, "topk_ids": ids,
+                "use_int8_w8a8": True, "expert_map": layer._expert_map, "log2phy": None,
+                "dynamic_eplb": False, "mc2_mask": None}
+
+    def quant_fused_experts(self, comm, inputs: dict, keep=None):
+        if keep is not None:
+            inputs = {**inputs, "topk_weights": inputs["topk_weights"] * keep}
+        return comm.fused_experts(**inputs).routed_out
+
+    def unguarded_zero_row_mlp(self, inputs: dict) -> str:
+        """Planted bug: moe_mlp's own unified_apply_mlp (the patch replaces only the copy
+        moe_comm_method calls) on the zero rows a rank received, as fused_experts calls it
+        (moe_comm_method.py:147-164). The strict emulation refuses, as CANN documents no such
+        input."""
+        import torch
+
+        hidden = inputs["hidden_states"]
+        try:
+            with self.forward_context(self.a2a):
+                self.mods.mlp.unified_apply_mlp(
+                    hidden_states=hidden.new_empty((0, hidden.shape[1]), dtype=torch.int8),
+                    w1=inputs["w1"], w1_scale=inputs["w1_scale"], w2=inputs["w2"],
+                    w2_scale=inputs["w2_scale"],
+                    group_list=torch.zeros(EXPERTS // self.world, dtype=torch.int64),
+                    dynamic_scale=torch.empty(0, dtype=torch.float32), group_list_type=1,
+                    with_quant=True, fusion=True, dynamic_eplb=False)
+        except AssertionError as exc:
+            return f"failed: {exc}"
+        return "ran"
 
     def kept_whole_cases(self, record) -> dict:
         """MC2 (a bare dispatcher: its HCCL ops cannot run here) and a step under graph
@@ -132,6 +167,16 @@ class Spy(base.Spy):
     def _wrap_routing(self, mods) -> None:
         self._wrap(npu_ops, "npu_moe_init_routing_custom", self._routing)
 
+    def wrap_quant_mlp(self, mods) -> None:
+        def mlp(original):
+            def unified_apply_mlp(**kwargs):
+                base.quant_worker.record_mlp(self, kwargs["hidden_states"],
+                                             kwargs.get("dynamic_scale"))
+                return original(**kwargs)
+            return unified_apply_mlp
+
+        self._wrap(mods.cm, "unified_apply_mlp", mlp)
+
     def _fused(self, original):
         def fused_experts(comm, **kwargs):
             if self.records:
@@ -140,6 +185,7 @@ class Spy(base.Spy):
                     "weights": kwargs["topk_weights"].clone(),
                     "ids": (log2phy[ids] if log2phy is not None else ids).clone(),
                 }
+                self.records["fused_input"] = dict(kwargs)
             return original(comm, **kwargs)
 
         return fused_experts
@@ -160,7 +206,8 @@ class Spy(base.Spy):
         def npu_moe_init_routing_custom(x, expert_idx, **kwargs):
             out = original(x, expert_idx, **kwargs)
             if self.records:
-                self.records["routing"].append({"expert_tokens": out[2].clone()})
+                self.records["routing"].append({"expert_tokens": out[2].clone(),
+                                                "quant_mode": kwargs.get("quant_mode")})
             return out
 
         return npu_moe_init_routing_custom
