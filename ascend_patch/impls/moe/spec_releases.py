@@ -220,8 +220,8 @@ def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
             "vllm_ascend.quantization.method_adapters:AscendFusedMoEMethod.apply",
             "vllm_ascend.quantization.methods.registry:_SCHEME_REGISTRY",
             "vllm_ascend.quantization.quant_type:QuantType",
-            # Only w8a8_dynamic models reach FUSED_MC2 in 0.13.0 (ascend_forward_context.py:
-            # 258-275): no unquantized layer taken over is ever refused for it.
+            # FUSED_MC2 is switched by VLLM_ASCEND_ENABLE_FUSED_MC2 in 0.13.0, for
+            # w8a8_dynamic models only (w8a8_fused_mc2_env below).
             "vllm_ascend.ascend_config:get_ascend_config",
             f"{_FUSED_MOE}.moe_runtime_args:build_fused_experts_input",  # no MoE LoRA there
         }),
@@ -250,6 +250,13 @@ def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
             Interface(
                 "vllm_ascend.quantization.utils:ASCEND_QUANTIZATION_METHOD_MAP", None,
                 "scheme name -> {layer type: class}: names the layer's scheme",
+            ),
+            Interface(
+                "vllm_ascend.envs:env_variables", None,
+                "VLLM_ASCEND_ENABLE_FUSED_MC2 (refused with drops on A3 for W8A8_DYNAMIC "
+                "layers): 1 makes every step of a w8a8_dynamic model FUSED_MC2 when EP <= 32 "
+                "(ascend_forward_context.py:258-275)",
+                key="w8a8_fused_mc2_env",
             ),
             Interface(
                 f"{_FM}AscendFusedMoE.__init__", "(self, *args, **kwargs)",

@@ -148,6 +148,21 @@ class Run(base.Run):
             context.mc2_mask = None
             yield context
 
+    def fused_mc2_refused(self) -> dict:
+        """The unquantized layer (never FUSED_MC2 on 0.13.0) and a W8A8_DYNAMIC one, the only
+        kind 0.13.0 sends to FUSED_MC2, each first judged under the switch."""
+        out = {"unquantized": super().fused_mc2_refused()}
+        layer = base.quant_worker.quant_layer(self, "W8A8_DYNAMIC")
+        layer.layer_name = "model.layers.13.mlp.experts"
+        with self.fused_mc2_enabled():
+            try:
+                self.forward("allgather", layer=layer)
+            except Exception as exc:  # noqa: BLE001 - the message is what is checked
+                out["W8A8_DYNAMIC"] = f"{type(exc).__name__}: {exc}"
+            else:
+                out["W8A8_DYNAMIC"] = "ran"
+        return out
+
     def fused_mc2_enabled(self):
         return _env("VLLM_ASCEND_ENABLE_FUSED_MC2", "1")
 

@@ -315,9 +315,10 @@ def _admit(state: AscendCapacityState, name: str, layer: Any) -> bool:
         state.stats.layer_not_taken_over(name, reason)
         logger.warning("moe.capacity: %s keeps every row: %s", name, reason)
         return False
-    _refuse_fused_mc2(state)
+    scheme = _scheme_of(layer.quant_method, state.upstream)[0]
+    _refuse_fused_mc2(state, scheme)
     state.add_layer(name, layer)
-    state.stats.layer_quant(name, _scheme_of(layer.quant_method, state.upstream)[0])
+    state.stats.layer_quant(name, scheme)
     return True
 
 
@@ -370,11 +371,11 @@ def _registered_name(cls: type, registry: dict[tuple[str, str], type]) -> str | 
     return None
 
 
-def _refuse_fused_mc2(state: AscendCapacityState) -> None:
+def _refuse_fused_mc2(state: AscendCapacityState, scheme: str) -> None:
     if state.options.drop_token_ratio <= 0:
         return
     upstream = state.upstream
-    setting, value, where = _fused_mc2_setting(upstream)
+    setting, value, where = _fused_mc2_setting(upstream, scheme)
     if value == 1 and upstream.get_ascend_device_type() == upstream.AscendDeviceType.A3:
         raise state.error(
             f"drop_token_ratio > 0 with vllm-ascend's {setting} on A3: every step of an "
@@ -384,13 +385,19 @@ def _refuse_fused_mc2(state: AscendCapacityState) -> None:
         )
 
 
-def _fused_mc2_setting(upstream: Any) -> tuple[str, Any, str]:
+def _fused_mc2_setting(upstream: Any, scheme: str) -> tuple[str, Any, str]:
     """(the setting as a user writes it, its value, where vllm-ascend reads it): 0.18.0 reads
-    an environment variable through envs.py's table, 0.23.0.post1 its additional config; a
-    site set declaring neither (0.13.0: only w8a8_dynamic models reach FUSED_MC2, and their
-    layers are not taken over) has nothing to refuse."""
+    an environment variable through envs.py's table, 0.23.0.post1 its additional config.
+    0.13.0 reads the same variable, but sends only w8a8_dynamic models to FUSED_MC2
+    (ascend_forward_context.py:258-275 there): its site set names the table
+    `w8a8_fused_mc2_env`, and only W8A8_DYNAMIC layers are refused (other layers never run
+    FUSED_MC2 there)."""
     setting: tuple[str, Any, str] = ("", None, "")
-    if "env_variables" in upstream:
+    if "w8a8_fused_mc2_env" in upstream and scheme == "W8A8_DYNAMIC":
+        setting = ("VLLM_ASCEND_ENABLE_FUSED_MC2=1",
+                   upstream.w8a8_fused_mc2_env["VLLM_ASCEND_ENABLE_FUSED_MC2"](),
+                   "ascend_forward_context.py:258-275 in 0.13.0, w8a8_dynamic models")
+    elif "env_variables" in upstream:
         setting = ("VLLM_ASCEND_ENABLE_FUSED_MC2=1",
                    upstream.env_variables["VLLM_ASCEND_ENABLE_FUSED_MC2"](),
                    "ascend_forward_context.py:248-272 in 0.18.0")

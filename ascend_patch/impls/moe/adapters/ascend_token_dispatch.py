@@ -47,8 +47,9 @@ does on 0.23.0.post1.
 and FUSED_MC2 steps keep every row, as on 0.23.0.post1. The step's comm method is on vLLM's
 forward context in 0.13.0 (AFC:57-62), not vllm-ascend's, so the path is told by the
 dispatcher class instead (the comm method owns exactly one). 0.13.0 sends only w8a8_dynamic
-models to FUSED_MC2 (AFC:258-275), which never reach a dispatcher and whose layers are not
-taken over: VLLM_ASCEND_ENABLE_FUSED_MC2 is not refused here.
+models to FUSED_MC2 (AFC:258-275), whose fused_experts never reaches a dispatcher: with
+drops, VLLM_ASCEND_ENABLE_FUSED_MC2=1 on A3 is refused when a W8A8_DYNAMIC layer is taken
+over (ascend_0_23._fused_mc2_setting), never for the other layers (they never run it).
 
 What 0.13.0's structure makes impossible:
   * No MoE LoRA check: 0.13.0 has no MoE LoRA path to keep whole (nothing to guarantee).
