@@ -157,7 +157,8 @@ QUANTIZED_0_13 = {
            "    ) -> torch.Tensor:",
            "vllm_ascend.quantization.quant_config:AscendFusedMoEMethod.apply"),
     False: ("ops/fused_moe/moe_mlp.py",
-            "                      dynamic_eplb: bool = False) -> torch.Tensor:\n    if with_quant:",
+            "                      dynamic_eplb: bool = False) -> torch.Tensor:\n"
+            "    if with_quant:",
             "                      dynamic_eplb: bool = False,\n                      stream=None)"
             " -> torch.Tensor:\n    if with_quant:",
             "vllm_ascend.ops.fused_moe.moe_comm_method:unified_apply_mlp has signature ("),
