@@ -57,14 +57,16 @@ class Release:
     quant_schemes: tuple[str, ...] = ("W8A8_DYNAMIC", "W4A8_DYNAMIC")
     # build_fused_experts_input takes is_per_channel_weight (not in 0.18.0).
     per_channel_arg: bool = True
+    # W4A8's apply passes its scale biases as tensor lists, which the MLP hands the grouped
+    # matmul as they are (w4a8.py:559-567, moe_mlp.py:263-268); 0.18.0's apply passes tensors
+    # that its MLP wraps in a list (w4a8.py:401, moe_mlp.py:240-246 there).
+    scale_bias_lists: bool = True
 
 
 RELEASES = {
     "0.23": Release("vllm_ascend.ops.fused_moe.fused_moe_0_23_0", lora=True, fused_mc2_env=False),
-    # 0.18.0's W4A8 MLP hands npu_grouped_matmul its scale bias as a tensor list
-    # (moe_mlp.py:240-246 there), which the emulation does not take: W8A8 only.
     "0.18": Release("vllm_ascend.ops.fused_moe.fused_moe", lora=False, fused_mc2_env=True,
-                    per_channel_arg=False, quant_schemes=("W8A8_DYNAMIC",)),
+                    per_channel_arg=False, scale_bias_lists=False),
     "0.13": Release("vllm_ascend.ops.fused_moe.fused_moe", lora=False, fused_mc2_env=True,
                     old_api=True, copies=(), quant_schemes=("W8A8_DYNAMIC",)),
 }

@@ -224,9 +224,15 @@ def fused_input(run, layer, hidden, weights, ids):
         w1_scale=[getattr(layer, "w13_weight_scale_fp32", None)
                   if scale_bias is None else layer.w13_weight_scale],
         w2_scale=[layer.w2_weight_scale],
-        w1_scale_bias=None if scale_bias is None else [scale_bias],
-        w2_scale_bias=None if scale_bias is None else [layer.w2_scale_bias], **extra,
+        w1_scale_bias=_scale_bias(run, scale_bias),
+        w2_scale_bias=_scale_bias(run, getattr(layer, "w2_scale_bias", None)), **extra,
     )
+
+
+def _scale_bias(run, bias):
+    if bias is None or not run.release.scale_bias_lists:
+        return bias
+    return [bias]
 
 
 def spy_ops(spy, mods) -> None:
