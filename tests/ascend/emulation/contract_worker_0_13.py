@@ -8,7 +8,10 @@ torch.ops._C_ascend.npu_moe_init_routing_custom itself, and the step's comm meth
 forward context. This module swaps those pieces into contract_worker's Run and Spy; the
 scenarios and what the tests check are the same, except where 0.13.0 differs (its unquantized
 method does not pass log2phy to fused_experts, fused_moe.py:153-162; FUSED_MC2 takes only
-w8a8_dynamic models; there is no MoE LoRA).
+w8a8_dynamic models, so only a W8A8_DYNAMIC layer is refused under the switch; there is no
+MoE LoRA). The quantized scenarios (quant_worker.py) run W8A8_DYNAMIC through 0.13.0's real
+AscendFusedMoEMethod (quantization/quant_config.py:491) and AscendW8A8DynamicFusedMoEMethod
+(quantization/w8a8_dynamic.py:103), whose apply calls fused_experts by keyword (:272).
 """
 
 from __future__ import annotations
