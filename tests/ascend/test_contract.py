@@ -289,16 +289,6 @@ QUANT_LAYER = {"W8A8_DYNAMIC": "model.layers.11.mlp.experts",
                "W4A8_DYNAMIC": "model.layers.12.mlp.experts"}
 
 
-@pytest.fixture(autouse=True)
-def _scheme_runs_on_this_release(request, line):
-    """A scheme's tests need its run on this release (contract_worker.RELEASES)."""
-    callspec = getattr(request.node, "callspec", None)
-    scheme = callspec.params.get("scheme") if callspec else None
-    if scheme and scheme not in worker.RELEASES[line].quant_schemes:
-        pytest.skip(f"{scheme} is not run on vllm-ascend {harness.RELEASES[line]} here "
-                    "(contract_worker.RELEASES says why)")
-
-
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_quantized_layer_is_taken_over_and_its_row_names_the_scheme(ranks, scheme):
     rows = [r["quant_stats"]["layers"][QUANT_LAYER[scheme]] for r in ranks]

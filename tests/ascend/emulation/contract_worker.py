@@ -53,8 +53,6 @@ class Release:
     copies: tuple[str, ...] = (
         "vllm_ascend.ops.fused_moe.moe_comm_method.build_token_dispatch_input",
     )
-    # The quantized schemes run through quant_worker.py.
-    quant_schemes: tuple[str, ...] = ("W8A8_DYNAMIC", "W4A8_DYNAMIC")
     # build_fused_experts_input takes is_per_channel_weight (not in 0.18.0).
     per_channel_arg: bool = True
     # W4A8's apply passes its scale biases as tensor lists, which the MLP hands the grouped
@@ -68,7 +66,7 @@ RELEASES = {
     "0.18": Release("vllm_ascend.ops.fused_moe.fused_moe", lora=False, fused_mc2_env=True,
                     per_channel_arg=False, scale_bias_lists=False),
     "0.13": Release("vllm_ascend.ops.fused_moe.fused_moe", lora=False, fused_mc2_env=True,
-                    old_api=True, copies=(), quant_schemes=("W8A8_DYNAMIC",)),
+                    old_api=True, copies=()),
 }
 
 
@@ -113,7 +111,7 @@ class Run:
         self.patcher = None
 
     def make_spy(self) -> Spy:
-        return Spy(self.mods, quant=bool(self.release.quant_schemes))
+        return Spy(self.mods)
 
     def adapter(self):
         """The module of the site set's factories for this release."""
@@ -127,9 +125,7 @@ class Run:
         import torch
 
         results["unpatched"] = {p: self.forward(p) for p in ("all_to_all", "allgather")}
-        quant = bool(self.release.quant_schemes)
-        if quant:
-            results["quant_unpatched"] = quant_worker.unpatched(self)
+        results["quant_unpatched"] = quant_worker.unpatched(self)
         record = self.apply(DROP_OPTIONS)
         results["record"] = _record_facts(record)
         results["all_to_all"] = self.observed_forward("all_to_all")
@@ -142,16 +138,13 @@ class Run:
         results["kept_whole"] = self.kept_whole_cases(record)
         results["fused_mc2"] = self.fused_mc2_refused()
         results["stats"] = _plain(record.context.stats)
-        if quant:
-            results["quant"] = quant_worker.with_drops(self)
-            results["quant_weights"] = {s: quant_worker.dequantized(s)
-                                        for s in self.release.quant_schemes}
-            results["quant_stats"] = _plain(record.context.stats)
+        results["quant"] = quant_worker.with_drops(self)
+        results["quant_weights"] = {s: quant_worker.dequantized(s) for s in quant_worker.SCHEMES}
+        results["quant_stats"] = _plain(record.context.stats)
         self.patcher.revert()
         record = self.apply({"drop_token_ratio": 0.0, "min_tokens": 0})
         results["ratio0"] = {p: self.forward(p) for p in ("all_to_all", "allgather")}
-        if quant:
-            results["quant_ratio0"] = quant_worker.ratio0(self)
+        results["quant_ratio0"] = quant_worker.ratio0(self)
         results["ratio0_stats"] = _plain(record.context.stats)
         self.patcher.revert()
         torch.distributed.barrier()
@@ -437,7 +430,7 @@ class Run:
 class Spy:
     """Records what crosses vllm-ascend's boundaries during one forward."""
 
-    def __init__(self, mods, quant: bool = True) -> None:
+    def __init__(self, mods) -> None:
         import torch
         import torch_npu
 
@@ -450,8 +443,7 @@ class Spy:
             self._wrap(getattr(mods.td, dispatcher), "token_dispatch", self._dispatched)
         self._wrap_routing(mods)
         self._wrap(mods.cm.MoECommMethod, "finalize", self._finalize)
-        if quant:
-            quant_worker.spy_ops(self, mods)
+        quant_worker.spy_ops(self, mods)
 
     def _wrap_routing(self, mods) -> None:
         routing = mods.td.DeviceOperator.npu_moe_init_routing

@@ -9,9 +9,10 @@ forward context. This module swaps those pieces into contract_worker's Run and S
 scenarios and what the tests check are the same, except where 0.13.0 differs (its unquantized
 method does not pass log2phy to fused_experts, fused_moe.py:153-162; FUSED_MC2 takes only
 w8a8_dynamic models, so only a W8A8_DYNAMIC layer is refused under the switch; there is no
-MoE LoRA). The quantized scenarios (quant_worker.py) run W8A8_DYNAMIC through 0.13.0's real
-AscendFusedMoEMethod (quantization/quant_config.py:491) and AscendW8A8DynamicFusedMoEMethod
-(quantization/w8a8_dynamic.py:103), whose apply calls fused_experts by keyword (:272).
+MoE LoRA). The quantized scenarios (quant_worker.py) run 0.13.0's real AscendFusedMoEMethod
+(quantization/quant_config.py:491) around AscendW8A8DynamicFusedMoEMethod
+(quantization/w8a8_dynamic.py:103) and AscendW4A8DynamicFusedMoEMethod (w4a8_dynamic.py:210),
+whose apply calls fused_experts by keyword (w8a8_dynamic.py:272, w4a8_dynamic.py:378).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Run(base.Run):
     """contract_worker.Run with 0.13.0's calls."""
 
     def make_spy(self):
-        return Spy(self.mods, quant=bool(self.release.quant_schemes))
+        return Spy(self.mods)
 
     def adapter(self):
         from ascend_patch.impls.moe.adapters import ascend_token_dispatch
@@ -68,13 +69,18 @@ class Run(base.Run):
         ).routed_out
 
     def quant_fused_input(self, layer, hidden, weights, ids) -> dict:
-        """What W8A8_DYNAMIC's apply passes fused_experts (w8a8_dynamic.py:272-285), the ids
-        already physical."""
-        return {"hidden_states": hidden, "pertoken_scale": None, "w1": [layer.w13_weight],
-                "w1_scale": [layer.w13_weight_scale_fp32], "w2": [layer.w2_weight],
-                "w2_scale": [layer.w2_weight_scale], "topk_weights": weights, "topk_ids": ids,
-                "use_int8_w8a8": True, "expert_map": layer._expert_map, "log2phy": None,
-                "dynamic_eplb": False, "mc2_mask": None}
+        """What the scheme's apply passes fused_experts, the ids already physical:
+        W8A8_DYNAMIC (w8a8_dynamic.py:272-285) or W4A8_DYNAMIC, the one with scale biases
+        (w4a8_dynamic.py:378-392)."""
+        inputs = {"hidden_states": hidden, "w1": [layer.w13_weight], "w2": [layer.w2_weight],
+                  "w2_scale": [layer.w2_weight_scale], "topk_weights": weights,
+                  "topk_ids": ids, "expert_map": layer._expert_map, "log2phy": None,
+                  "dynamic_eplb": False, "mc2_mask": None}
+        if getattr(layer, "w13_scale_bias", None) is None:
+            return {**inputs, "pertoken_scale": None, "use_int8_w8a8": True,
+                    "w1_scale": [layer.w13_weight_scale_fp32]}
+        return {**inputs, "use_int4_w4a8": True, "w1_scale": [layer.w13_weight_scale],
+                "w1_scale_bias": layer.w13_scale_bias, "w2_scale_bias": layer.w2_scale_bias}
 
     def quant_fused_experts(self, comm, inputs: dict, keep=None):
         if keep is not None:
@@ -94,10 +100,12 @@ class Run(base.Run):
                 self.mods.mlp.unified_apply_mlp(
                     hidden_states=hidden.new_empty((0, hidden.shape[1]), dtype=torch.int8),
                     w1=inputs["w1"], w1_scale=inputs["w1_scale"], w2=inputs["w2"],
-                    w2_scale=inputs["w2_scale"],
+                    w2_scale=inputs["w2_scale"], w1_scale_bias=inputs.get("w1_scale_bias"),
+                    w2_scale_bias=inputs.get("w2_scale_bias"),
                     group_list=torch.zeros(EXPERTS // self.world, dtype=torch.int64),
                     dynamic_scale=torch.empty(0, dtype=torch.float32), group_list_type=1,
-                    with_quant=True, fusion=True, dynamic_eplb=False)
+                    with_quant=True, fusion=inputs.get("use_int8_w8a8", False),
+                    dynamic_eplb=False)
         except AssertionError as exc:
             return f"failed: {exc}"
         return "ran"

@@ -31,13 +31,14 @@ W4A8_GROUP = 8
 
 
 # Where each release keeps the wrapper and the schemes run here (old_api: 0.13.0, whose
-# quantization/ is flat: quant_config.py:491, w8a8_dynamic.py:103).
+# quantization/ is flat: quant_config.py:491, w8a8_dynamic.py:103, w4a8_dynamic.py:210).
 _CLASSES = {
     False: ("vllm_ascend.quantization.method_adapters", {
         "W8A8_DYNAMIC": "vllm_ascend.quantization.methods.w8a8_dynamic",
         "W4A8_DYNAMIC": "vllm_ascend.quantization.methods.w4a8"}),
     True: ("vllm_ascend.quantization.quant_config", {
-        "W8A8_DYNAMIC": "vllm_ascend.quantization.w8a8_dynamic"}),
+        "W8A8_DYNAMIC": "vllm_ascend.quantization.w8a8_dynamic",
+        "W4A8_DYNAMIC": "vllm_ascend.quantization.w4a8_dynamic"}),
 }
 _CLASS_NAMES = {"W8A8_DYNAMIC": "AscendW8A8DynamicFusedMoEMethod",
                 "W4A8_DYNAMIC": "AscendW4A8DynamicFusedMoEMethod"}
@@ -126,12 +127,12 @@ def dequantized(scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def unpatched(run) -> dict:
     return {s: {p: run.forward(p, layer=quant_layer(run, s)) for p in ("all_to_all", "allgather")}
-            for s in run.release.quant_schemes}
+            for s in SCHEMES}
 
 
 def with_drops(run) -> dict:
     out = {}
-    for scheme in run.release.quant_schemes:
+    for scheme in SCHEMES:
         layer = quant_layer(run, scheme)
         seen = {path: run.observed_forward(path, layer=layer, keep_input=True)
                 for path in ("all_to_all", "allgather")}

@@ -38,7 +38,8 @@ MoECommMethod.fused_experts by keyword, hence the same token_dispatch with the s
 (ascend_0_23._scheme_of admits them by name). The all-to-all dispatcher quantises only the
 permuted rows, after _dispatch_preprocess, and sends the per-row scales in their own
 all-to-all with the same (post-drop) splits (TD:443-450): a dropped row is neither quantised
-nor sent, nor is its scale. W8A8_DYNAMIC is contract-tested on CPU; the others were read only.
+nor sent, nor is its scale. W8A8_DYNAMIC and W4A8_DYNAMIC are contract-tested on CPU; W8A8_MIX
+and W4A16 were read only.
 A rank that receives zero rows would hand the quantized grouped matmuls an empty input, which
 CANN does not document: make_unified_apply_mlp skips that call, as ascend_0_23.make_apply_mlp
 does on 0.23.0.post1.
