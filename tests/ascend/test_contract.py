@@ -257,11 +257,8 @@ def test_mc2_fused_mc2_capture_and_lora_steps_keep_every_row(ranks, line):
         assert result["stats"]["ascend"]["kept_whole"] == {case: 1 for case in cases_kept}
 
 
-def test_a_method_that_is_not_vllm_ascends_is_reported_not_taken_over(ranks, line):
-    # 0.13.0's site set reads no quantized method: every other method is reported so.
-    expected = ("MoE method SimpleNamespace: only vllm-ascend's unquantized MoE method is "
-                "taken over on this release" if worker.RELEASES[line].old_api
-                else "MoE method SimpleNamespace is neither")
+def test_a_method_that_is_not_vllm_ascends_is_reported_not_taken_over(ranks):
+    expected = "MoE method SimpleNamespace is neither"
     for result in ranks:
         assert result["kept_whole"]["quantized_current"]
         reason = result["stats"]["layers_not_taken_over"]["model.layers.9.mlp.experts"]
@@ -271,11 +268,11 @@ def test_a_method_that_is_not_vllm_ascends_is_reported_not_taken_over(ranks, lin
 def test_enable_fused_mc2_with_drops_is_refused_naming_the_config_line(ranks, line):
     setting = ("VLLM_ASCEND_ENABLE_FUSED_MC2=1" if worker.RELEASES[line].fused_mc2_env
                else "enable_fused_mc2: 1")
-    if worker.RELEASES[line].old_api:  # unquantized layers never run FUSED_MC2 on 0.13.0
-        assert [result["fused_mc2"] for result in ranks] == ["ran", "ran"]
-        return
-    for result in ranks:
-        message = result["fused_mc2"]
+    messages = [result["fused_mc2"] for result in ranks]
+    if worker.RELEASES[line].old_api:  # 0.13.0 sends only w8a8_dynamic models to FUSED_MC2
+        assert [m["unquantized"] for m in messages] == ["ran", "ran"]
+        messages = [m["W8A8_DYNAMIC"] for m in messages]
+    for message in messages:
         assert message.startswith("PatchError: ascend-contract.yaml:7: patch 'capacity'")
         assert f"vllm-ascend's {setting} on A3" in message and "FUSED_MC2" in message
 
@@ -290,16 +287,6 @@ def test_config_is_checked_over_the_ep_group_once(ranks):
 SCHEMES = ("W8A8_DYNAMIC", "W4A8_DYNAMIC")
 QUANT_LAYER = {"W8A8_DYNAMIC": "model.layers.11.mlp.experts",
                "W4A8_DYNAMIC": "model.layers.12.mlp.experts"}
-
-
-@pytest.fixture(autouse=True)
-def _scheme_runs_on_this_release(request, line):
-    """A scheme's tests need its run on this release (contract_worker.RELEASES)."""
-    callspec = getattr(request.node, "callspec", None)
-    scheme = callspec.params.get("scheme") if callspec else None
-    if scheme and scheme not in worker.RELEASES[line].quant_schemes:
-        pytest.skip(f"{scheme} is not run on vllm-ascend {harness.RELEASES[line]} here "
-                    "(contract_worker.RELEASES says why)")
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

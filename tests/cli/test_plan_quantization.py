@@ -40,7 +40,7 @@ def _moe(plan: dict) -> dict:
     return next(p for p in plan["patches"] if p["name"] == "moe")
 
 
-@pytest.mark.parametrize("line", ["0.23", "0.18"])
+@pytest.mark.parametrize("line", ["0.23", "0.18", "0.13"])
 def test_w8a8_moe_layers_taken_over_on_vllm_ascend(capsys, tmp_path, line):
     model = _model(tmp_path, W8A8_DESCRIPTION)
     plan = _plan(capsys, "--platform", "ascend", "--vllm-line", line, "--model", str(model))

@@ -28,6 +28,7 @@ _F23 = f"{_FUSED_MOE}.fused_moe_0_23_0:"
 _FM = f"{_FUSED_MOE}.fused_moe:"
 _TD = f"{_FUSED_MOE}.token_dispatcher:"
 _CM = f"{_FUSED_MOE}.moe_comm_method:"
+_QC = "vllm_ascend.quantization.quant_config:"
 
 
 def carried_over(
@@ -152,8 +153,19 @@ _FUSED_EXPERTS_0_13 = (
 )
 
 
-# What 0.23.0.post1's adapter reads that 0.13.0's does not: the stage dataclasses and the
-# quantized path (not in 0.13.0), vllm-ascend's own forward context, the FUSED_MC2 settings.
+_UNIFIED_APPLY_MLP = (
+    "(hidden_states, w1, w2, group_list, w1_scale=…, w2_scale=…, dynamic_scale=…, "
+    "group_list_type=…, w1_scale_bias=…, w2_scale_bias=…, w1_offset=…, w2_offset=…, "
+    "topk_scales=…, with_quant=…, fusion=…, need_trans=…, dynamic_eplb=…)"
+)
+# The MoE schemes 0.13.0 registers (quantization/utils.py:20-47), each of whose apply calls
+# MoECommMethod.fused_experts by keyword: w8a8_dynamic.py:272, w8a8_pdmix.py:43 (a
+# W8A8_DYNAMIC subclass), w4a8_dynamic.py:378, w4a16.py:230.
+_MOE_SCHEMES_0_13 = ("W8A8_DYNAMIC", "W8A8_MIX", "W4A8_DYNAMIC", "W4A16")
+
+
+# What 0.23.0.post1's adapter reads that 0.13.0's does not: the stage dataclasses, QuantType and
+# stage params (not in 0.13.0), vllm-ascend's own forward context, the FUSED_MC2 settings.
 _NOT_READ_ON_0_13 = (
     f"{_FUSED_MOE}.moe_stage_contracts:",
     f"{_FUSED_MOE}.moe_stage_params:",
@@ -201,15 +213,15 @@ def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
             # Patched here (the sites below), not only relied on.
             f"{_TD}TokenDispatcherWithAll2AllV.token_dispatch",
             f"{_TD}TokenDispatcherWithAllGather.token_dispatch",
-            # Quantized MoE is not taken over on 0.13.0 (quantization/quant_config.py:491 wraps
-            # its schemes; not read): the 0.23 quantized path's interfaces go.
+            # 0.23's quantized path: 0.13.0 has the wrapper and registry elsewhere (added
+            # below), no QuantType and no stage params.
             f"{_FUSED_MOE}.moe_stage_params:MoERoutingParams",
             "vllm_ascend.quantization.method_adapters:AscendFusedMoEMethod",
             "vllm_ascend.quantization.method_adapters:AscendFusedMoEMethod.apply",
             "vllm_ascend.quantization.methods.registry:_SCHEME_REGISTRY",
             "vllm_ascend.quantization.quant_type:QuantType",
-            # Only w8a8_dynamic models reach FUSED_MC2 in 0.13.0 (ascend_forward_context.py:
-            # 258-275): no unquantized layer taken over is ever refused for it.
+            # FUSED_MC2 is switched by VLLM_ASCEND_ENABLE_FUSED_MC2 in 0.13.0, for
+            # w8a8_dynamic models only (w8a8_fused_mc2_env below).
             "vllm_ascend.ascend_config:get_ascend_config",
             f"{_FUSED_MOE}.moe_runtime_args:build_fused_experts_input",  # no MoE LoRA there
         }),
@@ -220,6 +232,32 @@ def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
                 "forward context, ascend_forward_context.py:57-62)",
             ),
             Interface(f"{_TD}TokenDispatcherWithAllGather", None, "the all-gather path"),
+            Interface(
+                f"{_QC}AscendFusedMoEMethod", None,
+                "the wrapper of every quantized MoE scheme (quant_method = the scheme); apply "
+                "forwards to the scheme's apply, which ends in fused_experts",
+            ),
+            Interface(
+                f"{_QC}AscendFusedMoEMethod.apply",
+                "(self, layer, x, router_logits, top_k, renormalize, use_grouped_topk=…, "
+                "global_num_experts=…, expert_map=…, topk_group=…, num_expert_group=…, "
+                "custom_routing_function=…, scoring_func=…, routed_scaling_factor=…, "
+                "e_score_correction_bias=…, is_prefill=…, enable_force_load_balance=…, "
+                "log2phy=…, global_redundant_expert_num=…, **kwargs)",
+                "forwards to the scheme (quant_config.py:551-570)",
+                key="AscendFusedMoEMethod_apply",
+            ),
+            Interface(
+                "vllm_ascend.quantization.utils:ASCEND_QUANTIZATION_METHOD_MAP", None,
+                "scheme name -> {layer type: class}: names the layer's scheme",
+            ),
+            Interface(
+                "vllm_ascend.envs:env_variables", None,
+                "VLLM_ASCEND_ENABLE_FUSED_MC2 (refused with drops on A3 for W8A8_DYNAMIC "
+                "layers): 1 makes every step of a w8a8_dynamic model FUSED_MC2 when EP <= 32 "
+                "(ascend_forward_context.py:258-275)",
+                key="w8a8_fused_mc2_env",
+            ),
             Interface(
                 f"{_FM}AscendFusedMoE.__init__", "(self, *args, **kwargs)",
                 "sets global_num_experts and local_num_experts = the experts its expert_map "
@@ -232,6 +270,7 @@ def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
         Attribute(f"{_TD}TokenDispatcherWithAll2AllV.num_out_tokens",
                   "rows the permute keeps: set by _preprocess (token_dispatcher.py:543), "
                   "lowered to the rows sent"),
+        Attribute(f"{_QC}AscendFusedMoEMethod.quant_method", "the layer's scheme object"),
     ))
     sites = (
         layer,
@@ -249,6 +288,10 @@ def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
         Site(f"{_TD}TokenDispatcherWithAll2AllV._combine_postprocess",
              "(self, permutated_local_input_tokens, context_metadata)",
              f"{adapter}:make_all_to_all_combine_postprocess", role="a2a_combine"),
+        # moe_comm_method.py:28, 147: a rank that received zero rows does not hand the
+        # quantized MLP ops an empty input (undocumented in CANN).
+        Site(f"{_CM}unified_apply_mlp", _UNIFIED_APPLY_MLP,
+             f"{adapter}:make_unified_apply_mlp", role="quant_mlp_zero_rows"),
     )
-    # Quantized MoE layers are reported not taken over on 0.13.0 (the adapter's admission).
-    return replace(carried, sites=sites, quantized_layers=())
+    return replace(carried, sites=sites, quantized_layers=tuple(
+        s for s in site_set_0_23.quantized_layers or () if s in _MOE_SCHEMES_0_13))

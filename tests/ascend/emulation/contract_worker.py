@@ -53,25 +53,27 @@ class Release:
     copies: tuple[str, ...] = (
         "vllm_ascend.ops.fused_moe.moe_comm_method.build_token_dispatch_input",
     )
-    # The quantized schemes run through quant_worker.py (none: not taken over there).
-    quant_schemes: tuple[str, ...] = ("W8A8_DYNAMIC", "W4A8_DYNAMIC")
     # build_fused_experts_input takes is_per_channel_weight (not in 0.18.0).
     per_channel_arg: bool = True
+    # W4A8's apply passes its scale biases as tensor lists, which the MLP hands the grouped
+    # matmul as they are (w4a8.py:559-567, moe_mlp.py:263-268); 0.18.0's apply passes tensors
+    # that its MLP wraps in a list (w4a8.py:401, moe_mlp.py:240-246 there).
+    scale_bias_lists: bool = True
 
 
 RELEASES = {
     "0.23": Release("vllm_ascend.ops.fused_moe.fused_moe_0_23_0", lora=True, fused_mc2_env=False),
-    # 0.18.0's W4A8 MLP hands npu_grouped_matmul its scale bias as a tensor list
-    # (moe_mlp.py:240-246 there), which the emulation does not take: W8A8 only.
     "0.18": Release("vllm_ascend.ops.fused_moe.fused_moe", lora=False, fused_mc2_env=True,
-                    per_channel_arg=False, quant_schemes=("W8A8_DYNAMIC",)),
+                    per_channel_arg=False, scale_bias_lists=False),
     "0.13": Release("vllm_ascend.ops.fused_moe.fused_moe", lora=False, fused_mc2_env=True,
-                    old_api=True, copies=(), quant_schemes=()),
+                    old_api=True, copies=()),
 }
 
 
 def main(source: str, line: str, rank: int, world: int, port: int, out_dir: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    # contract_worker_0_13 imports this module by name: one module, one quant_worker global.
+    sys.modules.setdefault("contract_worker", sys.modules[__name__])
     import boot
 
     boot.install(Path(source), device_type="A3")
@@ -109,7 +111,7 @@ class Run:
         self.patcher = None
 
     def make_spy(self) -> Spy:
-        return Spy(self.mods, quant=bool(self.release.quant_schemes))
+        return Spy(self.mods)
 
     def adapter(self):
         """The module of the site set's factories for this release."""
@@ -123,9 +125,7 @@ class Run:
         import torch
 
         results["unpatched"] = {p: self.forward(p) for p in ("all_to_all", "allgather")}
-        quant = bool(self.release.quant_schemes)
-        if quant:
-            results["quant_unpatched"] = quant_worker.unpatched(self)
+        results["quant_unpatched"] = quant_worker.unpatched(self)
         record = self.apply(DROP_OPTIONS)
         results["record"] = _record_facts(record)
         results["all_to_all"] = self.observed_forward("all_to_all")
@@ -138,16 +138,13 @@ class Run:
         results["kept_whole"] = self.kept_whole_cases(record)
         results["fused_mc2"] = self.fused_mc2_refused()
         results["stats"] = _plain(record.context.stats)
-        if quant:
-            results["quant"] = quant_worker.with_drops(self)
-            results["quant_weights"] = {s: quant_worker.dequantized(s)
-                                        for s in self.release.quant_schemes}
-            results["quant_stats"] = _plain(record.context.stats)
+        results["quant"] = quant_worker.with_drops(self)
+        results["quant_weights"] = {s: quant_worker.dequantized(s) for s in quant_worker.SCHEMES}
+        results["quant_stats"] = _plain(record.context.stats)
         self.patcher.revert()
         record = self.apply({"drop_token_ratio": 0.0, "min_tokens": 0})
         results["ratio0"] = {p: self.forward(p) for p in ("all_to_all", "allgather")}
-        if quant:
-            results["quant_ratio0"] = quant_worker.ratio0(self)
+        results["quant_ratio0"] = quant_worker.ratio0(self)
         results["ratio0_stats"] = _plain(record.context.stats)
         self.patcher.revert()
         torch.distributed.barrier()
@@ -313,6 +310,17 @@ class Run:
             ),
         )
 
+    # -- the quantized scenarios' calls (quant_worker.py; 0.13.0's in contract_worker_0_13) --
+
+    def quant_fused_input(self, layer, hidden, weights, ids):
+        return quant_worker.fused_input(self, layer, hidden, weights, ids)
+
+    def quant_fused_experts(self, comm, inputs, keep=None):
+        return quant_worker.fused_experts(comm, inputs, keep)
+
+    def unguarded_zero_row_mlp(self, inputs) -> str:
+        return quant_worker.unguarded_zero_row_mlp(self, inputs)
+
     def mine(self) -> slice:
         """This rank's physical experts."""
         local = EXPERTS // self.world
@@ -422,7 +430,7 @@ class Run:
 class Spy:
     """Records what crosses vllm-ascend's boundaries during one forward."""
 
-    def __init__(self, mods, quant: bool = True) -> None:
+    def __init__(self, mods) -> None:
         import torch
         import torch_npu
 
@@ -435,13 +443,22 @@ class Spy:
             self._wrap(getattr(mods.td, dispatcher), "token_dispatch", self._dispatched)
         self._wrap_routing(mods)
         self._wrap(mods.cm.MoECommMethod, "finalize", self._finalize)
-        if quant:
-            quant_worker.spy_ops(self, mods)
+        quant_worker.spy_ops(self, mods)
 
     def _wrap_routing(self, mods) -> None:
         routing = mods.td.DeviceOperator.npu_moe_init_routing
         spied = functools.wraps(routing)(self._routing(routing))
         mods.td.DeviceOperator.npu_moe_init_routing = staticmethod(spied)
+
+    def wrap_quant_mlp(self, mods) -> None:
+        def mlp(original):
+            def _apply_mlp(comm, mlp_compute_input):
+                quant_worker.record_mlp(self, mlp_compute_input.hidden_states,
+                                        mlp_compute_input.dynamic_scale)
+                return original(comm, mlp_compute_input)
+            return _apply_mlp
+
+        self._wrap(mods.cm.MoECommMethod, "_apply_mlp", mlp)
 
     def reset(self) -> None:
         self.records = {"permute": [], "a2a": [], "gathers": 0, "routing": [],

@@ -8,7 +8,11 @@ torch.ops._C_ascend.npu_moe_init_routing_custom itself, and the step's comm meth
 forward context. This module swaps those pieces into contract_worker's Run and Spy; the
 scenarios and what the tests check are the same, except where 0.13.0 differs (its unquantized
 method does not pass log2phy to fused_experts, fused_moe.py:153-162; FUSED_MC2 takes only
-w8a8_dynamic models; there is no MoE LoRA).
+w8a8_dynamic models, so only a W8A8_DYNAMIC layer is refused under the switch; there is no
+MoE LoRA). The quantized scenarios (quant_worker.py) run 0.13.0's real AscendFusedMoEMethod
+(quantization/quant_config.py:491) around AscendW8A8DynamicFusedMoEMethod
+(quantization/w8a8_dynamic.py:103) and AscendW4A8DynamicFusedMoEMethod (w4a8_dynamic.py:210),
+whose apply calls fused_experts by keyword (w8a8_dynamic.py:272, w4a8_dynamic.py:378).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class Run(base.Run):
     """contract_worker.Run with 0.13.0's calls."""
 
     def make_spy(self):
-        return Spy(self.mods, quant=False)
+        return Spy(self.mods)
 
     def adapter(self):
         from ascend_patch.impls.moe.adapters import ascend_token_dispatch
@@ -63,6 +67,48 @@ class Run(base.Run):
         return dispatcher.token_combine(
             hidden_states=mlp_out, context_metadata=output.context_metadata
         ).routed_out
+
+    def quant_fused_input(self, layer, hidden, weights, ids) -> dict:
+        """What the scheme's apply passes fused_experts, the ids already physical:
+        W8A8_DYNAMIC (w8a8_dynamic.py:272-285) or W4A8_DYNAMIC, the one with scale biases
+        (w4a8_dynamic.py:378-392)."""
+        inputs = {"hidden_states": hidden, "w1": [layer.w13_weight], "w2": [layer.w2_weight],
+                  "w2_scale": [layer.w2_weight_scale], "topk_weights": weights,
+                  "topk_ids": ids, "expert_map": layer._expert_map, "log2phy": None,
+                  "dynamic_eplb": False, "mc2_mask": None}
+        if getattr(layer, "w13_scale_bias", None) is None:
+            return {**inputs, "pertoken_scale": None, "use_int8_w8a8": True,
+                    "w1_scale": [layer.w13_weight_scale_fp32]}
+        return {**inputs, "use_int4_w4a8": True, "w1_scale": [layer.w13_weight_scale],
+                "w1_scale_bias": layer.w13_scale_bias, "w2_scale_bias": layer.w2_scale_bias}
+
+    def quant_fused_experts(self, comm, inputs: dict, keep=None):
+        if keep is not None:
+            inputs = {**inputs, "topk_weights": inputs["topk_weights"] * keep}
+        return comm.fused_experts(**inputs).routed_out
+
+    def unguarded_zero_row_mlp(self, inputs: dict) -> str:
+        """Planted bug: moe_mlp's own unified_apply_mlp (the patch replaces only the copy
+        moe_comm_method calls) on the zero rows a rank received, as fused_experts calls it
+        (moe_comm_method.py:147-164). The strict emulation refuses, as CANN documents no such
+        input."""
+        import torch
+
+        hidden = inputs["hidden_states"]
+        try:
+            with self.forward_context(self.a2a):
+                self.mods.mlp.unified_apply_mlp(
+                    hidden_states=hidden.new_empty((0, hidden.shape[1]), dtype=torch.int8),
+                    w1=inputs["w1"], w1_scale=inputs["w1_scale"], w2=inputs["w2"],
+                    w2_scale=inputs["w2_scale"], w1_scale_bias=inputs.get("w1_scale_bias"),
+                    w2_scale_bias=inputs.get("w2_scale_bias"),
+                    group_list=torch.zeros(EXPERTS // self.world, dtype=torch.int64),
+                    dynamic_scale=torch.empty(0, dtype=torch.float32), group_list_type=1,
+                    with_quant=True, fusion=inputs.get("use_int8_w8a8", False),
+                    dynamic_eplb=False)
+        except AssertionError as exc:
+            return f"failed: {exc}"
+        return "ran"
 
     def kept_whole_cases(self, record) -> dict:
         """MC2 (a bare dispatcher: its HCCL ops cannot run here) and a step under graph
@@ -113,6 +159,21 @@ class Run(base.Run):
             context.mc2_mask = None
             yield context
 
+    def fused_mc2_refused(self) -> dict:
+        """The unquantized layer (never FUSED_MC2 on 0.13.0) and a W8A8_DYNAMIC one, the only
+        kind 0.13.0 sends to FUSED_MC2, each first judged under the switch."""
+        out = {"unquantized": super().fused_mc2_refused()}
+        layer = base.quant_worker.quant_layer(self, "W8A8_DYNAMIC")
+        layer.layer_name = "model.layers.13.mlp.experts"
+        with self.fused_mc2_enabled():
+            try:
+                self.forward("allgather", layer=layer)
+            except Exception as exc:  # noqa: BLE001 - the message is what is checked
+                out["W8A8_DYNAMIC"] = f"{type(exc).__name__}: {exc}"
+            else:
+                out["W8A8_DYNAMIC"] = "ran"
+        return out
+
     def fused_mc2_enabled(self):
         return _env("VLLM_ASCEND_ENABLE_FUSED_MC2", "1")
 
@@ -132,6 +193,16 @@ class Spy(base.Spy):
     def _wrap_routing(self, mods) -> None:
         self._wrap(npu_ops, "npu_moe_init_routing_custom", self._routing)
 
+    def wrap_quant_mlp(self, mods) -> None:
+        def mlp(original):
+            def unified_apply_mlp(**kwargs):
+                base.quant_worker.record_mlp(self, kwargs["hidden_states"],
+                                             kwargs.get("dynamic_scale"))
+                return original(**kwargs)
+            return unified_apply_mlp
+
+        self._wrap(mods.cm, "unified_apply_mlp", mlp)
+
     def _fused(self, original):
         def fused_experts(comm, **kwargs):
             if self.records:
@@ -140,6 +211,7 @@ class Spy(base.Spy):
                     "weights": kwargs["topk_weights"].clone(),
                     "ids": (log2phy[ids] if log2phy is not None else ids).clone(),
                 }
+                self.records["fused_input"] = dict(kwargs)
             return original(comm, **kwargs)
 
         return fused_experts
@@ -160,7 +232,8 @@ class Spy(base.Spy):
         def npu_moe_init_routing_custom(x, expert_idx, **kwargs):
             out = original(x, expert_idx, **kwargs)
             if self.records:
-                self.records["routing"].append({"expert_tokens": out[2].clone()})
+                self.records["routing"].append({"expert_tokens": out[2].clone(),
+                                                "quant_mode": kwargs.get("quant_mode")})
             return out
 
         return npu_moe_init_routing_custom

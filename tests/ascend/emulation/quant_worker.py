@@ -18,6 +18,7 @@ after process_weights_after_loading (which itself needs npu_format_cast / npu_qu
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import quant_ops
 import torch
@@ -29,29 +30,42 @@ SCHEMES = {
 W4A8_GROUP = 8
 
 
+# Where each release keeps the wrapper and the schemes run here (old_api: 0.13.0, whose
+# quantization/ is flat: quant_config.py:491, w8a8_dynamic.py:103, w4a8_dynamic.py:210).
+_CLASSES = {
+    False: ("vllm_ascend.quantization.method_adapters", {
+        "W8A8_DYNAMIC": "vllm_ascend.quantization.methods.w8a8_dynamic",
+        "W4A8_DYNAMIC": "vllm_ascend.quantization.methods.w4a8"}),
+    True: ("vllm_ascend.quantization.quant_config", {
+        "W8A8_DYNAMIC": "vllm_ascend.quantization.w8a8_dynamic",
+        "W4A8_DYNAMIC": "vllm_ascend.quantization.w4a8_dynamic"}),
+}
+_CLASS_NAMES = {"W8A8_DYNAMIC": "AscendW8A8DynamicFusedMoEMethod",
+                "W4A8_DYNAMIC": "AscendW4A8DynamicFusedMoEMethod"}
+# The layer's quant_type (the scheme's own on 0.18.0 / 0.23.0.post1; AscendFusedMoE.
+# _get_quant_type on 0.13.0, fused_moe.py:253-266 there): the same names.
+_QUANT_TYPE = {"W8A8_DYNAMIC": "W8A8", "W4A8_DYNAMIC": "W4A8"}
+
+
 def quant_layer(run, scheme: str):
     """A layer of `run` (contract_worker.Run) whose quant_method is the real wrapper and
     scheme, with this rank's local experts' quantized weights."""
-    from vllm_ascend.quantization.method_adapters import AscendFusedMoEMethod
-
+    wrapper_module, schemes = _CLASSES[run.release.old_api]
+    wrapper_cls = importlib.import_module(wrapper_module).AscendFusedMoEMethod
+    scheme_cls = getattr(importlib.import_module(schemes[scheme]), _CLASS_NAMES[scheme])
     layer = run.layer(name=SCHEMES[scheme])
-    wrapper = AscendFusedMoEMethod.__new__(AscendFusedMoEMethod)
-    wrapper.quant_method, wrapper.tid2eid = _scheme(scheme), None
+    wrapper = wrapper_cls.__new__(wrapper_cls)
+    wrapper.quant_method, wrapper.tid2eid = _scheme(scheme_cls), None
     layer.quant_method = wrapper
-    layer.quant_type = wrapper.quant_method.quant_type
+    layer.quant_type = run.mods.QuantType[_QUANT_TYPE[scheme]]
+    layer.n_shared_experts, layer.mix_placement = 0, False  # read by 0.13.0's apply
     local = run.mine()
     for key, value in expert_weights(scheme).items():
         setattr(layer, key, value[local])
     return layer
 
 
-def _scheme(scheme: str):
-    if scheme == "W8A8_DYNAMIC":
-        from vllm_ascend.quantization.methods.w8a8_dynamic import (
-            AscendW8A8DynamicFusedMoEMethod as cls,
-        )
-    else:
-        from vllm_ascend.quantization.methods.w4a8 import AscendW4A8DynamicFusedMoEMethod as cls
+def _scheme(cls):
     method = cls.__new__(cls)
     method.multistream_overlap_gate = False
     method.dynamic_eplb = False
@@ -113,12 +127,12 @@ def dequantized(scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def unpatched(run) -> dict:
     return {s: {p: run.forward(p, layer=quant_layer(run, s)) for p in ("all_to_all", "allgather")}
-            for s in run.release.quant_schemes}
+            for s in SCHEMES}
 
 
 def with_drops(run) -> dict:
     out = {}
-    for scheme in run.release.quant_schemes:
+    for scheme in SCHEMES:
         layer = quant_layer(run, scheme)
         seen = {path: run.observed_forward(path, layer=layer, keep_input=True)
                 for path in ("all_to_all", "allgather")}
@@ -141,10 +155,8 @@ def _dropless_with_kept_weights(run, seen: dict, comm) -> torch.Tensor:
 
     ids = seen["dispatch_in"]["ids"]
     keep = (ids >= 0) & (ids < EXPERTS)
-    inputs = seen["fused_input"]
-    inputs = dataclasses.replace(inputs, topk_weights=inputs.topk_weights * keep)
     with run.forward_context(comm):
-        return comm.fused_experts(fused_experts_input=inputs).routed_out
+        return run.quant_fused_experts(comm, seen["fused_input"], keep)
 
 
 def _zero_rows(run, layer) -> dict:
@@ -160,18 +172,25 @@ def _zero_rows(run, layer) -> dict:
     drop = torch.ones_like(ids, dtype=torch.bool) if run.rank == 0 else ids < local
     ids = torch.where(drop, torch.full_like(ids, EXPERTS + 1), ids)
     weights = weights * ~drop
-    inputs = _fused_input(run, layer, hidden, weights, ids)
+    inputs = run.quant_fused_input(layer, hidden, weights, ids)
     run.spy.reset()
     with run.forward_context(run.a2a):
-        out = run.a2a.fused_experts(fused_experts_input=inputs).routed_out
+        out = run.quant_fused_experts(run.a2a, inputs)
     seen = run.spy.take()
     assert ids.shape[1] == TOP_K
     return {"out": out, "hidden": hidden, "weights": weights, "ids": ids, "a2a": seen["a2a"],
             "quant_rows": seen["quant_rows"], "mlp_rows": seen["mlp_rows"],
-            "unguarded": _unguarded_zero_row_mlp(run, inputs)}
+            "unguarded": run.unguarded_zero_row_mlp(inputs)}
 
 
-def _unguarded_zero_row_mlp(run, inputs) -> str:
+def fused_experts(comm, inputs, keep=None) -> torch.Tensor:
+    """MoECommMethod.fused_experts on the scheme's input, the weights times `keep` if given."""
+    if keep is not None:
+        inputs = dataclasses.replace(inputs, topk_weights=inputs.topk_weights * keep)
+    return comm.fused_experts(fused_experts_input=inputs).routed_out
+
+
+def unguarded_zero_row_mlp(run, inputs) -> str:
     """Planted bug: vllm-ascend's own MLP on the zero rows a rank received (a local call: no
     collective waits on it). The strict emulation refuses, as CANN documents no such input."""
     from contract_worker import EXPERTS
@@ -193,7 +212,7 @@ def _unguarded_zero_row_mlp(run, inputs) -> str:
     return "ran"
 
 
-def _fused_input(run, layer, hidden, weights, ids):
+def fused_input(run, layer, hidden, weights, ids):
     """What the scheme's apply builds (w8a8_dynamic.py:326-346, w4a8.py:570-588)."""
     scheme = layer.quant_method.quant_method
     scale_bias = getattr(layer, "w13_scale_bias", None)
@@ -206,9 +225,15 @@ def _fused_input(run, layer, hidden, weights, ids):
         w1_scale=[getattr(layer, "w13_weight_scale_fp32", None)
                   if scale_bias is None else layer.w13_weight_scale],
         w2_scale=[layer.w2_weight_scale],
-        w1_scale_bias=None if scale_bias is None else [scale_bias],
-        w2_scale_bias=None if scale_bias is None else [layer.w2_scale_bias], **extra,
+        w1_scale_bias=_scale_bias(run, scale_bias),
+        w2_scale_bias=_scale_bias(run, getattr(layer, "w2_scale_bias", None)), **extra,
     )
+
+
+def _scale_bias(run, bias):
+    if bias is None or not run.release.scale_bias_lists:
+        return bias
+    return [bias]
 
 
 def spy_ops(spy, mods) -> None:
@@ -222,14 +247,12 @@ def spy_ops(spy, mods) -> None:
             return original(x, *args, **kwargs)
         return npu_dynamic_quant
 
-    def mlp(original):
-        def _apply_mlp(comm, mlp_compute_input):
-            if spy.records:
-                spy.records["mlp_rows"].append(int(mlp_compute_input.hidden_states.shape[0]))
-                scale = mlp_compute_input.dynamic_scale
-                spy.records["mlp_scales"].append(None if scale is None else int(scale.shape[0]))
-            return original(comm, mlp_compute_input)
-        return _apply_mlp
-
     spy._wrap(torch_npu, "npu_dynamic_quant", quant)
-    spy._wrap(mods.cm.MoECommMethod, "_apply_mlp", mlp)
+    spy.wrap_quant_mlp(mods)
+
+
+def record_mlp(spy, hidden_states, dynamic_scale) -> None:
+    if spy.records:
+        spy.records["mlp_rows"].append(int(hidden_states.shape[0]))
+        spy.records["mlp_scales"].append(None if dynamic_scale is None
+                                         else int(dynamic_scale.shape[0]))

@@ -315,9 +315,10 @@ def _admit(state: AscendCapacityState, name: str, layer: Any) -> bool:
         state.stats.layer_not_taken_over(name, reason)
         logger.warning("moe.capacity: %s keeps every row: %s", name, reason)
         return False
-    _refuse_fused_mc2(state)
+    scheme = _scheme_of(layer.quant_method, state.upstream)[0]
+    _refuse_fused_mc2(state, scheme)
     state.add_layer(name, layer)
-    state.stats.layer_quant(name, _scheme_of(layer.quant_method, state.upstream)[0])
+    state.stats.layer_quant(name, scheme)
     return True
 
 
@@ -335,18 +336,13 @@ def _scheme_of(method: Any, upstream: Any) -> tuple[str, str | None]:
     """(the layer's MoE scheme name, why it is not taken over or None)."""
     if isinstance(method, upstream.AscendUnquantizedFusedMoEMethod):
         return UNQUANTIZED, None
-    if "AscendFusedMoEMethod" not in dir(upstream):  # 0.13.0's site set: quantized not read
-        return type(method).__name__, (
-            f"MoE method {type(method).__name__}: only vllm-ascend's unquantized MoE method "
-            "is taken over on this release"
-        )
     if not isinstance(method, upstream.AscendFusedMoEMethod):
         return type(method).__name__, (
             f"MoE method {type(method).__name__} is neither vllm-ascend's unquantized method "
             "nor its quantization wrapper AscendFusedMoEMethod"
         )
     scheme = method.quant_method
-    name = _registered_name(type(scheme), upstream._SCHEME_REGISTRY)
+    name = _registered_name(type(scheme), _moe_registry(upstream))
     if name not in _ADMITTED_SCHEMES:
         return str(name or type(scheme).__name__), (
             f"quantized MoE scheme {name or type(scheme).__name__} "
@@ -354,6 +350,16 @@ def _scheme_of(method: Any, upstream: Any) -> tuple[str, str | None]:
             "MoECommMethod.fused_experts"
         )
     return name, None
+
+
+def _moe_registry(upstream: Any) -> dict[tuple[str, str], type]:
+    """(scheme name, layer type) -> class. vllm-ascend 0.13.0 keeps it as name -> {layer
+    type: class} in ASCEND_QUANTIZATION_METHOD_MAP (quantization/utils.py:20 there)."""
+    if "_SCHEME_REGISTRY" in upstream:
+        return upstream._SCHEME_REGISTRY
+    return {(name, kind): cls
+            for name, kinds in upstream.ASCEND_QUANTIZATION_METHOD_MAP.items()
+            for kind, cls in kinds.items()}
 
 
 def _registered_name(cls: type, registry: dict[tuple[str, str], type]) -> str | None:
@@ -365,11 +371,11 @@ def _registered_name(cls: type, registry: dict[tuple[str, str], type]) -> str | 
     return None
 
 
-def _refuse_fused_mc2(state: AscendCapacityState) -> None:
+def _refuse_fused_mc2(state: AscendCapacityState, scheme: str) -> None:
     if state.options.drop_token_ratio <= 0:
         return
     upstream = state.upstream
-    setting, value, where = _fused_mc2_setting(upstream)
+    setting, value, where = _fused_mc2_setting(upstream, scheme)
     if value == 1 and upstream.get_ascend_device_type() == upstream.AscendDeviceType.A3:
         raise state.error(
             f"drop_token_ratio > 0 with vllm-ascend's {setting} on A3: every step of an "
@@ -379,13 +385,19 @@ def _refuse_fused_mc2(state: AscendCapacityState) -> None:
         )
 
 
-def _fused_mc2_setting(upstream: Any) -> tuple[str, Any, str]:
+def _fused_mc2_setting(upstream: Any, scheme: str) -> tuple[str, Any, str]:
     """(the setting as a user writes it, its value, where vllm-ascend reads it): 0.18.0 reads
-    an environment variable through envs.py's table, 0.23.0.post1 its additional config; a
-    site set declaring neither (0.13.0: only w8a8_dynamic models reach FUSED_MC2, and their
-    layers are not taken over) has nothing to refuse."""
+    an environment variable through envs.py's table, 0.23.0.post1 its additional config.
+    0.13.0 reads the same variable, but sends only w8a8_dynamic models to FUSED_MC2
+    (ascend_forward_context.py:258-275 there): its site set names the table
+    `w8a8_fused_mc2_env`, and only W8A8_DYNAMIC layers are refused (other layers never run
+    FUSED_MC2 there)."""
     setting: tuple[str, Any, str] = ("", None, "")
-    if "env_variables" in upstream:
+    if "w8a8_fused_mc2_env" in upstream and scheme == "W8A8_DYNAMIC":
+        setting = ("VLLM_ASCEND_ENABLE_FUSED_MC2=1",
+                   upstream.w8a8_fused_mc2_env["VLLM_ASCEND_ENABLE_FUSED_MC2"](),
+                   "ascend_forward_context.py:258-275 in 0.13.0, w8a8_dynamic models")
+    elif "env_variables" in upstream:
         setting = ("VLLM_ASCEND_ENABLE_FUSED_MC2=1",
                    upstream.env_variables["VLLM_ASCEND_ENABLE_FUSED_MC2"](),
                    "ascend_forward_context.py:248-272 in 0.18.0")
@@ -671,14 +683,18 @@ def _zero_row_guard(
         skipped = _zero_row_output(mlp_compute_input, state.upstream)
         if skipped is not None:
             like, quant_type = skipped
-            state.counters.setdefault("zero_row_mlp_skipped", {})
-            state.count("zero_row_mlp_skipped", quant_type)
+            count_zero_row_skip(state, quant_type)
             if with_event:
                 return like, torch.npu.current_stream().record_event()
             return like
         return original(self, mlp_compute_input)
 
     return _apply_mlp
+
+
+def count_zero_row_skip(state: AscendCapacityState, quant_type: str) -> None:
+    state.counters.setdefault("zero_row_mlp_skipped", {})
+    state.count("zero_row_mlp_skipped", quant_type)
 
 
 def _zero_row_output(mlp_compute_input: Any, upstream: Any) -> tuple[torch.Tensor, str] | None:

@@ -27,15 +27,30 @@ is where it is called and the all-to-all dispatcher's layout:
 Rows are marked as on 0.23.0.post1 (ascend_0_23.py): id E + 1 on the all-to-all path, which
 its histc over [0, E] (TD:537-540) leaves out of every split and its permute out of the rows
 sent; id -1 with weight 0 on the all-gather path, outside `active_expert_range` (TD:337-348),
-and `expert_map[-1]` (TD:327) is a valid read. W8A8 quantises after the permute (TD:444-450),
-so a dropped row would be neither quantised nor sent; quantised layers are not taken over yet.
+and `expert_map[-1]` (TD:327) is a valid read.
+
+Quantized MoE (Q = quantization/). A quantized layer's quant_method is the wrapper
+AscendFusedMoEMethod (Q/quant_config.py:491), whose apply forwards to the scheme that
+ASCEND_QUANTIZATION_METHOD_MAP (Q/utils.py:20) registers for "moe": W8A8_DYNAMIC
+(Q/w8a8_dynamic.py:103, fused_experts :272), W8A8_MIX (Q/w8a8_pdmix.py:43, inherits that
+apply), W4A8_DYNAMIC (Q/w4a8_dynamic.py:378), W4A16 (Q/w4a16.py:230). Each calls
+MoECommMethod.fused_experts by keyword, hence the same token_dispatch with the same marks
+(ascend_0_23._scheme_of admits them by name). The all-to-all dispatcher quantises only the
+permuted rows, after _dispatch_preprocess, and sends the per-row scales in their own
+all-to-all with the same (post-drop) splits (TD:443-450): a dropped row is neither quantised
+nor sent, nor is its scale. W8A8_DYNAMIC and W4A8_DYNAMIC are contract-tested on CPU; W8A8_MIX
+and W4A16 were read only.
+A rank that receives zero rows would hand the quantized grouped matmuls an empty input, which
+CANN does not document: make_unified_apply_mlp skips that call, as ascend_0_23.make_apply_mlp
+does on 0.23.0.post1.
 
 `token_dispatch` reached outside a taken-over layer's forward passes through untouched. MC2
 and FUSED_MC2 steps keep every row, as on 0.23.0.post1. The step's comm method is on vLLM's
 forward context in 0.13.0 (AFC:57-62), not vllm-ascend's, so the path is told by the
 dispatcher class instead (the comm method owns exactly one). 0.13.0 sends only w8a8_dynamic
-models to FUSED_MC2 (AFC:258-275), which never reach a dispatcher and whose layers are not
-taken over: VLLM_ASCEND_ENABLE_FUSED_MC2 is not refused here.
+models to FUSED_MC2 (AFC:258-275), whose fused_experts never reaches a dispatcher: with
+drops, VLLM_ASCEND_ENABLE_FUSED_MC2=1 on A3 is refused when a W8A8_DYNAMIC layer is taken
+over (ascend_0_23._fused_mc2_setting), never for the other layers (they never run it).
 
 What 0.13.0's structure makes impossible:
   * No MoE LoRA check: 0.13.0 has no MoE LoRA path to keep whole (nothing to guarantee).
@@ -72,6 +87,7 @@ from ascend_patch.impls.moe.adapters.ascend_0_23 import (
     admitted,
     capturing,
     checked_tuple,
+    count_zero_row_skip,
     cut_permuted_rows,
     drop_rows,
     layer_name,
@@ -173,3 +189,40 @@ def make_all_to_all_combine_postprocess(
     return pad_combined_rows(
         original, lambda metadata: metadata["reversed_local_input_permutation_mapping"]
     )
+
+
+def make_unified_apply_mlp(original: Callable[..., Any], ctx: PatchContext) -> Callable[..., Any]:
+    """Replacement of unified_apply_mlp(hidden_states, w1, w2, group_list, w1_scale=None,
+    w2_scale=None, ..., with_quant=False, fusion=False, ...) (moe_mlp.py:314) where
+    moe_comm_method.py imports it (CM:28) and calls it by keyword (CM:147-164).
+
+    A rank that received no row hands quant_apply_mlp a [0, H] input; CANN does not document
+    empty input for the grouped matmuls it then calls (npu_grouped_matmul_swiglu_quant,
+    quantized / antiquant npu_grouped_matmul). Such a call returns the [0, H] tensor the MLP
+    would have returned instead: gmm2's output dtype is bf16 where scale biases are given
+    outside the W4A16 branch, else w2_scale[0]'s (moe_mlp.py:102, 169, 196-205). The
+    combine takes it as it takes an empty MLP output. Counted per quant type in
+    stats["ascend"]["zero_row_mlp_skipped"]."""
+    state = state_of(ctx)
+
+    def unified_apply_mlp(*args: Any, **kwargs: Any) -> Any:
+        hidden = kwargs.get("hidden_states")
+        if args or not kwargs.get("with_quant") or hidden is None or hidden.shape[0] != 0:
+            return original(*args, **kwargs)
+        like, quant_type = _zero_row_output(hidden, kwargs)
+        count_zero_row_skip(state, quant_type)
+        return like
+
+    return unified_apply_mlp
+
+
+def _zero_row_output(hidden: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, str]:
+    """with_quant = use_int8_w8a8 or use_int4_w4a8 or use_int4_w4a16 and fusion =
+    use_int8_w8a8 (CM:160-162); W4A16 alone passes w1_offset (Q/w4a16.py:235)."""
+    antiquant = kwargs.get("w1_offset") is not None
+    if kwargs.get("w1_scale_bias") is not None and not antiquant:
+        dtype = torch.bfloat16
+    else:
+        dtype = kwargs["w2_scale"][0].dtype
+    quant_type = "W8A8" if kwargs.get("fusion") else "W4A16" if antiquant else "W4A8"
+    return hidden.new_empty((0, hidden.shape[-1]), dtype=dtype), quant_type
