@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.gloo_harness import run_ranks
+from tests.stack import WORLD_SIZES
 
 JOIN_TIMEOUT_S = 120.0
 # A collective left waiting by a failed peer errors out instead of hanging.
@@ -304,7 +305,7 @@ def _worker(rank: int, ws: int, send) -> None:
     send("verdicts", verdicts)
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda ws: f"world{ws}")
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda ws: f"world{ws}")
 def group_results(request):
     t0 = time.monotonic()
     got = run_ranks(

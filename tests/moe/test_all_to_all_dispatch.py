@@ -24,6 +24,7 @@ from ascend_patch.impls.moe.experts.torch_backend import moe_forward
 from ascend_patch.impls.moe.options import CapacityOptions
 from ascend_patch.impls.moe.transport.all_to_all_dispatch import expert_owners, token_slice
 from tests import gloo_harness
+from tests.stack import WORLD_SIZES
 
 NUM_EXPERTS, TOP_K, HIDDEN, INTER = 8, 2, 32, 16
 JOIN_TIMEOUT_S = 180
@@ -370,7 +371,7 @@ def _token_once_worker(rank: int, ws: int, send) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_token_sent_once_per_rank_and_never_for_dropped_rows(world_size):
     collected = gloo_harness.run_ranks(
         _token_once_worker, world_size, timeout_s=JOIN_TIMEOUT_S, gloo_timeout_s=GLOO_TIMEOUT_S
@@ -435,7 +436,7 @@ def _check_config_mismatch(collected, ws: int) -> None:
             f"{list(range(ws - 1))}, 0.2 on ranks [{ws - 1}]. Every rank stops here"), message
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_all_to_all_matches_single_process_reference(world_size):
     collected = run_ranks(world_size)
     _check_against_reference(collected, world_size)
