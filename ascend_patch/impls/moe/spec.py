@@ -16,7 +16,9 @@ why (details, with file:line, in docs/vllm-moe-internals.md):
   it sees the router output of this rank's own tokens, which is where a drop must be decided
   (before any all-to-all). The replacement plans the drops with `plan_drops`, writes them into
   the router output (dropped row: id -1, weight 0) and calls the original `apply`, so the
-  modular kernel, the shared experts and the DP dispatch/combine stay vLLM's own code.
+  modular kernel, the shared experts and the DP dispatch/combine stay vLLM's own code. On
+  CUDA (Triton experts) it calls the layer's kernel as the original's forward does, with the
+  ids and expert_map of adapters/triton_route.py, so that the kernel skips dropped rows.
 
 * `UnquantizedFusedMoEMethod.process_weights_after_loading(self, layer)`
   (unquantized_fused_moe_method.py:220). On CPU the original ends in
@@ -420,9 +422,10 @@ IMPLEMENTATIONS = {
     "moe.capacity": Implementation(
         name="moe.capacity",
         summary=(
-            "Capacity-aware unquantized fused MoE: drop up to a ratio r of the routed "
-            "(token, expert) rows so the most loaded EP rank/expert is capped at the water "
-            "level; dropped rows are neither sent nor computed (CPU, vllm-ascend all-to-all)."
+            "Capacity-aware fused MoE: drop up to a ratio r of the routed (token, expert) rows "
+            "so the most loaded EP rank/expert is capped at the water level; dropped rows are "
+            "neither sent nor computed (CPU, CUDA Triton experts, vllm-ascend all-to-all and "
+            "all-gather; unquantized, vLLM's CPU int8 and vllm-ascend's quantized schemes)."
         ),
         why=(
             "With expert parallelism the most loaded EP rank sets every MoE layer's step "
