@@ -418,6 +418,11 @@ _CPU_0_23_READS = (
                    "apply_router_weight_on_input")),
 )
 
+# The modular-kernel site sets of 0.32, 0.33 and 0.34: the same two sites, and the same reads
+# on vLLM's RoutedExperts layer; each line adds what it alone has.
+_MODULAR_SITES = (_apply_site(), _weights_site(f"{_MODULAR}:make_process_weights_after_loading"))
+_ROUTED_READS = _MODULAR_READS + _layer_reads("routed_experts:RoutedExperts", *_SWIGLU_0_32)
+
 IMPLEMENTATIONS = {
     "moe.capacity": Implementation(
         name="moe.capacity",
@@ -437,33 +442,26 @@ IMPLEMENTATIONS = {
         site_sets=(
             SiteSet(
                 lines=("0.32",),
-                sites=(
-                    _apply_site(),
-                    _weights_site(f"{_MODULAR}:make_process_weights_after_loading"),
-                    *_INT8_SITES,
-                ),
+                sites=(*_MODULAR_SITES, *_INT8_SITES),
                 relies_on=_MODULAR_INTERFACES + _INT8_INTERFACES,
-                reads=_MODULAR_READS + _layer_reads("routed_experts:RoutedExperts", *_SWIGLU_0_32)
-                + (_BATCHED_FLAG,) + _INT8_READS,
+                reads=_ROUTED_READS + (_BATCHED_FLAG,) + _INT8_READS,
                 # vLLM's --quantization names (plan matches a model's method against them).
                 quantized_layers=("experts_int8", "compressed-tensors W8A8 int8"),
             ),
             # 0.33: the 0.32 sites without the int8 takeover (never run: no CPU build).
             SiteSet(
                 lines=("0.33",),
-                sites=(_apply_site(), _weights_site(f"{_MODULAR}:make_process_weights_after_loading")),
+                sites=_MODULAR_SITES,
                 relies_on=_MODULAR_INTERFACES,
-                reads=_MODULAR_READS + _layer_reads("routed_experts:RoutedExperts", *_SWIGLU_0_32)
-                + (_BATCHED_FLAG,),
+                reads=_ROUTED_READS + (_BATCHED_FLAG,),
                 quantized_layers=(),
             ),
             # 0.34: same sites and interfaces (unquantized_fused_moe_method.py:264, :213).
             SiteSet(
                 lines=("0.34",),
-                sites=(_apply_site(), _weights_site(f"{_MODULAR}:make_process_weights_after_loading")),
+                sites=_MODULAR_SITES,
                 relies_on=_MODULAR_INTERFACES + _INTERFACES_0_34,
-                reads=_MODULAR_READS + _layer_reads("routed_experts:RoutedExperts", *_SWIGLU_0_32)
-                + _READS_0_34,
+                reads=_ROUTED_READS + _READS_0_34,
                 quantized_layers=(),
             ),
             SiteSet(
