@@ -53,17 +53,28 @@ class PatchContext:
         `ctx.upstream.get_ep_group` (core/upstream.py). Without a stack (a context made by
         hand), this machine's."""
         if self._upstream is None:
-            from ascend_patch.core import catalog
             from ascend_patch.core.upstream import for_implementation
-            from ascend_patch.core.versions import detect_stack
 
-            impl = self.impl if self.impl is not None else catalog.lookup(self.impl_name)
-            if impl is None:
-                raise self.error("not a catalog entry: give the context its Implementation")
-            stack = self.stack if self.stack is not None else detect_stack()
+            impl, stack = self._declared()
             self._upstream = for_implementation(impl, stack.line, stack.platform,
                                                 error=self.error)
         return self._upstream
+
+    @property
+    def site_set(self) -> Any:
+        """The catalog SiteSet of the patch's stack (without a stack, this machine's)."""
+        impl, stack = self._declared()
+        return impl.site_set(stack.line, stack.platform)
+
+    def _declared(self) -> tuple[Any, Any]:
+        """(the catalog Implementation, the stack) whose declarations this patch runs under."""
+        from ascend_patch.core import catalog
+        from ascend_patch.core.versions import detect_stack
+
+        impl = self.impl if self.impl is not None else catalog.lookup(self.impl_name)
+        if impl is None:
+            raise self.error("not a catalog entry: give the context its Implementation")
+        return impl, (self.stack if self.stack is not None else detect_stack())
 
     def on_close(self, callback: Callable[[], None]) -> None:
         """Run `callback` when the patch is reverted (unregister what the state registered)."""

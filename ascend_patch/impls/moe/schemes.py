@@ -12,7 +12,8 @@ from __future__ import annotations
 
 # Registered MoE schemes of vllm-ascend 0.23.0.post1 (QM = vllm_ascend/quantization/methods/).
 # Each one's apply ends in moe_comm_method.fused_experts, hence in build_token_dispatch_input;
-# adapters/ascend_0_23.py takes exactly these over at run time.
+# 0.23.0.post1's site set declares exactly these (quantized_layers), and the adapter takes over
+# what the running release's site set declares.
 ASCEND_0_23_MOE_SCHEMES = (
     # contract-tested on CPU with emulated ops (tests/ascend/test_contract.py):
     "W8A8_DYNAMIC",  # QM/w8a8_dynamic.py:155, apply :326 (DeepSeek-V3/R1 W8A8 from modelslim)

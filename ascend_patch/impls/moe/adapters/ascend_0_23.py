@@ -152,7 +152,6 @@ from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe.adapters import ascend_dispatch
 from ascend_patch.impls.moe.drop_step import DropStep
 from ascend_patch.impls.moe.planner.capacity import AllGatherCounts
-from ascend_patch.impls.moe.schemes import ASCEND_0_23_MOE_SCHEMES
 from ascend_patch.impls.moe.state import CapacityState
 
 logger = logging.getLogger("ascend_patch.moe.capacity")
@@ -164,10 +163,6 @@ FUSED_MC2 = "FUSED_MC2"
 _DROPPING_PATHS = (ALL_TO_ALL, ALL_GATHER)
 UNQUANTIZED = "unquantized"
 
-# The registered MoE schemes whose `apply` was read to end in the patched
-# build_token_dispatch_input: the catalog's list (schemes.py, each one's status there), which
-# `plan` shows too.
-_ADMITTED_SCHEMES = frozenset(ASCEND_0_23_MOE_SCHEMES)
 
 # Tuple lengths of the TokenDispatcherWithAll2AllV helpers whose results are edited (TD:629-
 # 635 and TD:581-590): a different length means the layout moved and the index is wrong.
@@ -310,29 +305,29 @@ def admitted(state: AscendCapacityState, name: str, layer: Any) -> bool:
 
 
 def _admit(state: AscendCapacityState, name: str, layer: Any) -> bool:
-    reason = _not_supported_reason(layer, state.upstream)
+    # The schemes the release's site set declares (schemes.py, spec_releases.py): what `plan`
+    # shows is what runs.
+    admitted = state.ctx.site_set.quantized_layers or ()
+    scheme, reason = _scheme_of(getattr(layer, "quant_method", None), state.upstream, admitted)
+    reason = reason or _layout_reason(layer)
     if reason is not None:
         state.stats.layer_not_taken_over(name, reason)
         logger.warning("moe.capacity: %s keeps every row: %s", name, reason)
         return False
-    scheme = _scheme_of(layer.quant_method, state.upstream)[0]
     _refuse_fused_mc2(state, scheme)
     state.add_layer(name, layer)
     state.stats.layer_quant(name, scheme)
     return True
 
 
-def _not_supported_reason(layer: Any, upstream: Any) -> str | None:
-    scheme, reason = _scheme_of(getattr(layer, "quant_method", None), upstream)
-    if reason is not None:
-        return reason
+def _layout_reason(layer: Any) -> str | None:
     experts, ep_size, local = layer.global_num_experts, layer.ep_size, layer.local_num_experts
     if ep_size > 1 and experts != ep_size * local:
         return f"{experts} physical experts are not {ep_size} EP ranks x {local} local experts"
     return None
 
 
-def _scheme_of(method: Any, upstream: Any) -> tuple[str, str | None]:
+def _scheme_of(method: Any, upstream: Any, admitted: tuple[str, ...]) -> tuple[str, str | None]:
     """(the layer's MoE scheme name, why it is not taken over or None)."""
     if isinstance(method, upstream.AscendUnquantizedFusedMoEMethod):
         return UNQUANTIZED, None
@@ -343,7 +338,7 @@ def _scheme_of(method: Any, upstream: Any) -> tuple[str, str | None]:
         )
     scheme = method.quant_method
     name = _registered_name(type(scheme), _moe_registry(upstream))
-    if name not in _ADMITTED_SCHEMES:
+    if name not in admitted:
         return str(name or type(scheme).__name__), (
             f"quantized MoE scheme {name or type(scheme).__name__} "
             f"({type(scheme).__name__}) is not one whose apply was read to reach "
