@@ -46,8 +46,10 @@ pip_in() {
 package_inputs() {
   # What of pyproject.toml an environment depends on: the package's requirements and entry
   # points (its pytest or lint settings must not cost a rebuild).
+  # The docs extra is installed in .venvs/docs only (setup_docs.sh), never here.
   "$PYTHON" -c 'import json, tomllib
 p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+p.get("optional-dependencies", {}).pop("docs", None)
 print(json.dumps([p.get(k) for k in ("dependencies", "optional-dependencies", "scripts",
                                      "entry-points", "requires-python")], sort_keys=True))'
 }
@@ -92,3 +94,7 @@ done
 # The light environment (.venvs/light): the package with its light dependencies only, where the
 # static check runs without torch or vLLM.
 bash scripts/setup_light.sh
+
+# The docs environment (.venvs/docs): mkdocs and its theme, pinned; test.sh builds the site in
+# strict mode with it.
+bash scripts/setup_docs.sh

@@ -5,6 +5,7 @@
 #   scripts/test.sh                     static check, then every environment's tiers
 #   scripts/test.sh --env vllm-0.23     one environment (its tiers)
 #   scripts/test.sh --tier contract     one tier, in every environment that runs it
+#   scripts/test.sh --tier docs         the docs site's strict build only
 #   scripts/test.sh --env vllm-0.23 --tier e2e   a tier where CI does not run it
 #   scripts/test.sh -m slow             the slow tier (multi-node, studies; not in CI)
 #   scripts/test.sh -k capacity         other arguments go to pytest
@@ -98,6 +99,19 @@ if [[ $slow -eq 0 && ( -z $only_tier || $only_tier == static ) ]]; then
   step "static" $((SECONDS - began)) "$static_ok"
 fi
 
+# The docs site (mkdocs.yml) in strict mode: a broken link, a missing page or a page left out of
+# the nav fails. Its reference pages are generated (scripts/gen_docs.py); the unit tier's
+# tests/test_docs.py fails when they drift from the code.
+if [[ $slow -eq 0 && ( -z $only_tier || $only_tier == docs ) ]]; then
+  began=$SECONDS
+  site=$(mktemp -d)
+  docs_ok=ok
+  .venvs/docs/bin/mkdocs build --strict --quiet --site-dir "$site" || docs_ok=FAILED status=1
+  rm -rf "$site"
+  echo "docs: mkdocs build --strict $docs_ok in $((SECONDS - began)) s" >&2
+  step "docs" $((SECONDS - began)) "$docs_ok"
+fi
+
 run_tier() {  # run_tier ENV TIER
   local env=$1 tier=$2 code began=$SECONDS label
   label="$tier ($env)"
@@ -125,7 +139,7 @@ for env in "${envs[@]}"; do
     [[ $env == "${envs[0]}" ]] && run_tier "$env" slow
     continue
   fi
-  if [[ -n $only_env && -n $only_tier && $only_tier != static ]]; then
+  if [[ -n $only_env && -n $only_tier && $only_tier != static && $only_tier != docs ]]; then
     # Both named: run that tier there even where CI does not (the full e2e tier on another
     # line, say).
     run_tier "$env" "$only_tier"

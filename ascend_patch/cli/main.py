@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ascend-patch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     validate = sub.add_parser("validate", help="check a config: schema, catalog, options, live targets")
-    validate.add_argument("config")
+    validate.add_argument("config", help="the config file (YAML)")
     _stack_arguments(validate)
     validate.add_argument("--source", action="append", type=_source_arg, default=[],
                           metavar="PACKAGE=DIR",
@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(e.g. vllm_ascend=vllm-ascend-0.23.0.post1/)")
     validate.set_defaults(func=cmd_validate)
     plan = sub.add_parser("plan", help="show what a config would patch")
-    plan.add_argument("config")
+    plan.add_argument("config", help="the config file (YAML)")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.add_argument("--model", help="model directory or name: show the profile chosen for it")
     plan.add_argument("--profile", help="pin a profile, as ASCEND_PATCH_PROFILE does")
@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "editors: yaml-language-server's $schema modeline)")
     schema.set_defaults(func=cmd_schema)
     tiny = sub.add_parser("tiny-model", help="write a tiny MoE model directory (dummy weights)")
-    tiny.add_argument("out_dir")
+    tiny.add_argument("out_dir", help="the folder to write the model into")
     tiny.add_argument("--arch", choices=["deepseek_v3", "mixtral", "qwen2_moe"], default="deepseek_v3")
     tiny.add_argument("--force", action="store_true",
                       help="write into OUT_DIR even if it is not empty (replacing the model files)")

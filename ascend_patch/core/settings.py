@@ -65,16 +65,43 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore", arbitrary_types_allowed=True,
                               populate_by_name=True)
 
-    config: str | None = Field(None, alias=CONFIG)
-    config_digest: str | None = Field(None, alias=CONFIG_DIGEST)
-    disable: frozenset[str] = Field(frozenset(), alias=DISABLE)
-    profile: str | None = Field(None, alias=PROFILE)
-    profile_resolved: str | None = Field(None, alias=PROFILE_RESOLVED)
-    override: Document | None = Field(None, alias=OVERRIDE)
-    report_dir: str | None = Field(None, alias=REPORT_DIR)
-    report_interval: float = Field(1.0, alias=REPORT_INTERVAL)
-    log_level: str = Field("INFO", alias=LOG_LEVEL)
-    metrics_dir: str | None = Field(None, alias=METRICS_DIR)
+    config: str | None = Field(
+        None, alias=CONFIG, description="The config file. Unset: no patching at all (the "
+        "plugin returns at once and imports nothing).")
+    config_digest: str | None = Field(
+        None, alias=CONFIG_DIGEST, description="Set by the first process for its children (do "
+        "not set it yourself): the sha256 of the config files; a child that reads different "
+        "bytes refuses to start.")
+    disable: frozenset[str] = Field(
+        frozenset(), alias=DISABLE, description="`name1,name2` or `*`: switch patches off "
+        "without editing the file. An unknown name is an error (a typo must not silently leave "
+        "a patch on).")
+    profile: str | None = Field(
+        None, alias=PROFILE, description="Pin a profile of the config instead of choosing it "
+        "by the served model.")
+    profile_resolved: str | None = Field(
+        None, alias=PROFILE_RESOLVED, description="Set by the first process for its children "
+        "(do not set it yourself): the profile it chose (`-`: the base patches); a child that "
+        "would choose another refuses to start.")
+    override: Document | None = Field(
+        None, alias=OVERRIDE, description="`{patch: {option: value}}` (YAML or JSON, UTF-8, at "
+        "most 64 KiB), applied last and validated like the file, against the base patches and "
+        "every profile, before anything is patched: how `ascend-patch ab` varies one option.")
+    report_dir: str | None = Field(
+        None, alias=REPORT_DIR, description="Write one JSON report per process into this "
+        "folder, named by its role, ranks and pid (`worker-dp1-tp0-ep1-12009.json`): versions, "
+        "config, digest, profile, each patch's status, targets, options and counters. A folder "
+        "that cannot be written costs one warning; patching goes on.")
+    report_interval: float = Field(
+        1.0, alias=REPORT_INTERVAL, description="Seconds between rewrites of the report: 0.05 "
+        "to 86400, or 0: only when a patch applies, at log intervals and at exit.")
+    log_level: str = Field(
+        "INFO", alias=LOG_LEVEL, description="Level of the `ascend_patch` logger: `DEBUG`, "
+        "`INFO`, `WARNING`, `ERROR`, `CRITICAL`.")
+    metrics_dir: str | None = Field(
+        None, alias=METRICS_DIR, description="Where processes write the `ascend_patch_*` "
+        "metric files when `PROMETHEUS_MULTIPROC_DIR` is unset (an absolute path). Unset: the "
+        "first process creates a temporary folder, passes it on, and removes it at exit.")
     # The override as written (a second apply in the process must ask for the same one).
     override_text: str = ""
 
