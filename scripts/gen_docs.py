@@ -328,16 +328,20 @@ def readme_with_support_table(readme: str) -> str:
     return readme[:begin] + support_table() + readme[end:]
 
 
-def write(out: Path, readme: Path | None) -> list[Path]:
+# Hand-written pages holding the support table between the registry's markers.
+WITH_SUPPORT_TABLE = (REPO / "README.md", REPO / "docs" / "index.md")
+
+
+def write(out: Path, in_place: tuple[Path, ...] = ()) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, page in PAGES.items():
         path = out / name
         path.write_text(page())
         written.append(path)
-    if readme is not None:
-        readme.write_text(readme_with_support_table(readme.read_text()))
-        written.append(readme)
+    for path in in_place:
+        path.write_text(readme_with_support_table(path.read_text()))
+        written.append(path)
     return written
 
 
@@ -345,12 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None,
                         help="write the reference pages here (default: docs/reference, and the "
-                        "README's support table in place)")
+                        "support table of README.md and docs/index.md in place)")
     args = parser.parse_args(argv)
     if args.out is None:
-        write(REPO / "docs" / "reference", REPO / "README.md")
+        write(REPO / "docs" / "reference", WITH_SUPPORT_TABLE)
     else:
-        write(args.out, None)
+        write(args.out)
     return 0
 
 

@@ -6,7 +6,7 @@ and 0.34 patch the same methods with the same signatures as 0.32 (read from thei
 0.34 has its own set because it moved the batched-format flag to
 `FusedMoEConfig.activation_format` and added DeepEP v2's PaddedStandard format and MoNE
 expert substitution, which the adapter refuses per layer. What is replaced in vLLM 0.32 and
-why (details, with file:line, in docs/vllm-moe-internals.md):
+why (details, with file:line, in docs/explanation/vllm-moe-internals.md):
 
 * `UnquantizedFusedMoEMethod.apply(self, layer, x, topk_weights, topk_ids, shared_experts,
   shared_experts_input)` (unquantized_fused_moe_method.py:283). This is the one call every

@@ -4,7 +4,7 @@ vLLM 0.23 and 0.32 build unquantized MoE the same way where it matters here (the
 below are declared in spec.py and checked by the loader): the method's `apply(layer, x,
 topk_weights, topk_ids, ...)` runs after the router, and the modular kernel
 (`FusedMoEKernel(prepare_finalize, experts)`) dispatches, computes and combines. How one
-forward runs once patched (0.32 file:line in docs/vllm-moe-internals.md):
+forward runs once patched (0.32 file:line in docs/explanation/vllm-moe-internals.md):
 
     MoERunner._apply_quant_method                       runner/moe_runner.py:598
       shared experts (NO_OVERLAP order)                 vLLM, unchanged
