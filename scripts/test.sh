@@ -106,7 +106,7 @@ if [[ $slow -eq 0 && ( -z $only_tier || $only_tier == docs ) ]]; then
   began=$SECONDS
   site=$(mktemp -d)
   docs_ok=ok
-  .venvs/docs/bin/mkdocs build --strict --quiet --site-dir "$site" || docs_ok=FAILED status=1
+  .venvs/docs/bin/mkdocs build --strict --site-dir "$site" || docs_ok=FAILED status=1
   rm -rf "$site"
   echo "docs: mkdocs build --strict $docs_ok in $((SECONDS - began)) s" >&2
   step "docs" $((SECONDS - began)) "$docs_ok"
