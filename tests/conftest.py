@@ -121,7 +121,7 @@ UNIT = (
     "tests/moe/test_stats.py",
     "tests/moe/test_multirank.py",
     "tests/ascend/test_prod_profile.py",
-    "tests/test_readme.py",
+    "tests/test_docs.py",
     "tests/test_layers.py",
     "tests/test_light_venv.py",
     "tests/moe/test_layout.py",
