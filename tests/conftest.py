@@ -104,6 +104,7 @@ UNIT = (
     "tests/cli/test_ab.py",
     "tests/cli/test_ab_server.py",
     "tests/cli/test_cli_args.py",
+    "tests/cli/test_render.py",
     "tests/cli/test_plan_quantization.py",
     "tests/cli/test_schema.py",
     "tests/core/test_config.py",

