@@ -92,7 +92,7 @@ def config_page() -> str:
         "Every key of the config file, from the pydantic models the loader validates with "
         "(`ascend_patch/core/spec.py`), then each catalog implementation's options. "
         "`ascend-patch schema` prints the same as a JSON Schema for editors "
-        "([editor support](../how-to/editor.md)).", "",
+        "([writing config files](../how-to/config-files.md)).", "",
         key_table(ConfigSpec, "Top level"),
         key_table(PatchSpec, "`patches[]`"),
         key_table(ProfileSpec, "`profiles.<name>`"),
