@@ -239,15 +239,17 @@ def test_plan_at_80_columns_keeps_every_target_whole(write_config):
             impl: moe.capacity
             options: {drop_token_ratio: 0.1}
     """)
-    lines = _at_80_columns("plan", str(path), "--no-check")
+    lines = _at_80_columns("plan", path.name, "--no-check", cwd=path.parent)
     assert max(map(len, lines)) <= 80
     plan = json.loads(run_cli("plan", "--json", "--no-check", str(path)).stdout)
     targets = plan["patches"][0]["targets"]
     assert len(targets) >= 2
     for role, target in targets.items():
         module, symbol = split_target(target)
-        at = next(i for i, line in enumerate(lines) if line.strip().startswith(symbol + " "))
-        rest = [line.strip() for line in lines[at:at + 5]]
+        body = [line[12:].strip() for line in lines]  # the field's value, its label cut off
+        at = next(i for i, text in enumerate(body)
+                  if text == symbol or text.startswith(symbol + " "))
+        rest = body[at:at + 5]
         assert f"{symbol} [{role}]" in " ".join(rest[:2])
         below = rest[1:] if rest[0].endswith("]") else rest[2:]
         joined = ""
