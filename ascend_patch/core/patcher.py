@@ -80,11 +80,7 @@ class InstalledSite:
 
     @property
     def replacement(self) -> Any:
-        raw = self.new_raw
-        return raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
-
-    def holds_ours(self) -> bool:
-        return vars(self.resolved.owner).get(self.resolved.attr, _MISSING) is self.new_raw
+        return _function(self.new_raw)
 
     def uninstall(self) -> str | None:
         """Put the original back, unless something else replaced ours since: then leave that
@@ -218,13 +214,13 @@ class Patcher:
         """Sites an earlier revert left in place whose replacement another tool has put back
         (unittest.mock's stop(), a save and restore): that is ours again, the original goes
         back. What still holds the other tool's object stays left."""
-        left = [s for s in self._left if s not in self.installed]
-        self._left = []
+        left, self._left = self._left, []
         for site in left:
-            if site.holds_ours():
+            current = vars(site.resolved.owner).get(site.resolved.attr, _MISSING)
+            if current is site.new_raw:
                 site.uninstall()
-            elif _made_here(site.replacement) and _live_site(site.replacement) is None:
-                self._left.append(site)
+            elif current is not site.resolved.raw and _live_site(_function(current)) is None:
+                self._left.append(site)  # still the other tool's: looked at again next time
 
     def _rollback(self, keep: int) -> None:
         while len(self.installed) > keep:
@@ -461,6 +457,10 @@ class Patcher:
                     setattr(module, name, installed.new_raw)
                     installed.copies.append((module, name))
                     record.copies.append(f"{module.__name__}.{name}")
+
+
+def _function(raw: Any) -> Any:
+    return raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
 
 
 def _marker(value: Any) -> Any:
