@@ -6,18 +6,25 @@ Eager application is all-or-nothing: a failing `on_error: fail` patch rolls back
 this call applied. A lazy site that fails later makes the import that triggered it fail, and
 every later import of that module too (the patch is reported failed).
 
-One patch per function: a target whose function another patch of ours already replaced (its
-marker attribute), or that resolves to the same function as another installed site (an alias,
-a re-export, a subclass attribute inherited from the base), is refused whatever `on_error`
-says: that is a contradiction in the config, not a property of the machine.
+One patch per function: a target whose function another patch of ours already replaced, or
+that resolves to the same function as another installed site (an alias, a re-export, a
+subclass attribute inherited from the base), is refused whatever `on_error` says: that is a
+contradiction in the config, not a property of the machine.
+
+What is ours is decided by the identity of the installed object, not by its marker
+attribute: a replacement an earlier revert left in place (another tool had wrapped it) and
+that tool put back since is replaced (its original restored at revert, by the next revert
+even without a new apply); another tool's wrapper that copied our marker is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
 import sys
+import weakref
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -37,6 +44,30 @@ log = logging.getLogger("ascend_patch")
 MARKER = "__ascend_patch__"
 _MISSING = object()
 
+# What is ours is known by identity, never by the marker alone: functools.wraps copies the
+# marker onto another tool's wrapper, and proxies (wrapt) forward it. Every replacement this
+# process made (weakly, by id), and the installed site of each one in place now.
+_MADE: dict[int, weakref.ref] = {}
+_LIVE: dict[int, InstalledSite] = {}
+
+
+def _remember(replacement: Any) -> None:
+    key = id(replacement)
+    try:
+        _MADE[key] = weakref.ref(replacement, lambda _ref: _MADE.pop(key, None))
+    except TypeError:
+        pass  # not weakly referenceable: never taken for ours when found again
+
+
+def _made_here(value: Any) -> bool:
+    ref = _MADE.get(id(value))
+    return ref is not None and ref() is value
+
+
+def _live_site(value: Any) -> InstalledSite | None:
+    site = _LIVE.get(id(value))
+    return site if site is not None and site.replacement is value else None
+
 
 @dataclass
 class InstalledSite:
@@ -47,9 +78,14 @@ class InstalledSite:
     # (module, global name) pairs that held the original through `from x import f`.
     copies: list[tuple[ModuleType, str]] = field(default_factory=list)
 
+    @property
+    def replacement(self) -> Any:
+        return _function(self.new_raw)
+
     def uninstall(self) -> str | None:
         """Put the original back, unless something else replaced ours since: then leave that
         in place (it may wrap ours) and return why."""
+        _LIVE.pop(id(self.replacement), None)
         owner, attr = self.resolved.owner, self.resolved.attr
         current = vars(owner).get(attr, _MISSING)
         left = None
@@ -120,6 +156,8 @@ class Patcher:
         self.disabled: frozenset[str] = frozenset()
         # What the last revert() left in place because another tool replaced it after us.
         self.left_in_place: list[str] = []
+        # Those sites: a later revert removes a replacement another tool has put back since.
+        self._left: list[InstalledSite] = []
         # The session's: a lazy install must not interleave with a revert or another apply.
         self._lock = SESSION.lock
 
@@ -158,6 +196,7 @@ class Patcher:
         with self._lock:
             self.left_in_place = []
             self._rollback(0)
+            self._remove_put_back()
             WATCHER.clear()
             self._close_contexts(self.records.values())
             self.config = None
@@ -171,6 +210,18 @@ class Patcher:
                 record.context.close()
 
     # -- internals ------------------------------------------------------------------------
+    def _remove_put_back(self) -> None:
+        """Sites an earlier revert left in place whose replacement another tool has put back
+        (unittest.mock's stop(), a save and restore): that is ours again, the original goes
+        back. What still holds the other tool's object stays left."""
+        left, self._left = self._left, []
+        for site in left:
+            current = vars(site.resolved.owner).get(site.resolved.attr, _MISSING)
+            if current is site.new_raw:
+                site.uninstall()
+            elif current is not site.resolved.raw and _live_site(_function(current)) is None:
+                self._left.append(site)  # still the other tool's: looked at again next time
+
     def _rollback(self, keep: int) -> None:
         while len(self.installed) > keep:
             self._uninstall(self.installed.pop())
@@ -178,6 +229,7 @@ class Patcher:
     def _uninstall(self, site: InstalledSite) -> None:
         left = site.uninstall()
         if left is not None:
+            self._left.append(site)
             self.left_in_place.append(left)
             log.warning("ascend-patch [%s pid %d]: revert: %s", report.process_role(),
                         os.getpid(), left)
@@ -265,8 +317,10 @@ class Patcher:
                     # An earlier import of this module failed after we patched it; that module
                     # object is gone, patch its new one.
                     record.applied_roles.remove(site.role)
-                    self.installed = [s for s in self.installed
-                                      if (s.patch, s.site.role) != (patch.name, site.role)]
+                    for gone in [s for s in self.installed
+                                 if (s.patch, s.site.role) == (patch.name, site.role)]:
+                        _LIVE.pop(id(gone.replacement), None)
+                        self.installed.remove(gone)
                 try:
                     self._install(patch, site, record)
                 except PatchError as exc:
@@ -302,13 +356,24 @@ class Patcher:
         except LookupError as exc:
             raise PatchError(f"target {site.target}: {exc}") from None
         current = resolved.function
-        owner = getattr(current, MARKER, None)
-        if owner == patch.name:
-            record.applied_roles.append(site.role)  # already ours: applying twice is a no-op
-            return
-        if owner is not None:
-            raise TargetConflict(f"target {site.target} is already patched by {owner!r}; one "
-                                 "patch per function")
+        live = _live_site(current)
+        if live is not None:
+            if live.patch == patch.name:
+                record.applied_roles.append(site.role)  # already ours: applying twice is a no-op
+                return
+            raise TargetConflict(f"target {site.target} is already patched by {live.patch!r}; "
+                                 "one patch per function")
+        if _made_here(current):
+            # Ours from an earlier session, put back by another tool after a revert left it:
+            # replace it, and a revert restores what it had replaced.
+            resolved = _unwrapped(resolved, site)
+            current = resolved.function
+        elif _marker(current) is not None:
+            raise TargetConflict(
+                f"target {site.target} is already patched by {_marker(current)!r}; one patch "
+                f"per function ({_describe(current)} carries that mark but this process did "
+                "not install it: another tool's wrapper around a replacement a revert left in "
+                "place, or another copy of ascend-patch)")
         for other in self.installed:
             if other.resolved.function is current and other.patch != patch.name:
                 raise TargetConflict(
@@ -338,6 +403,8 @@ class Patcher:
             new_raw = classmethod(replacement)
         setattr(resolved.owner, resolved.attr, new_raw)
         installed = InstalledSite(patch.name, site, resolved, new_raw)
+        _remember(replacement)
+        _LIVE[id(replacement)] = installed
         self.installed.append(installed)
         if isinstance(resolved.owner, ModuleType):
             self._patch_copies(installed, record)
@@ -390,6 +457,29 @@ class Patcher:
                     setattr(module, name, installed.new_raw)
                     installed.copies.append((module, name))
                     record.copies.append(f"{module.__name__}.{name}")
+
+
+def _function(raw: Any) -> Any:
+    return raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+
+
+def _marker(value: Any) -> Any:
+    try:
+        return getattr(value, MARKER, None)
+    except Exception:  # noqa: BLE001 - a proxy whose lookup raises carries no marker
+        return None
+
+
+def _unwrapped(resolved: Resolved, site: PlannedSite) -> Resolved:
+    """`resolved` as it was before the replacement of ours it holds was installed."""
+    inner = getattr(resolved.function, "__wrapped__", _MISSING)
+    if inner is _MISSING:
+        raise TargetConflict(f"target {site.target} holds an earlier replacement of "
+                             "ascend-patch without the function it replaced")
+    raw = resolved.raw
+    if isinstance(raw, (staticmethod, classmethod)):
+        inner = type(raw)(inner)
+    return dataclasses.replace(resolved, raw=inner)
 
 
 def _differences(old: LoadedConfig, old_disabled: frozenset[str], new: LoadedConfig,

@@ -195,6 +195,10 @@ def main() -> None:
     parser.add_argument("--speculative-config", type=json.loads, default=None,
                         help="vLLM's speculative_config as JSON, e.g. '{\"method\": \"mtp\", "
                         "\"num_speculative_tokens\": 1}'")
+    parser.add_argument("--compilation-config", type=json.loads, default=None,
+                        help="vLLM's compilation_config as JSON: runs compiled (not eager), "
+                        "with vLLM's start-up warm-up, e.g. '{\"mode\": 1, \"backend\": "
+                        "\"eager\"}'")
     parser.add_argument("--measure-prefill", action="store_true",
                         help="time a separate prefill-only pass (max_tokens=1) after a warm-up")
     parser.add_argument("--driver", action="store_true",
@@ -214,7 +218,8 @@ def main() -> None:
         model=args.model,
         load_format=args.load_format,
         dtype="bfloat16",
-        enforce_eager=True,
+        enforce_eager=args.compilation_config is None,
+        **({"compilation_config": args.compilation_config} if args.compilation_config else {}),
         seed=args.seed,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -212,6 +212,87 @@ def test_revert_leaves_an_attribute_another_tool_removed(write_config, toy_modul
     assert module.Loud().greet("a") == "hi a"
 
 
+def test_a_replacement_another_tool_put_back_is_not_counted_as_ours(write_config, toy_module):
+    """unittest.mock saves what it replaces and puts it back at stop(): after a revert that
+    left its mock in place, that is our old replacement, which no session installed."""
+    from unittest import mock
+
+    module = importlib.import_module(toy_module)
+    original = module.greet
+    config = load(write_config, patch("f", "FUNCTION", f"{toy_module}:greet"))
+    PATCHER.apply(config)
+    ours = module.greet
+    tool = mock.patch.object(module, "greet", side_effect=lambda name: "mocked")
+    tool.start()
+    PATCHER.revert()  # the mock is not ours: left in place
+    assert module.greet("x") == "mocked"
+    tool.stop()
+    assert module.greet is ours
+    (record,) = PATCHER.apply(config)
+    assert record.status == "applied"
+    assert module.greet is not ours
+    assert module.greet.__wrapped__ is original  # unwrapped, not wrapped a second time
+    assert module.greet("x") == "patched:hello x"
+    assert record.context.stats == {"calls": 1}
+    PATCHER.revert()
+    assert module.greet is original
+    assert PATCHER.left_in_place == []
+
+
+def test_a_second_revert_removes_our_replacement_once_another_tool_put_it_back(
+        write_config, toy_module):
+    module = importlib.import_module(toy_module)
+    original = module.greet
+    PATCHER.apply(load(write_config, patch("f", "FUNCTION", f"{toy_module}:greet")))
+    saved = module.greet
+
+    def theirs(name):
+        return "theirs:" + saved(name)
+
+    module.greet = theirs
+    PATCHER.revert()
+    assert module.greet is theirs
+    module.greet = saved  # the other tool restores what it saved: our replacement
+    PATCHER.revert()
+    assert module.greet is original
+    assert PATCHER.left_in_place == []
+
+
+def test_another_tools_wrapper_carrying_our_marker_is_refused_and_left(write_config,
+                                                                       toy_module):
+    """functools.wraps copies the replacement's attributes, our marker too: the wrapper
+    around a replacement a revert left in place is not ours, and wrapping it would run the
+    patch twice."""
+    import functools
+
+    module = importlib.import_module(toy_module)
+    config = load(write_config, patch("f", "FUNCTION", f"{toy_module}:greet"))
+    PATCHER.apply(config)
+    ours = module.greet
+
+    @functools.wraps(ours)
+    def theirs(name):
+        return "theirs:" + ours(name)
+
+    module.greet = theirs
+    PATCHER.revert()
+    assert theirs.__ascend_patch__ == "f"
+    with pytest.raises(PatchError) as info:
+        PATCHER.apply(config)
+    assert str(info.value) == (
+        f"{config.patches[0].file}:{config.patches[0].line}: patch 'f': target "
+        f"{toy_module}:greet is already patched by 'f'; one patch per function "
+        f"({_qualname(theirs)} carries that mark but this process did not install it: another "
+        "tool's wrapper around a replacement a revert left in place, or another copy of "
+        "ascend-patch)")
+    assert module.greet is theirs
+    assert module.greet("x") == "theirs:patched:hello x"
+
+
+def _qualname(function) -> str:
+    return f"{function.__module__}.{function.__qualname__}"
+
+
 # -- exactly which copies are rewritten -----------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import types
+from pathlib import Path
 
 import pytest
 
@@ -318,6 +319,44 @@ def test_one_apply_at_a_time_from_threads(toy_env, toy_module):
     assert initial_state() == FRESH
     assert env == toy_env
     assert module.greet is original
+
+
+RACE_ROUNDS = 20
+
+
+def test_two_configs_applied_from_threads_at_once_one_wins_every_round(tmp_path):
+    """Threads released at a barrier in a fresh interpreter, half asking for config A, half
+    for B: exactly one config is in effect; every thread that asked for it is told so, every
+    other one gets a PatchError naming both configs; nobody is told success for a config
+    that is not in effect. Repeated: a race shows in some rounds only."""
+    import subprocess
+
+    (tmp_path / "race_toy.py").write_text("def greet(name):\n    return 'hello ' + name\n")
+    for name, prefix in (("a", "A"), ("b", "B")):
+        (tmp_path / f"{name}.yaml").write_text(
+            TOY_HEADER + "patches:\n" + patch("f", "FUNCTION", "race_toy:greet",
+                                               options=f"{{prefix: {prefix}}}"))
+    child = Path(__file__).with_name("apply_race_child.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    env = {k: v for k, v in env.items() if not k.startswith("ASCEND_PATCH_")}
+    winners = set()
+    for round_ in range(RACE_ROUNDS):
+        done = subprocess.run([sys.executable, str(child), str(tmp_path)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        effective = result["effective"]
+        prefix = {str(tmp_path / "a.yaml"): "A", str(tmp_path / "b.yaml"): "B"}[effective]
+        assert result["greet"] == f"{prefix}:hello x", (round_, result)
+        for told in result["told"]:
+            if told["asked"] == effective:
+                assert told.get("ok") == [prefix], (round_, result)
+            else:
+                assert told.get("error") == "PatchError", (round_, result)
+                assert f"config {told['asked']!r} (applied: {effective!r})" in told["message"]
+        winners.add(prefix)
+    print(f"\n[{RACE_ROUNDS} rounds] configs that won: {sorted(winners)}")
 
 
 def test_a_fork_waits_for_an_apply_in_another_thread():

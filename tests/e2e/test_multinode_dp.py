@@ -4,8 +4,8 @@ Two "nodes" on 127.0.0.1 (vLLM's launcher, as on two hosts): a head with the API
 DP rank 0 (`--data-parallel-size 2 --data-parallel-size-local 1 --data-parallel-address
 --data-parallel-rpc-port`), and a `--headless` launch with DP rank 1
 (`--data-parallel-start-rank 1`). Each launch is its own first process: it reads the config
-itself, so the digest pinning inside a launch cannot compare the two; the first MoE call's
-check across the EP group must.
+itself, so the digest pinning inside a launch cannot compare the two; the check across the
+EP group at model load must.
 
 Slow (several minutes each on the 2-core CI box, more under load): marked `slow`, deselected
 by default (pyproject addopts), run with `-m slow`.
@@ -111,14 +111,14 @@ def test_two_launches_serve_with_the_same_config(tiny_model, tmp_path):
 
 
 def test_different_drop_ratios_on_two_launches_fail_both_without_a_hang(tiny_model, tmp_path):
-    """In vLLM's default mode the CPU worker warms the compiled model up with a forward, so
-    the first MoE call, and the check, come before the server is up. (With --enforce-eager
-    the CPU worker runs no forward at start-up: the check fires at the first request.)"""
+    """Eager mode, where vLLM's CPU worker runs no forward at start-up: the ranks compare
+    their configs when the first MoE layer's weights are processed, so the head never
+    answers /health as healthy (it used to until the first request)."""
     head, node = two_launches(
         tiny_model, tmp_path, launch_env(tmp_path, "head", "0"),
         launch_env(tmp_path, "node", "1",
                    ASCEND_PATCH_OVERRIDE='{moe-capacity: {drop_token_ratio: 0.05}}'),
-        enforce_eager=False)
+        enforce_eager=True)
     began = time.monotonic()
     with ExitStack() as stack:
         stack.callback(node.stop)

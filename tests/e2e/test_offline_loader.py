@@ -117,3 +117,35 @@ def test_deepseek_v3_with_mtp_starts_under_prod_yaml(tmp_path):
         "VllmWorker-0": "deepseek-v3-ep16-prefill"}
     moe = patch_in(reports["VllmWorker-0"], "moe")
     assert moe["status"] == "applied" and moe["options"]["drop_token_ratio"] == 0.02
+
+
+WARMUP_CONFIG = """
+version: 1
+patches:
+  - name: moe
+    impl: moe.capacity
+    options: {drop_token_ratio: 0.3, granularity: expert, min_tokens: 64, log_interval: 1}
+"""
+
+
+def test_start_up_warm_up_is_counted_apart_from_serving(tiny_model, tmp_path, write_config):
+    """Compiled mode: the CPU worker's start-up warm-up runs the model on a batch of dummy
+    tokens (at least min_tokens: it drops) before the first request. The report counts that
+    under "warmup"; the serving counters hold the one request alone: its rows exactly
+    ((prompt + generated - 1) tokens x top-2 x the one MoE layer), and its drops (none: a
+    prompt of a few tokens is under min_tokens)."""
+    config = write_config(WARMUP_CONFIG)
+    run = run_offline(tiny_model, PROMPTS[:1], tmp_path, config=config, max_tokens=4,
+                      report_dir=tmp_path / "reports", timeout=600,
+                      extra=("--compilation-config", '{"mode": 1, "backend": "eager"}'))
+    assert run.returncode == 0, run.log[-4000:]
+    (output,) = run.result["outputs"]
+    assert len(output["token_ids"]) == 4
+    stats = patch_in(reports_by_role(tmp_path / "reports")["VllmWorker-0"], "moe")["stats"]
+    warmup = stats["warmup"]
+    assert warmup["calls"] >= 1 and warmup["rows_routed"] >= 64 * 2
+    assert warmup["rows_dropped"] > 0
+    routed = (output["prompt_tokens"] + 4 - 1) * 2
+    assert (stats["calls"], stats["rows_routed"], stats["rows_dropped"]) == (4, routed, 0)
+    (layer,) = stats["layers"].values()
+    assert (layer["calls"], layer["rows_routed"], layer["rows_dropped"]) == (4, routed, 0)

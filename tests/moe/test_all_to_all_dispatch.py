@@ -234,6 +234,44 @@ def _first_moe_call_case(rank: int, ws: int):
     return outcomes
 
 
+def _load_case(rank: int, ws: int):
+    """The check at load: the first MoE layer's process_weights_after_loading compares the
+    config over the EP group before any forward (a CPU engine in eager mode runs none
+    before it reports ready), also for a layer that keeps vLLM's experts."""
+    from types import SimpleNamespace
+
+    import vllm.distributed
+
+    from ascend_patch.core.context import PatchContext
+    from ascend_patch.impls.distributed.consistency import ConfigMismatchError, cancel_exits
+    from ascend_patch.impls.moe.adapters import vllm_modular
+
+    os.environ["ASCEND_PATCH_CONFIG_DIGEST"] = "digest-of-the-deployment"
+    ep_group = SimpleNamespace(cpu_group=dist.group.WORLD, world_size=ws)
+    vllm.distributed.get_ep_group = lambda: ep_group
+    outcomes = []
+    for ratios in ([0.1] * ws, [0.1] * (ws - 1) + [0.2]):
+        ctx = PatchContext("moe-capacity", "moe.capacity",
+                           CapacityOptions(drop_token_ratio=ratios[rank], min_tokens=0))
+        loaded = []
+        load = vllm_modular.make_process_weights_after_loading(
+            lambda method, layer: loaded.append(layer.layer_name), ctx)
+        # A backend we do not take over: vLLM's own process_weights_after_loading runs.
+        method = SimpleNamespace(unquantized_backend="another", moe=SimpleNamespace())
+        layers = [SimpleNamespace(layer_name=f"L{i}", moe_config=SimpleNamespace(
+            moe_parallel_config=SimpleNamespace(ep_size=ws, dp_size=1))) for i in range(2)]
+        try:
+            for layer in layers:
+                load(method, layer)
+        except ConfigMismatchError as exc:
+            outcomes.append(("raised", loaded, exc.values_by_ranks))
+            cancel_exits()  # handled here: this rank goes on to the next case
+        else:
+            outcomes.append(("passed", loaded, ctx.stats.get("config_checked_over_ranks")))
+        ctx.close()
+    return outcomes
+
+
 def _worker(rank: int, ws: int, send, use_vllm_class: bool) -> None:
     for name in SCENARIOS:
         if SCENARIOS[name][3] > 1 and ws < 4:
@@ -243,6 +281,7 @@ def _worker(rank: int, ws: int, send, use_vllm_class: bool) -> None:
     send("config", _check_config_case(rank, ws))
     if use_vllm_class:
         send("first_call", _first_moe_call_case(rank, ws))
+        send("load", _load_case(rank, ws))
     dist.destroy_process_group()
 
 
@@ -467,6 +506,18 @@ def test_first_moe_call_checks_the_config_across_ranks(vllm_class_run):
     assert sorted(mismatch[0][2]) == [(0,), (1,)]
     assert '"drop_token_ratio":0.2' in mismatch[0][2][(1,)]
     assert '"digest":"digest-of-the-deployment"' in mismatch[0][2][(0,)]
+
+
+def test_the_config_is_checked_across_ranks_at_load_before_any_forward(vllm_class_run):
+    outcomes = vllm_class_run["load"]
+    # Same options: checked once, at the first layer; both layers loaded.
+    assert [o[0] for o in outcomes.values()] == [("passed", ["L0", "L1"], 2)] * 2
+    # Rank 1 with drop ratio 0.2: both ranks raise at the first layer, before loading it.
+    mismatch = [o[1] for o in outcomes.values()]
+    assert [m[:2] for m in mismatch] == [("raised", [])] * 2
+    assert mismatch[0][2] == mismatch[1][2]
+    assert '"drop_token_ratio":0.2' in mismatch[0][2][(1,)]
+    assert '"drop_token_ratio":0.1' in mismatch[0][2][(0,)]
 
 
 def _compiled_worker(rank: int, ws: int, send) -> None:

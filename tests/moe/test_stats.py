@@ -80,3 +80,37 @@ def test_a_layer_named_with_its_quantization_scheme_carries_it_in_its_row():
     assert data["layers"]["b"]["quant"] == "unquantized"
     stats.record("c", plan(8, 0, 8, 0))
     assert "quant" not in data["layers"]["c"]  # vLLM-platform layers name none
+
+
+def test_warm_up_calls_are_counted_apart_and_never_reach_the_serving_counters():
+    """vLLM's start-up warm-up (dummy data) goes to "warmup" only: the serving totals, the
+    layers' rows, the all-to-all traffic and the /metrics series hold the serving calls."""
+    data: dict = {}
+    stats = CapacityStats(data, log_interval=0)
+    series = Series()
+    stats.export_layer("L", series)
+    counters = stats.dispatch_counters()
+    with stats.warming_up():
+        with stats.warming_up():  # the memory profile inside the compile warm-up
+            stats.record("L", plan(400, 40, 200, 20))
+            counters.calls += 1
+            counters.rows_sent += 7
+            stats.dispatch_recorded("L", 4096)
+        stats.record("L", plan(100, 0, 50, 0))
+    assert data["warmup"] == {"calls": 2, "rows_routed": 500, "rows_dropped": 40,
+                              "all_to_all": {**{k: 0 for k in counters.as_dict()},
+                                             "calls": 1, "rows_sent": 7}}
+    assert (data["calls"], data["rows_routed"], data["rows_dropped"]) == (0, 0, 0)
+    assert data["layers"] == {}
+    assert (counters.calls, counters.rows_sent) == (0, 0)
+    assert data["all_to_all"]["calls"] == 0
+    assert series.calls == [] and series.bytes == []
+    # Then one serving call: counted as it would have been without the warm-up.
+    stats.record("L", plan(100, 5, 60, 3))
+    counters.calls += 1
+    stats.dispatch_recorded("L", 512)
+    assert (data["calls"], data["rows_routed"], data["rows_dropped"]) == (1, 100, 5)
+    assert data["layers"]["L"]["rows_dropped"] == 5
+    assert data["all_to_all"]["calls"] == 1
+    assert [c["dropped"] for c in series.calls] == [3] and series.bytes == [512]
+    assert data["warmup"]["calls"] == 2

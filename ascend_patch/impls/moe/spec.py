@@ -114,6 +114,26 @@ def _weights_site(factory: str) -> Site:
     )
 
 
+_WORKERS = {"cpu": ("cpu_worker", "CPUWorker"), "gpu": ("gpu_worker", "Worker")}
+
+
+def _warmup_sites(*devices: str) -> tuple[Site, ...]:
+    # vLLM's start-up warm-up on dummy data, counted apart from serving (vllm_warmup.py):
+    # the memory profile and the compile warm-up of the CPU worker (0.32 cpu_worker.py:204,
+    # :264; 0.23 :169, :228), which overrides both, and of the GPU worker (0.32
+    # gpu_worker.py:634, :908; 0.23 :372, :592; 0.33 :641, :933; 0.34 :673, :1017).
+    # Optional: only workers import them.
+    return tuple(
+        Site(target=f"vllm.v1.worker.{_WORKERS[device][0]}:{_WORKERS[device][1]}.{method}",
+             signature="(self)",
+             factory="ascend_patch.impls.moe.adapters.vllm_warmup:make_warmup",
+             role=f"warmup_{device}_{step}", optional=True)
+        for device in devices
+        for method, step in (("determine_available_memory", "profile"),
+                             ("compile_or_warm_up_model", "compile"))
+    )
+
+
 # What the vLLM adapter calls, subclasses or reads without patching it
 # (adapters/vllm_modular.py, transport/all_to_all_dispatch.py), the same on 0.23 and 0.32.
 # The adapters reach each as ctx.upstream.<key> (the target's last name unless key= says).
@@ -420,7 +440,8 @@ _CPU_0_23_READS = (
 
 # The modular-kernel site sets of 0.32, 0.33 and 0.34: the same two sites, and the same reads
 # on vLLM's RoutedExperts layer; each line adds what it alone has.
-_MODULAR_SITES = (_apply_site(), _weights_site(f"{_MODULAR}:make_process_weights_after_loading"))
+_MODULAR_SITES = (_apply_site(), _weights_site(f"{_MODULAR}:make_process_weights_after_loading"),
+                  *_warmup_sites("gpu"))
 _ROUTED_READS = _MODULAR_READS + _layer_reads("routed_experts:RoutedExperts", *_SWIGLU_0_32)
 
 IMPLEMENTATIONS = {
@@ -442,7 +463,7 @@ IMPLEMENTATIONS = {
         site_sets=(
             SiteSet(
                 lines=("0.32",),
-                sites=(*_MODULAR_SITES, *_INT8_SITES),
+                sites=(*_MODULAR_SITES, *_INT8_SITES, *_warmup_sites("cpu")),
                 relies_on=_MODULAR_INTERFACES + _INT8_INTERFACES,
                 reads=_ROUTED_READS + (_BATCHED_FLAG,) + _INT8_READS,
                 # vLLM's --quantization names (plan matches a model's method against them).
@@ -477,6 +498,7 @@ IMPLEMENTATIONS = {
                         factory=f"{_CPU_0_23}:make_apply_monolithic",
                         role="monolithic",
                     ),
+                    *_warmup_sites("cpu", "gpu"),
                 ),
                 relies_on=_MODULAR_INTERFACES + _CPU_0_23_INTERFACES,
                 quantized_layers=(),

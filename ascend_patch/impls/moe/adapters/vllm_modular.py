@@ -265,6 +265,9 @@ def process_weights_factory(
         return original(method, layer)
 
     def process_weights_after_loading(self: Any, layer: Any) -> None:
+        # At load, before any forward: whatever this layer's fate, so that every rank takes
+        # part (and a CPU engine in eager mode runs no forward before it reports ready).
+        check_config_once(state, layer.moe_config.moe_parallel_config)
         name = getattr(layer, "layer_name", type(layer).__name__)
         reason = _not_supported_reason(self, layer, upstream)
         if reason is not None:
@@ -457,32 +460,40 @@ def _apply_triton(method: Any, layer: Any, x: torch.Tensor, topk_weights: torch.
     )
 
 
+def check_config_once(state: CapacityState, parallel: Any) -> None:
+    """Compare config digest and options over the EP group, once per process.
+
+    Done when the first MoE layer's weights are processed at load (every rank builds the
+    same model, layer by layer, so the collective lines up), i.e. before the engine reports
+    ready: vLLM's CPU worker in eager mode runs no warm-up forward, and a mismatched
+    launch would otherwise answer /health until its first request. The first drop step
+    checks too, for a layer loaded some other way. A mismatch raises ConfigMismatchError
+    on every rank; without the check a rank with another drop ratio would plan different
+    capacities (silently wrong outputs) or send rows its peers do not expect (a hang)."""
+    if state.config_checked:
+        return
+    state.config_checked = True
+    if parallel.ep_size <= 1:
+        return
+    from ascend_patch.impls.distributed.consistency import (
+        ConfigCheckTimeout,
+        ConfigMismatchError,
+        exit_later,
+    )
+
+    group = state.upstream.get_ep_group()
+    try:
+        check_config_over_group(state.options, group)
+    except (ConfigMismatchError, ConfigCheckTimeout) as exc:
+        exit_later(str(exc))  # this process may not serve: never let it linger
+        raise
+    state.stats.config_checked(group.world_size)
+
+
 def make_step(layer: Any, state: CapacityState) -> DropStep:
-    """The drop step of a taken-over layer (built at its first call, in the plan op).
-
-    The first step of a process also compares config digest and options over the EP group:
-    every rank reaches this point in the same collective order (the first MoE layer's first
-    forward; under DP idle ranks run dummy batches through every MoE layer), before any
-    other MoE collective of that call. A mismatch raises ConsistencyError on every rank;
-    without the check a rank with another drop ratio would plan different capacities
-    (silently wrong outputs) or send rows its peers do not expect (a hang)."""
+    """The drop step of a taken-over layer (built at its first call, in the plan op)."""
     parallel = layer.moe_config.moe_parallel_config
-    if not state.config_checked:
-        state.config_checked = True
-        if parallel.ep_size > 1:
-            from ascend_patch.impls.distributed.consistency import (
-                ConfigCheckTimeout,
-                ConfigMismatchError,
-                exit_later,
-            )
-
-            group = state.upstream.get_ep_group()
-            try:
-                check_config_over_group(state.options, group)
-            except (ConfigMismatchError, ConfigCheckTimeout) as exc:
-                exit_later(str(exc))  # this process may not serve: never let it linger
-                raise
-            state.stats.config_checked(group.world_size)
+    check_config_once(state, parallel)
     gather, rank = token_sources(parallel, state.upstream)
     export_layer_metrics(state, layer.layer_name, parallel)
     return state.drop_step(

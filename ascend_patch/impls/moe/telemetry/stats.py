@@ -19,7 +19,11 @@ Shape of `ctx.stats` (JSON-friendly: str keys, ints and floats only):
                      "combine_bytes_remote": ..},   # only when a layer uses all_to_all
                                         # (rows: (token, expert) rows; hidden rows: one
                                         # per (token, rank) pair; see DispatchCounters)
-      "config_checked_over_ranks": 2,   # EP group size of the first-call config check
+      "config_checked_over_ranks": 2,   # EP group size of the config check at load
+      "warmup": {"calls": .., "rows_routed": .., "rows_dropped": .., "all_to_all": {..}},
+                                        # vLLM's start-up warm-up (dummy data), counted
+                                        # here only: never in the counters above, the
+                                        # layers or /metrics (see `warming_up`)
       "metrics": {"<layer>": {"dp_rank": 0, "writes_rows": true}},  # its /metrics labels
                                         # (metrics.py), when metrics are on
       "layers": {
@@ -44,7 +48,10 @@ sum(max bin load) / sum(mean bin load), the load-weighted imbalance that sets st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +70,8 @@ class CapacityStats:
         self._series: dict[str, Any] = {}
         # Layer -> quantization scheme, where the platform adapter names one.
         self._quant: dict[str, str] = {}
+        # Nesting depth of `warming_up` (vLLM's start-up warm-up runs while > 0).
+        self._warming = 0
         stats.setdefault("calls", 0)
         stats.setdefault("rows_routed", 0)
         stats.setdefault("rows_dropped", 0)
@@ -120,6 +129,8 @@ class CapacityStats:
         `record` (before the call's dispatch ran): every report then has drop and traffic
         counters of the same calls (and every rank of a DP group runs the same number of MoE
         calls, so their reports line up too)."""
+        if self._warming:
+            return  # warming_up moves the warm-up's traffic apart when it ends
         self._stats["all_to_all"] = self._dispatch_counters.as_dict()
         series = self._series.get(layer_name) if layer_name is not None else None
         if series is not None:
@@ -130,10 +141,50 @@ class CapacityStats:
     def config_checked(self, group_size: int) -> None:
         self._stats["config_checked_over_ranks"] = int(group_size)
 
+    # -- vLLM's start-up warm-up --------------------------------------------------------
+
+    @contextmanager
+    def warming_up(self) -> Iterator[None]:
+        """MoE calls inside this are vLLM's start-up warm-up (the memory profile and the
+        compile warm-up run the model on dummy data before the engine reports ready): they
+        are counted under "warmup" only, and the serving counters, the layers' rows, the
+        all-to-all traffic and /metrics stay as they were."""
+        counters = getattr(self, "_dispatch_counters", None)
+        before = dataclasses.replace(counters, extra=dict(counters.extra)) if (
+            counters is not None and not self._warming) else None
+        self._warming += 1
+        try:
+            yield
+        finally:
+            self._warming -= 1
+            if before is not None:
+                self._set_traffic_apart(counters, before)
+
+    def _set_traffic_apart(self, counters: DispatchCounters, before: DispatchCounters) -> None:
+        warm = self._warmup().setdefault("all_to_all", {})
+        for name, value in before.__dict__.items():
+            if isinstance(value, int):
+                warm[name] = warm.get(name, 0) + getattr(counters, name) - value
+                setattr(counters, name, value)
+        self._stats["all_to_all"] = counters.as_dict()
+
+    def _warmup(self) -> dict[str, Any]:
+        return self._stats.setdefault("warmup", {"calls": 0, "rows_routed": 0,
+                                                 "rows_dropped": 0})
+
+    def _record_warmup(self, plan: Any) -> None:
+        warm = self._warmup()
+        warm["calls"] += 1
+        warm["rows_routed"] += int(plan.routed_rows)
+        warm["rows_dropped"] += int(plan.dropped_rows)
+
     # -- per call -----------------------------------------------------------------------
 
     def record(self, layer_name: str, plan: Any) -> None:
         """Add one `DropPlan` (capacity.py) to the counters of `layer_name`."""
+        if self._warming:
+            self._record_warmup(plan)
+            return
         before = plan.bin_load_before
         after = plan.bin_load_after
         bins = int(before.numel())
