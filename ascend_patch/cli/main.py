@@ -92,6 +92,12 @@ def _source_arg(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected PACKAGE=DIR, e.g. vllm_ascend=src/")
     if not Path(directory).is_dir():
         raise argparse.ArgumentTypeError(f"{text!r}: {directory} is not a directory")
+    from ascend_patch.checks.static_targets import normalise_root
+
+    try:  # checked here, where a mistake is a usage error, not in the reader's constructor
+        normalise_root(package, Path(directory))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
     return package, Path(directory)
 
 
