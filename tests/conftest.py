@@ -105,6 +105,7 @@ UNIT = (
     "tests/cli/test_ab_server.py",
     "tests/cli/test_cli_args.py",
     "tests/cli/test_plan_quantization.py",
+    "tests/cli/test_plan_settings.py",
     "tests/cli/test_schema.py",
     "tests/core/test_config.py",
     "tests/core/test_profiles.py",
