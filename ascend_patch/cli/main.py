@@ -227,13 +227,14 @@ def _plan_profile(args: argparse.Namespace, config, decided, stack) -> tuple[str
                                      f"{args.profile!r} (profiles: "
                                      f"{', '.join(config.profiles) or 'none'})")
         profile, setting = args.profile, "--profile"
-    if args.model is None or (args.profile is None and not decided.per_model
-                              and setting != f"${PROFILE}"):
-        return profile, setting  # no model to match, or a child's choice (or no profiles)
+    if args.model is None:
+        return profile, setting
+    model = ModelInfo.from_name_or_path(args.model)
+    if args.profile is None and not decided.per_model and setting != f"${PROFILE}":
+        return profile, setting  # a child's choice, or no profiles to choose among
     pinned = profile if setting is not None else None
     # Planning another line than the installed one: match profiles against that line.
-    chosen = select(config, ModelInfo.from_name_or_path(args.model), pinned,
-                    stack.line if args.vllm_line else None)
+    chosen = select(config, model, pinned, stack.line if args.vllm_line else None)
     return chosen, setting if pinned is not None else ("--model" if chosen else None)
 
 
