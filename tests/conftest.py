@@ -97,6 +97,7 @@ UNIT = (
     "tests/moe/test_fused_mc2_overflow.py",
     "tests/core/test_static_targets.py",
     "tests/core/test_source.py",
+    "tests/core/test_probe.py",
     "tests/ascend/test_dispatch_rules.py",
     "tests/ascend/test_quant_ops.py",
     "tests/bench/",
