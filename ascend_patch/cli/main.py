@@ -112,12 +112,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     # checked now, not when a served model first picks the profile.
     shown: dict[str, None] = {}
     added = {}
+    base = {p.name for p in config.patches}
     for profile in [None, *config.profiles]:
         variant = config.with_profile(profile)
         problems = live_problems(variant, checker)
         for patch in variant.patches:
             key = f"patches.{patch.name}"
-            if profile is not None and patch.name not in {p.name for p in config.patches}:
+            if profile is not None and patch.name not in base:
                 key = f"profiles.{profile}.add.{patch.name}"
                 added[(patch.file, patch.line, patch.name)] = patch
             for problem in problems[patch.name]:

@@ -109,7 +109,7 @@ def resolve(config: LoadedConfig, values: Settings) -> Resolved:
     if values.profile_resolved is not None:  # a child: the first process chose already
         chosen = None if values.profile_resolved == settings.BASE else values.profile_resolved
         return Resolved(values, disabled, chosen, f"${settings.PROFILE_RESOLVED}", False)
-    if values.profile is not None and config.profiles:
+    if values.profile is not None:  # check_profile_name: the config has it
         return Resolved(values, disabled, values.profile, f"${settings.PROFILE}", False)
     return Resolved(values, disabled, None, None, bool(config.profiles))
 
