@@ -223,3 +223,104 @@ def test_generated_environments_through_the_loader(values, which, data, report):
         finally:
             reset()
 
+
+
+PLANNED = """version: 1
+patches:
+  - name: moe
+    impl: moe.capacity
+    options: {drop_token_ratio: 0.1, min_tokens: 0}
+  - name: rms
+    impl: ops.rms_norm
+"""
+PROFILES = """profiles:
+  big:
+    patches:
+      moe: {options: {drop_policy: position}, enabled: true}
+      rms: {enabled: false}
+    add:
+      - {name: act, impl: ops.silu_and_mul}
+  small: {patches: {moe: {options: {drop_token_ratio: 0.05}}}}
+  deepseek: {match: {architectures: [DeepseekV3ForCausalLM]}}
+"""
+OPTION_VALUES = {
+    "drop_token_ratio": _mostly(st.sampled_from([0, 0.02, 0.2, 0.5]),
+                                st.sampled_from([0.7, -1, "x", None, True])),
+    "drop_policy": _mostly(st.sampled_from(["probs", "position"]), st.sampled_from(["seed", 1])),
+    "min_tokens": _mostly(st.sampled_from([0, 16]), st.sampled_from([-1, 1.5])),
+    "bogus": st.just(1),
+}
+OVERRIDES = st.dictionaries(
+    _mostly(st.just("moe"), st.sampled_from(["rms", "act", "nope"])),
+    st.dictionaries(_mostly(st.sampled_from(["drop_token_ratio", "drop_policy", "min_tokens"]),
+                            st.just("bogus")), st.integers(0, 3), max_size=3),
+    max_size=3,
+).flatmap(lambda shape: st.fixed_dictionaries({
+    patch: st.fixed_dictionaries({key: OPTION_VALUES[key] for key in options})
+    for patch, options in shape.items()}))
+SETTINGS = st.fixed_dictionaries({}, optional={
+    "ASCEND_PATCH_OVERRIDE": OVERRIDES.map(lambda o: __import__("json").dumps(o)),
+    "ASCEND_PATCH_PROFILE": _mostly(st.sampled_from(["big", "small", "deepseek"]),
+                                    st.just("huge")),
+    "ASCEND_PATCH_PROFILE_RESOLVED": st.sampled_from(["-", "big", "small"]),
+    "ASCEND_PATCH_DISABLE": st.lists(_mostly(st.sampled_from(["moe", "rms", "act", "*"]),
+                                             st.just("zzz")), max_size=3).map(",".join),
+})
+
+
+def _loader_applies(env) -> tuple[list | None, str]:
+    """What the loader hands the patcher for `env`: the options per patch and the disabled
+    ones (None: it applies nothing yet, the profile waits for the model), or its refusal."""
+    from unittest import mock
+
+    from ascend_patch.core.patcher import PATCHER
+
+    seen = []
+
+    def capture(config, disabled=frozenset()):
+        seen.append([(p.name, p.options.model_dump(mode="json"),
+                      not p.enabled or p.name in disabled or "*" in disabled)
+                     for p in config.patches])
+        return []
+
+    try:
+        with mock.patch.object(PATCHER, "apply", capture):
+            apply_from_env(dict(env))
+    except AscendPatchError as exc:
+        return None, str(exc)
+    finally:
+        reset()
+    return (seen[0] if seen else None), ""
+
+
+@FUZZ
+@given(SETTINGS, st.booleans())
+def test_plan_shows_what_the_loader_applies(env, with_profiles):
+    """For the same environment, `plan --json` shows the options (and the patches turned
+    off) the loader hands the patcher, or refuses with the loader's own message."""
+    import json
+    import os
+    from unittest import mock
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(PLANNED + (PROFILES if with_profiles else ""))
+        env = {**env, "ASCEND_PATCH_CONFIG": str(path)}
+        applied, refusal = _loader_applies(env)
+        out, err = io.StringIO(), io.StringIO()
+        with mock.patch.dict(os.environ, env), redirect_stdout(out), redirect_stderr(err):
+            code = main(["plan", "--json", "--no-check", str(path)])
+        if refusal:
+            event("refused")
+            assert (code, err.getvalue().strip().removeprefix("error: ")) == (2, refusal)
+            return
+        assert code == 0, err.getvalue()
+        plan = json.loads(out.getvalue())
+        shown = [(p["name"], p["options"], p["status"].startswith("off"))
+                 for p in plan["patches"]]
+        if applied is None:  # the profile is chosen per model: plan shows the base patches
+            event("per model")
+            assert plan["profile"] is None and "ASCEND_PATCH_PROFILE" not in env
+            return
+        event(f"applied profile {plan['profile']}")
+        assert shown == applied

@@ -41,7 +41,7 @@ def check_arms(arms: list[Arm]) -> None:
     """Everything an arm needs, checked before any engine starts: its config loads, its
     override validates (for the base patches and every profile), and its environment is
     accepted by the loader. Raises ConfigError naming the arm."""
-    from ascend_patch.core import runtime
+    from ascend_patch.core import effective, runtime
     from ascend_patch.core.config import load_config
     from ascend_patch.core.errors import ConfigError
     from ascend_patch.core.settings import Settings
@@ -57,7 +57,7 @@ def check_arms(arms: list[Arm]) -> None:
                 env[runtime.OVERRIDE_ENV] = json.dumps(arm.override)
             values = Settings.from_environ(env)
             if values.override is not None:
-                runtime._check_override(config, values.override)
+                effective.check_override(config, values.override)
         except ConfigError as exc:
             problems.extend(exc.problems)
     if problems:

@@ -220,7 +220,7 @@ class SourceRoots:
 
     def __init__(self, roots: Mapping[str, Path], branch_hints: Mapping[str, bool] | None = None,
                  vllm_line: str | None = None):
-        self._roots = {name: _normalise_root(name, Path(path)) for name, path in roots.items()}
+        self._roots = {name: normalise_root(name, Path(path)) for name, path in roots.items()}
         hints = {**DEFAULT_BRANCH_HINTS, **(branch_hints or {})}
         self._hints = VersionHints(
             {normalise_condition(text): bool(value) for text, value in hints.items()}, vllm_line)
@@ -739,16 +739,16 @@ def _registers(node: ast.AST, name: str) -> bool:
             and isinstance(node.args[0], ast.Constant) and node.args[0].value == name)
 
 
-def _normalise_root(name: str, path: Path) -> Path:
-    """The directory that contains package `name`, given it or the package directory itself."""
+def normalise_root(name: str, path: Path) -> Path:
+    """The directory that contains package `name`, given it or the package directory itself;
+    ValueError saying why `path` is neither (the CLI checks --source with it)."""
     if not name.isidentifier():
-        raise ValueError(f"--source {name}=...: {name!r} is not a top-level package name")
+        raise ValueError(f"{name!r} is not a top-level package name")
     if (path / name).is_dir() or (path / f"{name}.py").is_file():
         return path
     if path.name == name and path.is_dir():
         return path.parent
-    raise ValueError(f"--source {name}={path}: neither the package {name} nor a directory "
-                     f"containing it")
+    raise ValueError(f"{path} is neither the package {name} nor a folder containing it")
 
 
 def _as_namespace(outcome: _Outcome, part: str) -> _Outcome:

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from ascend_patch.cli import render
 from ascend_patch.core.errors import AscendPatchError, ConfigError
+from ascend_patch.core.settings import PROFILE
 
 EXIT_OK = 0
 EXIT_INVALID = 2
@@ -93,6 +94,12 @@ def _source_arg(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected PACKAGE=DIR, e.g. vllm_ascend=src/")
     if not Path(directory).is_dir():
         raise argparse.ArgumentTypeError(f"{text!r}: {directory} is not a directory")
+    from ascend_patch.checks.static_targets import normalise_root
+
+    try:  # checked here, where a mistake is a usage error, not in the reader's constructor
+        normalise_root(package, Path(directory))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
     return package, Path(directory)
 
 
@@ -102,39 +109,50 @@ def cmd_validate(args: argparse.Namespace) -> int:
     stack = _stack(args)
     config = _load(args.config, stack)
     checker = _checker(args, stack)
-    problems = live_problems(config, checker)
-    failed = False
-    for patch in config.patches:
-        for problem in problems[patch.name]:
-            failed = True
-            err.print(f"{patch.file}:{patch.line}: patches.{patch.name}: {problem}", markup=False)
-    if failed:
+    # The base patches, and every profile's: a patch only a profile adds (or enables) is
+    # checked now, not when a served model first picks the profile.
+    shown: dict[str, None] = {}
+    added = {}
+    base = {p.name for p in config.patches}
+    for profile in [None, *config.profiles]:
+        variant = config.with_profile(profile)
+        problems = live_problems(variant, checker)
+        for patch in variant.patches:
+            key = f"patches.{patch.name}"
+            if profile is not None and patch.name not in base:
+                key = f"profiles.{profile}.add.{patch.name}"
+                added[(patch.file, patch.line, patch.name)] = patch
+            for problem in problems[patch.name]:
+                shown[f"{patch.file}:{patch.line}: {key}: {problem}"] = None
+    for line in shown:
+        err.print(line, markup=False)
+    if shown:
         return EXIT_INVALID
-    checked = sum(len(p.sites) + len(p.relies_on) for p in config.patches)
-    reads = sum(len(p.reads) for p in config.patches)
-    out.print(f"{config.path}: OK for {config.stack.describe()} ({len(config.patches)} patches, "
-              f"{checked} targets and interfaces checked, {reads} attributes read, "
+    patches = [*config.patches, *added.values()]
+    checked = sum(len(p.sites) + len(p.relies_on) for p in patches)
+    reads = sum(len(p.reads) for p in patches)
+    more = f", {len(added)} more in profiles" if added else ""
+    out.print(f"{config.path}: OK for {config.stack.describe()} ({len(config.patches)} patches"
+              f"{more}, {checked} targets and interfaces checked, {reads} attributes read, "
               f"sha256 {config.digest[:12]})")
     return EXIT_OK
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from ascend_patch.core import effective
     from ascend_patch.core.live import live_problems
-    from ascend_patch.core.profiles import ModelInfo, select
-    from ascend_patch.core.runtime import DISABLE_ENV, parse_disabled
+    from ascend_patch.core.settings import DISABLE, Settings
 
     stack = _stack(args)
+    # Every ASCEND_PATCH_* variable, checked and applied as the loader applies them.
+    values = Settings.from_environ(os.environ)
     config = _load(args.config, stack)
-    disabled = parse_disabled(os.environ.get(DISABLE_ENV), config)
-    if args.profile is not None and args.profile not in config.profiles:
-        raise ConfigError.single(config.path, None, "profiles", f"no profile named {args.profile!r} "
-                                 f"(profiles: {', '.join(config.profiles) or 'none'})")
-    profile = args.profile
-    if args.model is not None:
-        # Planning another line than the installed one: match profiles against that line.
-        profile = select(config, ModelInfo.from_name_or_path(args.model), args.profile,
-                         stack.line if args.vllm_line else None)
-    config = config.with_profile(profile)
+    decided = effective.resolve(config, values)
+    disabled = decided.disabled
+    profile, setting = _plan_profile(args, config, decided, stack)
+    changes = effective.changes(config, profile, setting, values.override, disabled)
+    base = config
+    config = effective.variant(config, profile, values.override)
     quant = _model_quantization(args)
     checker = _checker(args, stack)
     check = args.check and checker.importable
@@ -144,7 +162,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if not patch.enabled:
             status = "off (enabled: false)"
         elif patch.name in disabled or "*" in disabled:
-            status = f"off ({DISABLE_ENV})"
+            status = f"off ({DISABLE})"
         elif patch.provided:
             status = f"nothing to patch: {patch.provided}"
         elif patch.unsupported and not check:
@@ -164,20 +182,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
         })
     if args.model is not None:
         chosen = f"profile {profile!r}" if profile else "no profile matches: base patches"
-        how = "pinned" if args.profile else "matched"
-        headline = f"model {args.model}: {chosen}" + (f" ({how})" if profile else "")
+        headline = f"model {args.model}: {chosen}" + (f" ({setting})" if profile else "")
     elif profile:
-        headline = f"profile {profile!r} (pinned)"
+        headline = f"profile {profile!r} ({setting})"
     else:
-        names = ", ".join(config.profiles)
+        names = ", ".join(base.profiles) if decided.per_model else ""
         headline = "base patches" + (f"; profiles: {names} (chosen per model)" if names else "")
     if args.json:
         out.print_json(json.dumps({"config": config.path, "digest": config.digest,
                                    "vllm_line": stack.line, "platform": stack.platform,
                                    "profile": profile, "quantization": _quant_json(quant),
-                                   "patches": rows}))
+                                   "patches": rows,
+                                   "changes": [c.as_json() for c in changes]}))
     else:
         out.print(f"{config.stack.describe()}: {headline}")
+        for change in changes:
+            out.print(f"changed by {change}", markup=False)
         if quant is not None:
             schemes = ", ".join(quant.moe_schemes) or "not named"
             out.print(f"quantization: {quant.method or 'unknown method'}, MoE scheme "
@@ -186,6 +206,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for text in render.plan_lines(rows, out.size.width):
             out.print(text)
     return EXIT_INVALID if any(r["status"].startswith("FAIL") for r in rows) else EXIT_OK
+
+
+def _plan_profile(args: argparse.Namespace, config, decided, stack) -> tuple[str | None, str | None]:
+    """The profile `plan` shows and what chose it: --profile over the environment's pin, as
+    the loader chooses (effective.resolve); with --model, the profile matched to the model
+    (a pinned one must match it)."""
+    from ascend_patch.core.profiles import ModelInfo, select
+
+    profile, setting = decided.profile, decided.profile_setting
+    if args.profile is not None:
+        if args.profile not in config.profiles:
+            raise ConfigError.single(config.path, None, "profiles", f"no profile named "
+                                     f"{args.profile!r} (profiles: "
+                                     f"{', '.join(config.profiles) or 'none'})")
+        profile, setting = args.profile, "--profile"
+    if args.model is None:
+        return profile, setting
+    model = ModelInfo.from_name_or_path(args.model)
+    if args.profile is None and not decided.per_model and setting != f"${PROFILE}":
+        return profile, setting  # a child's choice, or no profiles to choose among
+    pinned = profile if setting is not None else None
+    # Planning another line than the installed one: match profiles against that line.
+    chosen = select(config, model, pinned, stack.line if args.vllm_line else None)
+    return chosen, setting if pinned is not None else ("--model" if chosen else None)
 
 
 def _model_quantization(args: argparse.Namespace):

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +16,11 @@ from pydantic import BaseModel, ValidationError
 
 from ascend_patch.core import catalog
 from ascend_patch.core.catalog import Implementation, SiteSet
-from ascend_patch.core.errors import ConfigError, Problem
-from ascend_patch.core.source import Document, Loc, format_loc, read_document
+from ascend_patch.core.errors import ConfigError, Problem, closest
+from ascend_patch.core.source import MAX_PROBLEMS, Document, Loc, format_loc, read_document
 from ascend_patch.core.spec import ConfigSpec, PatchSpec, ProfileSpec
 from ascend_patch.core.targets import TargetRef, allowed_roots, parse_target, within_roots
+from ascend_patch.core.validation import Pruned, problems_from_validation, validate_pruned
 from ascend_patch.core.versions import Stack, detect_stack, lines_admitted, supported_lines_text
 
 MAX_EXTENDS_DEPTH = 8
@@ -120,7 +120,7 @@ class LoadedConfig:
                     patch = dataclasses.replace(patch, options=patch.impl.options.model_validate(merged))
                 except ValidationError as exc:
                     problems.extend(problems_from_validation(
-                        exc, lambda loc, n=patch.name: (doc, (n,) + loc)))
+                        exc, lambda loc, n=patch.name: (doc, (n,) + loc), patch.impl.options))
             patches.append(patch)
         if problems:
             raise ConfigError(problems)
@@ -139,16 +139,51 @@ class _Entry:
     option_locs: dict[str, tuple[Document, Loc]]
 
 
+@dataclass
+class _File:
+    """One file of the `extends` chain: what its schema let through, and where."""
+
+    doc: Document
+    spec: ConfigSpec
+    pruned: Pruned
+
+    def loc(self, list_loc: Loc, index: int) -> Loc:
+        """The location in the file of entry `index` of a list the schema let through."""
+        return list_loc + (self.pruned.index(list_loc, index),)
+
+
 def load_config(path: str | Path, stack: Stack | None = None) -> LoadedConfig:
     """Read, validate and plan a config for `stack` (default: this machine's, from package
-    metadata; raises UnsupportedVllmError for a vLLM on no supported line)."""
-    chain = _read_chain(Path(path))
-    return _build(chain, stack if stack is not None else detect_stack())
+    metadata; raises UnsupportedVllmError for a vLLM on no supported line).
+
+    Every problem of every file is reported at once, up to MAX_PROBLEMS: what the schema
+    refuses in a file is left out of the later stages (catalog, options, the base files)."""
+    problems: list[Problem] = []
+    chain = _read_chain(Path(path), problems)
+    if chain:
+        try:
+            return _build(chain, stack if stack is not None else detect_stack(), problems)
+        except ConfigError as exc:
+            problems = exc.problems
+    raise _capped(problems)
 
 
-def _read_chain(path: Path) -> list[tuple[Document, ConfigSpec]]:
-    """The `extends` chain from the root base to `path`, each file validated on its own."""
-    chain: list[tuple[Document, ConfigSpec]] = []
+def _capped(problems: list[Problem]) -> ConfigError:
+    ordered = ConfigError(list(dict.fromkeys(problems))).problems
+    if len(ordered) <= MAX_PROBLEMS:
+        return ConfigError(ordered)
+    more = Problem(ordered[0].file, None, "", f"{len(ordered) - MAX_PROBLEMS} more problems "
+                   "not shown")
+    error = ConfigError(ordered[:MAX_PROBLEMS])
+    error.problems.append(more)  # last, whatever its file: after the ones shown
+    error.args = (error._render(),)
+    return error
+
+
+def _read_chain(path: Path, problems: list[Problem]) -> list[_File]:
+    """The `extends` chain from the root base to `path`, each file validated on its own; its
+    problems go to `problems`, and the chain ends at a file that cannot be read."""
+    chain: list[_File] = []
     seen: list[Path] = []
     current: Path | None = path
     shown = str(path)
@@ -156,89 +191,94 @@ def _read_chain(path: Path) -> list[tuple[Document, ConfigSpec]]:
         try:
             real = current.resolve()
         except (RuntimeError, OSError) as exc:  # a symlink loop
-            raise ConfigError.single(str(current), None, "", f"cannot read file: {exc}") from None
-        doc = read_document(current if not chain else real)
+            problems.append(Problem(str(current), None, "", f"cannot read file: {exc}"))
+            break
+        try:
+            doc = read_document(current if not chain else real)
+        except ConfigError as exc:
+            problems.extend(_at_extends(chain[-1].doc, real, exc) if chain else exc.problems)
+            break
         if not chain:
             doc.path = shown
         if real in seen:
             names = " -> ".join(str(p) for p in seen + [real])
-            raise doc.error(("extends",), f"extends cycle: {names}")
+            problems.extend(doc.error(("extends",), f"extends cycle: {names}").problems)
+            break
         if len(seen) >= MAX_EXTENDS_DEPTH:
-            raise doc.error((), f"more than {MAX_EXTENDS_DEPTH} files in the extends chain")
+            problems.extend(doc.error((), f"more than {MAX_EXTENDS_DEPTH} files in the extends "
+                                          "chain").problems)
+            break
         seen.append(real)
         if not isinstance(doc.data, dict):
-            raise doc.error((), "the top level must be a mapping with 'version' and 'patches'")
-        try:
-            spec = ConfigSpec.model_validate(doc.data)
-        except ValidationError as exc:
-            raise ConfigError(problems_from_validation(exc, lambda loc, d=doc: (d, loc))) from None
-        chain.append((doc, spec))
-        if spec.extends is None:
-            current = None
-        else:
-            base = (real.parent / spec.extends)
-            try:
-                base.stat()
-            except FileNotFoundError:
-                raise doc.error(("extends",), f"base config {base} not found") from None
-            except (OSError, ValueError) as exc:
-                reason = getattr(exc, "strerror", None) or str(exc)
-                raise doc.error(("extends",), f"base config {base}: {reason}") from None
-            current = base
+            problems.extend(doc.error((), "the top level must be a mapping with 'version' and "
+                                          "'patches'").problems)
+            break
+        pruned = validate_pruned(ConfigSpec, doc, fixed={("version",): 1})
+        problems.extend(pruned.problems)
+        if pruned.value is None:
+            break
+        spec = pruned.value
+        assert isinstance(spec, ConfigSpec)
+        chain.append(_File(doc, spec, pruned))
+        current = None if spec.extends is None else _base_of(doc, real, spec.extends, problems)
     chain.reverse()
     return chain
 
 
-def _describe(err: dict) -> str:
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "required key is missing"
-    if kind == "literal_error":
-        return err["msg"].replace("Input should be", "must be")
-    if isinstance(err.get("input"), float) and math.isnan(err["input"]):
-        return "must be a number, not NaN"
-    if kind == "bool_type" and isinstance(err.get("input"), str):
-        # YAML 1.1 read yes/no/on/off as booleans; we read YAML 1.2, where they are strings.
-        return f"must be true or false, not the string {err['input']!r}"
-    return err["msg"][0].lower() + err["msg"][1:]
+def _base_of(doc: Document, real: Path, extends: str, problems: list[Problem]) -> Path | None:
+    """The base file `extends` names, relative to the file; None (and a problem at the key)
+    when it names no file."""
+    if not extends.strip():
+        problems.extend(doc.error(("extends",), f"must name a base config file, not "
+                                                f"{extends!r}").problems)
+        return None
+    base = real.parent / extends
+    try:
+        if base.is_dir():
+            problems.extend(doc.error(("extends",), f"base config {base} is a folder, not a "
+                                                    "config file").problems)
+            return None
+        base.stat()
+    except FileNotFoundError:
+        problems.extend(doc.error(("extends",), f"base config {base} not found").problems)
+        return None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        problems.extend(doc.error(("extends",), f"base config {base}: {reason}").problems)
+        return None
+    return base
 
 
-Locate = Callable[[Loc], tuple[Document, Loc]]
+def _at_extends(doc: Document, base: Path, exc: ConfigError) -> list[Problem]:
+    """A base file's problems; one that names no line of it (it cannot be read at all) is
+    shown at the `extends` key that names the file."""
+    return [p if p.line is not None else Problem(
+                doc.path, doc.line_of(("extends",)), "extends", f"base config {base}: {p.message}")
+            for p in exc.problems]
 
 
-def problems_from_validation(exc: ValidationError, locate: Locate) -> list[Problem]:
-    problems = []
-    for err in exc.errors():
-        # pydantic appends the union member's type name to the location; drop it.
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
-        doc, full = locate(loc)
-        problems.append(Problem(doc.path, doc.line_of(full), format_loc(full), _describe(err)))
-    return problems
-
-
-def _build(chain: list[tuple[Document, ConfigSpec]], stack: Stack) -> LoadedConfig:
-    problems: list[Problem] = []
+def _build(chain: list[_File], stack: Stack, problems: list[Problem]) -> LoadedConfig:
     entries: dict[str, _Entry] = {}
-    profiles: dict[str, tuple[ProfileSpec, Document, Loc, bool]] = {}
+    profiles: dict[str, tuple[ProfileSpec, _File, Loc, bool]] = {}
+    dropped = set().union(*(file.pruned.dropped_names for file in chain))
     vllm = description = None
-    for doc, spec in chain:
+    for file in chain:
+        doc, spec = file.doc, file.spec
         names_here: dict[str, int] = {}
         for index, patch in enumerate(spec.patches):
-            loc: Loc = ("patches", index)
+            loc: Loc = file.loc(("patches",), index)
             if patch.name in names_here:
                 problems.append(_problem(doc, loc + ("name",),
                     f"duplicate patch name {patch.name!r} (also patches[{names_here[patch.name]}])"))
                 continue
-            names_here[patch.name] = index
+            names_here[patch.name] = loc[-1]
             # A later file's patch of the same name replaces the base's, in the base's place.
             entries[patch.name] = _Entry(
                 patch, doc, loc, spec.allow_external_impls,
                 {key: (doc, loc + ("options", key)) for key in patch.options},
             )
         for name, profile in spec.profiles.items():
-            profiles[name] = (profile, doc, ("profiles", name), spec.allow_external_impls)
+            profiles[name] = (profile, file, ("profiles", name), spec.allow_external_impls)
             if profile.match is not None and profile.match.vllm is not None:
                 _check_range(doc, ("profiles", name, "match", "vllm"), profile.match.vllm, problems)
         if spec.vllm is not None:
@@ -248,17 +288,16 @@ def _build(chain: list[tuple[Document, ConfigSpec]], stack: Stack) -> LoadedConf
 
     base = _plan_all(list(entries.values()), stack, problems)
     planned_profiles = {}
-    for name, (profile, doc, loc, allow_external) in profiles.items():
-        merged = _apply_profile(entries, profile, doc, loc, allow_external, problems)
+    for name, (profile, file, loc, allow_external) in profiles.items():
+        merged = _apply_profile(entries, profile, file, loc, allow_external, problems, dropped)
         planned_profiles[name] = Profile(name, profile, tuple(_plan_all(merged, stack, problems)),
-                                         doc.path, doc.line_of(loc))
+                                         file.doc.path, file.doc.line_of(loc))
     if problems:
-        unique = list(dict.fromkeys(problems))
-        raise ConfigError(unique)
-    leaf = chain[-1][0]
-    digest = hashlib.sha256(b"".join(hashlib.sha256(d.raw).digest() for d, _ in chain)).hexdigest()
+        raise ConfigError(problems)  # load_config caps them
+    leaf = chain[-1].doc
+    digest = hashlib.sha256(b"".join(hashlib.sha256(f.doc.raw).digest() for f in chain)).hexdigest()
     return LoadedConfig(
-        path=leaf.path, digest=digest, files=tuple(d.path for d, _ in chain), vllm=vllm,
+        path=leaf.path, digest=digest, files=tuple(f.doc.path for f in chain), vllm=vllm,
         description=description, patches=tuple(base), profiles=planned_profiles, stack=stack,
     )
 
@@ -274,15 +313,18 @@ def _problem(doc: Document, loc: Loc, message: str) -> Problem:
 
 
 def _apply_profile(
-    entries: dict[str, _Entry], profile: ProfileSpec, doc: Document, loc: Loc,
-    allow_external: bool, problems: list[Problem],
+    entries: dict[str, _Entry], profile: ProfileSpec, file: _File, loc: Loc,
+    allow_external: bool, problems: list[Problem], dropped: set[str],
 ) -> list[_Entry]:
+    """`dropped`: patches the schema refused (reported already: not "no base patch")."""
+    doc = file.doc
     merged = dict(entries)
     for name, override in profile.patches.items():
         here = loc + ("patches", name)
         base = merged.get(name)
         if base is None:
-            problems.append(_problem(doc, here, f"no base patch named {name!r} to override"))
+            if name not in dropped:
+                problems.append(_problem(doc, here, f"no base patch named {name!r} to override"))
             continue
         update: dict = {"options": {**base.spec.options, **override.options}}
         if override.enabled is not None:
@@ -294,7 +336,7 @@ def _apply_profile(
         merged[name] = dataclasses.replace(base, spec=base.spec.model_copy(update=update),
                                            option_locs=option_locs)
     for index, patch in enumerate(profile.add):
-        here = loc + ("add", index)
+        here = file.loc(loc + ("add",), index)
         if patch.name in merged:
             problems.append(_problem(doc, here + ("name",),
                 f"patch {patch.name!r} exists already; override it under 'patches' instead"))
@@ -355,7 +397,7 @@ def _plan_patch(entry: _Entry, stack: Stack, problems: list[Problem]) -> Planned
                 return where_doc, where + err_loc[1:]
             return doc, loc + ("options",) + err_loc
 
-        problems.extend(problems_from_validation(exc, locate))
+        problems.extend(problems_from_validation(exc, locate, impl.options))
         return None
     return PlannedPatch(
         name=patch.name, impl=impl, sites=tuple(sites), options=options,
@@ -387,8 +429,10 @@ def _find_impl(patch: PatchSpec, allow_external: bool, problem) -> Implementatio
     if ":" not in patch.impl:
         impl = catalog.lookup(patch.impl)
         if impl is None:
+            near = closest(patch.impl, catalog.builtin_names())
             problem(
-                f"unknown implementation {patch.impl!r}; the catalog has: "
+                f"unknown implementation {patch.impl!r}; "
+                + (f"did you mean {near!r}? The catalog has: " if near else "the catalog has: ")
                 + ", ".join(catalog.builtin_names())
             )
         return impl

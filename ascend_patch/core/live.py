@@ -8,9 +8,11 @@ without importing anything.
 
 from __future__ import annotations
 
+import sys
 from typing import Protocol
 
 from ascend_patch.core import catalog
+from ascend_patch.core.probe import import_failures
 from ascend_patch.core.config import LoadedConfig, PlannedInterface, PlannedPatch, PlannedSite
 from ascend_patch.core.targets import (
     TargetRef,
@@ -64,6 +66,36 @@ class Checker:
         self.sources = sources
         self.importable = importable
         self.installed = installed
+        # Modules imported in a child first (probe.py), and why those that failed did.
+        self._probed: set[str] = set()
+        self._failed: dict[str, str] = {}
+
+    def prepare(self, config: LoadedConfig) -> None:
+        """Import, in one child interpreter, every module the checks of `config` would import
+        here: one child for all of them rather than one per module."""
+        if not self.importable:
+            return
+        wanted = []
+        for patch in config.patches:
+            for ref in [*(s.target for s in patch.sites), *(i.target for i in patch.relies_on)]:
+                if self.sources is None or not self.sources.covers(ref.module):
+                    wanted.append(ref.module)
+            wanted += [parse_target(site.factory).module for site in patch.sites]
+        self._probe([m for m in wanted if find_module(m)[0]])
+
+    def _probe(self, modules: list[str]) -> None:
+        new = [m for m in dict.fromkeys(modules) if m not in sys.modules and m not in self._probed]
+        if new:
+            self._failed.update(import_failures(new))
+            self._probed.update(new)
+
+    def import_problem(self, module: str) -> str | None:
+        """Why `module` must not be imported here (None: it may): its import raised, killed
+        or hung a child interpreter."""
+        self._probe([module])
+        why = self._failed.get(module)
+        return None if why is None else (
+            f"importing module {module!r} {why}; refused without importing it here")
 
     def signature(self, ref: TargetRef) -> str:
         """The rendered signature (or "(?)" for a non-function); LookupError if not found."""
@@ -79,7 +111,16 @@ class Checker:
         exists, where = find_module(ref.module)  # a missing module: found without importing
         if not exists:
             raise LookupError(f"module {ref.module!r} does not exist here ({where})")
-        return render_signature(resolve(ref).function)
+        problem = self.import_problem(ref.module)
+        if problem:
+            raise LookupError(problem)
+        try:
+            return render_signature(resolve(ref).function)
+        except LookupError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the child imported it; this process did not
+            raise LookupError(f"cannot import module {ref.module!r}: {type(exc).__name__}: "
+                              f"{exc}") from None
 
     def factory_problem(self, factory: str) -> str | None:
         """Whether this package's replacement for a site is there. Imported only when the
@@ -87,6 +128,9 @@ class Checker:
         torch); otherwise read from `sources` when they cover it, else only located, so that
         checking for another stack imports neither torch nor vLLM."""
         if self.importable:
+            problem = self.import_problem(parse_target(factory).module)
+            if problem:
+                return f"factory {factory}: {problem}"
             try:
                 catalog.load_callable(factory)
             except Exception as exc:  # noqa: BLE001 - shown to the user
@@ -192,6 +236,8 @@ def patch_problems(
 
 def live_problems(config: LoadedConfig, checker: Checker | None = None) -> dict[str, list[str]]:
     """Problems per patch name (empty list: the patch would apply here)."""
+    if checker is not None:
+        checker.prepare(config)
     out = {patch.name: patch_problems(config, patch, checker) for patch in config.patches}
     if checker is None or checker.importable:
         for name, problems in same_function_problems(config).items():

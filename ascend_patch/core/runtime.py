@@ -14,14 +14,13 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from ascend_patch.core import metrics, profiles, report, settings
-from ascend_patch.core.config import LoadedConfig, load_config
-from ascend_patch.core.errors import ConfigError, ConsistencyError, PatchError
+from ascend_patch.core import effective, metrics, profiles, report, settings
+from ascend_patch.core.config import load_config
+from ascend_patch.core.errors import ConsistencyError, PatchError
 from ascend_patch.core.imports import WATCHER
 from ascend_patch.core.patcher import PATCHER, PatchRecord
 from ascend_patch.core.session import SESSION, AppliedKey, RevertError
 from ascend_patch.core.settings import Settings
-from ascend_patch.core.source import Document
 
 CONFIG_ENV = settings.CONFIG
 DIGEST_ENV = settings.CONFIG_DIGEST
@@ -74,64 +73,6 @@ def warn_unknown_variables(environ) -> None:
             log.warning("ascend-patch [%s pid %d]: %s", report.process_role(), os.getpid(), line)
 
 
-def parse_disabled(value: str | frozenset[str] | None, config: LoadedConfig) -> frozenset[str]:
-    if isinstance(value, frozenset):
-        names = value
-    else:
-        names = Settings.from_environ({DISABLE_ENV: value or ""}).disable
-    known = {p.name for p in config.patches}
-    for profile in config.profiles.values():
-        known |= {p.name for p in profile.patches}
-    unknown = sorted(names - known - {"*"})
-    if unknown:
-        raise ConfigError.single(
-            f"${DISABLE_ENV}", None, "", f"names no patch of {config.path}: {', '.join(unknown)} "
-            f"(patches: {', '.join(sorted(known)) or 'none'})"
-        )
-    return names
-
-
-def _check_profile_name(config: LoadedConfig, name: str | None, source: str) -> None:
-    if name is not None and name != BASE and name not in config.profiles:
-        raise ConfigError.single(
-            f"${source}", None, "", f"names no profile of {config.path}: {name!r} "
-            f"(profiles: {', '.join(config.profiles) or 'none'})"
-        )
-
-
-def _check_override(config: LoadedConfig, doc: Document) -> None:
-    """Check ASCEND_PATCH_OVERRIDE against the base patches and every profile's now, before
-    the model (and so the profile) is known: a patch it names must exist in one of them, and
-    its options must be valid wherever the patch is."""
-    data = doc.data
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise doc.error((), "must be a mapping {patch name: {option: value}}")
-    problems = []
-    for name in [None, *config.profiles]:
-        try:
-            _with_override(config.with_profile(name), doc)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-    known = {p.name for p in config.patches}
-    for profile in config.profiles.values():
-        known |= {p.name for p in profile.patches}
-    for name in data:
-        if name not in known:
-            message = f"no patch named {name!r} in {config.path}"
-            problems.extend(doc.error((name,), message).problems)
-    if problems:
-        raise ConfigError(list(dict.fromkeys(problems)))
-
-
-def _with_override(variant: LoadedConfig, doc: Document) -> LoadedConfig:
-    """`variant` with the override's options for the patches it has (a patch may exist only
-    in some profiles; _check_override made sure each name exists in one)."""
-    present = {p.name for p in variant.patches}
-    part = Document(doc.path, {k: v for k, v in doc.data.items() if k in present}, doc.raw,
-                    doc.lines)
-    return variant.with_option_overrides(part)
-
-
 def _check_same_as_applied(key: AppliedKey) -> None:
     """A second apply in one process must ask for exactly what the first applied."""
     if SESSION.applied is None or SESSION.applied == key:
@@ -170,31 +111,20 @@ def _apply(env: MutableMapping[str, str]) -> list[PatchRecord]:
     path = values.config
     assert path is not None
     config = load_config(path)
-    expected = values.config_digest
-    if expected and expected != config.digest:
-        raise ConsistencyError(
-            f"{path}: the file changed after the first process read it (sha256 {config.digest[:12]} "
-            f"here, {expected[:12]} in the parent); all processes of one deployment must apply "
-            "the same config: restart the deployment"
-        )
-    disabled = parse_disabled(values.disable, config)
+    # What `plan` shows for the same settings: effective.py decides it for both.
+    decided = effective.resolve(config, values)
+    disabled = decided.disabled
     pinned = values.profile
     resolved = values.profile_resolved
-    _check_profile_name(config, pinned, PROFILE_ENV)
-    _check_profile_name(config, resolved, RESOLVED_PROFILE_ENV)
     override_doc = values.override
-    if override_doc is not None:
-        _check_override(config, override_doc)
     key = (str(Path(path).resolve()), config.digest, pinned, values.override_text,
            ",".join(sorted(disabled)))
     _check_same_as_applied(key)
     first_call = SESSION.applied is None
 
     def apply(profile: str | None) -> list[PatchRecord]:
-        effective = config.with_profile(profile)
-        if override_doc is not None:
-            effective = _with_override(effective, override_doc)
-        records = PATCHER.apply(effective, disabled=disabled)
+        records = PATCHER.apply(effective.variant(config, profile, override_doc),
+                                disabled=disabled)
         report.log_records(records)
         report.flush()
         return records
@@ -227,7 +157,7 @@ def _apply(env: MutableMapping[str, str]) -> list[PatchRecord]:
         SESSION.set_env(env, DIGEST_ENV, config.digest)
         SESSION.applied = key
         if resolved is not None:  # a child: the first process chose already
-            return apply(None if resolved == BASE else resolved)
+            return apply(decided.profile)
         if not config.profiles:
             SESSION.set_env(env, RESOLVED_PROFILE_ENV, BASE)
             records = apply(None)
@@ -235,7 +165,7 @@ def _apply(env: MutableMapping[str, str]) -> list[PatchRecord]:
             return records
         if pinned is not None:
             SESSION.set_env(env, RESOLVED_PROFILE_ENV, pinned)
-            records = apply(pinned)
+            records = apply(decided.profile)
             profiles.watch_model_config(lambda model: profiles.select(config, model, pinned),
                                         on_config=mark_compile_cache)
             return records

@@ -8,7 +8,6 @@ empty value means unset. Variables with the prefix that are not ours (typos) are
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ascend_patch.core.errors import ConfigError, Problem
+from ascend_patch.core.errors import ConfigError, Problem, closest
 from ascend_patch.core.source import Document, parse_document
 from ascend_patch.core.spec import PATCH_NAME_PATTERN
 
@@ -211,7 +210,7 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     for name in sorted(k for k in environ if k.startswith(PREFIX) and k not in KNOWN):
         # Compare what follows the prefix: every name shares the prefix itself.
         suffixes = {known[len(PREFIX):]: known for known in KNOWN}
-        close = difflib.get_close_matches(name[len(PREFIX):], list(suffixes), n=1, cutoff=0.6)
-        hint = f"did you mean {suffixes[close[0]]}?" if close else f"known: {', '.join(KNOWN)}"
+        close = closest(name[len(PREFIX):], suffixes)
+        hint = f"did you mean {suffixes[close]}?" if close else f"known: {', '.join(KNOWN)}"
         lines.append(f"${name} is not an ascend-patch variable and is ignored ({hint})")
     return lines

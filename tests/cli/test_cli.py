@@ -294,3 +294,61 @@ def test_doctor_at_80_columns_keeps_implementation_names_whole():
     named = [line.split(":", 1)[0].strip() for line in here if not line.startswith("    ")]
     assert named == catalog.builtin_names()
     assert sum(line.startswith("catalog: what each implementation does") for line in lines) == 1
+
+
+PROFILE_ADDS = GOOD + """
+profiles:
+  big:
+    add:
+      - name: extra
+        impl: ops.rms_norm
+        target: vllm.model_executor.layers.layernorm:RMSNorm.forward_gone
+"""
+
+
+def test_validate_checks_what_a_profile_adds(write_config, capsys):
+    """A patch only a profile adds is checked as a base patch is, before a served model picks
+    the profile."""
+    path = write_config(PROFILE_ADDS.replace("  - name: rms\n    impl: ops.rms_norm\n", ""))
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"{path}:11: profiles.big.add.extra: target "
+        "vllm.model_executor.layers.layernorm:RMSNorm.forward_gone: class "
+        "vllm.model_executor.layers.layernorm.RMSNorm has no attribute 'forward_gone'"
+    )
+    fixed = PROFILE_ADDS.replace("forward_gone", "forward_native").replace(
+        "  - name: rms\n    impl: ops.rms_norm\n", "")
+    assert main(["validate", str(write_config(fixed))]) == 0
+    assert ("(1 patches, 1 more in profiles, 2 targets and interfaces checked"
+            in capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ("raise RuntimeError('built for another accelerator')",
+     "importing module {name!r} failed: RuntimeError: built for another accelerator"),
+    ("raise SystemExit(3)", "importing module {name!r} failed: SystemExit: 3"),
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)",
+     "importing module {name!r} killed the process (SIGSEGV)"),
+])
+def test_validate_refuses_a_target_whose_import_fails_in_any_way(write_config, capsys, tmp_path,
+                                                                 monkeypatch, body, reason):
+    """A platform module for another accelerator may raise anything, or crash the
+    interpreter, when imported here: the checker refuses the target, naming it and why."""
+    import uuid
+
+    name = f"crash_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(body + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write_config(f"""
+        version: 1
+        allow_external_targets: true
+        patches:
+          - name: rms
+            impl: ops.rms_norm
+            target: {name}:RMSNorm.forward_native
+    """)
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"{path}:4: patches.rms: target {name}:RMSNorm.forward_native: "
+        + reason.format(name=name) + "; refused without importing it here")
+    assert name not in sys.modules

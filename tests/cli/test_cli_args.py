@@ -187,3 +187,16 @@ def test_plan_model_with_a_broken_config_json(capsys, tmp_path, write_config, co
     assert main(["plan", "--no-check", "--model", str(model), str(config)]) == 2
     where = f"--model {model}: {path}"
     assert capsys.readouterr().err.strip() == f"invalid ascend-patch config: {where}{message}"
+
+
+def test_source_must_hold_the_package_it_names(capsys, tmp_path, write_config):
+    """A copy of the package under another folder name is neither the package nor a folder
+    holding it: a usage error naming --source, not the static reader's traceback."""
+    renamed = tmp_path / "renamed"
+    (renamed / "sub").mkdir(parents=True)
+    (renamed / "__init__.py").write_text("")
+    config = write_config(MOE)
+    argv = ["validate", "--platform", "ascend", "--source", f"vllm_ascend={renamed}", str(config)]
+    assert usage_error(capsys, argv) == (
+        f"ascend-patch validate: error: argument --source: 'vllm_ascend={renamed}': "
+        f"{renamed} is neither the package vllm_ascend nor a folder containing it")

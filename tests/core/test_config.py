@@ -32,7 +32,7 @@ def test_unknown_top_level_key(write_config):
         version: 1
         pathces: []
     """)
-    assert problems_of(path) == [f"{path}:2: pathces: unknown key"]
+    assert problems_of(path) == [f"{path}:2: pathces: unknown key (did you mean 'patches'?)"]
 
 
 def test_unknown_patch_key_and_wrong_type_are_both_reported(write_config):
@@ -45,7 +45,7 @@ def test_unknown_patch_key_and_wrong_type_are_both_reported(write_config):
             enabled: "yes"
     """)
     assert problems_of(path) == [
-        f"{path}:5: patches[0].taget: unknown key",
+        f"{path}:5: patches[0].taget: unknown key (did you mean 'target'?)",
         f"{path}:6: patches[0].enabled: must be true or false, not the string 'yes'",
     ]
 
@@ -207,3 +207,111 @@ def test_multi_site_impl_needs_a_mapping(write_config):
         "give a mapping role -> target",
         f"{path}:9: patches[1].target.nope: toy.two_sites has no site 'nope'; its sites: function, method",
     ]
+
+
+# -- every problem of every file in one pass (issue 24, item 3) -------------------------------
+
+
+def test_schema_catalog_and_option_problems_in_one_pass(write_config):
+    path = write_config("""
+        version: 1
+        descripton: three problems, three stages
+        patches:
+          - name: moe
+            impl: moe.capacity
+            options: {drop_token_ratio: 9}
+          - name: rms
+            impl: ops.rms_nrom
+    """)
+    assert problems_of(path) == [
+        f"{path}:2: descripton: unknown key (did you mean 'description'?)",
+        f"{path}:6: patches[0].options.drop_token_ratio: input should be less than or equal to 0.5",
+        f"{path}:8: patches[1].impl: unknown implementation 'ops.rms_nrom'; did you mean "
+        "'ops.rms_norm'? The catalog has: " + ", ".join(__import__(
+            "ascend_patch.core.catalog", fromlist=["x"]).builtin_names()),
+    ]
+
+
+def test_a_broken_patch_entry_does_not_hide_the_others(write_config):
+    path = write_config("""
+        version: 1
+        patches:
+          - name: moe
+            impl: moe.capacity
+            on_error: explode
+          - name: gone
+            options: {x: 1}
+          - name: rms
+            impl: ops.rms_norm
+            options: {eps: 1}
+        profiles:
+          p:
+            patches:
+              gone: {enabled: true}
+    """)
+    assert problems_of(path) == [
+        f"{path}:5: patches[0].on_error: must be 'fail' or 'skip'",
+        f"{path}:6: patches[1].impl: required key is missing",
+        f"{path}:10: patches[2].options.eps: unknown key",
+    ]
+
+
+def test_a_leaf_error_does_not_hide_its_base_error(write_config):
+    base = write_config("""
+        version: 1
+        patches:
+          - name: rms
+            impl: nothing.here
+    """, "base.yaml")
+    leaf = write_config("""
+        version: 1
+        extends: base.yaml
+        patches:
+          - name: act
+            impl: ops.silu_and_mul
+            options: {x: 1}
+        profles: {}
+    """)
+    assert problems_of(leaf) == [
+        f"{base}:4: patches[0].impl: unknown implementation 'nothing.here'; the catalog has: "
+        + ", ".join(__import__("ascend_patch.core.catalog", fromlist=["x"]).builtin_names()),
+        f"{leaf}:6: patches[0].options.x: unknown key",
+        f"{leaf}:7: profles: unknown key (did you mean 'profiles'?)",
+    ]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ('""', "must name a base config file, not ''"),
+    ('"  "', "must name a base config file, not '  '"),
+    (".", "base config {dir} is a folder, not a config file"),
+    ("5", "input should be a valid string"),
+    ("[a.yaml]", "input should be a valid string"),
+])
+def test_bad_extends_names_the_file_and_line_of_the_key(write_config, tmp_path, value, message):
+    path = write_config(f"""
+        version: 1
+        patches: []
+        extends: {value}
+    """)
+    assert problems_of(path) == [f"{path}:3: extends: " + message.format(dir=tmp_path)]
+
+
+def test_an_unreadable_base_is_reported_at_the_extends_key(write_config, tmp_path):
+    (tmp_path / "big.yaml").write_bytes(b"#" * ((1 << 20) + 1))
+    path = write_config("""
+        version: 1
+        extends: big.yaml
+    """)
+    assert problems_of(path) == [
+        f"{path}:2: extends: base config {tmp_path / 'big.yaml'}: file is {(1 << 20) + 1} bytes; "
+        f"configs are limited to {1 << 20}"]
+
+
+def test_problems_are_capped(write_config):
+    from ascend_patch.core.source import MAX_PROBLEMS
+
+    patches = "".join(f"  - {{name: p{i}, impl: ops.nope}}\n" for i in range(MAX_PROBLEMS + 5))
+    path = write_config("version: 1\npatches:\n" + patches)
+    problems = problems_of(path)
+    assert len(problems) == MAX_PROBLEMS + 1
+    assert problems[-1] == f"{path}: 5 more problems not shown"

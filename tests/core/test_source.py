@@ -321,7 +321,7 @@ def test_every_schema_problem_of_a_file_at_once(write_config):
         f"  {path}:6: patches[0].enabled: input should be a valid boolean",
         f"  {path}:7: patches[1].impl: required key is missing",
         f"  {path}:7: patches[1].name: required key is missing",
-        f"  {path}:7: patches[1].nmae: unknown key",
+        f"  {path}:7: patches[1].nmae: unknown key (did you mean 'name'?)",
     ])
 
 

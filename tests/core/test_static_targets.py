@@ -314,7 +314,7 @@ def test_covers_and_root_normalisation(tmp_path):
     assert not containing.covers("pkgx.m") and not containing.covers("vllm")
     ref = TargetRef("pkg.m", "f")
     assert containing.resolve(ref) == itself.resolve(ref)
-    with pytest.raises(ValueError, match="neither the package pkg nor a directory containing"):
+    with pytest.raises(ValueError, match="is neither the package pkg nor a folder containing"):
         SourceRoots({"pkg": tmp_path / "elsewhere"})
     with pytest.raises(ValueError, match="not a Python expression"):
         SourceRoots({"pkg": tmp_path}, branch_hints={"vllm_version_is(": True})
