@@ -38,6 +38,17 @@ class CapacityOptions(BaseModel):
             "of vllm-ascend PR #1067)."
         ),
     )
+    overflow: Literal["drop", "reroute"] = Field(
+        "drop",
+        description=(
+            "What happens to a row over its bin's capacity: 'drop' skips it; 'reroute' "
+            "sends it to the same token's best-scored expert outside its top-k whose bin is "
+            "below the capacity, within the room (split between DP ranks by their overflow "
+            "rows), and drops it only where there is none. Never raises a bin above the "
+            "capacity. Needs the router's scores: platform adapters that cannot reach them "
+            "refuse it at load. Weight: the new expert's score on the token's scale."
+        ),
+    )
     keep_top1: StrictBool = Field(
         True,
         description=(
