@@ -7,7 +7,9 @@ report). Per layer and DP rank:
     ascend_patch_moe_calls_total                      MoE calls planned
     ascend_patch_moe_calls_with_drops_total           ... of which dropped at least one row
     ascend_patch_moe_rows_routed_total                (token, expert) rows of this DP rank's
-    ascend_patch_moe_rows_dropped_total               tokens: routed / dropped
+    ascend_patch_moe_rows_dropped_total               tokens: routed / dropped (taken off
+                                                      their bin; overflow: reroute included)
+    ascend_patch_moe_rows_rerouted_total              ... of which rerouted (overflow: reroute)
     ascend_patch_moe_bin_load_{max,mean}_{before,after}_rows_total
                                                       sums over calls of the max / mean bin
                                                       load over the whole EP group (their
@@ -58,6 +60,8 @@ _COUNTERS = {
     "calls_with_drops": "MoE calls that dropped at least one (token, expert) row",
     "rows_routed": "(token, expert) rows routed from this DP rank's tokens",
     "rows_dropped": "(token, expert) rows dropped from this DP rank's tokens",
+    "rows_rerouted": "of the dropped rows, those rerouted to an expert with room "
+                     "(overflow: reroute)",
     "bin_load_max_before_rows": "sum over calls of the most loaded bin's rows before dropping "
                                 "(EP group)",
     "bin_load_max_after_rows": "sum over calls of the most loaded bin's rows after dropping "
@@ -94,7 +98,8 @@ class LayerSeries:
     process: str = ""
 
     def record(self, *, routed: int, dropped: int, capacity: int, max_before: int,
-               max_after: int, mean_before: float, mean_after: float) -> None:
+               max_after: int, mean_before: float, mean_after: float,
+               rerouted: int = 0) -> None:
         if not self.planned:
             return
         c, g = self.counters, self.gauges
@@ -103,6 +108,7 @@ class LayerSeries:
             c["calls_with_drops"].inc(1)
         c["rows_routed"].inc(routed)
         c["rows_dropped"].inc(dropped)
+        c["rows_rerouted"].inc(rerouted)
         for key, value in (("max_before", max_before), ("max_after", max_after),
                            ("mean_before", mean_before), ("mean_after", mean_after)):
             c[f"bin_load_{key}_rows"].inc(value)
