@@ -203,3 +203,39 @@ def test_sources_never_exceed_the_cap_together(case, num_sources, seed):
     after = plans[0].bin_load_after
     assert (final <= torch.maximum(after, torch.full_like(after, plans[0].capacity))).all()
     assert torch.equal(final - after, sum(p.bin_rerouted for p in plans))
+
+
+# ------------------------------------------------------------------ adapters (at load)
+
+
+def _context(line, platform):
+    from ascend_patch.core.context import PatchContext
+    from ascend_patch.core.versions import Stack
+
+    return PatchContext(patch_name="cap", impl_name="moe.capacity", where="cfg.yaml:3",
+                        options=reroute_options(drop_token_ratio=0.1),
+                        stack=Stack.for_line(line, platform))
+
+
+def test_adapters_without_router_scores_refuse_reroute_at_load():
+    import pytest
+
+    from ascend_patch.core.errors import PatchError
+    from ascend_patch.impls.moe.state import CapacityState
+
+    for line, platform, adapter in (("0.32", "vllm", "vllm_modular"),
+                                    ("0.23", "ascend", "vllm-ascend adapter")):
+        with pytest.raises(PatchError) as exc:
+            CapacityState(_context(line, platform))
+        message = str(exc.value)
+        assert message.startswith("cfg.yaml:3: patch 'cap' (moe.capacity): overflow: reroute")
+        assert adapter in message and f"vLLM {line}" in message
+    CapacityState(_context("0.23", "vllm")).ctx.close()  # the CPU monolithic adapter: accepted
+
+
+def test_the_0_23_adapter_scores_are_the_routers_scoring_function():
+    from ascend_patch.impls.moe.adapters.vllm_0_23_cpu_monolithic import router_scores
+
+    logits = torch.tensor([[1.0, 2.0, 0.0]], dtype=torch.bfloat16)
+    assert torch.equal(router_scores(logits, "softmax"), logits.float().softmax(dim=-1))
+    assert torch.equal(router_scores(logits, "sigmoid"), logits.float().sigmoid())

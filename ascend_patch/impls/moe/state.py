@@ -76,6 +76,7 @@ class CapacityState:
 
         self.ctx = ctx
         self.options = options_of(ctx)
+        _refuse_reroute_without_scores(ctx, self.options)
         self.stats = CapacityStats(ctx.stats, self.options.log_interval, ctx.flush)
         # Taken-over layers by name (filled at load) and their drop steps (built on the first
         # call, in the plan op, outside any tracing: they hold process groups).
@@ -144,6 +145,35 @@ class CapacityState:
 
 def _plan_with_planner_in_force(*args: Any, **kwargs: Any) -> DropPlan:
     return CapacityState.planner()(*args, **kwargs)
+
+
+# Where `overflow: reroute` gets the router's scores of every expert, per adapter (line,
+# platform). Only vLLM 0.23's CPU monolithic adapter holds them: the runner hands
+# apply_monolithic the router logits, and the adapter routes itself. Elsewhere the step sees
+# (topk_weights, topk_ids) only, so the patch is refused at load, naming the adapter:
+# * vLLM 0.32 (vllm_modular): MoERunner._apply_quant_method (runner/moe_runner.py) holds
+#   router_logits and calls router.select_experts, then quant_method.apply(topk_weights,
+#   topk_ids) without them; reaching them needs a site on the router (not declared yet).
+# * vllm-ascend (ascend_0_23 / ascend_token_dispatch): the scores are inside
+#   AscendFusedMoE's select_experts (ops/fused_moe/experts_selector.py) before top-k; the
+#   dispatch hook we patch gets the top-k only.
+REROUTE_SCORES = {("0.23", "vllm"): "vllm_0_23_cpu_monolithic (apply_monolithic's router logits)"}
+_ADAPTER = {"vllm": "vllm_modular (vLLM's modular kernel)",
+            "ascend": "the vllm-ascend adapter (ascend_token_dispatch)"}
+
+
+def _refuse_reroute_without_scores(ctx: PatchContext, options: CapacityOptions) -> None:
+    stack = ctx.stack
+    if options.overflow != "reroute" or stack is None:
+        return
+    if (stack.line, stack.platform) in REROUTE_SCORES:
+        return
+    adapter = _ADAPTER.get(stack.platform, stack.platform)
+    raise ctx.error(
+        f"overflow: reroute needs the router's scores of every expert, which the adapter "
+        f"{adapter} on vLLM {stack.line} does not reach (it sees the top-k only); it works on "
+        f"vLLM 0.23's CPU backend; use overflow: drop here"
+    )
 
 
 def options_of(ctx: PatchContext) -> CapacityOptions:

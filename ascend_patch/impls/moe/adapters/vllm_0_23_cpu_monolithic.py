@@ -18,6 +18,9 @@ So for a CPU layer we take over:
 * `apply_monolithic` routes with the CPU backend's own `select_experts` (the same function
   and arguments as the original, so r = 0 routes exactly like stock), runs the drop step and
   calls the kernel. The runner keeps shared experts, the routed scaling and the all-reduce.
+  With `overflow: reroute` the step also gets the router's scores of every expert
+  (`router_scores`: the layer's scoring function on the router logits this method receives,
+  before top-k and without e_score_correction_bias, which only biases the choice).
 """
 
 from __future__ import annotations
@@ -42,10 +45,18 @@ def make_process_weights_after_loading(
     """Replacement of UnquantizedFusedMoEMethod.process_weights_after_loading (0.23)."""
     upstream = ctx.upstream
 
+    state = state_of(ctx)
+
     def build_kernel(method: Any, layer: Any, experts_cls: type) -> bool:
+        if (state.options.overflow == "reroute"
+                and method.unquantized_backend != upstream.UnquantizedMoeBackend.CPU):
+            raise state.error(
+                f"overflow: reroute: layer {layer.layer_name!r} runs vLLM 0.23's "
+                f"{method.unquantized_backend.name} backend, whose apply gets the top-k only "
+                f"(no router scores); only the CPU backend reroutes: use overflow: drop")
         return _build_cpu_kernel(method, layer, experts_cls, upstream)
 
-    return process_weights_factory(original, state_of(ctx), build_kernel=build_kernel)
+    return process_weights_factory(original, state, build_kernel=build_kernel)
 
 
 def _build_cpu_kernel(method: Any, layer: Any, experts_cls: type, upstream: Any) -> bool:
@@ -73,7 +84,7 @@ def make_apply_monolithic(
 ) -> Callable[..., Any]:
     """Replacement of UnquantizedFusedMoEMethod.apply_monolithic(self, layer, x,
     router_logits, input_ids=None) (0.23): the CPU backend's entry point."""
-    state_of(ctx)
+    reroute = state_of(ctx).options.overflow == "reroute"
     upstream = ctx.upstream
 
     def apply_monolithic(
@@ -98,7 +109,12 @@ def make_apply_monolithic(
             routed_scaling_factor=layer.routed_scaling_factor,
             e_score_correction_bias=layer.e_score_correction_bias,
         )
-        topk_weights, topk_ids = custom_ops.plan(topk_weights, topk_ids, layer.layer_name)
+        if reroute:
+            topk_weights, topk_ids = custom_ops.plan_scored(
+                topk_weights, topk_ids, router_scores(router_logits, layer.scoring_func),
+                layer.layer_name)
+        else:
+            topk_weights, topk_ids = custom_ops.plan(topk_weights, topk_ids, layer.layer_name)
         return self.moe_kernel.apply(
             hidden_states=x,
             w1=layer.w13_weight,
@@ -112,3 +128,10 @@ def make_apply_monolithic(
         )
 
     return apply_monolithic
+
+
+def router_scores(router_logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """float32 [T, E]: the score select_experts weighs experts with (its softmax or sigmoid
+    of the logits), for every expert: what a rerouted row is ranked and weighted by."""
+    logits = router_logits.float()
+    return logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
