@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ascend_patch.impls.moe.drop_step import DropStep
 from ascend_patch.impls.moe.options import CapacityOptions
-from ascend_patch.impls.moe.planner.capacity import plan_drops
+from ascend_patch.impls.moe.planner.capacity import _apportion, plan_drops
 from ascend_patch.impls.moe.planner.reroute import room_shares
 
 from .test_capacity import simulate_sources
@@ -122,7 +122,7 @@ def test_room_is_split_by_overflow_rows_largest_remainder():
     # Two sources, three bins, C = 5. Overflow rows: source 0 has 3, source 1 has 1.
     rows = torch.tensor([[4, 2, 0], [1, 1, 0]])
     quotas = torch.tensor([[2, 1, 0], [1, 0, 0]])
-    shares = room_shares(5, torch.tensor([3, 1, 0]), rows, quotas)
+    shares = room_shares(5, torch.tensor([3, 1, 0]), rows, quotas, _apportion)
     # Room [2, 4, 4], each capped at the 4 overflow rows; 3:1 split, remainders to source 0
     # (bin 0: 1.5 / 0.5 -> 2, 0 after the tie goes to the lower rank).
     assert shares.tolist() == [[2, 3, 3], [0, 1, 1]]
@@ -223,18 +223,19 @@ def test_adapters_without_router_scores_refuse_reroute_at_load():
     from ascend_patch.core.errors import PatchError
     from ascend_patch.impls.moe.state import CapacityState
 
-    for line, platform, adapter in (("0.32", "vllm", "vllm_modular"),
+    for line, platform, adapter in (("0.34", "vllm", "vllm_modular"),
                                     ("0.23", "ascend", "vllm-ascend adapter")):
         with pytest.raises(PatchError) as exc:
             CapacityState(_context(line, platform))
         message = str(exc.value)
         assert message.startswith("cfg.yaml:3: patch 'cap' (moe.capacity): overflow: reroute")
         assert adapter in message and f"vLLM {line}" in message
-    CapacityState(_context("0.23", "vllm")).ctx.close()  # the CPU monolithic adapter: accepted
+    for line in ("0.32", "0.23"):  # the router site; the CPU monolithic adapter
+        CapacityState(_context(line, "vllm")).ctx.close()
 
 
 def test_the_0_23_adapter_scores_are_the_routers_scoring_function():
-    from ascend_patch.impls.moe.adapters.vllm_0_23_cpu_monolithic import router_scores
+    from ascend_patch.impls.moe.adapters.router_scores import router_scores
 
     logits = torch.tensor([[1.0, 2.0, 0.0]], dtype=torch.bfloat16)
     assert torch.equal(router_scores(logits, "softmax"), logits.float().softmax(dim=-1))

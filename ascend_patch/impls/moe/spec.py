@@ -421,6 +421,15 @@ _CPU_0_23_READS = (
 # The modular-kernel site sets of 0.32, 0.33 and 0.34: the same two sites, and the same reads
 # on vLLM's RoutedExperts layer; each line adds what it alone has.
 _MODULAR_SITES = (_apply_site(), _weights_site(f"{_MODULAR}:make_process_weights_after_loading"))
+# 0.32 router/fused_moe_router.py:48, called by MoERunner._apply_quant_method with the router
+# logits (runner/moe_runner.py:628): with overflow: reroute the drop step runs here, where
+# the scores of every expert are at hand (adapters/router_scores.py); else vLLM's own.
+_ROUTER_SCORES_SITE = Site(
+    target=f"{_FM}.router.fused_moe_router:FusedMoERouter.select_experts",
+    signature="(self, hidden_states, router_logits, topk_indices_dtype=…, *, input_ids=…)",
+    factory="ascend_patch.impls.moe.adapters.router_scores:make_select_experts",
+    role="router_scores",
+)
 _ROUTED_READS = _MODULAR_READS + _layer_reads("routed_experts:RoutedExperts", *_SWIGLU_0_32)
 
 IMPLEMENTATIONS = {
@@ -442,7 +451,7 @@ IMPLEMENTATIONS = {
         site_sets=(
             SiteSet(
                 lines=("0.32",),
-                sites=(*_MODULAR_SITES, *_INT8_SITES),
+                sites=(*_MODULAR_SITES, *_INT8_SITES, _ROUTER_SCORES_SITE),
                 relies_on=_MODULAR_INTERFACES + _INT8_INTERFACES,
                 reads=_ROUTED_READS + (_BATCHED_FLAG,) + _INT8_READS,
                 # vLLM's --quantization names (plan matches a model's method against them).

@@ -93,6 +93,10 @@ class CapacityState:
         self.experts_cls: Any = None
         # The int8 experts class (adapters/vllm_int8_cpu.py), made at its first selection.
         self.int8_experts_cls: Any = None
+        # overflow: reroute: (layer name, layer) -> None, set by the adapter that brings the
+        # router's scores to the layer's step (adapters/router_scores.py); raises where the
+        # layer cannot have them. Called for every layer taken over.
+        self.route_scores: Any = None
         custom_ops.bind(self)
         ctx.on_close(lambda: custom_ops.unbind(self))
 
@@ -105,6 +109,11 @@ class CapacityState:
         return self.ctx.upstream
 
     def add_layer(self, name: str, layer: Any) -> None:
+        if self.options.overflow == "reroute":
+            if self.route_scores is None:
+                raise self.error(f"overflow: reroute: nothing brings the router's scores to "
+                                 f"MoE layer {name!r} here; use overflow: drop")
+            self.route_scores(name, layer)
         self.layers[name] = layer
         self.steps.pop(name, None)  # a new model in this process: plan for the new layer
         self.kernels.pop(name, None)
@@ -147,17 +156,9 @@ def _plan_with_planner_in_force(*args: Any, **kwargs: Any) -> DropPlan:
     return CapacityState.planner()(*args, **kwargs)
 
 
-# Where `overflow: reroute` gets the router's scores of every expert, per adapter (line,
-# platform). Only vLLM 0.23's CPU monolithic adapter holds them: the runner hands
-# apply_monolithic the router logits, and the adapter routes itself. Elsewhere the step sees
-# (topk_weights, topk_ids) only, so the patch is refused at load, naming the adapter:
-# * vLLM 0.32 (vllm_modular): MoERunner._apply_quant_method (runner/moe_runner.py) holds
-#   router_logits and calls router.select_experts, then quant_method.apply(topk_weights,
-#   topk_ids) without them; reaching them needs a site on the router (not declared yet).
-# * vllm-ascend (ascend_0_23 / ascend_token_dispatch): the scores are inside
-#   AscendFusedMoE's select_experts (ops/fused_moe/experts_selector.py) before top-k; the
-#   dispatch hook we patch gets the top-k only.
-REROUTE_SCORES = {("0.23", "vllm"): "vllm_0_23_cpu_monolithic (apply_monolithic's router logits)"}
+# The (line, platform)s where `overflow: reroute` gets the router's scores (where and how:
+# adapters/router_scores.py); elsewhere the patch is refused at load, naming the adapter.
+REROUTE_SCORES = {("0.32", "vllm"), ("0.23", "vllm")}
 _ADAPTER = {"vllm": "vllm_modular (vLLM's modular kernel)",
             "ascend": "the vllm-ascend adapter (ascend_token_dispatch)"}
 
@@ -172,7 +173,7 @@ def _refuse_reroute_without_scores(ctx: PatchContext, options: CapacityOptions) 
     raise ctx.error(
         f"overflow: reroute needs the router's scores of every expert, which the adapter "
         f"{adapter} on vLLM {stack.line} does not reach (it sees the top-k only); it works on "
-        f"vLLM 0.23's CPU backend; use overflow: drop here"
+        f"vLLM 0.32 and on vLLM 0.23's CPU backend; use overflow: drop here"
     )
 
 

@@ -32,6 +32,7 @@ import torch
 
 from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe import custom_ops
+from ascend_patch.impls.moe.adapters.router_scores import router_scores
 from ascend_patch.impls.moe.adapters.vllm_modular import (
     process_weights_factory,
     state_of,
@@ -46,17 +47,22 @@ def make_process_weights_after_loading(
     upstream = ctx.upstream
 
     state = state_of(ctx)
+    state.route_scores = lambda name, layer: _scores_on_cpu_only(state, name, layer)
 
     def build_kernel(method: Any, layer: Any, experts_cls: type) -> bool:
-        if (state.options.overflow == "reroute"
-                and method.unquantized_backend != upstream.UnquantizedMoeBackend.CPU):
-            raise state.error(
-                f"overflow: reroute: layer {layer.layer_name!r} runs vLLM 0.23's "
-                f"{method.unquantized_backend.name} backend, whose apply gets the top-k only "
-                f"(no router scores); only the CPU backend reroutes: use overflow: drop")
         return _build_cpu_kernel(method, layer, experts_cls, upstream)
 
     return process_weights_factory(original, state, build_kernel=build_kernel)
+
+
+def _scores_on_cpu_only(state: Any, name: str, layer: Any) -> None:
+    """overflow: reroute: only the CPU backend's apply_monolithic sees the router logits."""
+    backend = layer.quant_method.unquantized_backend
+    if backend != state.upstream.UnquantizedMoeBackend.CPU:
+        raise state.error(
+            f"overflow: reroute: MoE layer {name!r} runs vLLM 0.23's {backend.name} backend, "
+            f"whose apply gets the top-k only (no router scores); only the CPU backend "
+            f"reroutes: use overflow: drop")
 
 
 def _build_cpu_kernel(method: Any, layer: Any, experts_cls: type, upstream: Any) -> bool:
@@ -129,9 +135,3 @@ def make_apply_monolithic(
 
     return apply_monolithic
 
-
-def router_scores(router_logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
-    """float32 [T, E]: the score select_experts weighs experts with (its softmax or sigmoid
-    of the logits), for every expert: what a rerouted row is ranked and weighted by."""
-    logits = router_logits.float()
-    return logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)

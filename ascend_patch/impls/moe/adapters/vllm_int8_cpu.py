@@ -35,6 +35,7 @@ import torch
 
 from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe import custom_ops
+from ascend_patch.impls.moe.adapters.router_scores import rerouting
 from ascend_patch.impls.moe.adapters.vllm_modular import _install_dispatch, state_of
 from ascend_patch.impls.moe.state import CapacityState
 
@@ -255,12 +256,13 @@ def make_apply(original: Callable[..., Any], ctx: PatchContext) -> Callable[...,
     shared_experts, shared_experts_input): OnlineMoEMethodBase's (every online-quantised
     MoE method shares it: only layers whose experts are ours drop) and
     CompressedTensorsW8A8Int8MoEMethod's."""
-    state_of(ctx)
+    # overflow: reroute: the layer's router planned already (router_scores.py).
+    planned_by_router = rerouting(state_of(ctx))
 
     def apply(self: Any, layer: Any, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, shared_experts: Any,
               shared_experts_input: torch.Tensor | None) -> Any:
-        if getattr(getattr(self.moe_kernel, "fused_experts", None), "ascend_patch_int8", False):
+        if not planned_by_router and getattr(getattr(self.moe_kernel, "fused_experts", None), "ascend_patch_int8", False):
             topk_weights, topk_ids = custom_ops.plan(topk_weights, topk_ids, layer.layer_name)
         return original(self, layer, x, topk_weights, topk_ids, shared_experts,
                         shared_experts_input)

@@ -42,6 +42,7 @@ import torch
 
 from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe import custom_ops
+from ascend_patch.impls.moe.adapters.router_scores import rerouting
 from ascend_patch.impls.moe.adapters.triton_route import triton_route
 from ascend_patch.impls.moe.drop_step import DropStep
 from ascend_patch.impls.moe.state import CapacityState
@@ -412,7 +413,9 @@ def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
 def make_apply(original: Callable[..., Any], ctx: PatchContext) -> Callable[..., Any]:
     """Replacement of UnquantizedFusedMoEMethod.apply(self, layer, x, topk_weights, topk_ids,
     shared_experts, shared_experts_input)."""
-    state_of(ctx)
+    # overflow: reroute: the layer's router planned already, with the scores
+    # (router_scores.py); planning again would take rows off twice.
+    planned_by_router = rerouting(state_of(ctx))
 
     def apply(
         self: Any,
@@ -424,11 +427,11 @@ def make_apply(original: Callable[..., Any], ctx: PatchContext) -> Callable[...,
         shared_experts_input: torch.Tensor | None,
     ) -> Any:
         mode = getattr(self, TAKEN_OVER, False)
-        if mode:
+        if mode and not planned_by_router:
             topk_weights, topk_ids = custom_ops.plan(topk_weights, topk_ids, layer.layer_name)
-            if mode == TRITON:
-                return _apply_triton(self, layer, x, topk_weights, topk_ids, shared_experts,
-                                     shared_experts_input)
+        if mode == TRITON:
+            return _apply_triton(self, layer, x, topk_weights, topk_ids, shared_experts,
+                                 shared_experts_input)
         return original(
             self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input
         )

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.planner.reroute import reroute_over_cap
 
 # all_gather_counts: local int64 [2, E] (routed rows, protected rows per expert) -> [S, 2, E]
 AllGatherCounts = Callable[[torch.Tensor], torch.Tensor]
@@ -191,12 +192,10 @@ def plan_drops(
     weights = _surviving_weights(topk_weights, keep, options.renormalize, masked)
     rerouted = None
     if options.overflow == "reroute":
-        # reroute.py builds on this module (_apportion): imported here, not at the top.
-        from ascend_patch.impls.moe.planner.reroute import reroute_over_cap
-
         rerouted = reroute_over_cap(
             topk_weights, topk_ids, keep, router_scores, expert_bin, options.renormalize,
-            room_shares_args=(capacity, load_after, rows_by_source, quotas), rank=rank)
+            room_shares_args=(capacity, load_after, rows_by_source, quotas), rank=rank,
+            apportion=_apportion)
         keep, weights = rerouted.keep, rerouted.weights
     plan = DropPlan(
         keep=keep,

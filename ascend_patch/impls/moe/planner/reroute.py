@@ -18,7 +18,7 @@ Spare room and data parallelism: after the drop, bin b holds load_after[b] <= C 
 globally, so its room is C - load_after[b]. Every rank knows the gathered per-source counts
 and hence every source's drop quota; the room of each bin is split between the source ranks
 in proportion to their overflow rows by the same largest-remainder apportionment as the
-drop quotas (capacity._apportion, ties to the lower rank). Each rank then fills only its
+drop quotas (capacity._apportion, passed in; ties to the lower rank). Each rank then fills only its
 own share, so the ranks together never put a bin above C and no extra collective is needed
 (zero-token ranks get no room and run the same tensor ops on empty tensors).
 
@@ -39,11 +39,14 @@ token, rerouted ones included, to the token's original total, as for drop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ascend_patch.impls.moe.planner.capacity import _apportion
+# capacity._apportion's signature (kept, rows by source, protected by source) -> [S, bins]:
+# passed in by plan_drops, so this module does not import the planner that calls it.
+Apportion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -65,6 +68,7 @@ def reroute_over_cap(
     renormalize: bool,
     room_shares_args: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor],
     rank: int,
+    apportion: Apportion,
 ) -> Reroute:
     """plan_drops' hook: this rank's share of the room (`room_shares` on the gathered
     counts), then `reroute_overflow`. Raises ValueError without scores [T, E]."""
@@ -74,7 +78,7 @@ def reroute_over_cap(
         raise ValueError(
             f"overflow: reroute needs the router scores [tokens, experts] {expected}, got {got}"
         )
-    share = room_shares(*room_shares_args)[rank]
+    share = room_shares(*room_shares_args, apportion)[rank]
     return reroute_overflow(topk_weights, topk_ids, keep, router_scores, expert_bin, share,
                             renormalize)
 
@@ -84,6 +88,7 @@ def room_shares(
     load_after: torch.Tensor,
     rows_by_source: torch.Tensor,
     quotas: torch.Tensor,
+    apportion: Apportion,
 ) -> torch.Tensor:
     """int64 [S, bins]: the room below `capacity` each source rank may fill in each bin.
 
@@ -94,7 +99,7 @@ def room_shares(
     overflow = (rows_by_source - quotas).sum(dim=1)  # [S]
     room = (capacity - load_after).clamp(min=0).minimum(overflow.sum())  # [bins]
     by_source = overflow.unsqueeze(1).expand_as(rows_by_source)
-    return _apportion(room, by_source, torch.zeros_like(by_source))
+    return apportion(room, by_source, torch.zeros_like(by_source))
 
 
 def reroute_overflow(
