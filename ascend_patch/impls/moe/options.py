@@ -6,6 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
+# The (vLLM line, platform)s whose adapters bring the router's scores to the drop step, which
+# `overflow: reroute` needs (adapters/router_scores.py); elsewhere it is refused at load.
+REROUTE_STACKS = frozenset({("0.32", "vllm"), ("0.23", "vllm")})
+
 
 class CapacityOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -17,7 +17,7 @@ import torch
 from ascend_patch.core.context import PatchContext
 from ascend_patch.core.session import SESSION
 from ascend_patch.impls.moe.drop_step import DropStep, Planner
-from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.options import REROUTE_STACKS, CapacityOptions
 from ascend_patch.impls.moe.planner.capacity import AllGatherCounts, DropPlan, plan_drops
 from ascend_patch.impls.moe.telemetry.stats import CapacityStats
 
@@ -156,9 +156,6 @@ def _plan_with_planner_in_force(*args: Any, **kwargs: Any) -> DropPlan:
     return CapacityState.planner()(*args, **kwargs)
 
 
-# The (line, platform)s where `overflow: reroute` gets the router's scores (where and how:
-# adapters/router_scores.py); elsewhere the patch is refused at load, naming the adapter.
-REROUTE_SCORES = {("0.32", "vllm"), ("0.23", "vllm")}
 _ADAPTER = {"vllm": "vllm_modular (vLLM's modular kernel)",
             "ascend": "the vllm-ascend adapter (ascend_token_dispatch)"}
 
@@ -167,7 +164,7 @@ def _refuse_reroute_without_scores(ctx: PatchContext, options: CapacityOptions) 
     stack = ctx.stack
     if options.overflow != "reroute" or stack is None:
         return
-    if (stack.line, stack.platform) in REROUTE_SCORES:
+    if (stack.line, stack.platform) in REROUTE_STACKS:
         return
     adapter = _ADAPTER.get(stack.platform, stack.platform)
     raise ctx.error(
