@@ -49,8 +49,9 @@ class CapacityOptions(BaseModel):
             "sends it to the same token's best-scored expert outside its top-k whose bin is "
             "below the capacity, within the room (split between DP ranks by their overflow "
             "rows), and drops it only where there is none. Never raises a bin above the "
-            "capacity. Needs the router's scores: platform adapters that cannot reach them "
-            "refuse it at load. Weight: the new expert's score on the token's scale."
+            "capacity. Needs the router's scores: vLLM 0.32 and vLLM 0.23's CPU backend have "
+            "them; elsewhere the patch is refused at load. Weight: the new expert's score "
+            "scaled as the router scaled the token's top-k (renormalize rescales as for drop)."
         ),
     )
     keep_top1: StrictBool = Field(
