@@ -37,6 +37,7 @@ NEAR_TIE = 0.05
 # top-4 rows; a decode call routes PROMPTS x 4 rows.
 LAYERS, TOP_K = 4, 4
 PREFILL_ROWS = PROMPTS * LENGTH * TOP_K
+REROUTE = Arm(0.2, overflow="reroute")
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +46,12 @@ def runs(tmp_path_factory) -> dict[float | str, dict]:
     prompts_file = work / "prompts.json"
     prompts_file.write_text(json.dumps(heldout_prompts(MODEL, PROMPTS, LENGTH)))
     # simulate_ep_size 4: the 32 experts on 4 ranks, so the most loaded one is capped.
-    arms = run_sweep([Arm(r) for r in RATIOS], MODEL, prompts_file, work,
+    # With the reroute arm the engine loads with overflow: reroute (the router site plans,
+    # with the scores); the drop arms plan there too, ignoring them.
+    arms = run_sweep([Arm(r) for r in RATIOS] + [REROUTE], MODEL, prompts_file, work,
                      gen_tokens=GEN_TOKENS, timeout=400)
     out = {r: arms[Arm(r).name] for r in RATIOS}  # by ratio
+    out["reroute"] = arms[REROUTE.name]
     out["stock"] = run_arm(Arm(stock=True), MODEL, prompts_file, work, gen_tokens=GEN_TOKENS,
                            timeout=400)
     return out
@@ -102,3 +106,16 @@ def test_perplexity_grows_with_the_drop_ratio(runs):
     assert values[0.05] <= values[0.2] + TOLERANCE, values
     # Dropping a fifth of the rows must cost something measurable, not only "no better".
     assert values[0.2] - values[0.0] > TOLERANCE, values
+
+
+def test_reroute_computes_more_rows_at_the_same_bottleneck(runs):
+    """overflow: reroute at r = 0.2, per prefill call (one per layer): part of the rows taken
+    off an over-capacity rank are computed on another rank's expert with room, and the most
+    loaded rank holds exactly what it holds under the call's drop plan (rerouted rows only
+    fill ranks up to the cap). The held-out NLL is no worse than drop's (measured on vLLM
+    0.32: +0.0040 against drop's +0.0064 on these 1020 tokens)."""
+    calls = [c for c in runs["reroute"]["calls"] if c["rows"] >= PREFILL_ROWS]
+    assert len(calls) == LAYERS
+    assert [0 < c["rerouted"] <= c["dropped"] <= c["budget"] for c in calls] == [True] * LAYERS
+    assert [c["max_after"] for c in calls] == [c["max_after_drop"] for c in calls]
+    assert nll(runs["reroute"]) <= nll(runs[0.2]) + TOLERANCE
