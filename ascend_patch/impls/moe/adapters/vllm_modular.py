@@ -518,7 +518,8 @@ def export_layer_metrics(state: CapacityState, layer_name: str, parallel: Any) -
         # Under sequence-parallel MoE every rank holds its own tokens and writes its rows.
         planned = bool(parallel.is_sequence_parallel) or rank_within_dp(parallel) == 0
         state.stats.export_layer(layer_name, layer_series(
-            writer, state.ctx.patch_name, layer_name, parallel.dp_rank, planned=planned))
+            writer, state.ctx.patch_name, layer_name, parallel.dp_rank, planned=planned,
+            rerouting=rerouting(state)))
 
 
 def check_config_over_group(options: Any, group: Any, digest: str | None = None) -> None:

@@ -60,8 +60,6 @@ _COUNTERS = {
     "calls_with_drops": "MoE calls that dropped at least one (token, expert) row",
     "rows_routed": "(token, expert) rows routed from this DP rank's tokens",
     "rows_dropped": "(token, expert) rows dropped from this DP rank's tokens",
-    "rows_rerouted": "of the dropped rows, those rerouted to an expert with room "
-                     "(overflow: reroute)",
     "bin_load_max_before_rows": "sum over calls of the most loaded bin's rows before dropping "
                                 "(EP group)",
     "bin_load_max_after_rows": "sum over calls of the most loaded bin's rows after dropping "
@@ -70,6 +68,9 @@ _COUNTERS = {
                                  "(EP group)",
     "bin_load_mean_after_rows": "sum over calls of the mean bin load after dropping (EP group)",
 }
+# Only with overflow: reroute (a drop-only patch exports no series that stays 0).
+_REROUTED = ("rows_rerouted", "of the dropped rows, those rerouted to an expert with room "
+             "(overflow: reroute)")
 _GAUGES = {
     "capacity_rows": "per-bin capacity C of the last MoE call (EP group)",
     "last_bin_load_max_before_rows": "most loaded bin's rows before dropping, last MoE call",
@@ -108,7 +109,8 @@ class LayerSeries:
             c["calls_with_drops"].inc(1)
         c["rows_routed"].inc(routed)
         c["rows_dropped"].inc(dropped)
-        c["rows_rerouted"].inc(rerouted)
+        if rerouted:
+            c["rows_rerouted"].inc(rerouted)
         for key, value in (("max_before", max_before), ("max_after", max_after),
                            ("mean_before", mean_before), ("mean_after", mean_after)):
             c[f"bin_load_{key}_rows"].inc(value)
@@ -121,7 +123,8 @@ class LayerSeries:
 
 
 def layer_series(writer: Any, patch: str, layer: str, dp_rank: int,
-                 planned: bool, process: str | None = None) -> LayerSeries:
+                 planned: bool, process: str | None = None,
+                 rerouting: bool = False) -> LayerSeries:
     if process is None:
         from ascend_patch.core.metrics import process_label
 
@@ -130,6 +133,8 @@ def layer_series(writer: Any, patch: str, layer: str, dp_rank: int,
     counters, gauges = {}, {}
     if planned:
         counters = {k: writer.counter(name(k), doc, labels) for k, doc in _COUNTERS.items()}
+        if rerouting:
+            counters[_REROUTED[0]] = writer.counter(name(_REROUTED[0]), _REROUTED[1], labels)
         gauges = {k: writer.gauge(name(k), doc, labels, GAUGE_MODE) for k, doc in _GAUGES.items()}
     return LayerSeries(counters, gauges, writer.counter(name(BYTES), _BYTES_HELP, labels),
                        planned, dp_rank, process)
