@@ -235,7 +235,7 @@ def test_adapters_without_router_scores_refuse_reroute_at_load():
 
 
 def test_the_0_23_adapter_scores_are_the_routers_scoring_function():
-    from ascend_patch.impls.moe.adapters.router_scores import router_scores
+    from ascend_patch.impls.moe.planner.reroute import scores_from_logits as router_scores
 
     logits = torch.tensor([[1.0, 2.0, 0.0]], dtype=torch.bfloat16)
     assert torch.equal(router_scores(logits, "softmax"), logits.float().softmax(dim=-1))

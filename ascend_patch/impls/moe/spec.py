@@ -413,6 +413,7 @@ _CPU_0_23_READS = (
     Attribute(f"{_METHOD}.get_fused_moe_quant_config", "the kernel's quant config (None)"),
     *(Attribute(f"{_FM}.layer:FusedMoE.{name}", "routing and weights of the CPU backend")
       for name in ("_expert_routing_tables", "top_k", "use_grouped_topk", "renormalize",
+                   "quant_method",
                    "topk_group", "num_expert_group", "custom_routing_function", "scoring_func",
                    "routed_scaling_factor", "e_score_correction_bias",
                    "apply_router_weight_on_input")),
@@ -431,6 +432,15 @@ _ROUTER_SCORES_SITE = Site(
     role="router_scores",
 )
 _ROUTED_READS = _MODULAR_READS + _layer_reads("routed_experts:RoutedExperts", *_SWIGLU_0_32)
+# overflow: reroute on 0.32 (adapters/router_scores.py): each taken-over layer's router is
+# found at load under its name in the compilation config (moe_runner.py:59 registers it).
+_ROUTER_SCORES_READS = (
+    Attribute("vllm.config.compilation:CompilationConfig.static_forward_context",
+              "the MoE runner of a layer, by the layer's name"),
+    Attribute(f"{_FM}.runner.moe_runner:MoERunner.router", "the layer's FusedMoERouter"),
+    Attribute(f"{_FM}.routed_experts:RoutedExperts.scoring_func",
+              "softmax or sigmoid: how the router's logits become scores"),
+)
 
 IMPLEMENTATIONS = {
     "moe.capacity": Implementation(
@@ -453,7 +463,7 @@ IMPLEMENTATIONS = {
                 lines=("0.32",),
                 sites=(*_MODULAR_SITES, *_INT8_SITES, _ROUTER_SCORES_SITE),
                 relies_on=_MODULAR_INTERFACES + _INT8_INTERFACES,
-                reads=_ROUTED_READS + (_BATCHED_FLAG,) + _INT8_READS,
+                reads=_ROUTED_READS + (_BATCHED_FLAG,) + _INT8_READS + _ROUTER_SCORES_READS,
                 # vLLM's --quantization names (plan matches a model's method against them).
                 quantized_layers=("experts_int8", "compressed-tensors W8A8 int8"),
             ),

@@ -104,6 +104,11 @@ class CapacityState:
         return self.ctx.error(message)
 
     @property
+    def rerouting(self) -> bool:
+        """overflow: reroute: the drop step needs the router's scores (router_scores.py)."""
+        return self.options.overflow == "reroute"
+
+    @property
     def upstream(self) -> Any:
         """The vLLM / vllm-ascend symbols the catalog declares for this patch's stack."""
         return self.ctx.upstream

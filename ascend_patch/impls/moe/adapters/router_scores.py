@@ -10,7 +10,7 @@ token's score for every expert (planner/reroute.py). Per line:
   took over (tagged at load from the compilation config's static_forward_context, where the
   runner registers itself under the layer's name, moe_runner.py:59) it runs the drop step
   itself, with the scores, and the apply then does not plan again. Without `reroute` the
-  site is vLLM's own function (the factory returns the original).
+  replacement only calls vLLM's (the patcher needs a function of its own to mark).
 * vLLM 0.23 CPU (vllm_0_23_cpu_monolithic.py): apply_monolithic receives router_logits and
   routes by itself: the scores are computed there. The other 0.23 backends reach `apply`
   with the top-k only: refused at load.
@@ -31,41 +31,31 @@ import torch
 
 from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe import custom_ops
+from ascend_patch.impls.moe.planner.reroute import scores_from_logits
 from ascend_patch.impls.moe.state import CapacityState
 
 # (layer name, scoring function) on the FusedMoERouter of a layer we took over.
 ROUTER_TAG = "_ascend_patch_moe_capacity_scores"
 
 
-def router_scores(router_logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
-    """float32 [T, E]: the score select_experts weighs experts with (its softmax or sigmoid
-    of the logits), for every expert: what a rerouted row is ranked and weighted by."""
-    logits = router_logits.float()
-    return logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
-
-
-def rerouting(state: CapacityState) -> bool:
-    return state.options.overflow == "reroute"
-
-
 def make_select_experts(original: Callable[..., Any], ctx: PatchContext) -> Callable[..., Any]:
     """Replacement of FusedMoERouter.select_experts(self, hidden_states, router_logits,
     topk_indices_dtype=None, *, input_ids=None) (vLLM 0.32)."""
     state = ctx.state(CapacityState)
-    if not rerouting(state):
-        return original
-    state.route_scores = lambda name, layer: tag_router(state, name, layer)
+    reroute = state.rerouting
+    if reroute:
+        state.route_scores = lambda name, layer: tag_router(state, name, layer)
 
     def select_experts(self: Any, hidden_states: torch.Tensor, router_logits: torch.Tensor,
                        topk_indices_dtype: Any = None, *, input_ids: Any = None) -> Any:
         topk_weights, topk_ids = original(self, hidden_states, router_logits,
                                           topk_indices_dtype, input_ids=input_ids)
-        tag = getattr(self, ROUTER_TAG, None)
+        tag = getattr(self, ROUTER_TAG, None) if reroute else None
         if tag is None:
             return topk_weights, topk_ids
         layer_name, scoring_func = tag
         return custom_ops.plan_scored(topk_weights, topk_ids,
-                                      router_scores(router_logits, scoring_func), layer_name)
+                                      scores_from_logits(router_logits, scoring_func), layer_name)
 
     return select_experts
 

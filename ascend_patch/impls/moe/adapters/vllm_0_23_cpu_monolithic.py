@@ -19,7 +19,7 @@ So for a CPU layer we take over:
   and arguments as the original, so r = 0 routes exactly like stock), runs the drop step and
   calls the kernel. The runner keeps shared experts, the routed scaling and the all-reduce.
   With `overflow: reroute` the step also gets the router's scores of every expert
-  (`router_scores`: the layer's scoring function on the router logits this method receives,
+  (`scores_from_logits`: the layer's scoring function on the router logits this method receives,
   before top-k and without e_score_correction_bias, which only biases the choice).
 """
 
@@ -32,7 +32,7 @@ import torch
 
 from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe import custom_ops
-from ascend_patch.impls.moe.adapters.router_scores import router_scores
+from ascend_patch.impls.moe.planner.reroute import scores_from_logits
 from ascend_patch.impls.moe.adapters.vllm_modular import (
     process_weights_factory,
     state_of,
@@ -90,7 +90,7 @@ def make_apply_monolithic(
 ) -> Callable[..., Any]:
     """Replacement of UnquantizedFusedMoEMethod.apply_monolithic(self, layer, x,
     router_logits, input_ids=None) (0.23): the CPU backend's entry point."""
-    reroute = state_of(ctx).options.overflow == "reroute"
+    reroute = state_of(ctx).rerouting
     upstream = ctx.upstream
 
     def apply_monolithic(
@@ -117,7 +117,7 @@ def make_apply_monolithic(
         )
         if reroute:
             topk_weights, topk_ids = custom_ops.plan_scored(
-                topk_weights, topk_ids, router_scores(router_logits, layer.scoring_func),
+                topk_weights, topk_ids, scores_from_logits(router_logits, layer.scoring_func),
                 layer.layer_name)
         else:
             topk_weights, topk_ids = custom_ops.plan(topk_weights, topk_ids, layer.layer_name)

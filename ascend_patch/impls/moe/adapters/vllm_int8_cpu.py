@@ -35,7 +35,6 @@ import torch
 
 from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe import custom_ops
-from ascend_patch.impls.moe.adapters.router_scores import rerouting
 from ascend_patch.impls.moe.adapters.vllm_modular import _install_dispatch, state_of
 from ascend_patch.impls.moe.state import CapacityState
 
@@ -257,7 +256,7 @@ def make_apply(original: Callable[..., Any], ctx: PatchContext) -> Callable[...,
     MoE method shares it: only layers whose experts are ours drop) and
     CompressedTensorsW8A8Int8MoEMethod's."""
     # overflow: reroute: the layer's router planned already (router_scores.py).
-    planned_by_router = rerouting(state_of(ctx))
+    planned_by_router = state_of(ctx).rerouting
 
     def apply(self: Any, layer: Any, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, shared_experts: Any,

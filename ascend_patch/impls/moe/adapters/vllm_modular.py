@@ -42,7 +42,6 @@ import torch
 
 from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe import custom_ops
-from ascend_patch.impls.moe.adapters.router_scores import rerouting
 from ascend_patch.impls.moe.adapters.triton_route import triton_route
 from ascend_patch.impls.moe.drop_step import DropStep
 from ascend_patch.impls.moe.state import CapacityState
@@ -415,7 +414,7 @@ def make_apply(original: Callable[..., Any], ctx: PatchContext) -> Callable[...,
     shared_experts, shared_experts_input)."""
     # overflow: reroute: the layer's router planned already, with the scores
     # (router_scores.py); planning again would take rows off twice.
-    planned_by_router = rerouting(state_of(ctx))
+    planned_by_router = state_of(ctx).rerouting
 
     def apply(
         self: Any,
@@ -519,7 +518,7 @@ def export_layer_metrics(state: CapacityState, layer_name: str, parallel: Any) -
         planned = bool(parallel.is_sequence_parallel) or rank_within_dp(parallel) == 0
         state.stats.export_layer(layer_name, layer_series(
             writer, state.ctx.patch_name, layer_name, parallel.dp_rank, planned=planned,
-            rerouting=rerouting(state)))
+            rerouting=state.rerouting))
 
 
 def check_config_over_group(options: Any, group: Any, digest: str | None = None) -> None:

@@ -167,6 +167,14 @@ def reroute_overflow(
     )
 
 
+def scores_from_logits(router_logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """float32 [T, E]: the score a router weighs experts with (its softmax or sigmoid of the
+    logits), for every expert: what a rerouted row is ranked and weighted by. Adapters call
+    it on the logits they reach (adapters/router_scores.py)."""
+    logits = router_logits.float()
+    return logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
+
+
 def _rank_in_bin(target: torch.Tensor, score: torch.Tensor, num_bins: int) -> torch.Tensor:
     """int64 [T]: each proposal's place in its bin, by score descending then token."""
     by_score = torch.sort(-score, stable=True).indices
