@@ -109,7 +109,7 @@ class LayerSeries:
             c["calls_with_drops"].inc(1)
         c["rows_routed"].inc(routed)
         c["rows_dropped"].inc(dropped)
-        if rerouted:
+        if rerouted and "rows_rerouted" in c:
             c["rows_rerouted"].inc(rerouted)
         for key, value in (("max_before", max_before), ("max_after", max_after),
                            ("mean_before", mean_before), ("mean_after", mean_after)):
