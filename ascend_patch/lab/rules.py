@@ -152,6 +152,7 @@ def lab_planner(topk_weights: torch.Tensor, topk_ids: torch.Tensor, **kwargs: An
     LAB.calls.append({
         "rows": plan.routed_rows, "dropped": plan.dropped_rows, "budget": plan.budget,
         "rerouted": int(plan.local_rerouted_rows), "max_after_drop": max_after_drop,
+        "capacity": int(plan.capacity), "min_after": int(after.min()) if after.numel() else 0,
         "max_before": int(before.max()), "mean_before": float(before.float().mean()),
         "max_after": int(after.max()), "mean_after": float(after.float().mean()),
     })

@@ -108,14 +108,20 @@ def test_perplexity_grows_with_the_drop_ratio(runs):
     assert values[0.2] - values[0.0] > TOLERANCE, values
 
 
-def test_reroute_computes_more_rows_at_the_same_bottleneck(runs):
-    """overflow: reroute at r = 0.2, per prefill call (one per layer): part of the rows taken
-    off an over-capacity rank are computed on another rank's expert with room, and the most
-    loaded rank holds exactly what it holds under the call's drop plan (rerouted rows only
-    fill ranks up to the cap). The held-out NLL is no worse than drop's (measured on vLLM
-    0.32: +0.0040 against drop's +0.0064 on these 1020 tokens)."""
+def test_reroute_fills_ranks_up_to_the_cap_and_no_further(runs):
+    """overflow: reroute at r = 0.2, per prefill call (one per layer): rows taken off an
+    over-capacity rank are computed on another rank's expert while some rank is below the cap
+    (with 8 experts per rank a token always has a candidate there), so a call either reroutes
+    every such row or ends with every rank at the cap or above it; and the most loaded rank
+    holds exactly what it holds under the call's drop plan. Measured on vLLM 0.32 (4 x 256
+    tokens): 115, 818, 0 and 565 of about 818 rows rerouted in layers 0-3, layer 2 leaving
+    every rank at the cap after the drop already. The held-out NLL is no worse than drop's
+    beyond TOLERANCE (+0.0040 against drop's +0.0064 on these 1020 tokens)."""
     calls = [c for c in runs["reroute"]["calls"] if c["rows"] >= PREFILL_ROWS]
     assert len(calls) == LAYERS
-    assert [0 < c["rerouted"] <= c["dropped"] <= c["budget"] for c in calls] == [True] * LAYERS
+    assert all(0 <= c["rerouted"] <= c["dropped"] <= c["budget"] for c in calls), calls
+    assert sum(c["rerouted"] for c in calls) > 0
+    assert all(c["rerouted"] == c["dropped"] or c["min_after"] >= c["capacity"]
+               for c in calls), calls
     assert [c["max_after"] for c in calls] == [c["max_after_drop"] for c in calls]
     assert nll(runs["reroute"]) <= nll(runs[0.2]) + TOLERANCE
