@@ -188,7 +188,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         key = (r["policy"] + ("+reroute" if r.get("overflow") == "reroute" else ""),
                r["keep_top1"], r["renormalize"])
         styles.setdefault(key, []).append(r)
-    colours = {"probs": "tab:blue", "probs+reroute": "tab:cyan", "position": "tab:orange", SEED: "tab:red",
+    colours = {"probs": "tab:blue", "probs+reroute": "tab:cyan", "position": "tab:orange",
+               SEED: "tab:red",
                "key:tail": "tab:green", "key:rank": "tab:purple", "key:relative": "tab:brown"}
     for (policy, top1, renorm), series in sorted(styles.items(), key=str):
         series.sort(key=lambda r: r["ratio"])
