@@ -52,20 +52,23 @@ POLICIES = ("probs", "position")
 
 
 def arms_for(ratios: list[float], grid: str, policies: tuple[str, ...],
-             stock: bool) -> list[Arm]:
+             stock: bool, overflows: tuple[str, ...] = ("drop",), seed: bool = True,
+             ) -> list[Arm]:
     arms = [Arm(0.0)] + ([Arm(stock=True)] if stock else [])
-    flags = ([(True, False)] if grid == "main"
-             else [(True, False), (False, False), (True, True), (False, True)])
+    flags = {"main": [(True, False)], "renorm": [(True, False), (True, True)],
+             "full": [(True, False), (False, False), (True, True), (False, True)]}[grid]
     for ratio in ratios:
         if ratio == 0:
             continue
-        arms.append(seed_arm(ratio))
+        if seed:
+            arms.append(seed_arm(ratio))
         for policy in policies:
             if policy.startswith("key:"):  # lab candidates: the default flags only
                 arms.append(Arm(ratio, policy, True, False))
                 continue
             for keep_top1, renormalize in flags:
-                arms.append(Arm(ratio, policy, keep_top1, renormalize))
+                arms.extend(Arm(ratio, policy, keep_top1, renormalize, overflow=overflow)
+                            for overflow in overflows)
     return arms
 
 
@@ -73,6 +76,7 @@ def row(arm: Arm, result: dict, reference: dict, min_rows: int) -> dict:
     loads = prefill_loads(result.get("calls", []), min_rows)
     return {"arm": arm.name, "ratio": arm.ratio, "policy": "stock" if arm.stock else arm.policy,
             "keep_top1": arm.keep_top1, "renormalize": arm.renormalize,
+            "overflow": arm.overflow,
             **compare(result, reference), **loads}
 
 
@@ -82,10 +86,11 @@ def mean(values: list[float]) -> float:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        ("| r | policy | keep_top1 | renorm | rows dropped | rank max/mean before -> after "
+        ("| r | policy | overflow | keep_top1 | renorm | rows dropped | rows rerouted "
+         "| rows computed | bottleneck rows | rank max/mean before -> after "
          "| perplexity | NLL increase (± s.e.) | mean abs logprob change | argmax agreement "
          "| greedy prefix agreement |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         before, after = r.get("max_over_mean_before"), r.get("max_over_mean_after")
@@ -93,8 +98,12 @@ def markdown(rows: list[dict]) -> str:
         dropped = f"{100 * r['drop_fraction']:.2f}%" if "drop_fraction" in r else "-"
         flags = (("-", "-") if r["policy"] in ("stock", SEED) or r["ratio"] == 0
                  else (str(r["keep_top1"]).lower(), str(r["renormalize"]).lower()))
+        rerouted = (f"{100 * r['rows_rerouted'] / r['rows_routed']:.2f}%"
+                    if r.get("rows_routed") else "-")
         lines.append(
-            f"| {r['ratio']:g} | {r['policy']} | {flags[0]} | {flags[1]} | {dropped} | {loads} "
+            f"| {r['ratio']:g} | {r['policy']} | {r.get('overflow', 'drop')} | {flags[0]} "
+            f"| {flags[1]} | {dropped} | {rerouted} | {r.get('rows_computed', '-')} "
+            f"| {r.get('bottleneck_rows', '-')} | {loads} "
             f"| {r['perplexity']:.3f} | {r['delta_nll']:.4f} ± {r['delta_nll_stderr']:.4f} "
             f"| {r['abs_delta_logprob']:.4f} | {r['argmax_agreement']:.4f} "
             f"| {r['generated_prefix_agreement']:.3f} |"
@@ -139,6 +148,32 @@ def verdict(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def reroute_verdict(rows: list[dict]) -> str:
+    """Reroute against probs-drop at the same ratio and flags: the issue's goal is a loss at
+    most half of drop's at an equal bottleneck load."""
+    lines = [("| r | renorm | drop NLL increase | reroute NLL increase | reroute / drop "
+              "| reroute - half drop (± s.e.) | bottleneck rows drop / reroute |"),
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("overflow") != "reroute":
+            continue
+        drop = next((d for d in rows if d.get("overflow", "drop") == "drop"
+                     and d["ratio"] == r["ratio"] and d["policy"] == r["policy"]
+                     and d["keep_top1"] == r["keep_top1"]
+                     and d["renormalize"] == r["renormalize"]), None)
+        if drop is None:
+            continue
+        m, se = paired(r["per_prompt_delta_nll"], drop["per_prompt_delta_nll"])
+        share = f"{r['delta_nll'] / drop['delta_nll']:.3f}" if drop["delta_nll"] else "-"
+        lines.append(
+            f"| {r['ratio']:g} | {str(r['renormalize']).lower()} "
+            f"| {drop['delta_nll']:.4f} ± {drop['delta_nll_stderr']:.4f} "
+            f"| {r['delta_nll']:.4f} ± {r['delta_nll_stderr']:.4f} | {share} "
+            f"| {m:+.4f} ± {se:.4f} "
+            f"| {drop.get('bottleneck_rows', '-')} / {r.get('bottleneck_rows', '-')} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -150,9 +185,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for r in rows:
         if r["policy"] == "stock" or r["ratio"] == 0:
             continue
-        key = (r["policy"], r["keep_top1"], r["renormalize"])
+        key = (r["policy"] + ("+reroute" if r.get("overflow") == "reroute" else ""),
+               r["keep_top1"], r["renormalize"])
         styles.setdefault(key, []).append(r)
-    colours = {"probs": "tab:blue", "position": "tab:orange", SEED: "tab:red",
+    colours = {"probs": "tab:blue", "probs+reroute": "tab:cyan", "position": "tab:orange",
+               SEED: "tab:red",
                "key:tail": "tab:green", "key:rank": "tab:purple", "key:relative": "tab:brown"}
     for (policy, top1, renorm), series in sorted(styles.items(), key=str):
         series.sort(key=lambda r: r["ratio"])
@@ -189,7 +226,12 @@ def main() -> None:
                         help="PNG path (default OUT/drop_accuracy.png)")
     parser.add_argument("--ratios", default="0,0.01,0.02,0.05,0.1")
     parser.add_argument("--policies", default=",".join(POLICIES))
-    parser.add_argument("--grid", choices=("main", "full"), default="full")
+    parser.add_argument("--grid", choices=("main", "renorm", "full"), default="full",
+                        help="keep_top1 x renormalize flags: main (on, off), renorm (on, "
+                        "both), full (all four)")
+    parser.add_argument("--overflow", default="drop",
+                        help="comma list of moe.capacity overflow modes (drop, reroute)")
+    parser.add_argument("--no-seed", action="store_true", help="skip the seed-rule arms")
     parser.add_argument("--text", choices=("heldout", "stdlib"), default="heldout",
                         help="heldout: the model's heldout.txt; stdlib: every held-out file "
                         "of the training split, read from this interpreter's stdlib")
@@ -211,7 +253,11 @@ def main() -> None:
     args = parser.parse_args()
 
     ratios = [float(r) for r in args.ratios.split(",")]
-    arms = arms_for(ratios, args.grid, tuple(args.policies.split(",")), not args.no_stock)
+    overflows = tuple(args.overflow.split(","))
+    if set(overflows) - {"drop", "reroute"}:
+        parser.error(f"--overflow: drop or reroute, not {args.overflow!r}")
+    arms = arms_for(ratios, args.grid, tuple(args.policies.split(",")), not args.no_stock,
+                    overflows, seed=not args.no_seed)
     by_name = {arm.name: arm for arm in arms}
     checks = [name for name in args.check.split(",") if name]
     unknown = [name for name in checks if name not in by_name]
@@ -264,6 +310,8 @@ def report(args, arms, prompts, results, sweep, own, checks, started) -> None:
     rows = [row(arm, results[arm.name], reference, min_rows) for arm in arms]
     table = markdown(rows)
     policy_table = verdict(rows)
+    if any(r.get("overflow") == "reroute" for r in rows):
+        policy_table += "\n\n" + reroute_verdict(rows)
     wall = time.perf_counter() - started
     # The router's load as the patch itself reports it (r = 0 arm's own process report).
     router = own.get("r0", {}).get("moe_stats")

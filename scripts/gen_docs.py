@@ -245,7 +245,7 @@ def metrics_page() -> str:
     from ascend_patch.impls.moe.telemetry import metrics as moe_metrics
 
     per_layer, mc2 = _Recorder(), _Recorder()
-    moe_metrics.layer_series(per_layer, "P", "L", 0, planned=True, process="W")
+    moe_metrics.layer_series(per_layer, "P", "L", 0, planned=True, process="W", rerouting=True)
     moe_metrics.overflow_series(mc2, "P", "L", 0, process="W")
     lines = ["# Metrics", "", GENERATED, "",
              "The `ascend_patch_*` series on vLLM's `/metrics` (the API server's), from the "

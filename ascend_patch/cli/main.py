@@ -425,9 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--force", action="store_true",
                       help="write into OUT_DIR even if it is not empty (replacing the model files)")
     tiny.set_defaults(func=cmd_tiny_model)
-    from ascend_patch.cli import ab
+    from ascend_patch.cli import ab, tune
 
     ab.add_parser(sub)
+    tune.add_parser(sub)
     return parser
 
 

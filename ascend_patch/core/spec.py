@@ -96,6 +96,12 @@ class ProfileSpec(_Strict):
     add: list[PatchSpec] = Field(
         default_factory=list, description="Patches only this profile applies."
     )
+    evidence: dict[str, Any] | None = Field(
+        None,
+        description="How the profile was chosen (`ascend-patch tune` writes it: samples, "
+        "intervals, versions, config digest, date). A record for people; the patcher never "
+        "reads it.",
+    )
 
 
 class ConfigSpec(_Strict):

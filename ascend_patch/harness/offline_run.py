@@ -116,14 +116,16 @@ def prompt_logprob_sum(llm, texts: list[str]) -> dict:
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-    total, tokens = 0.0, 0
+    per_prompt = []
     for output in llm.generate(texts, params, use_tqdm=False):
         ids = output.prompt_token_ids or []
         # Position 0 has no logprob (nothing before it); each entry holds the actual token.
-        for position, token in zip(output.prompt_logprobs[1:], ids[1:]):
-            total += position[token].logprob
-            tokens += 1
-    return {"logprob_sum": total, "tokens": tokens}
+        logprobs = [position[token].logprob
+                    for position, token in zip(output.prompt_logprobs[1:], ids[1:])]
+        per_prompt.append({"logprob_sum": sum(logprobs), "tokens": len(logprobs)})
+    # Per prompt too: `tune` puts an interval over prompts on the NLL increase.
+    return {"logprob_sum": sum(p["logprob_sum"] for p in per_prompt),
+            "tokens": sum(p["tokens"] for p in per_prompt), "per_prompt": per_prompt}
 
 
 def _status(prefix: str, data: dict) -> None:

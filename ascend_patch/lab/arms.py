@@ -33,6 +33,7 @@ class Arm:
     keep_top1: bool = True
     renormalize: bool = False
     stock: bool = False  # no ASCEND_PATCH_CONFIG at all
+    overflow: str = "drop"  # moe.capacity's overflow: "drop" or "reroute"
 
     @property
     def name(self) -> str:
@@ -42,7 +43,8 @@ class Arm:
             return "r0"
         flags = ("" if self.policy == SEED else
                  f"-top1{int(self.keep_top1)}-renorm{int(self.renormalize)}")
-        return f"r{self.ratio:g}-{self.policy}{flags}"
+        overflow = "" if self.overflow == "drop" else f"-{self.overflow}"
+        return f"r{self.ratio:g}-{self.policy}{flags}{overflow}"
 
     @property
     def rule(self) -> str | None:
@@ -61,6 +63,7 @@ class Arm:
             "renormalize": self.renormalize,
             "simulate_ep_size": simulate_ep_size,
             "min_tokens": min_tokens,
+            "overflow": self.overflow,
             "log_interval": 1,
         }
 
@@ -169,7 +172,11 @@ def run_sweep(arms: list[Arm], model_dir: Path, prompts_file: Path, work: Path, 
         tail += ["--probe", ",".join(probe)]
     if scales:
         tail += ["--scales", str(scales)]
-    base = Arm(0.0).config_text(simulate_ep_size, min_tokens)
+    # With a reroute arm the engine is loaded with overflow: reroute, so that the router
+    # scores reach the planner (adapters/router_scores.py); drop arms ignore them.
+    reroute = any(a.overflow == "reroute" for a in arms)
+    base = Arm(0.0, overflow="reroute" if reroute else "drop").config_text(
+        simulate_ep_size, min_tokens)
     result = _run(tail, model_dir, prompts_file, work / "sweep", base, gen_tokens=gen_tokens,
                   timeout=timeout, python=python)
     by_name = {a.name: a for a in arms}
@@ -240,10 +247,16 @@ def prefill_loads(calls: list[dict[str, Any]], min_rows: int) -> dict[str, Any]:
         return {}
     rows = sum(c["rows"] for c in prefill)
     dropped = sum(c["dropped"] for c in prefill)
+    rerouted = sum(c.get("rerouted", 0) for c in prefill)
     return {
         "prefill_calls": len(prefill),
         "rows_routed": rows,
         "rows_dropped": dropped,
+        "rows_rerouted": rerouted,
+        # Rows the experts compute, and the bottleneck: the most loaded bin, summed over the
+        # prefill calls (what sets the step time under EP).
+        "rows_computed": rows - dropped + rerouted,
+        "bottleneck_rows": sum(c["max_after"] for c in prefill),
         "budget": sum(c["budget"] for c in prefill),
         "drop_fraction": dropped / rows,
         "max_over_mean_before": [round(c["max_before"] / c["mean_before"], 4) for c in prefill],

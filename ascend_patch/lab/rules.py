@@ -144,9 +144,15 @@ def lab_planner(topk_weights: torch.Tensor, topk_ids: torch.Tensor, **kwargs: An
     else:
         plan = plan_drops(topk_weights, topk_ids, **kwargs)
     before, after = plan.bin_load_before, plan.bin_load_after
+    max_after_drop = int(after.max()) if after.numel() else 0
+    rerouted = getattr(plan, "bin_rerouted", None)
+    if rerouted is not None:  # one process here: this rank's rows are all the rows
+        after = after + rerouted.cpu()
     LAB.layer_calls += 1
     LAB.calls.append({
         "rows": plan.routed_rows, "dropped": plan.dropped_rows, "budget": plan.budget,
+        "rerouted": int(plan.local_rerouted_rows), "max_after_drop": max_after_drop,
+        "capacity": int(plan.capacity), "min_after": int(after.min()) if after.numel() else 0,
         "max_before": int(before.max()), "mean_before": float(before.float().mean()),
         "max_after": int(after.max()), "mean_after": float(after.float().mean()),
     })

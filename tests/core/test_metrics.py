@@ -99,6 +99,23 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def test_rerouted_rows_are_a_series_of_rerouting_patches_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    metrics.configure({}, lambda *_: None)
+    rerouting = layer_series(metrics.writer(), "rr", "L", 0, planned=True, rerouting=True)
+    dropping = layer_series(metrics.writer(), "dr", "L", 0, planned=True)
+    for series, rerouted in ((rerouting, 40), (dropping, 0)):
+        series.record(routed=600, dropped=59, capacity=541, max_before=600, max_after=541,
+                      mean_before=300.0, mean_after=270.5, rerouted=rerouted)
+    got = scrape_default_registry()
+    rerouted = {k: v for k, v in got.items()
+                if k.startswith("ascend_patch_moe_rows_rerouted_total{")}
+    assert rerouted == {
+        'ascend_patch_moe_rows_rerouted_total{dp_rank="0",layer="L",patch="rr",process="main"}':
+        40.0}
+
+
 def run_child(*args: str, env: dict[str, str]) -> None:
     code = CHILD.format(repo=str(REPO))
     subprocess.run([sys.executable, "-c", code, *args], env=env, check=True, timeout=120)

@@ -97,6 +97,7 @@ def options(**kwargs) -> CapacityOptions:
 
 def simulate_sources(parts, **kwargs):
     """plan_drops on each (weights, ids) part as if each were a DP rank, gathering in-process.
+    A part (weights, ids, router_scores) plans with its scores (overflow: reroute).
 
     A first pass records every rank's local counts; the second answers the all-gather with
     all of them, exactly what the collective returns on every rank.
@@ -107,12 +108,14 @@ def simulate_sources(parts, **kwargs):
         recorded.append(counts.clone())
         return counts.unsqueeze(0)
 
-    for weights, ids in parts:
-        plan_drops(weights, ids, all_gather_counts=record, **kwargs)
+    scores = [{"router_scores": part[2]} if len(part) > 2 else {} for part in parts]
+    for (weights, ids, *_), extra in zip(parts, scores):
+        plan_drops(weights, ids, all_gather_counts=record, **extra, **kwargs)
     gathered = torch.stack(recorded)
     return [
-        plan_drops(weights, ids, all_gather_counts=lambda _: gathered, rank=rank, **kwargs)
-        for rank, (weights, ids) in enumerate(parts)
+        plan_drops(weights, ids, all_gather_counts=lambda _: gathered, rank=rank, **extra,
+                   **kwargs)
+        for rank, ((weights, ids, *_), extra) in enumerate(zip(parts, scores))
     ]
 
 

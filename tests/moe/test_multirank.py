@@ -38,6 +38,24 @@ SCENARIOS = {
     "ratio_zero": (CapacityOptions(drop_token_ratio=0.0, min_tokens=0), "skewed"),
     "below_min_tokens": (CapacityOptions(drop_token_ratio=0.3, min_tokens=10_000), "skewed"),
 }
+# overflow: reroute: each rank fills only its share of the room, so the ranks together never
+# put a bin above the cap (checked on the final ids the ranks return).
+REROUTE_SCENARIOS = {
+    "reroute_skewed": (
+        CapacityOptions(drop_token_ratio=0.3, min_tokens=0, overflow="reroute"), "skewed"),
+    "reroute_zero_tokens_on_rank_1": (
+        CapacityOptions(drop_token_ratio=0.3, min_tokens=0, keep_top1=False,
+                        overflow="reroute"), "rank1_empty"),
+    "reroute_ratio_zero": (
+        CapacityOptions(drop_token_ratio=0.0, min_tokens=0, overflow="reroute"), "skewed"),
+}
+
+
+def rank_scores(kind: str, rank: int, ids: torch.Tensor) -> torch.Tensor:
+    """Router scores [T, E] of one rank whose top-k are `ids` (deterministic)."""
+    gen = torch.Generator().manual_seed(7 + 1000 * rank + len(kind))
+    scores = torch.rand(ids.shape[0], NUM_EXPERTS, generator=gen)
+    return scores.scatter(1, ids, 2.0)
 
 
 def rank_tokens(kind: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +95,16 @@ def _worker(rank: int, world_size: int, send) -> None:
         )
         send(name, (plan.capacity, plan.dropped_rows, plan.keep.tolist(),
                     plan.local_routed_rows, plan.local_dropped_rows))
+    for name, (options, kind) in REROUTE_SCENARIOS.items():
+        weights, ids = rank_tokens(kind, rank)
+        plan = plan_drops(
+            weights, ids, num_experts=NUM_EXPERTS, ep_size=world_size, options=options,
+            all_gather_counts=_all_gather_counts, rank=rank,
+            router_scores=rank_scores(kind, rank, ids),
+        )
+        final = ids if plan.topk_ids is None else plan.topk_ids
+        send(name, (plan.capacity, plan.bin_load_after.tolist(),
+                    final.masked_fill(~plan.keep, -1).tolist(), plan.weights.tolist()))
     dist.destroy_process_group()
 
 
@@ -111,3 +139,32 @@ def test_ranks_agree_with_the_single_process_plan(world_size):
             assert whole.dropped_rows == 0
         else:
             assert whole.dropped_rows > 0, f"{name} must really drop"
+    check_reroute(collected, world_size)
+
+
+def check_reroute(collected, world_size):
+    for name, (options, kind) in REROUTE_SCENARIOS.items():
+        by_rank = collected[name]
+        assert sorted(by_rank) == list(range(world_size)), name
+        assert len({capacity for capacity, *_ in by_rank.values()}) == 1, name
+        assert len({tuple(after) for _, after, *_ in by_rank.values()}) == 1, name
+        capacity, after = by_rank[0][0], torch.tensor(by_rank[0][1])
+        final_ids = torch.tensor(sum((r[2] for r in by_rank.values()), []), dtype=torch.long)
+        final_ids = final_ids.reshape(-1, TOP_K)
+        kept = final_ids[final_ids >= 0]
+        owner = torch.div(kept, NUM_EXPERTS // world_size, rounding_mode="floor")
+        final = torch.bincount(owner, minlength=world_size)
+        assert (final <= after.clamp(min=capacity)).all(), (name, final, after, capacity)
+        parts = [rank_tokens(kind, rank) for rank in range(world_size)]
+        if name == "reroute_ratio_zero":
+            # Bit for bit the router's output on every rank.
+            for rank, (weights, ids) in enumerate(parts):
+                assert by_rank[rank][2] == ids.tolist()
+                assert torch.equal(torch.tensor(by_rank[rank][3]), weights)
+            continue
+        # Rows really were rerouted (kept rows above the drop plan's), none to own experts.
+        assert int(final.sum()) > int(after.sum()), name
+        original = torch.cat([ids for _, ids in parts])
+        for token in range(original.shape[0]):
+            new = set(final_ids[token].tolist()) - {-1}
+            assert len(new) == int((final_ids[token] >= 0).sum()), name  # distinct experts

@@ -62,7 +62,7 @@ def test_exported_layers_feed_their_series_with_this_ranks_rows():
     stats.dispatch_counters()
     stats.dispatch_recorded("L", 4096)
     assert series.calls == [dict(routed=60, dropped=3, capacity=85, max_before=90, max_after=85,
-                                 mean_before=50.0, mean_after=47.5)]
+                                 mean_before=50.0, mean_after=47.5, rerouted=0)]
     assert series.bytes == [4096]
     assert data["metrics"] == {
         "L": {"dp_rank": 1, "process": "worker-dp1-tp0-ep1", "writes_rows": True}}

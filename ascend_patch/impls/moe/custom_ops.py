@@ -60,6 +60,13 @@ def register() -> None:
             lambda topk_weights, topk_ids, layer_name: (
                 torch.empty_like(topk_weights), torch.empty_like(topk_ids)),
         ),
+        "moe_capacity_plan_scored": (
+            "(Tensor topk_weights, Tensor topk_ids, Tensor router_scores, str layer_name) "
+            "-> (Tensor, Tensor)",
+            _plan_scored_impl,
+            lambda topk_weights, topk_ids, router_scores, layer_name: (
+                torch.empty_like(topk_weights), torch.empty_like(topk_ids)),
+        ),
         "moe_capacity_experts": (
             "(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, "
             "Tensor topk_ids, Tensor? expert_map, str activation, str backend, "
@@ -82,6 +89,13 @@ def register() -> None:
 
 def plan(topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str):
     return torch.ops.ascend_patch.moe_capacity_plan(topk_weights, topk_ids, layer_name)
+
+
+def plan_scored(topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                router_scores: torch.Tensor, layer_name: str):
+    """`plan` with the router's scores of every expert [T, E] (overflow: reroute)."""
+    return torch.ops.ascend_patch.moe_capacity_plan_scored(
+        topk_weights, topk_ids, router_scores, layer_name)
 
 
 def experts(*args: Any) -> torch.Tensor:
@@ -115,6 +129,16 @@ def _plan_impl(
     if state is None:
         raise RuntimeError(f"moe.capacity: no applied patch plans MoE layer {layer_name!r}")
     return state.step(layer_name)(topk_weights, topk_ids)
+
+
+def _plan_scored_impl(
+    topk_weights: torch.Tensor, topk_ids: torch.Tensor, router_scores: torch.Tensor,
+    layer_name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    state = _BINDING.state
+    if state is None:
+        raise RuntimeError(f"moe.capacity: no applied patch plans MoE layer {layer_name!r}")
+    return state.step(layer_name)(topk_weights, topk_ids, router_scores)
 
 
 def experts_impl(

@@ -46,7 +46,8 @@ class DropStep:
     on_plan: Callable[[DropPlan], None] | None = None
     planner: Planner = plan_drops
 
-    def plan(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> DropPlan:
+    def plan(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+             router_scores: torch.Tensor | None = None) -> DropPlan:
         owners = self.owners
         if owners is not None and owners.device != topk_ids.device:
             owners = self.owners = owners.to(topk_ids.device)
@@ -59,19 +60,23 @@ class DropStep:
             all_gather_counts=self.gather,
             rank=self.rank,
             expert_owner=owners,
+            **({} if router_scores is None else {"router_scores": router_scores}),
         )
         if self.on_plan is not None:
             self.on_plan(plan)
         return plan
 
     def __call__(
-        self, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+        self, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+        router_scores: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights, ids) with dropped rows as id -1; fresh tensors (never aliases)."""
-        plan = self.plan(topk_weights, topk_ids)
+        """(weights, ids) with dropped rows as id -1 and rerouted rows (overflow: reroute,
+        which needs `router_scores` [T, E]) with their new expert; fresh tensors."""
+        plan = self.plan(topk_weights, topk_ids, router_scores)
         if not plan.dropped_rows:
             return topk_weights.clone(), topk_ids.clone()
+        ids = topk_ids if plan.topk_ids is None else plan.topk_ids.to(topk_ids.dtype)
         return (
             plan.weights.to(topk_weights.dtype).clone(),
-            topk_ids.masked_fill(~plan.keep, -1),
+            ids.masked_fill(~plan.keep, -1),
         )

@@ -6,6 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
+# The (vLLM line, platform)s whose adapters bring the router's scores to the drop step, which
+# `overflow: reroute` needs (adapters/router_scores.py); elsewhere it is refused at load.
+REROUTE_STACKS = frozenset({("0.32", "vllm"), ("0.23", "vllm")})
+
 
 class CapacityOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -36,6 +40,18 @@ class CapacityOptions(BaseModel):
             "Which rows of an over-capacity bin go: 'probs' drops the lowest routing weights "
             "first; 'position' drops later top-k slots and later tokens first (the behaviour "
             "of vllm-ascend PR #1067)."
+        ),
+    )
+    overflow: Literal["drop", "reroute"] = Field(
+        "drop",
+        description=(
+            "What happens to a row over its bin's capacity: 'drop' skips it; 'reroute' "
+            "sends it to the same token's best-scored expert outside its top-k whose bin is "
+            "below the capacity, within the room (split between DP ranks by their overflow "
+            "rows), and drops it only where there is none. Never raises a bin above the "
+            "capacity. Needs the router's scores: vLLM 0.32 and vLLM 0.23's CPU backend have "
+            "them; elsewhere the patch is refused at load. Weight: the new expert's score "
+            "scaled as the router scaled the token's top-k (renormalize rescales as for drop)."
         ),
     )
     keep_top1: StrictBool = Field(

@@ -433,6 +433,7 @@ _CPU_0_23_READS = (
     Attribute(f"{_METHOD}.get_fused_moe_quant_config", "the kernel's quant config (None)"),
     *(Attribute(f"{_FM}.layer:FusedMoE.{name}", "routing and weights of the CPU backend")
       for name in ("_expert_routing_tables", "top_k", "use_grouped_topk", "renormalize",
+                   "quant_method",
                    "topk_group", "num_expert_group", "custom_routing_function", "scoring_func",
                    "routed_scaling_factor", "e_score_correction_bias",
                    "apply_router_weight_on_input")),
@@ -442,7 +443,25 @@ _CPU_0_23_READS = (
 # on vLLM's RoutedExperts layer; each line adds what it alone has.
 _MODULAR_SITES = (_apply_site(), _weights_site(f"{_MODULAR}:make_process_weights_after_loading"),
                   *_warmup_sites("gpu"))
+# 0.32 router/fused_moe_router.py:48, called by MoERunner._apply_quant_method with the router
+# logits (runner/moe_runner.py:628): with overflow: reroute the drop step runs here, where
+# the scores of every expert are at hand (adapters/router_scores.py); else vLLM's own.
+_ROUTER_SCORES_SITE = Site(
+    target=f"{_FM}.router.fused_moe_router:FusedMoERouter.select_experts",
+    signature="(self, hidden_states, router_logits, topk_indices_dtype=…, *, input_ids=…)",
+    factory="ascend_patch.impls.moe.adapters.router_scores:make_select_experts",
+    role="router_scores",
+)
 _ROUTED_READS = _MODULAR_READS + _layer_reads("routed_experts:RoutedExperts", *_SWIGLU_0_32)
+# overflow: reroute on 0.32 (adapters/router_scores.py): each taken-over layer's router is
+# found at load under its name in the compilation config (moe_runner.py:59 registers it).
+_ROUTER_SCORES_READS = (
+    Attribute("vllm.config.compilation:CompilationConfig.static_forward_context",
+              "the MoE runner of a layer, by the layer's name"),
+    Attribute(f"{_FM}.runner.moe_runner:MoERunner.router", "the layer's FusedMoERouter"),
+    Attribute(f"{_FM}.routed_experts:RoutedExperts.scoring_func",
+              "softmax or sigmoid: how the router's logits become scores"),
+)
 
 IMPLEMENTATIONS = {
     "moe.capacity": Implementation(
@@ -463,9 +482,9 @@ IMPLEMENTATIONS = {
         site_sets=(
             SiteSet(
                 lines=("0.32",),
-                sites=(*_MODULAR_SITES, *_INT8_SITES, *_warmup_sites("cpu")),
+                sites=(*_MODULAR_SITES, *_INT8_SITES, *_warmup_sites("cpu"), _ROUTER_SCORES_SITE),
                 relies_on=_MODULAR_INTERFACES + _INT8_INTERFACES,
-                reads=_ROUTED_READS + (_BATCHED_FLAG,) + _INT8_READS,
+                reads=_ROUTED_READS + (_BATCHED_FLAG,) + _INT8_READS + _ROUTER_SCORES_READS,
                 # vLLM's --quantization names (plan matches a model's method against them).
                 quantized_layers=("experts_int8", "compressed-tensors W8A8 int8"),
             ),

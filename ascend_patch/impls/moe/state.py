@@ -17,7 +17,7 @@ import torch
 from ascend_patch.core.context import PatchContext
 from ascend_patch.core.session import SESSION
 from ascend_patch.impls.moe.drop_step import DropStep, Planner
-from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.options import REROUTE_STACKS, CapacityOptions
 from ascend_patch.impls.moe.planner.capacity import AllGatherCounts, DropPlan, plan_drops
 from ascend_patch.impls.moe.telemetry.stats import CapacityStats
 
@@ -76,6 +76,7 @@ class CapacityState:
 
         self.ctx = ctx
         self.options = options_of(ctx)
+        _refuse_reroute_without_scores(ctx, self.options)
         self.stats = CapacityStats(ctx.stats, self.options.log_interval, ctx.flush)
         # Taken-over layers by name (filled at load) and their drop steps (built on the first
         # call, in the plan op, outside any tracing: they hold process groups).
@@ -92,6 +93,10 @@ class CapacityState:
         self.experts_cls: Any = None
         # The int8 experts class (adapters/vllm_int8_cpu.py), made at its first selection.
         self.int8_experts_cls: Any = None
+        # overflow: reroute: (layer name, layer) -> None, set by the adapter that brings the
+        # router's scores to the layer's step (adapters/router_scores.py); raises where the
+        # layer cannot have them. Called for every layer taken over.
+        self.route_scores: Any = None
         custom_ops.bind(self)
         ctx.on_close(lambda: custom_ops.unbind(self))
 
@@ -99,11 +104,21 @@ class CapacityState:
         return self.ctx.error(message)
 
     @property
+    def rerouting(self) -> bool:
+        """overflow: reroute: the drop step needs the router's scores (router_scores.py)."""
+        return self.options.overflow == "reroute"
+
+    @property
     def upstream(self) -> Any:
         """The vLLM / vllm-ascend symbols the catalog declares for this patch's stack."""
         return self.ctx.upstream
 
     def add_layer(self, name: str, layer: Any) -> None:
+        if self.options.overflow == "reroute":
+            if self.route_scores is None:
+                raise self.error(f"overflow: reroute: nothing brings the router's scores to "
+                                 f"MoE layer {name!r} here; use overflow: drop")
+            self.route_scores(name, layer)
         self.layers[name] = layer
         self.steps.pop(name, None)  # a new model in this process: plan for the new layer
         self.kernels.pop(name, None)
@@ -144,6 +159,24 @@ class CapacityState:
 
 def _plan_with_planner_in_force(*args: Any, **kwargs: Any) -> DropPlan:
     return CapacityState.planner()(*args, **kwargs)
+
+
+_ADAPTER = {"vllm": "vllm_modular (vLLM's modular kernel)",
+            "ascend": "the vllm-ascend adapter (ascend_token_dispatch)"}
+
+
+def _refuse_reroute_without_scores(ctx: PatchContext, options: CapacityOptions) -> None:
+    stack = ctx.stack
+    if options.overflow != "reroute" or stack is None:
+        return
+    if (stack.line, stack.platform) in REROUTE_STACKS:
+        return
+    adapter = _ADAPTER.get(stack.platform, stack.platform)
+    raise ctx.error(
+        f"overflow: reroute needs the router's scores of every expert, which the adapter "
+        f"{adapter} on vLLM {stack.line} does not reach (it sees the top-k only); it works on "
+        f"vLLM 0.32 and on vLLM 0.23's CPU backend; use overflow: drop here"
+    )
 
 
 def options_of(ctx: PatchContext) -> CapacityOptions:

@@ -18,6 +18,9 @@ So for a CPU layer we take over:
 * `apply_monolithic` routes with the CPU backend's own `select_experts` (the same function
   and arguments as the original, so r = 0 routes exactly like stock), runs the drop step and
   calls the kernel. The runner keeps shared experts, the routed scaling and the all-reduce.
+  With `overflow: reroute` the step also gets the router's scores of every expert
+  (`scores_from_logits`: the layer's scoring function on the router logits this method receives,
+  before top-k and without e_score_correction_bias, which only biases the choice).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 
 from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe import custom_ops
+from ascend_patch.impls.moe.planner.reroute import scores_from_logits
 from ascend_patch.impls.moe.adapters.vllm_modular import (
     process_weights_factory,
     state_of,
@@ -42,10 +46,23 @@ def make_process_weights_after_loading(
     """Replacement of UnquantizedFusedMoEMethod.process_weights_after_loading (0.23)."""
     upstream = ctx.upstream
 
+    state = state_of(ctx)
+    state.route_scores = lambda name, layer: _scores_on_cpu_only(state, name, layer)
+
     def build_kernel(method: Any, layer: Any, experts_cls: type) -> bool:
         return _build_cpu_kernel(method, layer, experts_cls, upstream)
 
-    return process_weights_factory(original, state_of(ctx), build_kernel=build_kernel)
+    return process_weights_factory(original, state, build_kernel=build_kernel)
+
+
+def _scores_on_cpu_only(state: Any, name: str, layer: Any) -> None:
+    """overflow: reroute: only the CPU backend's apply_monolithic sees the router logits."""
+    backend = layer.quant_method.unquantized_backend
+    if backend != state.upstream.UnquantizedMoeBackend.CPU:
+        raise state.error(
+            f"overflow: reroute: MoE layer {name!r} runs vLLM 0.23's {backend.name} backend, "
+            f"whose apply gets the top-k only (no router scores); only the CPU backend "
+            f"reroutes: use overflow: drop")
 
 
 def _build_cpu_kernel(method: Any, layer: Any, experts_cls: type, upstream: Any) -> bool:
@@ -73,7 +90,7 @@ def make_apply_monolithic(
 ) -> Callable[..., Any]:
     """Replacement of UnquantizedFusedMoEMethod.apply_monolithic(self, layer, x,
     router_logits, input_ids=None) (0.23): the CPU backend's entry point."""
-    state_of(ctx)
+    reroute = state_of(ctx).rerouting
     upstream = ctx.upstream
 
     def apply_monolithic(
@@ -98,7 +115,12 @@ def make_apply_monolithic(
             routed_scaling_factor=layer.routed_scaling_factor,
             e_score_correction_bias=layer.e_score_correction_bias,
         )
-        topk_weights, topk_ids = custom_ops.plan(topk_weights, topk_ids, layer.layer_name)
+        if reroute:
+            topk_weights, topk_ids = custom_ops.plan_scored(
+                topk_weights, topk_ids, scores_from_logits(router_logits, layer.scoring_func),
+                layer.layer_name)
+        else:
+            topk_weights, topk_ids = custom_ops.plan(topk_weights, topk_ids, layer.layer_name)
         return self.moe_kernel.apply(
             hidden_states=x,
             w1=layer.w13_weight,
@@ -112,3 +134,4 @@ def make_apply_monolithic(
         )
 
     return apply_monolithic
+

@@ -255,12 +255,15 @@ def make_apply(original: Callable[..., Any], ctx: PatchContext) -> Callable[...,
     shared_experts, shared_experts_input): OnlineMoEMethodBase's (every online-quantised
     MoE method shares it: only layers whose experts are ours drop) and
     CompressedTensorsW8A8Int8MoEMethod's."""
-    state_of(ctx)
+    # overflow: reroute: the layer's router planned already (router_scores.py).
+    planned_by_router = state_of(ctx).rerouting
 
     def apply(self: Any, layer: Any, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, shared_experts: Any,
               shared_experts_input: torch.Tensor | None) -> Any:
-        if getattr(getattr(self.moe_kernel, "fused_experts", None), "ascend_patch_int8", False):
+        ours = getattr(getattr(self.moe_kernel, "fused_experts", None), "ascend_patch_int8",
+                       False)
+        if ours and not planned_by_router:
             topk_weights, topk_ids = custom_ops.plan(topk_weights, topk_ids, layer.layer_name)
         return original(self, layer, x, topk_weights, topk_ids, shared_experts,
                         shared_experts_input)

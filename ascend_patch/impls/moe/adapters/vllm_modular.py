@@ -415,7 +415,9 @@ def _install_dispatch(method: Any, layer: Any, state: CapacityState) -> None:
 def make_apply(original: Callable[..., Any], ctx: PatchContext) -> Callable[..., Any]:
     """Replacement of UnquantizedFusedMoEMethod.apply(self, layer, x, topk_weights, topk_ids,
     shared_experts, shared_experts_input)."""
-    state_of(ctx)
+    # overflow: reroute: the layer's router planned already, with the scores
+    # (router_scores.py); planning again would take rows off twice.
+    planned_by_router = state_of(ctx).rerouting
 
     def apply(
         self: Any,
@@ -427,11 +429,11 @@ def make_apply(original: Callable[..., Any], ctx: PatchContext) -> Callable[...,
         shared_experts_input: torch.Tensor | None,
     ) -> Any:
         mode = getattr(self, TAKEN_OVER, False)
-        if mode:
+        if mode and not planned_by_router:
             topk_weights, topk_ids = custom_ops.plan(topk_weights, topk_ids, layer.layer_name)
-            if mode == TRITON:
-                return _apply_triton(self, layer, x, topk_weights, topk_ids, shared_experts,
-                                     shared_experts_input)
+        if mode == TRITON:
+            return _apply_triton(self, layer, x, topk_weights, topk_ids, shared_experts,
+                                 shared_experts_input)
         return original(
             self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input
         )
@@ -526,7 +528,8 @@ def export_layer_metrics(state: CapacityState, layer_name: str, parallel: Any) -
         # Under sequence-parallel MoE every rank holds its own tokens and writes its rows.
         planned = bool(parallel.is_sequence_parallel) or rank_within_dp(parallel) == 0
         state.stats.export_layer(layer_name, layer_series(
-            writer, state.ctx.patch_name, layer_name, parallel.dp_rank, planned=planned))
+            writer, state.ctx.patch_name, layer_name, parallel.dp_rank, planned=planned,
+            rerouting=state.rerouting))
 
 
 def check_config_over_group(options: Any, group: Any, digest: str | None = None) -> None:

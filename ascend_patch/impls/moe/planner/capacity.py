@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ascend_patch.impls.moe.options import CapacityOptions
+from ascend_patch.impls.moe.planner.reroute import reroute_over_cap
 
 # all_gather_counts: local int64 [2, E] (routed rows, protected rows per expert) -> [S, 2, E]
 AllGatherCounts = Callable[[torch.Tensor], torch.Tensor]
@@ -40,7 +41,12 @@ class DropPlan:
     bin_load_after: torch.Tensor  # int64 [bins], global
     # This rank's own rows (its tokens; equal to the global counts with one token source).
     local_routed_rows: int = 0
-    local_dropped_rows: int = 0
+    local_dropped_rows: int = 0  # taken off their bin (rerouted ones included)
+    # overflow: reroute (reroute.py): the ids with rerouted rows' new experts (None: the
+    # router's), this rank's rerouted rows (an int64 tensor: no host read) and per bin.
+    topk_ids: torch.Tensor | None = None
+    local_rerouted_rows: Any = 0
+    bin_rerouted: torch.Tensor | None = None
 
 
 def drop_budget(ratio: float, routed_rows: int) -> int:
@@ -121,6 +127,7 @@ def plan_drops(
     rank: int = 0,
     num_tokens_global: int | None = None,
     expert_owner: torch.Tensor | None = None,
+    router_scores: torch.Tensor | None = None,
 ) -> DropPlan:
     """Decide which rows of this MoE call are computed.
 
@@ -170,7 +177,8 @@ def plan_drops(
 
     capacity = water_level(load_before, protected_load, budget)
     load_after = load_before.minimum(protected_load.clamp(min=capacity))
-    quota = _apportion(load_after, rows_by_source, protected_by_source)[rank]
+    quotas = _apportion(load_after, rows_by_source, protected_by_source)
+    quota = quotas[rank]
     keep = _keep_rows(
         topk_weights,
         flat_ids,
@@ -182,7 +190,14 @@ def plan_drops(
     )
     keep = keep.view(topk_ids.shape)
     weights = _surviving_weights(topk_weights, keep, options.renormalize, masked)
-    return DropPlan(
+    rerouted = None
+    if options.overflow == "reroute":
+        rerouted = reroute_over_cap(
+            topk_weights, topk_ids, keep, router_scores, expert_bin, options.renormalize,
+            room_shares_args=(capacity, load_after, rows_by_source, quotas), rank=rank,
+            apportion=_apportion)
+        keep, weights = rerouted.keep, rerouted.weights
+    plan = DropPlan(
         keep=keep,
         weights=weights,
         capacity=capacity,
@@ -194,6 +209,11 @@ def plan_drops(
         local_routed_rows=local_routed,
         local_dropped_rows=local_routed - int(quota.sum()),
     )
+    if rerouted is not None:
+        plan.topk_ids = rerouted.topk_ids
+        plan.local_rerouted_rows = rerouted.rerouted_rows
+        plan.bin_rerouted = rerouted.bin_rerouted
+    return plan
 
 
 def _check_arguments(

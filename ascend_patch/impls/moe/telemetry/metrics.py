@@ -7,7 +7,9 @@ report). Per layer and DP rank:
     ascend_patch_moe_calls_total                      MoE calls planned
     ascend_patch_moe_calls_with_drops_total           ... of which dropped at least one row
     ascend_patch_moe_rows_routed_total                (token, expert) rows of this DP rank's
-    ascend_patch_moe_rows_dropped_total               tokens: routed / dropped
+    ascend_patch_moe_rows_dropped_total               tokens: routed / dropped (taken off
+                                                      their bin; overflow: reroute included)
+    ascend_patch_moe_rows_rerouted_total              ... of which rerouted (overflow: reroute)
     ascend_patch_moe_bin_load_{max,mean}_{before,after}_rows_total
                                                       sums over calls of the max / mean bin
                                                       load over the whole EP group (their
@@ -66,6 +68,9 @@ _COUNTERS = {
                                  "(EP group)",
     "bin_load_mean_after_rows": "sum over calls of the mean bin load after dropping (EP group)",
 }
+# Only with overflow: reroute (a drop-only patch exports no series that stays 0).
+_REROUTED = ("rows_rerouted", "of the dropped rows, those rerouted to an expert with room "
+             "(overflow: reroute)")
 _GAUGES = {
     "capacity_rows": "per-bin capacity C of the last MoE call (EP group)",
     "last_bin_load_max_before_rows": "most loaded bin's rows before dropping, last MoE call",
@@ -94,7 +99,8 @@ class LayerSeries:
     process: str = ""
 
     def record(self, *, routed: int, dropped: int, capacity: int, max_before: int,
-               max_after: int, mean_before: float, mean_after: float) -> None:
+               max_after: int, mean_before: float, mean_after: float,
+               rerouted: int = 0) -> None:
         if not self.planned:
             return
         c, g = self.counters, self.gauges
@@ -103,6 +109,8 @@ class LayerSeries:
             c["calls_with_drops"].inc(1)
         c["rows_routed"].inc(routed)
         c["rows_dropped"].inc(dropped)
+        if rerouted and "rows_rerouted" in c:
+            c["rows_rerouted"].inc(rerouted)
         for key, value in (("max_before", max_before), ("max_after", max_after),
                            ("mean_before", mean_before), ("mean_after", mean_after)):
             c[f"bin_load_{key}_rows"].inc(value)
@@ -115,7 +123,8 @@ class LayerSeries:
 
 
 def layer_series(writer: Any, patch: str, layer: str, dp_rank: int,
-                 planned: bool, process: str | None = None) -> LayerSeries:
+                 planned: bool, process: str | None = None,
+                 rerouting: bool = False) -> LayerSeries:
     if process is None:
         from ascend_patch.core.metrics import process_label
 
@@ -124,6 +133,8 @@ def layer_series(writer: Any, patch: str, layer: str, dp_rank: int,
     counters, gauges = {}, {}
     if planned:
         counters = {k: writer.counter(name(k), doc, labels) for k, doc in _COUNTERS.items()}
+        if rerouting:
+            counters[_REROUTED[0]] = writer.counter(name(_REROUTED[0]), _REROUTED[1], labels)
         gauges = {k: writer.gauge(name(k), doc, labels, GAUGE_MODE) for k, doc in _GAUGES.items()}
     return LayerSeries(counters, gauges, writer.counter(name(BYTES), _BYTES_HELP, labels),
                        planned, dp_rank, process)

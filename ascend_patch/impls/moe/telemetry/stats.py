@@ -30,6 +30,8 @@ Shape of `ctx.stats` (JSON-friendly: str keys, ints and floats only):
         "<layer name>": {
           "calls": 6, "calls_with_drops": 3,
           "rows_routed": 2048, "rows_dropped": 204, "drop_fraction": 0.0996,
+          "rows_rerouted": 150,           # overflow: reroute only: of the dropped rows,
+                                          # this rank's rerouted to an expert with room
           "capacity_last": 180, "budget_last": 204,
           "bins": 2,                      # EP ranks (or simulated ranks, or experts)
           "max_bin_load_before_sum": ..., "max_bin_load_after_sum": ...,
@@ -194,6 +196,7 @@ class CapacityStats:
         mean_after = float(after.sum()) / bins if bins else 0.0
         routed = int(plan.routed_rows)
         dropped = int(plan.dropped_rows)
+        rerouted = int(getattr(plan, "local_rerouted_rows", 0))
 
         layer = self._stats["layers"].get(layer_name)
         if layer is None:
@@ -221,6 +224,8 @@ class CapacityStats:
         layer["calls_with_drops"] += int(dropped > 0)
         layer["rows_routed"] += routed
         layer["rows_dropped"] += dropped
+        if getattr(plan, "topk_ids", None) is not None:
+            layer["rows_rerouted"] = layer.get("rows_rerouted", 0) + rerouted
         layer["drop_fraction"] = _ratio(layer["rows_dropped"], layer["rows_routed"])
         layer["capacity_last"] = int(plan.capacity)
         layer["budget_last"] = int(plan.budget)
@@ -243,7 +248,7 @@ class CapacityStats:
             series.record(routed=int(plan.local_routed_rows),
                           dropped=int(plan.local_dropped_rows), capacity=int(plan.capacity),
                           max_before=max_before, max_after=max_after, mean_before=mean_before,
-                          mean_after=mean_after)
+                          mean_after=mean_after, rerouted=rerouted)
 
         stats = self._stats
         stats["calls"] += 1
