@@ -5,26 +5,29 @@ engine at drop ratios 0, 0.05, 0.1, DP=2 + EP and TP=2 + EP, against the ideal.
         [--ratios 0,0.05,0.1] [--repeats 9] [--prompts 8] [--length 256]
 
 The model (lab/skewed_moe.py): Mixtral-shaped, random weights, small attention (hidden 128)
-and large experts (16 x intermediate 512, top-2, 2 layers), whose router is constructed (set,
+and large experts (16 x intermediate 1024, top-2, 2 layers), whose router is constructed (set,
 not learned) so that the per-EP-rank max/mean of its routing is the DeepSeek-R1 imbalance
 carried to EP2 (1.449: the hottest rank carries 2.63x the others' mean, as R1's 2.5 at EP32).
 The achieved max/mean is read from the engine's own moe.capacity reports and printed.
 
-Per topology, one OpenAI server per ratio (configs as configs/cpu-dp-ep.yaml with the ratio
-set and dispatch auto: all-to-all for DP, vLLM's path for TP), all up side by side; after
---warmup uncounted rounds each, the servers take turns in randomised blocks (ab's
-stats.block_order), one round = the same --prompts concurrent prefill-only requests (token
-ids, max_tokens 1). The speed-up of ratio r is the median of per-block (round at r = 0) /
-(round at r) with ab's exact 95% interval of the median (ab/stats.py).
+Per topology, one OpenAI server (the configuration of configs/cpu-dp-ep.yaml, dispatch auto:
+all-to-all for DP, vLLM's path for TP) serves every ratio: lab/worker_hooks.py makes its
+drop steps plan with the product planner at the ratio the benchmark sets between rounds (on
+CPU the ratio reaches nothing but the planner, so this is the product at that ratio, while
+the arms share processes, placement and warm-up). After --warmup uncounted rounds per ratio,
+the ratios take turns in randomised blocks (ab's stats.block_order); one round = the same
+--prompts concurrent prefill-only requests (token ids, max_tokens 1). The speed-up of ratio
+r is the median of per-block (round at r = 0) / (round at r) with ab's exact 95% interval of
+the median (ab/stats.py).
 
-MoE share: every server process times moe.capacity's expert op (lab/worker_timers.py); per
+MoE share: every server process times moe.capacity's expert op (lab/worker_hooks.py); per
 round, the busiest process's expert seconds / the round's wall time, median over the r = 0
 rounds. Ideal speed-up = 1 / (1 - share * (1 - after / before)), with after / before the
-bottleneck-rank rows (sum over layers and calls, from the reports). achieved = speed-up /
+bottleneck-rank rows (sum over layers and calls of that ratio's plans). achieved = speed-up /
 ideal; gain = (speed-up - 1) / (ideal - 1). Goal: achieved >= 0.8. Where the time goes (per
 arm: experts, planner, the rest) is printed beside it.
 
-Writes OUT/engine.json. Takes about 10-15 minutes on the 2-core machine.
+Writes OUT/engine.json. Takes about 8-12 minutes on the 2-core machine.
 """
 
 from __future__ import annotations
@@ -51,8 +54,7 @@ from ascend_patch.ab.offline import TP_SETTLE_S  # noqa: E402
 from ascend_patch.harness.procs import vllm_env  # noqa: E402
 from ascend_patch.harness.server import ManagedServer, free_port  # noqa: E402
 from ascend_patch.lab import skewed_moe  # noqa: E402
-from ascend_patch.lab.worker_timers import ENV as TIMERS_ENV  # noqa: E402
-from ascend_patch.lab.worker_timers import read_totals  # noqa: E402
+from ascend_patch.lab.worker_hooks import RATIO_ENV, TIMERS_ENV, read_dumps  # noqa: E402
 
 CONFIG = """version: 1
 patches:
@@ -85,40 +87,54 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-class Arm:
-    """One server at one drop ratio, its timers and reports."""
+class Server:
+    """One server of a topology; every ratio's rounds run on it (lab/worker_hooks.py)."""
 
-    def __init__(self, model: Path, topology: str, ratio: float, prompts: list[list[int]],
-                 work: Path) -> None:
-        self.ratio = ratio
-        self.out = work / f"{topology}-r{ratio:g}"
+    def __init__(self, model: Path, topology: str, prompts: list[list[int]], work: Path) -> None:
+        self.out = work / topology
         self.timers = self.out / "timers"
         self.timers.mkdir(parents=True, exist_ok=True)
+        self.control = self.out / "ratio"
+        self.control.write_text("0")
         config = self.out / "config.yaml"
-        config.write_text(CONFIG.format(ratio=ratio))
+        config.write_text(CONFIG.format(ratio=0.0))
         path = os.pathsep.join(filter(None, [str(WORKER_SITE), str(REPO),
                                              os.environ.get("PYTHONPATH")]))
         env = vllm_env(workers=2, ASCEND_PATCH_CONFIG=str(config),
                        ASCEND_PATCH_REPORT_DIR=str(self.out / "reports"),
                        ASCEND_PATCH_REPORT_INTERVAL=str(REPORT_INTERVAL_S),
-                       PYTHONPATH=path, **{TIMERS_ENV: str(self.timers)})
+                       PYTHONPATH=path, **{TIMERS_ENV: str(self.timers),
+                                           RATIO_ENV: str(self.control)})
         tokens = sum(map(len, prompts))
         args = [*TOPOLOGIES[topology](), "--max-num-batched-tokens", str(tokens),
                 "--max-num-seqs", str(len(prompts)), "--no-enable-prefix-caching"]
-        self.server = ManagedServer(model, args=args, env=env, log_path=self.out / "server.log",
-                                    startup_timeout=600, load_format="safetensors",
-                                    enforce_eager=True)
-        self.rounds: list[dict] = []
+        self.managed = ManagedServer(model, args=args, env=env, log_path=self.out / "server.log",
+                                     startup_timeout=600, load_format="safetensors",
+                                     enforce_eager=True)
 
-    def round(self, pool: ThreadPoolExecutor, prompts: list[list[int]]) -> dict:
-        before = read_totals(self.timers)
-        wall, cpu = timed_round(self.server, pool, prompts)
-        after = read_totals(self.timers)
-        delta = {pid: {op: s - before.get(pid, {}).get(op, 0.0) for op, s in ops.items()}
-                 for pid, ops in after.items()}
-        busiest = max(delta.values(), key=lambda d: d["experts"], default={})
+    def round(self, ratio: float, pool: ThreadPoolExecutor, prompts: list[list[int]]) -> dict:
+        """One timed round at `ratio`, set while the engine is idle."""
+        self.control.write_text(repr(ratio))
+        # Workers poll busily for 1 s after a step: the previous round must not overlap.
+        time.sleep(TP_SETTLE_S)
+        before = read_dumps(self.timers)
+        wall, cpu = timed_round(self.managed, pool, prompts)
+        after = read_dumps(self.timers)
+        delta = [{op: s - before.get(pid, {"seconds": {}})["seconds"].get(op, 0.0)
+                  for op, s in dump["seconds"].items()} for pid, dump in after.items()]
+        busiest = max(delta, key=lambda d: d["experts"], default={})
         return {"wall_s": wall, "busiest_cpu_s": cpu,
                 "experts_s": busiest.get("experts", 0.0), "plan_s": busiest.get("plan", 0.0)}
+
+    def plan_counts(self) -> dict[str, dict[str, float]]:
+        """Per ratio, summed over the processes (each rank plans the same global bins)."""
+        total: dict[str, dict[str, float]] = {}
+        for dump in read_dumps(self.timers).values():
+            for ratio, counts in dump["plans"].items():
+                row = total.setdefault(ratio, dict.fromkeys(counts, 0))
+                for key, value in counts.items():
+                    row[key] += value
+        return total
 
 
 def median(rounds: list[dict], key: str) -> float:
@@ -126,75 +142,78 @@ def median(rounds: list[dict], key: str) -> float:
 
 
 def run_topology(args, model: Path, topology: str, prompts: list[list[int]]) -> dict:
-    arms = [Arm(model, topology, ratio, prompts, args.out / "engine-work") for ratio in args.ratios]
+    server = Server(model, topology, prompts, args.out / "engine-work")
     started = time.perf_counter()
     load_before = os.getloadavg()
+    rounds: dict[float, list[dict]] = {ratio: [] for ratio in args.ratios}
     try:
-        for arm in arms:  # one at a time: concurrent start-ups only slow each other
-            t0 = time.perf_counter()
-            arm.server.start()
-            print(f"{topology} r={arm.ratio:g}: server up in {time.perf_counter() - t0:.0f} s",
-                  flush=True)
+        server.managed.start()
+        print(f"{topology}: server up in {time.perf_counter() - started:.0f} s", flush=True)
         with ThreadPoolExecutor(len(prompts)) as pool:
             for _ in range(args.warmup):
-                for arm in arms:
-                    arm.round(pool, prompts)
-                    time.sleep(TP_SETTLE_S)
-            for block in stats.block_order(len(arms), args.repeats, args.seed):
+                for ratio in args.ratios:
+                    server.round(ratio, pool, prompts)
+            for block in stats.block_order(len(args.ratios), args.repeats, args.seed):
                 for index in block:
-                    arms[index].rounds.append(arms[index].round(pool, prompts))
-                    # Workers poll busily for 1 s after a step: let the next arm have the CPUs.
-                    time.sleep(TP_SETTLE_S)
+                    ratio = args.ratios[index]
+                    rounds[ratio].append(server.round(ratio, pool, prompts))
         time.sleep(REPORT_INTERVAL_S + 0.5)  # one report rewrite after the last call
-        reports = [report_stats(arm.out) for arm in arms]
+        report = report_stats(server.out)
+        counts = server.plan_counts()
     finally:
-        for arm in arms:
-            arm.server.stop(grace=10.0)
-    return summarise(topology, arms, reports, load_before, time.perf_counter() - started)
+        server.managed.stop(grace=10.0)
+    return summarise(topology, rounds, counts, report, load_before,
+                     time.perf_counter() - started)
 
 
-def summarise(topology: str, arms: list[Arm], reports: list[dict], load_before,
-              seconds: float) -> dict:
-    base = arms[0]
-    share = statistics.median(r["experts_s"] / r["wall_s"] for r in base.rounds)
+def summarise(topology: str, rounds: dict[float, list[dict]], counts: dict, report: dict,
+              load_before, seconds: float) -> dict:
+    ratios = list(rounds)
+    base = rounds[ratios[0]]
+    share = statistics.median(r["experts_s"] / r["wall_s"] for r in base)
     rows = []
-    for arm, report in zip(arms, reports):
-        bottleneck = report["bottleneck_rows_after"] / max(report["bottleneck_rows_before"], 1)
+    for ratio in ratios:
+        arm = rounds[ratio]
+        plans = counts.get(repr(ratio), {})
+        bottleneck = plans.get("max_after", 0) / max(plans.get("max_before", 0), 1)
         ideal = 1.0 / (1.0 - share * (1.0 - bottleneck))
-        speedup = stats.estimate(stats.paired_ratios([r["wall_s"] for r in base.rounds],
-                                                     [r["wall_s"] for r in arm.rounds]))
-        experts = stats.estimate(stats.paired_ratios([r["experts_s"] for r in base.rounds],
-                                                     [r["experts_s"] for r in arm.rounds]))
+        speedup = stats.estimate(stats.paired_ratios([r["wall_s"] for r in base],
+                                                     [r["wall_s"] for r in arm]))
+        experts = stats.estimate(stats.paired_ratios([r["experts_s"] for r in base],
+                                                     [r["experts_s"] for r in arm]))
         rows.append({
-            "ratio": arm.ratio, "speedup": speedup.as_json(), "verdict": stats.verdict(speedup),
+            "ratio": ratio, "speedup": speedup.as_json(), "verdict": stats.verdict(speedup),
             "ideal": ideal, "achieved": speedup.median / ideal,
             "achieved_interval": [None if v is None else v / ideal
                                   for v in (speedup.lo, speedup.hi)],
             "gain": (speedup.median - 1) / (ideal - 1) if ideal > 1 + 1e-9 else None,
             "bottleneck_after_over_before": bottleneck,
+            "max_over_mean_before": (plans.get("max_before", 0)
+                                     / max(plans.get("mean_before", 0.0), 1e-9)),
             # What dropping buys where it acts: the bottleneck rank's expert time, r = 0 / r.
-            "experts_speedup": experts.as_json(), "experts_ideal": 1.0 / bottleneck,
-            "median_round_s": median(arm.rounds, "wall_s"),
-            "median_experts_s": median(arm.rounds, "experts_s"),
-            "median_plan_s": median(arm.rounds, "plan_s"),
-            "median_busiest_cpu_s": median(arm.rounds, "busiest_cpu_s"),
-            "rows_dropped": report["rows_dropped"], "rows_routed": report["rows_routed"],
-            "max_over_mean_before": report["max_over_mean_before"],
-            "rounds": arm.rounds,
+            "experts_speedup": experts.as_json(), "experts_ideal": 1.0 / max(bottleneck, 1e-9),
+            "median_round_s": median(arm, "wall_s"),
+            "median_experts_s": median(arm, "experts_s"),
+            "median_plan_s": median(arm, "plan_s"),
+            "median_busiest_cpu_s": median(arm, "busiest_cpu_s"),
+            "plans": plans, "rounds": arm,
         })
     return {"topology": topology, "moe_share": share,
-            "plan_share": statistics.median(r["plan_s"] / r["wall_s"] for r in base.rounds),
+            "plan_share": statistics.median(r["plan_s"] / r["wall_s"] for r in base),
+            "max_over_mean_before_per_layer": report["max_over_mean_before"],
             "arms": rows, "seconds": seconds,
             "load_average_before": [round(v, 2) for v in load_before],
             "load_average_after": [round(v, 2) for v in os.getloadavg()]}
 
 
 def print_topology(result: dict) -> None:
+    layers = ", ".join(f"{v:.3f}" for v in result["max_over_mean_before_per_layer"].values())
     print(f"\n{result['topology']}: experts {result['moe_share']:.1%} of a prefill round on the "
-          f"busiest process (planner {result['plan_share']:.2%}); load average "
-          f"{result['load_average_before']} -> {result['load_average_after']}")
+          f"busiest process (planner op {result['plan_share']:.2%}, its count all-gather "
+          f"included); max/mean per EP rank by layer over the whole run (reports): {layers}; "
+          f"load average {result['load_average_before']} -> {result['load_average_after']}")
     print("| r | speed-up r0/r [95%] | ideal | achieved/ideal [95%] | gain | bottleneck rows "
-          "after/before | experts speed-up [95%] (ideal) | max/mean per EP rank (layers) | "
+          "after/before | experts speed-up [95%] (ideal) | max/mean per EP rank | "
           "round s: total = experts + planner + rest |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in result["arms"]:
@@ -202,7 +221,6 @@ def print_topology(result: dict) -> None:
         e = row["experts_speedup"]
         interval = (lambda lo, hi: "" if lo is None else f" [{lo:.3f}, {hi:.3f}]")
         rest = row["median_round_s"] - row["median_experts_s"] - row["median_plan_s"]
-        skew = ", ".join(f"{v:.3f}" for v in row["max_over_mean_before"].values()) or "-"
         print(f"| {row['ratio']:g} | {s['median']:.3f}{interval(s['lo'], s['hi'])} | "
               f"{row['ideal']:.3f} | {row['achieved']:.3f}{interval(*lo_hi)} | "
               f"{'-' if row['gain'] is None else format(row['gain'], '.2f')} | "

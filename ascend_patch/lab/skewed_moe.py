@@ -54,7 +54,7 @@ class ModelShape:
     """A Mixtral config small everywhere but in the experts."""
 
     hidden: int = 128
-    intermediate: int = 512  # per expert
+    intermediate: int = 1024  # per expert
     experts: int = 16
     top_k: int = 2
     layers: int = 2
