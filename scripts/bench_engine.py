@@ -217,23 +217,29 @@ def print_topology(result: dict) -> None:
           "round s: total = experts + planner + rest |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in result["arms"]:
-        s, lo_hi = row["speedup"], row["achieved_interval"]
-        e = row["experts_speedup"]
-        interval = (lambda lo, hi: "" if lo is None else f" [{lo:.3f}, {hi:.3f}]")
-        rest = row["median_round_s"] - row["median_experts_s"] - row["median_plan_s"]
-        print(f"| {row['ratio']:g} | {s['median']:.3f}{interval(s['lo'], s['hi'])} | "
-              f"{row['ideal']:.3f} | {row['achieved']:.3f}{interval(*lo_hi)} | "
-              f"{'-' if row['gain'] is None else format(row['gain'], '.2f')} | "
-              f"{row['bottleneck_after_over_before']:.3f} | {e['median']:.3f}"
-              f"{interval(e['lo'], e['hi'])} ({row['experts_ideal']:.3f}) | {skew} | "
-              f"{row['median_round_s']:.3f} = {row['median_experts_s']:.3f} + "
-              f"{row['median_plan_s']:.4f} + {rest:.3f} |")
+        print(table_row(row))
     for row in result["arms"][1:]:
         if row["achieved"] < GOAL:
             print(f"  r={row['ratio']:g}: achieved {row['achieved']:.3f} < {GOAL} of the ideal. "
                   f"Bottleneck expert time fell {row['experts_speedup']['median']:.3f}x (rows "
                   f"predict {row['experts_ideal']:.3f}x); the rest of the round (attention, "
                   "dispatch, scheduling, HTTP) is untouched by drops.")
+
+
+def _interval(lo: float | None, hi: float | None) -> str:
+    return "" if lo is None else f" [{lo:.3f}, {hi:.3f}]"
+
+
+def table_row(row: dict) -> str:
+    s, e = row["speedup"], row["experts_speedup"]
+    rest = row["median_round_s"] - row["median_experts_s"] - row["median_plan_s"]
+    gain = "-" if row["gain"] is None else f"{row['gain']:.2f}"
+    return (f"| {row['ratio']:g} | {s['median']:.3f}{_interval(s['lo'], s['hi'])} "
+            f"| {row['ideal']:.3f} | {row['achieved']:.3f}{_interval(*row['achieved_interval'])} "
+            f"| {gain} | {row['bottleneck_after_over_before']:.3f} "
+            f"| {e['median']:.3f}{_interval(e['lo'], e['hi'])} ({row['experts_ideal']:.3f}) "
+            f"| {row['max_over_mean_before']:.3f} | {row['median_round_s']:.3f} = "
+            f"{row['median_experts_s']:.3f} + {row['median_plan_s']:.4f} + {rest:.3f} |")
 
 
 def main() -> None:
@@ -269,19 +275,19 @@ def main() -> None:
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(3, shape.vocab) for _ in range(args.length)]
                for _ in range(args.prompts)]
-    results = []
-    for topology in topologies:
-        results.append(run_topology(args, model, topology, prompts))
-        print_topology(results[-1])
-    summary = {"command": " ".join(["python", *sys.argv]), "model": built,
+    summary = {"command": " ".join(["python", *sys.argv]),
+               "model": {**built, "config": shape.config()},
                "prompts": args.prompts, "prompt_tokens": args.length,
                "repeats": args.repeats, "warmup": args.warmup, "goal_achieved_over_ideal": GOAL,
                "interval": "exact order-statistic (binomial) 95% interval of the median of "
                            "per-block paired ratios (ab/stats.py)",
-               "cpu": os.cpu_count(), "uptime_start": up_start, "uptime_end": uptime(),
-               "wall_s": round(time.perf_counter() - started, 1), "topologies": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "engine.json").write_text(json.dumps(summary, indent=1))
+               "cpu": os.cpu_count(), "uptime_start": up_start, "topologies": []}
+    for topology in topologies:
+        summary["topologies"].append(run_topology(args, model, topology, prompts))
+        # Saved before anything is printed: a later failure keeps what was measured.
+        summary.update(uptime_end=uptime(), wall_s=round(time.perf_counter() - started, 1))
+        (args.out / "engine.json").write_text(json.dumps(summary, indent=1))
+        print_topology(summary["topologies"][-1])
     print(f"\nwrote {args.out / 'engine.json'} ({summary['wall_s']:.0f} s)")
 
 
