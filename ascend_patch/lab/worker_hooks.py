@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +80,16 @@ class SwitchedRatio:
 
 
 class DumpingTimers(OpTimers):
+    """OpTimers that also count each op's CPU seconds (the process's: a worker computes on
+    the one OpenMP thread vLLM binds it, so this is the op's own work, which the other load
+    of a shared machine does not inflate as it does wall time) and write both after each call."""
+
     def __init__(self, folder: Path, switch: SwitchedRatio | None = None) -> None:
         super().__init__()
         self.path = folder / f"{os.getpid()}.json"
         self.switch = switch
         self.counts = switch.counts if switch else PlanCounts()
+        self.cpu_seconds = dict.fromkeys(self.seconds, 0.0)
 
     def _timed(self, name: str, fn):
         timed = super()._timed(name, fn)
@@ -91,17 +97,19 @@ class DumpingTimers(OpTimers):
         def dumped(*args: Any):
             if self.switch is not None and name == "plan":
                 self.switch.ensure_installed()
+            start = time.process_time()
             try:
                 return timed(*args)
             finally:
+                self.cpu_seconds[name] += time.process_time() - start
                 self.dump()
 
         return dumped
 
     def dump(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seconds": self.seconds, "calls": self.calls,
-                                   "plans": self.counts.by_ratio}))
+        tmp.write_text(json.dumps({"seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
+                                   "calls": self.calls, "plans": self.counts.by_ratio}))
         tmp.replace(self.path)
 
 
@@ -119,7 +127,9 @@ def read_dumps(folder: Path) -> dict[int, dict[str, Any]]:
     for path in folder.glob("*.json"):
         try:
             data = json.loads(path.read_text())
-            dumps[int(path.stem)] = {"seconds": data["seconds"], "plans": data.get("plans", {})}
+            dumps[int(path.stem)] = {"seconds": data["seconds"],
+                                     "cpu_seconds": data.get("cpu_seconds", {}),
+                                     "plans": data.get("plans", {})}
         except (OSError, ValueError, KeyError):
             continue  # being replaced right now: the next read has it
     return dumps

@@ -23,6 +23,7 @@ def test_each_call_is_counted_and_written(tmp_path):
     assert list(dumps) == [os.getpid()]
     assert dumps[os.getpid()]["seconds"]["experts"] > 0
     assert dumps[os.getpid()]["seconds"]["plan"] == 0
+    assert set(dumps[os.getpid()]["cpu_seconds"]) == {"plan", "experts"}
     assert timers.calls == {"plan": 0, "experts": 1}
 
 
@@ -44,7 +45,20 @@ def test_a_failing_call_is_still_timed(tmp_path):
 def test_unreadable_files_are_skipped(tmp_path):
     (tmp_path / "12.json").write_text("{not json")
     (tmp_path / "13.json").write_text('{"seconds": {"experts": 1.5, "plan": 0.0}}')
-    assert read_dumps(tmp_path) == {13: {"seconds": {"experts": 1.5, "plan": 0.0}, "plans": {}}}
+    assert read_dumps(tmp_path) == {
+        13: {"seconds": {"experts": 1.5, "plan": 0.0}, "cpu_seconds": {}, "plans": {}}}
+
+
+def test_cpu_seconds_count_work_not_waiting(tmp_path):
+    import time
+
+    timers = DumpingTimers(tmp_path)
+    timers._timed("experts", lambda: time.sleep(0.2))()
+    spin = timers._timed("plan", lambda: sum(i * i for i in range(300_000)))
+    spin()
+    dump = read_dumps(tmp_path)[os.getpid()]
+    assert dump["seconds"]["experts"] >= 0.2 and dump["cpu_seconds"]["experts"] < 0.05
+    assert dump["cpu_seconds"]["plan"] > 0
 
 
 def _plan_kwargs(ratio: float) -> dict:
