@@ -210,6 +210,8 @@ def summarise(topology: str, rounds: dict[float, list[dict]], counts: dict, repo
             "gain": (speedup.median - 1) / (ideal - 1) if ideal > 1 + 1e-9 else None,
             "worker_cpu_speedup": cpu.as_json(), "worker_cpu_ideal": cpu_ideal,
             "worker_cpu_achieved": cpu.median / cpu_ideal,
+            "worker_cpu_achieved_interval": [None if v is None else v / cpu_ideal
+                                             for v in (cpu.lo, cpu.hi)],
             "bottleneck_after_over_before": bottleneck,
             "max_over_mean_before": (plans.get("max_before", 0)
                                      / max(plans.get("mean_before", 0.0), 1e-9)),
@@ -239,7 +241,7 @@ def print_topology(result: dict) -> None:
           f"included); max/mean per EP rank by layer over the whole run (reports): {layers}; "
           f"load average {result['load_average_before']} -> {result['load_average_after']}")
     print("| r | wall speed-up r0/r [95%] | ideal | achieved/ideal [95%] | gain | worker CPU "
-          "r0/r [95%] | CPU ideal | CPU achieved/ideal | bottleneck rows after/before | "
+          "r0/r [95%] | CPU ideal | CPU achieved/ideal [95%] | bottleneck rows after/before | "
           "experts speed-up [95%] (ideal) | max/mean per EP rank | round s: total = experts + "
           "planner + rest |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -265,7 +267,8 @@ def table_row(row: dict) -> str:
     return (f"| {row['ratio']:g} | {s['median']:.3f}{_interval(s['lo'], s['hi'])} "
             f"| {row['ideal']:.3f} | {row['achieved']:.3f}{_interval(*row['achieved_interval'])} "
             f"| {gain} | {c['median']:.3f}{_interval(c['lo'], c['hi'])} "
-            f"| {row['worker_cpu_ideal']:.3f} | {row['worker_cpu_achieved']:.3f} "
+            f"| {row['worker_cpu_ideal']:.3f} | {row['worker_cpu_achieved']:.3f}"
+            f"{_interval(*row['worker_cpu_achieved_interval'])} "
             f"| {row['bottleneck_after_over_before']:.3f} "
             f"| {e['median']:.3f}{_interval(e['lo'], e['hi'])} ({row['experts_ideal']:.3f}) "
             f"| {row['max_over_mean_before']:.3f} | {row['median_round_s']:.3f} = "
