@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -99,6 +100,8 @@ class Server:
 
     def __init__(self, model: Path, topology: str, prompts: list[list[int]], work: Path) -> None:
         self.out = work / topology
+        # A previous run's timers, counts and reports must not mix with this one's.
+        shutil.rmtree(self.out, ignore_errors=True)
         self.timers = self.out / "timers"
         self.timers.mkdir(parents=True, exist_ok=True)
         self.control = self.out / "ratio"
