@@ -2,7 +2,7 @@
 engine at drop ratios 0, 0.05, 0.1, DP=2 + EP and TP=2 + EP, against the ideal.
 
     python scripts/bench_engine.py [--out bench-results] [--topologies dp2-ep,tp2-ep]
-        [--ratios 0,0.05,0.1] [--repeats 9] [--prompts 8] [--length 256]
+        [--ratios 0,0.05,0.1] [--repeats 15] [--prompts 8] [--length 256] [--seed 0]
 
 The model (lab/skewed_moe.py): Mixtral-shaped, random weights, small attention (hidden 128)
 and large experts (16 x intermediate 1024, top-2, 2 layers), whose router is constructed (set,
@@ -34,7 +34,8 @@ quarter of the CPUs in some runs); the worker's CPU time is what dropping rows s
 the other load distorts it far less (engine_prefill.py reads its servers the same way).
 Where the time goes (per arm: experts, planner, the rest of the round) is printed too.
 
-Writes OUT/engine.json. Takes about 8-12 minutes on the 2-core machine.
+Writes OUT/engine.json. Took 6 minutes on the 2-core machine at a load average of 6-11
+(--repeats 15), 10-14 minutes at 20-30 (--repeats 9); the two server start-ups are most of it.
 """
 
 from __future__ import annotations
@@ -283,7 +284,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     parser.add_argument("--topologies", default="dp2-ep,tp2-ep")
     parser.add_argument("--ratios", default="0,0.05,0.1")
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=8, help="concurrent requests a round")
     parser.add_argument("--length", type=int, default=256, help="tokens per prompt")
