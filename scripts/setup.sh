@@ -55,13 +55,17 @@ print(json.dumps([p.get(k) for k in ("dependencies", "optional-dependencies", "s
 }
 
 setup_env() {
-  local name=$1 requirements lock no_deps recipe key venv
+  local name=$1 requirements lock no_deps recipe key venv lock_fd
   recipe=$(stacks env "$name")
   eval "$recipe"
   key=$({ echo "$RECIPE_VERSION $recipe"; package_inputs; cat "$requirements" "$lock"; } \
     | sha256sum | cut -c1-16)
   venv=$CACHE/$name-$key
   mkdir -p .venvs "$CACHE"
+  # One build of an environment at a time: a second setup (another clone, a parallel run)
+  # waits for the first and then reuses its result instead of deleting it half-built.
+  exec {lock_fd}>"$venv.lock"
+  flock "$lock_fd"
   if [[ ! -f $venv/.ascend-patch-setup ]]; then
     echo "setup: $name in $venv (first run: a few minutes)"
     rm -rf "$venv"
@@ -84,6 +88,8 @@ setup_env() {
   # An environment of the older layout (a folder in the clone) gives way to the link.
   [[ -L .venvs/$name || ! -e .venvs/$name ]] || rm -rf ".venvs/$name"
   ln -sfn "$venv" ".venvs/$name"
+  flock --unlock "$lock_fd"
+  exec {lock_fd}>&-
   "$venv/bin/python" -c "import vllm, ascend_patch; print('setup ok: $name, vllm', vllm.__version__)"
 }
 
