@@ -267,7 +267,10 @@ def test_driver_protocol_writes_results_and_reports_failures(tmp_path, capsys):
         'ASCEND_PATCH_FAILED {"id": 3, "error": "ValueError: unknown op \'nope\'"}']
     run = json.loads((tmp_path / "r.json").read_text())
     assert run["outputs"] == [{"prompt_tokens": 3, "token_ids": [9], "top_logprobs": []}] * 2
-    assert json.loads((tmp_path / "p.json").read_text()) == {"logprob_sum": -6.0, "tokens": 4}
+    # Per prompt as well: the tuner's paired loss intervals resample prompts.
+    assert json.loads((tmp_path / "p.json").read_text()) == {
+        "logprob_sum": -6.0, "tokens": 4,
+        "per_prompt": [{"logprob_sum": -3.0, "tokens": 2}, {"logprob_sum": -3.0, "tokens": 2}]}
     assert not (tmp_path / "never.json").exists()
 
 
