@@ -96,7 +96,7 @@ class DropPlan:
 def _count(value: Any, device: torch.device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(torch.int64).reshape(())
-    return torch.tensor(int(value), dtype=torch.int64, device=device)
+    return torch.full((), int(value), dtype=torch.int64, device=device)  # a fill, no copy
 
 
 def _host_counter(name: str) -> property:
@@ -121,11 +121,18 @@ def drop_budget(ratio: float, routed_rows: int) -> int:
     return math.floor(Fraction(repr(float(ratio))) * routed_rows)
 
 
-@functools.lru_cache(maxsize=64)
+# ratio -> (p, q); a plain dict, which torch.compile traces (it bypasses lru_cache).
+_FRACTIONS: dict[float, tuple[int, int]] = {}
+
+
 def _ratio_fraction(ratio: float) -> tuple[int, int]:
-    """(p, q): the ratio as the exact decimal fraction it was written as, in lowest terms."""
-    fraction = Fraction(repr(float(ratio)))
-    return fraction.numerator, fraction.denominator
+    """(p, q): the ratio as the exact decimal fraction it was written as, in lowest terms,
+    computed on the host once per ratio."""
+    fraction = _FRACTIONS.get(ratio)
+    if fraction is None:
+        exact = Fraction(repr(float(ratio)))
+        fraction = _FRACTIONS[ratio] = (exact.numerator, exact.denominator)
+    return fraction
 
 
 # rows * p must stay below 2**63 in int64: exact for rows < 2**32 when p < 2**31 (every
