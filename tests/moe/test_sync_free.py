@@ -3,9 +3,9 @@
 On an NPU or GPU a host read (`.item()`, `int(t)`, a copy to the host) or an op whose output
 size depends on the data (`nonzero`, `unique`, boolean-mask indexing, `bincount`) waits for
 the device's queue to drain. On the CPU there is no queue, so these tests count the ops that
-*would* stall a device: a TorchDispatchMode sees every aten op the step runs, on the
-router's output at the seed's scale (28,672 tokens x top-8, 256 experts, EP16 simulated)
-and at a decode batch. The plan's counters reach the process report through
+*would* stall a device (lab/sync_count.py: a TorchDispatchMode that sees every aten op the
+step runs), on the router's output at the seed's scale (28,672 tokens x top-8, 256 experts,
+EP16 simulated) and at a decode batch. The plan's counters reach the process report through
 `CapacityStats.fold`, which reads them back once per fold, not per call.
 """
 
@@ -15,58 +15,12 @@ import functools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ascend_patch.impls.moe.drop_step import DropStep
 from ascend_patch.impls.moe.options import CapacityOptions
 from ascend_patch.impls.moe.planner import reroute
 from ascend_patch.impls.moe.telemetry.stats import CapacityStats
-
-aten = torch.ops.aten
-
-# Ops that read a value back to the host, or whose output shape depends on the data.
-SYNCING = {
-    aten._local_scalar_dense, aten.is_nonzero, aten.equal, aten.nonzero, aten.unique_dim,
-    aten._unique, aten._unique2, aten.unique_consecutive, aten.unique_dim_consecutive,
-    aten.masked_select, aten.bincount, aten.histc, aten.masked_scatter,
-}
-
-
-class SyncCounter(TorchDispatchMode):
-    """Counts the ops (by name) that would synchronise a device."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.syncs: list[str] = []
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        self.ops += 1
-        packet = func.overloadpacket
-        if packet in SYNCING or _bool_index(packet, args) or _sized_later(packet, kwargs) or (
-                _to_other_device(func, args, kwargs)):
-            self.syncs.append(str(func))
-        return func(*args, **kwargs)
-
-
-def _bool_index(packet, args) -> bool:
-    """x[mask] / x[mask] = v: the result's size is the mask's count."""
-    if packet not in (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_):
-        return False
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
-
-
-def _sized_later(packet, kwargs) -> bool:
-    return packet is aten.repeat_interleave and kwargs.get("output_size") is None
-
-
-def _to_other_device(func, args, kwargs) -> bool:
-    if func.overloadpacket in (aten._to_copy, aten.copy_):
-        source = args[1] if func.overloadpacket is aten.copy_ else args[0]
-        target = args[0].device if func.overloadpacket is aten.copy_ else kwargs.get("device")
-        return target is not None and torch.device(target) != source.device
-    return False
+from ascend_patch.lab.sync_count import SyncCounter
 
 
 @functools.lru_cache(maxsize=8)
