@@ -200,7 +200,13 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    baseline = baseline_modules(args.baseline) if args.baseline else None
+    baseline = None
+    if args.baseline:
+        try:
+            baseline = baseline_modules(args.baseline)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            print(f"no baseline: git show {args.baseline} failed ({exc}); this tree only")
+            args.baseline = ""
     setup = LayerSetup(tokens=max(args.tokens, args.decode), experts=EXPERTS, seed=args.seed)
     layer = make_layer(setup)
     result = {
