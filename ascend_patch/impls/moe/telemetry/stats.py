@@ -159,7 +159,12 @@ class CapacityStats:
     def fold(self) -> None:
         """Read the pending calls' counters back (one device-to-host copy) and add them to
         the report's counters and the /metrics series, in call order."""
-        pending, self._pending = self._pending, []
+        # Take the first n entries in place: a call recorded meanwhile (a report may be read
+        # from another thread) lands after them and waits for the next fold. No lock: the
+        # step runs under torch.compile, which traces list appends but not locks.
+        count = len(self._pending)
+        pending = self._pending[:count]
+        del self._pending[:count]
         if not pending:
             return
         import torch
@@ -213,7 +218,11 @@ class CapacityStats:
 
     def _record_warmup(self, plan: Any) -> None:
         self._warmup()["calls"] += 1
-        self._pending.append((None, False, _vector(plan)))
+        self._add_pending(None, False, plan)
+
+    def _add_pending(self, layer_name: str | None, rerouting: bool, plan: Any) -> int:
+        self._pending.append((layer_name, rerouting, _vector(plan)))
+        return len(self._pending)
 
     # -- per call -----------------------------------------------------------------------
 
@@ -250,15 +259,15 @@ class CapacityStats:
         layer["bins"] = bins
         stats = self._stats
         stats["calls"] += 1
-        self._pending.append((layer_name, getattr(plan, "topk_ids", None) is not None,
-                              _vector(plan)))
+        pending = self._add_pending(layer_name, getattr(plan, "topk_ids", None) is not None,
+                                    plan)
 
         if self._log_interval and stats["calls"] % self._log_interval == 0:
             # With the all-to-all the report is written after this call's combine
             # (dispatch_recorded) only: a process stopped between the two then leaves the
             # previous interval's report, whose drop and traffic counters agree.
             self.log(flush=getattr(self, "_dispatch_counters", None) is None)
-        elif len(self._pending) >= FOLD_EVERY:
+        elif pending >= FOLD_EVERY:
             self.fold()
 
     def _fold_call(self, layer_name: str, rerouting: bool, values: dict[str, int]) -> None:
