@@ -6,7 +6,8 @@
 One process, two scales: the seed's prefill (28,672 tokens x top-8, 256 experts, EP16
 simulated) and a decode batch (64 tokens), DeepSeek-V3-shaped routing at R1-level skew
 (lab/routing_sim.py), drop_token_ratio 0.1, min_tokens 0 (so the decode batch plans its
-drops too), the product's other defaults. For each scale:
+drops too; "decode*" is the decode batch at the default min_tokens 256, which drops
+nothing), the product's other defaults. For each scale:
 
 * the drop step (DropStep: plan, counters, output) of this tree and of the planner at
   `--baseline` (the commit before the device-side planner; its capacity.py, drop_step.py and
@@ -98,11 +99,12 @@ def sync_counts(step, weights, ids) -> dict[str, object]:
             "aten_ops": counter.ops}
 
 
-def measure_scale(name: str, tokens: int, args, baseline, layer) -> dict[str, object]:
+def measure_scale(name: str, tokens: int, args, baseline, layer,
+                  min_tokens: int = 0) -> dict[str, object]:
     routing = deepseek_routing(tokens, "r1", ep_size=EP_SIZE, seed=args.seed)
     weights, ids = routing.topk_weights, routing.topk_ids
     options = CapacityOptions(drop_token_ratio=args.ratio, simulate_ep_size=EP_SIZE,
-                              min_tokens=0)
+                              min_tokens=min_tokens)
     steps = make_steps(options, baseline)
     outputs = {label: step(weights, ids) for label, step in steps.items()}
     if "baseline" in outputs:
@@ -130,7 +132,7 @@ def measure_scale(name: str, tokens: int, args, baseline, layer) -> dict[str, ob
     experts = interleaved_medians({"r0": full, "ratio": kept}, max(3, args.reps // 3))
     step_s = timed["this"]["median_s"]
     result = {
-        "scale": name, "tokens": tokens, "rows": tokens * TOP_K,
+        "scale": name, "tokens": tokens, "rows": tokens * TOP_K, "min_tokens": min_tokens,
         "skew_max_over_mean": routing.max_over_mean,
         "rows_dropped": plan.dropped_rows, "budget": plan.budget, "capacity": plan.capacity,
         "step": {label: {**t, "median_ms": t["median_s"] * 1e3} for label, t in timed.items()},
@@ -215,7 +217,10 @@ def main() -> int:
                   "dtype": setup.dtype, "reps": args.reps},
         "threads": args.threads, "baseline": args.baseline, "cpu": isa(),
         "scales": [measure_scale("prefill", args.tokens, args, baseline, layer),
-                   measure_scale("decode", args.decode, args, baseline, layer)],
+                   measure_scale("decode", args.decode, args, baseline, layer),
+                   # The product's default min_tokens (256): a decode batch drops nothing.
+                   measure_scale("decode*", args.decode, args, baseline, layer,
+                                 min_tokens=CapacityOptions().min_tokens)],
         "machine": machine_info(),
     }
     print_table(result)

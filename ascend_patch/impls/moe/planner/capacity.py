@@ -320,8 +320,10 @@ def plan_drops(
     max_load = load_before.max() if num_bins else routed_rows.new_zeros(())
     # Without drops the weights are the router's (masked slots zeroed), not renormalised.
     unchanged = topk_weights.masked_fill(masked, 0)
-    if options.drop_token_ratio == 0:
-        # r = 0 is known on the host: nothing can drop, the plan only measures the loads.
+    if options.drop_token_ratio == 0 or _too_few_tokens(
+            topk_ids.shape[0], num_tokens_global, all_gather_counts, options.min_tokens):
+        # Known on the host (r = 0, or fewer tokens than min_tokens by the shapes alone):
+        # nothing can drop, the plan only measures the loads.
         return DropPlan(keep=~masked, weights=unchanged, capacity=max_load,
                         routed_rows=routed_rows, dropped_rows=routed_rows.new_zeros(()),
                         budget=budget, bin_load_before=load_before,
@@ -364,6 +366,19 @@ def plan_drops(
         plan.local_rerouted_rows = rerouted.rerouted_rows
         plan.bin_rerouted = rerouted.bin_rerouted
     return plan
+
+
+def _too_few_tokens(
+    num_tokens: int, num_tokens_global: int | None, gather: AllGatherCounts | None,
+    min_tokens: int,
+) -> bool:
+    """Whether the call has fewer tokens than min_tokens, as far as the host knows without a
+    read: the given global count, or, with one token source, this call's token count (the
+    routed rows over top_k never exceed it). A decode batch below min_tokens then costs no
+    planning at all."""
+    if num_tokens_global is not None:
+        return num_tokens_global < min_tokens
+    return gather is None and num_tokens < min_tokens
 
 
 def _check_arguments(
