@@ -136,7 +136,7 @@ def _ratio_fraction(ratio: float) -> tuple[int, int]:
 
 
 # rows * p must stay below 2**63 in int64: exact for rows < 2**32 when p < 2**31 (every
-# ratio written with up to 9 decimals).
+# ratio written with up to 9 significant digits and 18 decimals, which also keeps q < 2**62).
 _MAX_DEVICE_NUMERATOR = 2**31
 _MAX_DEVICE_ROWS = 2**32
 
