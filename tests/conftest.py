@@ -92,6 +92,7 @@ UNIT = (
     "tests/moe/test_capacity.py",
     "tests/moe/test_capacity_properties.py",
     "tests/moe/test_planner_edges.py",
+    "tests/moe/test_sync_free.py",
     "tests/moe/test_backends.py",
     "tests/moe/test_npu_backend.py",
     "tests/moe/test_fused_mc2_overflow.py",

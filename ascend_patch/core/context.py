@@ -39,6 +39,18 @@ class PatchContext:
     _state: Any = field(default=None, repr=False)
     _upstream: Any = field(default=None, repr=False)
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    _readers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def on_read(self, fold: Callable[[], None]) -> None:
+        """Run `fold` before `stats` is read for a report (`read_stats`): where counters are
+        kept on a device between reads, it brings them into `stats`."""
+        self._readers.append(fold)
+
+    def read_stats(self) -> dict[str, Any]:
+        """`stats`, up to date: what a report (or a test) reads."""
+        for fold in self._readers:
+            fold()
+        return self.stats
 
     def state(self, make: Callable[[PatchContext], T]) -> T:
         """The patch's state object, made by `make(self)` on first use: the sites of one patch

@@ -142,7 +142,7 @@ class PatchRecord:
             "options": self.options,
             "interfaces_checked": self.interfaces_checked,
             "interfaces_unchecked": self.interfaces_unchecked,
-            "stats": self.context.stats if self.context else {},
+            "stats": self.context.read_stats() if self.context else {},
         }
 
 

@@ -40,12 +40,19 @@ class PlanCounts:
         row = self.by_ratio.setdefault(ratio, {"calls": 0, "routed": 0, "dropped": 0,
                                                "max_before": 0, "max_after": 0,
                                                "mean_before": 0.0})
+        import torch  # here: this module loads at every process's start (sitecustomize)
+
         row["calls"] += 1
-        row["routed"] += int(plan.routed_rows)
-        row["dropped"] += int(plan.dropped_rows)
-        row["max_before"] += int(plan.bin_load_before.max())
-        row["max_after"] += int(plan.bin_load_after.max())
-        row["mean_before"] += float(plan.bin_load_before.float().mean())
+        # One host read for the call's counters (device tensors: capacity.PlanCounts).
+        before, after = plan.bin_load_before, plan.bin_load_after
+        routed, dropped, max_before, max_after, load = torch.stack([
+            plan.counts.routed_rows, plan.counts.dropped_rows, before.max(), after.max(),
+            before.sum()]).tolist()
+        row["routed"] += routed
+        row["dropped"] += dropped
+        row["max_before"] += max_before
+        row["max_after"] += max_after
+        row["mean_before"] += load / max(before.numel(), 1)
 
 
 class SwitchedRatio:

@@ -61,6 +61,8 @@ def test_exported_layers_feed_their_series_with_this_ranks_rows():
     stats.record("other", plan(100, 5, 60, 3))  # not exported: no series, no error
     stats.dispatch_counters()
     stats.dispatch_recorded("L", 4096)
+    assert series.calls == []  # nothing read back from the plans' counters yet
+    stats.fold()
     assert series.calls == [dict(routed=60, dropped=3, capacity=85, max_before=90, max_after=85,
                                  mean_before=50.0, mean_after=47.5, rerouted=0)]
     assert series.bytes == [4096]
@@ -109,8 +111,42 @@ def test_warm_up_calls_are_counted_apart_and_never_reach_the_serving_counters():
     stats.record("L", plan(100, 5, 60, 3))
     counters.calls += 1
     stats.dispatch_recorded("L", 512)
+    stats.fold()
     assert (data["calls"], data["rows_routed"], data["rows_dropped"]) == (1, 100, 5)
     assert data["layers"]["L"]["rows_dropped"] == 5
     assert data["all_to_all"]["calls"] == 1
     assert [c["dropped"] for c in series.calls] == [3] and series.bytes == [512]
     assert data["warmup"]["calls"] == 2
+
+
+def test_plans_are_read_back_at_the_fold_only():
+    """The counters of a plan stay on its device until a fold (the log interval, a report,
+    the end of the warm-up, or FOLD_EVERY calls): recording reads nothing back."""
+    from ascend_patch.impls.moe.telemetry import stats as stats_module
+
+    data: dict = {}
+    stats = CapacityStats(data, log_interval=0)
+    for _ in range(3):
+        stats.record("L", plan(100, 5, 60, 3))
+    assert (data["calls"], data["rows_dropped"], data["layers"]["L"]["calls"]) == (3, 0, 3)
+    stats.fold()
+    assert (data["rows_routed"], data["rows_dropped"]) == (300, 15)
+    assert data["layers"]["L"]["calls_with_drops"] == 3
+    assert data["layers"]["L"]["max_bin_load_before_peak"] == 90
+    for _ in range(stats_module.FOLD_EVERY - 1):
+        stats.record("L", plan(100, 5, 60, 3))
+    assert data["rows_dropped"] == 15
+    stats.record("L", plan(100, 5, 60, 3))  # the FOLD_EVERY-th pending call folds
+    assert data["rows_dropped"] == 15 + 5 * stats_module.FOLD_EVERY
+
+
+def test_a_report_read_folds_the_pending_plans():
+    from ascend_patch.core.context import PatchContext
+    from ascend_patch.impls.moe.options import CapacityOptions
+
+    ctx = PatchContext("moe", "moe.capacity", CapacityOptions())
+    stats = CapacityStats(ctx.stats, log_interval=0)
+    ctx.on_read(stats.fold)
+    stats.record("L", plan(100, 5, 60, 3))
+    assert ctx.stats["rows_dropped"] == 0
+    assert ctx.read_stats()["rows_dropped"] == 5

@@ -73,10 +73,11 @@ class DropStep:
         """(weights, ids) with dropped rows as id -1 and rerouted rows (overflow: reroute,
         which needs `router_scores` [T, E]) with their new expert; fresh tensors."""
         plan = self.plan(topk_weights, topk_ids, router_scores)
-        if not plan.dropped_rows:
-            return topk_weights.clone(), topk_ids.clone()
+        # A call that drops nothing gives the router's output back unchanged. Whether it
+        # drops is a device value: select, never branch (a branch would read it back).
+        dropped = plan.counts.dropped_rows > 0
         ids = topk_ids if plan.topk_ids is None else plan.topk_ids.to(topk_ids.dtype)
         return (
-            plan.weights.to(topk_weights.dtype).clone(),
-            ids.masked_fill(~plan.keep, -1),
+            torch.where(dropped, plan.weights.to(topk_weights.dtype), topk_weights),
+            torch.where(dropped, ids.masked_fill(~plan.keep, -1), topk_ids),
         )

@@ -78,6 +78,7 @@ class CapacityState:
         self.options = options_of(ctx)
         _refuse_reroute_without_scores(ctx, self.options)
         self.stats = CapacityStats(ctx.stats, self.options.log_interval, ctx.flush)
+        ctx.on_read(self.stats.fold)  # the plans' device counters, before a report is read
         # Taken-over layers by name (filled at load) and their drop steps (built on the first
         # call, in the plan op, outside any tracing: they hold process groups).
         self.layers: dict[str, Any] = {}

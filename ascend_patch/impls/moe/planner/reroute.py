@@ -27,7 +27,8 @@ host reads on the way): in each round every token with an unplaced overflow row 
 its best open expert for its first such row (slot order); each bin accepts proposals by
 score (descending; ties to the lower token) up to its remaining share. A proposal is only
 rejected when its bin fills in that round, so top_k + bins rounds place every row that can
-be placed; on the CPU the loop stops early once nothing is proposed (same result).
+be placed; on the CPU the loop stops early once nothing is proposed (same result; one host
+read per round, which the CPU pays without a device queue to drain: `stop_early`).
 
 Weight of a rerouted row: the router's score of the new expert, on the token's own scale:
 score[new] * sum(topk_weights) / sum(score[topk_ids]) over the token's routed rows. When
@@ -66,7 +67,7 @@ def reroute_over_cap(
     router_scores: torch.Tensor | None,
     expert_bin: torch.Tensor,
     renormalize: bool,
-    room_shares_args: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor],
+    room_shares_args: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     rank: int,
     apportion: Apportion,
 ) -> Reroute:
@@ -84,7 +85,7 @@ def reroute_over_cap(
 
 
 def room_shares(
-    capacity: int,
+    capacity: torch.Tensor,
     load_after: torch.Tensor,
     rows_by_source: torch.Tensor,
     quotas: torch.Tensor,
@@ -134,7 +135,7 @@ def reroute_overflow(
     no_bin = remaining.new_zeros(1)
     for _ in range(top_k + num_bins):
         proposing = pending.any(dim=1)
-        if device.type == "cpu" and not bool(proposing.any()):
+        if stop_early(device) and not bool(proposing.any()):
             break
         open_expert = remaining[expert_bin] > 0
         candidate = ranked_scores.masked_fill(taken | ~open_expert, float("-inf"))
@@ -167,6 +168,13 @@ def reroute_overflow(
     )
 
 
+def stop_early(device: torch.device) -> bool:
+    """Whether the rounds stop once nothing is proposed: a host read per round, so on the
+    CPU only (no device queue to drain, and up to top_k + bins rounds saved); on an
+    accelerator every round runs (static, no host read)."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def scores_from_logits(router_logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
     """float32 [T, E]: the score a router weighs experts with (its softmax or sigmoid of the
     logits), for every expert: what a rerouted row is ranked and weighted by. Adapters call
@@ -179,7 +187,9 @@ def _rank_in_bin(target: torch.Tensor, score: torch.Tensor, num_bins: int) -> to
     """int64 [T]: each proposal's place in its bin, by score descending then token."""
     by_score = torch.sort(-score, stable=True).indices
     order = by_score[torch.sort(target[by_score], stable=True).indices]
-    sizes = torch.bincount(target, minlength=num_bins + 1)
+    # A scatter-add, not bincount (whose output size is read back from the largest bin).
+    sizes = torch.zeros(num_bins + 1, dtype=torch.int64, device=target.device)
+    sizes.scatter_add_(0, target, torch.ones_like(target))
     start = torch.cumsum(sizes, dim=0) - sizes
     place = torch.empty_like(order)
     place[order] = torch.arange(order.numel(), device=order.device) - start[target[order]]

@@ -46,6 +46,13 @@ Shape of `ctx.stats` (JSON-friendly: str keys, ints and floats only):
 Counts are global over the EP group (what `plan_drops` reports): with TP-only EP every rank
 reports the same numbers. The sums over calls let a reader average; max_over_mean is
 sum(max bin load) / sum(mean bin load), the load-weighted imbalance that sets step time.
+
+A plan's counters are device tensors (planner/capacity.py: reading one would stall the
+device's queue on every MoE call). `record` keeps one small int64 vector per call on the
+device and counts the calls on the host; `fold` reads the pending vectors back in one copy
+and adds them to the counters above and to /metrics. It runs at the log interval, before
+every report is written or read (`PatchContext.read_stats`), at the end of the warm-up and
+at least every FOLD_EVERY calls (which bounds the memory held and how stale /metrics gets).
 """
 
 from __future__ import annotations
@@ -58,6 +65,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 logger = logging.getLogger("ascend_patch.moe.capacity")
+
+# Pending per-call vectors are read back at least this often (one host read per fold).
+FOLD_EVERY = 256
+# What each call's vector holds (int64, on the plan's device).
+_VECTOR = ("routed", "dropped", "max_before", "max_after", "sum_before", "sum_after",
+           "capacity", "budget", "local_routed", "local_dropped", "rerouted")
 
 
 class CapacityStats:
@@ -74,6 +87,9 @@ class CapacityStats:
         self._quant: dict[str, str] = {}
         # Nesting depth of `warming_up` (vLLM's start-up warm-up runs while > 0).
         self._warming = 0
+        # Calls recorded but not folded yet: (layer or None for the warm-up, whether the
+        # plan rerouted, int64 vector on the device in _VECTOR's order).
+        self._pending: list[tuple[str | None, bool, Any]] = []
         stats.setdefault("calls", 0)
         stats.setdefault("rows_routed", 0)
         stats.setdefault("rows_dropped", 0)
@@ -140,6 +156,30 @@ class CapacityStats:
         if self._log_interval and self._stats["calls"] % self._log_interval == 0:
             self._flush_report()
 
+    def fold(self) -> None:
+        """Read the pending calls' counters back (one device-to-host copy) and add them to
+        the report's counters and the /metrics series, in call order."""
+        # Take the first n entries in place: a call recorded meanwhile (a report may be read
+        # from another thread) lands after them and waits for the next fold. No lock: the
+        # step runs under torch.compile, which traces list appends but not locks.
+        count = len(self._pending)
+        pending = self._pending[:count]
+        del self._pending[:count]
+        if not pending:
+            return
+        import torch
+
+        device = pending[0][2].device
+        rows = torch.stack([vector.to(device) for _, _, vector in pending]).tolist()
+        for (layer_name, rerouting, _), row in zip(pending, rows, strict=True):
+            values = dict(zip(_VECTOR, row, strict=True))
+            if layer_name is None:
+                warm = self._warmup()
+                warm["rows_routed"] += values["routed"]
+                warm["rows_dropped"] += values["dropped"]
+            else:
+                self._fold_call(layer_name, rerouting, values)
+
     def config_checked(self, group_size: int) -> None:
         self._stats["config_checked_over_ranks"] = int(group_size)
 
@@ -161,6 +201,8 @@ class CapacityStats:
             self._warming -= 1
             if before is not None:
                 self._set_traffic_apart(counters, before)
+            if not self._warming:
+                self.fold()  # once, at the end of the warm-up
 
     def _set_traffic_apart(self, counters: DispatchCounters, before: DispatchCounters) -> None:
         warm = self._warmup().setdefault("all_to_all", {})
@@ -175,29 +217,22 @@ class CapacityStats:
                                                  "rows_dropped": 0})
 
     def _record_warmup(self, plan: Any) -> None:
-        warm = self._warmup()
-        warm["calls"] += 1
-        warm["rows_routed"] += int(plan.routed_rows)
-        warm["rows_dropped"] += int(plan.dropped_rows)
+        self._warmup()["calls"] += 1
+        self._add_pending(None, False, plan)
+
+    def _add_pending(self, layer_name: str | None, rerouting: bool, plan: Any) -> int:
+        self._pending.append((layer_name, rerouting, _vector(plan)))
+        return len(self._pending)
 
     # -- per call -----------------------------------------------------------------------
 
     def record(self, layer_name: str, plan: Any) -> None:
-        """Add one `DropPlan` (capacity.py) to the counters of `layer_name`."""
+        """Add one `DropPlan` (capacity.py) to the counters of `layer_name`: the calls now,
+        the rows and loads at the next `fold` (no host read here)."""
         if self._warming:
             self._record_warmup(plan)
             return
-        before = plan.bin_load_before
-        after = plan.bin_load_after
-        bins = int(before.numel())
-        max_before = int(before.max()) if bins else 0
-        max_after = int(after.max()) if bins else 0
-        mean_before = float(before.sum()) / bins if bins else 0.0
-        mean_after = float(after.sum()) / bins if bins else 0.0
-        routed = int(plan.routed_rows)
-        dropped = int(plan.dropped_rows)
-        rerouted = int(getattr(plan, "local_rerouted_rows", 0))
-
+        bins = int(plan.bin_load_before.numel())  # a shape: no host read
         layer = self._stats["layers"].get(layer_name)
         if layer is None:
             layer = self._stats["layers"][layer_name] = {
@@ -221,15 +256,35 @@ class CapacityStats:
             if layer_name in self._quant:
                 layer["quant"] = self._quant[layer_name]
         layer["calls"] += 1
+        layer["bins"] = bins
+        stats = self._stats
+        stats["calls"] += 1
+        pending = self._add_pending(layer_name, getattr(plan, "topk_ids", None) is not None,
+                                    plan)
+
+        if self._log_interval and stats["calls"] % self._log_interval == 0:
+            # With the all-to-all the report is written after this call's combine
+            # (dispatch_recorded) only: a process stopped between the two then leaves the
+            # previous interval's report, whose drop and traffic counters agree.
+            self.log(flush=getattr(self, "_dispatch_counters", None) is None)
+        elif pending >= FOLD_EVERY:
+            self.fold()
+
+    def _fold_call(self, layer_name: str, rerouting: bool, values: dict[str, int]) -> None:
+        layer = self._stats["layers"][layer_name]
+        bins = layer["bins"]
+        max_before, max_after = values["max_before"], values["max_after"]
+        mean_before = float(values["sum_before"]) / bins if bins else 0.0
+        mean_after = float(values["sum_after"]) / bins if bins else 0.0
+        routed, dropped, rerouted = values["routed"], values["dropped"], values["rerouted"]
         layer["calls_with_drops"] += int(dropped > 0)
         layer["rows_routed"] += routed
         layer["rows_dropped"] += dropped
-        if getattr(plan, "topk_ids", None) is not None:
+        if rerouting:
             layer["rows_rerouted"] = layer.get("rows_rerouted", 0) + rerouted
         layer["drop_fraction"] = _ratio(layer["rows_dropped"], layer["rows_routed"])
-        layer["capacity_last"] = int(plan.capacity)
-        layer["budget_last"] = int(plan.budget)
-        layer["bins"] = bins
+        layer["capacity_last"] = values["capacity"]
+        layer["budget_last"] = values["budget"]
         layer["max_bin_load_before_sum"] += max_before
         layer["max_bin_load_after_sum"] += max_after
         layer["mean_bin_load_before_sum"] += mean_before
@@ -245,24 +300,18 @@ class CapacityStats:
 
         series = self._series.get(layer_name)
         if series is not None:
-            series.record(routed=int(plan.local_routed_rows),
-                          dropped=int(plan.local_dropped_rows), capacity=int(plan.capacity),
-                          max_before=max_before, max_after=max_after, mean_before=mean_before,
+            series.record(routed=values["local_routed"], dropped=values["local_dropped"],
+                          capacity=values["capacity"], max_before=max_before,
+                          max_after=max_after, mean_before=mean_before,
                           mean_after=mean_after, rerouted=rerouted)
 
         stats = self._stats
-        stats["calls"] += 1
         stats["rows_routed"] += routed
         stats["rows_dropped"] += dropped
         stats["drop_fraction"] = _ratio(stats["rows_dropped"], stats["rows_routed"])
 
-        if self._log_interval and stats["calls"] % self._log_interval == 0:
-            # With the all-to-all the report is written after this call's combine
-            # (dispatch_recorded) only: a process stopped between the two then leaves the
-            # previous interval's report, whose drop and traffic counters agree.
-            self.log(flush=getattr(self, "_dispatch_counters", None) is None)
-
     def log(self, flush: bool = True) -> None:
+        self.fold()
         stats = self._stats
         logger.info(
             "moe.capacity: %d calls, %d/%d rows dropped (%.4f); per layer: %s",
@@ -281,12 +330,36 @@ class CapacityStats:
             self._flush_report()
 
     def _flush_report(self) -> None:
+        self.fold()
         if self._flush is not None and not self._flush_failed:
             try:
                 self._flush()
             except Exception as exc:  # noqa: BLE001 - a report failure must not break a forward
                 self._flush_failed = True
                 logger.warning("moe.capacity: could not write the process report: %s", exc)
+
+
+def _vector(plan: Any) -> Any:
+    """int64 [len(_VECTOR)] on the plan's device: one call's counters, without a host read
+    (a plan made by hand with host ints gives them as tensors on its keep's device)."""
+    import torch
+
+    counts, before, after = plan.counts, plan.bin_load_before, plan.bin_load_after
+    device = plan.keep.device
+    empty = before.numel() == 0
+    parts = [
+        counts.routed_rows, counts.dropped_rows,
+        before.new_zeros(()) if empty else before.max(),
+        after.new_zeros(()) if empty else after.max(),
+        before.sum(), after.sum(), counts.capacity, counts.budget,
+        counts.local_routed_rows, counts.local_dropped_rows,
+        _as_tensor(getattr(plan, "local_rerouted_rows", 0), counts.routed_rows),
+    ]
+    return torch.stack([part.to(device, torch.int64).reshape(()) for part in parts])
+
+
+def _as_tensor(value: Any, like: Any) -> Any:
+    return value if hasattr(value, "reshape") else like.new_full((), int(value))
 
 
 def _ratio(numerator: float, denominator: float) -> float:

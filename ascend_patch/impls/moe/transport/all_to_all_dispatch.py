@@ -261,7 +261,7 @@ def dispatch(
         counters.rows_sent += n
         counters.rows_sent_remote += remote_rows
         counters.rows_received += num_rows
-        counters.rows_not_sent_dropped += int((ids < 0).sum())
+        counters.rows_not_sent_dropped += ids.numel() - n  # shapes: no host read
         counters.hidden_rows_sent += len(pair_first_row)
         counters.hidden_rows_sent_remote += remote_pairs
         counters.hidden_rows_received += num_pairs
