@@ -50,6 +50,10 @@ def make_process_weights_after_loading(
     state.route_scores = lambda name, layer: _scores_on_cpu_only(state, name, layer)
 
     def build_kernel(method: Any, layer: Any, experts_cls: type) -> bool:
+        if (state.options.backend == "vllm_cpu"
+                and method.unquantized_backend == upstream.UnquantizedMoeBackend.CPU):
+            raise state.error("backend: vllm_cpu runs on vLLM 0.32's CPU experts; vLLM 0.23's "
+                              "CPU backend computes with backend: torch (auto picks it)")
         return _build_cpu_kernel(method, layer, experts_cls, upstream)
 
     return process_weights_factory(original, state, build_kernel=build_kernel)

@@ -1,0 +1,179 @@
+"""vLLM's own CPU experts under `moe.capacity` (adapters/vllm_cpu_experts.py): the installed
+line's real `CPUUnquantizedExperts`, its prepack and its kernel, against the same class
+computing every row.
+
+Exact equality throughout: the kernel computes each row on its own and sums a token's rows
+in slot order in float32, so handing it only the kept rows gives, bit for bit, what it gives
+on the whole routing with the dropped rows at weight 0 (experts/vllm_cpu_kernel.py).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ascend_patch.core.context import PatchContext
+from ascend_patch.impls.moe.adapters import vllm_cpu_experts, vllm_modular
+from ascend_patch.impls.moe.options import CapacityOptions
+from tests.moe.test_vllm_modular import real_moe_config, real_parallel_config
+
+cpu_moe = pytest.importorskip("vllm.model_executor.layers.fused_moe.experts.cpu_moe")
+
+EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 8, 3, 64, 32
+
+
+@pytest.fixture
+def ctx():
+    context = PatchContext("moe", "moe.capacity", CapacityOptions(min_tokens=0))
+    yield context
+    context.close()
+
+
+def _moe_config(num_local_experts=EXPERTS):
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
+
+    names = set(FusedMoEConfig.__dataclass_fields__)
+    size = ("intermediate_size" if "intermediate_size" in names
+            else "intermediate_size_per_partition")
+    return real_moe_config(real_parallel_config(), experts_per_token=TOP_K, hidden_dim=HIDDEN,
+                           num_local_experts=num_local_experts, in_dtype=torch.bfloat16,
+                           **{size: INTERMEDIATE})
+
+
+def _layer(w13, w2, name="model.layers.1.mlp.experts"):
+    layer = torch.nn.Module()
+    layer.w13_weight = torch.nn.Parameter(w13.clone(), requires_grad=False)
+    layer.w2_weight = torch.nn.Parameter(w2.clone(), requires_grad=False)
+    layer.layer_name = name
+    return layer
+
+
+def _experts(cls, w13, w2, ctx=None, name="model.layers.1.mlp.experts"):
+    """(experts, layer): `cls` built as vLLM's kernel builder builds it, weights prepacked."""
+    from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG
+
+    experts = cls(_moe_config(w13.shape[0]), FUSED_MOE_UNQUANTIZED_CONFIG)
+    layer = _layer(w13, w2, name)
+    experts.process_weights_after_loading(layer)
+    return experts, layer
+
+
+def _vllm_apply(experts, layer, x, weights, ids):
+    """vLLM's own apply on every row of the routing (ids local)."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    out = torch.empty_like(x)
+    empty = x.new_empty(0)
+    cpu_moe.CPUUnquantizedExperts.apply(
+        experts, out, x, layer.w13_weight, layer.w2_weight, weights.float().contiguous(),
+        ids.to(torch.int32).contiguous(), MoEActivation.SILU, layer.w13_weight.shape[0], None,
+        None, None, empty, empty, None, False)
+    return out
+
+
+def _problem(tokens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w13 = (torch.randn(EXPERTS, 2 * INTERMEDIATE, HIDDEN, generator=g) / 8).bfloat16()
+    w2 = (torch.randn(EXPERTS, HIDDEN, INTERMEDIATE, generator=g) / 8).bfloat16()
+    x = torch.randn(tokens, HIDDEN, generator=g).bfloat16()
+    ids = torch.rand(tokens, EXPERTS, generator=g).argsort(dim=1)[:, :TOP_K]  # distinct
+    weights = torch.rand(tokens, TOP_K, generator=g)
+    drop = torch.rand(tokens, TOP_K, generator=g) < 0.4
+    return w13, w2, x, weights, ids.to(torch.int32), drop
+
+
+def _ours(ctx, w13, w2):
+    state = vllm_modular.state_of(ctx)
+    cls = vllm_cpu_experts.native_experts_class(state, cpu_moe.CPUUnquantizedExperts)
+    return _experts(cls, w13, w2)
+
+
+def test_at_r0_the_output_is_vllm_s_own_bit_for_bit(ctx):
+    w13, w2, x, weights, ids, _ = _problem(40)
+    ours, layer = _ours(ctx, w13, w2)
+    native, native_layer = _experts(cpu_moe.CPUUnquantizedExperts, w13, w2)
+    assert torch.equal(layer.w13_weight, native_layer.w13_weight)  # vLLM's prepack, once
+    got = ours.compute(x, layer.w13_weight, layer.w2_weight, weights, ids, None, False)
+    assert torch.equal(got, _vllm_apply(native, native_layer, x, weights, ids))
+
+
+def test_dropped_rows_are_left_out_exactly_through_the_custom_op(ctx):
+    """Rows dropped by the plan reach the experts as id -1; the output is vLLM's on the full
+    routing with those rows at weight 0, and tokens whose rows are all dropped get 0."""
+    w13, w2, x, weights, ids, drop = _problem(50, seed=1)
+    drop[:3] = True  # three tokens lose every row
+    ours, layer = _ours(ctx, w13, w2)
+    native, native_layer = _experts(cpu_moe.CPUUnquantizedExperts, w13, w2)
+    out = torch.empty_like(x)
+    ours.apply(out, x, layer.w13_weight, layer.w2_weight, weights, ids.masked_fill(drop, -1),
+               None, EXPERTS, None, None, None, x.new_empty(0), x.new_empty(0), None, False)
+    expected = _vllm_apply(native, native_layer, x, weights.masked_fill(drop, 0.0), ids)
+    assert torch.equal(out, expected)
+    assert not out[:3].any()
+
+
+def test_expert_map_computes_the_local_experts_only(ctx):
+    """EP: the rank holds experts 2..5 as local 0..3; the sum over both halves' ranks is the
+    whole layer's."""
+    w13, w2, x, weights, ids, drop = _problem(30, seed=2)
+    local = torch.arange(2, 6)
+    expert_map = torch.full((EXPERTS,), -1, dtype=torch.int32)
+    expert_map[local] = torch.arange(4, dtype=torch.int32)
+    ours, layer = _ours(ctx, w13[local].contiguous(), w2[local].contiguous())
+    native, native_layer = _experts(cpu_moe.CPUUnquantizedExperts, w13, w2)
+    kept_ids = ids.masked_fill(drop, -1)
+    got = ours.compute(x, layer.w13_weight, layer.w2_weight, weights, kept_ids, expert_map,
+                       False)
+    is_local = (ids >= 2) & (ids < 6) & ~drop
+    expected = _vllm_apply(native, native_layer, x, weights * is_local, ids)
+    assert torch.equal(got, expected)
+
+
+def test_zero_tokens(ctx):
+    w13, w2, x, weights, ids, _ = _problem(0)
+    ours, layer = _ours(ctx, w13, w2)
+    got = ours.compute(x, layer.w13_weight, layer.w2_weight, weights, ids, None, False)
+    assert got.shape == (0, HIDDEN) and got.dtype == torch.bfloat16
+
+
+def _method(experts_cls):
+    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
+
+    return SimpleNamespace(unquantized_backend=UnquantizedMoeBackend.CPU,
+                           experts_cls=experts_cls)
+
+
+@pytest.mark.parametrize("backend", ["auto", "vllm_cpu"])
+def test_auto_and_vllm_cpu_subclass_the_class_vllm_chose(backend):
+    context = PatchContext("moe", "moe.capacity", CapacityOptions(backend=backend))
+    try:
+        state = vllm_modular.state_of(context)
+        chosen = vllm_cpu_experts.experts_class_for(_method(cpu_moe.X86CPUUnquantizedExperts),
+                                                    state)
+        assert chosen.__mro__[1] is cpu_moe.X86CPUUnquantizedExperts
+        assert chosen.isa == "amx" and chosen.ascend_patch_backend == "vllm_cpu"
+    finally:
+        context.close()
+
+
+def test_torch_keeps_the_standard_layout_experts():
+    context = PatchContext("moe", "moe.capacity", CapacityOptions(backend="torch"))
+    try:
+        state = vllm_modular.state_of(context)
+        chosen = vllm_cpu_experts.experts_class_for(_method(cpu_moe.CPUUnquantizedExperts),
+                                                    state)
+        assert chosen is state.experts_cls and chosen.ascend_patch_backend == "torch"
+    finally:
+        context.close()
+
+
+def test_vllm_cpu_without_vllm_s_cpu_experts_is_refused():
+    context = PatchContext("moe", "moe.capacity", CapacityOptions(backend="vllm_cpu"))
+    try:
+        state = vllm_modular.state_of(context)
+        with pytest.raises(Exception, match="backend: vllm_cpu needs"):
+            vllm_cpu_experts.experts_class_for(_method(None), state)
+    finally:
+        context.close()
