@@ -11,11 +11,16 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import itertools
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe.adapters import vllm_cpu_experts, vllm_modular
+from ascend_patch.impls.moe.experts import vllm_cpu_kernel
 from ascend_patch.impls.moe.options import CapacityOptions
 from tests.moe.test_vllm_modular import real_moe_config, real_parallel_config
 
@@ -99,9 +104,13 @@ def test_at_r0_the_output_is_vllm_s_own_bit_for_bit(ctx):
     assert torch.equal(got, _vllm_apply(native, native_layer, x, weights, ids))
 
 
-def test_dropped_rows_are_left_out_exactly_through_the_custom_op(ctx):
+@pytest.mark.parametrize("rows_per_expert_read", [0, 1000],
+                         ids=["a call per rows-per-token group", "one padded call"])
+def test_dropped_rows_are_left_out_exactly_through_the_custom_op(ctx, monkeypatch,
+                                                                  rows_per_expert_read):
     """Rows dropped by the plan reach the experts as id -1; the output is vLLM's on the full
     routing with those rows at weight 0, and tokens whose rows are all dropped get 0."""
+    monkeypatch.setattr(vllm_cpu_kernel, "ROWS_PER_EXPERT_READ", rows_per_expert_read)
     w13, w2, x, weights, ids, drop = _problem(50, seed=1)
     drop[:3] = True  # three tokens lose every row
     ours, layer = _ours(ctx, w13, w2)
@@ -177,3 +186,28 @@ def test_vllm_cpu_without_vllm_s_cpu_experts_is_refused():
             vllm_cpu_experts.experts_class_for(_method(None), state)
     finally:
         context.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=3, max_size=9),
+       st.floats(0, 300, allow_nan=False))
+def test_the_calls_cover_every_token_at_the_least_cost(group_sizes, call_cost):
+    """_widths against every way to cut the counts 1..k into calls (brute force)."""
+    top_k = len(group_sizes) - 1
+    calls = vllm_cpu_kernel._widths(group_sizes, call_cost)
+
+    def cost(cuts):  # cuts: the widths of the calls, increasing, ending at k
+        total, low = 0.0, 0
+        for width in cuts:
+            tokens = sum(group_sizes[low + 1:width + 1])
+            if tokens:
+                total += call_cost + sum(group_sizes[c] * (width - c)
+                                         for c in range(low + 1, width + 1))
+            low = width
+        return total
+
+    best = min(cost(list(cuts) + [top_k]) for n in range(top_k)
+               for cuts in itertools.combinations(range(1, top_k), n))
+    assert sum(tokens for _, tokens in calls) == sum(group_sizes[1:])
+    assert [w for w, _ in calls] == sorted({w for w, _ in calls})
+    assert cost([w for w, _ in calls] + [top_k]) == pytest.approx(best)

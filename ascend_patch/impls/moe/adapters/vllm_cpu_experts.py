@@ -111,7 +111,8 @@ def _make_class(state: CapacityState, vllm_cls: type) -> type:
                 return out
 
             return vllm_cpu_kernel.moe_forward(kernel, hidden_states, topk_weights, topk_ids,
-                                               expert_map=expert_map)
+                                               expert_map=expert_map,
+                                               num_local_experts=w1.shape[0])
 
     return CapacityCPUExperts
 
