@@ -22,7 +22,8 @@ Per thread count (1, then every CPU this process may use; each in this one proce
    rank's 16 experts, and its outputs are summed per token (index_add_, timed); ours runs
    with expert_map on the tokens the rank receives.
 
-Every figure is a median of `reps` interleaved repetitions, printed beside the ISA torch found
+Every figure is a median of `reps` interleaved repetitions (every other round in reverse
+order, so that neither arm always runs after the other), printed beside the ISA torch found
 (and whether the CPU has AVX-512 and AMX) and the native kernel's `isa` argument.
 """
 
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from ascend_patch.lab.experts import cpu_ops_module, native_isa, native_kernel  # noqa: F401
 from ascend_patch.lab.layer import (
     LayerSetup,
     interleaved_medians,
@@ -45,10 +47,6 @@ from ascend_patch.lab.layer import (
     relative_error,
     save_result,
 )
-
-
-def native_isa() -> str:
-    return "amx" if torch.cpu._is_amx_tile_supported() else "vec"
 
 
 def cpu_isa() -> dict:
@@ -73,33 +71,6 @@ def isa_label(isa: dict) -> str:
     extras = [name for name in ("avx512f", "avx512_bf16", "amx") if isa[name]]
     return (f"{isa['torch_capability']}{' + ' + ', '.join(extras) if extras else ', no AVX-512/AMX'}"
             f"; kernel isa={isa['native_isa_argument']}")
-
-
-def cpu_ops_module():
-    """Where the line keeps the CPU MoE wrappers: vllm._cpu_ops from 0.34 on (cpu_fused_moe
-    and cpu_prepack_moe_weight left vllm._custom_ops there), vllm._custom_ops before."""
-    import importlib
-    import importlib.util
-
-    name = "vllm._cpu_ops" if importlib.util.find_spec("vllm._cpu_ops") else "vllm._custom_ops"
-    return importlib.import_module(name)
-
-
-def native_kernel(w13, w2, isa):
-    """kernel(x, topk_weights, topk_ids) -> out: vLLM's CPU kernel on prepacked copies."""
-    ops = cpu_ops_module()
-    p13 = ops.cpu_prepack_moe_weight(w13, isa)
-    p2 = ops.cpu_prepack_moe_weight(w2, isa)
-
-    def run(x, weights, ids):
-        out = torch.empty_like(x)
-        # The registered op, not its Python wrapper: the op's arguments are the same on the
-        # 0.23 and 0.32 lines, the wrapper's are not (0.23 allocates and returns the output).
-        torch.ops._C.cpu_fused_moe(out, x, p13, p2, None, None, weights.float().contiguous(),
-                                   ids.to(torch.int32).contiguous(), False, "silu", isa)
-        return out
-
-    return run
 
 
 def native_rank(x, kernel, weights, ids, rank, experts_per_rank):
@@ -161,7 +132,7 @@ def _whole_layer(x, kernel, routings, plans, reps):
             fns[f"ours r={ratio:g}"] = (lambda p=plan, ids=ids: moe_forward(
                 kernel, x, p.weights, ids.masked_fill(~p.keep, -1), num_local_experts=256))
         y_nat, y_ours = fns["native"]().float(), fns["ours"]().float()
-        med = interleaved_medians(fns, reps)
+        med = interleaved_medians(fns, reps, alternate=True)
         base = med["native"]["median_s"]
         entry = {"skew_achieved": r.max_over_mean, "native_s": base,
                  "ours_s": med["ours"]["median_s"],
@@ -208,7 +179,7 @@ def _bottleneck(x, w13, w2, isa, r, plans, ep_size, reps):
                                           plan.keep, rank_after, epr, 256)
         ranks[name] = rank_after
     max_abs_diff_r0 = float((nat_fn().float() - ours0().float()).abs().max())
-    med = interleaved_medians(fns, reps)
+    med = interleaved_medians(fns, reps, alternate=True)
     base = med["native"]["median_s"]
     return {"skew_achieved": r.max_over_mean, "rank": hot,
             "tokens_received": int(tokens_recv.numel()), "max_abs_diff_r0": max_abs_diff_r0,
