@@ -120,7 +120,7 @@ def _plan(weights, ids, ratio, ep_size):
         drop_token_ratio=ratio, min_tokens=0, simulate_ep_size=ep_size))
 
 
-def _whole_layer(x, kernel, routings, plans, reps):
+def _whole_layer(x, kernel, routings, plans, reps, torch_weights=None):
     from ascend_patch.impls.moe.experts.vllm_cpu_kernel import moe_forward
 
     layer = {}
@@ -128,6 +128,11 @@ def _whole_layer(x, kernel, routings, plans, reps):
         w, ids = r.topk_weights, r.topk_ids
         fns = {"native": lambda w=w, ids=ids: kernel(x, w, ids),
                "ours": lambda w=w, ids=ids: moe_forward(kernel, x, w, ids, num_local_experts=256)}
+        if torch_weights is not None:  # backend: torch (vLLM 0.23's CPU line), r = 0
+            from ascend_patch.impls.moe.experts import torch_backend
+
+            fns["torch backend"] = (lambda w=w, ids=ids: torch_backend.moe_forward(
+                x, *torch_weights, w, ids))
         for ratio, plan in plans.get(name, {}).items():
             fns[f"ours r={ratio:g}"] = (lambda p=plan, ids=ids: moe_forward(
                 kernel, x, p.weights, ids.masked_fill(~p.keep, -1), num_local_experts=256))
@@ -141,6 +146,8 @@ def _whole_layer(x, kernel, routings, plans, reps):
                  "max_abs_diff": float((y_nat - y_ours).abs().max()),
                  "max_abs_output": float(y_nat.abs().max()),
                  "rel_diff": relative_error(y_ours, y_nat)}
+        if "torch backend" in med:
+            entry["torch_backend_over_native"] = med["torch backend"]["median_s"] / base
         for ratio in plans.get(name, {}):
             entry[f"ours_r{ratio:g}_s"] = med[f"ours r={ratio:g}"]["median_s"]
             entry[f"ours_r{ratio:g}_over_native"] = med[f"ours r={ratio:g}"]["median_s"] / base
@@ -199,7 +206,7 @@ def thread_counts(spec: str) -> list[int]:
 
 
 def bench(tokens=4096, hidden=1024, intermediate=256, reps=7, threads=(1,), seed=0,
-          ratios=(0.05, 0.1), skew="r1", ep_size=16) -> dict:
+          ratios=(0.05, 0.1), skew="r1", ep_size=16, torch_backend=False) -> dict:
     from ascend_patch.lab.routing_sim import deepseek_routing
 
     before = torch.get_num_threads()
@@ -219,7 +226,8 @@ def bench(tokens=4096, hidden=1024, intermediate=256, reps=7, threads=(1,), seed
         for n in threads:
             torch.set_num_threads(n)
             result["per_threads"][str(n)] = {
-                "whole_layer": _whole_layer(x, kernel, routings, {skew: plans}, reps),
+                "whole_layer": _whole_layer(x, kernel, routings, {skew: plans}, reps,
+                                            (w13, w2) if torch_backend else None),
                 "bottleneck_rank": _bottleneck(x, w13, w2, isa["native_isa_argument"], r, plans,
                                                ep_size, reps),
                 "isa": isa_label(isa)}
@@ -251,7 +259,8 @@ def print_tables(result: dict) -> None:
         t = Table(title=f"whole layer, {n} thread(s): ours (backend auto = vLLM's kernel on "
                         f"kept rows) vs vLLM cpu_fused_moe on every row")
         for col in ("ISA", "routing", "native ms", "ours ms", "ours/native r=0", "(mins)",
-                    "max|diff|", "ours r=0.05 / native", "ours r=0.1 / native"):
+                    "max|diff|", "ours r=0.05 / native", "ours r=0.1 / native",
+                    "torch backend r=0 / native"):
             t.add_column(col, justify="right")
         for name, e in run["whole_layer"].items():
             t.add_row(run["isa"], f"{name} ({e['skew_achieved']:.2f})",
@@ -259,7 +268,9 @@ def print_tables(result: dict) -> None:
                       f"{e['ours_over_native']:.3f}", f"{e['ours_over_native_min']:.3f}",
                       f"{e['max_abs_diff']:.4f}",
                       f"{e['ours_r0.05_over_native']:.3f}" if "ours_r0.05_over_native" in e else "-",
-                      f"{e['ours_r0.1_over_native']:.3f}" if "ours_r0.1_over_native" in e else "-")
+                      f"{e['ours_r0.1_over_native']:.3f}" if "ours_r0.1_over_native" in e else "-",
+                      f"{e['torch_backend_over_native']:.3f}"
+                      if "torch_backend_over_native" in e else "-")
         console.print(t)
         b = run["bottleneck_rank"]
         t = Table(title=f"bottleneck rank, {n} thread(s) (EP{s['ep_size']}, {s['skew']} skew "
@@ -285,9 +296,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1,all",
                    help="comma-separated thread counts, 'all' = every CPU of this process")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch-backend", action="store_true",
+                   help="also time backend: torch at r = 0 (what vLLM 0.23's CPU line runs)")
     p.add_argument("--out", default="bench-results")
     a = p.parse_args(argv)
-    result = bench(a.tokens, a.hidden, a.intermediate, a.reps, thread_counts(a.threads), a.seed)
+    result = bench(a.tokens, a.hidden, a.intermediate, a.reps, thread_counts(a.threads), a.seed,
+                   torch_backend=a.torch_backend)
     print_tables(result)
     save_result(result, a.out, "vs_native.json")
     return 0

@@ -138,7 +138,8 @@ def test_vs_native_takes_the_cpu_ops_from_where_the_installed_line_keeps_them():
 @pytest.mark.contract  # vLLM's own CPU fused MoE is the baseline
 def test_vs_native_core_tiny():
     bench = load_script("bench_vs_native")
-    result = bench.bench(tokens=256, hidden=64, intermediate=32, reps=1, threads=(1, 2))
+    result = bench.bench(tokens=256, hidden=64, intermediate=32, reps=1, threads=(1, 2),
+                         torch_backend=True)
     assert set(result["per_threads"]) == {"1", "2"}
     assert result["isa"]["native_isa_argument"] in ("vec", "amx")
     for run in result["per_threads"].values():
@@ -146,6 +147,7 @@ def test_vs_native_core_tiny():
         for entry in run["whole_layer"].values():
             assert entry["ours_s"] > 0 and entry["native_s"] > 0
             assert entry["max_abs_diff"] == 0  # r = 0: ours is the kernel's own call
+            assert entry["torch_backend_over_native"] > 0
         arms = run["bottleneck_rank"]["arms"]
         assert arms["native"]["rows"] == arms["ours r=0"]["rows"] > arms["ours r=0.05"]["rows"] \
             > arms["ours r=0.1"]["rows"]
