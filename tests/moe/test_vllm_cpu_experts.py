@@ -25,6 +25,9 @@ from ascend_patch.impls.moe.options import CapacityOptions
 from tests.moe.test_vllm_modular import real_moe_config, real_parallel_config
 
 cpu_moe = pytest.importorskip("vllm.model_executor.layers.fused_moe.experts.cpu_moe")
+# vLLM 0.32 has CPU experts classes; 0.23 prepacks in CPUFusedMOE (tests at the end).
+line_0_32 = pytest.mark.skipif(not hasattr(cpu_moe, "CPUUnquantizedExperts"),
+                               reason="this line has no CPUUnquantizedExperts (0.23)")
 
 EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 8, 3, 64, 32
 
@@ -95,6 +98,7 @@ def _ours(ctx, w13, w2):
     return _experts(cls, w13, w2)
 
 
+@line_0_32
 def test_at_r0_the_output_is_vllm_s_own_bit_for_bit(ctx):
     w13, w2, x, weights, ids, _ = _problem(40)
     ours, layer = _ours(ctx, w13, w2)
@@ -104,6 +108,7 @@ def test_at_r0_the_output_is_vllm_s_own_bit_for_bit(ctx):
     assert torch.equal(got, _vllm_apply(native, native_layer, x, weights, ids))
 
 
+@line_0_32
 @pytest.mark.parametrize("rows_per_expert_read", [0, 1000],
                          ids=["a call per rows-per-token group", "one padded call"])
 def test_dropped_rows_are_left_out_exactly_through_the_custom_op(ctx, monkeypatch,
@@ -123,6 +128,7 @@ def test_dropped_rows_are_left_out_exactly_through_the_custom_op(ctx, monkeypatc
     assert not out[:3].any()
 
 
+@line_0_32
 def test_expert_map_computes_the_local_experts_only(ctx):
     """EP: the rank holds experts 2..5 as local 0..3; the sum over both halves' ranks is the
     whole layer's."""
@@ -140,6 +146,7 @@ def test_expert_map_computes_the_local_experts_only(ctx):
     assert torch.equal(got, expected)
 
 
+@line_0_32
 def test_zero_tokens(ctx):
     w13, w2, x, weights, ids, _ = _problem(0)
     ours, layer = _ours(ctx, w13, w2)
@@ -154,6 +161,7 @@ def _method(experts_cls):
                            experts_cls=experts_cls)
 
 
+@line_0_32
 @pytest.mark.parametrize("backend", ["auto", "vllm_cpu"])
 def test_auto_and_vllm_cpu_subclass_the_class_vllm_chose(backend):
     context = PatchContext("moe", "moe.capacity", CapacityOptions(backend=backend))
@@ -167,6 +175,7 @@ def test_auto_and_vllm_cpu_subclass_the_class_vllm_chose(backend):
         context.close()
 
 
+@line_0_32
 def test_torch_keeps_the_standard_layout_experts():
     context = PatchContext("moe", "moe.capacity", CapacityOptions(backend="torch"))
     try:
@@ -178,6 +187,7 @@ def test_torch_keeps_the_standard_layout_experts():
         context.close()
 
 
+@line_0_32
 def test_vllm_cpu_without_vllm_s_cpu_experts_is_refused():
     context = PatchContext("moe", "moe.capacity", CapacityOptions(backend="vllm_cpu"))
     try:
@@ -211,3 +221,83 @@ def test_the_calls_cover_every_token_at_the_least_cost(group_sizes, call_cost):
     assert sum(tokens for _, tokens in calls) == sum(group_sizes[1:])
     assert [w for w, _ in calls] == sorted({w for w, _ in calls})
     assert cost([w for w, _ in calls] + [top_k]) == pytest.approx(best)
+
+
+# ---- vLLM 0.23: CPUFusedMOE prepacks, 0.23's cpu_fused_moe computes the kept rows ----
+
+def _has_0_23_kernel() -> bool:
+    import vllm._custom_ops  # noqa: F401  (loads the extension that registers the ops)
+
+    return not hasattr(cpu_moe, "CPUUnquantizedExperts") and hasattr(torch.ops._C,
+                                                                      "cpu_fused_moe")
+
+
+# vLLM 0.23's AVX2 extension (_C_AVX2, what an AVX2-only CPU loads) has no cpu_fused_moe:
+# there 0.23 keeps the torch backend, and these run on AVX-512/AMX hosts only.
+cpu_fused_moe_0_23 = pytest.mark.skipif(
+    not _has_0_23_kernel(), reason="vLLM 0.23 with its grouped-gemm CPU kernel only")
+
+
+@pytest.mark.skipif(hasattr(cpu_moe, "CPUUnquantizedExperts"), reason="vLLM 0.23 only")
+def test_0_23_without_the_kernel_auto_keeps_the_torch_backend(ctx):
+    from ascend_patch.impls.moe.adapters import vllm_0_23_cpu_monolithic as cpu_0_23
+
+    state = vllm_modular.state_of(ctx)
+    w13, w2, *_ = _problem(1)
+    isa = cpu_0_23.grouped_gemm_isa_0_23(_layer(w13, w2), state.upstream)
+    assert (isa is None) == (not hasattr(torch.ops._C, "cpu_fused_moe"))
+
+
+def _ours_0_23(ctx, w13, w2, activation="silu"):
+    """(experts, layer): what vllm_0_23_cpu_monolithic builds for a CPU layer."""
+    from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG
+    from vllm.model_executor.layers.fused_moe.cpu_fused_moe import CPUFusedMOE
+
+    from ascend_patch.impls.moe.adapters import vllm_0_23_cpu_monolithic as cpu_0_23
+
+    state = vllm_modular.state_of(ctx)
+    layer = _layer(w13, w2)
+    layer.activation = activation
+    assert cpu_0_23.grouped_gemm_isa_0_23(layer, state.upstream) == "vec"
+    cpu_fused = CPUFusedMOE(layer)  # vLLM's prepack, in place
+    experts = cpu_0_23.experts_class_0_23(state)(_moe_config(w13.shape[0]),
+                                                 FUSED_MOE_UNQUANTIZED_CONFIG)
+    cpu_0_23.attach_0_23(experts, layer, cpu_fused, state)
+    return experts, layer
+
+
+def _vllm_0_23(layer, x, weights, ids):
+    from vllm import _custom_ops
+
+    return _custom_ops.cpu_fused_moe(x, layer.w13_weight, layer.w2_weight, None, None,
+                                     weights.float().contiguous(),
+                                     ids.to(torch.int32).contiguous(), "silu", "vec")
+
+
+@cpu_fused_moe_0_23
+def test_0_23_at_r0_and_with_drops_the_output_is_vllm_s_kernel_s(ctx):
+    w13, w2, x, weights, ids, drop = _problem(40, seed=4)
+    ours, layer = _ours_0_23(ctx, w13, w2)
+    r0 = ours.compute(x, layer.w13_weight, layer.w2_weight, weights, ids, None, False)
+    assert torch.equal(r0, _vllm_0_23(layer, x, weights, ids))
+    out = torch.empty_like(x)
+    ours.apply(out, x, layer.w13_weight, layer.w2_weight, weights, ids.masked_fill(drop, -1),
+               None, EXPERTS, None, None, None, x.new_empty(0), x.new_empty(0), None, False)
+    assert torch.equal(out, _vllm_0_23(layer, x, weights.masked_fill(drop, 0.0), ids))
+
+
+@cpu_fused_moe_0_23
+def test_0_23_expert_map_and_zero_tokens(ctx):
+    w13, w2, x, weights, ids, drop = _problem(30, seed=5)
+    local = torch.arange(4, 8)
+    expert_map = torch.full((EXPERTS,), -1, dtype=torch.int32)
+    expert_map[local] = torch.arange(4, dtype=torch.int32)
+    ours, layer = _ours_0_23(ctx, w13[local].contiguous(), w2[local].contiguous())
+    _, full = _ours_0_23(ctx, w13, w2)
+    got = ours.compute(x, layer.w13_weight, layer.w2_weight, weights, ids.masked_fill(drop, -1),
+                       expert_map, False)
+    is_local = (ids >= 4) & ~drop
+    assert torch.equal(got, _vllm_0_23(full, x, weights * is_local, ids))
+    empty = ours.compute(x[:0], layer.w13_weight, layer.w2_weight, weights[:0], ids[:0],
+                         expert_map, False)
+    assert empty.shape == (0, HIDDEN)

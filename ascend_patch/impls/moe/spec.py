@@ -412,6 +412,16 @@ _CPU_0_23_INTERFACES = (
         "vllm.v1.worker.workspace:is_workspace_manager_initialized", "()",
         "set it up once per process",
     ),
+    # adapters/vllm_cpu_experts.py: vLLM's own prepack and kernel on the kept rows.
+    Interface(f"{_FM}.cpu_fused_moe:CPUFusedMOE", None,
+              "prepacks the layer's weights in place and picks the isa (cpu_fused_moe.py:228)"),
+    Interface(f"{_FM}.cpu_fused_moe:CPUFusedMOE.check_grouped_gemm", "(self, layer)",
+              "whether vLLM would run its grouped gemm on the layer, at which isa",
+              key="CPUFusedMOE_check_grouped_gemm"),
+    Interface("vllm._custom_ops:cpu_fused_moe",
+              "(input, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids, act, isa, "
+              "skip_weighted=…)",
+              "the grouped-gemm kernel, handed only the kept rows of local experts"),
 )
 
 # What adapters/ascend_0_23.py reads on vllm-ascend's (and, under it, vLLM 0.23's) objects.
@@ -457,6 +467,7 @@ _MEGA_MOE_LIMIT = Attribute("vllm_ascend.ascend_config:AscendConfig.mega_moe_max
                             "the row limit the fused MC2 kernel truncates at")
 
 _CPU_0_23_READS = (
+    Attribute(f"{_FM}.cpu_fused_moe:CPUFusedMOE.isa", "the isa the kernel is called at"),
     Attribute(f"{_METHOD}.moe_quant_config", "set before the kernel build, as the original does"),
     Attribute(f"{_METHOD}.get_fused_moe_quant_config", "the kernel's quant config (None)"),
     *(Attribute(f"{_FM}.layer:FusedMoE.{name}", "routing and weights of the CPU backend")

@@ -14,6 +14,9 @@ grouped by rows per token (experts/vllm_cpu_kernel.py says how, and why the resu
 dropless kernel's with the dropped rows at weight 0, bit for bit). On this AVX2-only CPU
 the kernel is several times faster than the torch backend's bf16 matmuls
 (scripts/bench_vs_native.py). `backend: torch` keeps the standard-layout torch backend.
+
+vLLM 0.23 has no CPU experts class: vllm_0_23_cpu_monolithic.py does the same with vLLM's
+`CPUFusedMOE` prepack and 0.23's `cpu_fused_moe`.
 """
 
 from __future__ import annotations
@@ -66,6 +69,20 @@ def native_experts_class(state: CapacityState, vllm_cls: type) -> type:
     return made
 
 
+def apply_through_op(self: Any, output: torch.Tensor, hidden_states: torch.Tensor,
+                     w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor, activation: Any, global_num_experts: int,
+                     expert_map: torch.Tensor | None, a1q_scale: torch.Tensor | None,
+                     a2_scale: torch.Tensor | None, workspace13: torch.Tensor,
+                     workspace2: torch.Tensor, expert_tokens_meta: Any,
+                     apply_router_weight_on_input: bool) -> None:
+    """The experts' `apply`: the layer's `compute` behind an opaque custom op (the
+    compaction has data-dependent shapes, and vLLM lets Dynamo trace the MoE layer on CPU)."""
+    output.copy_(custom_ops.vllm_cpu_experts(
+        hidden_states, w1, w2, topk_weights, topk_ids, expert_map, self.ascend_patch_layer,
+        bool(apply_router_weight_on_input)))
+
+
 def _make_class(state: CapacityState, vllm_cls: type) -> type:
     class CapacityCPUExperts(vllm_cls):  # type: ignore[misc, valid-type]
         """vLLM's CPU experts on the rows that are kept and local only. Rows with id -1
@@ -82,17 +99,7 @@ def _make_class(state: CapacityState, vllm_cls: type) -> type:
             self.ascend_patch_layer = layer.layer_name
             state.cpu_experts[layer.layer_name] = self
 
-        def apply(self, output: torch.Tensor, hidden_states: torch.Tensor, w1: torch.Tensor,
-                  w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                  activation: Any, global_num_experts: int, expert_map: torch.Tensor | None,
-                  a1q_scale: torch.Tensor | None, a2_scale: torch.Tensor | None,
-                  workspace13: torch.Tensor, workspace2: torch.Tensor,
-                  expert_tokens_meta: Any, apply_router_weight_on_input: bool) -> None:
-            # An opaque custom op: the compaction has data-dependent shapes, and vLLM lets
-            # Dynamo trace the MoE layer on CPU.
-            output.copy_(custom_ops.vllm_cpu_experts(
-                hidden_states, w1, w2, topk_weights, topk_ids, expert_map,
-                self.ascend_patch_layer, bool(apply_router_weight_on_input)))
+        apply = apply_through_op
 
         def compute(self, hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                     topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -115,4 +122,5 @@ def _make_class(state: CapacityState, vllm_cls: type) -> type:
                                                num_local_experts=w1.shape[0])
 
     return CapacityCPUExperts
+
 
