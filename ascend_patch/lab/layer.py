@@ -77,7 +77,8 @@ def interleaved_medians(
             fn()
             samples[name].append(time.perf_counter() - start)
     return {
-        name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "n": len(s)}
+        name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "n": len(s),
+               "samples_s": s}
         for name, s in samples.items()
     }
 
