@@ -21,6 +21,7 @@ vLLM 0.23 has no CPU experts class: vllm_0_23_cpu_monolithic.py does the same wi
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -28,6 +29,8 @@ import torch
 from ascend_patch.impls.moe import custom_ops
 from ascend_patch.impls.moe.experts import vllm_cpu_kernel
 from ascend_patch.impls.moe.state import CapacityState
+
+logger = logging.getLogger("ascend_patch.moe.capacity")
 
 BACKEND = "vllm_cpu"
 
@@ -98,6 +101,8 @@ def _make_class(state: CapacityState, vllm_cls: type) -> type:
             super().process_weights_after_loading(layer)
             self.ascend_patch_layer = layer.layer_name
             state.cpu_experts[layer.layer_name] = self
+            logger.info("moe.capacity: %s: vLLM's %s computes the kept rows",
+                        layer.layer_name, vllm_cls.__name__)
 
         apply = apply_through_op
 
