@@ -71,7 +71,8 @@ def cpu_isa() -> dict:
 
 def isa_label(isa: dict) -> str:
     extras = [name for name in ("avx512f", "avx512_bf16", "amx") if isa[name]]
-    return (f"{isa['torch_capability']}{' + ' + ', '.join(extras) if extras else ', no AVX-512/AMX'}"
+    flags = " + " + ", ".join(extras) if extras else ", no AVX-512/AMX"
+    return (f"{isa['torch_capability']}{flags}"
             f"; kernel isa={isa['native_isa_argument']}")
 
 
@@ -281,7 +282,8 @@ def print_tables(result: dict) -> None:
                       f"{e['ours_over_native']:.3f}", f"{e['ours_over_native_paired']:.3f}",
                       f"{e['ours_over_native_min']:.3f}",
                       f"{e['max_abs_diff']:.4f}",
-                      f"{e['ours_r0.05_over_native']:.3f}" if "ours_r0.05_over_native" in e else "-",
+                      f"{e['ours_r0.05_over_native']:.3f}"
+                      if "ours_r0.05_over_native" in e else "-",
                       f"{e['ours_r0.1_over_native']:.3f}" if "ours_r0.1_over_native" in e else "-",
                       f"{e['torch_backend_over_native']:.3f}"
                       if "torch_backend_over_native" in e else "-")

@@ -12,8 +12,8 @@ ratio (max rank load before / after) against the analytic limit max_load / water
 (the least cap C with sum over ranks of max(0, load - C) <= the budget), the measured compute time of the most loaded simulated rank
 before / after (what `backend: auto` computes on the rows that rank receives: vLLM's CPU
 kernel where this stack has it, else the torch backend, lab/experts.py; interleaved
-repetitions, medians), and the relative error ||y_r - y_0|| / ||y_0|| of the routed-expert output of the
-whole layer. Every time ratio is measured in one run against the r = 0 arm of the same run.
+repetitions, medians), and the relative error ||y_r - y_0|| / ||y_0|| of the routed-expert
+output of the whole layer. Every time ratio is measured in one run against the r = 0 arm of the same run.
 
 The layer benchmarks (scripts/bench_moe_layer.py, bench_vs_native.py, bench_dispatch.py) build
 on the same helpers. It imports torch, so it is lab code: `ascend-patch ab` imports it only

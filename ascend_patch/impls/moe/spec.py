@@ -31,9 +31,9 @@ why (details, with file:line, in docs/explanation/vllm-moe-internals.md):
   `apply` hands vLLM's only the kept rows of local experts (adapters/vllm_cpu_experts.py);
   with `backend: torch` (and on Triton's mask path) for our capacity experts on the standard
   [E_local, 2I, H] / [E_local, H, I] layout (the prepack never runs). Either way no second
-  copy of the weights, `expert_map` honoured, dropped rows skipped. Backends whose weight layout or activation format we cannot read
-  (MoonEP, TPU, out-of-tree, XPU, batched formats, biased/LoRA MoE, non-silu) keep the
-  original path and are counted as not taken over.
+  copy of the weights, `expert_map` honoured, dropped rows skipped. Backends whose weight
+  layout or activation format we cannot read (MoonEP, TPU, out-of-tree, XPU, batched formats,
+  biased/LoRA MoE, non-silu) keep the original path and are counted as not taken over.
 
 All-to-all dispatch (option `dispatch`, module transport/all_to_all_dispatch.py). With DP > 1
 and EP, vLLM builds `MoEPrepareAndFinalizeNaiveDPEPModular` (all2all_utils.py:209-221, 399-403): an
