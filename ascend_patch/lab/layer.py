@@ -10,9 +10,10 @@ each policy:
 it reports the rows dropped against the budget floor(r * rows), the bottleneck-rank load
 ratio (max rank load before / after) against the analytic limit max_load / water level
 (the least cap C with sum over ranks of max(0, load - C) <= the budget), the measured compute time of the most loaded simulated rank
-before / after (torch backend on the rows that rank receives; interleaved repetitions,
-medians), and the relative error ||y_r - y_0|| / ||y_0|| of the routed-expert output of the
-whole layer. Every time ratio is measured in one run against the r = 0 arm of the same run.
+before / after (what `backend: auto` computes on the rows that rank receives: vLLM's CPU
+kernel where this stack has it, else the torch backend, lab/experts.py; interleaved
+repetitions, medians), and the relative error ||y_r - y_0|| / ||y_0|| of the routed-expert
+output of the whole layer. Every time ratio is measured in one run against the r = 0 arm of the same run.
 
 The layer benchmarks (scripts/bench_moe_layer.py, bench_vs_native.py, bench_dispatch.py) build
 on the same helpers. It imports torch, so it is lab code: `ascend-patch ab` imports it only
@@ -59,22 +60,25 @@ class LayerSetup:
 
 
 def interleaved_medians(
-    fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1
+    fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1, alternate: bool = False
 ) -> dict[str, dict[str, float]]:
     """Run every fn once per round, `reps` rounds (after `warmup`), and return per fn the
     median, min and max seconds. Interleaving spreads the machine's load changes evenly
-    over the arms, which matters on a shared 2-core host."""
+    over the arms, which matters on a shared 2-core host; `alternate` runs every other round
+    in reverse order, so that no arm always follows the same one."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    for round_ in range(reps):
+        order = list(fns.items())
+        for name, fn in (order[::-1] if alternate and round_ % 2 else order):
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
     return {
-        name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "n": len(s)}
+        name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "n": len(s),
+               "samples_s": s}
         for name, s in samples.items()
     }
 
@@ -132,7 +136,7 @@ def make_layer(setup: LayerSetup) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 def rank_problem(x, w13, w2, weights, ids, keep, rank: int, experts_per_rank: int):
     """What EP rank `rank` computes: the tokens with a kept row on it, its local experts."""
-    from ascend_patch.impls.moe.experts.torch_backend import moe_forward
+    from ascend_patch.lab.experts import experts
 
     local_rows = (torch.div(ids, experts_per_rank, rounding_mode="floor") == rank) & keep
     tokens = torch.nonzero(local_rows.any(dim=1)).squeeze(1)
@@ -140,13 +144,13 @@ def rank_problem(x, w13, w2, weights, ids, keep, rank: int, experts_per_rank: in
     expert_map = torch.full((num_experts,), -1, dtype=torch.long)
     local = torch.arange(rank * experts_per_rank, (rank + 1) * experts_per_rank)
     expert_map[local] = torch.arange(experts_per_rank)
-    args = (x[tokens].contiguous(), w13[local].contiguous(), w2[local].contiguous(),
-            weights[tokens].contiguous(), ids[tokens].contiguous())
+    moe, _ = experts(w13[local].contiguous(), w2[local].contiguous())
+    args = (x[tokens].contiguous(), weights[tokens].contiguous(), ids[tokens].contiguous())
     rank_keep = local_rows[tokens].contiguous()
     rows = int(rank_keep.sum())
 
     def run():
-        return moe_forward(*args, keep=rank_keep, expert_map=expert_map)
+        return moe(*args, keep=rank_keep, expert_map=expert_map)
 
     return run, rows
 
@@ -215,8 +219,8 @@ def _policy_keeps(weights, ids, ratio, setup: LayerSetup):
 
 def layer_ab(setup: LayerSetup, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """All cells of the layer A/B; see the module docstring."""
-    from ascend_patch.impls.moe.experts.torch_backend import moe_forward
     from ascend_patch.impls.moe.planner.analytic import analytic_limit, protected_rank_load
+    from ascend_patch.lab.experts import experts
     from ascend_patch.lab.routing_sim import (
         SKEWS,
         deepseek_routing,
@@ -228,6 +232,7 @@ def layer_ab(setup: LayerSetup, progress: Callable[[str], None] | None = None) -
     torch.set_num_threads(setup.threads)
     try:
         x, w13, w2 = make_layer(setup)
+        moe_forward, computed_by = experts(w13, w2)
         experts_per_rank = setup.experts // setup.ep_size
         ratios = sorted({0.0, *map(float, setup.ratios)})
         cells: list[Cell] = []
@@ -247,7 +252,7 @@ def layer_ab(setup: LayerSetup, progress: Callable[[str], None] | None = None) -
             load = rank_loads(ids, setup.experts, setup.ep_size)
             protected = protected_rank_load(weights, ids, setup.experts, setup.ep_size)
             hot_rank = int(torch.argmax(load))
-            y0 = moe_forward(x, w13, w2, weights, ids)
+            y0 = moe_forward(x, weights, ids)
             all_rows = torch.ones_like(ids, dtype=torch.bool)
             timed: dict[str, Callable[[], Any]] = {}
             base_fn, _ = rank_problem(x, w13, w2, weights, ids, all_rows, hot_rank,
@@ -261,7 +266,7 @@ def layer_ab(setup: LayerSetup, progress: Callable[[str], None] | None = None) -
                 for policy, (keep, kept_weights, dropped, budget, load_after, capacity) in keeps.items():
                     if progress:
                         progress(f"skew {name}: r={ratio:g} {policy}")
-                    y = y0 if ratio == 0 else moe_forward(x, w13, w2, kept_weights, ids, keep=keep)
+                    y = y0 if ratio == 0 else moe_forward(x, kept_weights, ids, keep=keep)
                     max_after = int(load_after.max())
                     # The rank that now finishes last; on ties the one that was hottest.
                     at_max = torch.nonzero(load_after == max_after).squeeze(1)
@@ -305,6 +310,7 @@ def layer_ab(setup: LayerSetup, progress: Callable[[str], None] | None = None) -
         return {
             "setup": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(setup).items()},
             "torch_threads": setup.threads,
+            "experts": computed_by,
             "routing": routings,
             "cells": [asdict(c) for c in cells],
             "wall_s": time.perf_counter() - started,

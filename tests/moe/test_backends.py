@@ -128,3 +128,20 @@ def test_select_backend():
     assert select_backend("npu", torch.device("cpu")) is npu_backend.moe_forward
     with pytest.raises(ValueError):
         select_backend("cuda", torch.device("cpu"))
+
+
+def test_without_native_bf16_the_looped_path_computes_in_float32(monkeypatch):
+    """On a CPU without native bf16 only the output is rounded to bf16: within one bf16 step
+    of the float32 reference, where the bf16 matmuls (native bf16 CPUs) round the
+    intermediate products too."""
+    x, w13, w2, weights, ids = make_layer(torch.bfloat16, seed=3)
+    reference = reference_moe(x, w13, w2, weights, ids)
+    errors = {}
+    for fast in (False, True):
+        monkeypatch.setattr(torch_backend, "_fast_cpu_bf16", lambda fast=fast: fast)
+        out = moe_forward(x, w13, w2, weights, ids, batched=False)
+        assert out.dtype == torch.bfloat16
+        errors[fast] = float(((out.float() - reference).abs()
+                              / reference.abs().clamp(min=1e-2)).max())
+    assert errors[False] <= 2.0 ** -8
+    assert errors[True] > errors[False]

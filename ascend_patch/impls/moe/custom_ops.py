@@ -74,6 +74,13 @@ def register() -> None:
             experts_impl,
             _like_hidden,
         ),
+        "moe_capacity_vllm_cpu_experts": (
+            "(Tensor hidden_states, Tensor w1, Tensor w2, Tensor topk_weights, "
+            "Tensor topk_ids, Tensor? expert_map, str layer_name, bool weights_on_input) "
+            "-> Tensor",
+            _vllm_cpu_experts_impl,
+            _like_hidden,
+        ),
         "moe_capacity_all_to_all": (
             "(Tensor hidden_states, Tensor w1, Tensor w2, Tensor topk_weights, "
             "Tensor topk_ids, Tensor? expert_map, str layer_name) -> Tensor",
@@ -102,6 +109,10 @@ def experts(*args: Any) -> torch.Tensor:
     return torch.ops.ascend_patch.moe_capacity_experts(*args)
 
 
+def vllm_cpu_experts(*args: Any) -> torch.Tensor:
+    return torch.ops.ascend_patch.moe_capacity_vllm_cpu_experts(*args)
+
+
 def all_to_all(*args: Any) -> torch.Tensor:
     return torch.ops.ascend_patch.moe_capacity_all_to_all(*args)
 
@@ -120,6 +131,25 @@ def _all_to_all_impl(
     if kernel is None:
         raise RuntimeError(f"moe.capacity: no all-to-all kernel for MoE layer {layer_name!r}")
     return kernel.apply_eager(hidden_states, w1, w2, topk_weights, topk_ids, expert_map)
+
+
+def _vllm_cpu_experts_impl(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    layer_name: str,
+    weights_on_input: bool,
+) -> torch.Tensor:
+    """vLLM's CPU experts of the layer on its kept, local rows (adapters/vllm_cpu_experts.py)."""
+    state = _BINDING.state
+    experts = None if state is None else state.cpu_experts.get(layer_name)
+    if experts is None:
+        raise RuntimeError(f"moe.capacity: no vLLM CPU experts for MoE layer {layer_name!r}")
+    return experts.compute(hidden_states, w1, w2, topk_weights, topk_ids, expert_map,
+                           weights_on_input)
 
 
 def _plan_impl(

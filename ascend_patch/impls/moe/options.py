@@ -81,11 +81,14 @@ class CapacityOptions(BaseModel):
             "dropping on one device). None uses the real EP size."
         ),
     )
-    backend: Literal["auto", "torch", "npu"] = Field(
+    backend: Literal["auto", "torch", "npu", "vllm_cpu"] = Field(
         "auto",
         description=(
-            "Expert compute: 'torch' (per-expert matmuls, any device), 'npu' (torch_npu "
-            "grouped-matmul ops), 'auto' picks 'npu' for NPU tensors and 'torch' otherwise."
+            "Expert compute: 'vllm_cpu' (vLLM 0.32's own CPU fused-MoE kernel on its "
+            "prepacked weights, handed only the kept rows of local experts), 'torch' "
+            "(per-expert matmuls, any device), 'npu' (torch_npu grouped-matmul ops). 'auto' "
+            "picks 'vllm_cpu' where vLLM built the layer for its CPU experts, 'npu' for NPU "
+            "tensors and 'torch' otherwise."
         ),
     )
     dispatch: Literal["auto", "allgather", "all_to_all"] = Field(

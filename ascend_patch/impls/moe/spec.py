@@ -26,12 +26,14 @@ why (details, with file:line, in docs/explanation/vllm-moe-internals.md):
   the intermediate size and prepacks w13/w2 into the CPU grouped-gemm layout
   (`cpu_prepack_moe_weight`), and the CPU kernel `cpu_fused_moe` ignores `expert_map`
   (TP + --enable-expert-parallel segfaults). The replacement swaps the method's experts class
-  for our capacity experts before the kernel is built: the layer keeps the standard
-  [E_local, 2I, H] / [E_local, H, I] layout (no second copy of the weights, the prepack never
-  runs) and the experts compute with the `torch`/`npu` backend, honouring `expert_map` and
-  skipping dropped rows. Backends whose weight layout or activation format we cannot read
-  (MoonEP, TPU, out-of-tree, XPU, batched formats, biased/LoRA MoE, non-silu) keep the
-  original path and are counted as not taken over.
+  before the kernel is built: on the CPU backend (option `backend` auto or vllm_cpu) for a
+  subclass of the CPU experts class vLLM chose, whose prepack runs as vLLM's and whose
+  `apply` hands vLLM's only the kept rows of local experts (adapters/vllm_cpu_experts.py);
+  with `backend: torch` (and on Triton's mask path) for our capacity experts on the standard
+  [E_local, 2I, H] / [E_local, H, I] layout (the prepack never runs). Either way no second
+  copy of the weights, `expert_map` honoured, dropped rows skipped. Backends whose weight
+  layout or activation format we cannot read (MoonEP, TPU, out-of-tree, XPU, batched formats,
+  biased/LoRA MoE, non-silu) keep the original path and are counted as not taken over.
 
 All-to-all dispatch (option `dispatch`, module transport/all_to_all_dispatch.py). With DP > 1
 and EP, vLLM builds `MoEPrepareAndFinalizeNaiveDPEPModular` (all2all_utils.py:209-221, 399-403): an
@@ -313,6 +315,32 @@ _MODULAR_READS = _EXPERTS_OVERRIDES + (
 )
 
 
+# vLLM 0.32's CPU experts (adapters/vllm_cpu_experts.py): subclassed for a taken-over CPU
+# layer, so that vLLM's prepack and kernel compute the kept rows (experts/cpu_moe.py:85-300).
+_CPU_EXPERTS = f"{_FM}.experts.cpu_moe:CPUUnquantizedExperts"
+_CPU_EXPERTS_INTERFACES = (
+    Interface(_CPU_EXPERTS, None,
+              "the class (or ISA variant) vLLM chose for a CPU layer: subclassed"),
+    Interface(
+        f"{_CPU_EXPERTS}.apply",
+        "(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, "
+        "global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2, "
+        "expert_tokens_meta, apply_router_weight_on_input)",
+        "called per group of tokens with local ids only (cpu_fused_moe at its isa)",
+        key="CPUUnquantizedExperts_apply",
+    ),
+    Interface(
+        f"{_CPU_EXPERTS}.process_weights_after_loading", "(self, layer)",
+        "pads the intermediate size and prepacks w13/w2 in place; the subclass calls it",
+        key="CPUUnquantizedExperts_process_weights",
+    ),
+)
+_CPU_EXPERTS_READS = (
+    # and FusedMoEConfig.activation (declared with the int8 reads)
+    Attribute(f"{_MK}:FusedMoEExperts.moe_config", "the layer's activation, for vLLM's apply"),
+)
+
+
 # What adapters/vllm_int8_cpu.py reads on 0.32's int8 objects (only that line takes them over).
 _INT8_CT = (f"{_QUANT}.compressed_tensors.compressed_tensors_moe."
             "compressed_tensors_moe_w8a8_int8:CompressedTensorsW8A8Int8MoEMethod")
@@ -384,6 +412,16 @@ _CPU_0_23_INTERFACES = (
         "vllm.v1.worker.workspace:is_workspace_manager_initialized", "()",
         "set it up once per process",
     ),
+    # adapters/vllm_cpu_experts.py: vLLM's own prepack and kernel on the kept rows.
+    Interface(f"{_FM}.cpu_fused_moe:CPUFusedMOE", None,
+              "prepacks the layer's weights in place and picks the isa (cpu_fused_moe.py:228)"),
+    Interface(f"{_FM}.cpu_fused_moe:CPUFusedMOE.check_grouped_gemm", "(self, layer)",
+              "whether vLLM would run its grouped gemm on the layer, at which isa",
+              key="CPUFusedMOE_check_grouped_gemm"),
+    Interface("vllm._custom_ops:cpu_fused_moe",
+              "(input, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids, act, isa, "
+              "skip_weighted=…)",
+              "the grouped-gemm kernel, handed only the kept rows of local experts"),
 )
 
 # What adapters/ascend_0_23.py reads on vllm-ascend's (and, under it, vLLM 0.23's) objects.
@@ -429,6 +467,7 @@ _MEGA_MOE_LIMIT = Attribute("vllm_ascend.ascend_config:AscendConfig.mega_moe_max
                             "the row limit the fused MC2 kernel truncates at")
 
 _CPU_0_23_READS = (
+    Attribute(f"{_FM}.cpu_fused_moe:CPUFusedMOE.isa", "the isa the kernel is called at"),
     Attribute(f"{_METHOD}.moe_quant_config", "set before the kernel build, as the original does"),
     Attribute(f"{_METHOD}.get_fused_moe_quant_config", "the kernel's quant config (None)"),
     *(Attribute(f"{_FM}.layer:FusedMoE.{name}", "routing and weights of the CPU backend")
@@ -483,8 +522,9 @@ IMPLEMENTATIONS = {
             SiteSet(
                 lines=("0.32",),
                 sites=(*_MODULAR_SITES, *_INT8_SITES, *_warmup_sites("cpu"), _ROUTER_SCORES_SITE),
-                relies_on=_MODULAR_INTERFACES + _INT8_INTERFACES,
-                reads=_ROUTED_READS + (_BATCHED_FLAG,) + _INT8_READS + _ROUTER_SCORES_READS,
+                relies_on=_MODULAR_INTERFACES + _INT8_INTERFACES + _CPU_EXPERTS_INTERFACES,
+                reads=_ROUTED_READS + (_BATCHED_FLAG,) + _INT8_READS + _ROUTER_SCORES_READS
+                + _CPU_EXPERTS_READS,
                 # vLLM's --quantization names (plan matches a model's method against them).
                 quantized_layers=("experts_int8", "compressed-tensors W8A8 int8"),
             ),

@@ -92,6 +92,10 @@ class CapacityState:
         # the experts class it installs (vLLM's modular kernel), if any.
         self.make_step: Any = None
         self.experts_cls: Any = None
+        # vLLM's CPU experts subclassed per class vLLM chose, and the experts objects of the
+        # layers they compute, by layer name (adapters/vllm_cpu_experts.py).
+        self.cpu_experts_classes: dict[type, type] = {}
+        self.cpu_experts: dict[str, Any] = {}
         # The int8 experts class (adapters/vllm_int8_cpu.py), made at its first selection.
         self.int8_experts_cls: Any = None
         # overflow: reroute: (layer name, layer) -> None, set by the adapter that brings the

@@ -8,9 +8,12 @@ the runner calls `apply_monolithic(layer, x, router_logits)` (runner/moe_runner.
 or DP with expert parallel computes the wrong experts, or crashes).
 
 So for a CPU layer we take over:
-* `process_weights_after_loading` does not run the original (no prepack: the weights keep
-  vLLM's standard layout) and builds a modular kernel with vLLM's own
-  `make_unquantized_moe_kernel` and our CapacityExperts, as the Triton backend would. A
+* `process_weights_after_loading` does not run the original and builds a modular kernel with
+  vLLM's own `make_unquantized_moe_kernel`, as the Triton backend would. With `backend: auto`
+  where vLLM would run its grouped gemm, vLLM's `CPUFusedMOE(layer)` prepacks the weights in
+  place and picks the isa, and the kernel's experts hand 0.23's `cpu_fused_moe` only the kept
+  rows (vllm_cpu_experts.py); otherwise (and with `backend: torch`) no prepack: the weights
+  keep vLLM's standard layout and our CapacityExperts compute with the torch backend. A
   kernel makes `supports_internal_mk` true, so the runner no longer all-gathers tokens
   itself (moe_runner.py:683-686): the kernel's prepare/finalize dispatches, as on 0.32, and
   `dispatch: all_to_all` can replace it. 0.23 kernels take their buffers from the workspace
@@ -32,6 +35,9 @@ import torch
 
 from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe import custom_ops
+from ascend_patch.impls.moe.adapters.vllm_cpu_experts import BACKEND, apply_through_op
+from ascend_patch.impls.moe.experts import vllm_cpu_kernel
+from ascend_patch.impls.moe.state import CapacityState
 from ascend_patch.impls.moe.planner.reroute import scores_from_logits
 from ascend_patch.impls.moe.adapters.vllm_modular import (
     process_weights_factory,
@@ -50,7 +56,23 @@ def make_process_weights_after_loading(
     state.route_scores = lambda name, layer: _scores_on_cpu_only(state, name, layer)
 
     def build_kernel(method: Any, layer: Any, experts_cls: type) -> bool:
-        return _build_cpu_kernel(method, layer, experts_cls, upstream)
+        if method.unquantized_backend != upstream.UnquantizedMoeBackend.CPU:
+            return False  # Triton: the original builds the kernel from experts_cls
+        isa = (grouped_gemm_isa_0_23(layer, upstream)
+               if state.options.backend in ("auto", BACKEND) else None)
+        if isa is None:
+            if state.options.backend == BACKEND:
+                raise state.error(
+                    f"backend: vllm_cpu: vLLM 0.23 runs no grouped-gemm kernel for MoE layer "
+                    f"{layer.layer_name!r} (dimensions not multiples of 32, or AMX without "
+                    "bf16); use backend: auto or torch")
+            return _build_cpu_kernel(method, layer, experts_cls, upstream)
+        # vLLM's own prepack, in place, at vLLM's isa; then the kernel, with experts that
+        # hand 0.23's cpu_fused_moe only the kept rows.
+        cpu_moe = upstream.CPUFusedMOE(layer)
+        _build_cpu_kernel(method, layer, experts_class_0_23(state), upstream)
+        attach_0_23(method.moe_kernel.fused_experts, layer, cpu_moe, state)
+        return True
 
     return process_weights_factory(original, state, build_kernel=build_kernel)
 
@@ -66,8 +88,6 @@ def _scores_on_cpu_only(state: Any, name: str, layer: Any) -> None:
 
 
 def _build_cpu_kernel(method: Any, layer: Any, experts_cls: type, upstream: Any) -> bool:
-    if method.unquantized_backend != upstream.UnquantizedMoeBackend.CPU:
-        return False  # Triton: the original builds the kernel from experts_cls
     # apply_monolithic runs under torch.compile on CPU, which cannot trace the import a
     # first read does: read the router here, where vLLM itself imports its CPU MoE module.
     upstream.select_experts
@@ -135,3 +155,68 @@ def make_apply_monolithic(
 
     return apply_monolithic
 
+
+# --------------------------------------------------------------------------------------
+# vLLM's own CPU kernel on the kept rows (vllm_cpu_experts.py says why, for 0.32)
+# --------------------------------------------------------------------------------------
+
+
+def grouped_gemm_isa_0_23(layer: Any, upstream: Any) -> str | None:
+    """The isa vLLM 0.23's CPU backend would run its grouped-gemm kernel at for this layer
+    (CPUFusedMOE.check_grouped_gemm, which reads only the layer), None where it would not
+    (then CPUFusedMOE falls back to per-expert linears and may drop the weights)."""
+    if "CPUFusedMOE" not in upstream:
+        return None
+    # Importing vllm._custom_ops loads the extension whose ops the check looks for.
+    upstream.cpu_fused_moe
+    grouped, isa = upstream.CPUFusedMOE.check_grouped_gemm(None, layer)
+    return isa if grouped else None
+
+
+def experts_class_0_23(state: CapacityState) -> type:
+    """CapacityExperts computing with 0.23's `cpu_fused_moe` on the kept rows (the layer's
+    weights prepacked by vLLM's CPUFusedMOE; `attach_0_23` gives each object its layer)."""
+    made = state.cpu_experts_classes.get(state.experts_cls)
+    if made is None:
+        custom_ops.register()
+        made = state.cpu_experts_classes[state.experts_cls] = _make_class_0_23(state)
+    return made
+
+
+def attach_0_23(experts: Any, layer: Any, cpu_moe: Any, state: CapacityState) -> None:
+    """Give the layer's experts object what its compute needs: the layer's name, activation
+    and vLLM's isa (`CPUFusedMOE`, which prepacked the weights in place)."""
+    experts.ascend_patch_layer = layer.layer_name
+    experts.ascend_patch_activation = str(getattr(layer.activation, "value", layer.activation))
+    experts.ascend_patch_isa = cpu_moe.isa
+    state.cpu_experts[layer.layer_name] = experts
+
+
+def _make_class_0_23(state: CapacityState) -> type:
+    upstream = state.upstream
+
+    class CapacityCPUExperts023(state.experts_cls):  # type: ignore[misc, name-defined]
+        """0.23's CPU kernel on the rows that are kept and local only (expert_map honoured)."""
+
+        ascend_patch_backend = BACKEND
+        ascend_patch_layer = ""
+        ascend_patch_activation = "silu"
+        ascend_patch_isa = "vec"
+
+        apply = apply_through_op
+
+        def compute(self, hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                    topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    expert_map: torch.Tensor | None, weights_on_input: bool) -> torch.Tensor:
+            def kernel(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+                # 0.23's wrapper allocates and returns the output; with weights on the input
+                # the modular kernel's prepare already scaled it (skip_weighted).
+                return upstream.cpu_fused_moe(x, w1, w2, None, None, weights, ids,
+                                              self.ascend_patch_activation,
+                                              self.ascend_patch_isa, weights_on_input)
+
+            return vllm_cpu_kernel.moe_forward(kernel, hidden_states, topk_weights, topk_ids,
+                                               expert_map=expert_map,
+                                               num_local_experts=w1.shape[0])
+
+    return CapacityCPUExperts023

@@ -43,6 +43,7 @@ import torch
 from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe import custom_ops
 from ascend_patch.impls.moe.adapters.triton_route import triton_route
+from ascend_patch.impls.moe.adapters.vllm_cpu_experts import experts_class_for
 from ascend_patch.impls.moe.drop_step import DropStep
 from ascend_patch.impls.moe.state import CapacityState
 
@@ -288,9 +289,10 @@ def process_weights_factory(
                                       f"{route.why} (unverified on GPU)")
             return
         if build_kernel is None or not build_kernel(self, layer, experts_cls):
-            # The original builds the modular kernel from self.experts_cls: ours never
-            # prepacks, so the layout stays standard.
-            self.experts_cls = experts_cls
+            # The original builds the modular kernel from self.experts_cls: on vLLM's CPU
+            # backend a subclass of vLLM's CPU experts (vllm_cpu_experts.py: its prepack
+            # in place, its kernel on the kept rows), else ours (standard layout).
+            self.experts_cls = experts_class_for(self, state)
             original(self, layer)
         setattr(self, TAKEN_OVER, EXPERTS)
         state.add_layer(name, layer)

@@ -3,7 +3,10 @@
 Only rows that are kept and whose expert is local are gathered, so dropped rows cost
 nothing. The rows are sorted by expert once and gathered once; each non-empty expert then
 runs one gate_up matmul and one down matmul in the weights' dtype (bf16 stays bf16) into
-re-used buffers, and the weighted results are accumulated per token in float32.
+re-used buffers, and the weighted results are accumulated per token in float32. On a CPU
+without native bf16 (AVX2; AVX-512 without BF16) the looped path computes bf16 layers in
+float32 instead (rows and each expert's weights cast into float32 scratch): there a bf16
+matmul takes several times as long as the float32 one plus the casts.
 
 On CPU the scratch buffers persist between calls (per thread): a fresh multi-megabyte
 tensor costs page faults on every call, a measurable share of a prefill MoE layer on this
@@ -13,6 +16,7 @@ allocate per call.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -164,22 +168,33 @@ def _looped_experts(out, x, w13, w2, rows: _ExpertRows, act) -> None:
     hidden_size = x.shape[1]
     largest = max(rows.sizes)
     num_rows = rows.tokens.numel()
-    expert_rows = _scratch("rows", num_rows * hidden_size, x).view(num_rows, hidden_size)
-    torch.index_select(x, 0, rows.tokens, out=expert_rows)
+    # bf16 matmuls on a CPU without native bf16 (AVX2, AVX-512 without BF16) run several
+    # times slower than float32 ones plus the casts: compute in float32 there.
+    upcast = x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _fast_cpu_bf16()
+    like = out if upcast else x
+    expert_rows = _scratch("rows", num_rows * hidden_size, like).view(num_rows, hidden_size)
+    if upcast:
+        expert_rows.copy_(x.index_select(0, rows.tokens))
+    else:
+        torch.index_select(x, 0, rows.tokens, out=expert_rows)
     if rows.input_weights is not None:
         expert_rows.copy_(expert_rows.float() * rows.input_weights)
-    gate_up = _scratch("gate_up", largest * 2 * intermediate, x)
-    hidden_act = _scratch("hidden", largest * intermediate, x)
-    down = _scratch("down", largest * hidden_size, x)
+    gate_up = _scratch("gate_up", largest * 2 * intermediate, like)
+    hidden_act = _scratch("hidden", largest * intermediate, like)
+    down = _scratch("down", largest * hidden_size, like)
     # index_add_ needs the source in the output's dtype (float32).
-    down_f32 = down if x.dtype == torch.float32 else _scratch("down_f32", down.numel(), out)
+    down_f32 = down if like.dtype == torch.float32 else _scratch("down_f32", down.numel(), out)
+    w13_f32 = _scratch("w13_f32", w13[0].numel(), out).view(w13.shape[1:]) if upcast else None
+    w2_f32 = _scratch("w2_f32", w2[0].numel(), out).view(w2.shape[1:]) if upcast else None
     start = 0
     for expert, size in enumerate(rows.sizes):
         if size == 0:
             continue
         block = slice(start, start + size)
+        w13_e = w13[expert] if w13_f32 is None else w13_f32.copy_(w13[expert])
+        w2_e = w2[expert] if w2_f32 is None else w2_f32.copy_(w2[expert])
         block_gate_up = torch.mm(
-            expert_rows[block], w13[expert].t(), out=gate_up[: size * 2 * intermediate].view(size, -1)
+            expert_rows[block], w13_e.t(), out=gate_up[: size * 2 * intermediate].view(size, -1)
         )
         block_hidden = torch.mul(
             act(block_gate_up[:, :intermediate]),
@@ -189,13 +204,25 @@ def _looped_experts(out, x, w13, w2, rows: _ExpertRows, act) -> None:
         if rows.output_weights is not None:
             block_hidden.mul_(rows.output_weights[block])
         block_down = torch.mm(
-            block_hidden, w2[expert].t(), out=down[: size * hidden_size].view(size, hidden_size)
+            block_hidden, w2_e.t(), out=down[: size * hidden_size].view(size, hidden_size)
         )
         block_f32 = down_f32[: size * hidden_size].view(size, hidden_size)
         if block_f32.data_ptr() != block_down.data_ptr():
             block_f32.copy_(block_down)
         out.index_add_(0, rows.tokens[block], block_f32)
         start += size
+
+
+@functools.cache
+def _fast_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX)."""
+    if torch.cpu._is_amx_tile_supported():
+        return True
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any(line.startswith("flags") and " avx512_bf16" in line for line in info)
+    except OSError:
+        return False
 
 
 # Re-used CPU scratch buffers, per thread and per (name, dtype), grown on demand. Requests
