@@ -114,9 +114,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     shown: dict[str, None] = {}
     added = {}
     base = {p.name for p in config.patches}
-    for profile in [None, *config.profiles]:
-        variant = config.with_profile(profile)
-        problems = live_problems(variant, checker)
+    variants = [config.with_profile(profile) for profile in [None, *config.profiles]]
+    found = checker.run(variants, lambda: [live_problems(v, checker) for v in variants])
+    for profile, variant, problems in zip([None, *config.profiles], variants, found):
         for patch in variant.patches:
             key = f"patches.{patch.name}"
             if profile is not None and patch.name not in base:

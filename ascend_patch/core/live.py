@@ -9,10 +9,11 @@ without importing anything.
 from __future__ import annotations
 
 import sys
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol, TypeVar
 
 from ascend_patch.core import catalog
-from ascend_patch.core.probe import import_failures
+from ascend_patch.core.probe import PROVEN, Imports
 from ascend_patch.core.config import LoadedConfig, PlannedInterface, PlannedPatch, PlannedSite
 from ascend_patch.core.targets import (
     TargetRef,
@@ -22,6 +23,8 @@ from ascend_patch.core.targets import (
     resolve,
 )
 from ascend_patch.core.versions import InstalledVllm, installed_vllm, version_matches
+
+R = TypeVar("R")
 
 
 class StaticSignature(Protocol):
@@ -66,34 +69,34 @@ class Checker:
         self.sources = sources
         self.importable = importable
         self.installed = installed
-        # Modules imported in a child first (probe.py), and why those that failed did.
-        self._probed: set[str] = set()
-        self._failed: dict[str, str] = {}
+        self.imports = Imports()
 
-    def prepare(self, config: LoadedConfig) -> None:
-        """Import, in one child interpreter, every module the checks of `config` would import
-        here: one child for all of them rather than one per module."""
+    def run(self, configs: Iterable[LoadedConfig], work: Callable[[], R]) -> R:
+        """work(), the checks of `configs`, in a guarded child (probe.py) when they import a
+        module neither this process nor an earlier child of it has: one child, and one import
+        of vLLM, for all of them."""
         if not self.importable:
-            return
-        wanted = []
-        for patch in config.patches:
-            for ref in [*(s.target for s in patch.sites), *(i.target for i in patch.relies_on)]:
-                if self.sources is None or not self.sources.covers(ref.module):
-                    wanted.append(ref.module)
-            wanted += [parse_target(site.factory).module for site in patch.sites]
-        self._probe([m for m in wanted if find_module(m)[0]])
+            return work()
+        for module in sorted(PROVEN.difference(sys.modules)):
+            self.imports.problem(module)
+        if all(m in sys.modules for m in self._modules(configs)):
+            return work()
+        return self.imports.guarded(work)
 
-    def _probe(self, modules: list[str]) -> None:
-        new = [m for m in dict.fromkeys(modules) if m not in sys.modules and m not in self._probed]
-        if new:
-            self._failed.update(import_failures(new))
-            self._probed.update(new)
+    def _modules(self, configs: Iterable[LoadedConfig]) -> list[str]:
+        wanted = []
+        for config in configs:
+            for patch in config.patches:
+                for ref in [*(s.target for s in patch.sites), *(i.target for i in patch.relies_on)]:
+                    if self.sources is None or not self.sources.covers(ref.module):
+                        wanted.append(ref.module)
+                wanted += [parse_target(site.factory).module for site in patch.sites]
+        return [m for m in dict.fromkeys(wanted) if find_module(m)[0]]
 
     def import_problem(self, module: str) -> str | None:
-        """Why `module` must not be imported here (None: it may): its import raised, killed
-        or hung a child interpreter."""
-        self._probe([module])
-        why = self._failed.get(module)
+        """Why `module` is not imported here (None: it is now): its import raised, or (in a
+        guarded child) killed or hung an earlier child."""
+        why = self.imports.problem(module)
         return None if why is None else (
             f"importing module {module!r} {why}; refused without importing it here")
 
@@ -118,7 +121,7 @@ class Checker:
             return render_signature(resolve(ref).function)
         except LookupError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the child imported it; this process did not
+        except Exception as exc:  # noqa: BLE001 - a module-level attribute access can raise
             raise LookupError(f"cannot import module {ref.module!r}: {type(exc).__name__}: "
                               f"{exc}") from None
 
@@ -236,8 +239,12 @@ def patch_problems(
 
 def live_problems(config: LoadedConfig, checker: Checker | None = None) -> dict[str, list[str]]:
     """Problems per patch name (empty list: the patch would apply here)."""
-    if checker is not None:
-        checker.prepare(config)
+    if checker is None:
+        return _live_problems(config, None)
+    return checker.run([config], lambda: _live_problems(config, checker))
+
+
+def _live_problems(config: LoadedConfig, checker: Checker | None) -> dict[str, list[str]]:
     out = {patch.name: patch_problems(config, patch, checker) for patch in config.patches}
     if checker is None or checker.importable:
         for name, problems in same_function_problems(config).items():
