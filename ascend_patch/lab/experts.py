@@ -64,9 +64,10 @@ def has_native_kernel(w13: torch.Tensor) -> bool:
             and w13.device.type == "cpu" and hidden % 32 == 0 and (two_i // 2) % 32 == 0)
 
 
-def experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[Moe, str]:
-    """(moe, what it runs) for these weights: see the module docstring."""
-    if has_native_kernel(w13):
+def experts(w13: torch.Tensor, w2: torch.Tensor, native: bool = True) -> tuple[Moe, str]:
+    """(moe, what it runs) for these weights: see the module docstring (native=False: the
+    torch backend whatever is installed)."""
+    if native and has_native_kernel(w13):
         from ascend_patch.impls.moe.experts.vllm_cpu_kernel import moe_forward as compacted
 
         kernel = native_kernel(w13, w2)

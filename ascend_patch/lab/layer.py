@@ -54,6 +54,9 @@ class LayerSetup:
     ratios: Sequence[float] = (0.0, 0.01, 0.02, 0.05, 0.1)
     policies: Sequence[str] = POLICIES
     time_ranks: bool = True
+    # False: time the torch backend even where vLLM's CPU kernel is installed (what the unit
+    # tier checks, which must not import vLLM).
+    native_kernel: bool = True
 
 
 # ---------------------------------------------------------------- timing helpers
@@ -134,7 +137,8 @@ def make_layer(setup: LayerSetup) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return x, w13, w2
 
 
-def rank_problem(x, w13, w2, weights, ids, keep, rank: int, experts_per_rank: int):
+def rank_problem(x, w13, w2, weights, ids, keep, rank: int, experts_per_rank: int,
+                 native: bool = True):
     """What EP rank `rank` computes: the tokens with a kept row on it, its local experts."""
     from ascend_patch.lab.experts import experts
 
@@ -144,7 +148,7 @@ def rank_problem(x, w13, w2, weights, ids, keep, rank: int, experts_per_rank: in
     expert_map = torch.full((num_experts,), -1, dtype=torch.long)
     local = torch.arange(rank * experts_per_rank, (rank + 1) * experts_per_rank)
     expert_map[local] = torch.arange(experts_per_rank)
-    moe, _ = experts(w13[local].contiguous(), w2[local].contiguous())
+    moe, _ = experts(w13[local].contiguous(), w2[local].contiguous(), native=native)
     args = (x[tokens].contiguous(), weights[tokens].contiguous(), ids[tokens].contiguous())
     rank_keep = local_rows[tokens].contiguous()
     rows = int(rank_keep.sum())
@@ -232,7 +236,7 @@ def layer_ab(setup: LayerSetup, progress: Callable[[str], None] | None = None) -
     torch.set_num_threads(setup.threads)
     try:
         x, w13, w2 = make_layer(setup)
-        moe_forward, computed_by = experts(w13, w2)
+        moe_forward, computed_by = experts(w13, w2, native=setup.native_kernel)
         experts_per_rank = setup.experts // setup.ep_size
         ratios = sorted({0.0, *map(float, setup.ratios)})
         cells: list[Cell] = []
@@ -256,7 +260,7 @@ def layer_ab(setup: LayerSetup, progress: Callable[[str], None] | None = None) -
             all_rows = torch.ones_like(ids, dtype=torch.bool)
             timed: dict[str, Callable[[], Any]] = {}
             base_fn, _ = rank_problem(x, w13, w2, weights, ids, all_rows, hot_rank,
-                                      experts_per_rank)
+                                      experts_per_rank, setup.native_kernel)
             timed["base"] = base_fn
             skew_cells: list[Cell] = []
             for ratio in ratios:
@@ -290,7 +294,7 @@ def layer_ab(setup: LayerSetup, progress: Callable[[str], None] | None = None) -
                     )
                     if setup.time_ranks and ratio > 0:
                         fn, rows = rank_problem(x, w13, w2, kept_weights, ids, keep, after_rank,
-                                                experts_per_rank)
+                                                experts_per_rank, setup.native_kernel)
                         assert rows == max_after
                         timed[f"{ratio}/{policy}"] = fn
                     skew_cells.append(cell)
