@@ -324,13 +324,18 @@ def test_engine_that_dies_fails_at_once_with_its_log(tmp_path):
 def test_stock_dropless_and_dropping_arms_in_the_real_engine(tmp_path, write_config, tiny_model):
     # moe.capacity in the real engine (tiny DeepseekV3: sigmoid grouped routing, a shared
     # expert): stock vLLM, r = 0 and r = 0.1 in three engines, the fewest that show it (each
-    # start is most of the cost on the 2-core CI machine).
+    # start is most of the cost on the 2-core CI machine). The ops patches ride along: stock
+    # and r = 0 agreeing token for token shows them bit-exact inside the engine too.
     config = write_config("""
         version: 1
         patches:
           - name: moe
             impl: moe.capacity
             options: {min_tokens: 0}
+          - name: rms
+            impl: ops.rms_norm
+          - name: swiglu
+            impl: ops.silu_and_mul
     """)
     out = subprocess.run(
         [sys.executable, "-m", "ascend_patch", "ab", str(config), "--stock", "--ratios", "0,0.1",
@@ -349,8 +354,10 @@ def test_stock_dropless_and_dropping_arms_in_the_real_engine(tmp_path, write_con
     assert dropless["repeats_identical"] and stock["repeats_identical"]
     assert stock["report"] == {} and stock["rows_dropped"] is None
     assert dropless["rows_dropped"] == 0 and dropless["rows_routed"] > 0
-    moe = dropless["report"]["patches"]["moe"]
+    patches = dropless["report"]["patches"]
+    moe = patches["moe"]
     assert "applied" in moe["status"].values() and moe["options"]["drop_token_ratio"] == 0.0
+    assert all("applied" in patches[name]["status"].values() for name in ("rms", "swiglu"))
     # The first layer is dense (first_k_dense_replace: 1): one MoE layer, taken over, and
     # at r = 0.1 at most a tenth of its routed rows dropped.
     assert list(dropless["layers"]) == list(dropping["layers"]) == ["model.layers.1.mlp.experts"]

@@ -38,14 +38,13 @@ profiles:
 
 def test_ops_patches_apply_in_every_process_under_the_served_models_profile(
         tiny_model, tmp_path, write_config):
+    # That the ops patches leave greedy tokens unchanged against stock vLLM is checked in the
+    # engine by tests/cli/test_ab.py (its stock and r = 0 arms), and op by op in
+    # tests/ops/test_kernels.py: one engine here.
     config = write_config(OPS_CONFIG + PROFILES.lstrip("\n"))
-    baseline = run_offline(tiny_model, PROMPTS, tmp_path)
     patched = run_offline(tiny_model, PROMPTS, tmp_path, config=config, report_dir=tmp_path / "reports")
-    assert baseline.returncode == 0, baseline.log[-4000:]
     assert patched.returncode == 0, patched.log[-4000:]
     assert [len(t) for t in patched.tokens()] == [8, 8]
-    # Our RMSNorm is bit-exact with vLLM's on CPU, so greedy decoding must not change.
-    assert patched.tokens() == baseline.tokens()
 
     reports = reports_by_role(tmp_path / "reports")
     assert set(reports) == {"MainProcess", "EngineCore", "VllmWorker-0"}

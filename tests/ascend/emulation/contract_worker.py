@@ -137,15 +137,15 @@ class Run:
         results["nothing_sent"] = self.rank_sends_nothing()
         results["kept_whole"] = self.kept_whole_cases(record)
         results["fused_mc2"] = self.fused_mc2_refused()
-        results["stats"] = _plain(record.context.stats)
+        results["stats"] = _plain(record.context.read_stats())
         results["quant"] = quant_worker.with_drops(self)
         results["quant_weights"] = {s: quant_worker.dequantized(s) for s in quant_worker.SCHEMES}
-        results["quant_stats"] = _plain(record.context.stats)
+        results["quant_stats"] = _plain(record.context.read_stats())
         self.patcher.revert()
         record = self.apply({"drop_token_ratio": 0.0, "min_tokens": 0})
         results["ratio0"] = {p: self.forward(p) for p in ("all_to_all", "allgather")}
         results["quant_ratio0"] = quant_worker.ratio0(self)
-        results["ratio0_stats"] = _plain(record.context.stats)
+        results["ratio0_stats"] = _plain(record.context.read_stats())
         self.patcher.revert()
         torch.distributed.barrier()
 

@@ -105,7 +105,7 @@ class Run:
             steps.append(self.step(tokens, active, limit))
         results["steps"] = steps
         results["warnings"] = log.take()
-        results["stats"] = cw._plain(record.context.stats)
+        results["stats"] = cw._plain(record.context.read_stats())
         results["gathers"] = self.gathers
         patcher.revert()
 
@@ -114,7 +114,7 @@ class Run:
         patcher, record = self.apply({"drop_token_ratio": 0.0})
         empty = 0 if self.rank == 1 else 24
         results["empty_rank"] = self.step(empty, torch.ones(empty, dtype=torch.bool), 20)
-        results["empty_stats"] = cw._plain(record.context.stats)
+        results["empty_stats"] = cw._plain(record.context.read_stats())
         patcher.revert()
 
         # Switched off: no collective, nothing counted, the kernel call unchanged.
@@ -123,7 +123,7 @@ class Run:
         before = self.gathers
         results["off"] = self.step(tokens, active, 20)
         results["off_gathers"] = self.gathers - before
-        results["off_stats"] = cw._plain(record.context.stats)
+        results["off_stats"] = cw._plain(record.context.read_stats())
         patcher.revert()
         results["unpatched"] = self.step(tokens, active, 20, through_patch=False)
         metrics.reset()
