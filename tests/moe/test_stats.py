@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ascend_patch.impls.moe.planner.capacity import DropPlan
+from ascend_patch.impls.moe.telemetry import stats as stats_module
 from ascend_patch.impls.moe.telemetry.stats import CapacityStats
+
+
+@pytest.fixture
+def lazy_fold(monkeypatch):
+    """The CPU plans counted as an accelerator's are: read back at a fold only."""
+    monkeypatch.setattr(stats_module, "FOLD_AT_ONCE_ON", frozenset())
 
 
 def plan(routed: int, dropped: int, local_routed: int, local_dropped: int) -> DropPlan:
@@ -52,7 +60,7 @@ class Series:
         self.bytes.append(n)
 
 
-def test_exported_layers_feed_their_series_with_this_ranks_rows():
+def test_exported_layers_feed_their_series_with_this_ranks_rows(lazy_fold):
     data: dict = {}
     stats = CapacityStats(data, log_interval=0)
     series = Series()
@@ -119,7 +127,7 @@ def test_warm_up_calls_are_counted_apart_and_never_reach_the_serving_counters():
     assert data["warmup"]["calls"] == 2
 
 
-def test_plans_are_read_back_at_the_fold_only():
+def test_plans_are_read_back_at_the_fold_only(lazy_fold):
     """The counters of a plan stay on its device until a fold (the log interval, a report,
     the end of the warm-up, or FOLD_EVERY calls): recording reads nothing back."""
     from ascend_patch.impls.moe.telemetry import stats as stats_module
@@ -140,7 +148,7 @@ def test_plans_are_read_back_at_the_fold_only():
     assert data["rows_dropped"] == 15 + 5 * stats_module.FOLD_EVERY
 
 
-def test_a_report_read_folds_the_pending_plans():
+def test_a_report_read_folds_the_pending_plans(lazy_fold):
     from ascend_patch.core.context import PatchContext
     from ascend_patch.impls.moe.options import CapacityOptions
 
@@ -150,3 +158,14 @@ def test_a_report_read_folds_the_pending_plans():
     stats.record("L", plan(100, 5, 60, 3))
     assert ctx.stats["rows_dropped"] == 0
     assert ctx.read_stats()["rows_dropped"] == 5
+
+
+def test_on_the_cpu_every_call_is_folded_at_once():
+    """Reading back stalls nothing on the CPU: the report and /metrics are exact per call."""
+    data: dict = {}
+    stats = CapacityStats(data, log_interval=0)
+    series = Series()
+    stats.export_layer("L", series)
+    stats.record("L", plan(100, 5, 60, 3))
+    assert (data["rows_routed"], data["rows_dropped"]) == (100, 5)
+    assert len(series.calls) == 1 and series.calls[0]["dropped"] == 3

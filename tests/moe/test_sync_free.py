@@ -19,8 +19,16 @@ import torch
 from ascend_patch.impls.moe.drop_step import DropStep
 from ascend_patch.impls.moe.options import CapacityOptions
 from ascend_patch.impls.moe.planner import reroute
+from ascend_patch.impls.moe.telemetry import stats as stats_module
 from ascend_patch.impls.moe.telemetry.stats import CapacityStats
 from ascend_patch.lab.sync_count import SyncCounter
+
+
+@pytest.fixture(autouse=True)
+def _fold_as_on_an_accelerator(monkeypatch):
+    # The CPU folds the counters after every call (a read back costs nothing there); what is
+    # counted here is the accelerator's path, which folds at the report only.
+    monkeypatch.setattr(stats_module, "FOLD_AT_ONCE_ON", frozenset())
 
 
 @functools.lru_cache(maxsize=8)

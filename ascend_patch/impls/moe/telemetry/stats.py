@@ -52,7 +52,8 @@ device's queue on every MoE call). `record` keeps one small int64 vector per cal
 device and counts the calls on the host; `fold` reads the pending vectors back in one copy
 and adds them to the counters above and to /metrics. It runs at the log interval, before
 every report is written or read (`PatchContext.read_stats`), at the end of the warm-up and
-at least every FOLD_EVERY calls (which bounds the memory held and how stale /metrics gets).
+at least every FOLD_EVERY calls (which bounds the memory held and how stale /metrics gets);
+on the CPU, where reading back stalls nothing, after every call.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ logger = logging.getLogger("ascend_patch.moe.capacity")
 
 # Pending per-call vectors are read back at least this often (one host read per fold).
 FOLD_EVERY = 256
+# Devices where reading back stalls nothing: their counters fold after every call, so /metrics
+# and the report are exact per call (outside a torch.compile trace).
+FOLD_AT_ONCE_ON = frozenset({"cpu"})
 # What each call's vector holds (int64, on the plan's device).
 _VECTOR = ("routed", "dropped", "max_before", "max_after", "sum_before", "sum_after",
            "capacity", "budget", "local_routed", "local_dropped", "rerouted")
@@ -220,6 +224,12 @@ class CapacityStats:
         self._warmup()["calls"] += 1
         self._add_pending(None, False, plan)
 
+    def _fold_at_once(self) -> bool:
+        import torch
+
+        return (self._pending[-1][2].device.type in FOLD_AT_ONCE_ON
+                and not torch.compiler.is_compiling())
+
     def _add_pending(self, layer_name: str | None, rerouting: bool, plan: Any) -> int:
         self._pending.append((layer_name, rerouting, _vector(plan)))
         return len(self._pending)
@@ -267,7 +277,7 @@ class CapacityStats:
             # (dispatch_recorded) only: a process stopped between the two then leaves the
             # previous interval's report, whose drop and traffic counters agree.
             self.log(flush=getattr(self, "_dispatch_counters", None) is None)
-        elif pending >= FOLD_EVERY:
+        elif pending >= FOLD_EVERY or self._fold_at_once():
             self.fold()
 
     def _fold_call(self, layer_name: str, rerouting: bool, values: dict[str, int]) -> None:
