@@ -52,16 +52,17 @@ def native_kernel(w13: torch.Tensor, w2: torch.Tensor, isa: str | None = None) -
 
 
 def has_native_kernel(w13: torch.Tensor) -> bool:
-    """Whether vLLM's CPU kernel is here and takes these weights."""
-    if importlib.util.find_spec("vllm") is None:
+    """Whether vLLM's CPU kernel is here and takes these weights (vLLM is imported only for
+    weights it could take)."""
+    _, two_i, hidden = w13.shape
+    if not (w13.dtype == torch.bfloat16 and w13.device.type == "cpu" and hidden % 32 == 0
+            and (two_i // 2) % 32 == 0) or importlib.util.find_spec("vllm") is None:
         return False
     try:
         cpu_ops_module()
     except ImportError:
         return False
-    _, two_i, hidden = w13.shape
-    return (hasattr(torch.ops._C, "cpu_fused_moe") and w13.dtype == torch.bfloat16
-            and w13.device.type == "cpu" and hidden % 32 == 0 and (two_i // 2) % 32 == 0)
+    return hasattr(torch.ops._C, "cpu_fused_moe")
 
 
 def experts(w13: torch.Tensor, w2: torch.Tensor, native: bool = True) -> tuple[Moe, str]:
