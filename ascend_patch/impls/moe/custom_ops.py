@@ -117,6 +117,15 @@ def all_to_all(*args: Any) -> torch.Tensor:
     return torch.ops.ascend_patch.moe_capacity_all_to_all(*args)
 
 
+def _bound(table: str, layer_name: str, what: str) -> Any:
+    """The object the bound state keeps for `layer_name` in `table` (state.kernels, ...)."""
+    state = _BINDING.state
+    found = None if state is None else getattr(state, table).get(layer_name)
+    if found is None:
+        raise RuntimeError(f"moe.capacity: no {what} for MoE layer {layer_name!r}")
+    return found
+
+
 def _all_to_all_impl(
     hidden_states: torch.Tensor,
     w1: torch.Tensor,
@@ -126,10 +135,7 @@ def _all_to_all_impl(
     expert_map: torch.Tensor | None,
     layer_name: str,
 ) -> torch.Tensor:
-    state = _BINDING.state
-    kernel = None if state is None else state.kernels.get(layer_name)
-    if kernel is None:
-        raise RuntimeError(f"moe.capacity: no all-to-all kernel for MoE layer {layer_name!r}")
+    kernel = _bound("kernels", layer_name, "all-to-all kernel")
     return kernel.apply_eager(hidden_states, w1, w2, topk_weights, topk_ids, expert_map)
 
 
@@ -144,10 +150,7 @@ def _vllm_cpu_experts_impl(
     weights_on_input: bool,
 ) -> torch.Tensor:
     """vLLM's CPU experts of the layer on its kept, local rows (adapters/vllm_cpu_experts.py)."""
-    state = _BINDING.state
-    experts = None if state is None else state.cpu_experts.get(layer_name)
-    if experts is None:
-        raise RuntimeError(f"moe.capacity: no vLLM CPU experts for MoE layer {layer_name!r}")
+    experts = _bound("cpu_experts", layer_name, "vLLM CPU experts")
     return experts.compute(hidden_states, w1, w2, topk_weights, topk_ids, expert_map,
                            weights_on_input)
 
