@@ -42,12 +42,18 @@ def gated_activation(name: str):
 def active_rows(
     topk_ids: torch.Tensor, keep: torch.Tensor | None, expert_map: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(local expert id [T, k], bool [T, k] row is computed here).
+    """(local expert id [T, k], bool [T, k] row is computed here). A row is computed when its
+    id is >= 0 (-1: dropped), keep allows it, and its expert is local.
 
     expert_map follows vLLM: global id -> local id, -1 where the expert lives elsewhere.
     """
-    local_ids = topk_ids.long() if expert_map is None else expert_map[topk_ids.long()].long()
-    active = local_ids >= 0
+    active = topk_ids >= 0
+    if expert_map is None:
+        local_ids = topk_ids.long()
+    else:
+        # -1 must not index expert_map from the end.
+        local_ids = expert_map[topk_ids.clamp(min=0).long()].long()
+        active &= local_ids >= 0
     if keep is not None:
         active &= keep
     return local_ids, active

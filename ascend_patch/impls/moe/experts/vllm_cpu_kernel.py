@@ -34,27 +34,11 @@ from collections.abc import Callable
 
 import torch
 
+from ascend_patch.impls.moe.experts.torch_backend import active_rows
+
 # kernel(x [T', H], topk_weights float32 [T', c], topk_ids int32 [T', c]) -> [T', H]: vLLM's
 # kernel on a problem where every row is computed (ids local, c >= 1, T' >= 1).
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def computed_rows(
-    topk_ids: torch.Tensor, keep: torch.Tensor | None, expert_map: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(local id [T, k], bool [T, k] computed here). A row is computed when its id is >= 0
-    (-1: dropped), keep allows it, and its expert is local (expert_map: global id -> local
-    id, -1 where another EP rank owns it)."""
-    active = topk_ids >= 0
-    if expert_map is None:
-        local = topk_ids
-    else:
-        # -1 must not index expert_map from the end.
-        local = expert_map[topk_ids.clamp(min=0).long()].to(topk_ids.dtype)
-        active &= local >= 0
-    if keep is not None:
-        active &= keep
-    return local, active
 
 
 # A kernel call reads each local expert's weights once: worth about this many rows of
@@ -77,7 +61,7 @@ def moe_forward(
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 0:
         return x.new_zeros(0, x.shape[1])
-    local, active = computed_rows(topk_ids, keep, expert_map)
+    local, active = active_rows(topk_ids, keep, expert_map)
     weights = topk_weights.to(torch.float32)
     counts = active.sum(dim=1)
     # The one host read: how many tokens compute 0, 1, ..., k rows.
