@@ -80,6 +80,8 @@ setup_env() {
     # torchvision::nms does not exist") and only serve multimodal models.
     "$venv/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec \
       >/dev/null 2>&1 || true
+    # Built once, proven once: an environment that cannot import vLLM is never marked done.
+    "$venv/bin/python" -c "import vllm, ascend_patch" >/dev/null
     touch "$venv/.ascend-patch-setup"
   elif [[ $("$venv/bin/python" -P -c 'import ascend_patch, pathlib; print(pathlib.Path(ascend_patch.__file__).parent.parent)' 2>/dev/null) != "$PWD" ]]; then
     # Another clone made it: point the editable install here (seconds; no dependency changes).
@@ -90,7 +92,9 @@ setup_env() {
   ln -sfn "$venv" ".venvs/$name"
   flock --unlock "$lock_fd"
   exec {lock_fd}>&-
-  "$venv/bin/python" -c "import vllm, ascend_patch; print('setup ok: $name, vllm', vllm.__version__)"
+  # The version from the package metadata: importing vLLM again costs seconds per environment.
+  "$venv/bin/python" -c "from ascend_patch.core.versions import installed_vllm
+print('setup ok: $name,', installed_vllm().version)"
 }
 
 for name in "${envs[@]}"; do

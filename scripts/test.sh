@@ -9,12 +9,18 @@
 #   scripts/test.sh --env vllm-0.23 --tier e2e   a tier where CI does not run it
 #   scripts/test.sh -m slow             the slow tier (multi-node, studies; not in CI)
 #   scripts/test.sh -k capacity         other arguments go to pytest
+#   scripts/test.sh --serial            one step at a time (default: two lanes, below)
 #
 # Tiers (tests/conftest.py): unit (no vLLM import) runs once, in the primary environment;
 # contract in every CPU stack's environment; ascend (tests/ascend's contract tests only) in an
 # environment built for a vllm-ascend release alone (vLLM 0.18, 0.13); e2e (engines, servers)
 # in the primary one; smoke (one server) in each other CPU environment. Each tier prints its slowest tests, and a closing table the
-# time of each step; test-results/ keeps each tier's junit file and that table.
+# time of each step; test-results/ keeps each tier's junit file, log and that table.
+#
+# Two lanes share the machine (CI has 2 cores): the engine tiers (e2e, smoke), whose time is
+# mostly processes starting and waiting on each other, run one after another beside the
+# other steps (static, docs, unit, contract, ascend), one after another too. Each step's
+# output is printed whole when it ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +28,7 @@ PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 stacks() { "$PYTHON" -m ascend_patch.core.stacks "$@"; }
 
-only_env="" only_tier="" slow=0 args=()
+only_env="" only_tier="" slow=0 serial=0 args=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     --env|--line)
@@ -31,6 +37,7 @@ while [[ $# -gt 0 ]]; do
     --tier)
       [[ $# -ge 2 ]] || { echo "test.sh: --tier needs a tier name" >&2; exit 2; }
       only_tier=$2; shift 2 ;;
+    --serial) serial=1; shift ;;
     -m)
       [[ ${2:-} == slow ]] || { echo "test.sh: -m takes only 'slow' (tiers select the rest)" >&2; exit 2; }
       slow=1; shift 2 ;;
@@ -50,10 +57,11 @@ results=test-results
 rm -rf "$results"
 mkdir -p "$results"
 timings=$results/steps.txt
-step() {  # step NAME SECONDS STATUS
-  printf '%-28s %6ss  %s\n' "$1" "$2" "$3" >>"$timings"
+step() {  # step NAME SECONDS STATUS [LANE]
+  printf '%-28s %6ss  %-6s %s\n' "$1" "$2" "${4:-}" "$3" >>"$timings"
 }
 
+suite_began=$SECONDS
 began=$SECONDS
 bash scripts/setup.sh "${envs[@]}"
 step "setup" $((SECONDS - began)) ok
@@ -67,16 +75,26 @@ done < <(stacks sources)
 TEST_VLLM_ASCEND_SRC=$(bash scripts/fetch_vllm_ascend.sh)
 export TEST_VLLM_ASCEND_SRC
 
-status=0
+# A step's log, printed whole under its name once it ends (lanes never interleave lines), and
+# its line in the table; a failure marks the suite failed.
+finish_step() {  # finish_step LABEL SECONDS STATUS LANE LOG
+  {
+    flock 9
+    echo "=== $1 [$4 lane, $2 s] ==="
+    cat "$5"
+    step "$1" "$2" "$3" "$4"
+    [[ $3 == ok || $3 == "no tests selected" ]] || echo "$1" >>"$results/failed"
+  } 9>"$results/.print.lock"
+}
+
 # Static check first: every shipped config against the real upstream sources of every stack
 # that declares some (vllm-ascend's sdist, vLLM's wheels' python files: scripts/fetch_source.sh),
-# before any engine starts, in the environment without torch or vLLM.
-if [[ $slow -eq 0 && ( -z $only_tier || $only_tier == static ) ]]; then
-  began=$SECONDS
-  python=.venvs/light/bin/python
-  static_ok=ok
+# in the environment without torch or vLLM.
+run_static() {  # run_static LANE
+  local began=$SECONDS python=.venvs/light/bin/python static_ok=ok log=$results/static.log
+  local key package dist version configs config line platform dir
   declare -A stack_sources=() stack_configs=()
-  stack_order=()
+  local stack_order=()
   while read -r key package dist version _sha _archive configs; do
     [[ -n ${stack_configs[$key]+set} ]] || stack_order+=("$key")
     dir=$(bash scripts/fetch_source.sh "$dist" "$version")
@@ -88,68 +106,93 @@ if [[ $slow -eq 0 && ( -z $only_tier || $only_tier == static ) ]]; then
     configs=${stack_configs[$key]}
     for config in ${configs//,/ }; do
       [[ $config != - ]] || continue  # a stack that ships no config of its own
-      echo "static: $config on vLLM $line/$platform" >&2
+      echo "static: $config on vLLM $line/$platform"
       # shellcheck disable=SC2086  # the --source pairs hold no spaces
-      if ! "$python" -m ascend_patch validate "$config" --platform "$platform" \
-          --vllm-line "$line" ${stack_sources[$key]}; then
-        static_ok=FAILED status=1
-      fi
+      "$python" -m ascend_patch validate "$config" --platform "$platform" \
+          --vllm-line "$line" ${stack_sources[$key]} || static_ok=FAILED
     done
-  done
-  step "static" $((SECONDS - began)) "$static_ok"
-fi
+  done >"$log" 2>&1
+  finish_step static $((SECONDS - began)) "$static_ok" "$1" "$log"
+}
 
 # The docs site (mkdocs.yml) in strict mode: a broken link, a missing page or a page left out of
 # the nav fails. Its reference pages are generated (scripts/gen_docs.py); the unit tier's
 # tests/test_docs.py fails when they drift from the code.
-if [[ $slow -eq 0 && ( -z $only_tier || $only_tier == docs ) ]]; then
-  began=$SECONDS
+run_docs() {  # run_docs LANE
+  local began=$SECONDS site docs_ok=ok log=$results/docs.log
   site=$(mktemp -d)
-  docs_ok=ok
-  .venvs/docs/bin/mkdocs build --strict --site-dir "$site" || docs_ok=FAILED status=1
+  .venvs/docs/bin/mkdocs build --strict --site-dir "$site" >"$log" 2>&1 || docs_ok=FAILED
   rm -rf "$site"
-  echo "docs: mkdocs build --strict $docs_ok in $((SECONDS - began)) s" >&2
-  step "docs" $((SECONDS - began)) "$docs_ok"
-fi
+  finish_step docs $((SECONDS - began)) "$docs_ok" "$1" "$log"
+}
 
-run_tier() {  # run_tier ENV TIER
-  local env=$1 tier=$2 code began=$SECONDS label
+run_tier() {  # run_tier ENV TIER LANE
+  local env=$1 tier=$2 code began=$SECONDS label result log
   label="$tier ($env)"
-  echo "=== $label ==="
+  log=$results/$env-$tier.log
   local select=(--tier "$tier")
   [[ $tier != slow ]] || select=(-m slow)
   set +e
   ".venvs/$env/bin/python" -m pytest "${select[@]}" --durations=10 \
-    --junitxml="$results/$env-$tier.xml" "${args[@]}"
+    --junitxml="$results/$env-$tier.xml" "${args[@]}" >"$log" 2>&1
   code=$?
   set -e
   # pytest exits 5 when it selected no test (a -k matching nothing in this tier): not a failure.
-  if [[ $code -eq 5 ]]; then
-    step "$label" $((SECONDS - began)) "no tests selected"
-  elif [[ $code -ne 0 ]]; then
-    step "$label" $((SECONDS - began)) "FAILED (pytest exit $code)"
-    status=$code
-  else
-    step "$label" $((SECONDS - began)) ok
-  fi
+  case $code in
+    0) result=ok ;;
+    5) result="no tests selected" ;;
+    *) result="FAILED (pytest exit $code)" ;;
+  esac
+  finish_step "$label" $((SECONDS - began)) "$result" "$3" "$log"
 }
 
-for env in "${envs[@]}"; do
-  if [[ $slow -eq 1 ]]; then
-    [[ $env == "${envs[0]}" ]] && run_tier "$env" slow
-    continue
-  fi
-  if [[ -n $only_env && -n $only_tier && $only_tier != static && $only_tier != docs ]]; then
-    # Both named: run that tier there even where CI does not (the full e2e tier on another
-    # line, say).
-    run_tier "$env" "$only_tier"
-    continue
-  fi
-  while read -r tier; do
-    [[ -z $only_tier || $only_tier == "$tier" ]] || continue
-    run_tier "$env" "$tier"
-  done < <(stacks tiers "$env")
-done
+# The steps, each in its lane: "engines" (e2e, smoke, slow) or "checks" (the rest).
+checks=() engines=()
+if [[ $slow -eq 1 ]]; then
+  engines+=("${envs[0]} slow")
+else
+  [[ -n $only_tier && $only_tier != static ]] || checks+=(static)
+  [[ -n $only_tier && $only_tier != docs ]] || checks+=(docs)
+  for env in "${envs[@]}"; do
+    if [[ -n $only_env && -n $only_tier && $only_tier != static && $only_tier != docs ]]; then
+      # Both named: run that tier there even where CI does not (the full e2e tier on another
+      # line, say).
+      tiers=("$only_tier")
+    else
+      mapfile -t tiers < <(stacks tiers "$env")
+    fi
+    for tier in "${tiers[@]}"; do
+      [[ -z $only_tier || $only_tier == "$tier" ]] || continue
+      case $tier in
+        e2e|smoke) engines+=("$env $tier") ;;
+        *) checks+=("$env $tier") ;;
+      esac
+    done
+  done
+fi
+
+run_lane() {  # run_lane LANE STEP...
+  local lane=$1 item
+  shift
+  for item in "$@"; do
+    case $item in
+      static) run_static "$lane" ;;
+      docs) run_docs "$lane" ;;
+      *) run_tier ${item% *} ${item#* } "$lane" ;;
+    esac
+  done
+}
+
+if [[ $serial -eq 1 ]]; then
+  run_lane checks "${checks[@]}"
+  run_lane engines "${engines[@]}"
+else
+  run_lane engines "${engines[@]}" &
+  engines_pid=$!
+  run_lane checks "${checks[@]}"
+  wait "$engines_pid" || echo "engines lane (exit $?)" >>"$results/failed"
+fi
+step "all steps (wall)" $((SECONDS - suite_began)) done
 
 echo
 echo "=== time per step ==="
@@ -168,4 +211,7 @@ failed = totals["failures"] + totals["errors"]
 passed = totals["tests"] - failed - totals["skipped"]
 print(f"all tiers: {passed} passed, {failed} failed, {totals['skipped']} skipped")
 PY
-exit $status
+if [[ -s $results/failed ]]; then
+  echo "failed: $(paste -sd, "$results/failed")"
+  exit 1
+fi

@@ -86,6 +86,8 @@ def ascend_logs(caplog, monkeypatch):
 #   e2e       starts engines or servers (marker `vllm`): the primary environment
 #   smoke     the one server test (marker `smoke`) each other CPU environment runs
 #   slow      multi-node launches and studies (marker `slow`): only with `-m slow`
+# A contract test marked `once` does not depend on the installed line (it reads every declared
+# source statically, or checks our own code over gloo): only the primary environment runs it.
 # A test module is unit when listed here; otherwise contract unless marked (a test of a unit
 # module that needs vLLM is marked `contract`).
 UNIT = (
@@ -151,6 +153,15 @@ def in_ascend(item) -> bool:
     return Path(item.fspath).relative_to(REPO).as_posix().startswith(ASCEND)
 
 
+def _in_primary_environment() -> bool:
+    from ascend_patch.core.stacks import PRIMARY
+    from ascend_patch.core.versions import installed_vllm, line_of
+
+    vllm = installed_vllm()
+    line = line_of(vllm.version) if vllm else None
+    return line is not None and line.name == PRIMARY.line
+
+
 def pytest_addoption(parser):
     parser.addoption("--tier", action="append", choices=TIERS, default=[],
                      help="run only the tests of this tier (repeatable); default: every tier "
@@ -175,10 +186,15 @@ def pytest_collection_modifyitems(config, items):
     if not tiers:
         return
     keep, drop = [], []
+    primary = None
     for item in items:
         tier = tier_of(item)
         wanted = tier in tiers or ("smoke" in tiers and item.get_closest_marker("smoke")) or (
             "ascend" in tiers and tier == "contract" and in_ascend(item))
+        if wanted and item.get_closest_marker("once"):
+            if primary is None:
+                primary = _in_primary_environment()
+            wanted = primary
         (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

@@ -18,6 +18,9 @@ from ascend_patch.core import catalog
 from ascend_patch.core.targets import parse_target
 from tests.ascend import harness
 
+# Every release's source is read, whichever vLLM is installed: the primary environment runs it.
+pytestmark = pytest.mark.once
+
 REPO = Path(__file__).resolve().parents[2]
 static_targets = pytest.importorskip(
     "ascend_patch.checks.static_targets", reason="static target resolution not available yet"

@@ -438,6 +438,7 @@ def _late_rank_worker(rank: int, ws: int, send) -> None:
         send("late", "passed")
 
 
+@pytest.mark.once
 def test_check_same_config_bounds_its_wait_for_a_rank_that_never_comes():
     got = run_ranks(_late_rank_worker, 2, timeout_s=JOIN_TIMEOUT_S,
                     gloo_timeout_s=GLOO_TIMEOUT_S)["late"]
@@ -453,6 +454,7 @@ def test_check_same_config_bounds_its_wait_for_a_rank_that_never_comes():
     assert 2.9 <= waited < 10
 
 
+@pytest.mark.once
 def test_a_process_whose_check_failed_exits_unless_cancelled(tmp_path):
     code = (
         "import time\n"

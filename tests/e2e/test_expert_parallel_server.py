@@ -25,6 +25,7 @@ from ascend_patch.core.config import load_config
 from ascend_patch.core.report import read_reports
 from ascend_patch.harness.procs import vllm_env
 from ascend_patch.harness.server import ManagedServer, ServerError
+from tests.stack import LINE
 from tests.vllm_harness import patch_in
 
 pytestmark = pytest.mark.vllm
@@ -306,22 +307,40 @@ def test_dp2_expert_parallel_serves_with_all_to_all_dispatch(tiny_model, tmp_pat
           f"{[s['all_to_all'] for s in moe_stats]}")
 
 
-def test_server_that_cannot_start_fails_fast_with_its_log(tiny_model, tmp_path):
-    """The failure path every test above relies on: a config the loader rejects stops the
-    API server at start-up; the test fails within the deadline, with the loader's message
-    from the server log, and leaves no process behind."""
-    config = tmp_path / "bad.yaml"
-    config.write_text((REPO / "configs" / "cpu-dp-ep.yaml").read_text().replace(
-        "dispatch: all_to_all", "dispatch: alltoall"))
-    server = serve(tiny_model, tmp_path, config,
-                   ["--data-parallel-size", "2", "--enable-expert-parallel"],
-                   enforce_eager=True)
+LAZY_FAILURE = """
+version: 1
+patches:
+  - name: swiglu
+    impl: ops.silu_and_mul
+    target: vllm.model_executor.layers.activation:SiluAndMul.forward_cpu
+"""
+
+
+def test_server_whose_worker_rejects_a_patch_fails_fast_with_its_log(tiny_model, tmp_path):
+    """The failure path every test above relies on, from the farthest process: a patch whose
+    target module only the worker imports (lazily, with the model) is checked there, at that
+    import; its signature does not fit, so the worker stops start-up, and with it the engine
+    and the API server. The test fails within the deadline, with the loader's message in
+    the server log, and leaves no process behind."""
+    config = tmp_path / "lazy.yaml"
+    config.write_text(LAZY_FAILURE.lstrip())
+    env = vllm_env(ASCEND_PATCH_CONFIG=str(config))
+    server = ManagedServer(tiny_model, env=env, log_path=tmp_path / "server.log",
+                           startup_timeout=STARTUP_TIMEOUT_S, enforce_eager=True)
     began = time.monotonic()
     # A server that starts anyway makes pytest.raises fail ("DID NOT RAISE").
     with pytest.raises(pytest.fail.Exception) as failure, running(server):
         pass
     assert time.monotonic() - began < STARTUP_TIMEOUT_S
-    message = str(failure.value)
-    assert "vLLM server exited with code" in message
-    assert "patches[1].options.dispatch: must be 'auto', 'allgather' or 'all_to_all'" in message
+    assert "vLLM server exited with code" in str(failure.value)
     assert server.proc is None  # stopped by start() itself
+    # 0.32 defines SiluAndMul.forward_cpu; 0.23 inherits CustomOp.forward_cpu(*args, **kwargs).
+    live = {"0.32": "(self, x)", "0.23": "(self, *args, **kwargs)"}[LINE]
+    log = server.log_path.read_text(errors="replace")
+    # Raised in the worker, at its import of the target's module, with the loader's message.
+    assert (
+        f"ascend-patch [VllmWorker-0 pid {{}}]: swiglu (ops.silu_and_mul) failed on import of "
+        f"vllm.model_executor.layers.activation: {config}:3: patch 'swiglu': target "
+        f"vllm.model_executor.layers.activation:SiluAndMul.forward_cpu has signature {live}, "
+        f"but ops.silu_and_mul expects (x)"
+    ) in re.sub(r"\[VllmWorker-0 pid \d+\]", "[VllmWorker-0 pid {}]", log), log[-4000:]

@@ -8,6 +8,10 @@ on this bench). Patched, the selection gives moe.capacity's int8 experts
 int8 in the report, rows are dropped within the budget, and /metrics has them. That r = 0
 equals vLLM's int8 kernel is checked at layer level against the real CPUExpertsInt8
 (tests/moe/test_int8_cpu_experts.py): there is no stock engine here to compare with.
+
+The server runs compiled (Dynamo, eager backend): the CPU worker then warms up on a batch of
+dummy tokens before the first request (at least min_tokens: it drops), which the report counts
+under "warmup", apart from the serving counters that /metrics exports.
 One server for every check: engines take minutes on this 2-core bench.
 """
 
@@ -22,6 +26,7 @@ from ascend_patch.harness.procs import vllm_env
 from ascend_patch.harness.server import ManagedServer
 from ascend_patch.harness.tiny_model import make_tiny_model
 from tests.e2e.test_expert_parallel_server import (
+    MAX_TOKENS,
     check_answer,
     long_prompt,
     metric_values,
@@ -59,15 +64,21 @@ def test_int8_moe_model_serves_with_drops_reports_and_metrics(tmp_path_factory, 
                    ASCEND_PATCH_REPORT_DIR=str(tmp_path / "reports"),
                    ASCEND_PATCH_REPORT_INTERVAL="0", TMPDIR=str(tmp_path / "tmp"))
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    server = ManagedServer(model, args=["--quantization", "experts_int8"], env=env,
-                           log_path=tmp_path / "server.log", enforce_eager=True)
+    server = ManagedServer(
+        model, env=env, log_path=tmp_path / "server.log", enforce_eager=False,
+        args=["--quantization", "experts_int8",
+              "--compilation-config", '{"mode": 1, "backend": "eager"}',
+              # Every prompt token computed: the serving row counts below are exact.
+              "--no-enable-prefix-caching"])
     with running(server):
-        answers = [server.complete(long_prompt(i), max_tokens=8) for i in range(2)]
+        # One at a time: each request's prefill and decode steps run alone.
+        answers = [server.complete(long_prompt(i), max_tokens=MAX_TOKENS) for i in range(2)]
         exposition = scrape(server)
     for answer in answers:
         check_answer(answer)
     log = server.log_path.read_text(errors="replace")
     assert "quantization=experts_int8" in log, log[-3000:]
+    assert "Warming up model for the compilation..." in log, log[-3000:]
 
     (worker,) = [r for r in read_reports(tmp_path / "reports") if r["role"] == "worker"]
     moe = patch_in(worker, "moe-int8")
@@ -77,10 +88,15 @@ def test_int8_moe_model_serves_with_drops_reports_and_metrics(tmp_path_factory, 
     assert stats["layers_not_taken_over"] == {}
     assert sorted(stats["quantization"]) == LAYERS
     assert all(s.startswith("int8 W8A8") for s in stats["quantization"].values())
+    warmup = stats["warmup"]
+    assert warmup["calls"] >= len(LAYERS) and warmup["rows_routed"] >= 64 * 2 * len(LAYERS)
+    assert warmup["rows_dropped"] > 0
+    # The serving counters hold the two requests alone: every token each computed (prompt +
+    # generated - 1) x top-2, in one prefill and MAX_TOKENS - 1 decode steps per layer.
+    routed = sum(a["usage"]["prompt_tokens"] + MAX_TOKENS - 1 for a in answers) * 2
     for name in LAYERS:
         layer = stats["layers"][name]
-        # Two 300-token prompts route 2 x 300 x top-2 rows through each layer at least.
-        assert layer["rows_routed"] >= 1200, layer
+        assert (layer["calls"], layer["rows_routed"]) == (2 * MAX_TOKENS, routed), layer
         assert 0 < layer["rows_dropped"] <= RATIO * layer["rows_routed"], layer
         assert layer["calls_with_drops"] >= 1
     dropped = metric_values(exposition, "ascend_patch_moe_rows_dropped_total")
