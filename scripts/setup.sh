@@ -97,14 +97,28 @@ setup_env() {
 print('setup ok: $name,', installed_vllm().version)"
 }
 
-for name in "${envs[@]}"; do
-  setup_env "$name"
-done
-
 # The light environment (.venvs/light): the package with its light dependencies only, where the
-# static check runs without torch or vLLM.
-bash scripts/setup_light.sh
+# static check runs without torch or vLLM. The docs environment (.venvs/docs): mkdocs and its
+# theme, pinned; test.sh builds the site in strict mode with it. Both live in the clone (a
+# fresh clone builds them) and need nothing of the others: every environment builds at once.
+bash scripts/setup_light.sh &
+light=$!
+bash scripts/setup_docs.sh &
+docs=$!
 
-# The docs environment (.venvs/docs): mkdocs and its theme, pinned; test.sh builds the site in
-# strict mode with it.
-bash scripts/setup_docs.sh
+# The vLLM environments too, each under its own lock.
+declare -A building=()
+for name in "${envs[@]}"; do
+  setup_env "$name" &
+  building[$name]=$!
+done
+failed=()
+for name in "${envs[@]}"; do
+  wait "${building[$name]}" || failed+=("$name")
+done
+wait "$light" || failed+=(light)
+wait "$docs" || failed+=(docs)
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "setup.sh: these environments failed (their errors are above): ${failed[*]}" >&2
+  exit 1
+fi
