@@ -4,7 +4,11 @@
         [--ratios 0.1,0.2] [--launch] [--prompts 12] [--length 256] [--repeats 9] --out DIR
 
 1. held-out prompts: --prompts consecutive chunks of --length tokens of the model's
-   heldout.txt, decoded to text (DIR/prompts.json);
+   heldout.txt, decoded to text (DIR/prompts.json); with --skewed, the model is instead
+   lab/skewed_moe.py's (built in DIR/model: experts are most of its prefill, and its router
+   loads one of two simulated EP ranks as DeepSeek-R1's hottest rank at EP32, as
+   scripts/bench_engine.py builds it), whose random weights have no held-out text: the
+   prompts are `ab`'s generated ones (--prompts of --length words);
 2. `ascend-patch tune CONFIG ... --overflow drop --write DIR/tuned.yaml` (offline engine, or
    live servers with --launch);
 3. `ascend-patch ab --arms CONFIG DIR/tuned.yaml` (with --launch: `ab --launch CONFIG
@@ -18,7 +22,7 @@
 
 Each of the two runs is skipped when its output is already in DIR (tuned.yaml, ab/ab.json),
 so they can run as two commands (each under `flock /tmp/heavy.lock`). Exit 0 when every
-check holds, 1 when one fails, 2 when tune chose r = 0 (nothing to compare).
+check holds, 1 when one fails, 2 when tune chose r = 0 and no --compare names a candidate.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def dropless(config: Path) -> bool:
 
     name = capacity_patch_name(config, None)
     (patch,) = [p for p in load_config(config).patches if p.name == name]
-    return (patch.options or {}).get("drop_token_ratio", 0.0) == 0.0
+    return patch.options.drop_token_ratio == 0.0
 
 
 def inside(value: float, lo: float | None, hi: float | None) -> bool:
@@ -78,21 +82,37 @@ def main() -> int:
     parser.add_argument("--max-loss", required=True)
     parser.add_argument("--ratios", default="0.1,0.2")
     parser.add_argument("--launch", action="store_true", help="live servers instead of engines")
+    parser.add_argument("--skewed", action="store_true",
+                        help="lab/skewed_moe.py's model (built in OUT/model) instead of --model")
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--length", type=int, default=256, help="tokens per prompt")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--requests", type=int, default=8, help="--launch: per round")
     parser.add_argument("--concurrency", type=int, default=4, help="--launch")
+    parser.add_argument("--compare", metavar="LABEL",
+                        help="when tune chooses r=0, compare this candidate (e.g. 'r=0.3 drop')")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.skewed:
+        args.model = args.out / "model"
+        if not (args.model / "config.json").exists():
+            from ascend_patch.lab import skewed_moe
+
+            target = skewed_moe.equivalent_skew(skewed_moe.R1_MAX_OVER_MEAN,
+                                                skewed_moe.R1_EP_SIZE, 2)
+            print(f"model: {skewed_moe.write_model(args.model, skewed_moe.ModelShape(), target)}")
     if not dropless(args.config):
         raise SystemExit(f"{args.config}: its moe.capacity patch drops (drop_token_ratio > 0); "
                          "the reference arm must be dropless")
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = args.out / "prompts.json"
     if not prompts.exists():
-        prompts.write_text(json.dumps(held_out_texts(args.model, args.prompts, args.length)))
+        from ascend_patch.ab.common import make_prompts
+
+        texts = (make_prompts(args.prompts, args.length, seed=0) if args.skewed
+                 else held_out_texts(args.model, args.prompts, args.length))
+        prompts.write_text(json.dumps(texts))
     common = ["--model", str(args.model), "--prompts", str(prompts), "--repeats",
               str(args.repeats), "--max-tokens", str(args.max_tokens)]
     live = ["--requests", str(args.requests), "--concurrency", str(args.concurrency),
@@ -106,9 +126,25 @@ def main() -> int:
     (profile,) = yaml.safe_load(tuned.read_text())["profiles"].values()
     evidence = profile["evidence"]
     print(f"tune chose {evidence['chosen']}: {profile['description']}")
-    if evidence["chosen"] == "r=0":
-        return 2
-    (arm,) = [a for a in evidence["arms"] if a["label"] == evidence["chosen"]]
+    label = evidence["chosen"]
+    if label == "r=0":
+        if args.compare is None:
+            return 2
+        # Nothing chosen: check the evidence of the candidate named instead, run by ab
+        # through a config that pins it (the tuned file's profile pins r = 0).
+        label = args.compare
+        (profile,) = yaml.safe_load(tuned.read_text())["profiles"].values()
+        ratio, overflow = label.removeprefix("r=").split()
+        profile["patches"] = {name: {"options": {"drop_token_ratio": float(ratio),
+                                                 "overflow": overflow}}
+                              for name in profile["patches"]}
+        pinned = args.out / "compare.yaml"
+        body = yaml.safe_load(tuned.read_text())
+        body["profiles"] = {next(iter(body["profiles"])): profile}
+        pinned.write_text(yaml.safe_dump(body, sort_keys=False))
+        tuned = pinned
+        print(f"comparing {label} instead, pinned in {pinned}")
+    (arm,) = [a for a in evidence["arms"] if a["label"] == label]
     ab_json = args.out / "ab" / "ab.json"
     if not ab_json.exists():
         arms = (["--launch", str(args.config), str(tuned)] if args.launch

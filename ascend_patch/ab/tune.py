@@ -260,6 +260,11 @@ def evidence(args: Any, candidates: list[Candidate], choice: Choice, model: Path
     }
 
 
+def _nll_of(nll: dict[str, Any]) -> dict[str, Any]:
+    """The r = 0 arm's held-out NLL: what the increases are measured against."""
+    return {"nats_per_token": -nll["logprob_sum"] / nll["tokens"], "tokens": nll["tokens"]}
+
+
 def _offline(args: Any, arms: list[Any], model: Path, work: Path, console
              ) -> tuple[list[Candidate], dict[str, Any]]:
     from ascend_patch.ab.common import make_prompts
@@ -269,10 +274,10 @@ def _offline(args: Any, arms: list[Any], model: Path, work: Path, console
         args.num_prompts, args.prompt_len, args.seed)
     runs = run_offline(args, arms, model, prompts, work, console)
     rows = offline_metrics(runs, args.first_tokens)
-    candidates = candidates_from(arms, [run.perplexity for run in runs],
-                                 [row["prefill_speedup"] for row in rows])
+    nlls = [run.perplexity for run in runs]
+    candidates = candidates_from(arms, nlls, [row["prefill_speedup"] for row in rows])
     times = [[sample["prefill_s"] for sample in run.samples] for run in runs]
-    return candidates, {
+    return candidates, {"reference_nll": _nll_of(nlls[0]),
         "mode": "offline engine, one per arm",
         "measure": "prefill: one batch of every prompt with 1 new token, per repeat",
         "reference_s": times[0], "arms_s": times[1:]}
@@ -294,10 +299,11 @@ def _live(args: Any, arms: list[Any], work: Path, console
     console.print(f"servers {placement}", markup=False)
     run_servers(args, servers, together, console)
     rows = server_metrics(servers, args.first_tokens)
-    candidates = candidates_from(arms, [server.nll for server in servers],
-                                 [row["ttft_speedup"] for row in rows], measure="TTFT")
+    nlls = [server.nll for server in servers]
+    candidates = candidates_from(arms, nlls, [row["ttft_speedup"] for row in rows],
+                                 measure="TTFT")
     times = [round_medians(server, "ttft_s") for server in servers]
-    return candidates, {
+    return candidates, {"reference_nll": _nll_of(nlls[0]),
         "mode": f"live servers, one per arm ({placement})",
         "measure": (f"TTFT: per round of {args.requests} streamed requests ({args.concurrency} "
                     f"at a time), the median time to first token"),

@@ -352,6 +352,8 @@ def test_launch_runs_one_server_per_arm_and_tunes_on_their_nll_and_ttft(setup, m
         ("r=0.2 drop", pytest.approx(0.2), pytest.approx(0.2), pytest.approx(0.2))]
     assert all(a["speedup"]["lo"] > 1.5 and len(a["times_s"]) == 6 for a in evidence["arms"])
     assert len(evidence["reference_s"]) == 6
+    # 3 prompts of 5 words: 12 scored tokens at -1.0 each on the r = 0 server.
+    assert evidence["reference_nll"] == {"nats_per_token": 1.0, "tokens": 12}
     assert "chosen: r=0.1 drop: the largest setting whose loss bound 0.1 is within 0.15 " \
            "nats/token and whose TTFT speed-up" in " ".join(printed.out.split())
     assert main(["validate", str(target)]) == 0
