@@ -39,7 +39,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ascend_patch.ab.tune import loss_interval  # noqa: E402
+from ascend_patch.ab.tune import loss_interval
 
 
 def held_out_texts(model: Path, count: int, length: int) -> list[str]:

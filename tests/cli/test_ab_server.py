@@ -259,9 +259,9 @@ def test_held_out_nll_is_measured_one_prompt_at_a_time_or_said_missing(tmp_path)
     assert got == {"logprob_sum": -1.5, "tokens": 3, "per_prompt": [
         {"logprob_sum": -1.0, "tokens": 2}, {"logprob_sum": -0.5, "tokens": 1}]}
     assert fake.paths == ["/v1/completions"] * 2
-    with FakeOpenAI(step_s=0, prompt_logprob=None).running() as fake:
-        with pytest.raises(ServerFailed) as info:
-            servers.prompt_nll(fake.url, "tiny", ["a b c"], 5)
+    with FakeOpenAI(step_s=0, prompt_logprob=None).running() as fake, \
+            pytest.raises(ServerFailed) as info:
+        servers.prompt_nll(fake.url, "tiny", ["a b c"], 5)
     assert str(info.value) == f'{fake.url}: HTTP 400: {{"error": "echo is not supported"}}'
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -291,7 +292,7 @@ class LaunchedFake:
     and time to first token follow the drop ratio in the environment it was given, as a
     launched vLLM server's follow ASCEND_PATCH_OVERRIDE."""
 
-    launched: list[dict] = []
+    launched: ClassVar[list[dict]] = []
 
     def __init__(self, model, *, args, env, log_path, startup_timeout, load_format,
                  enforce_eager):
