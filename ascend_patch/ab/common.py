@@ -8,6 +8,7 @@ Both modes import this module and nothing of each other.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,22 @@ class Arm:
         if self.override:
             text += " with ASCEND_PATCH_OVERRIDE=" + json.dumps(self.override)
         return text
+
+
+def arm_env(arm: Arm, report_dir: Path | None, workers: int) -> dict[str, str]:
+    """The environment of an arm's engine or server: vllm_env drops every inherited
+    ASCEND_PATCH_* variable, so the stock arm runs with no config at all."""
+    from ascend_patch.harness.procs import vllm_env
+
+    env: dict[str, str] = {}
+    if arm.config is not None:
+        env["ASCEND_PATCH_CONFIG"] = str(arm.config)
+        if report_dir is not None:
+            env["ASCEND_PATCH_REPORT_DIR"] = str(report_dir)
+            env["ASCEND_PATCH_REPORT_INTERVAL"] = str(REPORT_INTERVAL_S)
+        if arm.override:
+            env["ASCEND_PATCH_OVERRIDE"] = json.dumps(arm.override)
+    return vllm_env(workers=workers, **env)
 
 
 def check_arms(arms: list[Arm]) -> None:
@@ -117,6 +134,23 @@ def describe_patches(summary: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- accuracy
+
+
+def make_prompts(count: int, length: int, seed: int, vocab: int = 500) -> list[str]:
+    """Deterministic prompts of `length` words of the tiny model's WordLevel vocabulary."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(vocab)}" for _ in range(length)) for _ in range(count)]
+
+
+def perplexity(data: dict[str, Any] | None) -> float | None:
+    """From a held-out NLL measurement ({"logprob_sum", "tokens", ...}: the offline engine's
+    prompt_logprob_sum or servers.prompt_nll), None when there is none."""
+    if not data or "error" in data or not data.get("tokens"):
+        return None
+    return math.exp(-data["logprob_sum"] / data["tokens"])
+
 
 
 def compare(ref_outs: list[dict[str, Any]], outs: list[dict[str, Any]],

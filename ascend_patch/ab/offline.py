@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,31 +26,25 @@ from ascend_patch.ab.common import (
     REPORT_INTERVAL_S,
     STOCK,
     Arm,
+    arm_env,
     check_arms,
     compare,
     cpus,
     describe_load,
     describe_patches,
     load_average,
+    make_prompts,
+    perplexity,
     resolve_load_format,
     summarize_reports,
 )
 from ascend_patch.ab.engine import EngineFailed, EngineProcess
 from ascend_patch.harness import offline_run
-from ascend_patch.harness.procs import vllm_env
 
 # vLLM's TP workers poll their message queue busily for 1 s after each step before they fall
 # back to sleeping (shm_broadcast.py: busy_loop_s=1 in vLLM 0.23 and 0.32). Started side by
 # side, an arm that just ran would take CPU from the next one: wait that second out.
 TP_SETTLE_S = 1.2
-
-
-def make_prompts(count: int, length: int, seed: int, vocab: int = 500) -> list[str]:
-    """Deterministic prompts of `length` words of the tiny model's WordLevel vocabulary."""
-    import random
-
-    rng = random.Random(seed)
-    return [" ".join(f"w{rng.randrange(vocab)}" for _ in range(length)) for _ in range(count)]
 
 
 def arms_from_ratios(config: Path, patch_name: str, ratios: list[float]) -> list[Arm]:
@@ -91,20 +84,6 @@ def capacity_patch_name(config_path: Path, wanted: str | None) -> str:
         raise ConfigError.single("CONFIG", None, "", f"{config_path} has no moe.capacity patch "
                                  "to vary the drop ratio of")
     return ordered[0]
-
-
-def arm_env(arm: Arm, report_dir: Path | None, workers: int) -> dict[str, str]:
-    """The arm's environment: vllm_env drops every inherited ASCEND_PATCH_* variable, so the
-    stock arm runs with no config at all."""
-    env: dict[str, str] = {}
-    if arm.config is not None:
-        env["ASCEND_PATCH_CONFIG"] = str(arm.config)
-        if report_dir is not None:
-            env["ASCEND_PATCH_REPORT_DIR"] = str(report_dir)
-            env["ASCEND_PATCH_REPORT_INTERVAL"] = str(REPORT_INTERVAL_S)
-        if arm.override:
-            env["ASCEND_PATCH_OVERRIDE"] = json.dumps(arm.override)
-    return vllm_env(workers=workers, **env)
 
 
 def outputs_digest(outputs: list[dict[str, Any]]) -> str:
@@ -224,12 +203,6 @@ def run_offline(args, arms: list[Arm], model: Path, prompts: list[str], work: Pa
     return runs
 
 
-def perplexity(data: dict[str, Any] | None) -> float | None:
-    if not data or "error" in data or not data.get("tokens"):
-        return None
-    return math.exp(-data["logprob_sum"] / data["tokens"])
-
-
 def offline_metrics(runs: list[ArmRun], first_tokens: int) -> list[dict[str, Any]]:
     reference = runs[0]
     ref_prefill = [s["prefill_s"] for s in reference.samples]
@@ -255,6 +228,7 @@ def offline_metrics(runs: list[ArmRun], first_tokens: int) -> list[dict[str, Any
             "tokens_per_s_ratio": stats.estimate(stats.paired_ratios(tps, ref_tps)),
             "repeats_identical": len({s["outputs_digest"] for s in run.samples}) == 1,
             "perplexity": perplexity(run.perplexity),
+            "nll": run.perplexity,  # per prompt too: an interval can be put on a difference
             "perplexity_tokens": (run.perplexity or {}).get("tokens"),
             "perplexity_error": (run.perplexity or {}).get("error"),
             "rows_routed": moe.get("rows_routed"),

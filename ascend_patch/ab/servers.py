@@ -5,7 +5,8 @@ against every server in rounds: the servers take turns in randomised blocks (as 
 arms do), one round of `--requests` streaming completions at most `--concurrency` at a time
 per turn, after an uncounted warm-up round. Round r sends the same requests to every server,
 and a fresh set each round (generated with seed + r, or the next slice of the prompts file),
-so that no round is served from a prefix cache that an earlier round filled.
+so that no round is served from a prefix cache that an earlier round filled. After its
+rounds, each server's held-out NLL is measured as the offline arms measure it (prompt_nll).
 
 Only the given servers are contacted, at /v1/models, /version (vLLM's; a 404 is fine),
 /v1/completions and, for launched servers, /health; redirects are refused and proxy
@@ -15,6 +16,7 @@ variables are ignored, so a request never goes anywhere else.
 from __future__ import annotations
 
 import json
+import math
 import random
 import statistics
 import tempfile
@@ -22,7 +24,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +35,14 @@ from ascend_patch.ab import output, stats
 from ascend_patch.ab.common import (
     REPORT_INTERVAL_S,
     STOCK,
+    Arm,
+    arm_env,
     compare,
     describe_load,
     describe_patches,
     load_average,
+    make_prompts,
+    perplexity,
     resolve_load_format,
     summarize_reports,
 )
@@ -82,6 +90,23 @@ def make_workload(count: int, prompt_len: int, max_tokens: int, seed: int,
     return requests
 
 
+@contextmanager
+def _http_errors(base_url: str) -> Iterator[None]:
+    """A failed request as one ServerFailed line naming the server."""
+    try:
+        yield
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:500] if exc.fp else exc.reason
+        raise ServerFailed(f"{base_url}: HTTP {exc.code}: {detail}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ServerFailed(f"{base_url}: {type(exc).__name__}: {exc}") from None
+
+
+def _post(base_url: str, body: dict[str, Any]) -> urllib.request.Request:
+    return urllib.request.Request(base_url + "/v1/completions", data=json.dumps(body).encode(),
+                                  headers={"Content-Type": "application/json"})
+
+
 def stream_completion(base_url: str, model: str, request: Request, seed: int,
                       timeout: float) -> dict[str, Any]:
     """One streaming completion: time to first token, per-token times, tokens and logprobs."""
@@ -91,8 +116,7 @@ def stream_completion(base_url: str, model: str, request: Request, seed: int,
             # vLLM's extension: every request yields exactly max_tokens tokens, so a server
             # that happens to sample end-of-text does not look faster.
             "ignore_eos": True}
-    http = urllib.request.Request(base_url + "/v1/completions", data=json.dumps(body).encode(),
-                                  headers={"Content-Type": "application/json"})
+    http = _post(base_url, body)
     started = time.perf_counter()
     deadline = started + timeout
     first = last = None
@@ -100,36 +124,30 @@ def stream_completion(base_url: str, model: str, request: Request, seed: int,
     tokens: list[str] = []
     logprobs: list[dict[str, float]] = []
     usage = None
-    try:
-        with _OPENER.open(http, timeout=timeout) as response:
-            for raw in response:
-                if time.perf_counter() > deadline:
-                    raise ServerFailed(f"{base_url}: request still streaming after {timeout:.0f} s")
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                usage = chunk.get("usage") or usage
-                for choice in chunk.get("choices") or []:
-                    piece = choice.get("text") or ""
-                    lp = choice.get("logprobs") or {}
-                    new_tokens = lp.get("tokens") or []
-                    if piece or new_tokens:
-                        now = time.perf_counter()
-                        first = now if first is None else first
-                        last = now
-                    text.append(piece)
-                    for token, logprob in zip(new_tokens, lp.get("token_logprobs") or []):
-                        tokens.append(token)
-                        logprobs.append({token: logprob})
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")[:500] if exc.fp else exc.reason
-        raise ServerFailed(f"{base_url}: HTTP {exc.code}: {detail}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise ServerFailed(f"{base_url}: {type(exc).__name__}: {exc}") from None
+    with _http_errors(base_url), _OPENER.open(http, timeout=timeout) as response:
+        for raw in response:
+            if time.perf_counter() > deadline:
+                raise ServerFailed(f"{base_url}: request still streaming after {timeout:.0f} s")
+            line = raw.decode("utf-8", "replace").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or []:
+                piece = choice.get("text") or ""
+                lp = choice.get("logprobs") or {}
+                new_tokens = lp.get("tokens") or []
+                if piece or new_tokens:
+                    now = time.perf_counter()
+                    first = now if first is None else first
+                    last = now
+                text.append(piece)
+                for token, logprob in zip(new_tokens, lp.get("token_logprobs") or []):
+                    tokens.append(token)
+                    logprobs.append({token: logprob})
     ended = time.perf_counter()
     if first is None:
         raise ServerFailed(f"{base_url}: the stream carried no token")
@@ -161,6 +179,43 @@ def run_round(base_url: str, model: str, requests: list[Request], concurrency: i
             "output_tokens_per_s": sum(r["output_tokens"] for r in results) / wall}
 
 
+def prompt_nll(base_url: str, model: str, texts: list[str], timeout: float) -> dict[str, Any]:
+    """The held-out NLL the offline arms measure (harness/offline_run.py prompt_logprob_sum):
+    per text, the sum of log p(token | text before it) over its tokens after the first, here
+    from the prompt log-probabilities an echoed completion returns (OpenAI's `echo` with
+    `logprobs`; vLLM computes them in the prefill, as its offline `prompt_logprobs`). One text
+    per request, one after the other: each prefill holds that text alone, so every server is
+    measured on the same batches whatever its scheduler does with concurrent requests."""
+    per_prompt = []
+    for text in texts:
+        body = {"model": model, "prompt": text, "max_tokens": 1, "temperature": 0.0,
+                "echo": True, "logprobs": 0}
+        with _http_errors(base_url), _OPENER.open(_post(base_url, body),
+                                                   timeout=timeout) as response:
+            answer = json.loads(response.read())
+        try:
+            prompt_tokens = answer["usage"]["prompt_tokens"]
+            values = answer["choices"][0]["logprobs"]["token_logprobs"][1:prompt_tokens]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ServerFailed(f"{base_url}: no prompt log-probabilities in the echoed "
+                               f"completion ({type(exc).__name__}: {exc})") from None
+        if len(values) != prompt_tokens - 1 or any(v is None for v in values):
+            raise ServerFailed(f"{base_url}: the echoed completion carries "
+                               f"{len(values)} prompt log-probabilities for "
+                               f"{prompt_tokens} prompt tokens")
+        per_prompt.append({"logprob_sum": sum(values), "tokens": len(values)})
+    return {"logprob_sum": sum(p["logprob_sum"] for p in per_prompt),
+            "tokens": sum(p["tokens"] for p in per_prompt), "per_prompt": per_prompt}
+
+
+def nll_texts(args) -> list[str]:
+    """The held-out text whose NLL is measured: the prompts file, else the prompts the offline
+    A/B would generate (--num-prompts of --prompt-len words)."""
+    if args.prompts is not None:
+        return list(args.prompts)
+    return make_prompts(args.num_prompts, args.prompt_len, args.seed)
+
+
 # ---------------------------------------------------------------- servers
 
 
@@ -175,6 +230,7 @@ class Server:
     managed: Any = None  # ManagedServer for --launch
     report_dir: Path | None = None
     config: Path | None = None
+    nll: dict[str, Any] | None = None  # prompt_nll's, or {"error": why}
 
 
 def probe(server: Server, wanted_model: str | None, timeout: float) -> None:
@@ -210,16 +266,17 @@ def describe(server: Server) -> str:
             "so are its prefix caching and batching settings")
 
 
+def round_medians(server: Server, key: str) -> list[float]:
+    """Per counted round, the median of its requests' `key` (ttft_s, tpot_s)."""
+    out = []
+    for rnd in server.rounds:
+        values = [r[key] for r in rnd["requests"] if r[key] is not None]
+        out.append(statistics.median(values) if values else float("nan"))
+    return out
+
+
 def server_metrics(servers: list[Server], first_tokens: int) -> list[dict[str, Any]]:
     reference = servers[0]
-
-    def round_medians(server: Server, key: str) -> list[float]:
-        out = []
-        for rnd in server.rounds:
-            values = [r[key] for r in rnd["requests"] if r[key] is not None]
-            out.append(statistics.median(values) if values else float("nan"))
-        return out
-
     ref_ttft = round_medians(reference, "ttft_s")
     ref_tpot = round_medians(reference, "tpot_s")
     ref_rps = [r["requests_per_s"] for r in reference.rounds]
@@ -250,10 +307,28 @@ def server_metrics(servers: list[Server], first_tokens: int) -> list[dict[str, A
             row[key.replace("speedup", "verdict").replace("ratio", "verdict")] = (
                 stats.verdict(row[key]))
         row.update(compare(ref_outs, requests, first_tokens))
+        row.update(nll_columns(reference.nll, server.nll))
         row["text_exact_match_rate"] = (sum(a["text"] == b["text"] for a, b in
                                             zip(ref_outs, requests)) / len(requests))
         rows.append(row)
     return rows
+
+
+def nll_columns(reference: dict[str, Any] | None, nll: dict[str, Any] | None
+                ) -> dict[str, Any]:
+    """Perplexity of the held-out text and the NLL increase per token against the reference
+    (all tokens together: log of the perplexity ratio)."""
+    ppl, ref_ppl = perplexity(nll), perplexity(reference)
+    return {"nll": nll, "perplexity": ppl, "perplexity_error": (nll or {}).get("error"),
+            "nll_increase": (None if ppl is None or ref_ppl is None
+                             else math.log(ppl) - math.log(ref_ppl))}
+
+
+def _nll_phrase(row: dict[str, Any]) -> str:
+    if row["nll_increase"] is None:
+        return "not measured (" + (row["perplexity_error"] or "no reference") + ")"
+    return (f"{row['nll_increase']:+.4f} nats/token against the reference (perplexity "
+            f"{row['perplexity']:.4g})")
 
 
 def print_servers(console, rows: list[dict[str, Any]], heading: str) -> None:
@@ -282,7 +357,7 @@ def print_servers(console, rows: list[dict[str, Any]], heading: str) -> None:
             f"{output.ratio_phrase(row['requests_per_s_ratio'], row['requests_per_s_verdict'])}; outputs: "
             f"{output.percent(row['exact_match_rate'])} identical, "
             f"{output.percent(row['token_agreement'], 1)} of tokens, |dlogp| "
-            f"{output.dlogp(row)}.")
+            f"{output.dlogp(row)}; held-out NLL {_nll_phrase(row)}.")
     console.print("What was compared:", markup=False)
     for label, row in zip(labels, rows):
         named = label != row["label"] and row["label"] not in row["described"]
@@ -293,7 +368,8 @@ def print_servers(console, rows: list[dict[str, Any]], heading: str) -> None:
         "the first; req/s = requests of a round / its wall time; agree = output tokens equal "
         "to the reference's, by position; x = reference/server time or server/reference rate "
         "per round (>1: server faster); brackets = exact order-statistic 95% interval of the "
-        "median (none below 6 samples).", "")
+        "median (none below 6 samples); held-out NLL = from the prompt log-probabilities of "
+        "echoed completions of the held-out text, one prompt per request.", "")
 
 
 # ---------------------------------------------------------------- launching
@@ -333,21 +409,17 @@ def side_by_side(count: int, tensor_parallel: int, model: Path, forced_sequentia
                   f"{need / 2**30:.1f} GiB of {available / 2**30:.1f} GiB available")
 
 
-def launched_servers(args, work: Path) -> list[Server]:
-    from ascend_patch.harness.procs import vllm_env
+def launched_servers(args, work: Path, arms: list[Arm] | None = None) -> list[Server]:
+    """One server per arm, not started: by default one per --launch config ('stock': none),
+    or the given arms (`tune` sets each arm's ratio through ASCEND_PATCH_OVERRIDE)."""
     from ascend_patch.harness.server import ManagedServer
 
+    if arms is None:
+        arms = [Arm(label, None if name == STOCK else Path(name).resolve())
+                for name, label in zip(args.launch, _labels_for(args.launch))]
     servers = []
-    labels = _labels_for(args.launch)
-    for index, (name, label) in enumerate(zip(args.launch, labels)):
-        report_dir = None
-        env: dict[str, str] = {}
-        config = None
-        if name != STOCK:
-            config = Path(name).resolve()
-            report_dir = work / f"server{index}-reports"
-            env = {"ASCEND_PATCH_CONFIG": str(config), "ASCEND_PATCH_REPORT_DIR": str(report_dir),
-                   "ASCEND_PATCH_REPORT_INTERVAL": str(REPORT_INTERVAL_S)}
+    for index, arm in enumerate(arms):
+        report_dir = None if arm.config is None else work / f"server{index}-reports"
         # Prefix caching off: a round that repeats an earlier prompt must compute its prefill
         # (and make its drops) again, as the offline arms do.
         server_args = ["--tensor-parallel-size", str(args.tensor_parallel_size),
@@ -356,18 +428,20 @@ def launched_servers(args, work: Path) -> list[Server]:
         if args.enable_expert_parallel:
             server_args.append("--enable-expert-parallel")
         managed = ManagedServer(
-            args.model, args=server_args, env=vllm_env(workers=args.tensor_parallel_size, **env),
+            args.model, args=server_args,
+            env=arm_env(arm, report_dir, args.tensor_parallel_size),
             log_path=work / f"server{index}.log", startup_timeout=args.timeout,
             # Eager, as the offline arms run (offline_run.py): arms compare patches, and
             # compiling every arm's server would double each arm's start-up.
             load_format=args.load_format, enforce_eager=True)
-        what = ("vLLM with no patch (ASCEND_PATCH_CONFIG unset)" if config is None
-                else f"ASCEND_PATCH_CONFIG={config}")
+        what = ("vLLM with no patch (ASCEND_PATCH_CONFIG unset)" if arm.config is None
+                else f"ASCEND_PATCH_CONFIG={arm.config}" + (
+                    f" ASCEND_PATCH_OVERRIDE={json.dumps(arm.override)}" if arm.override else ""))
         info = {"kind": "launched", "what": what, "args": managed.cmd[1:]}
-        if config is None:
+        if arm.config is None:
             info["runs"] = "nothing (no config, so ascend-patch stays out: no report)"
-        servers.append(Server(label, managed.base_url, info=info,
-            managed=managed, report_dir=report_dir, config=config))
+        servers.append(Server(arm.label, managed.base_url, info=info,
+                              managed=managed, report_dir=report_dir, config=arm.config))
     return servers
 
 
@@ -408,30 +482,21 @@ def _stop(server: Server) -> None:
 # ---------------------------------------------------------------- the A/B
 
 
-def run_server_ab(args) -> int:
-    from rich.console import Console
+def placement_of(args, servers: list[Server]) -> tuple[bool, str]:
+    """Whether the servers run side by side (interleaved), and the phrase that says so."""
+    if any(server.managed is not None for server in servers):
+        return side_by_side(len(servers), args.tensor_parallel_size, Path(args.model),
+                            args.one_at_a_time)
+    return True, "already running, interleaved"
+
+
+def run_servers(args, servers: list[Server], together: bool, console
+                ) -> tuple[list[list[int]], list[list[Request]]]:
+    """Start (launched servers), run the warm-up and counted rounds of every server, measure
+    each one's held-out NLL (prompt_nll) before it stops; every launched server is stopped on
+    the way out, failures included. Returns the blocks in run order and the workloads."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console(highlight=False)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="ab-servers-", dir=out_dir))
-    if args.launch:
-        args.load_format = resolve_load_format(args.load_format, Path(args.model))
-        servers = launched_servers(args, work)
-        together, placement = side_by_side(len(servers), args.tensor_parallel_size,
-                                           Path(args.model), args.one_at_a_time)
-    else:
-        servers = [Server(label, url) for label, url in zip(_url_labels(args.servers),
-                                                             args.servers)]
-        for server, reports in zip(servers, args.server_reports or [None] * len(servers)):
-            server.info["kind"] = "external"
-            if reports not in (None, "-"):
-                summary = summarize_reports(Path(reports))
-                server.info.update(report=summary, report_dir=reports,
-                                   runs=describe_patches(summary))
-        together, placement = True, "already running, interleaved"
-    load_before = load_average()
     blocks = stats.block_order(len(servers), args.warmup + args.repeats, args.seed)
     if not together:
         # One server up at a time: all of its rounds, then the next server. Not interleaved,
@@ -440,13 +505,25 @@ def run_server_ab(args) -> int:
     workloads = [make_workload(args.requests, args.prompt_len, args.max_tokens, args.seed + b,
                                args.prompts, b * args.requests)
                  for b in range(args.warmup + args.repeats)]
+    texts = nll_texts(args)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
                "{task.total}"), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("A/B servers", total=len(servers) * (
-                1 + args.warmup + args.repeats))
+                2 + args.warmup + args.repeats))
             started: set[int] = set()
+
+            def measure_nll(index: int) -> None:
+                # After the server's rounds, so that its timed rounds are not disturbed.
+                server = servers[index]
+                progress.update(task, description=f"held-out NLL: {server.label}")
+                try:
+                    server.nll = prompt_nll(server.base_url, server.model, texts, args.timeout)
+                except ServerFailed as exc:
+                    # Optional for `ab` (not every server echoes logprobs): say why it is missing.
+                    server.nll = {"error": str(exc).splitlines()[0]}
+                progress.advance(task)
 
             def ensure_up(index: int) -> None:
                 server = servers[index]
@@ -454,6 +531,7 @@ def run_server_ab(args) -> int:
                     return
                 if not together:
                     for other in list(started):
+                        measure_nll(other)
                         _stop(servers[other])
                         started.discard(other)
                 if server.managed is not None:
@@ -482,12 +560,40 @@ def run_server_ab(args) -> int:
                     result["round"] = round_index
                     (server.rounds if counted else server.warmup).append(result)
                     progress.advance(task)
-    except ServerFailed as exc:
-        console.print(str(exc), markup=False)
-        return 1
+            for index in sorted(started):
+                measure_nll(index)
     finally:
         for server in servers:
             _stop(server)
+    return blocks, workloads
+
+
+def run_server_ab(args) -> int:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ab-servers-", dir=out_dir))
+    if args.launch:
+        args.load_format = resolve_load_format(args.load_format, Path(args.model))
+        servers = launched_servers(args, work)
+    else:
+        servers = [Server(label, url) for label, url in zip(_url_labels(args.servers),
+                                                             args.servers)]
+        for server, reports in zip(servers, args.server_reports or [None] * len(servers)):
+            server.info["kind"] = "external"
+            if reports not in (None, "-"):
+                summary = summarize_reports(Path(reports))
+                server.info.update(report=summary, report_dir=reports,
+                                   runs=describe_patches(summary))
+    together, placement = placement_of(args, servers)
+    load_before = load_average()
+    try:
+        blocks, workloads = run_servers(args, servers, together, console)
+    except ServerFailed as exc:
+        console.print(str(exc), markup=False)
+        return 1
     rows = server_metrics(servers, args.first_tokens)
     source = (f"prompts from {args.prompts_file}" if args.prompts is not None
               else f"generated prompts of {max(1, args.prompt_len // 4)}-{args.prompt_len} words")

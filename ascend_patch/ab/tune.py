@@ -1,16 +1,20 @@
 """`ascend-patch tune`: from an accuracy budget to a pinned per-model profile.
 
-Runs the repeated offline A/B of `ascend-patch ab` (offline.py) with r = 0 as the reference
-and one arm per candidate (drop ratio, overflow mode), then:
+Runs the repeated A/B of `ascend-patch ab` with r = 0 as the reference and one arm per
+candidate (drop ratio, overflow mode): on the offline engine (offline.py, one engine per arm)
+or, with --launch, on live servers (servers.py, one server per arm, started as `ab --launch`
+starts them, the ratio set through ASCEND_PATCH_OVERRIDE). Then:
 
 * loss of an arm: the held-out NLL increase per token against r = 0, from the prompt
-  log-probabilities of every prompt (greedy, deterministic: repeats would give the same
+  log-probabilities of every prompt (offline: the engine's prompt_logprobs; live: echoed
+  completions, servers.prompt_nll; greedy, deterministic: repeats would give the same
   numbers; the uncertainty is over the prompts). Per prompt i, d_i = (log p_ref - log
   p_arm) / tokens_i; the interval is mean(d) +- t(0.975, n-1) * sd(d) / sqrt(n) (Student t,
   two-sided 95%);
-* speed of an arm: the median of the per-repeat paired prefill speed-ups against r = 0 with
-  its exact order-statistic 95% interval (stats.py), as `ab` reports it; "measurably faster"
-  means the interval lies above 1;
+* speed of an arm: the median of the per-repeat paired speed-ups against r = 0 with its
+  exact order-statistic 95% interval (stats.py), as `ab` reports it: offline the prefill
+  speed-up (one batch of every prompt), live the TTFT speed-up (per round, the median time to
+  first token); "measurably faster" means the interval lies above 1;
 * choice (`choose`): among the arms whose loss interval's upper bound is within the budget
   and which are measurably faster, the largest ratio; at equal ratio the larger median
   speed-up, then the lower loss bound, then drop before reroute. If no arm is both, r = 0 is
@@ -77,7 +81,8 @@ class Candidate:
     ratio: float
     overflow: str
     loss: Loss
-    speedup: Estimate  # prefill, r = 0 time over arm time, paired per repeat
+    speedup: Estimate  # r = 0 time over arm time, paired per repeat
+    measure: str = "prefill"  # which time: "prefill" (offline) or "TTFT" (live servers)
 
     @property
     def label(self) -> str:
@@ -110,14 +115,14 @@ def choose(candidates: list[Candidate], max_loss: float) -> Choice:
                                             -OVERFLOWS.index(c.overflow)))
         return Choice(best, (
             f"{best.label}: the largest setting whose loss bound {best.loss.hi:.4g} is within "
-            f"{max_loss:g} nats/token and whose prefill speed-up [{best.speedup.lo:.3f}, "
+            f"{max_loss:g} nats/token and whose {best.measure} speed-up [{best.speedup.lo:.3f}, "
             f"{best.speedup.hi:.3f}] is above 1"))
     if not within:
         return Choice(None, f"r=0: no setting's loss interval stays within {max_loss:g} "
                             f"nats/token (upper bounds: " + ", ".join(
                                 f"{c.label} {_bound(c.loss.hi)}" for c in candidates) + ")")
     return Choice(None, "r=0: no setting within the budget gives a measurable speed gain "
-                        "(prefill speed-up intervals: " + ", ".join(
+                        f"({within[0].measure} speed-up intervals: " + ", ".join(
                             f"{c.label} {_interval(c.speedup)}" for c in within) + ")")
 
 
@@ -202,35 +207,42 @@ def candidate_arms(config: Path, patch: str, ratios: list[float],
     return arms
 
 
-def candidates_from(runs: list[Any], rows: list[dict[str, Any]]) -> list[Candidate]:
-    """One candidate per arm after the reference, from the A/B's runs and metric rows."""
-    reference = _per_prompt(runs[0])
+class TuneFailed(RuntimeError):
+    pass
+
+
+def candidates_from(arms: list[Any], nlls: list[dict[str, Any] | None],
+                    speedups: list[Estimate], measure: str = "prefill") -> list[Candidate]:
+    """One candidate per arm after the reference (arms[0], r = 0): its loss from the arms'
+    held-out NLL measurements, its speed-up as measured against the reference."""
+    reference = _per_prompt(arms[0], nlls[0])
     out = []
-    for run, row in zip(runs[1:], rows[1:]):
-        overflow = run.arm.override[next(iter(run.arm.override))]["overflow"]
-        out.append(Candidate(run.arm.ratio, overflow,
-                             loss_interval(reference, _per_prompt(run)), row["prefill_speedup"]))
+    for arm, nll, speedup in zip(arms[1:], nlls[1:], speedups[1:]):
+        overflow = arm.override[next(iter(arm.override))]["overflow"]
+        out.append(Candidate(arm.ratio, overflow, loss_interval(reference, _per_prompt(arm, nll)),
+                             speedup, measure))
     return out
 
 
-def _per_prompt(run: Any) -> list[dict[str, float]]:
-    data = run.perplexity or {}
+def _per_prompt(arm: Any, nll: dict[str, Any] | None) -> list[dict[str, float]]:
+    data = nll or {}
     if "per_prompt" not in data:
-        from ascend_patch.ab.engine import EngineFailed
-
-        raise EngineFailed(f"{run.arm.label}: no prompt log-probabilities "
-                           f"({data.get('error', 'none returned')}): no loss to tune on")
+        raise TuneFailed(f"{arm.label}: no prompt log-probabilities "
+                         f"({data.get('error', 'none returned')}): no loss to tune on")
     return data["per_prompt"]
 
 
-def evidence(args: Any, candidates: list[Candidate], choice: Choice, runs: list[Any],
-             model: Path, line: str) -> dict[str, Any]:
+def evidence(args: Any, candidates: list[Candidate], choice: Choice, model: Path, line: str,
+             speed: dict[str, Any]) -> dict[str, Any]:
+    """`speed`: "measure" (what was timed, how), "mode" and the per-repeat times of the
+    reference ("reference_s") and of each candidate ("arms_s"), plus what the mode adds."""
     import datetime
 
     from ascend_patch import __version__
     from ascend_patch.core.versions import installed_vllm
 
     vllm = installed_vllm()
+    times = speed.pop("arms_s")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "tool": f"ascend-patch {__version__} tune",
@@ -240,12 +252,63 @@ def evidence(args: Any, candidates: list[Candidate], choice: Choice, runs: list[
         "prompts": len(args.prompts or []) or args.num_prompts, "repeats": args.repeats,
         "warmup": args.warmup, "seed": args.seed,
         "chosen": choice.candidate.label if choice.candidate else "r=0",
+        **speed,
         "arms": [{"label": c.label, "drop_token_ratio": c.ratio, "overflow": c.overflow,
-                  "nll_increase": c.loss.as_json(), "prefill_speedup": c.speedup.as_json(),
-                  "prefill_s": [s["prefill_s"] for s in run.samples]}
-                 for c, run in zip(candidates, runs[1:])],
-        "reference_prefill_s": [s["prefill_s"] for s in runs[0].samples],
+                  "nll_increase": c.loss.as_json(), "speedup": c.speedup.as_json(),
+                  "times_s": arm_times}
+                 for c, arm_times in zip(candidates, times)],
     }
+
+
+def _nll_of(nll: dict[str, Any]) -> dict[str, Any]:
+    """The r = 0 arm's held-out NLL: what the increases are measured against."""
+    return {"nats_per_token": -nll["logprob_sum"] / nll["tokens"], "tokens": nll["tokens"]}
+
+
+def _offline(args: Any, arms: list[Any], model: Path, work: Path, console
+             ) -> tuple[list[Candidate], dict[str, Any]]:
+    from ascend_patch.ab.common import make_prompts
+    from ascend_patch.ab.offline import offline_metrics, run_offline
+
+    prompts = args.prompts if args.prompts is not None else make_prompts(
+        args.num_prompts, args.prompt_len, args.seed)
+    runs = run_offline(args, arms, model, prompts, work, console)
+    rows = offline_metrics(runs, args.first_tokens)
+    nlls = [run.perplexity for run in runs]
+    candidates = candidates_from(arms, nlls, [row["prefill_speedup"] for row in rows])
+    times = [[sample["prefill_s"] for sample in run.samples] for run in runs]
+    return candidates, {"reference_nll": _nll_of(nlls[0]),
+        "mode": "offline engine, one per arm",
+        "measure": "prefill: one batch of every prompt with 1 new token, per repeat",
+        "reference_s": times[0], "arms_s": times[1:]}
+
+
+def _live(args: Any, arms: list[Any], work: Path, console
+          ) -> tuple[list[Candidate], dict[str, Any]]:
+    from ascend_patch.ab.servers import (
+        launched_servers,
+        placement_of,
+        round_medians,
+        run_servers,
+        server_metrics,
+    )
+
+    args.served_model = None  # the launched servers serve --model
+    servers = launched_servers(args, work, arms)
+    together, placement = placement_of(args, servers)
+    console.print(f"servers {placement}", markup=False)
+    run_servers(args, servers, together, console)
+    rows = server_metrics(servers, args.first_tokens)
+    nlls = [server.nll for server in servers]
+    candidates = candidates_from(arms, nlls, [row["ttft_speedup"] for row in rows],
+                                 measure="TTFT")
+    times = [round_medians(server, "ttft_s") for server in servers]
+    return candidates, {"reference_nll": _nll_of(nlls[0]),
+        "mode": f"live servers, one per arm ({placement})",
+        "measure": (f"TTFT: per round of {args.requests} streamed requests ({args.concurrency} "
+                    f"at a time), the median time to first token"),
+        "requests": args.requests, "concurrency": args.concurrency,
+        "reference_s": times[0], "arms_s": times[1:]}
 
 
 def run_tune(args: Any) -> int:
@@ -256,12 +319,8 @@ def run_tune(args: Any) -> int:
 
     from ascend_patch.ab.common import check_arms, resolve_load_format
     from ascend_patch.ab.engine import EngineFailed
-    from ascend_patch.ab.offline import (
-        capacity_patch_name,
-        make_prompts,
-        offline_metrics,
-        run_offline,
-    )
+    from ascend_patch.ab.offline import capacity_patch_name
+    from ascend_patch.ab.servers import ServerFailed
     from ascend_patch.core.versions import detect_stack
 
     console = Console(highlight=False, stderr=args.write is None)
@@ -275,25 +334,25 @@ def run_tune(args: Any) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tune-", dir=out_dir))
     args.load_format = resolve_load_format(args.load_format, model)
-    prompts = args.prompts if args.prompts is not None else make_prompts(
-        args.num_prompts, args.prompt_len, args.seed)
-    console.print(f"tune: {len(arms)} arms (r=0 and {len(arms) - 1} candidates) on "
-                  f"{model.name}, {len(prompts)} prompts, {args.repeats} repeats", markup=False)
+    prompts = len(args.prompts) if args.prompts is not None else args.num_prompts
+    console.print(f"tune: {len(arms)} {'servers' if args.launch else 'arms'} (r=0 and "
+                  f"{len(arms) - 1} candidates) on {model.name}, {prompts} held-out prompts, "
+                  f"{args.repeats} repeats", markup=False)
     try:
-        runs = run_offline(args, arms, model, prompts, work, console)
-        candidates = candidates_from(runs, offline_metrics(runs, args.first_tokens))
-    except EngineFailed as exc:
+        candidates, speed = (_live(args, arms, work, console) if args.launch
+                             else _offline(args, arms, model, work, console))
+    except (EngineFailed, ServerFailed, TuneFailed) as exc:
         console.print(str(exc), markup=False)
         return 1
     for c in candidates:
         console.print(f"  {c.label}: NLL increase {c.loss.mean:+.4f} [{_bound(c.loss.lo)}, "
-                      f"{_bound(c.loss.hi)}] nats/token, prefill x{c.speedup.median:.3f} "
+                      f"{_bound(c.loss.hi)}] nats/token, {c.measure} x{c.speedup.median:.3f} "
                       f"{_interval(c.speedup)}", markup=False)
     choice = choose(candidates, args.max_loss)
     console.print(f"chosen: {choice.reason}", markup=False)
     name = args.profile or profile_name(architectures, line)
     profile = profile_for(choice, patch=patch, architectures=architectures, line=line,
-                          evidence=evidence(args, candidates, choice, runs, model, line))
+                          evidence=evidence(args, candidates, choice, model, line, speed))
     if args.write is None:
         print(yaml.safe_dump({"profiles": {name: profile}}, sort_keys=False), end="")
         return 0

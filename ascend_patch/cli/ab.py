@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DEFAULT_REPEATS = 9
+DEFAULT_REQUESTS = 8  # per round of the live A/B
+DEFAULT_CONCURRENCY = 4
 
 # Bounds of the numeric arguments: beyond them a run would exhaust memory or never end.
 _LIMITS = {
@@ -182,8 +184,9 @@ def add_parser(sub) -> None:
     live.add_argument("--one-at-a-time", action="store_true",
                       help="--launch: never run two servers at once (default: side by side, "
                            "interleaved, when memory allows)")
-    live.add_argument("--requests", type=n["requests"], default=8, help="requests per round")
-    live.add_argument("--concurrency", type=n["concurrency"], default=4,
+    live.add_argument("--requests", type=n["requests"], default=DEFAULT_REQUESTS,
+                      help="requests per round")
+    live.add_argument("--concurrency", type=n["concurrency"], default=DEFAULT_CONCURRENCY,
                       help="requests in flight at once")
     ab.add_argument("--layer", action="store_true", help="MoE layer alone on synthetic routing")
     g = ab.add_argument_group("--layer (MoE layer alone on synthetic DeepSeek-V3 routing)")

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from ascend_patch.cli.ab import (
     _LIMITS,
+    DEFAULT_CONCURRENCY,
     DEFAULT_REPEATS,
+    DEFAULT_REQUESTS,
     _int_in,
     _prompts_file,
     _ratios,
@@ -23,6 +25,7 @@ from ascend_patch.cli.ab import (
 )
 
 DEFAULT_RATIOS = "0.05,0.1,0.2,0.3"
+
 OVERFLOWS = ("drop", "reroute")
 
 
@@ -90,7 +93,20 @@ def add_parser(sub) -> None:
     tune.add_argument("--enable-expert-parallel", action="store_true")
     tune.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
     tune.add_argument("--timeout", type=_seconds, default=600.0)
-    tune.add_argument("--out", default="tune-out", help="folder for the engines' logs")
+    tune.add_argument("--out", default="tune-out", help="folder for the engines' or servers' logs")
+    live = tune.add_argument_group(
+        "live servers (--launch: one OpenAI server per arm, as `ab --launch` starts them)")
+    live.add_argument("--launch", action="store_true",
+                      help="run the arms as servers of --model (r=0 and each candidate through "
+                           "ASCEND_PATCH_OVERRIDE); speed is the paired TTFT speed-up per round, "
+                           "loss the held-out NLL from echoed prompt log-probabilities")
+    live.add_argument("--one-at-a-time", action="store_true",
+                      help="never run two servers at once (default: side by side, interleaved, "
+                           "when memory allows)")
+    live.add_argument("--requests", type=n["requests"],
+                      help=f"requests per round (default {DEFAULT_REQUESTS})")
+    live.add_argument("--concurrency", type=n["concurrency"],
+                      help=f"requests in flight at once (default {DEFAULT_CONCURRENCY})")
     tune.set_defaults(func=_dispatch)
     tune.error = _one_line_error  # type: ignore[method-assign]
 
@@ -122,6 +138,12 @@ def check_args(args) -> str | None:
         if target.resolve() == Path(args.config).resolve():
             return (f"argument --write: {args.write} is CONFIG itself; the profile goes in a "
                     f"config that extends it")
+    if not args.launch:
+        for flag, given in (("--requests", args.requests is not None),
+                            ("--concurrency", args.concurrency is not None),
+                            ("--one-at-a-time", args.one_at_a_time)):
+            if given:
+                return f"argument {flag}: goes with --launch (the live servers' rounds)"
     if "reroute" in args.overflow:
         from ascend_patch.core.versions import detect_stack
         from ascend_patch.impls.moe.options import REROUTE_STACKS
@@ -139,6 +161,9 @@ def _dispatch(args) -> int:
     if problem:
         _one_line_error(problem)
     args.prompts_file, args.prompts = args.prompts or (None, None)
+    if args.launch:
+        args.requests = args.requests or DEFAULT_REQUESTS
+        args.concurrency = args.concurrency or DEFAULT_CONCURRENCY
     from ascend_patch.ab.tune import run_tune
 
     with _sigterm_as_exit():

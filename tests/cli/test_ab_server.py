@@ -124,7 +124,9 @@ class FakeOpenAI:
     one per `step_s`; records every path it is asked for."""
 
     def __init__(self, step_s: float, first_s: float = 0.02, redirect_to: str | None = None,
-                 word: str = " w1"):
+                 word: str = " w1", prompt_logprob: float | None = -0.25):
+        """An echoed completion (the held-out NLL) answers one token per word of the prompt,
+        each with `prompt_logprob` (None: a server that does not echo logprobs)."""
         self.paths: list[str] = []
         owner = self
 
@@ -148,6 +150,9 @@ class FakeOpenAI:
             def do_POST(self):
                 owner.paths.append(self.path)
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if request.get("echo"):
+                    self.echo(request)
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
@@ -162,6 +167,22 @@ class FakeOpenAI:
                 usage = {"choices": [], "usage": {"prompt_tokens": 5,
                                                   "completion_tokens": request["max_tokens"]}}
                 self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+
+            def echo(self, request):
+                if prompt_logprob is None:
+                    self.send_response(400)
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "echo is not supported"}')
+                    return
+                words = len(request["prompt"].split())
+                logprobs = [None] + [prompt_logprob] * (words - 1) + [-0.5]  # + 1 generated
+                body = {"choices": [{"text": request["prompt"] + word,
+                                     "logprobs": {"token_logprobs": logprobs}}],
+                        "usage": {"prompt_tokens": words, "completion_tokens": 1}}
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(json.dumps(body).encode())
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -198,17 +219,19 @@ def test_a_redirect_is_refused_and_nothing_else_is_contacted():
 
 
 def test_live_ab_between_two_fake_servers(tmp_path, capsys):
-    fast, slow = FakeOpenAI(step_s=0.002), FakeOpenAI(step_s=0.03, word=" w2")
+    fast, slow = FakeOpenAI(step_s=0.002), FakeOpenAI(step_s=0.03, word=" w2",
+                                                     prompt_logprob=-0.75)
     out = tmp_path / "out"
     with fast.running(), slow.running():
         code = main(["ab", "--servers", fast.url, slow.url + "/v1", "--requests", "3",
                      "--concurrency", "2", "--repeats", "6", "--max-tokens", "4",
-                     "--prompt-len", "8", "--out", str(out)])
+                     "--prompt-len", "8", "--num-prompts", "2", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     for fake in (fast, slow):  # only the given servers' three paths, 7 rounds of 3 requests
         assert sorted(set(fake.paths)) == ["/v1/completions", "/v1/models", "/version"]
-        assert fake.paths.count("/v1/completions") == 21
+        # ... and one echoed completion per held-out prompt
+        assert fake.paths.count("/v1/completions") == 21 + 2
     summary = json.loads((out / "ab.json").read_text())
     assert summary["order"] == [[summary["servers"][i]["label"] for i in b]
                                 for b in servers.stats.block_order(2, 7, seed=0)]
@@ -218,9 +241,28 @@ def test_live_ab_between_two_fake_servers(tmp_path, capsys):
     assert other["tpot_verdict"] == "worse" and other["tpot_speedup"]["hi"] < 1
     assert reference["token_agreement"] == 1.0 and other["token_agreement"] == 0.0
     assert other["info"] == {"kind": "external", "models": ["tiny"], "vllm": "fake-1"}
+    # Two held-out prompts of 8 words: 7 scored tokens each, -0.25 and -0.75 per token.
+    assert reference["nll"] == {"logprob_sum": -3.5, "tokens": 14, "per_prompt": [
+        {"logprob_sum": -1.75, "tokens": 7}, {"logprob_sum": -1.75, "tokens": 7}]}
+    assert other["nll"]["logprob_sum"] == -10.5
+    assert other["nll_increase"] == pytest.approx(0.5)
+    assert reference["nll_increase"] == 0.0
+    assert "held-out NLL +0.5000 nats/token against the reference" in " ".join(printed.split())
     assert "external: its patches are unknown" in " ".join(printed.split())
     assert max(len(line) for line in printed.splitlines() if "━" not in line) <= 80, printed
     assert (out / "ab.png").stat().st_size > 0
+
+
+def test_held_out_nll_is_measured_one_prompt_at_a_time_or_said_missing(tmp_path):
+    with FakeOpenAI(step_s=0, prompt_logprob=-0.5).running() as fake:
+        got = servers.prompt_nll(fake.url, "tiny", ["a b c", "a b"], 5)
+    assert got == {"logprob_sum": -1.5, "tokens": 3, "per_prompt": [
+        {"logprob_sum": -1.0, "tokens": 2}, {"logprob_sum": -0.5, "tokens": 1}]}
+    assert fake.paths == ["/v1/completions"] * 2
+    with FakeOpenAI(step_s=0, prompt_logprob=None).running() as fake, \
+            pytest.raises(ServerFailed) as info:
+        servers.prompt_nll(fake.url, "tiny", ["a b c"], 5)
+    assert str(info.value) == f'{fake.url}: HTTP 400: {{"error": "echo is not supported"}}'
 
 
 def test_server_table_fits_80_columns():
@@ -230,7 +272,8 @@ def test_server_table_fits_80_columns():
            "ttft_speedup": est([1.234] * 9), "tpot_speedup": est([0.987] * 9),
            "requests_per_s_ratio": est([1.01] * 9), "ttft_verdict": "better",
            "tpot_verdict": "worse", "requests_per_s_verdict": "better", "exact_match_rate": 0.5,
-           "first_logprob_mean_abs_diff": 0.01, "described": "http://127.0.0.1:65535, model m"}
+           "first_logprob_mean_abs_diff": 0.01, "described": "http://127.0.0.1:65535, model m",
+           "nll_increase": 0.0123, "perplexity": 12.5, "perplexity_error": None}
     buffer = io.StringIO()
     servers.print_servers(Console(file=buffer, width=80, color_system=None), [row, dict(row)],
                             "heading")

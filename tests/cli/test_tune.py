@@ -9,17 +9,18 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
 
-from ascend_patch.ab.common import Arm
-from ascend_patch.ab.offline import ArmRun
 from ascend_patch.ab.stats import Estimate, estimate
 from ascend_patch.ab.tune import (
     Candidate,
     Loss,
+    TuneFailed,
     candidate_arms,
     candidates_from,
     choose,
@@ -30,6 +31,8 @@ from ascend_patch.ab.tune import (
     write_config,
 )
 from ascend_patch.cli.main import main
+from ascend_patch.core.versions import detect_stack
+from tests.cli.test_ab_server import FakeOpenAI
 
 BASE = """version: 1
 patches:
@@ -125,17 +128,32 @@ def test_candidates_come_from_the_runs_in_arm_order(tmp_path):
         ("r=0.2 drop", {"moe": {"drop_token_ratio": 0.2, "overflow": "drop"}}),
         ("r=0.2 reroute", {"moe": {"drop_token_ratio": 0.2, "overflow": "reroute"}}),
     ]
-    runs = []
-    for index, arm in enumerate(arms):
-        run = ArmRun(arm, engine=None, report_dir=tmp_path)
-        run.perplexity = {"per_prompt": [{"logprob_sum": -10.0 - index, "tokens": 10},
-                                         {"logprob_sum": -20.0 - index, "tokens": 10}]}
-        runs.append(run)
-    rows = [{"prefill_speedup": estimate([1.0 + i / 100] * 9)} for i in range(len(arms))]
-    candidates = candidates_from(runs, rows)
-    assert [(c.ratio, c.overflow, c.loss.mean, c.speedup.median) for c in candidates] == [
-        (0.1, "drop", pytest.approx(0.1), 1.01), (0.1, "reroute", pytest.approx(0.2), 1.02),
-        (0.2, "drop", pytest.approx(0.3), 1.03), (0.2, "reroute", pytest.approx(0.4), 1.04)]
+    nlls = [{"per_prompt": [{"logprob_sum": -10.0 - index, "tokens": 10},
+                            {"logprob_sum": -20.0 - index, "tokens": 10}]}
+            for index in range(len(arms))]
+    speedups = [estimate([1.0 + i / 100] * 9) for i in range(len(arms))]
+    candidates = candidates_from(arms, nlls, speedups)
+    assert [(c.ratio, c.overflow, c.loss.mean, c.speedup.median, c.measure)
+            for c in candidates] == [
+        (0.1, "drop", pytest.approx(0.1), 1.01, "prefill"),
+        (0.1, "reroute", pytest.approx(0.2), 1.02, "prefill"),
+        (0.2, "drop", pytest.approx(0.3), 1.03, "prefill"),
+        (0.2, "reroute", pytest.approx(0.4), 1.04, "prefill")]
+    live = candidates_from(arms[:2], nlls[:2], speedups[:2], measure="TTFT")
+    assert [(c.label, c.measure) for c in live] == [("r=0.1 drop", "TTFT")]
+    assert choose(live, 1.0).reason == (
+        "r=0.1 drop: the largest setting whose loss bound 0.1 is within 1 nats/token and whose "
+        "TTFT speed-up [1.010, 1.010] is above 1")
+
+
+def test_an_arm_without_prompt_logprobs_stops_the_tuner_with_its_reason(tmp_path):
+    arms = candidate_arms(tmp_path / "c.yaml", "moe", [0.1], ["drop"])
+    nll = {"per_prompt": [{"logprob_sum": -1.0, "tokens": 1}]}
+    with pytest.raises(TuneFailed) as info:
+        candidates_from(arms, [nll, {"error": "HTTP 400: echo not supported"}],
+                        [estimate([1.0] * 9)] * 2)
+    assert str(info.value) == ("r=0.1 drop: no prompt log-probabilities (HTTP 400: echo not "
+                               "supported): no loss to tune on")
 
 
 # ---------------------------------------------------------------------- profile, file
@@ -241,6 +259,16 @@ def setup(tmp_path):
      "starting with a letter or digit)"),
     (["base.yaml", "--model", "model", "--max-loss", "0.1", "--out", "afile"],
      "argument --out: afile exists and is not a folder"),
+    (["base.yaml", "--model", "model", "--max-loss", "0.1", "--requests", "4"],
+     "argument --requests: goes with --launch (the live servers' rounds)"),
+    (["base.yaml", "--model", "model", "--max-loss", "0.1", "--concurrency", "2"],
+     "argument --concurrency: goes with --launch (the live servers' rounds)"),
+    (["base.yaml", "--model", "model", "--max-loss", "0.1", "--one-at-a-time"],
+     "argument --one-at-a-time: goes with --launch (the live servers' rounds)"),
+    (["base.yaml", "--model", "model", "--max-loss", "0.1", "--launch", "--requests", "0"],
+     "argument --requests: 0 is out of range (1 to 10000)"),
+    (["base.yaml", "--model", "model", "--max-loss", "0.1", "--launch", "--concurrency", "x"],
+     "argument --concurrency: 'x' is not an integer"),
 ])
 def test_bad_arguments_exit_2_with_one_line(setup, argv, message):
     out = run_tune(*argv, cwd=setup)
@@ -254,3 +282,99 @@ def test_a_config_without_moe_capacity_exits_2_before_any_engine(setup):
     assert out.returncode == 2
     assert "other.yaml has no moe.capacity patch" in out.stderr
     assert not (setup / "tune-out").exists()
+
+
+# ------------------------------------------------------------------ live servers (--launch)
+
+
+class LaunchedFake:
+    """Stands in for harness.server.ManagedServer: a fake OpenAI server whose prompt logprob
+    and time to first token follow the drop ratio in the environment it was given, as a
+    launched vLLM server's follow ASCEND_PATCH_OVERRIDE."""
+
+    launched: ClassVar[list[dict]] = []
+
+    def __init__(self, model, *, args, env, log_path, startup_timeout, load_format,
+                 enforce_eager):
+        ratio = json.loads(env["ASCEND_PATCH_OVERRIDE"])["moe"]["drop_token_ratio"]
+        # r = 0: -1.0 per token and 200 ms to the first token; r: r nats/token more, and
+        # 20 ms: ten times faster, so that a busy machine cannot blur the difference.
+        self.fake = FakeOpenAI(step_s=0.001, first_s=0.2 if ratio == 0 else 0.02,
+                               prompt_logprob=-1.0 - ratio)
+        self.base_url, self.cmd, self.proc = self.fake.url, ["python", "-m", "vllm"], None
+        LaunchedFake.launched.append({"config": env["ASCEND_PATCH_CONFIG"],
+                                      "override": env["ASCEND_PATCH_OVERRIDE"],
+                                      "args": list(args), "fake": self.fake})
+
+    def start(self):
+        self.running = self.fake.running()
+        self.running.__enter__()
+        self.proc = types.SimpleNamespace(pid=0)
+
+    def stop(self, grace):
+        if self.proc is not None:
+            self.running.__exit__(None, None, None)
+            self.proc = None
+
+
+def test_launch_runs_one_server_per_arm_and_tunes_on_their_nll_and_ttft(setup, monkeypatch,
+                                                                        capsys):
+    from ascend_patch.harness import server
+
+    monkeypatch.setattr(server, "ManagedServer", LaunchedFake)
+    LaunchedFake.launched = []
+    target = setup / "tuned.yaml"
+    code = main(["tune", str(setup / "base.yaml"), "--model", str(setup / "model"),
+                 "--max-loss", "0.15", "--ratios", "0.1,0.2", "--overflow", "drop",
+                 "--launch", "--one-at-a-time", "--requests", "2", "--concurrency", "2",
+                 "--repeats", "6", "--warmup", "0", "--max-tokens", "2", "--num-prompts", "3",
+                 "--prompt-len", "5", "--write", str(target), "--out", str(setup / "out")])
+    printed = capsys.readouterr()
+    assert code == 0, printed
+    config = str((setup / "base.yaml").resolve())
+    assert [(x["config"], json.loads(x["override"])) for x in LaunchedFake.launched] == [
+        (config, {"moe": {"drop_token_ratio": 0.0}}),
+        (config, {"moe": {"drop_token_ratio": 0.1, "overflow": "drop"}}),
+        (config, {"moe": {"drop_token_ratio": 0.2, "overflow": "drop"}})]
+    for x in LaunchedFake.launched:  # 6 rounds of 2 requests, 3 echoed held-out prompts
+        assert x["fake"].paths.count("/v1/completions") == 6 * 2 + 3
+        assert "--no-enable-prefix-caching" in x["args"]
+    (name, profile), = yaml.safe_load(target.read_text())["profiles"].items()
+    assert name == profile_name(["X"], detect_stack().line)
+    assert profile["patches"] == {"moe": {"options": {"drop_token_ratio": 0.1,
+                                                      "overflow": "drop"}}}
+    evidence = profile["evidence"]
+    assert evidence["chosen"] == "r=0.1 drop"
+    assert evidence["mode"].startswith("live servers, one per arm (one at a time")
+    assert (evidence["requests"], evidence["concurrency"]) == (2, 2)
+    # Every prompt: 4 scored tokens at -1 - r against -1, so exactly r nats/token, sd 0.
+    assert [(a["label"], a["nll_increase"]["mean"], a["nll_increase"]["lo"],
+             a["nll_increase"]["hi"]) for a in evidence["arms"]] == [
+        ("r=0.1 drop", pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.1)),
+        ("r=0.2 drop", pytest.approx(0.2), pytest.approx(0.2), pytest.approx(0.2))]
+    assert all(a["speedup"]["lo"] > 1.5 and len(a["times_s"]) == 6 for a in evidence["arms"])
+    assert len(evidence["reference_s"]) == 6
+    # 3 prompts of 5 words: 12 scored tokens at -1.0 each on the r = 0 server.
+    assert evidence["reference_nll"] == {"nats_per_token": 1.0, "tokens": 12}
+    assert "chosen: r=0.1 drop: the largest setting whose loss bound 0.1 is within 0.15 " \
+           "nats/token and whose TTFT speed-up" in " ".join(printed.out.split())
+    assert main(["validate", str(target)]) == 0
+
+
+def test_launch_stops_with_the_servers_reason_when_one_gives_no_prompt_logprobs(
+        setup, monkeypatch, capsys):
+    from ascend_patch.harness import server
+
+    class NoEcho(LaunchedFake):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.fake = FakeOpenAI(step_s=0.001, prompt_logprob=None)
+            self.base_url = self.fake.url
+
+    monkeypatch.setattr(server, "ManagedServer", NoEcho)
+    code = main(["tune", str(setup / "base.yaml"), "--model", str(setup / "model"),
+                 "--max-loss", "0.15", "--ratios", "0.1", "--overflow", "drop", "--launch",
+                 "--one-at-a-time", "--requests", "1", "--repeats", "1", "--warmup", "0",
+                 "--num-prompts", "1", "--prompt-len", "3", "--out", str(setup / "out")])
+    assert code == 1
+    assert "r=0: no prompt log-probabilities" in " ".join(capsys.readouterr().err.split())

@@ -8,6 +8,7 @@ with a 95% interval): the suite runs on two vLLM lines on a 2-core machine.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -76,6 +77,9 @@ def test_live_ab_stock_against_patched_servers(tiny_model, tmp_path, write_confi
     assert moe["options"]["drop_token_ratio"] == 0.1
     assert patched["info"]["report"]["moe_stats"]["rows_dropped"] > 0
     assert stock["token_agreement"] == 1.0
+    # Held-out NLL from echoed prompt logprobs, one per generated prompt (8 of 64 words).
+    assert [p["tokens"] for p in stock["nll"]["per_prompt"]] == [63] * 8
+    assert stock["nll_increase"] == 0.0 and math.isfinite(patched["nll_increase"])
     assert 0.0 <= patched["token_agreement"] <= 1.0
     assert patched["ttft_verdict"] in ("better", "worse", "no measurable difference")
     text = " ".join(run.stdout.split())
