@@ -30,6 +30,14 @@ combine (pairs received from other ranks) * H * itemsize. Every rank calls the t
 all-to-alls on every MoE call, with zero tokens or zero rows too, so a rank never waits for a
 peer that skipped a collective.
 
+Host reads per call: one. all_to_all_single takes its split sizes as host ints, so after the
+count all-to-all (on the device) the rank reads its own (P_d, R_d) and the received ones in
+one `tolist`. The rest has static shapes: a stable sort with the dropped rows under a
+sentinel destination past the last rank puts them last, pairs start where a compare of
+neighbours says so, counts are scatter-adds, and the kept prefix is cut by the sizes read.
+combine reuses dispatch's sizes: no read. The owner map is checked once per layer
+(`check_owners`). tests/moe/test_all_to_all_dispatch.py counts this per call.
+
 Tokens shared by several ranks of the EP group (the TP ranks of one DP rank hold the same
 batch) are split between those ranks: rank t of the `token_sharers` sends only the rows of
 its contiguous slice of the tokens and writes zeros for the other tokens. vLLM's runner
