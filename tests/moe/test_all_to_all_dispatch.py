@@ -670,3 +670,88 @@ def test_graph_capture_is_none_on_the_cpu_platform_under_its_default_compile():
 
     with set_current_vllm_config(VllmConfig(compilation_config=CompilationConfig())):
         assert vllm_modular._graph_capture(_upstream()) is None
+
+
+# (tokens on rank 0, tokens on rank 1, ranks whose rows are all dropped) per MoE call
+SYNC_CASES = {
+    "decode": (8, 8, ()),
+    "prefill": (1024, 1024, ()),
+    "zero_token_rank": (16, 0, ()),
+    "all_rows_dropped": (8, 8, (0,)),
+    "nothing_sent": (0, 8, (1,)),
+}
+
+
+def _sync_case_tokens(case: str, rank: int):
+    tokens = SYNC_CASES[case][rank]
+    gen = torch.Generator().manual_seed(1000 * rank + tokens)
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    weights = torch.rand(tokens, TOP_K, generator=gen).softmax(dim=1)
+    ids = torch.argsort(torch.rand(tokens, NUM_EXPERTS, generator=gen), dim=1)[:, :TOP_K]
+    drop = torch.rand(tokens, TOP_K, generator=gen) < 0.25  # what plan_drops would write
+    if rank in SYNC_CASES[case][2]:
+        drop[:] = True
+    ids = ids.to(torch.int32).masked_fill(drop, -1)
+    return x, weights.masked_fill(drop, 0.0), ids
+
+
+def _sync_count_worker(rank: int, ws: int, send) -> None:
+    """Per dispatch + combine call, what a device would wait for (lab/sync_count.py):
+    `HostReads` records the Python calls that read values back to the host (on the CPU a
+    `tolist` of a CPU tensor runs no aten op, so only a function mode sees it) and host
+    uploads; `SyncCounter` the aten ops with data-dependent output shapes, scalar reads and
+    copies between devices. Also recorded: the collectives (c10d ops), which on gloo are CPU
+    work the calling thread waits for and on NCCL/HCCL are queued on the stream, like any
+    op: not counted as reads. The experts run outside the counters."""
+    from ascend_patch.impls.moe.transport.all_to_all_dispatch import (
+        DispatchCounters,
+        combine,
+        dispatch,
+    )
+    from ascend_patch.lab.sync_count import HostReads, SyncCounter
+
+    owners = expert_owners(NUM_EXPERTS, ws)
+    w13_all, w2_all = expert_weights(torch.float32)
+    local = (owners == rank).nonzero().squeeze(1)
+    expert_map = torch.full((NUM_EXPERTS,), -1, dtype=torch.int32)
+    expert_map[local] = torch.arange(local.numel(), dtype=torch.int32)
+    for case in SYNC_CASES:
+        x, weights, ids = _sync_case_tokens(case, rank)
+        counters = DispatchCounters()
+        out = torch.full_like(x, float("nan"))
+        with SyncCounter() as syncs, HostReads() as reads:
+            recv_x, recv_w, recv_ids, state = dispatch(
+                x, weights, ids, group=None, owners=owners, counters=counters
+            )
+        keep = recv_ids >= 0
+        expert_out = moe_forward(recv_x, w13_all[local], w2_all[local], recv_w,
+                                 recv_ids.clamp(min=0), keep, expert_map)
+        with SyncCounter() as combine_syncs, HostReads() as combine_reads:
+            combine(expert_out, state, group=None, output=out, counters=counters)
+        collectives = syncs.collectives + combine_syncs.collectives
+        send(case, (reads.reads + combine_reads.reads, reads.uploads + combine_reads.uploads,
+                    syncs.syncs + combine_syncs.syncs, collectives, out, counters.as_dict()))
+    dist.destroy_process_group()
+
+
+def test_dispatch_reads_the_host_once_per_call_and_combine_never():
+    """At most one device-to-host read per MoE call on the all-to-all path: the exchanged
+    counts, whose values all_to_all_single needs as host split sizes. No scalar read, no op
+    with a data-dependent shape (nonzero, bincount, boolean-mask indexing), no copy between
+    devices, no upload of host values; three collectives (counts, payload, combine)."""
+    collected = gloo_harness.run_ranks(
+        _sync_count_worker, 2, timeout_s=JOIN_TIMEOUT_S, gloo_timeout_s=GLOO_TIMEOUT_S
+    )
+    w13, w2 = expert_weights(torch.float32)
+    for case in SYNC_CASES:
+        for rank in range(2):
+            reads, uploads, syncs, collectives, out, counters = collected[case][rank]
+            assert (reads, uploads, syncs) == (["tolist"], [], []), (case, rank)
+            assert collectives == ["c10d.alltoall_base_.default"] * 3, (case, rank)
+            x, weights, ids = _sync_case_tokens(case, rank)
+            want = moe_forward(x, w13, w2, weights, ids.clamp(min=0), ids >= 0, None)
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=case)
+            assert counters["rows_sent"] + counters["rows_not_sent_dropped"] == ids.numel()
+            assert counters["rows_sent"] == int((ids >= 0).sum()), (case, rank)
+    assert collected["all_rows_dropped"][0][5]["rows_sent"] == 0
+    assert collected["nothing_sent"][1][5]["rows_received"] == 0

@@ -21,7 +21,7 @@ from ascend_patch.impls.moe.options import CapacityOptions
 from ascend_patch.impls.moe.planner import reroute
 from ascend_patch.impls.moe.telemetry import stats as stats_module
 from ascend_patch.impls.moe.telemetry.stats import CapacityStats
-from ascend_patch.lab.sync_count import SyncCounter
+from ascend_patch.lab.sync_count import HostReads, SyncCounter
 
 
 @pytest.fixture(autouse=True)
@@ -153,6 +153,21 @@ def test_the_counter_flags_what_would_stall_a_device():
         t.cpu()
     assert len(counter.syncs) >= 5
 
+
+
+def test_host_reads_sees_the_reads_the_cpu_makes_no_ops():
+    """On the CPU `tolist` and `cpu` of a CPU tensor run no aten op: only the function mode
+    sees them (a device would copy to the host there); moves and arithmetic are no reads."""
+    t = torch.tensor([3, 1])
+    with SyncCounter() as counter, HostReads() as reads:
+        t.tolist()
+        t.cpu()
+        int(t[0])
+        (t + 1).to(t.device)
+        torch.tensor([1])
+    assert reads.reads == ["tolist", "cpu", "__int__"]
+    assert reads.uploads == ["tensor"]
+    assert counter.syncs == ["aten._local_scalar_dense.default"]  # int() only
 
 def test_the_step_compiles_whole():
     """torch.compile(fullgraph=True) raises on any graph break, so a capture proves the

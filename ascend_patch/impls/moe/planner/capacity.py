@@ -150,13 +150,13 @@ def _budget(ratio: float, routed_rows: torch.Tensor) -> torch.Tensor:
     p, q = _ratio_fraction(float(ratio))
     if p >= _MAX_DEVICE_NUMERATOR or q >= 2**62:
         return torch.tensor(drop_budget(ratio, int(routed_rows)), device=routed_rows.device)
-    _assert_async(routed_rows < _MAX_DEVICE_ROWS, "moe.capacity: too many rows for the budget",
-                  lambda: ValueError(f"{int(routed_rows)} routed rows: at most "
-                                     f"{_MAX_DEVICE_ROWS - 1} per call"))
+    assert_async(routed_rows < _MAX_DEVICE_ROWS, "moe.capacity: too many rows for the budget",
+                 lambda: ValueError(f"{int(routed_rows)} routed rows: at most "
+                                    f"{_MAX_DEVICE_ROWS - 1} per call"))
     return torch.div(routed_rows * p, q, rounding_mode="floor")
 
 
-def _assert_async(ok: torch.Tensor, message: str, error: Callable[[], Exception]) -> None:
+def assert_async(ok: torch.Tensor, message: str, error: Callable[[], Exception]) -> None:
     """Check a 0-d bool tensor without a host read where the device can (torch's
     `_assert_async`: a device-side assert). On the CPU the check is immediate, so a failure
     raises `error()` (built on the failure path only, where host reads cost nothing). A
@@ -419,18 +419,18 @@ def _flat_ids(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(int64 [T*k] ids with -1 replaced by the sentinel expert E; bool [T, k] masked rows;
     the owner map as int64 on the ids' device, or None). Ids outside [-1, E) and owners
-    outside [0, R) fail `_assert_async`: no host read on the way."""
+    outside [0, R) fail `assert_async`: no host read on the way."""
     flat_ids = topk_ids.reshape(-1).long()
     in_range = ((flat_ids >= -1) & (flat_ids < num_experts)).all()
-    _assert_async(in_range, f"moe.capacity: expert ids must lie in [-1, {num_experts})",
-                  lambda: _bad_id(flat_ids, num_experts))
+    assert_async(in_range, f"moe.capacity: expert ids must lie in [-1, {num_experts})",
+                 lambda: _bad_id(flat_ids, num_experts))
     owner = None
     if expert_owner is not None:
         owner = expert_owner.detach().to(flat_ids.device, torch.int64).reshape(-1)
         owned = ((owner >= 0) & (owner < num_ranks)).all()
-        _assert_async(owned, f"moe.capacity: expert_owner must hold ranks in [0, {num_ranks})",
-                      lambda: ValueError(f"expert_owner holds rank {_outside(owner, num_ranks)}"
-                                         f", outside the {num_ranks} EP ranks"))
+        assert_async(owned, f"moe.capacity: expert_owner must hold ranks in [0, {num_ranks})",
+                     lambda: ValueError(f"expert_owner holds rank {_outside(owner, num_ranks)}"
+                                        f", outside the {num_ranks} EP ranks"))
     masked = flat_ids < 0
     return flat_ids.masked_fill(masked, num_experts), masked.view(topk_ids.shape), owner
 

@@ -94,6 +94,8 @@ class CapacityStats:
         # Calls recorded but not folded yet: (layer or None for the warm-up, whether the
         # plan rerouted, int64 vector on the device in _VECTOR's order).
         self._pending: list[tuple[str | None, bool, Any]] = []
+        # Layer -> whether its counters fold after every call (FOLD_AT_ONCE_ON).
+        self._fold_now: dict[str, bool] = {}
         stats.setdefault("calls", 0)
         stats.setdefault("rows_routed", 0)
         stats.setdefault("rows_dropped", 0)
@@ -224,11 +226,19 @@ class CapacityStats:
         self._warmup()["calls"] += 1
         self._add_pending(None, False, plan)
 
-    def _fold_at_once(self) -> bool:
+    def _fold_at_once(self, layer_name: str) -> bool:
+        """Whether this call folds now: decided at the layer's first eager call (its plans
+        stay on one device). Never inside a torch.compile trace, which so leaves this state
+        alone (no guard on it, no recompile when the next layer adds its entry)."""
         import torch
 
-        return (self._pending[-1][2].device.type in FOLD_AT_ONCE_ON
-                and not torch.compiler.is_compiling())
+        if torch.compiler.is_compiling():
+            return False
+        at_once = self._fold_now.get(layer_name)
+        if at_once is None:
+            device = self._pending[-1][2].device  # this call's vector
+            at_once = self._fold_now[layer_name] = device.type in FOLD_AT_ONCE_ON
+        return at_once
 
     def _add_pending(self, layer_name: str | None, rerouting: bool, plan: Any) -> int:
         self._pending.append((layer_name, rerouting, _vector(plan)))
@@ -277,7 +287,7 @@ class CapacityStats:
             # (dispatch_recorded) only: a process stopped between the two then leaves the
             # previous interval's report, whose drop and traffic counters agree.
             self.log(flush=getattr(self, "_dispatch_counters", None) is None)
-        elif pending >= FOLD_EVERY or self._fold_at_once():
+        elif pending >= FOLD_EVERY or self._fold_at_once(layer_name):
             self.fold()
 
     def _fold_call(self, layer_name: str, rerouting: bool, values: dict[str, int]) -> None:

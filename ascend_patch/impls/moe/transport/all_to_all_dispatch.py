@@ -30,6 +30,14 @@ combine (pairs received from other ranks) * H * itemsize. Every rank calls the t
 all-to-alls on every MoE call, with zero tokens or zero rows too, so a rank never waits for a
 peer that skipped a collective.
 
+Host reads per call: one. all_to_all_single takes its split sizes as host ints, so after the
+count all-to-all (on the device) the rank reads its own (P_d, R_d) and the received ones in
+one `tolist`. The rest has static shapes: a stable sort with the dropped rows under a
+sentinel destination past the last rank puts them last, pairs start where a compare of
+neighbours says so, counts are scatter-adds, and the kept prefix is cut by the sizes read.
+combine reuses dispatch's sizes: no read. The owner map is checked once per layer
+(`check_owners`). tests/moe/test_all_to_all_dispatch.py counts this per call.
+
 Tokens shared by several ranks of the EP group (the TP ranks of one DP rank hold the same
 batch) are split between those ranks: rank t of the `token_sharers` sends only the rows of
 its contiguous slice of the tokens and writes zeros for the other tokens. vLLM's runner
@@ -53,6 +61,7 @@ import torch
 
 from ascend_patch.core.session import SESSION
 from ascend_patch.impls.distributed.all_to_all import all_to_all_uneven, resolve_group
+from ascend_patch.impls.moe.planner.capacity import assert_async, linear_owners
 # The counters live with the other stats (telemetry/stats.py); importable from here too.
 from ascend_patch.impls.moe.telemetry.stats import DispatchCounters
 
@@ -68,9 +77,6 @@ def expert_owners(
     determine_expert_map places them (fused_moe/expert_map_manager.py:66-85 in vLLM 0.32):
     'linear' gives each rank a contiguous block, one more expert to each of the first E % R
     ranks; 'round_robin' puts expert e on rank e % R (so those same ranks hold one more)."""
-    # Local import only to keep this edit inside the function: there is no import cycle.
-    from ascend_patch.impls.moe.planner.capacity import linear_owners
-
     if placement == "linear":
         return linear_owners(num_experts, ep_size, device)
     if placement == "round_robin":
@@ -137,13 +143,15 @@ def _pack(
 
 def _unpack(
     recv: torch.Tensor,
+    recv_counts: torch.Tensor,
     pair_splits: list[int],
     row_splits: list[int],
     hidden: int,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> hidden [P, H], weights f32 [R], global ids int32 [R], pair index int64 [R] (into
-    the P received hidden rows, sources in rank order)."""
+    the P received hidden rows, sources in rank order). recv_counts: int64 [world, 2] on the
+    device, (pairs, rows) per source, the host lists' values."""
     hidden_bytes = hidden * torch.empty(0, dtype=dtype).element_size()
     h_parts, m_parts = [], []
     offset = 0
@@ -158,17 +166,53 @@ def _unpack(
     weights = meta[:, 0:4].contiguous().view(torch.float32).reshape(r)
     ids = meta[:, 4:8].contiguous().view(torch.int32).reshape(r)
     index = meta[:, 8:12].contiguous().view(torch.int32).reshape(r).long()
-    # Indices are per message: shift each source's by the hidden rows of earlier sources.
-    starts = torch.tensor([sum(pair_splits[:i]) for i in range(len(pair_splits))],
-                          dtype=torch.int64, device=recv.device)
-    index += torch.repeat_interleave(
-        starts, torch.tensor(row_splits, dtype=torch.int64, device=recv.device), output_size=r
-    )
+    # Indices are per message: shift each source's by the hidden rows of earlier sources
+    # (from the device copy of the counts: an upload of the host lists would wait too).
+    pairs_in = recv_counts[:, 0]
+    starts = torch.cumsum(pairs_in, 0) - pairs_in
+    index += torch.repeat_interleave(starts, recv_counts[:, 1], output_size=r)
     return x, weights, ids, index
 
 
 def _remote(splits: list[int], rank: int) -> int:
     return sum(s for j, s in enumerate(splits) if j != rank)
+
+
+def check_owners(owners: torch.Tensor, world: int) -> None:
+    """Raise unless every expert is owned by a rank of a `world`-rank group. Owners are
+    static per layer: checked once where the layer is set up (two host reads there), not by
+    `dispatch`."""
+    if not owners.numel():
+        return
+    low, high = int(owners.min()), int(owners.max())
+    if low < 0 or high >= world:
+        raise ValueError(f"experts are owned by ranks {low}..{high}, the group has ranks "
+                         f"0..{world - 1}")
+
+
+def _add_counters(
+    counters: DispatchCounters,
+    rank: int,
+    rows: int,
+    pair_splits: list[int],
+    row_splits: list[int],
+    recv_pair_splits: list[int],
+    recv_row_splits: list[int],
+    byte_splits: list[int],
+) -> None:
+    """Fold one dispatch into `counters`, from host ints the call already has."""
+    sent_rows = sum(row_splits)
+    nbytes = _remote(byte_splits, rank)
+    counters.calls += 1
+    counters.rows_sent += sent_rows
+    counters.rows_sent_remote += _remote(row_splits, rank)
+    counters.rows_received += sum(recv_row_splits)
+    counters.rows_not_sent_dropped += rows - sent_rows
+    counters.hidden_rows_sent += sum(pair_splits)
+    counters.hidden_rows_sent_remote += _remote(pair_splits, rank)
+    counters.hidden_rows_received += sum(recv_pair_splits)
+    counters.dispatch_bytes_remote += nbytes
+    counters.bytes_sent_remote += nbytes
 
 
 def dispatch(
@@ -184,53 +228,62 @@ def dispatch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchState]:
     """Send each token of this rank's slice once to every rank owning one of its kept rows.
 
-    x [T, H]; topk_weights/topk_ids [T, k] with id -1 for dropped rows. Returns what this
-    rank received: hidden [P, H] (one row per (source token, this rank) pair, source ranks
-    in order), weights f32 [P, k] and global expert ids int32 [P, k] (a pair's rows in its
-    first slots, weight 0 / id -1 after them), and the state combine needs. Collective
-    over `group`.
+    x [T, H]; topk_weights/topk_ids [T, k] with id -1 for dropped rows; owners int64 [E]
+    with ranks of `group` (`check_owners`, once per layer), best on the tokens' device (a
+    host copy is moved on every call). Returns what this rank received: hidden [P, H] (one
+    row per (source token, this rank) pair, source ranks in order), weights f32 [P, k] and
+    global expert ids int32 [P, k] (a pair's rows in its first slots, weight 0 / id -1 after
+    them), and the state combine needs. Collective over `group`.
+
+    One host read per call: this rank's (pairs, rows) per destination and the peers' per
+    source, read together after the small count all-to-all; all_to_all_single takes its split
+    sizes as host ints, and the received sizes are the output's shape. Everything else has
+    static shapes (no nonzero, bincount or boolean-mask indexing): the rows are sorted with
+    the dropped ones last, and the kept prefix is cut by the sizes read.
     """
     import torch.distributed as dist
 
     pg = resolve_group(group)
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
-    if owners.numel() and int(owners.max()) >= world:
-        raise ValueError(f"experts are owned by {int(owners.max()) + 1} ranks, group has {world}")
     num_tokens, top_k = topk_ids.shape
     device = topk_ids.device
     lo, hi = token_slice(num_tokens, sharer, num_sharers)
     ids = topk_ids[lo:hi].reshape(-1).long()
-    kept = torch.nonzero(ids >= 0).squeeze(1)
-    kept_ids = ids[kept]
-    dest = owners.to(device)[kept_ids]
-    # Stable: the rows for one rank keep their (token, slot) order, so a token's rows there
-    # are contiguous and the result does not depend on the sort implementation.
+    # Dropped rows (id -1) go to a sentinel destination `world`, after every rank: sorted
+    # (stable), the kept rows are a prefix in (rank, token, slot) order, so a token's rows
+    # for one rank are contiguous and the result does not depend on the sort implementation.
+    dest = torch.where(ids >= 0, owners.to(device)[ids.clamp(min=0)], world)
     dest_sorted, order = torch.sort(dest, stable=True)
-    rows = kept[order]
-    token_of_row = torch.div(rows, top_k, rounding_mode="floor") + lo
-    n = rows.numel()
-    first = torch.ones(n, dtype=torch.bool, device=device)
-    if n > 1:
-        first[1:] = (dest_sorted[1:] != dest_sorted[:-1]) | (token_of_row[1:] != token_of_row[:-1])
+    token_of_row = torch.div(order, top_k, rounding_mode="floor") + lo
+    # A (token, rank) pair starts where the destination or the token changes.
+    first = torch.ones_like(dest_sorted, dtype=torch.bool)
+    first[1:] = (dest_sorted[1:] != dest_sorted[:-1]) | (token_of_row[1:] != token_of_row[:-1])
     pair_of_row = torch.cumsum(first, 0) - 1
-    pair_first_row = torch.nonzero(first).squeeze(1)
-    token_of_pair = token_of_row[pair_first_row]
-    pair_splits_t = torch.bincount(dest_sorted[pair_first_row], minlength=world)
-    row_splits_t = torch.bincount(dest_sorted, minlength=world)
+    # Each pair's token, from its first row only (its other rows add 0).
+    token_of_pair = torch.zeros_like(token_of_row).index_add_(
+        0, pair_of_row, torch.where(first, token_of_row, 0)
+    )
+    # (pairs, rows) per destination, the sentinel's last: scatter-adds of static shape.
+    per_dest = torch.zeros(world + 1, 2, dtype=torch.int64, device=device).index_add_(
+        0, dest_sorted, torch.stack([first.long(), torch.ones_like(dest_sorted)], dim=1)
+    )
     # Index of each row's hidden row within its destination's message.
-    pair_starts = torch.cumsum(pair_splits_t, 0) - pair_splits_t
+    pair_starts = torch.cumsum(per_dest[:, 0], 0) - per_dest[:, 0]
     index = pair_of_row - pair_starts[dest_sorted]
-    counts = torch.stack([pair_splits_t, row_splits_t], dim=1).cpu()  # [world, 2]
-    pair_splits, row_splits = counts[:, 0].tolist(), counts[:, 1].tolist()
+    counts = per_dest[:world]  # [world, 2]: pairs, rows per destination
     # Both counts per peer in one small all-to-all: every rank agrees on every split.
-    recv_counts, _ = all_to_all_uneven(counts.to(device), [1] * world, pg, recv_splits=[1] * world)
-    recv_counts = recv_counts.cpu()
-    recv_pair_splits, recv_row_splits = recv_counts[:, 0].tolist(), recv_counts[:, 1].tolist()
+    recv_counts, _ = all_to_all_uneven(counts, [1] * world, pg, recv_splits=[1] * world)
+    # The call's one host read: what to send and what will arrive, per rank.
+    sent, received = torch.stack([counts, recv_counts]).tolist()
+    pair_splits, row_splits = [c[0] for c in sent], [c[1] for c in sent]
+    recv_pair_splits, recv_row_splits = [c[0] for c in received], [c[1] for c in received]
+    kept = order[: sum(row_splits)]  # the kept rows, in send order
+    token_of_pair = token_of_pair[: sum(pair_splits)]
     payload, byte_splits = _pack(
         x.index_select(0, token_of_pair),
-        topk_weights[lo:hi].reshape(-1)[rows],
-        kept_ids[order],
-        index,
+        topk_weights[lo:hi].reshape(-1)[kept],
+        ids[kept],
+        index[: kept.shape[0]],
         pair_splits,
         row_splits,
     )
@@ -240,33 +293,27 @@ def dispatch(
     ]
     recv, _ = all_to_all_uneven(payload, byte_splits, pg, recv_splits=recv_byte_splits)
     recv_x, recv_w, recv_ids, recv_pair = _unpack(
-        recv, recv_pair_splits, recv_row_splits, x.shape[1], x.dtype
+        recv, recv_counts, recv_pair_splits, recv_row_splits, x.shape[1], x.dtype
     )
     # Rows of one pair arrive contiguous, in slot order: slot = position within the pair.
     num_pairs, num_rows = recv_x.shape[0], recv_ids.shape[0]
-    per_pair = torch.bincount(recv_pair, minlength=num_pairs)
+    per_pair = torch.zeros(num_pairs, dtype=torch.int64, device=recv.device).index_add_(
+        0, recv_pair, torch.ones_like(recv_pair)
+    )
     first_row_of_pair = torch.cumsum(per_pair, 0) - per_pair
     slot = torch.arange(num_rows, device=recv.device) - first_row_of_pair[recv_pair]
-    if num_rows and bool(((slot < 0) | (slot >= top_k)).any()):
-        raise ValueError(f"received a token with more than top_k = {top_k} rows for this rank")
+    # Only a peer that broke the format could fail this (a pair is one token's rows).
+    assert_async(((slot >= 0) & (slot < top_k)).all(),
+                 f"moe.capacity all_to_all: a received token has more than top_k = {top_k} rows",
+                 lambda: ValueError(
+                     f"received a token with more than top_k = {top_k} rows for this rank"))
     out_ids = torch.full((num_pairs, top_k), -1, dtype=torch.int32, device=recv.device)
     out_w = torch.zeros(num_pairs, top_k, dtype=torch.float32, device=recv.device)
     out_ids[recv_pair, slot] = recv_ids
     out_w[recv_pair, slot] = recv_w
     if counters is not None:
-        remote_rows = _remote(row_splits, rank)
-        remote_pairs = _remote(pair_splits, rank)
-        nbytes = _remote(byte_splits, rank)
-        counters.calls += 1
-        counters.rows_sent += n
-        counters.rows_sent_remote += remote_rows
-        counters.rows_received += num_rows
-        counters.rows_not_sent_dropped += ids.numel() - n  # shapes: no host read
-        counters.hidden_rows_sent += len(pair_first_row)
-        counters.hidden_rows_sent_remote += remote_pairs
-        counters.hidden_rows_received += num_pairs
-        counters.dispatch_bytes_remote += nbytes
-        counters.bytes_sent_remote += nbytes
+        _add_counters(counters, rank, ids.numel(), pair_splits, row_splits, recv_pair_splits,
+                      recv_row_splits, byte_splits)
     state = DispatchState(
         num_tokens, token_of_pair, pair_splits, recv_pair_splits, rank, row_splits, recv_row_splits
     )
@@ -353,8 +400,9 @@ def make_prepare_finalize_class(upstream: Any) -> type:
             on_call: Callable[[int], None] | None = None,
         ) -> None:
             super().__init__()
+            check_owners(owners, ep_size)  # static per layer: not again per call
             self._group_fn = group_fn
-            self._owners = owners
+            self._owners = owners  # moved to the tokens' device at the first call
             self._ep_size = ep_size
             self._sharer = sharer
             self._num_sharers = num_sharers
@@ -400,6 +448,8 @@ def make_prepare_finalize_class(upstream: Any) -> type:
                     raise ValueError("apply_router_weight_on_input needs top-k = 1")
                 a1 = a1 * topk_weights.to(a1.dtype)
             self._bytes_before = self._counters.bytes_sent_remote
+            if self._owners.device != topk_ids.device:
+                self._owners = self._owners.to(topk_ids.device)
             recv_x, recv_w, recv_ids, self._state = dispatch(
                 a1,
                 topk_weights,
