@@ -87,7 +87,8 @@ def ascend_logs(caplog, monkeypatch):
 #   smoke     the one server test (marker `smoke`) each other CPU environment runs
 #   slow      multi-node launches and studies (marker `slow`): only with `-m slow`
 # A contract test marked `once` does not depend on the installed line (it reads every declared
-# source statically, or checks our own code over gloo): only the primary environment runs it.
+# source statically, or checks our own code over gloo, which other tests also run on every
+# line): only the primary environment runs it.
 # A test module is unit when listed here; otherwise contract unless marked (a test of a unit
 # module that needs vLLM is marked `contract`).
 UNIT = (

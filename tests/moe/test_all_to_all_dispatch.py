@@ -410,6 +410,9 @@ def _token_once_worker(rank: int, ws: int, send) -> None:
     dist.destroy_process_group()
 
 
+# Our dispatcher alone: every line's environment runs it inside vLLM's own prepare/finalize
+# class (test_vllm_prepare_finalize_class_matches_reference) and against the reference below.
+@pytest.mark.once
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_token_sent_once_per_rank_and_never_for_dropped_rows(world_size):
     collected = gloo_harness.run_ranks(
@@ -734,6 +737,7 @@ def _sync_count_worker(rank: int, ws: int, send) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.once
 def test_dispatch_reads_the_host_once_per_call_and_combine_never():
     """At most one device-to-host read per MoE call on the all-to-all path: the exchanged
     counts, whose values all_to_all_single needs as host split sizes. No scalar read, no op
