@@ -17,10 +17,10 @@
 # in the primary one; smoke (one server) in each other CPU environment. Each tier prints its slowest tests, and a closing table the
 # time of each step; test-results/ keeps each tier's junit file, log and that table.
 #
-# Two lanes share the machine (CI has 2 cores): the engine tiers (e2e, smoke), whose time is
-# mostly processes starting and waiting on each other, run one after another beside the
-# other steps (static, docs, unit, contract, ascend), one after another too. Each step's
-# output is printed whole when it ends.
+# Two lanes share the machine (CI has 2 cores), each running its steps one after another: the
+# engine tiers (e2e, smoke), whose time is mostly processes starting and waiting on each
+# other, never two at once, then the short ascend tiers (they even the lanes out); beside
+# them static, docs, unit and contract. Each step's output is printed whole when it ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -146,8 +146,8 @@ run_tier() {  # run_tier ENV TIER LANE
   finish_step "$label" $((SECONDS - began)) "$result" "$3" "$log"
 }
 
-# The steps, each in its lane: "engines" (e2e, smoke, slow) or "checks" (the rest).
-checks=() engines=()
+# The steps, each in its lane: "engines" (e2e, smoke, slow, then ascend) or "checks" (the rest).
+checks=() engines=() late=()
 if [[ $slow -eq 1 ]]; then
   engines+=("${envs[0]} slow")
 else
@@ -165,11 +165,14 @@ else
       [[ -z $only_tier || $only_tier == "$tier" ]] || continue
       case $tier in
         e2e|smoke) engines+=("$env $tier") ;;
+        ascend) late+=("$env $tier") ;;
         *) checks+=("$env $tier") ;;
       esac
     done
   done
 fi
+
+engines+=("${late[@]}")
 
 run_lane() {  # run_lane LANE STEP...
   local lane=$1 item
