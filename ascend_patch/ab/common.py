@@ -144,13 +144,20 @@ def make_prompts(count: int, length: int, seed: int, vocab: int = 500) -> list[s
     return [" ".join(f"w{rng.randrange(vocab)}" for _ in range(length)) for _ in range(count)]
 
 
+def held_out_prompts(args) -> list[str]:
+    """The prompts an A/B measures (and whose NLL it takes): --prompts' file, else
+    --num-prompts generated prompts of --prompt-len words."""
+    if args.prompts is not None:
+        return list(args.prompts)
+    return make_prompts(args.num_prompts, args.prompt_len, args.seed)
+
+
 def perplexity(data: dict[str, Any] | None) -> float | None:
     """From a held-out NLL measurement ({"logprob_sum", "tokens", ...}: the offline engine's
     prompt_logprob_sum or servers.prompt_nll), None when there is none."""
     if not data or "error" in data or not data.get("tokens"):
         return None
     return math.exp(-data["logprob_sum"] / data["tokens"])
-
 
 
 def compare(ref_outs: list[dict[str, Any]], outs: list[dict[str, Any]],

@@ -33,7 +33,7 @@ from ascend_patch.ab.common import (
     describe_load,
     describe_patches,
     load_average,
-    make_prompts,
+    held_out_prompts,
     perplexity,
     resolve_load_format,
     summarize_reports,
@@ -322,8 +322,7 @@ def run_ab(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="ab-", dir=out_dir))
     model = Path(args.model) if args.model else make_tiny_model(work / "tiny-deepseek-v3")
     args.load_format = resolve_load_format(args.load_format, model)
-    prompts = args.prompts if args.prompts is not None else make_prompts(
-        args.num_prompts, args.prompt_len, args.seed)
+    prompts = held_out_prompts(args)
     load_before = load_average()
     try:
         runs = run_offline(args, arms, model, prompts, work, console)

@@ -41,7 +41,7 @@ from ascend_patch.ab.common import (
     describe_load,
     describe_patches,
     load_average,
-    make_prompts,
+    held_out_prompts,
     perplexity,
     resolve_load_format,
     summarize_reports,
@@ -206,14 +206,6 @@ def prompt_nll(base_url: str, model: str, texts: list[str], timeout: float) -> d
         per_prompt.append({"logprob_sum": sum(values), "tokens": len(values)})
     return {"logprob_sum": sum(p["logprob_sum"] for p in per_prompt),
             "tokens": sum(p["tokens"] for p in per_prompt), "per_prompt": per_prompt}
-
-
-def nll_texts(args) -> list[str]:
-    """The held-out text whose NLL is measured: the prompts file, else the prompts the offline
-    A/B would generate (--num-prompts of --prompt-len words)."""
-    if args.prompts is not None:
-        return list(args.prompts)
-    return make_prompts(args.num_prompts, args.prompt_len, args.seed)
 
 
 # ---------------------------------------------------------------- servers
@@ -505,7 +497,7 @@ def run_servers(args, servers: list[Server], together: bool, console
     workloads = [make_workload(args.requests, args.prompt_len, args.max_tokens, args.seed + b,
                                args.prompts, b * args.requests)
                  for b in range(args.warmup + args.repeats)]
-    texts = nll_texts(args)
+    texts = held_out_prompts(args)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
                "{task.total}"), TimeElapsedColumn())
     try:

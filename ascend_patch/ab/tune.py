@@ -242,7 +242,7 @@ def evidence(args: Any, candidates: list[Candidate], choice: Choice, model: Path
     from ascend_patch.core.versions import installed_vllm
 
     vllm = installed_vllm()
-    times = speed.pop("arms_s")
+    times = speed["arms_s"]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "tool": f"ascend-patch {__version__} tune",
@@ -252,7 +252,7 @@ def evidence(args: Any, candidates: list[Candidate], choice: Choice, model: Path
         "prompts": len(args.prompts or []) or args.num_prompts, "repeats": args.repeats,
         "warmup": args.warmup, "seed": args.seed,
         "chosen": choice.candidate.label if choice.candidate else "r=0",
-        **speed,
+        **{key: value for key, value in speed.items() if key != "arms_s"},
         "arms": [{"label": c.label, "drop_token_ratio": c.ratio, "overflow": c.overflow,
                   "nll_increase": c.loss.as_json(), "speedup": c.speedup.as_json(),
                   "times_s": arm_times}
@@ -267,12 +267,10 @@ def _nll_of(nll: dict[str, Any]) -> dict[str, Any]:
 
 def _offline(args: Any, arms: list[Any], model: Path, work: Path, console
              ) -> tuple[list[Candidate], dict[str, Any]]:
-    from ascend_patch.ab.common import make_prompts
+    from ascend_patch.ab.common import held_out_prompts
     from ascend_patch.ab.offline import offline_metrics, run_offline
 
-    prompts = args.prompts if args.prompts is not None else make_prompts(
-        args.num_prompts, args.prompt_len, args.seed)
-    runs = run_offline(args, arms, model, prompts, work, console)
+    runs = run_offline(args, arms, model, held_out_prompts(args), work, console)
     rows = offline_metrics(runs, args.first_tokens)
     nlls = [run.perplexity for run in runs]
     candidates = candidates_from(arms, nlls, [row["prefill_speedup"] for row in rows])

@@ -12,9 +12,9 @@ import pytest
 from rich.console import Console
 
 from ascend_patch.ab import offline, output
-from ascend_patch.ab.common import Arm, compare
+from ascend_patch.ab.common import Arm, compare, make_prompts
 from ascend_patch.ab.engine import EngineFailed, EngineProcess
-from ascend_patch.ab.offline import ArmRun, make_prompts, offline_metrics
+from ascend_patch.ab.offline import ArmRun, offline_metrics
 from ascend_patch.ab.stats import (
     Estimate,
     block_order,
