@@ -43,13 +43,17 @@ from ascend_patch.ab.tune import loss_interval
 
 
 def held_out_texts(model: Path, count: int, length: int) -> list[str]:
+    """The drop-accuracy study's held-out chunks (lab/arms.py), as text for the CLI."""
     from tokenizers import Tokenizer
 
+    from ascend_patch.lab.arms import heldout_prompts
+
+    try:
+        chunks = heldout_prompts(model, count, length)
+    except ValueError as exc:
+        raise SystemExit(f"{model / 'heldout.txt'}: {exc}") from None
     tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
-    ids = tokenizer.encode((model / "heldout.txt").read_text()).ids
-    if len(ids) < count * length:
-        raise SystemExit(f"heldout.txt has {len(ids)} tokens, fewer than {count} x {length}")
-    return [tokenizer.decode(ids[i * length:(i + 1) * length]) for i in range(count)]
+    return [tokenizer.decode(chunk) for chunk in chunks]
 
 
 def ascend_patch(*args: str) -> None:
@@ -123,7 +127,8 @@ def main() -> int:
                      "--ratios", args.ratios, "--overflow", "drop", "--write", str(tuned),
                      "--out", str(args.out / "tune-out"), *(["--launch"] if args.launch else []),
                      *live)
-    (profile,) = yaml.safe_load(tuned.read_text())["profiles"].values()
+    body = yaml.safe_load(tuned.read_text())
+    (profile,) = body["profiles"].values()
     evidence = profile["evidence"]
     print(f"tune chose {evidence['chosen']}: {profile['description']}")
     label = evidence["chosen"]
@@ -133,14 +138,11 @@ def main() -> int:
         # Nothing chosen: check the evidence of the candidate named instead, run by ab
         # through a config that pins it (the tuned file's profile pins r = 0).
         label = args.compare
-        (profile,) = yaml.safe_load(tuned.read_text())["profiles"].values()
         ratio, overflow = label.removeprefix("r=").split()
         profile["patches"] = {name: {"options": {"drop_token_ratio": float(ratio),
                                                  "overflow": overflow}}
                               for name in profile["patches"]}
         pinned = args.out / "compare.yaml"
-        body = yaml.safe_load(tuned.read_text())
-        body["profiles"] = {next(iter(body["profiles"])): profile}
         pinned.write_text(yaml.safe_dump(body, sort_keys=False))
         tuned = pinned
         print(f"comparing {label} instead, pinned in {pinned}")
