@@ -154,15 +154,6 @@ def in_ascend(item) -> bool:
     return Path(item.fspath).relative_to(REPO).as_posix().startswith(ASCEND)
 
 
-def _in_primary_environment() -> bool:
-    from ascend_patch.core.stacks import PRIMARY
-    from ascend_patch.core.versions import installed_vllm, line_of
-
-    vllm = installed_vllm()
-    line = line_of(vllm.version) if vllm else None
-    return line is not None and line.name == PRIMARY.line
-
-
 def pytest_addoption(parser):
     parser.addoption("--tier", action="append", choices=TIERS, default=[],
                      help="run only the tests of this tier (repeatable); default: every tier "
@@ -187,15 +178,14 @@ def pytest_collection_modifyitems(config, items):
     if not tiers:
         return
     keep, drop = [], []
-    primary = None
     for item in items:
         tier = tier_of(item)
         wanted = tier in tiers or ("smoke" in tiers and item.get_closest_marker("smoke")) or (
             "ascend" in tiers and tier == "contract" and in_ascend(item))
         if wanted and item.get_closest_marker("once"):
-            if primary is None:
-                primary = _in_primary_environment()
-            wanted = primary
+            from tests.stack import IS_PRIMARY  # imported only where a `once` test is wanted
+
+            wanted = IS_PRIMARY
         (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
