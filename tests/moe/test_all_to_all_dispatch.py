@@ -91,6 +91,14 @@ def _gather_counts(group):
     return all_gather_counts
 
 
+def _local_experts(owners: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global ids of `rank`'s experts, vLLM's expert_map: global id -> local id, -1 elsewhere)."""
+    local = (owners == rank).nonzero().squeeze(1)
+    expert_map = torch.full((NUM_EXPERTS,), -1, dtype=torch.int32)
+    expert_map[local] = torch.arange(local.numel(), dtype=torch.int32)
+    return local, expert_map
+
+
 def _run_scenario(rank: int, ws: int, name: str, use_vllm_class: bool):
     from ascend_patch.impls.moe.planner.capacity import plan_drops
     from ascend_patch.impls.moe.transport.all_to_all_dispatch import (
@@ -120,9 +128,7 @@ def _run_scenario(rank: int, ws: int, name: str, use_vllm_class: bool):
 
     w13_all, w2_all = expert_weights(dtype)
     owners = expert_owners(NUM_EXPERTS, ws)
-    local = (owners == rank).nonzero().squeeze(1)
-    expert_map = torch.full((NUM_EXPERTS,), -1, dtype=torch.int32)
-    expert_map[local] = torch.arange(local.numel(), dtype=torch.int32)
+    local, expert_map = _local_experts(owners, rank)
     w13, w2 = w13_all[local].contiguous(), w2_all[local].contiguous()
     counters = DispatchCounters()
     out = torch.full_like(x, float("nan"))  # every element must be written
@@ -393,9 +399,7 @@ def _token_once_worker(rank: int, ws: int, send) -> None:
     x, weights, ids = _hand_routed_tokens(rank, ws)
     w13_all, w2_all = expert_weights(torch.float32)
     owners = expert_owners(NUM_EXPERTS, ws)
-    local = (owners == rank).nonzero().squeeze(1)
-    expert_map = torch.full((NUM_EXPERTS,), -1, dtype=torch.int32)
-    expert_map[local] = torch.arange(local.numel(), dtype=torch.int32)
+    local, expert_map = _local_experts(owners, rank)
     counters = DispatchCounters()
     recv_x, recv_w, recv_ids, state = dispatch(
         x, weights, ids, group=None, owners=owners, counters=counters
@@ -535,9 +539,7 @@ def _compiled_worker(rank: int, ws: int, send) -> None:
 
     w13_all, w2_all = expert_weights(torch.float32)
     owners = expert_owners(NUM_EXPERTS, ws)
-    local = (owners == rank).nonzero().squeeze(1)
-    expert_map = torch.full((NUM_EXPERTS,), -1, dtype=torch.int32)
-    expert_map[local] = torch.arange(local.numel(), dtype=torch.int32)
+    local, expert_map = _local_experts(owners, rank)
     w13, w2 = w13_all[local].contiguous(), w2_all[local].contiguous()
     calls = []
 
@@ -715,9 +717,7 @@ def _sync_count_worker(rank: int, ws: int, send) -> None:
 
     owners = expert_owners(NUM_EXPERTS, ws)
     w13_all, w2_all = expert_weights(torch.float32)
-    local = (owners == rank).nonzero().squeeze(1)
-    expert_map = torch.full((NUM_EXPERTS,), -1, dtype=torch.int32)
-    expert_map[local] = torch.arange(local.numel(), dtype=torch.int32)
+    local, expert_map = _local_experts(owners, rank)
     for case in SYNC_CASES:
         x, weights, ids = _sync_case_tokens(case, rank)
         counters = DispatchCounters()
