@@ -391,3 +391,123 @@ def _float_moe(hidden, ids, weights, w13, w2):
                 gate_up = hidden[t] @ w13[e]
                 out[t] += w * ((F.silu(gate_up[:worker.INTER]) * gate_up[worker.INTER:]) @ w2[e])
     return out
+
+
+# -- overflow: reroute (prepare's logits, scored per physical expert) ----------------------
+
+LOG2PHY = torch.tensor(worker.LOG2PHY)
+REROUTE_CASES = [(kind, path) for kind in ("unquantized", "W8A8_DYNAMIC")
+                 for path in ("all_to_all", "allgather")]
+
+
+def _logits_of(path, rank):
+    """The router logits of the rows a rank routes: its TP half on the all-to-all path."""
+    _, logits = worker._inputs(torch.Generator().manual_seed(11))
+    return torch.tensor_split(logits, 2)[rank] if path == "all_to_all" else logits
+
+
+def _sources(ranks, kind, path):
+    """What each token source saw: both ranks on the all-to-all path; on the all-gather
+    path every rank routes every token, so rank 0's copy."""
+    seen = [r["reroute"][kind][path] for r in ranks]
+    return seen if path == "all_to_all" else seen[:1]
+
+
+def _expected_reroute(ranks, kind, path):
+    """Per source: the plan one process makes with every source's counts and this source's
+    scores (the router's softmax, moved to the physical ids its ids went through), and
+    whether its ids went through log2phy."""
+    options = CapacityOptions(**worker.REROUTE_OPTIONS)
+    inputs, mapped = [], []
+    for rank, s in enumerate(_sources(ranks, kind, path)):
+        scores = _logits_of(path, rank).softmax(dim=-1)
+        logical = scores.topk(K, dim=-1).indices
+        ids = s["fused_in"]["ids"].long()
+        # 0.13.0's unquantized method does not hand fused_experts its log2phy: ids stay logical.
+        log2phy = LOG2PHY if torch.equal(ids, LOG2PHY[logical]) else None
+        assert log2phy is not None or torch.equal(ids, logical)
+        mapped.append(log2phy is not None)
+        physical = scores.clone()
+        if log2phy is not None:  # logical expert l's score is physical id LOG2PHY[l]'s
+            physical[:, LOG2PHY] = scores
+        inputs.append((s["fused_in"]["weights"].float(), s["fused_in"]["ids"], physical))
+    counts = []
+    for weights, ids, scores in inputs:
+        plan_drops(weights, ids, num_experts=E, ep_size=2, options=options, expert_owner=OWNER,
+                   all_gather_counts=lambda c: counts.append(c) or c.unsqueeze(0),
+                   router_scores=scores)
+    gathered = torch.stack(counts) if path == "all_to_all" else None
+    plans = [plan_drops(weights, ids, num_experts=E, ep_size=2, options=options,
+                        expert_owner=OWNER, rank=rank, router_scores=scores,
+                        all_gather_counts=None if gathered is None else lambda c: gathered)
+             for rank, (weights, ids, scores) in enumerate(inputs)]
+    return plans, all(mapped)
+
+
+def _rank_loads(ids):
+    return torch.bincount(owner_of(ids)[kept(ids)], minlength=2)
+
+
+@pytest.mark.parametrize("kind,path", REROUTE_CASES)
+def test_reroute_sends_what_one_process_with_every_source_s_counts_and_scores_plans(
+        ranks, kind, path):
+    """Each source rerouted its own overflow into the room its share of the gathered counts
+    gave it, with the scores of the logits prepare handed on: exactly the single-process
+    plan; dropped rows unsent as with drop, rerouted ones sent to their new expert."""
+    unsent = UNSENT if path == "all_to_all" else -1
+    plans, mapped = _expected_reroute(ranks, kind, path)
+    for plan, seen in zip(plans, _sources(ranks, kind, path), strict=True):
+        sent = seen["dispatch_in"]
+        ids = torch.where(plan.keep, plan.topk_ids, unsent).to(sent["ids"].dtype)
+        assert torch.equal(sent["ids"], ids)
+        assert torch.equal(sent["weights"], plan.weights.to(sent["weights"].dtype))
+    # With log2phy the hot experts all sit on rank 1 and rank 0 has room; 0.13.0's
+    # unquantized ids stay logical, the hot experts sit on both ranks and none has room.
+    assert (sum(int(p.local_rerouted_rows) for p in plans) > 0) == mapped
+
+
+@pytest.mark.parametrize("kind,path", REROUTE_CASES)
+def test_reroute_keeps_every_rank_under_the_drop_plans_cap(ranks, kind, path):
+    """No rank above the cap, the bottleneck drop's, and the overflow computed elsewhere
+    (more rows than drop) wherever there was room; a token never gets one expert twice."""
+    plans, mapped = _expected_reroute(ranks, kind, path)
+    capacity = int(plans[0].capacity)
+    assert all(int(p.capacity) == capacity for p in plans)
+    rerouted = torch.cat([s["dispatch_in"]["ids"] for s in _sources(ranks, kind, path)])
+    drop = ranks[0]["quant"]["W8A8_DYNAMIC"] if kind != "unquantized" else ranks[0]
+    dropped = [drop[path]["dispatch_in"]["ids"]]
+    if path == "all_to_all":
+        other = ranks[1]["quant"]["W8A8_DYNAMIC"] if kind != "unquantized" else ranks[1]
+        dropped.append(other[path]["dispatch_in"]["ids"])
+    load_reroute, load_drop = _rank_loads(rerouted), _rank_loads(torch.cat(dropped))
+    assert int(load_reroute.max()) <= capacity
+    assert int(load_reroute.max()) == int(load_drop.max())
+    assert (int(load_reroute.sum()) > int(load_drop.sum())) == mapped
+    for row, mask in zip(rerouted, kept(rerouted), strict=True):
+        assert len(set(row[mask].tolist())) == int(mask.sum())
+
+
+@pytest.mark.parametrize("path", ["all_to_all", "allgather"])
+def test_reroute_output_is_the_moe_of_the_rows_it_sent(ranks, path):
+    seen = [s["dispatch_in"] for s in _sources(ranks, "unquantized", path)]
+    hidden = torch.cat([s["hidden"] for s in seen])
+    ids = torch.cat([s["ids"] for s in seen])
+    weights = torch.cat([s["weights"] for s in seen])
+    expected = moe_reference(hidden, ids, weights * kept(ids))
+    for result in ranks:
+        torch.testing.assert_close(result["reroute"]["unquantized"][path]["out"], expected,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_reroute_counts_rerouted_rows_per_layer(ranks):
+    """The report's rows_rerouted: this process's rerouted rows of the layer's two calls."""
+    quant = QUANT_LAYER["W8A8_DYNAMIC"]
+    for rank, result in enumerate(ranks):
+        rows = result["reroute_stats"]["layers"]
+        for kind, layer in (("unquantized", LAYER), ("W8A8_DYNAMIC", quant)):
+            expected = 0
+            for path in ("all_to_all", "allgather"):
+                plans, _ = _expected_reroute(ranks, kind, path)
+                expected += int(plans[rank if path == "all_to_all" else 0].local_rerouted_rows)
+            assert rows[layer]["rows_rerouted"] == expected
+            assert rows[layer]["calls"] == 2

@@ -223,15 +223,16 @@ def test_adapters_without_router_scores_refuse_reroute_at_load():
     from ascend_patch.core.errors import PatchError
     from ascend_patch.impls.moe.state import CapacityState
 
-    for line, platform, adapter in (("0.34", "vllm", "vllm_modular"),
-                                    ("0.23", "ascend", "vllm-ascend adapter")):
+    for line in ("0.33", "0.34"):
         with pytest.raises(PatchError) as exc:
-            CapacityState(_context(line, platform))
+            CapacityState(_context(line, "vllm"))
         message = str(exc.value)
         assert message.startswith("cfg.yaml:3: patch 'cap' (moe.capacity): overflow: reroute")
-        assert adapter in message and f"vLLM {line}" in message
-    for line in ("0.32", "0.23"):  # the router site; the CPU monolithic adapter
-        CapacityState(_context(line, "vllm")).ctx.close()
+        assert "vllm_modular" in message and f"vLLM {line}" in message
+    # The router site (0.32), the CPU monolithic adapter (0.23), the prepare site (vllm-ascend).
+    for line, platform in (("0.32", "vllm"), ("0.23", "vllm"), ("0.23", "ascend"),
+                           ("0.18", "ascend"), ("0.13", "ascend")):
+        CapacityState(_context(line, platform)).ctx.close()
 
 
 def test_the_0_23_adapter_scores_are_the_routers_scoring_function():
@@ -240,3 +241,28 @@ def test_the_0_23_adapter_scores_are_the_routers_scoring_function():
     logits = torch.tensor([[1.0, 2.0, 0.0]], dtype=torch.bfloat16)
     assert torch.equal(router_scores(logits, "softmax"), logits.float().softmax(dim=-1))
     assert torch.equal(router_scores(logits, "sigmoid"), logits.float().sigmoid())
+
+
+def test_vllm_ascend_reroute_refuses_a_router_it_cannot_score_at_load():
+    """vllm-ascend's select_experts also knows sqrtsoftplus (experts_selector.py:351-358 in
+    0.23.0.post1), whose scores the reroute weight is not defined for: refused when the
+    layer is taken over, naming it; softmax and sigmoid layers are taken over."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from ascend_patch.core.errors import PatchError
+    from ascend_patch.impls.moe.adapters.ascend_0_23 import AscendCapacityState
+
+    state = AscendCapacityState(_context("0.23", "ascend"))
+    with pytest.raises(PatchError) as exc:
+        state.add_layer("model.layers.3.mlp.experts", SimpleNamespace(scoring_func="sqrtsoftplus"))
+    assert str(exc.value) == (
+        "cfg.yaml:3: patch 'cap' (moe.capacity): overflow: reroute: MoE layer "
+        "'model.layers.3.mlp.experts' scores its experts with 'sqrtsoftplus'; a rerouted row "
+        "is weighed by softmax or sigmoid scores only: use overflow: drop")
+    assert "model.layers.3.mlp.experts" not in state.layers
+    for func in ("softmax", "sigmoid"):
+        state.add_layer(f"model.layers.{func}", SimpleNamespace(scoring_func=func))
+    assert sorted(state.layers) == ["model.layers.sigmoid", "model.layers.softmax"]
+    state.ctx.close()

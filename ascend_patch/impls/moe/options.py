@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 # The (vLLM line, platform)s whose adapters bring the router's scores to the drop step, which
 # `overflow: reroute` needs (adapters/router_scores.py); elsewhere it is refused at load.
-REROUTE_STACKS = frozenset({("0.32", "vllm"), ("0.23", "vllm")})
+REROUTE_STACKS = frozenset({("0.32", "vllm"), ("0.23", "vllm"), ("0.23", "ascend"),
+                            ("0.18", "ascend"), ("0.13", "ascend")})
 
 
 class CapacityOptions(BaseModel):
@@ -49,9 +50,10 @@ class CapacityOptions(BaseModel):
             "sends it to the same token's best-scored expert outside its top-k whose bin is "
             "below the capacity, within the room (split between DP ranks by their overflow "
             "rows), and drops it only where there is none. Never raises a bin above the "
-            "capacity. Needs the router's scores: vLLM 0.32 and vLLM 0.23's CPU backend have "
-            "them; elsewhere the patch is refused at load. Weight: the new expert's score "
-            "scaled as the router scaled the token's top-k (renormalize rescales as for drop)."
+            "capacity. Needs the router's scores: vLLM 0.32, vLLM 0.23's CPU backend and "
+            "vllm-ascend have them; elsewhere the patch is refused at load. Weight: the new "
+            "expert's score scaled as the router scaled the token's top-k (renormalize "
+            "rescales as for drop)."
         ),
     )
     keep_top1: StrictBool = Field(

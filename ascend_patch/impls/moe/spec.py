@@ -441,6 +441,11 @@ _ASCEND_READS = (
     *(Attribute(f"{_VA_MOE}.fused_moe_0_23_0:AscendFusedMoE.{name}", "read on the MoE layer")
       for name in ("layer_name", "global_num_experts", "local_num_experts", "ep_size",
                    "quant_method")),
+    # overflow: reroute: the logits prepare hands on, scored as the layer's router scores.
+    Attribute(f"{_VA_MOE}.fused_moe_0_23_0:AscendFusedMoE.scoring_func",
+              "softmax or sigmoid: how the router's logits become scores"),
+    Attribute(f"{_VA_MOE}.moe_stage_contracts:MoEPrepareOutput.router_logits",
+              "the logits lined up with the tokens the step routes"),
     Attribute(f"{_GROUP}.cpu_group",
               "the config check runs on a GroupCoordinator's gloo group when given one"),
     # The zero-row guard of quantized MLP calls (ascend_0_23.make_apply_mlp).
@@ -609,6 +614,16 @@ IMPLEMENTATIONS = {
                         factory=f"{_ASCEND_0_23}:make_all_to_all_combine_postprocess",
                         role="a2a_combine",
                     ),
+                    # moe_comm_method.py:97: overflow: reroute keeps the router logits
+                    # prepare hands on (TP slice / DP gather), aligned with the routed rows.
+                    Site(
+                        target="vllm_ascend.ops.fused_moe.moe_comm_method:"
+                        "MoECommMethod.prepare",
+                        signature="(self, hidden_states, router_logits, "
+                        "enable_shared_expert_dp=…, replace_allreduce=…, quant_type=…)",
+                        factory=f"{_ASCEND_0_23}:make_prepare",
+                        role="router_scores",
+                    ),
                     # moe_comm_method.py:174: a rank that received zero rows does not hand
                     # the quantized MLP ops an empty input (undocumented in CANN).
                     Site(
@@ -708,6 +723,11 @@ IMPLEMENTATIONS = {
                         None,
                         "frozen dataclass: the drop replaces topk_weights, reads topk_ids, "
                         "topk_weights and lora_context",
+                    ),
+                    Interface(
+                        "vllm_ascend.ops.fused_moe.moe_stage_contracts:MoEPrepareOutput", None,
+                        "what prepare returns: router_logits lined up with the tokens the "
+                        "step routes (overflow: reroute scores them)",
                     ),
                     Interface(
                         "vllm_ascend.ops.fused_moe.moe_stage_contracts:MoETokenDispatchInput",

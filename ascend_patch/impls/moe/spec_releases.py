@@ -205,6 +205,7 @@ def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
             # The 0.18/0.23 pipeline's stage dataclasses and device adaptor: not in 0.13.0.
             f"{_FUSED_MOE}.moe_stage_contracts:MoEFusedExpertsInput",
             f"{_FUSED_MOE}.moe_stage_contracts:MoETokenDispatchInput",
+            f"{_FUSED_MOE}.moe_stage_contracts:MoEPrepareOutput",
             f"{_FUSED_MOE}.moe_stage_contracts:MoEAllToAllCombineMetadata",
             "vllm_ascend.device.device_op:BaseDeviceAdaptor.npu_moe_init_routing",
             "vllm_ascend.device.device_op:BaseDeviceAdaptor.npu_moe_token_unpermute",
@@ -213,6 +214,7 @@ def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
             # Patched here (the sites below), not only relied on.
             f"{_TD}TokenDispatcherWithAll2AllV.token_dispatch",
             f"{_TD}TokenDispatcherWithAllGather.token_dispatch",
+            f"{_CM}MoECommMethod.fused_experts",
             # 0.23's quantized path: 0.13.0 has the wrapper and registry elsewhere (added
             # below), no QuantType and no stage params.
             f"{_FUSED_MOE}.moe_stage_params:MoERoutingParams",
@@ -292,6 +294,14 @@ def ascend_0_13(site_set_0_23: SiteSet) -> SiteSet:
         # quantized MLP ops an empty input (undocumented in CANN).
         Site(f"{_CM}unified_apply_mlp", _UNIFIED_APPLY_MLP,
              f"{adapter}:make_unified_apply_mlp", role="quant_mlp_zero_rows"),
+        # moe_comm_method.py:73, 96: overflow: reroute keeps the router logits prepare hands
+        # on, and the log2phy fused_experts maps the ids with (token_dispatch is not told).
+        Site(f"{_CM}MoECommMethod.prepare",
+             "(self, hidden_states, router_logits, enable_shared_expert_dp=…, "
+             "replace_allreduce=…, quant_type=…)",
+             f"{adapter}:make_prepare", role="router_scores"),
+        Site(f"{_CM}MoECommMethod.fused_experts", _FUSED_EXPERTS_0_13,
+             f"{adapter}:make_fused_experts", role="reroute_log2phy"),
     )
     return replace(carried, sites=sites, quantized_layers=tuple(
         s for s in site_set_0_23.quantized_layers or () if s in _MOE_SCHEMES_0_13))

@@ -166,8 +166,7 @@ def _plan_with_planner_in_force(*args: Any, **kwargs: Any) -> DropPlan:
     return CapacityState.planner()(*args, **kwargs)
 
 
-_ADAPTER = {"vllm": "vllm_modular (vLLM's modular kernel)",
-            "ascend": "the vllm-ascend adapter (ascend_token_dispatch)"}
+_ADAPTER = {"vllm": "vllm_modular (vLLM's modular kernel)"}
 
 
 def _refuse_reroute_without_scores(ctx: PatchContext, options: CapacityOptions) -> None:
@@ -180,7 +179,7 @@ def _refuse_reroute_without_scores(ctx: PatchContext, options: CapacityOptions) 
     raise ctx.error(
         f"overflow: reroute needs the router's scores of every expert, which the adapter "
         f"{adapter} on vLLM {stack.line} does not reach (it sees the top-k only); it works on "
-        f"vLLM 0.32 and on vLLM 0.23's CPU backend; use overflow: drop here"
+        f"vLLM 0.32, vLLM 0.23's CPU backend and vllm-ascend; use overflow: drop here"
     )
 
 

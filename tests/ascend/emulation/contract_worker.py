@@ -34,6 +34,7 @@ LOG2PHY = [5, 0, 7, 1, 2, 6, 3, 4]
 HOT_LOGICAL = (0, 2, 5, 7)
 CONFIG_FILE, CONFIG_LINE = "ascend-contract.yaml", 7
 DROP_OPTIONS = {"drop_token_ratio": 0.2, "min_tokens": 0, "drop_policy": "probs"}
+REROUTE_OPTIONS = {**DROP_OPTIONS, "overflow": "reroute"}
 COLLECTIVE_TIMEOUT_S = 60
 quant_worker = None  # the quantized scenarios (quant_worker.py), imported once booted
 
@@ -146,6 +147,14 @@ class Run:
         results["ratio0"] = {p: self.forward(p) for p in ("all_to_all", "allgather")}
         results["quant_ratio0"] = quant_worker.ratio0(self)
         results["ratio0_stats"] = _plain(record.context.read_stats())
+        self.patcher.revert()
+        record = self.apply(REROUTE_OPTIONS)
+        w8a8 = quant_worker.quant_layer(self, "W8A8_DYNAMIC")
+        results["reroute"] = {
+            kind: {p: self.observed_forward(p, layer=layer) for p in ("all_to_all", "allgather")}
+            for kind, layer in (("unquantized", None), ("W8A8_DYNAMIC", w8a8))
+        }
+        results["reroute_stats"] = _plain(record.context.read_stats())
         self.patcher.revert()
         torch.distributed.barrier()
 

@@ -16,13 +16,16 @@ One MoE forward, patched:
 
     AscendFusedMoE.forward_impl (F23:420)     <- make_forward_impl: takes the layer over (once)
                                                  and records which comm method runs this step
-      comm method prepare (A2A: TP slice PF:132-177; all-gather: DP/EP gather PF:343-493)
+      MoECommMethod.prepare (CM:97; A2A: TP slice PF:132-177; all-gather: DP/EP gather
+        PF:343-493)                           <- make_prepare: overflow: reroute keeps the
+                                                 router logits it hands on
       AscendUnquantizedFusedMoEMethod.apply (FM:141) or a quantized scheme's apply:
       select_experts, then MoECommMethod.fused_experts (CM:122)
         ids = log2phy[ids] (CM:140-142): EPLB's logical -> physical expert ids
         build_token_dispatch_input (CM:144)   <- make_build_token_dispatch_input: the drop step
                                                  on the physical ids; a dropped row gets weight
-                                                 0 and the id its dispatcher skips
+                                                 0 and the id its dispatcher skips; a rerouted
+                                                 row its new physical id and weight
         token_dispatch -> unified_apply_mlp -> token_combine, with on the all-to-all path:
           TokenDispatcherWithAll2AllV._preprocess (TD:592)           <- num_out_tokens = rows sent
           TokenDispatcherWithAll2AllV._dispatch_preprocess (TD:563)  <- permuted rows = rows sent
@@ -152,6 +155,7 @@ from ascend_patch.core.context import PatchContext
 from ascend_patch.impls.moe.adapters import ascend_dispatch
 from ascend_patch.impls.moe.drop_step import DropStep
 from ascend_patch.impls.moe.planner.capacity import AllGatherCounts
+from ascend_patch.impls.moe.planner.reroute import scores_from_logits
 from ascend_patch.impls.moe.state import CapacityState
 
 logger = logging.getLogger("ascend_patch.moe.capacity")
@@ -162,6 +166,8 @@ MC2 = "MC2"
 FUSED_MC2 = "FUSED_MC2"
 _DROPPING_PATHS = (ALL_TO_ALL, ALL_GATHER)
 UNQUANTIZED = "unquantized"
+# The scoring functions vllm-ascend's select_experts knows (experts_selector.py).
+SCORING_FUNCS = ("softmax", "sigmoid")
 
 
 # Tuple lengths of the TokenDispatcherWithAll2AllV helpers whose results are edited (TD:629-
@@ -205,6 +211,13 @@ class AscendCapacityState(CapacityState):
         # counted per layer (ascend_fused_mc2.py), and their OverflowRecorder.
         self.running: Any = None
         self.overflow: Any = None
+        # overflow: reroute: the router logits the current layer call's prepare handed on
+        # (TP slice or DP gather: aligned with the tokens its apply routes), and the log2phy
+        # its comm method mapped the ids with where the dispatch hook cannot see it (0.13.0).
+        self.logits: torch.Tensor | None = None
+        self.log2phy: torch.Tensor | None = None
+        if self.rerouting:
+            self.route_scores = self._scored
 
     def count(self, kind: str, key: str) -> None:
         table = self.counters[kind]
@@ -221,6 +234,15 @@ class AscendCapacityState(CapacityState):
         super().add_layer(name, layer)
         for key in [k for k in self.path_steps if k[0] == name]:
             del self.path_steps[key]
+
+    def _scored(self, name: str, layer: Any) -> None:
+        """At load, for a layer taken over with overflow: reroute: its scores can be made."""
+        if layer.scoring_func not in SCORING_FUNCS:
+            raise self.error(
+                f"overflow: reroute: MoE layer {name!r} scores its experts with "
+                f"{layer.scoring_func!r}; a rerouted row is weighed by softmax or sigmoid "
+                "scores only: use overflow: drop"
+            )
 
 
 def state_of(ctx: PatchContext) -> AscendCapacityState:
@@ -256,14 +278,14 @@ def wrap_forward_impl(
         return_with_event: bool = False,
     ) -> Any:
         call = layer_call(state, self)
-        outer = state.current, state.running
-        state.current, state.running = call, self
+        outer = state.current, state.running, state.logits, state.log2phy
+        state.current, state.running, state.logits, state.log2phy = call, self, None, None
         try:
             return original(
                 self, hidden_states, router_logits, return_with_event=return_with_event
             )
         finally:
-            state.current, state.running = outer
+            state.current, state.running, state.logits, state.log2phy = outer
 
     return forward_impl
 
@@ -453,8 +475,16 @@ def _drop(
         state.keep_whole("MoE LoRA")
         return None
     ids = inputs.topk_ids if topk_ids is None else topk_ids
-    weights, ids = drop_rows(state, call, inputs.topk_weights, ids)
+    weights, ids = drop_rows(state, call, inputs.topk_weights, ids, _log2phy(state, inputs))
     return dataclasses.replace(inputs, topk_weights=weights), ids
+
+
+def _log2phy(state: AscendCapacityState, inputs: Any) -> torch.Tensor | None:
+    """The map fused_experts sent the ids through (CM:140-142), for overflow: reroute; only
+    the releases with stage dataclasses (0.18.0, 0.23.0.post1) reach this site."""
+    if "MoEFusedExpertsInput" in state.upstream:
+        return inputs.routing.log2phy if state.rerouting else None
+    return None
 
 
 def _has_moe_lora(upstream: Any, inputs: Any) -> bool:
@@ -466,13 +496,36 @@ def _has_moe_lora(upstream: Any, inputs: Any) -> bool:
 
 
 def drop_rows(
-    state: AscendCapacityState, call: LayerCall, weights: torch.Tensor, ids: torch.Tensor
+    state: AscendCapacityState, call: LayerCall, weights: torch.Tensor, ids: torch.Tensor,
+    log2phy: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The drop step on physical ids: (kept weights, ids in the step's dispatcher's form)."""
-    weights, ids = _step(state, call)(weights, ids)
+    """The drop step on physical ids (`log2phy`: the map they went through, or None):
+    (kept weights, ids in the step's dispatcher's form)."""
+    scores = _physical_scores(state, call, ids, log2phy) if state.rerouting else None
+    weights, ids = _step(state, call)(weights, ids, scores)
     if call.path == ALL_TO_ALL:
         ids = ascend_dispatch.mark_unsent(ids, call.layer.global_num_experts)
     return weights, ids
+
+
+def _physical_scores(
+    state: AscendCapacityState, call: LayerCall, ids: torch.Tensor, log2phy: torch.Tensor | None
+) -> torch.Tensor:
+    """overflow: reroute: the router's scores of every physical expert for the rows of this
+    step, from the logits its prepare handed on (make_prepare)."""
+    logits = state.logits
+    if logits is None or logits.shape[0] != ids.shape[0]:
+        got = "none" if logits is None else f"{logits.shape[0]} tokens"
+        raise state.error(
+            f"overflow: reroute: MoE layer {call.name!r} routes {ids.shape[0]} tokens here, "
+            f"but the router logits its comm method's prepare handed on cover {got}; the "
+            "scores cannot be lined up with the rows: use overflow: drop"
+        )
+    scores = scores_from_logits(logits, call.layer.scoring_func)
+    try:
+        return ascend_dispatch.physical_scores(scores, log2phy, call.layer.global_num_experts)
+    except ValueError as exc:
+        raise state.error(f"overflow: reroute: MoE layer {call.name!r}: {exc}") from None
 
 
 def _step(state: AscendCapacityState, call: LayerCall) -> DropStep:
@@ -516,6 +569,42 @@ def _token_sources(call: LayerCall, upstream: Any) -> tuple[AllGatherCounts | No
         return gather_from_sequence_parallel_region(counts, group=group)
 
     return all_gather_counts, dispatcher.ep_rank
+
+
+# --------------------------------------------------------------------------------------
+# MoECommMethod.prepare: the router logits that line up with the routed tokens
+# --------------------------------------------------------------------------------------
+
+
+def make_prepare(original: Callable[..., Any], ctx: PatchContext) -> Callable[..., Any]:
+    """Replacement of MoECommMethod.prepare(self, hidden_states, router_logits,
+    enable_shared_expert_dp=False, replace_allreduce=False, quant_type=...) (CM:97), which
+    returns MoEPrepareOutput (0.18.0 too; 0.13.0's returns a tuple: ascend_token_dispatch)."""
+    if "MoEPrepareOutput" in ctx.upstream:
+        return keep_prepared_logits(original, state_of(ctx), lambda out: out.router_logits)
+    raise ctx.error("this release's site set declares no MoEPrepareOutput")
+
+
+def keep_prepared_logits(
+    original: Callable[..., Any], state: AscendCapacityState,
+    logits_of: Callable[[Any], torch.Tensor],
+) -> Callable[..., Any]:
+    """prepare(self, hidden_states, router_logits, ...) that, with overflow: reroute inside a
+    taken-over layer's call, keeps `logits_of(its output)` for the drop step.
+
+    Why here: the logits forward_impl receives are the layer's input tokens, while the
+    rows the drop step sees are those prepare hands on (PF: a TP slice on the all-to-all
+    path, the DP/EP gather on the all-gather path, MC2's padding); the quantized and
+    unquantized applies all route prepare's logits, so one site serves every scheme."""
+    reroute = state.rerouting
+
+    def prepare(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        if reroute and state.current is not None:
+            state.logits = logits_of(out)
+        return out
+
+    return prepare
 
 
 def check_config_once(state: AscendCapacityState, layer: Any, dispatcher: Any) -> None:
@@ -630,11 +719,14 @@ def pad_combined_rows(
 
 
 def checked_tuple(ctx: PatchContext, result: Any, length: int, name: str) -> tuple[Any, ...]:
+    """`result`, the tuple vllm-ascend's `name` returned (a bare name: a method of
+    TokenDispatcherWithAll2AllV), when it has the `length` the adapter indexes it by."""
     if not isinstance(result, tuple) or len(result) != length:
         got = len(result) if isinstance(result, tuple) else type(result).__name__
+        owner = "" if "." in name else "TokenDispatcherWithAll2AllV."
         raise ctx.error(
-            f"TokenDispatcherWithAll2AllV.{name} returned {got} values, expected {length}: "
-            "vllm-ascend changed its layout, the dropped rows cannot be kept out"
+            f"{owner}{name} returned {got} values, expected {length}: vllm-ascend changed "
+            "its layout, the adapter's index into it would be wrong"
         )
     return result
 

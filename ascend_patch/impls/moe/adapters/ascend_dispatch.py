@@ -60,3 +60,24 @@ def contiguous_owners(num_experts: int, ep_size: int, local_experts: int) -> tor
             f"{num_experts} experts are not {ep_size} EP ranks x {local_experts} local experts"
         )
     return torch.arange(num_experts, dtype=torch.int64) // local_experts
+
+
+def physical_scores(scores: torch.Tensor, log2phy: torch.Tensor | None,
+                    num_physical: int) -> torch.Tensor:
+    """[T, num_physical]: the router's scores of the logical experts [T, E_logical] moved to
+    the physical ids this rank's log2phy sends each logical expert to (overflow: reroute).
+
+    With EPLB's redundant experts a logical expert has several physical replicas, and the
+    router's rows reach the dispatcher on the one replica log2phy picks; a rerouted row must
+    land on that same replica, or the token could get two rows of one expert. So the other
+    replicas score -inf: never a reroute target. Without log2phy ids are physical already."""
+    if log2phy is None:
+        if scores.shape[1] != num_physical:
+            raise ValueError(f"{scores.shape[1]} router scores per token for {num_physical} "
+                             "experts, and no log2phy map between them")
+        return scores
+    if log2phy.dim() != 1 or log2phy.numel() != scores.shape[1]:
+        raise ValueError(f"log2phy of shape {tuple(log2phy.shape)} does not map the "
+                         f"{scores.shape[1]} logical experts the router scores")
+    physical = scores.new_full((scores.shape[0], num_physical), float("-inf"))
+    return physical.index_copy_(1, log2phy.to(scores.device, torch.long), scores)

@@ -44,6 +44,11 @@ A rank that receives zero rows would hand the quantized grouped matmuls an empty
 CANN does not document: make_unified_apply_mlp skips that call, as ascend_0_23.make_apply_mlp
 does on 0.23.0.post1.
 
+overflow: reroute (router_scores.py): MoECommMethod.prepare (CM:73) hands on the router
+logits lined up with the routed rows (a 4-tuple here), and MoECommMethod.fused_experts (CM:96)
+the log2phy it maps the ids with, which the quantized schemes pass and the unquantized method
+does not (fused_moe.py:149-162): token_dispatch is told neither, so both are kept for the step.
+
 `token_dispatch` reached outside a taken-over layer's forward passes through untouched. MC2
 and FUSED_MC2 steps keep every row, as on 0.23.0.post1. The step's comm method is on vLLM's
 forward context in 0.13.0 (AFC:57-62), not vllm-ascend's, so the path is told by the
@@ -90,6 +95,7 @@ from ascend_patch.impls.moe.adapters.ascend_0_23 import (
     count_zero_row_skip,
     cut_permuted_rows,
     drop_rows,
+    keep_prepared_logits,
     layer_name,
     pad_combined_rows,
     state_of,
@@ -99,6 +105,8 @@ from ascend_patch.impls.moe.adapters.ascend_0_23 import (
 # TokenDispatcherWithAll2AllV._preprocess (TD:576-582) and _dispatch_preprocess (TD:526-534).
 _PREPROCESS_LEN = 5
 _DISPATCH_PREPROCESS_LEN = 7
+# MoECommMethod.prepare's (hidden_states, router_logits, mc2_mask, context_metadata) (CM:73-85).
+_PREPARE_LEN = 4
 
 
 def make_forward_impl(original: Callable[..., Any], ctx: PatchContext) -> Callable[..., Any]:
@@ -141,10 +149,39 @@ def make_token_dispatch(original: Callable[..., Any], ctx: PatchContext) -> Call
                 state.keep_whole(path)
             else:
                 call = dataclasses.replace(call, path=path, dispatcher=self)
-                topk_weights, topk_ids = drop_rows(state, call, topk_weights, topk_ids)
+                topk_weights, topk_ids = drop_rows(state, call, topk_weights, topk_ids,
+                                                   state.log2phy)
         return original(self, hidden_states, topk_weights, topk_ids, **kwargs)
 
     return token_dispatch
+
+
+def make_prepare(original: Callable[..., Any], ctx: PatchContext) -> Callable[..., Any]:
+    """Replacement of MoECommMethod.prepare(self, hidden_states, router_logits,
+    enable_shared_expert_dp=False, replace_allreduce=False, quant_type=...) (CM:73), which
+    returns a 4-tuple here (ascend_0_23.keep_prepared_logits: why this site)."""
+    return keep_prepared_logits(
+        original, state_of(ctx),
+        lambda out: checked_tuple(ctx, out, _PREPARE_LEN, "MoECommMethod.prepare")[1],
+    )
+
+
+def make_fused_experts(original: Callable[..., Any], ctx: PatchContext) -> Callable[..., Any]:
+    """Replacement of MoECommMethod.fused_experts(self, hidden_states, w1, w2, topk_weights,
+    topk_ids, ..., log2phy=None, ...) (CM:96): it maps the ids through `log2phy` when given
+    (CM:130-131), which the quantized schemes pass and the unquantized method does not
+    (fused_moe.py:149-162), and token_dispatch is not told. overflow: reroute needs to know
+    (the scores must be on the ids the dispatcher gets), so the map is kept for the drop
+    step; every caller passes it by keyword."""
+    state = state_of(ctx)
+    reroute = state.rerouting
+
+    def fused_experts(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if reroute and state.current is not None:
+            state.log2phy = kwargs.get("log2phy")
+        return original(self, *args, **kwargs)
+
+    return fused_experts
 
 
 def _path_of(dispatcher: Any, upstream: Any) -> str:

@@ -14,9 +14,15 @@ token's score for every expert (planner/reroute.py). Per line:
 * vLLM 0.23 CPU (vllm_0_23_cpu_monolithic.py): apply_monolithic receives router_logits and
   routes by itself: the scores are computed there. The other 0.23 backends reach `apply`
   with the top-k only: refused at load.
-* vLLM 0.33 / 0.34 and vllm-ascend: not wired (state.py refuses at load; on vllm-ascend the
-  logits are at AscendFusedMoE.forward_impl, which the adapter patches, but its dispatch
-  hook sees the top-k only).
+* vllm-ascend 0.23.0.post1, 0.18.0, 0.13.0 (ascend_0_23.py, ascend_token_dispatch.py): the
+  logits forward_impl receives are the layer's input tokens, not the rows its dispatch hook
+  plans (the all-to-all path routes a TP slice, the all-gather path the DP/EP-gathered
+  tokens). MoECommMethod.prepare hands on the logits lined up with them, which every
+  quantized and unquantized apply routes: the adapter keeps them there, scores them at the
+  dispatch hook and moves the scores to the physical ids through the log2phy the ids went
+  through (ascend_dispatch.physical_scores: an EPLB replica log2phy does not pick is never a
+  target). softmax and sigmoid routers only (sqrtsoftplus layers are refused at load).
+* vLLM 0.33 / 0.34: not wired (state.py refuses at load).
 
 The score is the router's scoring function (softmax or sigmoid) of the logits, without
 e_score_correction_bias (which biases the choice only, not the weights).
