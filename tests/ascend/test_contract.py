@@ -8,8 +8,9 @@ AscendFusedMoE.forward_impl -> select_experts -> MoECommMethod.fused_experts -> 
 unified_apply_mlp -> combine -> finalize, with torch_npu's ops emulated (emulation/npu_ops.py)
 and real all_to_all_single / all_gather over gloo. TP = EP = 2: on the all-to-all path each
 rank's rows are its own half of the tokens. The same ranks then run layers with vllm-ascend's
-real W8A8_DYNAMIC and W4A8_DYNAMIC schemes (quantized ops: emulation/quant_ops.py). The tests
-below check what the ranks recorded.
+real W8A8_DYNAMIC and W4A8_DYNAMIC schemes (quantized ops: emulation/quant_ops.py), and the
+unquantized and W8A8_DYNAMIC layers once more with overflow: reroute. The tests below check
+what the ranks recorded.
 Nothing here runs on an NPU: op semantics come from CANN's documentation and vllm-ascend's
 own golden (see npu_ops.py).
 """
@@ -511,3 +512,9 @@ def test_reroute_counts_rerouted_rows_per_layer(ranks):
                 expected += int(plans[rank if path == "all_to_all" else 0].local_rerouted_rows)
             assert rows[layer]["rows_rerouted"] == expected
             assert rows[layer]["calls"] == 2
+
+
+def test_reroute_at_ratio_zero_is_bit_identical_to_vllm_ascend(ranks):
+    for result in ranks:
+        for path in ("all_to_all", "allgather"):
+            assert torch.equal(result["reroute_ratio0"][path], result["unpatched"][path])

@@ -156,6 +156,9 @@ class Run:
         }
         results["reroute_stats"] = _plain(record.context.read_stats())
         self.patcher.revert()
+        self.apply({**REROUTE_OPTIONS, "drop_token_ratio": 0.0})
+        results["reroute_ratio0"] = {p: self.forward(p) for p in ("all_to_all", "allgather")}
+        self.patcher.revert()
         torch.distributed.barrier()
 
     def observed_forward(self, path: str, layer=None, keep_input: bool = False) -> dict:
