@@ -59,7 +59,7 @@ from engine_prefill import group_cpu_seconds, report_stats, timed_round  # noqa:
 
 from ascend_patch.ab import stats  # noqa: E402
 from ascend_patch.ab.common import REPORT_INTERVAL_S  # noqa: E402
-from ascend_patch.ab.offline import TP_SETTLE_S  # noqa: E402
+from ascend_patch.ab.common import WORKER_SETTLE_S  # noqa: E402
 from ascend_patch.harness.procs import vllm_env  # noqa: E402
 from ascend_patch.harness.server import ManagedServer, free_port  # noqa: E402
 from ascend_patch.lab import skewed_moe  # noqa: E402
@@ -127,7 +127,7 @@ class Server:
         """One timed round at `ratio`, set while the engine is idle."""
         self.control.write_text(repr(ratio))
         # Workers poll busily for 1 s after a step: the previous round must not overlap.
-        time.sleep(TP_SETTLE_S)
+        time.sleep(WORKER_SETTLE_S)
         before, cpu_before = read_dumps(self.timers), group_cpu_seconds(self.managed.proc.pid)
         wall, busiest_cpu = timed_round(self.managed, pool, prompts)
         after, cpu_after = read_dumps(self.timers), group_cpu_seconds(self.managed.proc.pid)

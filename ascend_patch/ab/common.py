@@ -20,6 +20,12 @@ STOCK = "stock"
 # How often an arm's processes rewrite their reports: ab reads them while the engines are up
 # (vLLM's workers are killed, not asked, at the end, so a report written at exit may be lost).
 REPORT_INTERVAL_S = 0.5
+# After each step a vLLM worker polls its shared-memory queue busily for 1 s before it goes to
+# sleep (shm_broadcast.py: busy_loop_s=1 in vLLM 0.23 and 0.32), and on the CPU platform every
+# engine has such a worker process, even at TP 1 (platforms/cpu.py forces the mp executor:
+# cpu.py:336-341 in 0.32, :146 in 0.23). An arm that runs right after another one on the same
+# CPUs would share them with that poll: wait it out before switching engines.
+WORKER_SETTLE_S = 1.2
 
 
 @dataclass

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ascend_patch.ab.common import WORKER_SETTLE_S
 from ascend_patch.harness import offline_run
 
 
@@ -30,6 +31,9 @@ class EngineFailed(RuntimeError):
 
 
 class EngineProcess:
+    # How long this engine's worker keeps a CPU busy after a request (common.WORKER_SETTLE_S).
+    settle_s = WORKER_SETTLE_S
+
     def __init__(self, label: str, cmd: Sequence[str], env: Mapping[str, str], log_path: Path):
         self.label = label
         self.cmd = list(cmd)

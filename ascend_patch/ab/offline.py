@@ -41,11 +41,6 @@ from ascend_patch.ab.common import (
 from ascend_patch.ab.engine import EngineFailed, EngineProcess
 from ascend_patch.harness import offline_run
 
-# vLLM's TP workers poll their message queue busily for 1 s after each step before they fall
-# back to sleeping (shm_broadcast.py: busy_loop_s=1 in vLLM 0.23 and 0.32). Started side by
-# side, an arm that just ran would take CPU from the next one: wait that second out.
-TP_SETTLE_S = 1.2
-
 
 def arms_from_ratios(config: Path, patch_name: str, ratios: list[float]) -> list[Arm]:
     return unique_labels([
@@ -149,7 +144,6 @@ def run_offline(args, arms: list[Arm], model: Path, prompts: list[str], work: Pa
                                work / f"arm{index}.log")
         runs.append(ArmRun(arm, engine, report_dir))
     order = offline_order(len(arms), args.repeats, args.warmup, args.seed)
-    settle = TP_SETTLE_S if args.tensor_parallel_size > 1 else 0.0
     total = len(arms) * (1 + len(order) + 1)  # start, blocks, perplexity
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
                "{task.total}"), TimeElapsedColumn())
@@ -163,10 +157,14 @@ def run_offline(args, arms: list[Arm], model: Path, prompts: list[str], work: Pa
                 run.engine.start()
                 run.startup_s = run.engine.wait_ready(args.timeout)
                 progress.advance(task)
+            last: ArmRun | None = None
             for block, members in enumerate(order):
                 counted = block >= args.warmup
                 for position, index in enumerate(members):
                     run = runs[index]
+                    if last is not None and last is not run:
+                        time.sleep(last.engine.settle_s)
+                    last = run
                     what = f"block {block - args.warmup + 1}/{args.repeats}" if counted else (
                         f"warm-up {block + 1}/{args.warmup}")
                     progress.update(task, description=f"{what}: {run.arm.label}")
@@ -181,8 +179,6 @@ def run_offline(args, arms: list[Arm], model: Path, prompts: list[str], work: Pa
                         run.warmup.append(sample)
                     out.unlink(missing_ok=True)  # the sample keeps what is needed
                     progress.advance(task)
-                    if settle:
-                        time.sleep(settle)
             for index, run in enumerate(runs):
                 progress.update(task, description=f"perplexity {run.arm.label}")
                 try:

@@ -35,6 +35,7 @@ from ascend_patch.ab import output, stats
 from ascend_patch.ab.common import (
     REPORT_INTERVAL_S,
     STOCK,
+    WORKER_SETTLE_S,
     Arm,
     arm_env,
     compare,
@@ -537,10 +538,16 @@ def run_servers(args, servers: list[Server], together: bool, console
                 for index in range(len(servers)):
                     ensure_up(index)
             per_server_round = [0] * len(servers)
+            last: int | None = None
             for members in blocks:
                 for index in members:
                     ensure_up(index)
                     server = servers[index]
+                    if last not in (None, index) and last in started and \
+                            servers[last].managed is not None:
+                        # A server launched here and still up shares these CPUs.
+                        time.sleep(WORKER_SETTLE_S)
+                    last = index
                     round_index = per_server_round[index]
                     per_server_round[index] += 1
                     counted = round_index >= args.warmup

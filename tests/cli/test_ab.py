@@ -181,6 +181,8 @@ class FakeEngine:
         self.stopped = False
         FakeEngine.started.append(self)
 
+    settle_s = 0.0  # no vLLM worker polls after a request here
+
     def start(self):
         pass
 
@@ -199,10 +201,16 @@ class FakeEngine:
         self.stopped = True
 
 
+class SettlingEngine(FakeEngine):
+    settle_s = 0.25  # as if its worker polled for a while after each request
+
+
 def test_offline_ab_keeps_one_engine_per_arm_and_interleaves(monkeypatch, tmp_path, write_config,
                                                             tiny_model):
     FakeEngine.started = []
-    monkeypatch.setattr(offline, "EngineProcess", FakeEngine)
+    monkeypatch.setattr(offline, "EngineProcess", SettlingEngine)
+    sleeps = []
+    monkeypatch.setattr(offline.time, "sleep", sleeps.append)
     config = write_config("version: 1\npatches:\n  - {name: moe, impl: moe.capacity}\n")
     out = tmp_path / "out"
     assert main(["ab", str(config), "--stock", "--ratios", "0,0,0.1", "--model", str(tiny_model),
@@ -219,6 +227,11 @@ def test_offline_ab_keeps_one_engine_per_arm_and_interleaves(monkeypatch, tmp_pa
     summary = json.loads((out / "ab.json").read_text())
     labels = ["stock", "r=0", "r=0#2", "r=0.1"]
     assert summary["order"] == [[labels[i] for i in b] for b in block_order(4, 7, seed=0)]
+    # Before each request to another engine than the last one, that engine's settle time.
+    runs = [i for block in block_order(4, 7, seed=0) for i in block]
+    switches = sum(a != b for a, b in zip(runs, runs[1:]))
+    assert [t for t in sleeps if t == SettlingEngine.settle_s] == [0.25] * switches
+    assert switches < len(runs) - 1  # seed 0 starts a block with the arm the last one ended
     arms = summary["arms"]
     assert [a["label"] for a in arms] == labels
     assert [len(a["samples"]) for a in arms] == [6, 6, 6, 6]

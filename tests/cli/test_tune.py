@@ -361,6 +361,28 @@ def test_launch_runs_one_server_per_arm_and_tunes_on_their_nll_and_ttft(setup, m
     assert main(["validate", str(target)]) == 0
 
 
+def test_servers_launched_side_by_side_wait_out_the_last_ones_poll(setup, monkeypatch, capsys):
+    """Side by side, every round on another launched server than the last one waits
+    WORKER_SETTLE_S first (the last server's vLLM worker polls busily after its step)."""
+    from ascend_patch.ab import servers
+    from ascend_patch.ab.stats import block_order
+    from ascend_patch.harness import server
+
+    monkeypatch.setattr(server, "ManagedServer", LaunchedFake)
+    sleeps = []
+    monkeypatch.setattr(servers.time, "sleep", sleeps.append)
+    code = main(["tune", str(setup / "base.yaml"), "--model", str(setup / "model"),
+                 "--max-loss", "0.15", "--ratios", "0.1", "--overflow", "drop", "--launch",
+                 "--requests", "2", "--concurrency", "2", "--repeats", "6", "--warmup", "0",
+                 "--max-tokens", "2", "--num-prompts", "3", "--prompt-len", "5",
+                 "--out", str(setup / "out")])
+    assert code == 0, capsys.readouterr()
+    runs = [i for block in block_order(2, 6, seed=0) for i in block]
+    switches = sum(a != b for a, b in zip(runs, runs[1:]))
+    assert [t for t in sleeps if t == servers.WORKER_SETTLE_S] == [1.2] * switches
+    assert 0 < switches < len(runs) - 1
+
+
 def test_launch_stops_with_the_servers_reason_when_one_gives_no_prompt_logprobs(
         setup, monkeypatch, capsys):
     from ascend_patch.harness import server
