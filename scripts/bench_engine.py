@@ -58,8 +58,7 @@ sys.path.insert(0, str(REPO))
 from engine_prefill import group_cpu_seconds, report_stats, timed_round  # noqa: E402
 
 from ascend_patch.ab import stats  # noqa: E402
-from ascend_patch.ab.common import REPORT_INTERVAL_S  # noqa: E402
-from ascend_patch.ab.common import WORKER_SETTLE_S  # noqa: E402
+from ascend_patch.ab.common import REPORT_INTERVAL_S, WORKER_SETTLE_S  # noqa: E402
 from ascend_patch.harness.procs import vllm_env  # noqa: E402
 from ascend_patch.harness.server import ManagedServer, free_port  # noqa: E402
 from ascend_patch.lab import skewed_moe  # noqa: E402

@@ -11,8 +11,9 @@ set of `moe.capacity` with the real Patcher, then runs vllm-ascend's own
 AscendFusedMoE.forward_impl (prepare, AscendUnquantizedFusedMoEMethod.apply with its
 select_experts, MoECommMethod.fused_experts, dispatcher, unified_apply_mlp, combine, finalize)
 on a small layer object holding exactly what forward_impl reads; then the same for layers
-with vllm-ascend's real W8A8_DYNAMIC and W4A8_DYNAMIC schemes (quant_worker.py). Everything
-this rank saw is saved to OUT_DIR/rank{RANK}.pt; tests/ascend/test_contract.py checks it.
+with vllm-ascend's real W8A8_DYNAMIC and W4A8_DYNAMIC schemes (quant_worker.py); then the
+unquantized and W8A8_DYNAMIC layers with overflow: reroute. Everything this rank saw is saved
+to OUT_DIR/rank{RANK}.pt; tests/ascend/test_contract.py checks it.
 """
 
 from __future__ import annotations
