@@ -67,20 +67,22 @@ def owner_of(ids):
     return torch.where(kept(ids), OWNER[ids.clamp(0, E - 1).long()], -1)
 
 
+def token_sources(seen, path):
+    """Per-rank records of one call, one per source of tokens, in token order: both ranks on
+    the all-to-all path (TP rank r holds the r-th half); on the all-gather path every rank
+    holds every token, so rank 0's."""
+    return seen if path == "all_to_all" else seen[:1]
+
+
 def dispatched(ranks, path):
-    """Every token's rows as its dispatcher received them, in token order (rank 0's slice
-    first on the all-to-all path, where TP rank r holds the r-th half)."""
-    seen = [r[path]["dispatch_in"] for r in ranks]
-    if path == "allgather":  # every rank holds every token
-        return seen[0]["hidden"], seen[0]["ids"], seen[0]["weights"]
+    """Every token's rows as its dispatcher received them, in token order."""
+    seen = token_sources([r[path]["dispatch_in"] for r in ranks], path)
     return tuple(torch.cat([s[key] for s in seen]) for key in ("hidden", "ids", "weights"))
 
 
 def routed(ranks, path):
     """The router's physical ids and weights before any drop, in token order."""
-    seen = [r[path]["fused_in"] for r in ranks]
-    if path == "allgather":
-        return seen[0]["ids"], seen[0]["weights"]
+    seen = token_sources([r[path]["fused_in"] for r in ranks], path)
     return torch.cat([s["ids"] for s in seen]), torch.cat([s["weights"] for s in seen])
 
 
@@ -408,10 +410,14 @@ def _logits_of(path, rank):
 
 
 def _sources(ranks, kind, path):
-    """What each token source saw: both ranks on the all-to-all path; on the all-gather
-    path every rank routes every token, so rank 0's copy."""
-    seen = [r["reroute"][kind][path] for r in ranks]
-    return seen if path == "all_to_all" else seen[:1]
+    """What each source of tokens saw in the reroute run, for that layer kind."""
+    return token_sources([r["reroute"][kind][path] for r in ranks], path)
+
+
+def _drop_sources(ranks, kind, path):
+    """The same in the drop run (the quantized layers' records are under "quant")."""
+    return token_sources([(r if kind == "unquantized" else r["quant"][kind])[path]
+                          for r in ranks], path)
 
 
 def _expected_reroute(ranks, kind, path):
@@ -475,12 +481,8 @@ def test_reroute_keeps_every_rank_under_the_drop_plans_cap(ranks, kind, path):
     capacity = int(plans[0].capacity)
     assert all(int(p.capacity) == capacity for p in plans)
     rerouted = torch.cat([s["dispatch_in"]["ids"] for s in _sources(ranks, kind, path)])
-    drop = ranks[0]["quant"]["W8A8_DYNAMIC"] if kind != "unquantized" else ranks[0]
-    dropped = [drop[path]["dispatch_in"]["ids"]]
-    if path == "all_to_all":
-        other = ranks[1]["quant"]["W8A8_DYNAMIC"] if kind != "unquantized" else ranks[1]
-        dropped.append(other[path]["dispatch_in"]["ids"])
-    load_reroute, load_drop = _rank_loads(rerouted), _rank_loads(torch.cat(dropped))
+    dropped = torch.cat([s["dispatch_in"]["ids"] for s in _drop_sources(ranks, kind, path)])
+    load_reroute, load_drop = _rank_loads(rerouted), _rank_loads(dropped)
     assert int(load_reroute.max()) <= capacity
     assert int(load_reroute.max()) == int(load_drop.max())
     assert (int(load_reroute.sum()) > int(load_drop.sum())) == mapped
@@ -502,14 +504,12 @@ def test_reroute_output_is_the_moe_of_the_rows_it_sent(ranks, path):
 
 def test_reroute_counts_rerouted_rows_per_layer(ranks):
     """The report's rows_rerouted: this process's rerouted rows of the layer's two calls."""
-    quant = QUANT_LAYER["W8A8_DYNAMIC"]
+    plans = {case: _expected_reroute(ranks, *case)[0] for case in REROUTE_CASES}
     for rank, result in enumerate(ranks):
         rows = result["reroute_stats"]["layers"]
-        for kind, layer in (("unquantized", LAYER), ("W8A8_DYNAMIC", quant)):
-            expected = 0
-            for path in ("all_to_all", "allgather"):
-                plans, _ = _expected_reroute(ranks, kind, path)
-                expected += int(plans[rank if path == "all_to_all" else 0].local_rerouted_rows)
+        for kind, layer in (("unquantized", LAYER), ("W8A8_DYNAMIC", QUANT_LAYER["W8A8_DYNAMIC"])):
+            expected = (int(plans[kind, "all_to_all"][rank].local_rerouted_rows)
+                        + int(plans[kind, "allgather"][0].local_rerouted_rows))
             assert rows[layer]["rows_rerouted"] == expected
             assert rows[layer]["calls"] == 2
 
